@@ -1,0 +1,390 @@
+//! `sluice`: the user CLI, modelled on `tsh`. `login` authenticates against control's API and keeps
+//! a profile under `$SLUICE_HOME` (default `~/.sluice`); `db login` fetches a short-lived client
+//! certificate for one database route over a key pair generated here; `db env`/`db config`/
+//! `db connect` hand those files to stock libpq tools. `aws rds-token` prints an RDS IAM token.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use sluice_control::api::{self, DbCertResponse, DbInfo, LoginResponse, Request};
+use sluice_control::config::split_host_port;
+use sluice_control::iam::{generate_auth_token, CredentialSource, TokenMinter, TokenTarget};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Sluice client: log in and connect to databases through Sluice")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Log in to a Sluice control (password from $SLUICE_PASSWORD or a prompt).
+    Login {
+        /// control's API address, HOST:PORT.
+        #[arg(long)]
+        proxy: String,
+        #[arg(long)]
+        user: String,
+        /// PEM file of the cluster CA (first login; `control status` shows its pin).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+    /// End the login session and remove all credentials.
+    Logout,
+    /// Show the current login.
+    Status,
+    #[command(subcommand)]
+    Db(DbCmd),
+    #[command(subcommand)]
+    Aws(AwsCmd),
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// List the databases you can access.
+    Ls {
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Fetch a certificate for a database route.
+    Login {
+        name: String,
+        #[arg(long)]
+        db_user: String,
+        #[arg(long, default_value = "")]
+        db_name: String,
+    },
+    /// Remove a database's certificate.
+    Logout { name: String },
+    /// Print `export PG...` lines for libpq tools.
+    Env { name: String },
+    /// Print connection details (files, host, a libpq connection string).
+    Config { name: String },
+    /// Run psql against the database (logs in to it first when --db-user is given).
+    Connect {
+        name: String,
+        #[arg(long)]
+        db_user: Option<String>,
+        #[arg(long)]
+        db_name: Option<String>,
+        /// Extra arguments for psql, after `--`.
+        #[arg(last = true)]
+        psql_args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AwsCmd {
+    /// Print an RDS IAM auth token, like `aws rds generate-db-auth-token`.
+    RdsToken {
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = 5432)]
+        port: u16,
+        #[arg(long)]
+        user: String,
+        #[arg(long, env = "AWS_REGION")]
+        region: String,
+        /// Assume this role first (credentials from the standard chain).
+        #[arg(long)]
+        assume_role_arn: Option<String>,
+        #[arg(long)]
+        external_id: Option<String>,
+    },
+}
+
+/// What `sluice login` remembers.
+#[derive(Debug, Serialize, Deserialize)]
+struct Profile {
+    proxy: String,
+    user: String,
+    session: String,
+    expires: String,
+    cluster: String,
+    postgres_public_addr: String,
+}
+
+/// The route a database certificate was issued for.
+#[derive(Debug, Serialize, Deserialize)]
+struct DbProfile {
+    db_user: String,
+    db_name: String,
+    expires: String,
+}
+
+fn home() -> Result<PathBuf> {
+    if let Some(h) = std::env::var_os("SLUICE_HOME") {
+        return Ok(PathBuf::from(h));
+    }
+    let h = std::env::var_os("HOME").ok_or_else(|| anyhow!("neither SLUICE_HOME nor HOME is set"))?;
+    Ok(PathBuf::from(h).join(".sluice"))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // libpq refuses a private key readable by others, so every credential file is 0600.
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents)?;
+    Ok(())
+}
+
+struct Paths {
+    home: PathBuf,
+}
+
+impl Paths {
+    fn profile(&self) -> PathBuf {
+        self.home.join("profile.json")
+    }
+    fn ca(&self) -> PathBuf {
+        self.home.join("ca.pem")
+    }
+    fn db_dir(&self) -> PathBuf {
+        self.home.join("db")
+    }
+    fn db_file(&self, name: &str, ext: &str) -> PathBuf {
+        self.db_dir().join(format!("{name}.{ext}"))
+    }
+}
+
+fn load_profile(p: &Paths) -> Result<Profile> {
+    let text = std::fs::read_to_string(p.profile()).map_err(|_| anyhow!("not logged in: run `sluice login --proxy HOST:PORT --user NAME`"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn tls_for(p: &Paths) -> Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read_to_string(p.ca()).context("reading the cluster CA; log in again with --ca-file")?;
+    Ok(sluice_control::tls::client_config_for_ca(&pem)?)
+}
+
+async fn call<T: serde::de::DeserializeOwned>(p: &Paths, proxy: &str, req: &Request) -> Result<T> {
+    let (host, _) = split_host_port(proxy, 3025)?;
+    Ok(api::call(proxy, &host, tls_for(p)?, req).await?)
+}
+
+fn read_password() -> Result<String> {
+    if let Ok(p) = std::env::var("SLUICE_PASSWORD") {
+        return Ok(p);
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin.read_line(&mut line)?;
+        return Ok(line.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    eprint!("Enter password for Sluice user: ");
+    std::io::stderr().flush()?;
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let old = tcgetattr(&stdin)?;
+    let mut quiet = old.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(&stdin, SetArg::TCSANOW, &quiet)?;
+    let mut line = String::new();
+    let read = stdin.read_line(&mut line);
+    tcsetattr(&stdin, SetArg::TCSANOW, &old)?;
+    eprintln!();
+    read?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+async fn db_login(p: &Paths, name: &str, db_user: &str, db_name: &str) -> Result<()> {
+    let profile = load_profile(p)?;
+    let key = rcgen::KeyPair::generate()?;
+    let req = Request::DbLogin {
+        session: profile.session.clone(),
+        db: name.to_owned(),
+        db_user: db_user.to_owned(),
+        db_name: db_name.to_owned(),
+        public_key_pem: key.public_key_pem(),
+    };
+    let resp: DbCertResponse = call(p, &profile.proxy, &req).await?;
+    write_private(&p.db_file(name, "key"), key.serialize_pem().as_bytes())?;
+    write_private(&p.db_file(name, "crt"), resp.cert_pem.as_bytes())?;
+    write_private(&p.ca(), resp.ca_pem.as_bytes())?;
+    let meta = DbProfile { db_user: db_user.to_owned(), db_name: db_name.to_owned(), expires: resp.expires.clone() };
+    write_private(&p.db_file(name, "json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    println!("Logged into database {name} as {db_user} (valid until {}).", resp.expires);
+    Ok(())
+}
+
+/// libpq environment for a logged-in database.
+fn db_env(p: &Paths, name: &str) -> Result<Vec<(&'static str, String)>> {
+    let profile = load_profile(p)?;
+    let meta_text = std::fs::read_to_string(p.db_file(name, "json"))
+        .map_err(|_| anyhow!("not logged into database {name:?}: run `sluice db login {name} --db-user USER`"))?;
+    let meta: DbProfile = serde_json::from_str(&meta_text)?;
+    let (host, port) = split_host_port(&profile.postgres_public_addr, 5433)?;
+    let mut env = vec![
+        ("PGHOST", host),
+        ("PGPORT", port.to_string()),
+        ("PGSSLMODE", "verify-full".to_owned()),
+        ("PGSSLROOTCERT", p.ca().display().to_string()),
+        ("PGSSLCERT", p.db_file(name, "crt").display().to_string()),
+        ("PGSSLKEY", p.db_file(name, "key").display().to_string()),
+        ("PGUSER", meta.db_user.clone()),
+    ];
+    if !meta.db_name.is_empty() {
+        env.push(("PGDATABASE", meta.db_name));
+    }
+    Ok(env)
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-:=@".contains(c)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn print_table(dbs: &[DbInfo]) {
+    let labels = |l: &BTreeMap<String, String>| l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let w_name = dbs.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
+    let w_desc = dbs.iter().map(|d| d.description.len()).max().unwrap_or(0).max(11);
+    println!("{:<w_name$} {:<w_desc$} Labels", "Name", "Description");
+    println!("{} {} {}", "-".repeat(w_name), "-".repeat(w_desc), "-".repeat(6));
+    for d in dbs {
+        println!("{:<w_name$} {:<w_desc$} {}", d.name, d.description, labels(&d.labels));
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let p = Paths { home: home()? };
+    match cli.cmd {
+        Cmd::Login { proxy, user, ca_file } => {
+            if let Some(ca) = &ca_file {
+                let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                write_private(&p.ca(), &pem)?;
+            } else if !p.ca().exists() {
+                bail!("first login needs --ca-file with the cluster CA (its pin is in `control status`)");
+            }
+            let password = read_password()?;
+            let resp: LoginResponse = call(&p, &proxy, &Request::Login { user: user.clone(), password }).await?;
+            write_private(&p.ca(), resp.ca_pem.as_bytes())?;
+            let profile = Profile {
+                proxy,
+                user: resp.user.clone(),
+                session: resp.session,
+                expires: resp.expires.clone(),
+                cluster: resp.cluster.clone(),
+                postgres_public_addr: resp.postgres_public_addr,
+            };
+            write_private(&p.profile(), serde_json::to_string_pretty(&profile)?.as_bytes())?;
+            println!("> Profile URL:  {}", profile.proxy);
+            println!("  Logged in as: {}", resp.user);
+            println!("  Cluster:      {}", resp.cluster);
+            println!("  Roles:        {}", resp.roles.join(", "));
+            println!("  Valid until:  {}", resp.expires);
+        }
+        Cmd::Logout => {
+            if let Ok(profile) = load_profile(&p) {
+                // Best effort: the local files go either way.
+                let _ = call::<serde_json::Value>(&p, &profile.proxy, &Request::Logout { session: profile.session }).await;
+            }
+            let _ = std::fs::remove_dir_all(p.db_dir());
+            let _ = std::fs::remove_file(p.profile());
+            println!("Logged out.");
+        }
+        Cmd::Status => {
+            let profile = load_profile(&p)?;
+            println!("> Profile URL:  {}", profile.proxy);
+            println!("  Logged in as: {}", profile.user);
+            println!("  Cluster:      {}", profile.cluster);
+            println!("  Valid until:  {}", profile.expires);
+        }
+        Cmd::Db(cmd) => match cmd {
+            DbCmd::Ls { format } => {
+                let profile = load_profile(&p)?;
+                let dbs: Vec<DbInfo> = call(&p, &profile.proxy, &Request::DbList { session: profile.session }).await?;
+                match format.as_str() {
+                    "json" => println!("{}", serde_json::to_string_pretty(&dbs)?),
+                    "text" => print_table(&dbs),
+                    other => bail!("unknown format {other:?} (text or json)"),
+                }
+            }
+            DbCmd::Login { name, db_user, db_name } => db_login(&p, &name, &db_user, &db_name).await?,
+            DbCmd::Logout { name } => {
+                for ext in ["crt", "key", "json"] {
+                    let _ = std::fs::remove_file(p.db_file(&name, ext));
+                }
+                println!("Logged out of database {name}.");
+            }
+            DbCmd::Env { name } => {
+                for (k, v) in db_env(&p, &name)? {
+                    println!("export {k}={}", shell_quote(&v));
+                }
+            }
+            DbCmd::Config { name } => {
+                let env = db_env(&p, &name)?;
+                let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+                println!("Name:      {name}");
+                println!("Host:      {}", get("PGHOST"));
+                println!("Port:      {}", get("PGPORT"));
+                println!("User:      {}", get("PGUSER"));
+                println!("Database:  {}", get("PGDATABASE"));
+                println!("CA:        {}", get("PGSSLROOTCERT"));
+                println!("Cert:      {}", get("PGSSLCERT"));
+                println!("Key:       {}", get("PGSSLKEY"));
+                println!();
+                println!(
+                    "Connect with: psql \"host={} port={} user={} dbname={} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\"",
+                    get("PGHOST"),
+                    get("PGPORT"),
+                    get("PGUSER"),
+                    get("PGDATABASE"),
+                    get("PGSSLROOTCERT"),
+                    get("PGSSLCERT"),
+                    get("PGSSLKEY")
+                );
+            }
+            DbCmd::Connect { name, db_user, db_name, psql_args } => {
+                if let Some(u) = &db_user {
+                    db_login(&p, &name, u, db_name.as_deref().unwrap_or("")).await?;
+                }
+                let env = db_env(&p, &name)?;
+                use std::os::unix::process::CommandExt;
+                let mut cmd = std::process::Command::new("psql");
+                cmd.args(psql_args).envs(env);
+                let err = cmd.exec();
+                bail!("running psql: {err}");
+            }
+        },
+        Cmd::Aws(AwsCmd::RdsToken { host, port, user, region, assume_role_arn, external_id }) => {
+            let source = CredentialSource { region: region.clone(), assume_role_arn, external_id };
+            let creds = TokenMinter::new().credentials(&source).await?;
+            let token = generate_auth_token(&creds, &TokenTarget { host, port, user, region }, std::time::SystemTime::now())?;
+            println!("{token}");
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ERROR: starting runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("ERROR: {e:#}");
+        std::process::exit(1);
+    }
+}

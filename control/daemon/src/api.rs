@@ -1,0 +1,256 @@
+//! The client API that `sluice` talks to: one JSON request line and one JSON response line per
+//! TLS connection. Login with a password yields a session token; with it the client lists
+//! databases and obtains short-lived database certificates for a key pair it generated itself (the
+//! private key never leaves the user's machine).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn, Instrument};
+
+use crate::ca::{CertAuthority, DbRoute, Identity};
+use crate::catalog;
+use crate::config::Config;
+use crate::rbac::{can_see, check_access, AccessRequest};
+use crate::state::State;
+
+/// Longest request line accepted (a public key PEM is well under this).
+const MAX_REQUEST: u64 = 64 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Login { user: String, password: String },
+    Logout { session: String },
+    DbList { session: String },
+    DbLogin { session: String, db: String, db_user: String, db_name: String, public_key_pem: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginResponse {
+    pub session: String,
+    pub user: String,
+    pub roles: Vec<String>,
+    pub expires: String,
+    pub cluster: String,
+    pub postgres_public_addr: String,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DbInfo {
+    pub name: String,
+    pub description: String,
+    pub protocol: String,
+    pub uri: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DbCertResponse {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub expires: String,
+    pub postgres_public_addr: String,
+}
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad response: {0}")]
+    BadResponse(String),
+    #[error("timed out talking to {0}")]
+    Timeout(String),
+}
+
+/// What the server needs to answer requests.
+pub struct ApiContext {
+    pub cfg: Arc<Config>,
+    pub state: Arc<State>,
+    pub ca: Arc<CertAuthority>,
+}
+
+pub async fn serve(ctx: Arc<ApiContext>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "api accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let acceptor = acceptor.clone();
+        let span = tracing::info_span!("api", client = %peer);
+        tokio::spawn(
+            async move {
+                if let Err(e) = tokio::time::timeout(IO_TIMEOUT, serve_one(&ctx, acceptor, tcp, peer)).await {
+                    info!(error = %e, "api request timed out");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_one(ctx: &ApiContext, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
+    let mut tls = match acceptor.accept(tcp).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!(error = %e, "api TLS handshake failed");
+            return;
+        }
+    };
+    let mut line = String::new();
+    let read = BufReader::new((&mut tls).take(MAX_REQUEST)).read_line(&mut line).await;
+    let response = match read {
+        Ok(0) => return,
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => match handle(ctx, req, peer) {
+                Ok(v) => serde_json::json!({ "ok": true, "result": v }),
+                Err(e) => serde_json::json!({ "ok": false, "error": e }),
+            },
+            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+        },
+        Err(e) => serde_json::json!({ "ok": false, "error": format!("reading request: {e}") }),
+    };
+    let mut out = response.to_string();
+    out.push('\n');
+    let _ = tls.write_all(out.as_bytes()).await;
+    let _ = tls.shutdown().await;
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+fn session_user(state: &State, session: &str) -> Result<(crate::state::User, OffsetDateTime), String> {
+    let (name, expires) = state
+        .web_session(session)
+        .map_err(|e| e.to_string())?
+        .ok_or("not logged in or the login expired: run `sluice login`")?;
+    let user = state.user(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("user {name:?} no longer exists"))?;
+    Ok((user, expires))
+}
+
+fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, String> {
+    let state = &ctx.state;
+    match req {
+        Request::Login { user, password } => {
+            if !state.verify_password(&user, &password).map_err(|e| e.to_string())? {
+                warn!(user = %user, client = %peer, "login failed");
+                return Err("invalid user name or password".into());
+            }
+            let u = state.user(&user).map_err(|e| e.to_string())?.ok_or("invalid user name or password")?;
+            let (session, expires) = state.create_web_session(&user, ctx.cfg.auth_service.session_ttl).map_err(|e| e.to_string())?;
+            info!(user = %user, "user logged in");
+            to_json(&LoginResponse {
+                session,
+                user,
+                roles: u.roles,
+                expires: rfc3339(expires),
+                cluster: ctx.cfg.auth_service.cluster_name.clone(),
+                postgres_public_addr: ctx.cfg.proxy_service.public_addr(),
+                ca_pem: ctx.ca.cert_pem.clone(),
+            })
+        }
+        Request::Logout { session } => {
+            state.delete_web_session(&session).map_err(|e| e.to_string())?;
+            Ok(Value::Null)
+        }
+        Request::DbList { session } => {
+            let (user, _) = session_user(state, &session)?;
+            let roles = state.roles_of(&user).map_err(|e| e.to_string())?;
+            let dbs: Vec<DbInfo> = catalog::databases(&ctx.cfg, state)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|d| can_see(&roles, &d.labels))
+                .map(|d| DbInfo { name: d.name, description: d.description, protocol: d.spec.protocol, uri: d.spec.uri, labels: d.labels })
+                .collect();
+            to_json(&dbs)
+        }
+        Request::DbLogin { session, db, db_user, db_name, public_key_pem } => {
+            let (user, expires) = session_user(state, &session)?;
+            let roles = state.roles_of(&user).map_err(|e| e.to_string())?;
+            let d = catalog::find(&ctx.cfg, state, &db)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("database {db:?} not found"))?;
+            if db_user.is_empty() {
+                return Err("--db-user is required".into());
+            }
+            if db_name.is_empty() {
+                if !can_see(&roles, &d.labels) {
+                    return Err(format!("access to database {db:?} denied"));
+                }
+            } else {
+                let req = AccessRequest { db_service: &d.name, labels: &d.labels, db_name: &db_name, db_user: &db_user };
+                check_access(&user.name, &roles, req).map_err(|e| format!("access denied: {e}"))?;
+            }
+            let identity = Identity { v: 1, user: user.name.clone(), route: Some(DbRoute { service: db, db_user, db_name }) };
+            let now = OffsetDateTime::now_utc();
+            let cert_pem = ctx
+                .ca
+                .issue_client(&identity, &public_key_pem, now - time::Duration::minutes(1), expires)
+                .map_err(|e| e.to_string())?;
+            info!(user = %user.name, db = %d.name, "database certificate issued");
+            to_json(&DbCertResponse {
+                cert_pem,
+                ca_pem: ctx.ca.cert_pem.clone(),
+                expires: rfc3339(expires),
+                postgres_public_addr: ctx.cfg.proxy_service.public_addr(),
+            })
+        }
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Value, String> {
+    serde_json::to_value(v).map_err(|e| e.to_string())
+}
+
+/// Client side: sends `req` to `addr` and decodes the result.
+pub async fn call<T: DeserializeOwned>(
+    addr: &str,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    req: &Request,
+) -> Result<T, ApiError> {
+    let fut = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|source| ApiError::Connect { addr: addr.to_owned(), source })?;
+        let name = ServerName::try_from(server_name.to_owned()).map_err(|e| ApiError::Tls(e.to_string()))?;
+        let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| ApiError::Tls(e.to_string()))?;
+        let mut line = serde_json::to_string(req).map_err(|e| ApiError::BadResponse(e.to_string()))?;
+        line.push('\n');
+        s.write_all(line.as_bytes()).await?;
+        s.flush().await?;
+        let mut resp = String::new();
+        BufReader::new((&mut s).take(16 * 1024 * 1024)).read_line(&mut resp).await?;
+        let v: Value = serde_json::from_str(&resp).map_err(|e| ApiError::BadResponse(e.to_string()))?;
+        if v.get("ok") == Some(&Value::Bool(true)) {
+            serde_json::from_value(v.get("result").cloned().unwrap_or(Value::Null)).map_err(|e| ApiError::BadResponse(e.to_string()))
+        } else {
+            Err(ApiError::Refused(v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_owned()))
+        }
+    };
+    tokio::time::timeout(IO_TIMEOUT * 3, fut).await.map_err(|_| ApiError::Timeout(addr.to_owned()))?
+}

@@ -1,0 +1,246 @@
+//! Sluice's own certificate authority.
+//!
+//! The CA signs control's server certificates and the short-lived client certificates that
+//! `sluice db login` fetches. Like Teleport's RouteToDatabase, a client certificate carries the
+//! user's identity *and* the database route (service, database user, database name) in a private
+//! X.509 extension, so a stock libpq client needs nothing but `sslcert`/`sslkey`.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SubjectPublicKeyInfo,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use time::OffsetDateTime;
+
+/// Private-arc OID of the extension that holds [`Identity`] as a DER UTF8String of JSON.
+pub const IDENTITY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59_999, 1, 1];
+const IDENTITY_OID_STR: &str = "1.3.6.1.4.1.59999.1.1";
+
+#[derive(Debug, Error)]
+pub enum CaError {
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("certificate is not parseable: {0}")]
+    Parse(String),
+    #[error("certificate carries no Sluice identity")]
+    NoIdentity,
+    #[error("invalid identity in certificate: {0}")]
+    BadIdentity(String),
+}
+
+/// Where a certificate may be used: which database, as which database user and database name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbRoute {
+    pub service: String,
+    pub db_user: String,
+    pub db_name: String,
+}
+
+/// Who holds a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Format version of this JSON, so older control versions can refuse newer certificates.
+    pub v: u32,
+    pub user: String,
+    pub route: Option<DbRoute>,
+}
+
+/// A CA held in memory: its certificate (PEM and DER) and signing key.
+pub struct CertAuthority {
+    pub cert_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    key: KeyPair,
+}
+
+impl CertAuthority {
+    /// Creates a new self-signed CA for `cluster`.
+    pub fn generate(cluster: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{cluster} Sluice CA"));
+        dn.push(DnType::OrganizationName, cluster);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        Ok(CertAuthority { cert_pem: cert.pem(), cert_der: cert.der().clone(), key })
+    }
+
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| CaError::Parse(e.to_string()))?;
+        Ok(CertAuthority { cert_pem: cert_pem.to_owned(), cert_der, key })
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, CaError> {
+        Ok(Issuer::from_ca_cert_der(&self.cert_der, &self.key)?)
+    }
+
+    /// The CA pin that `control status` prints: sha256 of the CA's SubjectPublicKeyInfo.
+    pub fn pin(&self) -> Result<String, CaError> {
+        spki_pin(&self.cert_der)
+    }
+
+    /// A server certificate for control's listeners, with a fresh key.
+    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => n.clone().try_into().map(SanType::DnsName),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "sluice".into()));
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + ttl;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+    }
+
+    /// A client certificate for `identity`, over a public key the client generated (PEM SPKI).
+    /// `not_before`/`not_after` are explicit so tests and admins can issue exact windows.
+    pub fn issue_client(
+        &self,
+        identity: &Identity,
+        public_key_pem: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<String, CaError> {
+        let public_key = SubjectPublicKeyInfo::from_pem(public_key_pem)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, identity.user.clone());
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let json = serde_json::to_vec(identity).map_err(|e| CaError::BadIdentity(e.to_string()))?;
+        params.custom_extensions = vec![CustomExtension::from_oid_content(IDENTITY_OID, der_utf8_string(&json))];
+        let cert = params.signed_by(&public_key, &self.issuer()?)?;
+        Ok(cert.pem())
+    }
+}
+
+/// Encodes bytes (valid UTF-8 JSON) as a DER UTF8String.
+fn der_utf8_string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x0c];
+    let n = bytes.len();
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let len_bytes: Vec<u8> = n.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        out.push(0x80 | len_bytes.len() as u8);
+        out.extend(len_bytes);
+    }
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// Decodes a DER UTF8String; `None` for anything else.
+fn parse_der_utf8_string(der: &[u8]) -> Option<&[u8]> {
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x0c {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let k = (first & 0x7f) as usize;
+        if k == 0 || k > 4 || rest.len() < k {
+            return None;
+        }
+        let len = rest[..k].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[k..])
+    };
+    (rest.len() == len).then_some(rest)
+}
+
+/// Reads the identity out of a (chain-verified) client certificate.
+pub fn identity_from_cert(der: &[u8]) -> Result<Identity, CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Parse(e.to_string()))?;
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == IDENTITY_OID_STR)
+        .ok_or(CaError::NoIdentity)?;
+    let json = parse_der_utf8_string(ext.value).ok_or_else(|| CaError::BadIdentity("not a UTF8String".into()))?;
+    let id: Identity = serde_json::from_slice(json).map_err(|e| CaError::BadIdentity(e.to_string()))?;
+    if id.v != 1 {
+        return Err(CaError::BadIdentity(format!("identity format v{} is not supported", id.v)));
+    }
+    Ok(id)
+}
+
+/// Expiry of a certificate (used to end sessions when the certificate runs out).
+pub fn not_after(der: &[u8]) -> Result<OffsetDateTime, CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Parse(e.to_string()))?;
+    Ok(cert.validity().not_after.to_datetime())
+}
+
+/// `sha256:<hex>` of a certificate's SubjectPublicKeyInfo, as Teleport's CA pins are.
+pub fn spki_pin(der: &[u8]) -> Result<String, CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Parse(e.to_string()))?;
+    Ok(format!("sha256:{}", hex::encode(Sha256::digest(cert.public_key().raw))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_cert_carries_identity() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let id = Identity {
+            v: 1,
+            user: "alice".into(),
+            route: Some(DbRoute { service: "demo".into(), db_user: "alice".into(), db_name: "x".repeat(300) }),
+        };
+        let now = OffsetDateTime::now_utc();
+        let pem = ca.issue_client(&id, &client_key.public_key_pem(), now, now + time::Duration::hours(1)).unwrap();
+        let der: CertificateDer<'static> = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(identity_from_cert(&der).unwrap(), id);
+        let reloaded = CertAuthority::from_pem(&ca.cert_pem, &ca.key_pem()).unwrap();
+        assert_eq!(reloaded.pin().unwrap(), ca.pin().unwrap());
+    }
+
+    #[test]
+    fn server_cert_has_no_identity() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let (chain, _) = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(60)).unwrap();
+        assert!(matches!(identity_from_cert(&chain[0]), Err(CaError::NoIdentity)));
+    }
+
+    #[test]
+    fn der_string_roundtrip_and_garbage() {
+        for n in [0usize, 5, 127, 128, 255, 256, 70_000] {
+            let s = vec![b'a'; n];
+            assert_eq!(parse_der_utf8_string(&der_utf8_string(&s)), Some(&s[..]));
+        }
+        assert_eq!(parse_der_utf8_string(&[0x0c, 0x85, 1, 2, 3, 4, 5]), None);
+        assert_eq!(parse_der_utf8_string(&[0x04, 0x00]), None);
+        assert_eq!(parse_der_utf8_string(&[]), None);
+    }
+}

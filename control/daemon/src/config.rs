@@ -1,0 +1,403 @@
+//! The daemon's YAML configuration and the database resource format (`kind: db`, `version: v3`).
+//!
+//! The layout follows Teleport's teleport.yaml where it can (`db_service.databases`,
+//! `db_service.resources`) so that users of the seed workflow recognise it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing {path}: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the SQLite state (users, roles, CA, tokens, resources, audit) lives.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub auth_service: AuthService,
+    #[serde(default)]
+    pub proxy_service: ProxyService,
+    #[serde(default)]
+    pub db_service: DbService,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthService {
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// TLS listener for `sluice login` and the other client API calls.
+    #[serde(default = "default_auth_addr")]
+    pub listen_addr: SocketAddr,
+    /// How long a `sluice login` lasts (and so the database certificates issued under it).
+    #[serde(default = "default_session_ttl", with = "duration_str")]
+    pub session_ttl: Duration,
+}
+
+impl Default for AuthService {
+    fn default() -> Self {
+        AuthService { cluster_name: default_cluster_name(), listen_addr: default_auth_addr(), session_ttl: default_session_ttl() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyService {
+    /// Where PostgreSQL clients connect (TLS with client certificates).
+    #[serde(default = "default_pg_addr")]
+    pub postgres_listen_addr: SocketAddr,
+    /// The host:port clients are told to use; defaults to the listen address.
+    #[serde(default)]
+    pub postgres_public_addr: Option<String>,
+    /// Extra DNS names and IPs for control's server certificate (localhost and the listen IPs are
+    /// always included).
+    #[serde(default)]
+    pub public_names: Vec<String>,
+    /// A client must finish TLS and the startup exchange within this time.
+    #[serde(default = "default_handshake_timeout", with = "duration_str")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ProxyService {
+    fn default() -> Self {
+        ProxyService {
+            postgres_listen_addr: default_pg_addr(),
+            postgres_public_addr: None,
+            public_names: Vec::new(),
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+impl ProxyService {
+    pub fn public_addr(&self) -> String {
+        self.postgres_public_addr.clone().unwrap_or_else(|| self.postgres_listen_addr.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbService {
+    /// Statically configured databases.
+    #[serde(default)]
+    pub databases: Vec<StaticDatabase>,
+    /// Label selectors for dynamic resources (`control db add`) this control serves.
+    #[serde(default)]
+    pub resources: Vec<ResourceMatcher>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticDatabase {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub static_labels: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub spec: DatabaseSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceMatcher {
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub aws: Option<AwsSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON-lines copy of the audit log; defaults to `<data_dir>/audit.log`.
+    #[serde(default)]
+    pub json_file: Option<PathBuf>,
+}
+
+#[allow(clippy::derivable_impls)]
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { json_file: None }
+    }
+}
+
+/// How to reach one database: shared by static databases and `kind: db` resources.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSpec {
+    pub protocol: String,
+    /// `host:port` of the RDS Proxy endpoint. The host is also what the IAM token is signed for.
+    pub uri: String,
+    #[serde(default)]
+    pub aws: AwsSpec,
+    #[serde(default)]
+    pub tls: TlsSpec,
+    /// Dial this `host[:port]` instead of resolving the URI (like curl's --resolve): private DNS,
+    /// or a local RDS Proxy emulator. The URI still names the endpoint for TLS and the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assume_role_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    /// Overrides the name checked in the server certificate (custom endpoints, IP URIs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// A CA added to the system roots for this database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_file: Option<PathBuf>,
+}
+
+impl DatabaseSpec {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.protocol != "postgres" {
+            return Err(ConfigError::Invalid(format!("protocol {:?} is not supported (postgres is)", self.protocol)));
+        }
+        self.host_port()?;
+        Ok(())
+    }
+
+    /// Splits the URI into host and port (default 5432).
+    pub fn host_port(&self) -> Result<(String, u16), ConfigError> {
+        split_host_port(&self.uri, 5432)
+    }
+
+    /// The region: configured, or read from an `*.REGION.rds.amazonaws.com` host.
+    pub fn region(&self) -> Option<String> {
+        if let Some(r) = &self.aws.region {
+            return Some(r.clone());
+        }
+        let (host, _) = self.host_port().ok()?;
+        let labels: Vec<&str> = host.split('.').collect();
+        let n = labels.len();
+        (n >= 4 && labels[n - 3] == "rds" && labels[n - 2] == "amazonaws" && labels[n - 1] == "com")
+            .then(|| labels[n - 4].to_owned())
+    }
+
+    pub fn dial_target(&self) -> Result<(String, u16), ConfigError> {
+        let (host, port) = self.host_port()?;
+        match &self.connect_addr {
+            Some(addr) => split_host_port(addr, port),
+            None => Ok((host, port)),
+        }
+    }
+
+    pub fn tls_server_name(&self) -> Result<String, ConfigError> {
+        match &self.tls.server_name {
+            Some(n) => Ok(n.clone()),
+            None => Ok(self.host_port()?.0),
+        }
+    }
+}
+
+pub fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), ConfigError> {
+    let s = s.trim_start_matches("postgres://").trim_start_matches("postgresql://");
+    let s = s.split('/').next().unwrap_or_default();
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() => {
+            let port = p.parse().map_err(|_| ConfigError::Invalid(format!("bad port in {s:?}")))?;
+            Ok((h.trim_matches(['[', ']']).to_owned(), port))
+        }
+        None if !s.is_empty() => Ok((s.to_owned(), default_port)),
+        _ => Err(ConfigError::Invalid(format!("bad address {s:?}"))),
+    }
+}
+
+/// The `kind: db` resource, as `control db add -f` takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbResource {
+    pub kind: String,
+    pub version: String,
+    pub metadata: Metadata,
+    pub spec: DatabaseSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl DbResource {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kind != "db" || self.version != "v3" {
+            return Err(ConfigError::Invalid(format!(
+                "expected kind: db, version: v3; got kind: {}, version: {}",
+                self.kind, self.version
+            )));
+        }
+        validate_name(&self.metadata.name)?;
+        self.spec.validate()
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!("name {name:?} must be 1-128 of [A-Za-z0-9._-]")))
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg: Config = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for db in &self.db_service.databases {
+            validate_name(&db.name)?;
+            db.spec.validate()?;
+            if !seen.insert(db.name.as_str()) {
+                return Err(ConfigError::Invalid(format!("database {:?} is defined twice", db.name)));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn audit_json_file(&self) -> PathBuf {
+        self.audit.json_file.clone().unwrap_or_else(|| self.data_dir.join("audit.log"))
+    }
+}
+
+fn default_cluster_name() -> String {
+    "sluice".to_owned()
+}
+fn default_auth_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3025))
+}
+fn default_pg_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5433))
+}
+fn default_session_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Parses `90s`, `15m`, `12h`, `2d` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("bad duration unit in {s:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+mod duration_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", d.as_secs()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_seed_style_config() {
+        let y = r#"
+data_dir: /tmp/x
+db_service:
+  databases:
+    - name: rds-proxy
+      description: RDS Proxy in us-west-1
+      protocol: postgres
+      uri: my-proxy.proxy-abcdefghijkl.us-west-1.rds.amazonaws.com:5432
+      static_labels: {env: dev}
+      aws:
+        assume_role_arn: arn:aws:iam::123456789012:role/example-rds-access-role
+      tls:
+        server_name: my-proxy.proxy-abcdefghijkl.us-west-1.rds.amazonaws.com
+  resources:
+    - labels: {env: prod}
+      aws: {assume_role_arn: "arn:aws:iam::123456789012:role/x"}
+"#;
+        let c: Config = serde_yaml::from_str(y).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.db_service.databases[0].spec.region().as_deref(), Some("us-west-1"));
+        assert_eq!(c.proxy_service.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_protocols() {
+        assert!(serde_yaml::from_str::<Config>("data_dir: /x\nbogus: 1\n").is_err());
+        let spec = DatabaseSpec {
+            protocol: "mysql".into(),
+            uri: "h:1".into(),
+            aws: Default::default(),
+            tls: Default::default(),
+            connect_addr: None,
+        };
+        assert!(spec.validate().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43200)));
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("h.example:6432", 5432).unwrap(), ("h.example".into(), 6432));
+        assert_eq!(split_host_port("h.example", 5432).unwrap(), ("h.example".into(), 5432));
+        assert!(split_host_port("h:notaport", 5432).is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! `control start`: opens the state, loads the CA, binds the PostgreSQL and API listeners and
+//! serves until SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::api::{self, ApiContext};
+use crate::audit::AuditLog;
+use crate::config::{split_host_port, Config};
+use crate::iam::TokenMinter;
+use crate::proxy::{self, ProxyContext};
+use crate::state::State;
+use crate::tls;
+
+/// Names control's server certificate is valid for.
+fn server_names(cfg: &Config) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    for addr in [cfg.proxy_service.postgres_listen_addr, cfg.auth_service.listen_addr] {
+        if !addr.ip().is_unspecified() {
+            names.push(addr.ip().to_string());
+        }
+    }
+    if let Ok((host, _)) = split_host_port(&cfg.proxy_service.public_addr(), 5433) {
+        names.push(host);
+    }
+    names.extend(cfg.proxy_service.public_names.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The bound listeners; split from [`serve`] so tests and the demo know the ports before serving.
+pub struct Bound {
+    pub postgres: TcpListener,
+    pub api: TcpListener,
+}
+
+pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
+    let postgres = TcpListener::bind(cfg.proxy_service.postgres_listen_addr)
+        .await
+        .with_context(|| format!("binding postgres listener {}", cfg.proxy_service.postgres_listen_addr))?;
+    let api = TcpListener::bind(cfg.auth_service.listen_addr)
+        .await
+        .with_context(|| format!("binding api listener {}", cfg.auth_service.listen_addr))?;
+    Ok(Bound { postgres, api })
+}
+
+pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let state = Arc::new(State::open(&cfg.data_dir).context("opening state")?);
+    let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).context("loading CA")?);
+    let (chain, key) = ca
+        .issue_server(&server_names(&cfg), Duration::from_secs(365 * 86400))
+        .context("issuing control's server certificate")?;
+    let pg_tls = tls::postgres_server_config(&ca.cert_der, chain.clone(), key.clone_key())?;
+    let api_tls = tls::api_server_config(chain, key)?;
+    let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
+    let minter = Arc::new(TokenMinter::new());
+    let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), audit, minter, pg_tls));
+    let api_ctx = Arc::new(ApiContext { cfg: cfg.clone(), state, ca });
+    info!(
+        postgres = %bound.postgres.local_addr()?,
+        api = %bound.api.local_addr()?,
+        cluster = %cfg.auth_service.cluster_name,
+        "control is serving"
+    );
+    let pg_task = tokio::spawn(proxy::serve(proxy_ctx, bound.postgres));
+    let api_task = tokio::spawn(api::serve(api_ctx, bound.api, api_tls));
+    shutdown_signal().await;
+    info!("shutting down");
+    pg_task.abort();
+    api_task.abort();
+    Ok(())
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {},
+                _ = t.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! Starting the whole stack on one machine: a PostgreSQL cluster, the RDS Proxy emulator and
+//! control, each a real child process on loopback with its own ports and directory. `control demo`
+//! uses it, and so do the integration tests, so both exercise the same wiring.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::config::{
+    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DbService, ProxyService, StaticDatabase, TlsSpec,
+};
+use crate::rbac::Role;
+use crate::state::{random_secret, State};
+
+/// Credentials the demo's control signs with and the emulator accepts (AWS's documentation key).
+pub const DEMO_ACCESS_KEY: &str = "AKIDSLUICEDEMO000001";
+pub const DEMO_SECRET_KEY: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+pub const DEMO_REGION: &str = "us-east-1";
+pub const DEMO_PROXY_NAME: &str = "sluice-demo";
+pub const DEMO_PROXY_ID: &str = "abcdefghijkl";
+
+/// A child process that is stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        let child = cmd.spawn().with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Proc { name: name.to_owned(), child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stop(&mut self, sig: nix::sys::signal::Signal) {
+        if !self.alive() {
+            return;
+        }
+        self.signal(sig);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+/// A port that was free a moment ago (the small race is acceptable on loopback in tests).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration, proc: &mut Proc) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if !proc.alive() {
+            bail!("{} exited during start-up", proc.name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} did not listen on port {port} within {timeout:?}", proc.name)
+}
+
+/// Finds a Sluice binary: `$SLUICE_BIN_DIR`, beside the running executable, or one level up
+/// (test executables live in `target/<profile>/deps`).
+pub fn find_bin(name: &str) -> Result<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("SLUICE_BIN_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(d) = exe.parent() {
+            dirs.push(d.to_path_buf());
+            if let Some(up) = d.parent() {
+                dirs.push(up.to_path_buf());
+            }
+        }
+    }
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("cannot find the {name} binary (looked in {dirs:?}); build the workspace first"))
+}
+
+/// The newest installed PostgreSQL server's bin directory (`$SLUICE_PG_BIN` overrides).
+pub fn postgres_bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("SLUICE_PG_BIN") {
+        return Ok(PathBuf::from(d));
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").is_file().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow!("no PostgreSQL server found under /usr/lib/postgresql (apt-get install postgresql)"))
+}
+
+/// PostgreSQL refuses to run as root: pick an unprivileged account when we are root.
+fn unprivileged_user() -> Result<Option<nix::unistd::User>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    for name in ["postgres", "nobody"] {
+        if let Some(u) = nix::unistd::User::from_name(name)? {
+            return Ok(Some(u));
+        }
+    }
+    bail!("running as root, and neither a postgres nor a nobody account exists to run PostgreSQL")
+}
+
+/// A throwaway PostgreSQL cluster: superuser `postgres` over its Unix socket (trust), SCRAM
+/// passwords over TCP on 127.0.0.1.
+pub struct Postgres {
+    pub port: u16,
+    pub dir: PathBuf,
+    bin: PathBuf,
+    proc: Proc,
+}
+
+impl Postgres {
+    pub fn start(dir: &Path) -> Result<Postgres> {
+        use std::os::unix::process::CommandExt;
+        let bin = postgres_bin_dir()?;
+        let run_as = unprivileged_user()?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let set_user = |cmd: &mut Command| {
+            if let Some(u) = &run_as {
+                cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+            }
+        };
+        if let Some(u) = &run_as {
+            std::os::unix::fs::chown(dir, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
+        }
+        let data = dir.join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .current_dir(dir);
+        set_user(&mut initdb);
+        let out = initdb.output().context("running initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.join("postgres.log"))?;
+        if let Some(u) = &run_as {
+            std::os::unix::fs::chown(dir.join("postgres.log"), Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
+        }
+        let mut cmd = Command::new(bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-k"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .current_dir(dir);
+        set_user(&mut cmd);
+        let mut proc = Proc::spawn("postgres", &mut cmd)?;
+        wait_for_port(port, Duration::from_secs(30), &mut proc)?;
+        let pg = Postgres { port, dir: dir.to_path_buf(), bin, proc };
+        // The TCP port opens a moment before the server accepts queries.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match pg.psql("postgres", "select 1") {
+                Ok(_) => return Ok(pg),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Runs SQL as the superuser over the Unix socket; returns unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!("psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Creates a login role with a password and a database it owns.
+    pub fn create_user_and_db(&self, user: &str, password: &str, db: &str) -> Result<()> {
+        let quoted_pw = password.replace('\'', "''");
+        self.psql("postgres", &format!("CREATE ROLE \"{user}\" LOGIN PASSWORD '{quoted_pw}'"))?;
+        self.psql("postgres", &format!("CREATE DATABASE \"{db}\" OWNER \"{user}\""))?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        // SIGINT is PostgreSQL's "fast" shutdown.
+        self.proc.stop(nix::sys::signal::Signal::SIGINT);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// AWS credentials as the emulator's `--credentials` flag and the AWS_* variables take them.
+#[derive(Debug, Clone)]
+pub struct AwsCreds {
+    pub access_key: String,
+    pub secret_key: String,
+    pub session_token: Option<String>,
+}
+
+impl AwsCreds {
+    pub fn demo() -> Self {
+        AwsCreds { access_key: DEMO_ACCESS_KEY.into(), secret_key: DEMO_SECRET_KEY.into(), session_token: None }
+    }
+
+    /// Sets the standard AWS variables on `cmd` (and turns IMDS off: there is no instance here,
+    /// and the chain must not wander off loopback).
+    pub fn apply(&self, cmd: &mut Command) {
+        cmd.env("AWS_ACCESS_KEY_ID", &self.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret_key)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE");
+        match &self.session_token {
+            Some(t) => cmd.env("AWS_SESSION_TOKEN", t),
+            None => cmd.env_remove("AWS_SESSION_TOKEN"),
+        };
+    }
+}
+
+/// The RDS Proxy emulator child.
+pub struct Emulator {
+    pub port: u16,
+    pub endpoint: String,
+    pub ca_file: PathBuf,
+    pub proc: Proc,
+}
+
+impl Emulator {
+    pub fn start(dir: &Path, pg_port: u16, creds: &[AwsCreds], secrets: &[(String, String)]) -> Result<Emulator> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let mut cmd = Command::new(find_bin("rds-proxy-emulator")?);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--name", DEMO_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID])
+            .arg("--tls-dir")
+            .arg(dir.join("tls"))
+            .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("emulator.log"))?);
+        for c in creds {
+            let mut v = format!("{}:{}", c.access_key, c.secret_key);
+            if let Some(t) = &c.session_token {
+                v.push(':');
+                v.push_str(t);
+            }
+            cmd.arg("--credentials").arg(v);
+        }
+        for (user, pw) in secrets {
+            cmd.arg("--secret").arg(format!("{user}={pw}"));
+        }
+        let mut proc = Proc::spawn("rds-proxy-emulator", &mut cmd)?;
+        let stdout = proc.take_stdout().ok_or_else(|| anyhow!("no emulator stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Keep draining so the emulator never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let endpoint = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(Ok(line))) => line
+                .strip_prefix("READY ")
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("unexpected emulator output {line:?}"))?,
+            _ => bail!("rds-proxy-emulator did not become ready; see {}", dir.join("emulator.log").display()),
+        };
+        Ok(Emulator { port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
+    }
+}
+
+/// Control's child process, with the addresses it serves.
+pub struct ControlProc {
+    pub pg_port: u16,
+    pub api_port: u16,
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub proc: Proc,
+}
+
+impl ControlProc {
+    pub fn start(dir: &Path, databases: Vec<StaticDatabase>, creds: &AwsCreds) -> Result<ControlProc> {
+        std::fs::create_dir_all(dir)?;
+        let pg_port = free_port()?;
+        let api_port = free_port()?;
+        let config = Config {
+            data_dir: dir.join("data"),
+            auth_service: AuthService { listen_addr: ([127, 0, 0, 1], api_port).into(), ..Default::default() },
+            proxy_service: ProxyService {
+                postgres_listen_addr: ([127, 0, 0, 1], pg_port).into(),
+                postgres_public_addr: Some(format!("localhost:{pg_port}")),
+                ..Default::default()
+            },
+            db_service: DbService { databases, resources: Vec::new() },
+            audit: AuditConfig::default(),
+        };
+        let config_path = dir.join("control.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+        Self::spawn(config_path, config, pg_port, api_port, creds, dir)
+    }
+
+    /// Starts control on an existing config (used to restart it).
+    pub fn spawn(config_path: PathBuf, config: Config, pg_port: u16, api_port: u16, creds: &AwsCreds, dir: &Path) -> Result<ControlProc> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("control.log"))?;
+        let mut cmd = Command::new(find_bin("control")?);
+        cmd.arg("start").arg("--config").arg(&config_path).stdout(Stdio::null()).stderr(log);
+        creds.apply(&mut cmd);
+        let mut proc = Proc::spawn("control", &mut cmd)?;
+        wait_for_port(api_port, Duration::from_secs(30), &mut proc)?;
+        wait_for_port(pg_port, Duration::from_secs(30), &mut proc)?;
+        Ok(ControlProc { pg_port, api_port, config_path, config, proc })
+    }
+
+    pub fn state(&self) -> Result<State> {
+        Ok(State::open(&self.config.data_dir)?)
+    }
+}
+
+/// The demo database as control sees it: the emulator's endpoint name, dialled on loopback.
+pub fn demo_database(name: &str, emulator: &Emulator, labels: &[(&str, &str)]) -> StaticDatabase {
+    StaticDatabase {
+        name: name.to_owned(),
+        description: format!("RDS Proxy in {DEMO_REGION} (local emulator)"),
+        static_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        spec: DatabaseSpec {
+            protocol: "postgres".into(),
+            uri: format!("{}:{}", emulator.endpoint, emulator.port),
+            aws: AwsSpec { region: Some(DEMO_REGION.into()), ..Default::default() },
+            tls: TlsSpec { server_name: None, ca_cert_file: Some(emulator.ca_file.clone()) },
+            connect_addr: Some(format!("127.0.0.1:{}", emulator.port)),
+        },
+    }
+}
+
+/// A role allowing `db_users` on databases labelled env=dev.
+pub fn dev_role(name: &str, db_names: &[&str], db_users: &[&str]) -> Result<Role> {
+    let yaml = format!(
+        "kind: role\nversion: v7\nmetadata: {{name: {name}}}\nspec:\n  allow:\n    db_labels: {{env: dev}}\n    db_names: {:?}\n    db_users: {:?}\n",
+        db_names, db_users
+    );
+    Ok(serde_yaml::from_str(&yaml)?)
+}
+
+/// The running stack; dropping it stops control, the emulator and PostgreSQL in that order.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub control: ControlProc,
+    pub emulator: Emulator,
+    pub postgres: Postgres,
+    /// The PostgreSQL password of the demo database user (the emulator's "secret").
+    pub db_password: String,
+}
+
+impl Stack {
+    /// Starts PostgreSQL with database `demo` owned by `alice`, the emulator holding her secret,
+    /// and control serving database `demo` (labels env=dev) with `control_creds`.
+    pub fn start(dir: &Path, control_creds: &AwsCreds) -> Result<Stack> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let pg_dir = if nix::unistd::geteuid().is_root() {
+            // The unprivileged PostgreSQL account must be able to reach its directory; a path
+            // under a user's home often is not traversable, so use a private one under /tmp.
+            std::env::temp_dir().join(format!("sluice-pg-{}", random_secret(6)))
+        } else {
+            dir.join("postgres")
+        };
+        let postgres = Postgres::start(&pg_dir)?;
+        std::fs::write(dir.join("postgres-dir"), pg_dir.to_string_lossy().as_bytes())?;
+        let db_password = random_secret(12);
+        postgres.create_user_and_db("alice", &db_password, "demo")?;
+        let emulator = Emulator::start(
+            &dir.join("emulator"),
+            postgres.port,
+            &[AwsCreds::demo()],
+            &[("alice".to_owned(), db_password.clone())],
+        )?;
+        let db = demo_database("demo", &emulator, &[("env", "dev")]);
+        let control = ControlProc::start(&dir.join("control"), vec![db], control_creds)?;
+        Ok(Stack { dir, control, emulator, postgres, db_password })
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        self.postgres.stop();
+        if self.postgres.dir.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_dir_all(&self.postgres.dir);
+        }
+    }
+}
+
+/// `control demo --dir DIR`.
+pub fn run_demo(dir: &Path) -> Result<()> {
+    let stack = Stack::start(dir, &AwsCreds::demo())?;
+    let state = stack.control.state()?;
+    state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
+    let password = random_secret(8);
+    state.add_user("alice", &password, &["dev".to_owned()])?;
+    let home = stack.dir.join("home");
+    let sluice = find_bin("sluice")?;
+    let api = format!("127.0.0.1:{}", stack.control.api_port);
+    let ca_file = stack.dir.join("control-ca.pem");
+    std::fs::write(&ca_file, state.ensure_ca("sluice")?.cert_pem)?;
+    let run = |args: &[&str]| -> Result<String> {
+        let out = Command::new(&sluice)
+            .args(args)
+            .env("SLUICE_HOME", &home)
+            .env("SLUICE_PASSWORD", &password)
+            .output()
+            .with_context(|| format!("running sluice {args:?}"))?;
+        if !out.status.success() {
+            bail!("sluice {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    run(&["login", "--proxy", &api, "--user", "alice", "--ca-file", &ca_file.to_string_lossy()])?;
+    run(&["db", "login", "demo", "--db-user", "alice", "--db-name", "demo"])?;
+    let env = run(&["db", "env", "demo"])?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(stack.dir.join("alice-password"))?;
+        writeln!(f, "{password}")?;
+    }
+    std::fs::write(stack.dir.join("env"), &env)?;
+    let d = stack.dir.display();
+    println!(
+        "Sluice demo is running.\n\n\
+         \x20 control (PostgreSQL)  localhost:{pg}\n\
+         \x20 control (API)         {api}\n\
+         \x20 RDS Proxy emulator    {endpoint}:{eport} (dialled on 127.0.0.1)\n\
+         \x20 PostgreSQL            127.0.0.1:{pgport}\n\n\
+         Connect as alice (her `sluice login` password is in {d}/alice-password):\n\n\
+         \x20 eval \"$(cat {d}/env)\"; psql\n\n\
+         or with the CLI:\n\n\
+         \x20 export SLUICE_HOME={d}/home\n\
+         \x20 {sluice} db ls\n\
+         \x20 {sluice} db connect demo\n\n\
+         Logs are in {d}/control/control.log and {d}/emulator/emulator.log. Ctrl-C stops everything.",
+        pg = stack.control.pg_port,
+        endpoint = stack.emulator.endpoint,
+        eport = stack.emulator.port,
+        pgport = stack.postgres.port,
+        sluice = sluice.display(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(crate::daemon::shutdown_signal());
+    println!("stopping the demo");
+    drop(stack);
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! `control`: the daemon (`start`), the demo, and admin verbs in the spirit of Teleport's `tctl`
+//! (users, roles, tokens, db resources, status, audit). Admin verbs open the same SQLite state the
+//! daemon uses; the daemon reads it per connection, so changes apply at once.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use sluice_control::config::{parse_duration, Config, DbResource};
+use sluice_control::rbac::Role;
+use sluice_control::state::{random_secret, State};
+use sluice_control::{catalog, daemon, demo};
+
+#[derive(Parser)]
+#[command(name = "control", version, about = "Sluice control: daemon and admin CLI")]
+struct Cli {
+    /// Configuration file (admin verbs read data_dir from it).
+    #[arg(short, long, global = true, env = "SLUICE_CONFIG", default_value = "/etc/sluice/control.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Start {
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Run PostgreSQL, the RDS Proxy emulator and control on loopback, with user alice logged in.
+    Demo {
+        #[arg(long, default_value = ".sluice-demo")]
+        dir: PathBuf,
+    },
+    /// Cluster name, CA pin and counts.
+    Status,
+    #[command(subcommand)]
+    Users(UsersCmd),
+    #[command(subcommand)]
+    Roles(RolesCmd),
+    #[command(subcommand)]
+    Tokens(TokensCmd),
+    #[command(subcommand)]
+    Db(DbCmd),
+    /// Recent audit events as JSON lines.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCmd {
+    /// Create a user. Reads the password from stdin with --password-stdin, else generates one.
+    Add {
+        name: String,
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Replace a user's roles.
+    Update {
+        name: String,
+        #[arg(long, value_delimiter = ',')]
+        set_roles: Vec<String>,
+    },
+    Ls,
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum RolesCmd {
+    /// Create or replace a role from a `kind: role` YAML file.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    Ls,
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Create a join token.
+    Add {
+        #[arg(long = "type")]
+        kind: String,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// Register a `kind: db, version: v3` resource.
+    Add {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// The databases this control serves (static and matching dynamic ones).
+    Ls,
+    Rm { name: String },
+}
+
+fn load_config(path: &PathBuf) -> Result<Config> {
+    Config::load(path).with_context(|| format!("loading {}", path.display()))
+}
+
+fn open_state(cfg: &Config) -> Result<State> {
+    State::open(&cfg.data_dir).with_context(|| format!("opening state in {}", cfg.data_dir.display()))
+}
+
+fn read_yaml<T: serde::de::DeserializeOwned>(path: &PathBuf) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Start { json_logs } => {
+            sluice_control::init_logging(json_logs);
+            let cfg = load_config(&cli.config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                let bound = daemon::bind(&cfg).await?;
+                daemon::serve(cfg, bound).await
+            })
+        }
+        Cmd::Demo { dir } => {
+            sluice_control::init_logging(false);
+            demo::run_demo(&dir)
+        }
+        Cmd::Status => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            let ca = state.ensure_ca(&cfg.auth_service.cluster_name)?;
+            let (users, roles, dbs) = state.counts()?;
+            println!("Cluster           {}", cfg.auth_service.cluster_name);
+            println!("CA pin            {}", ca.pin()?);
+            println!("API address       {}", cfg.auth_service.listen_addr);
+            println!("PostgreSQL        {} (public {})", cfg.proxy_service.postgres_listen_addr, cfg.proxy_service.public_addr());
+            println!("Users             {users}");
+            println!("Roles             {roles}");
+            println!("Databases         {} static, {dbs} dynamic", cfg.db_service.databases.len());
+            Ok(())
+        }
+        Cmd::Users(cmd) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            match cmd {
+                UsersCmd::Add { name, roles, password_stdin } => {
+                    let known: Vec<String> = state.roles()?.into_iter().map(|r| r.metadata.name).collect();
+                    if let Some(missing) = roles.iter().find(|r| !known.contains(r)) {
+                        bail!("role {missing:?} does not exist (create it with `control roles create -f`)");
+                    }
+                    let (password, generated) = if password_stdin {
+                        let mut s = String::new();
+                        std::io::stdin().read_to_string(&mut s)?;
+                        let p = s.trim_end_matches(['\n', '\r']).to_owned();
+                        if p.is_empty() {
+                            bail!("empty password on stdin");
+                        }
+                        (p, false)
+                    } else {
+                        (random_secret(12), true)
+                    };
+                    state.add_user(&name, &password, &roles)?;
+                    println!("User {name:?} created with roles {roles:?}.");
+                    if generated {
+                        println!("Password (shown once): {password}");
+                    }
+                    println!("Log in with: sluice login --proxy {} --user {name}", cfg.auth_service.listen_addr);
+                }
+                UsersCmd::Update { name, set_roles } => {
+                    state.update_user_roles(&name, &set_roles)?;
+                    println!("User {name:?} now has roles {set_roles:?}.");
+                }
+                UsersCmd::Ls => {
+                    println!("{:<24} Roles", "User");
+                    for u in state.users()? {
+                        println!("{:<24} {}", u.name, u.roles.join(","));
+                    }
+                }
+                UsersCmd::Rm { name } => {
+                    state.delete_user(&name)?;
+                    println!("User {name:?} deleted.");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Roles(cmd) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            match cmd {
+                RolesCmd::Create { file } => {
+                    let role: Role = read_yaml(&file)?;
+                    role.validate()?;
+                    state.upsert_role(&role)?;
+                    println!("role {:?} has been created", role.metadata.name);
+                }
+                RolesCmd::Ls => {
+                    for r in state.roles()? {
+                        println!("{}", serde_yaml::to_string(&r)?);
+                        println!("---");
+                    }
+                }
+                RolesCmd::Rm { name } => {
+                    state.delete_role(&name)?;
+                    println!("role {name:?} has been deleted");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Tokens(cmd) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            match cmd {
+                TokensCmd::Add { kind, ttl, format } => {
+                    if kind != "db" {
+                        bail!("token type {kind:?} is not supported (db is)");
+                    }
+                    let (token, expires) = state.add_token(&kind, ttl)?;
+                    match format.as_str() {
+                        "text" => println!("{token}"),
+                        "json" => println!("{}", serde_json::json!({ "token": token, "type": kind, "expires": expires.unix_timestamp() })),
+                        other => bail!("unknown format {other:?} (text or json)"),
+                    }
+                }
+                TokensCmd::Ls => {
+                    println!("{:<6} Expires (unix)", "Type");
+                    for t in state.tokens()? {
+                        println!("{:<6} {}", t.kind, t.expires_at.unix_timestamp());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Db(cmd) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            match cmd {
+                DbCmd::Add { file } => {
+                    let db: DbResource = read_yaml(&file)?;
+                    db.validate()?;
+                    state.upsert_database(&db)?;
+                    println!("db {:?} has been created", db.metadata.name);
+                }
+                DbCmd::Ls => {
+                    println!("{:<28} {:<8} {:<60} Labels", "Name", "Origin", "URI");
+                    for d in catalog::databases(&cfg, &state)? {
+                        let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        println!("{:<28} {:<8} {:<60} {}", d.name, d.origin, d.spec.uri, labels.join(","));
+                    }
+                }
+                DbCmd::Rm { name } => {
+                    state.delete_database(&name)?;
+                    println!("db {name:?} has been deleted");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Audit { limit } => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            for e in state.audit_events(limit)? {
+                println!("{}", e.data);
+            }
+            Ok(())
+        }
+    }
+}

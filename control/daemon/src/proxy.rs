@@ -1,0 +1,431 @@
+//! The PostgreSQL listener: TLS with a required client certificate, the startup exchange, RBAC,
+//! the upstream session, cancel routing, and (until the data plane takes sessions over) the relay.
+//!
+//! Identity and route come from the client certificate; the StartupMessage must agree with the
+//! route. Every refusal reaches the client as an ErrorResponse with an SQLSTATE and a log line, and
+//! every failure is contained to its own connection task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rand::RngCore;
+use rustls::ServerConfig;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use sluice_pgwire::{self as pg, encode, sqlstate, ErrorFields, ProtocolVersion, StartupMessage, StartupPacket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn, Instrument};
+
+use crate::audit::{AuditLog, SessionFields, SESSION_END, SESSION_START};
+use crate::ca::{identity_from_cert, Identity};
+use crate::catalog;
+use crate::config::Config;
+use crate::iam::TokenMinter;
+use crate::rbac::{check_access, AccessRequest};
+use crate::state::State;
+use crate::tls::UpstreamTls;
+use crate::upstream::{self, CancelTarget, UpstreamError};
+
+/// Shared by every connection task.
+pub struct ProxyContext {
+    pub cfg: Arc<Config>,
+    pub state: Arc<State>,
+    pub audit: Arc<AuditLog>,
+    pub minter: Arc<TokenMinter>,
+    pub upstream_tls: Arc<UpstreamTls>,
+    pub server_tls: Arc<ServerConfig>,
+    /// Our cancel keys (given to clients) → where to send the upstream's cancel.
+    cancels: Mutex<HashMap<u32, (Vec<u8>, CancelTarget)>>,
+}
+
+impl ProxyContext {
+    pub fn new(
+        cfg: Arc<Config>,
+        state: Arc<State>,
+        audit: Arc<AuditLog>,
+        minter: Arc<TokenMinter>,
+        server_tls: Arc<ServerConfig>,
+    ) -> Self {
+        ProxyContext {
+            cfg,
+            state,
+            audit,
+            minter,
+            upstream_tls: Arc::new(UpstreamTls::default()),
+            server_tls,
+            cancels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (Vec<u8>, CancelTarget)>> {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A refusal to send the client before closing.
+#[derive(Debug)]
+struct Refusal {
+    fields: ErrorFields,
+    /// What goes in the log and the audit event.
+    reason: String,
+}
+
+impl Refusal {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Refusal { reason: message.clone(), fields: ErrorFields::fatal(code, message) }
+    }
+}
+
+impl From<UpstreamError> for Refusal {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Rejected(fields) => {
+                let reason = format!(
+                    "upstream rejected the session: {} ({})",
+                    fields.message().unwrap_or("no message"),
+                    fields.code().unwrap_or("no code")
+                );
+                let hint = if fields.code() == Some(sqlstate::INVALID_PASSWORD) {
+                    "RDS Proxy refused Sluice's IAM auth token: check the AWS credentials and IAM policy \
+                     (rds-db:connect) of the Sluice control service"
+                } else {
+                    "the error came from the upstream database"
+                };
+                Refusal { fields: fields.with(b'H', hint), reason }
+            }
+            UpstreamError::Iam(e) => Refusal::new(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("Sluice could not create an IAM auth token: {e}"),
+            ),
+            UpstreamError::UnsupportedAuth(_) => {
+                Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string())
+            }
+            other => Refusal::new(
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                format!("Sluice could not reach the database: {other}"),
+            ),
+        }
+    }
+}
+
+/// Serves the PostgreSQL listener until the task is dropped.
+pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let session_id = new_session_id();
+        let span = tracing::info_span!("session", session_id = %session_id, client = %peer);
+        tokio::spawn(async move { handle(ctx, tcp, peer, session_id).await }.instrument(span));
+    }
+}
+
+fn new_session_id() -> String {
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Reads one untyped startup-phase packet (length-prefixed) without reading past it, so the TLS
+/// handshake that may follow starts on a clean stream.
+async fn read_startup<S: AsyncRead + Unpin>(s: &mut S) -> Result<Result<StartupPacket, pg::WireError>, std::io::Error> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await?;
+    let n = u32::from_be_bytes(len) as usize;
+    if !(8..=pg::MAX_STARTUP_LEN).contains(&n) {
+        return Ok(Err(pg::WireError::BadLength(n)));
+    }
+    let mut packet = vec![0u8; n];
+    packet[..4].copy_from_slice(&len);
+    s.read_exact(&mut packet[4..]).await?;
+    Ok(pg::decode_startup(&packet).and_then(|p| p.map(|(p, _)| p).ok_or(pg::WireError::BadLength(n))))
+}
+
+async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, fields: &ErrorFields) {
+    let _ = s.write_all(&encode::error_response(fields)).await;
+    let _ = s.flush().await;
+    let _ = s.shutdown().await;
+}
+
+async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, session_id: String) {
+    let _ = tcp.set_nodelay(true);
+    let deadline = ctx.cfg.proxy_service.handshake_timeout;
+    let started = Instant::now();
+    let mut fields = SessionFields { session_id, client_addr: peer.to_string(), ..Default::default() };
+    let setup = tokio::time::timeout(deadline, handshake(&ctx, tcp, &mut fields)).await;
+    let ready = match setup {
+        Err(_) => {
+            info!(timeout_s = deadline.as_secs(), "handshake deadline passed; dropping client");
+            return;
+        }
+        Ok(Ok(Some(ready))) => ready,
+        Ok(Ok(None)) => return,
+        Ok(Err(())) => return,
+    };
+    let Ready { mut client, mut upstream, our_pid } = ready;
+    info!(user = %fields.user, db = %fields.db_service, db_user = %fields.db_user, db_name = %fields.db_name, "session started");
+    let result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024).await;
+    ctx.cancels().remove(&our_pid);
+    let (to_upstream, to_client, error) = match result {
+        Ok((a, b)) => (a, b, None),
+        Err(e) => (0, 0, Some(e.to_string())),
+    };
+    let duration = started.elapsed();
+    info!(bytes_from_client = to_upstream, bytes_to_client = to_client, duration_ms = duration.as_millis() as u64, error = ?error, "session ended");
+    ctx.audit.emit(
+        SESSION_END,
+        &fields,
+        error.is_none(),
+        json!({
+            "duration_ms": duration.as_millis() as u64,
+            "bytes_from_client": to_upstream,
+            "bytes_to_client": to_client,
+            "error": error,
+        }),
+    );
+}
+
+struct Ready {
+    client: tokio_rustls::server::TlsStream<TcpStream>,
+    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    our_pid: u32,
+}
+
+/// Runs the whole setup. `Ok(None)` is a finished short exchange (a cancel request); `Err(())`
+/// means the client was refused (already told and logged).
+async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionFields) -> Result<Option<Ready>, ()> {
+    // PostgreSQL 17 clients may start TLS directly (sslnegotiation=direct): a TLS record, not a
+    // length-prefixed packet, comes first.
+    let mut first = [0u8; 1];
+    let direct_tls = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+    if !direct_tls {
+        loop {
+            let packet = match read_startup(&mut tcp).await {
+                Ok(p) => p,
+                Err(e) => {
+                    info!(error = %e, "client went away before TLS");
+                    return Err(());
+                }
+            };
+            match packet {
+                Ok(StartupPacket::SslRequest) => {
+                    if tcp.write_all(b"S").await.is_err() {
+                        return Err(());
+                    }
+                    break;
+                }
+                Ok(StartupPacket::GssEncRequest) => {
+                    if tcp.write_all(b"N").await.is_err() {
+                        return Err(());
+                    }
+                }
+                Ok(StartupPacket::Cancel(c)) => {
+                    handle_cancel(ctx, c).await;
+                    return Ok(None);
+                }
+                Ok(StartupPacket::Startup(_)) => {
+                    info!("plaintext startup refused");
+                    let e = ErrorFields::fatal(
+                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                        "Sluice requires TLS with a client certificate",
+                    )
+                    .with(b'H', "connect with sslmode=verify-full and the certificate from `sluice db login`");
+                    send_error(&mut tcp, &e).await;
+                    return Err(());
+                }
+                Err(e) => {
+                    info!(error = %e, "invalid startup packet");
+                    let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
+                    send_error(&mut tcp, &e).await;
+                    return Err(());
+                }
+            }
+        }
+    }
+    let mut client = match TlsAcceptor::from(ctx.server_tls.clone()).accept(tcp).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!(error = %e, "client TLS handshake failed");
+            return Err(());
+        }
+    };
+    let identity = {
+        let certs = client.get_ref().1.peer_certificates();
+        match certs.and_then(|c| c.first()).map(|c| identity_from_cert(c)) {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => {
+                info!(error = %e, "client certificate has no usable identity");
+                let e = ErrorFields::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, format!("bad client certificate: {e}"));
+                send_error(&mut client, &e).await;
+                return Err(());
+            }
+            None => {
+                let e = ErrorFields::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "no client certificate");
+                send_error(&mut client, &e).await;
+                return Err(());
+            }
+        }
+    };
+    fields.user = identity.user.clone();
+    let startup = match read_startup(&mut client).await {
+        Ok(Ok(StartupPacket::Startup(m))) => m,
+        Ok(Ok(StartupPacket::Cancel(c))) => {
+            handle_cancel(ctx, c).await;
+            return Ok(None);
+        }
+        Ok(Ok(_)) => {
+            let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected encryption request inside TLS");
+            send_error(&mut client, &e).await;
+            return Err(());
+        }
+        Ok(Err(e)) => {
+            info!(error = %e, "invalid startup packet inside TLS");
+            let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
+            send_error(&mut client, &e).await;
+            return Err(());
+        }
+        Err(e) => {
+            info!(error = %e, "client went away during startup");
+            return Err(());
+        }
+    };
+    match authorize_and_connect(ctx, &identity, &startup, &mut client, fields).await {
+        Ok(our_pid_and_upstream) => {
+            ctx.audit.emit(SESSION_START, fields, true, json!({}));
+            let (our_pid, upstream) = our_pid_and_upstream;
+            Ok(Some(Ready { client, upstream, our_pid }))
+        }
+        Err(refusal) => {
+            info!(user = %fields.user, db = %fields.db_service, reason = %refusal.reason, "session refused");
+            ctx.audit.emit(SESSION_START, fields, false, json!({ "error": refusal.reason }));
+            send_error(&mut client, &refusal.fields).await;
+            Err(())
+        }
+    }
+}
+
+async fn authorize_and_connect(
+    ctx: &ProxyContext,
+    identity: &Identity,
+    startup: &StartupMessage,
+    client: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    fields: &mut SessionFields,
+) -> Result<(u32, tokio_rustls::client::TlsStream<TcpStream>), Refusal> {
+    use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
+    let route = identity.route.as_ref().ok_or_else(|| {
+        Refusal::new(DENIED, format!("certificate of {:?} has no database route; run `sluice db login <database>`", identity.user))
+    })?;
+    fields.db_service = route.service.clone();
+    let startup_user = startup.user().ok_or_else(|| Refusal::new(DENIED, "startup message has no user"))?;
+    let db_user = if route.db_user.is_empty() { startup_user } else { route.db_user.as_str() };
+    if startup_user != db_user {
+        return Err(Refusal::new(
+            DENIED,
+            format!("database user {startup_user:?} does not match the certificate's {db_user:?}; run `sluice db login {} --db-user {startup_user}`", route.service),
+        ));
+    }
+    let startup_db = startup.database().unwrap_or(db_user);
+    let db_name = if route.db_name.is_empty() { startup_db } else { route.db_name.as_str() };
+    if startup_db != db_name {
+        return Err(Refusal::new(
+            DENIED,
+            format!("database name {startup_db:?} does not match the certificate's {db_name:?}; run `sluice db login {} --db-name {startup_db}`", route.service),
+        ));
+    }
+    fields.db_user = db_user.to_owned();
+    fields.db_name = db_name.to_owned();
+
+    let internal = |e: crate::state::StateError| Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}"));
+    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service)
+        .map_err(internal)?
+        .ok_or_else(|| Refusal::new(sqlstate::INVALID_CATALOG_NAME, format!("database {:?} is not registered with Sluice", route.service)))?;
+    let user = ctx
+        .state
+        .user(&identity.user)
+        .map_err(internal)?
+        .ok_or_else(|| Refusal::new(DENIED, format!("user {:?} does not exist", identity.user)))?;
+    let roles = ctx.state.roles_of(&user).map_err(internal)?;
+    let req = AccessRequest { db_service: &db.name, labels: &db.labels, db_name, db_user };
+    check_access(&user.name, &roles, req).map_err(|d| Refusal::new(DENIED, format!("access denied: {d}")))?;
+
+    // Protocol 3.2 is spoken to the client (only cancel keys differ); the upstream gets 3.0.
+    let unrecognized: Vec<String> = startup.params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+    let client_minor = if startup.version > ProtocolVersion::V3_2 { 2 } else { startup.version.minor };
+    let negotiate = (startup.version > ProtocolVersion::V3_2 || !unrecognized.is_empty())
+        .then(|| encode::negotiate_protocol_version(client_minor, &unrecognized));
+    let extra: Vec<(String, String)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
+        .cloned()
+        .collect();
+
+    let (upstream, greeting, cancel_target) =
+        upstream::connect(&db, db_user, db_name, &extra, &ctx.minter, &ctx.upstream_tls).await?;
+
+    // Clients get our own cancel key: upstream keys never leave Sluice, and keys of different
+    // upstreams cannot collide.
+    let key_len = if client_minor >= 2 { 32 } else { 4 };
+    let mut secret = vec![0u8; key_len];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let our_pid = {
+        let mut cancels = ctx.cancels();
+        let mut pid;
+        loop {
+            pid = rand::random::<u32>() & 0x7fff_ffff;
+            if pid != 0 && !cancels.contains_key(&pid) {
+                break;
+            }
+        }
+        if greeting.backend_key.is_some() {
+            cancels.insert(pid, (secret.clone(), cancel_target));
+        }
+        pid
+    };
+    let mut out = Vec::new();
+    if let Some(n) = negotiate {
+        out.extend(n);
+    }
+    out.extend(encode::auth_ok());
+    for m in &greeting.messages {
+        out.extend_from_slice(m);
+    }
+    out.extend(encode::backend_key_data(our_pid, &secret));
+    out.extend(encode::ready_for_query(greeting.ready_status));
+    if let Err(e) = upstream::write_all_flush(client, &out).await {
+        ctx.cancels().remove(&our_pid);
+        return Err(Refusal::new(sqlstate::CONNECTION_FAILURE, format!("client went away: {e}")));
+    }
+    Ok((our_pid, upstream))
+}
+
+async fn handle_cancel(ctx: &ProxyContext, req: pg::CancelRequest) {
+    let target = {
+        let cancels = ctx.cancels();
+        match cancels.get(&req.pid) {
+            Some((secret, target)) if bool::from(secret.as_slice().ct_eq(&req.secret)) => Some(target.clone()),
+            _ => None,
+        }
+    };
+    match target {
+        Some(t) => match upstream::cancel(&t).await {
+            Ok(()) => info!(pid = req.pid, "cancel request forwarded upstream"),
+            Err(e) => warn!(pid = req.pid, error = %e, "forwarding cancel request failed"),
+        },
+        // PostgreSQL ignores unknown cancel keys silently; so do we (no oracle for key guessing).
+        None => info!(pid = req.pid, "cancel request with unknown key ignored"),
+    }
+}

@@ -1,0 +1,417 @@
+//! Control's durable state in SQLite: users, roles, the CA, join tokens, database resources,
+//! login sessions and the audit log.
+//!
+//! The admin CLI and the daemon open the same file (WAL mode), and the daemon reads users, roles and
+//! resources per connection, so `control users add` or `control roles create` take effect at once
+//! without a reload protocol.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use rand::RngCore;
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use time::OffsetDateTime;
+
+use crate::ca::{CaError, CertAuthority};
+use crate::config::DbResource;
+use crate::rbac::Role;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("password hashing: {0}")]
+    Hash(String),
+    #[error("creating data dir: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS cert_authorities (name TEXT PRIMARY KEY, cert_pem TEXT NOT NULL, key_pem TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, roles TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS roles (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, kind TEXT NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS databases (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    event TEXT NOT NULL,
+    session_id TEXT,
+    user TEXT,
+    db TEXT,
+    success INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+"#;
+
+pub struct State {
+    conn: Mutex<Connection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub kind: String,
+    pub expires_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditRow {
+    pub id: i64,
+    pub time: String,
+    pub event: String,
+    pub session_id: Option<String>,
+    pub user: Option<String>,
+    pub db: Option<String>,
+    pub success: bool,
+    pub data: serde_json::Value,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// A random URL-safe secret (join tokens, login session tokens, generated passwords).
+pub fn random_secret(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+impl State {
+    pub fn open(data_dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(data_dir)?;
+        let conn = Connection::open(data_dir.join("sluice.db"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(State { conn: Mutex::new(conn) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (each call is one statement or
+        // transaction), so a poisoned lock is safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads the cluster CA, creating it on first use.
+    pub fn ensure_ca(&self, cluster: &str) -> Result<CertAuthority, StateError> {
+        let db = self.db();
+        let row: Option<(String, String)> = db
+            .query_row("SELECT cert_pem, key_pem FROM cert_authorities WHERE name = 'db'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((cert, key)) = row {
+            return Ok(CertAuthority::from_pem(&cert, &key)?);
+        }
+        let ca = CertAuthority::generate(cluster)?;
+        db.execute(
+            "INSERT INTO cert_authorities (name, cert_pem, key_pem) VALUES ('db', ?1, ?2)",
+            params![ca.cert_pem, ca.key_pem()],
+        )?;
+        Ok(ca)
+    }
+
+    // ---- users ----
+
+    pub fn add_user(&self, name: &str, password: &str, roles: &[String]) -> Result<(), StateError> {
+        crate::config::validate_name(name).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let hash = hash_password(password)?;
+        let roles_json = serde_json::to_string(roles).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let n = self.db().execute(
+            "INSERT OR IGNORE INTO users (name, password_hash, roles, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, hash, roles_json, OffsetDateTime::now_utc().unix_timestamp()],
+        )?;
+        if n == 0 {
+            return Err(StateError::Exists(format!("user {name:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn update_user_roles(&self, name: &str, roles: &[String]) -> Result<(), StateError> {
+        let roles_json = serde_json::to_string(roles).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let n = self.db().execute("UPDATE users SET roles = ?2 WHERE name = ?1", params![name, roles_json])?;
+        if n == 0 {
+            return Err(StateError::NotFound(format!("user {name:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn delete_user(&self, name: &str) -> Result<(), StateError> {
+        let db = self.db();
+        let n = db.execute("DELETE FROM users WHERE name = ?1", params![name])?;
+        db.execute("DELETE FROM web_sessions WHERE user = ?1", params![name])?;
+        if n == 0 {
+            return Err(StateError::NotFound(format!("user {name:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn user(&self, name: &str) -> Result<Option<User>, StateError> {
+        let row: Option<String> =
+            self.db().query_row("SELECT roles FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
+        row.map(|roles| {
+            let roles = serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
+            Ok(User { name: name.to_owned(), roles })
+        })
+        .transpose()
+    }
+
+    pub fn users(&self) -> Result<Vec<User>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT name, roles FROM users ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (name, roles) = row?;
+            let roles = serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
+            Ok(User { name, roles })
+        })
+        .collect()
+    }
+
+    /// Checks a password; `Ok(false)` for an unknown user or a wrong password alike.
+    pub fn verify_password(&self, name: &str, password: &str) -> Result<bool, StateError> {
+        let hash: Option<String> = self
+            .db()
+            .query_row("SELECT password_hash FROM users WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()?;
+        let Some(hash) = hash else {
+            // Spend the same effort as for a real user, so timing does not reveal which users exist.
+            let _ = hash_password(password);
+            return Ok(false);
+        };
+        let parsed = PasswordHash::new(&hash).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+    }
+
+    // ---- roles ----
+
+    pub fn upsert_role(&self, role: &Role) -> Result<(), StateError> {
+        let spec = serde_json::to_string(role).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        self.db().execute(
+            "INSERT INTO roles (name, spec) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec",
+            params![role.metadata.name, spec],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_role(&self, name: &str) -> Result<(), StateError> {
+        if self.db().execute("DELETE FROM roles WHERE name = ?1", params![name])? == 0 {
+            return Err(StateError::NotFound(format!("role {name:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn roles(&self) -> Result<Vec<Role>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT spec FROM roles ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|spec| serde_json::from_str(&spec?).map_err(|e| StateError::Corrupt(format!("role: {e}")))).collect()
+    }
+
+    /// The roles of `user` that exist (a role deleted after assignment grants nothing).
+    pub fn roles_of(&self, user: &User) -> Result<Vec<Role>, StateError> {
+        Ok(self.roles()?.into_iter().filter(|r| user.roles.contains(&r.metadata.name)).collect())
+    }
+
+    // ---- join tokens ----
+
+    pub fn add_token(&self, kind: &str, ttl: std::time::Duration) -> Result<(String, OffsetDateTime), StateError> {
+        let token = random_secret(16);
+        let now = OffsetDateTime::now_utc();
+        let expires = now + ttl;
+        self.db().execute(
+            "INSERT INTO tokens (hash, kind, expires_at, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![sha256_hex(&token), kind, expires.unix_timestamp(), now.unix_timestamp()],
+        )?;
+        Ok((token, expires))
+    }
+
+    /// Checks a join token of `kind`; expired tokens are removed and refused.
+    pub fn check_token(&self, token: &str, kind: &str) -> Result<bool, StateError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let db = self.db();
+        db.execute("DELETE FROM tokens WHERE expires_at <= ?1", params![now])?;
+        let found: Option<String> = db
+            .query_row("SELECT kind FROM tokens WHERE hash = ?1", params![sha256_hex(token)], |r| r.get(0))
+            .optional()?;
+        Ok(found.as_deref() == Some(kind))
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT kind, expires_at FROM tokens WHERE expires_at > ?1 ORDER BY expires_at")?;
+        let rows = stmt.query_map(params![OffsetDateTime::now_utc().unix_timestamp()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        rows.map(|row| {
+            let (kind, exp) = row?;
+            let expires_at = OffsetDateTime::from_unix_timestamp(exp).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            Ok(TokenInfo { kind, expires_at })
+        })
+        .collect()
+    }
+
+    // ---- database resources ----
+
+    pub fn upsert_database(&self, db: &DbResource) -> Result<(), StateError> {
+        let spec = serde_json::to_string(db).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        self.db().execute(
+            "INSERT INTO databases (name, spec) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec",
+            params![db.metadata.name, spec],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_database(&self, name: &str) -> Result<(), StateError> {
+        if self.db().execute("DELETE FROM databases WHERE name = ?1", params![name])? == 0 {
+            return Err(StateError::NotFound(format!("database {name:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn databases(&self) -> Result<Vec<DbResource>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT spec FROM databases ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|spec| serde_json::from_str(&spec?).map_err(|e| StateError::Corrupt(format!("database: {e}")))).collect()
+    }
+
+    // ---- login sessions ----
+
+    pub fn create_web_session(&self, user: &str, ttl: std::time::Duration) -> Result<(String, OffsetDateTime), StateError> {
+        let token = random_secret(32);
+        let expires = OffsetDateTime::now_utc() + ttl;
+        self.db().execute(
+            "INSERT INTO web_sessions (hash, user, expires_at) VALUES (?1, ?2, ?3)",
+            params![sha256_hex(&token), user, expires.unix_timestamp()],
+        )?;
+        Ok((token, expires))
+    }
+
+    /// The user and expiry of a live login session.
+    pub fn web_session(&self, token: &str) -> Result<Option<(String, OffsetDateTime)>, StateError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let row: Option<(String, i64)> = self
+            .db()
+            .query_row(
+                "SELECT user, expires_at FROM web_sessions WHERE hash = ?1 AND expires_at > ?2",
+                params![sha256_hex(token), now],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(u, e)| Ok((u, OffsetDateTime::from_unix_timestamp(e).map_err(|e| StateError::Corrupt(e.to_string()))?)))
+            .transpose()
+    }
+
+    pub fn delete_web_session(&self, token: &str) -> Result<(), StateError> {
+        self.db().execute("DELETE FROM web_sessions WHERE hash = ?1", params![sha256_hex(token)])?;
+        Ok(())
+    }
+
+    // ---- audit ----
+
+    pub fn insert_audit(
+        &self,
+        time: &str,
+        event: &str,
+        session_id: Option<&str>,
+        user: Option<&str>,
+        db: Option<&str>,
+        success: bool,
+        data: &serde_json::Value,
+    ) -> Result<(), StateError> {
+        self.db().execute(
+            "INSERT INTO audit (time, event, session_id, user, db, success, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![time, event, session_id, user, db, success, data.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn audit_events(&self, limit: usize) -> Result<Vec<AuditRow>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT id, time, event, session_id, user, db, success, data FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok(AuditRow {
+                id: r.get(0)?,
+                time: r.get(1)?,
+                event: r.get(2)?,
+                session_id: r.get(3)?,
+                user: r.get(4)?,
+                db: r.get(5)?,
+                success: r.get(6)?,
+                data: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or(serde_json::Value::Null),
+            })
+        })?;
+        let mut out: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn counts(&self) -> Result<(i64, i64, i64), StateError> {
+        let db = self.db();
+        let users = db.query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+        let roles = db.query_row("SELECT count(*) FROM roles", [], |r| r.get(0))?;
+        let dbs = db.query_row("SELECT count(*) FROM databases", [], |r| r.get(0))?;
+        Ok((users, roles, dbs))
+    }
+}
+
+fn hash_password(password: &str) -> Result<String, StateError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| StateError::Hash(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_state() -> (State, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("sluice-state-{}", random_secret(6)));
+        (State::open(&dir).unwrap(), dir)
+    }
+
+    #[test]
+    fn users_passwords_sessions() {
+        let (s, dir) = temp_state();
+        s.add_user("alice", "pw1", &["dev".into()]).unwrap();
+        assert!(matches!(s.add_user("alice", "x", &[]), Err(StateError::Exists(_))));
+        assert!(s.verify_password("alice", "pw1").unwrap());
+        assert!(!s.verify_password("alice", "pw2").unwrap());
+        assert!(!s.verify_password("nobody", "pw1").unwrap());
+        let (tok, _) = s.create_web_session("alice", std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(s.web_session(&tok).unwrap().map(|x| x.0).as_deref(), Some("alice"));
+        s.delete_web_session(&tok).unwrap();
+        assert!(s.web_session(&tok).unwrap().is_none());
+        let ca1 = s.ensure_ca("c").unwrap();
+        let ca2 = s.ensure_ca("c").unwrap();
+        assert_eq!(ca1.cert_pem, ca2.cert_pem);
+        let (t, _) = s.add_token("db", std::time::Duration::from_secs(60)).unwrap();
+        assert!(s.check_token(&t, "db").unwrap());
+        assert!(!s.check_token(&t, "node").unwrap());
+        assert!(!s.check_token("nope", "db").unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

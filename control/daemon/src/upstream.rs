@@ -1,0 +1,198 @@
+//! The upstream leg: TCP to the RDS Proxy endpoint, SSLRequest, TLS verify-full, StartupMessage,
+//! and the IAM token as the cleartext password. Returns the authenticated TLS stream with the
+//! server's greeting (parameter status, backend key) for control to pass on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use sluice_pgwire::{self as pg, encode, BackendMessage, ErrorFields, ProtocolVersion};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::catalog::Database;
+use crate::config::ConfigError;
+use crate::iam::{CredentialSource, IamError, TokenMinter, TokenTarget};
+use crate::tls::{TlsError, UpstreamTls};
+
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("database {db:?} is misconfigured: {source}")]
+    Config { db: String, source: ConfigError },
+    #[error("could not connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("timed out connecting to {addr} (check that the endpoint is reachable from Sluice: security groups, routes)")]
+    ConnectTimeout { addr: String },
+    #[error("{addr} refused TLS; RDS Proxy must have RequireTLS enabled")]
+    NoTls { addr: String },
+    #[error("TLS to {addr} failed: {message}")]
+    Tls { addr: String, message: String },
+    #[error(transparent)]
+    TlsConfig(#[from] TlsError),
+    #[error(transparent)]
+    Iam(#[from] IamError),
+    #[error("upstream rejected the session")]
+    Rejected(ErrorFields),
+    #[error("upstream asked for {0} authentication; IAM authentication must be REQUIRED on the RDS Proxy")]
+    UnsupportedAuth(String),
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+    #[error("upstream I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The server's side of a finished startup.
+pub struct Greeting {
+    /// ParameterStatus and NoticeResponse messages, raw, in order.
+    pub messages: Vec<Vec<u8>>,
+    pub backend_key: Option<(u32, Vec<u8>)>,
+    pub ready_status: u8,
+}
+
+/// Everything needed to send a CancelRequest to the upstream later.
+#[derive(Clone)]
+pub struct CancelTarget {
+    pub dial: (String, u16),
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub pid: u32,
+    pub secret: Vec<u8>,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn cfg_err(db: &Database) -> impl FnOnce(ConfigError) -> UpstreamError + '_ {
+    move |source| UpstreamError::Config { db: db.name.clone(), source }
+}
+
+async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), UpstreamError> {
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !(4..=pg::MAX_SETUP_MESSAGE_LEN).contains(&len) {
+        return Err(UpstreamError::Protocol(format!("message length {len}")));
+    }
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await?;
+    Ok((header[0], body))
+}
+
+/// Dials, TLS-handshakes and returns the stream plus the name it was verified against.
+async fn dial_tls(
+    dial: &(String, u16),
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, UpstreamError> {
+    let addr = format!("{}:{}", dial.0, dial.1);
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((dial.0.as_str(), dial.1)))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout { addr: addr.clone() })?
+        .map_err(|source| UpstreamError::Connect { addr: addr.clone(), source })?;
+    tcp.set_nodelay(true)?;
+    let mut tcp = tcp;
+    tcp.write_all(&encode::ssl_request()).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(UpstreamError::NoTls { addr });
+    }
+    TlsConnector::from(tls).connect(server_name, tcp).await.map_err(|e| {
+        let mut message = e.to_string();
+        if message.contains("NotValidForName") || message.contains("not valid for name") {
+            message.push_str(
+                " (a certificate that relies on the legacy Common Name field instead of SANs is not accepted; \
+                 rotate the RDS certificate, or set tls.server_name for custom endpoints)",
+            );
+        }
+        UpstreamError::Tls { addr, message }
+    })
+}
+
+/// Opens an authenticated upstream session for `db_user`/`db_name`.
+#[allow(clippy::too_many_arguments)]
+pub async fn connect(
+    db: &Database,
+    db_user: &str,
+    db_name: &str,
+    extra_params: &[(String, String)],
+    minter: &TokenMinter,
+    upstream_tls: &UpstreamTls,
+) -> Result<(TlsStream<TcpStream>, Greeting, CancelTarget), UpstreamError> {
+    let (host, port) = db.spec.host_port().map_err(cfg_err(db))?;
+    let dial = db.spec.dial_target().map_err(cfg_err(db))?;
+    let name = db.spec.tls_server_name().map_err(cfg_err(db))?;
+    let server_name = ServerName::try_from(name.clone())
+        .map_err(|_| UpstreamError::Config { db: db.name.clone(), source: ConfigError::Invalid(format!("bad TLS server name {name:?}")) })?;
+    let tls = upstream_tls.config(db.spec.tls.ca_cert_file.as_deref())?;
+    let region = db.spec.region().ok_or(IamError::NoRegion)?;
+    // Mint before dialing so a credentials problem is reported as such, not as a timeout.
+    let source = CredentialSource {
+        region: region.clone(),
+        assume_role_arn: db.spec.aws.assume_role_arn.clone(),
+        external_id: db.spec.aws.external_id.clone(),
+    };
+    let target = TokenTarget { host, port, user: db_user.to_owned(), region };
+    let token = minter.token(&source, &target).await?;
+
+    let mut s = dial_tls(&dial, server_name.clone(), tls.clone()).await?;
+    let mut params = vec![("user".to_owned(), db_user.to_owned()), ("database".to_owned(), db_name.to_owned())];
+    params.extend(extra_params.iter().cloned());
+    s.write_all(&encode::startup(ProtocolVersion::V3_0, &params)).await?;
+    s.flush().await?;
+
+    let mut greeting = Greeting { messages: Vec::new(), backend_key: None, ready_status: b'I' };
+    let mut authenticated = false;
+    loop {
+        let (tag, body) = read_message(&mut s).await?;
+        let msg = BackendMessage::parse(pg::Message { tag, body: &body }).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        match msg {
+            BackendMessage::AuthenticationCleartextPassword if !authenticated => {
+                s.write_all(&encode::password(&token)).await?;
+                s.flush().await?;
+            }
+            BackendMessage::AuthenticationOk => authenticated = true,
+            BackendMessage::AuthenticationMd5Password { .. } => return Err(UpstreamError::UnsupportedAuth("MD5".into())),
+            BackendMessage::AuthenticationSasl { mechanisms } => {
+                return Err(UpstreamError::UnsupportedAuth(format!("SASL ({})", mechanisms.join(", "))))
+            }
+            BackendMessage::AuthenticationOther(code) => return Err(UpstreamError::UnsupportedAuth(format!("method {code}"))),
+            BackendMessage::ErrorResponse(fields) => return Err(UpstreamError::Rejected(fields)),
+            BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_) if authenticated => {
+                let mut raw = vec![tag];
+                raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                raw.extend_from_slice(&body);
+                greeting.messages.push(raw);
+            }
+            BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion { .. } => {}
+            BackendMessage::BackendKeyData { pid, secret } if authenticated => greeting.backend_key = Some((pid, secret)),
+            BackendMessage::ReadyForQuery(status) if authenticated => {
+                greeting.ready_status = status;
+                break;
+            }
+            other => return Err(UpstreamError::Protocol(format!("unexpected {other:?} during startup"))),
+        }
+    }
+    let (pid, secret) = greeting.backend_key.clone().unwrap_or_default();
+    let cancel = CancelTarget { dial, server_name, tls, pid, secret };
+    Ok((s, greeting, cancel))
+}
+
+/// Sends a CancelRequest to the upstream, inside TLS as RDS Proxy requires.
+pub async fn cancel(target: &CancelTarget) -> Result<(), UpstreamError> {
+    let mut s = dial_tls(&target.dial, target.server_name.clone(), target.tls.clone()).await?;
+    s.write_all(&encode::cancel_request(target.pid, &target.secret)).await?;
+    s.flush().await?;
+    // The server closes after reading the request; wait briefly so it is read before we close.
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
+    Ok(())
+}
+
+/// Ensures writes are generic over stream kinds.
+pub async fn write_all_flush<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
+}
