@@ -163,7 +163,8 @@ impl Paths {
 }
 
 fn load_profile(p: &Paths) -> Result<Profile> {
-    let text = std::fs::read_to_string(p.profile()).map_err(|_| anyhow!("not logged in: run `sluice login --proxy HOST:PORT --user NAME`"))?;
+    let text = std::fs::read_to_string(p.profile())
+        .map_err(|_| anyhow!("not logged in: run `sluice login --proxy HOST:PORT --user NAME`"))?;
     Ok(serde_json::from_str(&text)?)
 }
 
@@ -294,7 +295,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Logout => {
             if let Ok(profile) = load_profile(&p) {
                 // Best effort: the local files go either way.
-                let _ = call::<serde_json::Value>(&p, &profile.proxy, &Request::Logout { session: profile.session }).await;
+                let _ =
+                    call::<serde_json::Value>(&p, &profile.proxy, &Request::Logout { session: profile.session }).await;
             }
             let _ = std::fs::remove_dir_all(p.db_dir());
             let _ = std::fs::remove_file(p.profile());
@@ -367,7 +369,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Aws(AwsCmd::RdsToken { host, port, user, region, assume_role_arn, external_id }) => {
             let source = CredentialSource { region: region.clone(), assume_role_arn, external_id };
             let creds = TokenMinter::new().credentials(&source).await?;
-            let token = generate_auth_token(&creds, &TokenTarget { host, port, user, region }, std::time::SystemTime::now())?;
+            let token =
+                generate_auth_token(&creds, &TokenTarget { host, port, user, region }, std::time::SystemTime::now())?;
             println!("{token}");
         }
     }

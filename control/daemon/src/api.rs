@@ -150,7 +150,8 @@ fn session_user(state: &State, session: &str) -> Result<(crate::state::User, Off
         .web_session(session)
         .map_err(|e| e.to_string())?
         .ok_or("not logged in or the login expired: run `sluice login`")?;
-    let user = state.user(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("user {name:?} no longer exists"))?;
+    let user =
+        state.user(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("user {name:?} no longer exists"))?;
     Ok((user, expires))
 }
 
@@ -163,7 +164,8 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Str
                 return Err("invalid user name or password".into());
             }
             let u = state.user(&user).map_err(|e| e.to_string())?.ok_or("invalid user name or password")?;
-            let (session, expires) = state.create_web_session(&user, ctx.cfg.auth_service.session_ttl).map_err(|e| e.to_string())?;
+            let (session, expires) =
+                state.create_web_session(&user, ctx.cfg.auth_service.session_ttl).map_err(|e| e.to_string())?;
             info!(user = %user, "user logged in");
             to_json(&LoginResponse {
                 session,
@@ -186,7 +188,13 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Str
                 .map_err(|e| e.to_string())?
                 .into_iter()
                 .filter(|d| can_see(&roles, &d.labels))
-                .map(|d| DbInfo { name: d.name, description: d.description, protocol: d.spec.protocol, uri: d.spec.uri, labels: d.labels })
+                .map(|d| DbInfo {
+                    name: d.name,
+                    description: d.description,
+                    protocol: d.spec.protocol,
+                    uri: d.spec.uri,
+                    labels: d.labels,
+                })
                 .collect();
             to_json(&dbs)
         }
@@ -204,10 +212,12 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Str
                     return Err(format!("access to database {db:?} denied"));
                 }
             } else {
-                let req = AccessRequest { db_service: &d.name, labels: &d.labels, db_name: &db_name, db_user: &db_user };
+                let req =
+                    AccessRequest { db_service: &d.name, labels: &d.labels, db_name: &db_name, db_user: &db_user };
                 check_access(&user.name, &roles, req).map_err(|e| format!("access denied: {e}"))?;
             }
-            let identity = Identity { v: 1, user: user.name.clone(), route: Some(DbRoute { service: db, db_user, db_name }) };
+            let identity =
+                Identity { v: 1, user: user.name.clone(), route: Some(DbRoute { service: db, db_user, db_name }) };
             let now = OffsetDateTime::now_utc();
             let cert_pem = ctx
                 .ca
@@ -236,9 +246,11 @@ pub async fn call<T: DeserializeOwned>(
     req: &Request,
 ) -> Result<T, ApiError> {
     let fut = async {
-        let tcp = TcpStream::connect(addr).await.map_err(|source| ApiError::Connect { addr: addr.to_owned(), source })?;
+        let tcp =
+            TcpStream::connect(addr).await.map_err(|source| ApiError::Connect { addr: addr.to_owned(), source })?;
         let name = ServerName::try_from(server_name.to_owned()).map_err(|e| ApiError::Tls(e.to_string()))?;
-        let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| ApiError::Tls(e.to_string()))?;
+        let mut s =
+            tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| ApiError::Tls(e.to_string()))?;
         let mut line = serde_json::to_string(req).map_err(|e| ApiError::BadResponse(e.to_string()))?;
         line.push('\n');
         s.write_all(line.as_bytes()).await?;
@@ -247,7 +259,8 @@ pub async fn call<T: DeserializeOwned>(
         BufReader::new((&mut s).take(16 * 1024 * 1024)).read_line(&mut resp).await?;
         let v: Value = serde_json::from_str(&resp).map_err(|e| ApiError::BadResponse(e.to_string()))?;
         if v.get("ok") == Some(&Value::Bool(true)) {
-            serde_json::from_value(v.get("result").cloned().unwrap_or(Value::Null)).map_err(|e| ApiError::BadResponse(e.to_string()))
+            serde_json::from_value(v.get("result").cloned().unwrap_or(Value::Null))
+                .map_err(|e| ApiError::BadResponse(e.to_string()))
         } else {
             Err(ApiError::Refused(v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_owned()))
         }

@@ -55,15 +55,7 @@ impl AuditLog {
         if let (Some(obj), Value::Object(more)) = (record.as_object_mut(), extra) {
             obj.extend(more);
         }
-        if let Err(e) = self.state.insert_audit(
-            &time,
-            event,
-            Some(&s.session_id),
-            Some(&s.user),
-            Some(&s.db_service),
-            success,
-            &record,
-        ) {
+        if let Err(e) = self.state.insert_audit(&record) {
             tracing::error!(session_id = %s.session_id, error = %e, "writing audit event to state");
         }
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());

@@ -67,7 +67,8 @@ impl CertAuthority {
         dn.push(DnType::OrganizationName, cluster);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
@@ -96,7 +97,11 @@ impl CertAuthority {
     }
 
     /// A server certificate for control's listeners, with a fresh key.
-    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = names
@@ -180,11 +185,7 @@ fn parse_der_utf8_string(der: &[u8]) -> Option<&[u8]> {
 /// Reads the identity out of a (chain-verified) client certificate.
 pub fn identity_from_cert(der: &[u8]) -> Result<Identity, CaError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Parse(e.to_string()))?;
-    let ext = cert
-        .extensions()
-        .iter()
-        .find(|e| e.oid.to_id_string() == IDENTITY_OID_STR)
-        .ok_or(CaError::NoIdentity)?;
+    let ext = cert.extensions().iter().find(|e| e.oid.to_id_string() == IDENTITY_OID_STR).ok_or(CaError::NoIdentity)?;
     let json = parse_der_utf8_string(ext.value).ok_or_else(|| CaError::BadIdentity("not a UTF8String".into()))?;
     let id: Identity = serde_json::from_slice(json).map_err(|e| CaError::BadIdentity(e.to_string()))?;
     if id.v != 1 {

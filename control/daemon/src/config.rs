@@ -51,7 +51,11 @@ pub struct AuthService {
 
 impl Default for AuthService {
     fn default() -> Self {
-        AuthService { cluster_name: default_cluster_name(), listen_addr: default_auth_addr(), session_ttl: default_session_ttl() }
+        AuthService {
+            cluster_name: default_cluster_name(),
+            listen_addr: default_auth_addr(),
+            session_ttl: default_session_ttl(),
+        }
     }
 }
 
@@ -277,7 +281,8 @@ pub fn validate_name(name: &str) -> Result<(), ConfigError> {
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let cfg: Config = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let cfg: Config =
+            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         cfg.validate()?;
         Ok(cfg)
     }

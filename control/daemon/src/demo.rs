@@ -178,7 +178,16 @@ impl Postgres {
         let data = dir.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
-            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync", "-D"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
             .arg(&data)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -360,7 +369,14 @@ impl ControlProc {
     }
 
     /// Starts control on an existing config (used to restart it).
-    pub fn spawn(config_path: PathBuf, config: Config, pg_port: u16, api_port: u16, creds: &AwsCreds, dir: &Path) -> Result<ControlProc> {
+    pub fn spawn(
+        config_path: PathBuf,
+        config: Config,
+        pg_port: u16,
+        api_port: u16,
+        creds: &AwsCreds,
+        dir: &Path,
+    ) -> Result<ControlProc> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("control.log"))?;
         let mut cmd = Command::new(find_bin("control")?);
         cmd.arg("start").arg("--config").arg(&config_path).stdout(Stdio::null()).stderr(log);
@@ -481,7 +497,12 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(stack.dir.join("alice-password"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(stack.dir.join("alice-password"))?;
         writeln!(f, "{password}")?;
     }
     std::fs::write(stack.dir.join("env"), &env)?;

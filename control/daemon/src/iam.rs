@@ -233,7 +233,13 @@ mod tests {
 
     #[test]
     fn session_token_goes_before_signature_and_is_signed() {
-        let with = Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", Some("tok/en+=".into()), None, "t");
+        let with = Credentials::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            Some("tok/en+=".into()),
+            None,
+            "t",
+        );
         let token = generate_auth_token(&with, &vector_target(), vector_time()).unwrap();
         let (before, sig) = token.rsplit_once("&X-Amz-Signature=").unwrap();
         assert!(before.ends_with("&X-Amz-SignedHeaders=host&X-Amz-Security-Token=tok%2Fen%2B%3D"), "{token}");

@@ -3,7 +3,7 @@
 //! daemon uses; the daemon reads it per connection, so changes apply at once.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -70,7 +70,9 @@ enum UsersCmd {
         set_roles: Vec<String>,
     },
     Ls,
-    Rm { name: String },
+    Rm {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,7 +83,9 @@ enum RolesCmd {
         file: PathBuf,
     },
     Ls,
-    Rm { name: String },
+    Rm {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -107,10 +111,12 @@ enum DbCmd {
     },
     /// The databases this control serves (static and matching dynamic ones).
     Ls,
-    Rm { name: String },
+    Rm {
+        name: String,
+    },
 }
 
-fn load_config(path: &PathBuf) -> Result<Config> {
+fn load_config(path: &Path) -> Result<Config> {
     Config::load(path).with_context(|| format!("loading {}", path.display()))
 }
 
@@ -118,7 +124,7 @@ fn open_state(cfg: &Config) -> Result<State> {
     State::open(&cfg.data_dir).with_context(|| format!("opening state in {}", cfg.data_dir.display()))
 }
 
-fn read_yaml<T: serde::de::DeserializeOwned>(path: &PathBuf) -> Result<T> {
+fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
@@ -147,7 +153,11 @@ fn main() -> Result<()> {
             println!("Cluster           {}", cfg.auth_service.cluster_name);
             println!("CA pin            {}", ca.pin()?);
             println!("API address       {}", cfg.auth_service.listen_addr);
-            println!("PostgreSQL        {} (public {})", cfg.proxy_service.postgres_listen_addr, cfg.proxy_service.public_addr());
+            println!(
+                "PostgreSQL        {} (public {})",
+                cfg.proxy_service.postgres_listen_addr,
+                cfg.proxy_service.public_addr()
+            );
             println!("Users             {users}");
             println!("Roles             {roles}");
             println!("Databases         {} static, {dbs} dynamic", cfg.db_service.databases.len());
@@ -231,7 +241,10 @@ fn main() -> Result<()> {
                     let (token, expires) = state.add_token(&kind, ttl)?;
                     match format.as_str() {
                         "text" => println!("{token}"),
-                        "json" => println!("{}", serde_json::json!({ "token": token, "type": kind, "expires": expires.unix_timestamp() })),
+                        "json" => println!(
+                            "{}",
+                            serde_json::json!({ "token": token, "type": kind, "expires": expires.unix_timestamp() })
+                        ),
                         other => bail!("unknown format {other:?} (text or json)"),
                     }
                 }

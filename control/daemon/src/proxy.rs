@@ -13,8 +13,8 @@ use std::time::Instant;
 use rand::RngCore;
 use rustls::ServerConfig;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use sluice_pgwire::{self as pg, encode, sqlstate, ErrorFields, ProtocolVersion, StartupMessage, StartupPacket};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -268,7 +268,10 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
             Some(Ok(id)) => id,
             Some(Err(e)) => {
                 info!(error = %e, "client certificate has no usable identity");
-                let e = ErrorFields::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, format!("bad client certificate: {e}"));
+                let e = ErrorFields::fatal(
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    format!("bad client certificate: {e}"),
+                );
                 send_error(&mut client, &e).await;
                 return Err(());
             }
@@ -326,7 +329,10 @@ async fn authorize_and_connect(
 ) -> Result<(u32, tokio_rustls::client::TlsStream<TcpStream>), Refusal> {
     use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
     let route = identity.route.as_ref().ok_or_else(|| {
-        Refusal::new(DENIED, format!("certificate of {:?} has no database route; run `sluice db login <database>`", identity.user))
+        Refusal::new(
+            DENIED,
+            format!("certificate of {:?} has no database route; run `sluice db login <database>`", identity.user),
+        )
     })?;
     fields.db_service = route.service.clone();
     let startup_user = startup.user().ok_or_else(|| Refusal::new(DENIED, "startup message has no user"))?;
@@ -348,10 +354,14 @@ async fn authorize_and_connect(
     fields.db_user = db_user.to_owned();
     fields.db_name = db_name.to_owned();
 
-    let internal = |e: crate::state::StateError| Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}"));
-    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service)
-        .map_err(internal)?
-        .ok_or_else(|| Refusal::new(sqlstate::INVALID_CATALOG_NAME, format!("database {:?} is not registered with Sluice", route.service)))?;
+    let internal =
+        |e: crate::state::StateError| Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}"));
+    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service).map_err(internal)?.ok_or_else(|| {
+        Refusal::new(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database {:?} is not registered with Sluice", route.service),
+        )
+    })?;
     let user = ctx
         .state
         .user(&identity.user)
@@ -362,7 +372,8 @@ async fn authorize_and_connect(
     check_access(&user.name, &roles, req).map_err(|d| Refusal::new(DENIED, format!("access denied: {d}")))?;
 
     // Protocol 3.2 is spoken to the client (only cancel keys differ); the upstream gets 3.0.
-    let unrecognized: Vec<String> = startup.params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+    let unrecognized: Vec<String> =
+        startup.params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
     let client_minor = if startup.version > ProtocolVersion::V3_2 { 2 } else { startup.version.minor };
     let negotiate = (startup.version > ProtocolVersion::V3_2 || !unrecognized.is_empty())
         .then(|| encode::negotiate_protocol_version(client_minor, &unrecognized));

@@ -116,7 +116,9 @@ impl State {
     pub fn ensure_ca(&self, cluster: &str) -> Result<CertAuthority, StateError> {
         let db = self.db();
         let row: Option<(String, String)> = db
-            .query_row("SELECT cert_pem, key_pem FROM cert_authorities WHERE name = 'db'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row("SELECT cert_pem, key_pem FROM cert_authorities WHERE name = 'db'", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
         if let Some((cert, key)) = row {
             return Ok(CertAuthority::from_pem(&cert, &key)?);
@@ -168,7 +170,8 @@ impl State {
         let row: Option<String> =
             self.db().query_row("SELECT roles FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
         row.map(|roles| {
-            let roles = serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
+            let roles =
+                serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
             Ok(User { name: name.to_owned(), roles })
         })
         .transpose()
@@ -180,7 +183,8 @@ impl State {
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         rows.map(|row| {
             let (name, roles) = row?;
-            let roles = serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
+            let roles =
+                serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
             Ok(User { name, roles })
         })
         .collect()
@@ -263,7 +267,8 @@ impl State {
         })?;
         rows.map(|row| {
             let (kind, exp) = row?;
-            let expires_at = OffsetDateTime::from_unix_timestamp(exp).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let expires_at =
+                OffsetDateTime::from_unix_timestamp(exp).map_err(|e| StateError::Corrupt(e.to_string()))?;
             Ok(TokenInfo { kind, expires_at })
         })
         .collect()
@@ -291,12 +296,17 @@ impl State {
         let db = self.db();
         let mut stmt = db.prepare("SELECT spec FROM databases ORDER BY name")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        rows.map(|spec| serde_json::from_str(&spec?).map_err(|e| StateError::Corrupt(format!("database: {e}")))).collect()
+        rows.map(|spec| serde_json::from_str(&spec?).map_err(|e| StateError::Corrupt(format!("database: {e}"))))
+            .collect()
     }
 
     // ---- login sessions ----
 
-    pub fn create_web_session(&self, user: &str, ttl: std::time::Duration) -> Result<(String, OffsetDateTime), StateError> {
+    pub fn create_web_session(
+        &self,
+        user: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(String, OffsetDateTime), StateError> {
         let token = random_secret(32);
         let expires = OffsetDateTime::now_utc() + ttl;
         self.db().execute(
@@ -317,8 +327,10 @@ impl State {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        row.map(|(u, e)| Ok((u, OffsetDateTime::from_unix_timestamp(e).map_err(|e| StateError::Corrupt(e.to_string()))?)))
-            .transpose()
+        row.map(|(u, e)| {
+            Ok((u, OffsetDateTime::from_unix_timestamp(e).map_err(|e| StateError::Corrupt(e.to_string()))?))
+        })
+        .transpose()
     }
 
     pub fn delete_web_session(&self, token: &str) -> Result<(), StateError> {
@@ -328,19 +340,21 @@ impl State {
 
     // ---- audit ----
 
-    pub fn insert_audit(
-        &self,
-        time: &str,
-        event: &str,
-        session_id: Option<&str>,
-        user: Option<&str>,
-        db: Option<&str>,
-        success: bool,
-        data: &serde_json::Value,
-    ) -> Result<(), StateError> {
+    /// Stores an audit record; the indexed columns are taken from its `time`, `event`, `sid`,
+    /// `user`, `db_service` and `success` fields.
+    pub fn insert_audit(&self, record: &serde_json::Value) -> Result<(), StateError> {
+        let text = |k: &str| record.get(k).and_then(serde_json::Value::as_str);
         self.db().execute(
             "INSERT INTO audit (time, event, session_id, user, db, success, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![time, event, session_id, user, db, success, data.to_string()],
+            params![
+                text("time").unwrap_or_default(),
+                text("event").unwrap_or_default(),
+                text("sid"),
+                text("user"),
+                text("db_service"),
+                record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
+                record.to_string()
+            ],
         )?;
         Ok(())
     }

@@ -47,7 +47,10 @@ pub fn postgres_server_config(
 }
 
 /// The client API listener: server authentication only (users authenticate with a password).
-pub fn api_server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn api_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -88,7 +91,8 @@ impl UpstreamTls {
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
         if let Some(path) = extra_ca {
-            let pem = std::fs::read(path).map_err(|e| TlsError::CaFile { path: path.into(), message: e.to_string() })?;
+            let pem =
+                std::fs::read(path).map_err(|e| TlsError::CaFile { path: path.into(), message: e.to_string() })?;
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| TlsError::CaFile { path: path.into(), message: e.to_string() })?;
                 roots.add(cert)?;

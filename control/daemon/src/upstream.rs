@@ -24,7 +24,9 @@ pub enum UpstreamError {
     Config { db: String, source: ConfigError },
     #[error("could not connect to {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
-    #[error("timed out connecting to {addr} (check that the endpoint is reachable from Sluice: security groups, routes)")]
+    #[error(
+        "timed out connecting to {addr} (check that the endpoint is reachable from Sluice: security groups, routes)"
+    )]
     ConnectTimeout { addr: String },
     #[error("{addr} refused TLS; RDS Proxy must have RequireTLS enabled")]
     NoTls { addr: String },
@@ -124,8 +126,10 @@ pub async fn connect(
     let (host, port) = db.spec.host_port().map_err(cfg_err(db))?;
     let dial = db.spec.dial_target().map_err(cfg_err(db))?;
     let name = db.spec.tls_server_name().map_err(cfg_err(db))?;
-    let server_name = ServerName::try_from(name.clone())
-        .map_err(|_| UpstreamError::Config { db: db.name.clone(), source: ConfigError::Invalid(format!("bad TLS server name {name:?}")) })?;
+    let server_name = ServerName::try_from(name.clone()).map_err(|_| UpstreamError::Config {
+        db: db.name.clone(),
+        source: ConfigError::Invalid(format!("bad TLS server name {name:?}")),
+    })?;
     let tls = upstream_tls.config(db.spec.tls.ca_cert_file.as_deref())?;
     let region = db.spec.region().ok_or(IamError::NoRegion)?;
     // Mint before dialing so a credentials problem is reported as such, not as a timeout.
@@ -147,18 +151,23 @@ pub async fn connect(
     let mut authenticated = false;
     loop {
         let (tag, body) = read_message(&mut s).await?;
-        let msg = BackendMessage::parse(pg::Message { tag, body: &body }).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let msg = BackendMessage::parse(pg::Message { tag, body: &body })
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         match msg {
             BackendMessage::AuthenticationCleartextPassword if !authenticated => {
                 s.write_all(&encode::password(&token)).await?;
                 s.flush().await?;
             }
             BackendMessage::AuthenticationOk => authenticated = true,
-            BackendMessage::AuthenticationMd5Password { .. } => return Err(UpstreamError::UnsupportedAuth("MD5".into())),
+            BackendMessage::AuthenticationMd5Password { .. } => {
+                return Err(UpstreamError::UnsupportedAuth("MD5".into()))
+            }
             BackendMessage::AuthenticationSasl { mechanisms } => {
                 return Err(UpstreamError::UnsupportedAuth(format!("SASL ({})", mechanisms.join(", "))))
             }
-            BackendMessage::AuthenticationOther(code) => return Err(UpstreamError::UnsupportedAuth(format!("method {code}"))),
+            BackendMessage::AuthenticationOther(code) => {
+                return Err(UpstreamError::UnsupportedAuth(format!("method {code}")))
+            }
             BackendMessage::ErrorResponse(fields) => return Err(UpstreamError::Rejected(fields)),
             BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_) if authenticated => {
                 let mut raw = vec![tag];
@@ -167,7 +176,9 @@ pub async fn connect(
                 greeting.messages.push(raw);
             }
             BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion { .. } => {}
-            BackendMessage::BackendKeyData { pid, secret } if authenticated => greeting.backend_key = Some((pid, secret)),
+            BackendMessage::BackendKeyData { pid, secret } if authenticated => {
+                greeting.backend_key = Some((pid, secret))
+            }
             BackendMessage::ReadyForQuery(status) if authenticated => {
                 greeting.ready_status = status;
                 break;

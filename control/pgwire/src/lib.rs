@@ -191,18 +191,31 @@ pub fn decode_message(buf: &[u8], max_len: usize) -> Result<Option<(Message<'_>,
 pub enum BackendMessage {
     AuthenticationOk,
     AuthenticationCleartextPassword,
-    AuthenticationMd5Password { salt: [u8; 4] },
-    AuthenticationSasl { mechanisms: Vec<String> },
+    AuthenticationMd5Password {
+        salt: [u8; 4],
+    },
+    AuthenticationSasl {
+        mechanisms: Vec<String>,
+    },
     AuthenticationSaslContinue(Vec<u8>),
     AuthenticationSaslFinal(Vec<u8>),
     /// Any other authentication request (Kerberos, GSS, SSPI...).
     AuthenticationOther(u32),
-    ParameterStatus { name: String, value: String },
-    BackendKeyData { pid: u32, secret: Vec<u8> },
+    ParameterStatus {
+        name: String,
+        value: String,
+    },
+    BackendKeyData {
+        pid: u32,
+        secret: Vec<u8>,
+    },
     ReadyForQuery(u8),
     ErrorResponse(ErrorFields),
     NoticeResponse(ErrorFields),
-    NegotiateProtocolVersion { newest_minor: u32, unrecognized: Vec<String> },
+    NegotiateProtocolVersion {
+        newest_minor: u32,
+        unrecognized: Vec<String>,
+    },
     /// Anything else; the caller relays or rejects it.
     Other(u8),
 }
@@ -463,7 +476,7 @@ pub mod encode {
 /// Reads the password out of a PasswordMessage body (NUL-terminated string).
 pub fn parse_password(body: &[u8]) -> Result<&str, WireError> {
     match take_cstr(body) {
-        Some((p, rest)) if rest.is_empty() => Ok(p),
+        Some((p, [])) => Ok(p),
         _ => Err(malformed("password message")),
     }
 }

@@ -1,0 +1,494 @@
+//! The control ↔ dataplane handoff protocol, version 1: a sans-IO codec.
+//!
+//! Control and a dataplane worker talk over a Unix stream socket (mode 0600, peers checked with
+//! SO_PEERCRED by the IO layer). Every message is one frame:
+//!
+//! ```text
+//! offset size  field
+//! 0      4     magic "SLDP"
+//! 4      2     protocol version (big endian), currently 1
+//! 6      2     message type (big endian), see `MessageType`
+//! 8      4     payload length N (big endian), at most MAX_PAYLOAD
+//! 12     N     payload: a sequence of fields, each `tag u16 | len u32 | len bytes` (big endian)
+//! ```
+//!
+//! Field tags are per message type (see each `encode`/`decode` pair). Decoders skip unknown tags,
+//! so a newer sender can add fields within version 1; a missing required field is an error.
+//! A `Handoff` frame is sent with `sendmsg` carrying exactly two descriptors in SCM_RIGHTS, client
+//! leg first, then the upstream leg; the frame itself never contains descriptors.
+//! Integers are big endian; strings are UTF-8; secrets are raw bytes.
+
+use thiserror::Error;
+
+pub const MAGIC: &[u8; 4] = b"SLDP";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 12;
+/// Frames are small (metadata and a few secrets); anything larger is garbage.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HandoffError {
+    #[error("bad magic")]
+    BadMagic,
+    #[error("unsupported protocol version {0}")]
+    Version(u16),
+    #[error("unknown message type {0}")]
+    UnknownType(u16),
+    #[error("payload length {0} exceeds the limit")]
+    TooLong(usize),
+    #[error("truncated field")]
+    Truncated,
+    #[error("missing field {0}")]
+    Missing(&'static str),
+    #[error("field {0} is malformed")]
+    Malformed(&'static str),
+}
+
+/// How a leg's bytes are protected once the data plane owns the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LegCrypto {
+    /// Plain TCP or Unix socket: spliced as is.
+    Plain,
+    /// TLS with traffic secrets extracted from rustls after the handshake.
+    Tls {
+        /// 0x0303 (TLS 1.2) or 0x0304 (TLS 1.3).
+        version: u16,
+        /// IANA cipher suite id, e.g. 0x1301 TLS_AES_128_GCM_SHA256.
+        cipher_suite: u16,
+        tx_key: Vec<u8>,
+        tx_iv: Vec<u8>,
+        tx_seq: u64,
+        rx_key: Vec<u8>,
+        rx_iv: Vec<u8>,
+        rx_seq: u64,
+    },
+}
+
+/// A session handed to the data plane (the two descriptors travel beside this frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub session_id: String,
+    pub user: String,
+    pub db_service: String,
+    pub db_user: String,
+    pub db_name: String,
+    /// Unix seconds; the session ends when the client certificate expires.
+    pub not_after: i64,
+    /// 0 means no idle timeout.
+    pub idle_timeout_ms: u64,
+    pub client: LegCrypto,
+    pub upstream: LegCrypto,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EndReason {
+    ClientClosed = 1,
+    UpstreamClosed = 2,
+    IdleTimeout = 3,
+    CertExpired = 4,
+    AdminKill = 5,
+    Error = 6,
+    WorkerShutdown = 7,
+}
+
+impl EndReason {
+    fn from_u8(v: u8) -> Result<Self, HandoffError> {
+        Ok(match v {
+            1 => EndReason::ClientClosed,
+            2 => EndReason::UpstreamClosed,
+            3 => EndReason::IdleTimeout,
+            4 => EndReason::CertExpired,
+            5 => EndReason::AdminKill,
+            6 => EndReason::Error,
+            7 => EndReason::WorkerShutdown,
+            _ => return Err(HandoffError::Malformed("reason")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnded {
+    pub session_id: String,
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    pub duration_ms: u64,
+    pub reason: EndReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// First frame each way: who is talking, and its process id for logs.
+    Hello {
+        role: Role,
+        pid: u32,
+    },
+    Handoff(Box<Handoff>),
+    /// The data plane took the session (or refused it, with the error).
+    HandoffAck {
+        session_id: String,
+        error: Option<String>,
+    },
+    /// Control asks a worker to end a session (lock, expiry, admin kill).
+    EndSession {
+        session_id: String,
+        reason: EndReason,
+    },
+    SessionEnded(SessionEnded),
+    /// Control asks which sessions a worker holds (after control restarts).
+    ListSessions,
+    Sessions {
+        session_ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Control = 1,
+    Dataplane = 2,
+}
+
+#[repr(u16)]
+#[derive(Debug, Clone, Copy)]
+enum MessageType {
+    Hello = 1,
+    Handoff = 2,
+    HandoffAck = 3,
+    EndSession = 4,
+    SessionEnded = 5,
+    ListSessions = 6,
+    Sessions = 7,
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn field(&mut self, tag: u16, bytes: &[u8]) {
+        self.0.extend_from_slice(&tag.to_be_bytes());
+        self.0.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        self.0.extend_from_slice(bytes);
+    }
+    fn str(&mut self, tag: u16, s: &str) {
+        self.field(tag, s.as_bytes());
+    }
+    fn u64(&mut self, tag: u16, v: u64) {
+        self.field(tag, &v.to_be_bytes());
+    }
+    fn leg(&mut self, base: u16, leg: &LegCrypto) {
+        match leg {
+            LegCrypto::Plain => self.field(base, &[0]),
+            LegCrypto::Tls { version, cipher_suite, tx_key, tx_iv, tx_seq, rx_key, rx_iv, rx_seq } => {
+                let mut head = vec![1];
+                head.extend_from_slice(&version.to_be_bytes());
+                head.extend_from_slice(&cipher_suite.to_be_bytes());
+                self.field(base, &head);
+                self.field(base + 1, tx_key);
+                self.field(base + 2, tx_iv);
+                self.u64(base + 3, *tx_seq);
+                self.field(base + 4, rx_key);
+                self.field(base + 5, rx_iv);
+                self.u64(base + 6, *rx_seq);
+            }
+        }
+    }
+}
+
+/// Fields of one payload, by tag (the last occurrence wins).
+struct Fields<'a>(Vec<(u16, &'a [u8])>);
+
+impl<'a> Fields<'a> {
+    fn parse(mut p: &'a [u8]) -> Result<Self, HandoffError> {
+        let mut out = Vec::new();
+        while !p.is_empty() {
+            if p.len() < 6 {
+                return Err(HandoffError::Truncated);
+            }
+            let tag = u16::from_be_bytes([p[0], p[1]]);
+            let len = u32::from_be_bytes([p[2], p[3], p[4], p[5]]) as usize;
+            let rest = &p[6..];
+            if rest.len() < len {
+                return Err(HandoffError::Truncated);
+            }
+            out.push((tag, &rest[..len]));
+            p = &rest[len..];
+        }
+        Ok(Fields(out))
+    }
+    fn get(&self, tag: u16) -> Option<&'a [u8]> {
+        self.0.iter().rev().find(|(t, _)| *t == tag).map(|(_, v)| *v)
+    }
+    fn bytes(&self, tag: u16, name: &'static str) -> Result<&'a [u8], HandoffError> {
+        self.get(tag).ok_or(HandoffError::Missing(name))
+    }
+    fn str(&self, tag: u16, name: &'static str) -> Result<String, HandoffError> {
+        std::str::from_utf8(self.bytes(tag, name)?).map(str::to_owned).map_err(|_| HandoffError::Malformed(name))
+    }
+    fn u64(&self, tag: u16, name: &'static str) -> Result<u64, HandoffError> {
+        let b: [u8; 8] = self.bytes(tag, name)?.try_into().map_err(|_| HandoffError::Malformed(name))?;
+        Ok(u64::from_be_bytes(b))
+    }
+    fn leg(&self, base: u16, name: &'static str) -> Result<LegCrypto, HandoffError> {
+        let head = self.bytes(base, name)?;
+        match head {
+            [0] => Ok(LegCrypto::Plain),
+            [1, v0, v1, c0, c1] => Ok(LegCrypto::Tls {
+                version: u16::from_be_bytes([*v0, *v1]),
+                cipher_suite: u16::from_be_bytes([*c0, *c1]),
+                tx_key: self.bytes(base + 1, name)?.to_vec(),
+                tx_iv: self.bytes(base + 2, name)?.to_vec(),
+                tx_seq: self.u64(base + 3, name)?,
+                rx_key: self.bytes(base + 4, name)?.to_vec(),
+                rx_iv: self.bytes(base + 5, name)?.to_vec(),
+                rx_seq: self.u64(base + 6, name)?,
+            }),
+            _ => Err(HandoffError::Malformed(name)),
+        }
+    }
+}
+
+/// Encodes one frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut w = Writer(Vec::new());
+    let ty = match msg {
+        Message::Hello { role, pid } => {
+            w.field(1, &[*role as u8]);
+            w.field(2, &pid.to_be_bytes());
+            MessageType::Hello
+        }
+        Message::Handoff(h) => {
+            w.str(1, &h.session_id);
+            w.str(2, &h.user);
+            w.str(3, &h.db_service);
+            w.str(4, &h.db_user);
+            w.str(5, &h.db_name);
+            w.u64(6, h.not_after as u64);
+            w.u64(7, h.idle_timeout_ms);
+            w.leg(16, &h.client);
+            w.leg(32, &h.upstream);
+            MessageType::Handoff
+        }
+        Message::HandoffAck { session_id, error } => {
+            w.str(1, session_id);
+            if let Some(e) = error {
+                w.str(2, e);
+            }
+            MessageType::HandoffAck
+        }
+        Message::EndSession { session_id, reason } => {
+            w.str(1, session_id);
+            w.field(2, &[*reason as u8]);
+            MessageType::EndSession
+        }
+        Message::SessionEnded(e) => {
+            w.str(1, &e.session_id);
+            w.u64(2, e.bytes_client_to_upstream);
+            w.u64(3, e.bytes_upstream_to_client);
+            w.u64(4, e.duration_ms);
+            w.field(5, &[e.reason as u8]);
+            MessageType::SessionEnded
+        }
+        Message::ListSessions => MessageType::ListSessions,
+        Message::Sessions { session_ids } => {
+            for id in session_ids {
+                w.str(1, id);
+            }
+            MessageType::Sessions
+        }
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + w.0.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.extend_from_slice(&(ty as u16).to_be_bytes());
+    out.extend_from_slice(&(w.0.len() as u32).to_be_bytes());
+    out.extend_from_slice(&w.0);
+    out
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(None)` if more bytes are needed.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
+    if buf.len() < HEADER_LEN {
+        // Reject a wrong magic as early as it is visible, so garbage fails fast.
+        if !MAGIC.starts_with(&buf[..buf.len().min(4)]) {
+            return Err(HandoffError::BadMagic);
+        }
+        return Ok(None);
+    }
+    if &buf[..4] != MAGIC {
+        return Err(HandoffError::BadMagic);
+    }
+    let version = u16::from_be_bytes([buf[4], buf[5]]);
+    if version != VERSION {
+        return Err(HandoffError::Version(version));
+    }
+    let ty = u16::from_be_bytes([buf[6], buf[7]]);
+    let len = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(HandoffError::TooLong(len));
+    }
+    if buf.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    let f = Fields::parse(&buf[HEADER_LEN..HEADER_LEN + len])?;
+    let reason = |tag| -> Result<EndReason, HandoffError> {
+        match f.bytes(tag, "reason")? {
+            [r] => EndReason::from_u8(*r),
+            _ => Err(HandoffError::Malformed("reason")),
+        }
+    };
+    let msg = match ty {
+        1 => {
+            let role = match f.bytes(1, "role")? {
+                [1] => Role::Control,
+                [2] => Role::Dataplane,
+                _ => return Err(HandoffError::Malformed("role")),
+            };
+            let pid: [u8; 4] = f.bytes(2, "pid")?.try_into().map_err(|_| HandoffError::Malformed("pid"))?;
+            Message::Hello { role, pid: u32::from_be_bytes(pid) }
+        }
+        2 => Message::Handoff(Box::new(Handoff {
+            session_id: f.str(1, "session_id")?,
+            user: f.str(2, "user")?,
+            db_service: f.str(3, "db_service")?,
+            db_user: f.str(4, "db_user")?,
+            db_name: f.str(5, "db_name")?,
+            not_after: f.u64(6, "not_after")? as i64,
+            idle_timeout_ms: f.u64(7, "idle_timeout_ms")?,
+            client: f.leg(16, "client leg")?,
+            upstream: f.leg(32, "upstream leg")?,
+        })),
+        3 => Message::HandoffAck {
+            session_id: f.str(1, "session_id")?,
+            error: f.get(2).map(|_| f.str(2, "error")).transpose()?,
+        },
+        4 => Message::EndSession { session_id: f.str(1, "session_id")?, reason: reason(2)? },
+        5 => Message::SessionEnded(SessionEnded {
+            session_id: f.str(1, "session_id")?,
+            bytes_client_to_upstream: f.u64(2, "bytes_client_to_upstream")?,
+            bytes_upstream_to_client: f.u64(3, "bytes_upstream_to_client")?,
+            duration_ms: f.u64(4, "duration_ms")?,
+            reason: reason(5)?,
+        }),
+        6 => Message::ListSessions,
+        7 => Message::Sessions {
+            session_ids: f
+                .0
+                .iter()
+                .filter(|(t, _)| *t == 1)
+                .map(|(_, v)| {
+                    std::str::from_utf8(v).map(str::to_owned).map_err(|_| HandoffError::Malformed("session_id"))
+                })
+                .collect::<Result<_, _>>()?,
+        },
+        other => return Err(HandoffError::UnknownType(other)),
+    };
+    Ok(Some((msg, HEADER_LEN + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Handoff {
+        Handoff {
+            session_id: "2d757176-289d-2a04-d778-31ee77127561".into(),
+            user: "alice".into(),
+            db_service: "demo".into(),
+            db_user: "alice".into(),
+            db_name: "demo".into(),
+            not_after: 1_800_000_000,
+            idle_timeout_ms: 30_000,
+            client: LegCrypto::Tls {
+                version: 0x0304,
+                cipher_suite: 0x1301,
+                tx_key: vec![1; 16],
+                tx_iv: vec![2; 12],
+                tx_seq: 3,
+                rx_key: vec![4; 16],
+                rx_iv: vec![5; 12],
+                rx_seq: 1,
+            },
+            upstream: LegCrypto::Plain,
+        }
+    }
+
+    #[test]
+    fn roundtrip_every_message() {
+        let msgs = vec![
+            Message::Hello { role: Role::Control, pid: 42 },
+            Message::Handoff(Box::new(sample())),
+            Message::HandoffAck { session_id: "s".into(), error: None },
+            Message::HandoffAck { session_id: "s".into(), error: Some("no".into()) },
+            Message::EndSession { session_id: "s".into(), reason: EndReason::AdminKill },
+            Message::SessionEnded(SessionEnded {
+                session_id: "s".into(),
+                bytes_client_to_upstream: 1,
+                bytes_upstream_to_client: 2,
+                duration_ms: 3,
+                reason: EndReason::IdleTimeout,
+            }),
+            Message::ListSessions,
+            Message::Sessions { session_ids: vec!["a".into(), "b".into()] },
+        ];
+        let mut stream = Vec::new();
+        for m in &msgs {
+            stream.extend(encode(m));
+        }
+        let mut rest = &stream[..];
+        for m in &msgs {
+            let (got, n) = decode(rest).unwrap().unwrap();
+            assert_eq!(&got, m);
+            rest = &rest[n..];
+        }
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let f = encode(&Message::Handoff(Box::new(sample())));
+        for cut in 0..f.len() {
+            assert_eq!(decode(&f[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn rejects_garbage_versions_and_lengths() {
+        assert_eq!(decode(b"GET / HTTP/1.1\r\n"), Err(HandoffError::BadMagic));
+        assert_eq!(decode(b"X"), Err(HandoffError::BadMagic));
+        let mut f = encode(&Message::ListSessions);
+        f[5] = 9;
+        assert_eq!(decode(&f), Err(HandoffError::Version(9)));
+        let mut f = encode(&Message::ListSessions);
+        f[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
+        assert_eq!(decode(&f), Err(HandoffError::TooLong(MAX_PAYLOAD + 1)));
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_missing_ones_are_errors() {
+        let mut f = encode(&Message::HandoffAck { session_id: "s".into(), error: None });
+        f.extend_from_slice(&[0, 99, 0, 0, 0, 1, 7]);
+        let len = (f.len() - HEADER_LEN) as u32;
+        f[8..12].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(decode(&f).unwrap().unwrap().0, Message::HandoffAck { session_id: "s".into(), error: None });
+        let empty_ack = [&MAGIC[..], &[0, 1, 0, 3, 0, 0, 0, 0]].concat();
+        assert_eq!(decode(&empty_ack), Err(HandoffError::Missing("session_id")));
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decoder_survives_mutated_frames(idx in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut f = encode(&Message::Handoff(Box::new(sample())));
+            let i = idx.index(f.len());
+            f[i] = byte;
+            if let Ok(Some((_, n))) = decode(&f) {
+                prop_assert!(n <= f.len());
+            }
+        }
+    }
+}
