@@ -1,0 +1,162 @@
+//! rds-proxy-emulator: a stand-in for AWS RDS Proxy (PostgreSQL, IAM auth and TLS required) for
+//! Sluice's tests and demo. This file parses the CLI, prepares TLS, listens, announces readiness
+//! on stdout with one `READY <endpoint>` line (the contract with the code that spawns it) and
+//! runs until SIGINT or SIGTERM.
+
+mod proxy;
+mod scram;
+mod sigv4;
+mod tls;
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, info_span, warn, Instrument};
+use tracing_subscriber::EnvFilter;
+
+use proxy::ProxyConfig;
+use sigv4::{CredentialStore, Credentials};
+
+#[derive(Parser)]
+#[command(
+    name = "rds-proxy-emulator",
+    about = "Emulates AWS RDS Proxy (PostgreSQL, IAM auth, TLS) in front of a real PostgreSQL"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Proxy name: the first label of the endpoint DNS name.
+    #[arg(long, default_value = "sluice-demo", value_parser = dns_label)]
+    name: String,
+    #[arg(long, default_value = "us-east-1", value_parser = dns_label)]
+    region: String,
+    /// The 12-character proxy id in `NAME.proxy-ID.REGION.rds.amazonaws.com`.
+    #[arg(long, default_value = "abcdefghijkl", value_parser = proxy_id)]
+    proxy_id: String,
+    /// Port that tokens must name; defaults to the listening port.
+    #[arg(long)]
+    endpoint_port: Option<u16>,
+    /// Where the test CA and server certificate are kept (created if missing).
+    #[arg(long)]
+    tls_dir: PathBuf,
+    /// AKID:SECRET[:SESSION_TOKEN] whose signatures are accepted (repeatable).
+    // Parsed after clap, whose errors would echo the (secret) value.
+    #[arg(long = "credentials")]
+    credentials: Vec<String>,
+    /// USER=PASSWORD: the stored secret used to log in to PostgreSQL as USER (repeatable).
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
+    /// The real PostgreSQL server, HOST:PORT.
+    #[arg(long)]
+    postgres: String,
+}
+
+fn dns_label(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    ok.then(|| s.to_owned()).ok_or_else(|| "expected lowercase letters, digits and '-'".to_owned())
+}
+
+fn proxy_id(s: &str) -> Result<String, String> {
+    let ok = s.len() == 12 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    ok.then(|| s.to_owned()).ok_or_else(|| "expected 12 characters from [a-z0-9]".to_owned())
+}
+
+fn credentials(s: &str) -> Option<(String, Credentials)> {
+    let mut parts = s.splitn(3, ':');
+    let (akid, secret) = (parts.next()?, parts.next()?);
+    (!akid.is_empty() && !secret.is_empty()).then(|| {
+        let session_token = parts.next().filter(|t| !t.is_empty()).map(str::to_owned);
+        let secret_access_key = secret.to_owned();
+        (akid.to_owned(), Credentials { secret_access_key, session_token })
+    })
+}
+
+fn secret(s: &str) -> Option<(String, String)> {
+    let (user, password) = s.split_once('=')?;
+    (!user.is_empty()).then(|| (user.to_owned(), password.to_owned()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Logs usually land in files collected by tests; colour codes would only garble them.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let args = Args::parse();
+    // Installed first so a stop request during startup is not lost.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+
+    let mut store = CredentialStore::default();
+    for (i, value) in args.credentials.iter().enumerate() {
+        let (akid, creds) = credentials(value)
+            .with_context(|| format!("--credentials #{}: expected AKID:SECRET[:SESSION_TOKEN]", i + 1))?;
+        store.insert(akid, creds);
+    }
+    let mut secrets = HashMap::new();
+    for (i, value) in args.secrets.iter().enumerate() {
+        let (user, password) = secret(value).with_context(|| format!("--secret #{}: expected USER=PASSWORD", i + 1))?;
+        secrets.insert(user, password);
+    }
+    let endpoint_host = format!("{}.proxy-{}.{}.rds.amazonaws.com", args.name, args.proxy_id, args.region);
+    let wildcard = format!("*.proxy-{}.{}.rds.amazonaws.com", args.proxy_id, args.region);
+    let tls_config = tls::server_config(&args.tls_dir, &[endpoint_host.clone(), wildcard])
+        .with_context(|| format!("preparing TLS in {}", args.tls_dir.display()))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+
+    if store.is_empty() {
+        warn!("no --credentials given: every IAM token will be refused");
+    }
+    let cfg = Arc::new(ProxyConfig {
+        endpoint_port: args.endpoint_port.unwrap_or(local.port()),
+        endpoint_host: endpoint_host.clone(),
+        region: args.region,
+        credentials: store,
+        secrets,
+        backend: args.postgres,
+        tls: tls_config.into(),
+    });
+
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "READY {endpoint_host}").context("writing READY")?;
+        stdout.flush().context("flushing READY")?;
+    }
+    info!(listen = %local, endpoint = %endpoint_host, endpoint_port = cfg.endpoint_port, backend = %cfg.backend, "ready");
+
+    let mut next_id: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break info!("SIGINT received, stopping"),
+            _ = sigterm.recv() => break info!("SIGTERM received, stopping"),
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    next_id += 1;
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        warn!(error = %e, %peer, "could not set TCP_NODELAY");
+                    }
+                    let span = info_span!("conn", id = next_id, %peer, user = tracing::field::Empty);
+                    tokio::spawn(proxy::handle_connection(tcp, cfg.clone()).instrument(span));
+                }
+                Err(e) => {
+                    // Typically EMFILE; pausing avoids spinning while descriptors are scarce.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    Ok(())
+}
