@@ -1,1 +1,655 @@
+//! Support for Sluice's integration tests.
+//!
+//! Every test starts the real thing on loopback: PostgreSQL, the RDS Proxy emulator and `control`
+//! (through [`sluice_control::demo::Stack`]), then talks to it with the `sluice` binary, stock
+//! `/usr/bin/psql`, tokio-postgres over rustls, or raw bytes on a [`TcpStream`]. This crate holds
+//! the pieces those tests share:
+//!
+//! * [`TestDir`] and [`Harness`]: a private directory under [`std::env::temp_dir`] and a running
+//!   stack with role `dev` and user `alice` set up, the `sluice` CLI wired to a private
+//!   `SLUICE_HOME`, and certificates issued directly with control's CA (bypassing the API's
+//!   pre-check, so control's connect-time checks are what a test exercises);
+//! * [`parse_env_exports`] and [`psql`]: `sluice db env` output as environment variables for psql;
+//! * [`client_config_from_files`], [`client_config_from_pem`] and [`connect`]: tokio-postgres with a
+//!   client certificate;
+//! * [`startup_packet`], [`ssl_request`], [`cancel_request`], [`read_to_close`], [`backend_messages`] and
+//!   [`error_fields`]: the PostgreSQL wire protocol by hand, for malformed-input tests;
+//! * [`wait_until`] and [`runtime`].
+//!
+//! The binaries (`control`, `sluice`, `rds-proxy-emulator`) must have been built first
+//! (`cargo build --workspace --bins`); [`sluice_control::demo::find_bin`] finds them next to the
+//! test executables.
 
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sluice_control::ca::{DbRoute, Identity};
+use sluice_control::demo::{dev_role, find_bin, AwsCreds, Stack};
+use sluice_control::state::{random_secret, AuditRow, State};
+use time::OffsetDateTime;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+pub use sluice_control;
+
+/// Where psql lives (the Debian/Ubuntu wrapper that picks the newest client).
+pub const PSQL: &str = "/usr/bin/psql";
+
+/// libpq variables that must not leak from the developer's environment into a test's psql.
+const LIBPQ_VARS: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGSSLCRL",
+    "PGOPTIONS",
+    "PGAPPNAME",
+    "PGCONNECT_TIMEOUT",
+    "PGSSLNEGOTIATION",
+    "PGGSSENCMODE",
+    "PGREQUIRESSL",
+    "PGTARGETSESSIONATTRS",
+];
+
+/// A private directory under the system temp dir, removed when dropped.
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    /// Creates `<tmp>/sluice-it-<name>-<pid>-<random>`.
+    pub fn new(name: &str) -> Result<TestDir> {
+        let path = std::env::temp_dir().join(format!("sluice-it-{name}-{}-{}", std::process::id(), random_secret(4)));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let path = path.canonicalize()?;
+        Ok(TestDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The last `n` lines of a file, for failure reports.
+pub fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// A client certificate and the private key it was issued for, as PEM.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A running stack with the `dev` role (env=dev, database name `demo`, database user `alice`)
+/// and the Sluice user `alice` holding it.
+///
+/// Fields drop in order: the stack (its processes) first, the directory last.
+pub struct Harness {
+    pub stack: Stack,
+    /// The same SQLite state control reads per connection.
+    pub state: State,
+    /// Control's CA certificate, written for `sluice login --ca-file`.
+    pub ca_file: PathBuf,
+    pub ca_pem: String,
+    /// `SLUICE_HOME` of the `sluice` commands run through [`Harness::sluice`].
+    pub home: PathBuf,
+    /// Alice's Sluice password.
+    pub password: String,
+    pub dir: TestDir,
+}
+
+impl Harness {
+    /// Starts a stack whose control signs IAM tokens with the demo credentials.
+    pub fn start(name: &str) -> Result<Harness> {
+        Self::start_with_creds(name, &AwsCreds::demo())
+    }
+
+    /// Starts a stack whose control signs IAM tokens with `creds` (the emulator accepts only the
+    /// demo credentials).
+    pub fn start_with_creds(name: &str, creds: &AwsCreds) -> Result<Harness> {
+        let dir = TestDir::new(name)?;
+        let started = Instant::now();
+        let stack = Stack::start(&dir.join("stack"), creds).context("starting the stack")?;
+        eprintln!("[{name}] stack started in {:.1?}", started.elapsed());
+        let state = stack.control.state()?;
+        state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
+        let password = format!("pw-{}", random_secret(6));
+        state.add_user("alice", &password, &["dev".to_owned()])?;
+        let ca_pem = state.ensure_ca("sluice")?.cert_pem;
+        let ca_file = dir.join("control-ca.pem");
+        std::fs::write(&ca_file, &ca_pem)?;
+        let home = dir.join("home");
+        Ok(Harness { stack, state, ca_file, ca_pem, home, password, dir })
+    }
+
+    /// Control's PostgreSQL port.
+    pub fn pg_port(&self) -> u16 {
+        self.stack.control.pg_port
+    }
+
+    /// Control's API address as `sluice login --proxy` takes it.
+    pub fn api_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.stack.control.api_port)
+    }
+
+    /// Runs the `sluice` binary with this harness's `SLUICE_HOME` and alice's password.
+    pub fn sluice<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.sluice_as(&self.home, &self.password, args)
+    }
+
+    /// Runs the `sluice` binary with another home and password (another user).
+    pub fn sluice_as<I, S>(&self, home: &Path, password: &str, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(find_bin("sluice")?);
+        cmd.args(args).env("SLUICE_HOME", home).env("SLUICE_PASSWORD", password).stdin(Stdio::null());
+        cmd.output().with_context(|| format!("running {cmd:?}"))
+    }
+
+    /// Like [`Harness::sluice`], but fails unless the command succeeds; returns its stdout.
+    pub fn sluice_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.sluice(args)?;
+        check_output(&format!("sluice {args:?}"), &out)
+    }
+
+    /// `sluice login` as alice.
+    pub fn login(&self) -> Result<String> {
+        let ca = self.ca_file.to_string_lossy().into_owned();
+        self.sluice_ok(&["login", "--proxy", &self.api_addr(), "--user", "alice", "--ca-file", &ca])
+    }
+
+    /// `sluice login`, `sluice db login demo --db-user alice --db-name demo` and `sluice db env
+    /// demo`; returns the environment that `eval "$(sluice db env demo)"` would set.
+    pub fn login_demo(&self) -> Result<Vec<(String, String)>> {
+        self.login()?;
+        self.sluice_ok(&["db", "login", "demo", "--db-user", "alice", "--db-name", "demo"])?;
+        parse_env_exports(&self.sluice_ok(&["db", "env", "demo"])?)
+    }
+
+    /// A client certificate issued directly with control's CA for `identity`, valid from
+    /// `not_before` to `not_after`, over a fresh key pair.
+    pub fn issue_cert_window(
+        &self,
+        identity: &Identity,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<ClientCert> {
+        let ca = self.state.ensure_ca("sluice")?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert_pem = ca.issue_client(identity, &key.public_key_pem(), not_before, not_after)?;
+        Ok(ClientCert { cert_pem, key_pem: key.serialize_pem() })
+    }
+
+    /// A client certificate valid for the next hour, for `user` on route `service`/`db_user`/`db_name`.
+    pub fn issue_cert(&self, user: &str, service: &str, db_user: &str, db_name: &str) -> Result<ClientCert> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_cert_window(
+            &route_identity(user, service, db_user, db_name),
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+    }
+
+    /// A rustls config trusting control's CA and presenting `cert` (or no certificate).
+    pub fn tls(&self, cert: Option<&ClientCert>) -> Result<ClientConfig> {
+        client_config_from_pem(&self.ca_pem, cert)
+    }
+
+    /// Connects with tokio-postgres to control as `user`/`db`, presenting `cert`.
+    pub async fn connect_with(
+        &self,
+        cert: Option<&ClientCert>,
+        user: &str,
+        db: &str,
+    ) -> std::result::Result<Connected, ConnectError> {
+        let tls = self.tls(cert).map_err(ConnectError::Setup)?;
+        connect(self.pg_port(), user, db, tls).await.map_err(ConnectError::Postgres)
+    }
+
+    /// The audit events recorded so far (oldest first).
+    pub fn audit(&self) -> Result<Vec<AuditRow>> {
+        Ok(self.state.audit_events(10_000)?)
+    }
+
+    /// The JSON lines audit file control appends to.
+    pub fn audit_file(&self) -> PathBuf {
+        self.stack.control.config.audit_json_file()
+    }
+
+    /// Control's log file.
+    pub fn control_log(&self) -> PathBuf {
+        self.stack.dir.join("control").join("control.log")
+    }
+
+    /// Whether the control process is still running.
+    pub fn control_alive(&mut self) -> bool {
+        self.stack.control.proc.alive()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- control.log (tail) ----\n{}", tail(&self.control_log(), 40));
+            eprintln!(
+                "---- emulator.log (tail) ----\n{}",
+                tail(&self.stack.dir.join("emulator").join("emulator.log"), 20)
+            );
+        }
+    }
+}
+
+/// An identity with a database route, as `sluice db login` would get it.
+pub fn route_identity(user: &str, service: &str, db_user: &str, db_name: &str) -> Identity {
+    Identity {
+        v: 1,
+        user: user.to_owned(),
+        route: Some(DbRoute { service: service.to_owned(), db_user: db_user.to_owned(), db_name: db_name.to_owned() }),
+    }
+}
+
+/// A role from its JSON form (the same shape as the `kind: role` YAML).
+pub fn role(spec: serde_json::Value) -> Result<sluice_control::rbac::Role> {
+    let role: sluice_control::rbac::Role = serde_json::from_value(spec)?;
+    role.validate()?;
+    Ok(role)
+}
+
+/// Returns stdout of a finished command, or an error with its status and stderr.
+pub fn check_output(what: &str, out: &Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Parses `export NAME=VALUE` lines (values bare or single-quoted, as `sluice db env` and POSIX
+/// shells write them) into pairs; other lines are ignored.
+pub fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
+        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
+        out.push((name.trim().to_owned(), unquote_shell(value.trim())?));
+    }
+    Ok(out)
+}
+
+/// Undoes POSIX single-quoting (`'it'\''s'` → `it's`); bare words are returned as they are.
+fn unquote_shell(s: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some(c) => out.push(c),
+                    None => bail!("unterminated quote in {s:?}"),
+                }
+            },
+            '\\' => out.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {s:?}"))?),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// The value of `name` in an environment list.
+pub fn env_get<'a>(env: &'a [(String, String)], name: &str) -> Result<&'a str> {
+    env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).ok_or_else(|| anyhow!("{name} is not set in {env:?}"))
+}
+
+/// A psql command with exactly `env` as its libpq environment (and none of the caller's), run
+/// quietly: no psqlrc, unaligned tuples-only output, stop on the first error.
+pub fn psql_cmd(env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(PSQL);
+    for v in LIBPQ_VARS {
+        cmd.env_remove(v);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs psql with `env` and `args`; returns its output whatever its exit status.
+pub fn psql(env: &[(String, String)], args: &[&str]) -> Result<Output> {
+    let mut cmd = psql_cmd(env);
+    cmd.args(args);
+    cmd.output().with_context(|| format!("running {cmd:?}"))
+}
+
+/// Runs one SQL command with psql and returns its trimmed output; fails unless psql succeeds.
+pub fn psql_query(env: &[(String, String)], sql: &str) -> Result<String> {
+    let out = psql(env, &["-c", sql])?;
+    Ok(check_output(&format!("psql {sql:?}"), &out)?.trim().to_owned())
+}
+
+/// Runs `cmd` (typically psql) with its stdout piped into `md5sum`, counting the bytes on the way;
+/// returns the hex digest, the byte count and the wall time. Fails unless both succeed.
+pub fn md5_of_stdout(mut cmd: Command) -> Result<(String, u64, Duration)> {
+    let started = Instant::now();
+    let mut producer =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let mut md5 =
+        Command::new("md5sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().context("starting md5sum")?;
+    let mut from = producer.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut to = md5.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+    let bytes = std::io::copy(&mut from, &mut to).context("piping into md5sum")?;
+    drop(to);
+    let produced = producer.wait_with_output()?;
+    let digest = md5.wait_with_output()?;
+    let elapsed = started.elapsed();
+    if !produced.status.success() {
+        bail!("{cmd:?} failed ({}): {}", produced.status, String::from_utf8_lossy(&produced.stderr));
+    }
+    let sum = check_output("md5sum", &digest)?;
+    let hex = sum.split_whitespace().next().ok_or_else(|| anyhow!("md5sum printed nothing"))?;
+    Ok((hex.to_owned(), bytes, elapsed))
+}
+
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls client config trusting the CAs in `ca_pem`, presenting `cert` if given.
+pub fn client_config_from_pem(ca_pem: &str, cert: Option<&ClientCert>) -> Result<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.context("parsing CA PEM")?)?;
+    }
+    if roots.is_empty() {
+        bail!("no CA certificate in the PEM");
+    }
+    let builder = ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match cert {
+        Some(c) => {
+            let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .context("parsing certificate PEM")?;
+            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).context("parsing key PEM")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// A rustls client config from the files `sluice db login` wrote (PGSSLROOTCERT, PGSSLCERT,
+/// PGSSLKEY).
+pub fn client_config_from_files(ca: &Path, cert: &Path, key: &Path) -> Result<ClientConfig> {
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let cert = ClientCert { cert_pem: read(cert)?, key_pem: read(key)? };
+    client_config_from_pem(&read(ca)?, Some(&cert))
+}
+
+/// tokio-postgres settings for control on 127.0.0.1:`port`, verifying the server as `localhost`.
+pub fn pg_config(port: u16, user: &str, db: &str) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("localhost")
+        .hostaddr(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .port(port)
+        .user(user)
+        .dbname(db)
+        .ssl_mode(SslMode::Require)
+        .connect_timeout(Duration::from_secs(20));
+    cfg
+}
+
+/// A tokio-postgres client and the task driving its connection.
+pub struct Connected {
+    pub client: tokio_postgres::Client,
+    pub connection: tokio::task::JoinHandle<()>,
+}
+
+impl Connected {
+    /// Drops the client and waits for the connection to close cleanly.
+    pub async fn close(self) -> Result<()> {
+        drop(self.client);
+        tokio::time::timeout(Duration::from_secs(10), self.connection).await.context("connection did not close")??;
+        Ok(())
+    }
+}
+
+/// Why [`Harness::connect_with`] failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Building the TLS configuration failed (a test bug, not a refusal).
+    Setup(anyhow::Error),
+    /// The connection was refused or failed.
+    Postgres(tokio_postgres::Error),
+}
+
+impl ConnectError {
+    /// The tokio-postgres error; panics on a setup error, which no test expects.
+    pub fn pg(self) -> tokio_postgres::Error {
+        match self {
+            ConnectError::Postgres(e) => e,
+            ConnectError::Setup(e) => panic!("test setup failed: {e:#}"),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Setup(e) => write!(f, "setup: {e:#}"),
+            ConnectError::Postgres(e) => write!(f, "{e} ({e:?})"),
+        }
+    }
+}
+
+/// Connects with tokio-postgres over rustls and spawns the connection task.
+pub async fn connect(
+    port: u16,
+    user: &str,
+    db: &str,
+    tls: ClientConfig,
+) -> std::result::Result<Connected, tokio_postgres::Error> {
+    let (client, conn) = pg_config(port, user, db).connect(MakeRustlsConnect::new(tls)).await?;
+    let connection = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            eprintln!("tokio-postgres connection ended with: {e}");
+        }
+    });
+    Ok(Connected { client, connection })
+}
+
+/// A multi-threaded tokio runtime for a test body (two workers: the machines are small).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- the wire protocol by hand ----
+
+/// Protocol 3.0's version code.
+pub const PROTOCOL_3_0: u32 = 196_608;
+/// The SSLRequest code.
+pub const SSL_REQUEST_CODE: u32 = 80_877_103;
+/// The CancelRequest code.
+pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+
+/// A StartupMessage (protocol 3.0) carrying `params`.
+pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// An SSLRequest.
+pub fn ssl_request() -> Vec<u8> {
+    let mut out = 8u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    out
+}
+
+/// A CancelRequest (protocol 3.0, 4-byte key) for backend `pid` with key `secret`.
+pub fn cancel_request(pid: u32, secret: u32) -> Vec<u8> {
+    let mut out = 16u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(&secret.to_be_bytes());
+    out
+}
+
+/// Connects to 127.0.0.1:`port` with read and write timeouts.
+pub fn raw_connect(port: u16, timeout: Duration) -> Result<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Reads until the peer closes the connection; returns what arrived and how long it took. A
+/// connection reset counts as a close. Fails if the peer is still open after `timeout`.
+pub fn read_to_close(s: &mut TcpStream, timeout: Duration) -> Result<(Vec<u8>, Duration)> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("peer still open after {timeout:?} (received {} bytes)", out.len());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => return Ok((out, started.elapsed())),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => {
+                return Ok((out, started.elapsed()))
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Writes `bytes`; a peer that already closed (reset, broken pipe) is not an error here, since
+/// refusing early is what several tests expect.
+pub fn write_lenient(s: &mut TcpStream, bytes: &[u8]) -> Result<()> {
+    match s.write_all(bytes) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Splits a byte stream into typed backend messages (tag, body); fails on a truncated message.
+pub fn backend_messages(mut bytes: &[u8]) -> Result<Vec<(u8, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 5 {
+            bail!("truncated message header: {bytes:?}");
+        }
+        let tag = bytes[0];
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        if len < 4 || bytes.len() < 1 + len {
+            bail!("message {:?} claims length {len} but {} bytes follow", tag as char, bytes.len() - 1);
+        }
+        out.push((tag, bytes[5..1 + len].to_vec()));
+        bytes = &bytes[1 + len..];
+    }
+    Ok(out)
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body, by field type (`'C'`, `'M'`, `'H'`...).
+pub fn error_fields(body: &[u8]) -> Result<BTreeMap<char, String>> {
+    let mut out = BTreeMap::new();
+    let mut rest = body;
+    loop {
+        let (&kind, after) = rest.split_first().ok_or_else(|| anyhow!("error response ends without a terminator"))?;
+        if kind == 0 {
+            return Ok(out);
+        }
+        let nul = after.iter().position(|&b| b == 0).ok_or_else(|| anyhow!("unterminated error field"))?;
+        out.insert(kind as char, String::from_utf8_lossy(&after[..nul]).into_owned());
+        rest = &after[nul + 1..];
+    }
+}
+
+/// The single ErrorResponse a refused raw connection received, as fields.
+pub fn only_error(bytes: &[u8]) -> Result<BTreeMap<char, String>> {
+    let msgs = backend_messages(bytes)?;
+    match msgs.as_slice() {
+        [(b'E', body)] => error_fields(body),
+        other => bail!(
+            "expected exactly one ErrorResponse, got {:?}",
+            other.iter().map(|(t, b)| (*t as char, b.len())).collect::<Vec<_>>()
+        ),
+    }
+}

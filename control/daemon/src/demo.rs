@@ -469,6 +469,14 @@ impl Drop for Stack {
 
 /// `control demo --dir DIR`.
 pub fn run_demo(dir: &Path) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Take over SIGINT/SIGTERM before starting anything, so a signal at any point runs the
+    // cleanup below (Drop of the stack) instead of killing us with children left behind.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut interrupt, mut terminate) = {
+        let _guard = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
     let stack = Stack::start(dir, &AwsCreds::demo())?;
     let state = stack.control.state()?;
     state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
@@ -526,8 +534,12 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         pgport = stack.postgres.port,
         sluice = sluice.display(),
     );
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(crate::daemon::shutdown_signal());
+    rt.block_on(async {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
+        }
+    });
     println!("stopping the demo");
     drop(stack);
     Ok(())

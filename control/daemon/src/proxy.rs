@@ -175,13 +175,21 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
         Ok(Ok(None)) => return,
         Ok(Err(())) => return,
     };
-    let Ready { mut client, mut upstream, our_pid } = ready;
+    let Ready { client, upstream, our_pid } = ready;
     info!(user = %fields.user, db = %fields.db_service, db_user = %fields.db_user, db_name = %fields.db_name, "session started");
+    // Count what each side delivered as it is read, so the totals survive a relay that ends in
+    // an error (a client killed mid-transfer still gets an accurate audit record).
+    let mut client = CountingReader::new(client);
+    let mut upstream = CountingReader::new(upstream);
     let result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024).await;
     ctx.cancels().remove(&our_pid);
-    let (to_upstream, to_client, error) = match result {
-        Ok((a, b)) => (a, b, None),
-        Err(e) => (0, 0, Some(e.to_string())),
+    let (to_upstream, to_client) = (client.read, upstream.read);
+    let error = match result {
+        Ok(_) => None,
+        // A peer that closes TCP without TLS close_notify (a killed psql, many drivers) has ended
+        // its session, not failed it.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+        Err(e) => Some(e.to_string()),
     };
     let duration = started.elapsed();
     info!(bytes_from_client = to_upstream, bytes_to_client = to_client, duration_ms = duration.as_millis() as u64, error = ?error, "session ended");
@@ -438,5 +446,55 @@ async fn handle_cancel(ctx: &ProxyContext, req: pg::CancelRequest) {
         },
         // PostgreSQL ignores unknown cancel keys silently; so do we (no oracle for key guessing).
         None => info!(pid = req.pid, "cancel request with unknown key ignored"),
+    }
+}
+
+/// Passes I/O through and counts the bytes read from the inner stream.
+struct CountingReader<S> {
+    inner: S,
+    read: u64,
+}
+
+impl<S> CountingReader<S> {
+    fn new(inner: S) -> Self {
+        CountingReader { inner, read: 0 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountingReader<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read += n as u64;
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountingReader<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -39,10 +39,12 @@ pub fn postgres_server_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
+    // libpq 17 requires ALPN "postgresql" for direct TLS (sslnegotiation=direct).
+    cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Arc::new(cfg))
 }
 
