@@ -1,6 +1,10 @@
 //! Sluice's data plane. After control authenticates a session it hands both sockets, with the
 //! session's metadata and TLS state, to a dataplane worker over a Unix socket; the worker relays
-//! the bytes zero-copy. This crate owns that handoff protocol ([`handoff`]); the io_uring splice
-//! workers and the `dataplane` binary build on it.
+//! the bytes zero-copy. This crate owns that handoff protocol ([`handoff`]), the io_uring relay
+//! workers ([`relay`]) and the userspace TLS record layer they use without kTLS ([`tls_record`]).
 
 pub mod handoff;
+pub mod link;
+pub mod relay;
+pub mod server;
+pub mod tls_record;

@@ -77,9 +77,8 @@ fn sessions_are_audited_in_state_and_json_lines() {
 }
 
 /// A client that vanishes without a TLS close_notify (killed psql, dropped network, many drivers)
-/// still moved bytes; the end event must say how many. Today control's relay uses
-/// `tokio::io::copy_bidirectional_with_sizes`, which returns no counts on error, so the event
-/// records 0 and 0.
+/// still moved bytes; the end event must say how many, and the session must end at once rather
+/// than wait half-open on the server's running query.
 #[test]
 fn abrupt_disconnect_keeps_byte_counts() {
     let h = Harness::start("auditkill").unwrap();

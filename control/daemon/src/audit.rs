@@ -21,7 +21,7 @@ pub struct AuditLog {
 }
 
 /// Fields every session event carries.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SessionFields {
     pub session_id: String,
     pub user: String,

@@ -34,6 +34,23 @@ pub struct Config {
     pub db_service: DbService,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Hand authenticated sessions to a `dataplane` process; without it control relays them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<DataplaneConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// The dataplane's control socket (`dataplane --control-socket`).
+    pub socket: PathBuf,
+    /// End sessions without traffic in either direction for this long (0s: never).
+    #[serde(default = "zero_duration", with = "duration_str")]
+    pub idle_timeout: Duration,
+}
+
+fn zero_duration() -> Duration {
+    Duration::ZERO
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -61,6 +61,10 @@ pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
     let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
     let minter = Arc::new(TokenMinter::new());
     let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), audit, minter, pg_tls));
+    if let Some(dp) = &cfg.dataplane {
+        let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
+        let _ = proxy_ctx.dataplane.set(client);
+    }
     let api_ctx = Arc::new(ApiContext { cfg: cfg.clone(), state, ca });
     info!(
         postgres = %bound.postgres.local_addr()?,

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{
-    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DbService, ProxyService, StaticDatabase, TlsSpec,
+    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, ProxyService, StaticDatabase,
+    TlsSpec,
 };
 use crate::rbac::Role;
 use crate::state::{random_secret, State};
@@ -338,6 +339,34 @@ impl Emulator {
     }
 }
 
+/// The dataplane child process.
+pub struct DataplaneProc {
+    pub socket: PathBuf,
+    pub proc: Proc,
+}
+
+impl DataplaneProc {
+    pub fn start(dir: &Path) -> Result<DataplaneProc> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("dataplane.sock");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log"))?;
+        let mut cmd = Command::new(find_bin("dataplane")?);
+        cmd.arg("--control-socket").arg(&socket).stdout(Stdio::null()).stderr(log);
+        let mut proc = Proc::spawn("dataplane", &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if !proc.alive() {
+                bail!("dataplane exited during start-up; see {}", dir.join("dataplane.log").display());
+            }
+            if Instant::now() > deadline {
+                bail!("dataplane did not create {} within 30 s", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(DataplaneProc { socket, proc })
+    }
+}
+
 /// Control's child process, with the addresses it serves.
 pub struct ControlProc {
     pub pg_port: u16,
@@ -348,7 +377,12 @@ pub struct ControlProc {
 }
 
 impl ControlProc {
-    pub fn start(dir: &Path, databases: Vec<StaticDatabase>, creds: &AwsCreds) -> Result<ControlProc> {
+    pub fn start(
+        dir: &Path,
+        databases: Vec<StaticDatabase>,
+        creds: &AwsCreds,
+        dataplane_socket: Option<PathBuf>,
+    ) -> Result<ControlProc> {
         std::fs::create_dir_all(dir)?;
         let pg_port = free_port()?;
         let api_port = free_port()?;
@@ -362,6 +396,7 @@ impl ControlProc {
             },
             db_service: DbService { databases, resources: Vec::new() },
             audit: AuditConfig::default(),
+            dataplane: dataplane_socket.map(|socket| DataplaneConfig { socket, idle_timeout: Duration::ZERO }),
         };
         let config_path = dir.join("control.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
@@ -421,6 +456,7 @@ pub fn dev_role(name: &str, db_names: &[&str], db_users: &[&str]) -> Result<Role
 pub struct Stack {
     pub dir: PathBuf,
     pub control: ControlProc,
+    pub dataplane: DataplaneProc,
     pub emulator: Emulator,
     pub postgres: Postgres,
     /// The PostgreSQL password of the demo database user (the emulator's "secret").
@@ -451,14 +487,36 @@ impl Stack {
             &[("alice".to_owned(), db_password.clone())],
         )?;
         let db = demo_database("demo", &emulator, &[("env", "dev")]);
-        let control = ControlProc::start(&dir.join("control"), vec![db], control_creds)?;
-        Ok(Stack { dir, control, emulator, postgres, db_password })
+        let dataplane = DataplaneProc::start(&dir.join("dataplane"))?;
+        let control =
+            ControlProc::start(&dir.join("control"), vec![db], control_creds, Some(dataplane.socket.clone()))?;
+        let stack = Stack { dir, control, dataplane, emulator, postgres, db_password };
+        stack.wait_for_dataplane_link()?;
+        Ok(stack)
+    }
+
+    /// Control connects to the dataplane in the background; wait until it has, so the first
+    /// session is already handed off (the link is logged in control.log).
+    pub fn wait_for_dataplane_link(&self) -> Result<()> {
+        let log = self.dir.join("control").join("control.log");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("connected to the dataplane") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("control did not connect to the dataplane; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         self.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        self.dataplane.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.postgres.stop();
         if self.postgres.dir.starts_with(std::env::temp_dir()) {

@@ -8,6 +8,7 @@ pub mod ca;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 pub mod demo;
 pub mod iam;
 pub mod proxy;

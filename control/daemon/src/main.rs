@@ -46,6 +46,8 @@ enum Cmd {
     Tokens(TokensCmd),
     #[command(subcommand)]
     Db(DbCmd),
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
     /// Recent audit events as JSON lines.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -99,6 +101,12 @@ enum TokensCmd {
         #[arg(long, default_value = "text")]
         format: String,
     },
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    /// Sessions the dataplane holds.
     Ls,
 }
 
@@ -278,6 +286,26 @@ fn main() -> Result<()> {
                     state.delete_database(&name)?;
                     println!("db {name:?} has been deleted");
                 }
+            }
+            Ok(())
+        }
+        Cmd::Sessions(SessionsCmd::Ls) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            println!(
+                "{:<36} {:<12} {:<16} {:<12} {:<12} Started (unix)",
+                "ID", "User", "Database", "DB user", "DB name"
+            );
+            for (id, started, record) in state.live_sessions()? {
+                let f = &record["fields"];
+                let s = |k: &str| f[k].as_str().unwrap_or("").to_owned();
+                println!(
+                    "{id:<36} {:<12} {:<16} {:<12} {:<12} {started}",
+                    s("user"),
+                    s("db_service"),
+                    s("db_user"),
+                    s("db_name")
+                );
             }
             Ok(())
         }

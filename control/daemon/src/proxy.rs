@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use rand::RngCore;
@@ -24,6 +25,7 @@ use crate::audit::{AuditLog, SessionFields, SESSION_END, SESSION_START};
 use crate::ca::{identity_from_cert, Identity};
 use crate::catalog;
 use crate::config::Config;
+use crate::dataplane::{leg_crypto, DataplaneClient, Events};
 use crate::iam::TokenMinter;
 use crate::rbac::{check_access, AccessRequest};
 use crate::state::State;
@@ -40,6 +42,8 @@ pub struct ProxyContext {
     pub server_tls: Arc<ServerConfig>,
     /// Our cancel keys (given to clients) → where to send the upstream's cancel.
     cancels: Mutex<HashMap<u32, (Vec<u8>, CancelTarget)>>,
+    /// Set when sessions are handed to a dataplane process.
+    pub dataplane: OnceLock<Arc<DataplaneClient>>,
 }
 
 impl ProxyContext {
@@ -58,6 +62,7 @@ impl ProxyContext {
             upstream_tls: Arc::new(UpstreamTls::default()),
             server_tls,
             cancels: Mutex::new(HashMap::new()),
+            dataplane: OnceLock::new(),
         }
     }
 
@@ -175,8 +180,24 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
         Ok(Ok(None)) => return,
         Ok(Err(())) => return,
     };
-    let Ready { client, upstream, our_pid } = ready;
     info!(user = %fields.user, db = %fields.db_service, db_user = %fields.db_user, db_name = %fields.db_name, "session started");
+    let ready = match ctx.dataplane.get().filter(|d| d.connected()) {
+        Some(dp) => match hand_off(&ctx, dp, ready, &fields).await {
+            Outcome::Done => return,
+            Outcome::NotPossible(ready, why) => {
+                warn!(reason = %why, "session stays in control (not handed to the dataplane)");
+                *ready
+            }
+            Outcome::Failed(why, our_pid) => {
+                warn!(reason = %why, "handoff to the dataplane failed; session closed");
+                ctx.cancels().remove(&our_pid);
+                ctx.audit.emit(SESSION_END, &fields, false, json!({ "error": format!("handoff failed: {why}") }));
+                return;
+            }
+        },
+        None => ready,
+    };
+    let Ready { client, upstream, our_pid, .. } = ready;
     // Count what each side delivered as it is read, so the totals survive a relay that ends in
     // an error (a client killed mid-transfer still gets an accurate audit record).
     let mut client = CountingReader::new(client);
@@ -210,6 +231,8 @@ struct Ready {
     client: tokio_rustls::server::TlsStream<TcpStream>,
     upstream: tokio_rustls::client::TlsStream<TcpStream>,
     our_pid: u32,
+    /// The client certificate's expiry (unix seconds): the session may not outlive it.
+    not_after: i64,
 }
 
 /// Runs the whole setup. `Ok(None)` is a finished short exchange (a cancel request); `Err(())`
@@ -317,7 +340,15 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
         Ok(our_pid_and_upstream) => {
             ctx.audit.emit(SESSION_START, fields, true, json!({}));
             let (our_pid, upstream) = our_pid_and_upstream;
-            Ok(Some(Ready { client, upstream, our_pid }))
+            let not_after = client
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::ca::not_after(c).ok())
+                .map(|t| t.unix_timestamp())
+                .unwrap_or(0);
+            Ok(Some(Ready { client, upstream, our_pid, not_after }))
         }
         Err(refusal) => {
             info!(user = %fields.user, db = %fields.db_service, reason = %refusal.reason, "session refused");
@@ -446,6 +477,129 @@ async fn handle_cancel(ctx: &ProxyContext, req: pg::CancelRequest) {
         },
         // PostgreSQL ignores unknown cancel keys silently; so do we (no oracle for key guessing).
         None => info!(pid = req.pid, "cancel request with unknown key ignored"),
+    }
+}
+
+enum Outcome {
+    /// The dataplane owns the session now.
+    Done,
+    /// Nothing was consumed; control relays the session itself.
+    NotPossible(Box<Ready>, String),
+    /// The TLS state was already taken apart; the session is lost (its sockets close).
+    Failed(String, u32),
+}
+
+/// Whether the TLS connection holds received-but-unread plaintext (a pipelining client); such
+/// bytes live only in rustls' buffers and would be lost by a handoff.
+fn has_buffered_plaintext<D: rustls::SideData>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
+    conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true)
+}
+
+async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fields: &SessionFields) -> Outcome {
+    if has_buffered_plaintext(ready.client.get_mut().1) || has_buffered_plaintext(ready.upstream.get_mut().1) {
+        return Outcome::NotPossible(Box::new(ready), "TLS holds buffered data".into());
+    }
+    let Ready { client, upstream, our_pid, not_after } = ready;
+    let (client_tcp, client_conn) = client.into_inner();
+    let (upstream_tcp, upstream_conn) = upstream.into_inner();
+    let describe = |v: Option<rustls::ProtocolVersion>, s: Option<rustls::SupportedCipherSuite>| {
+        (v.map(u16::from).unwrap_or(0), s.map(|s| u16::from(s.suite())).unwrap_or(0))
+    };
+    let (cv, cs) = describe(client_conn.protocol_version(), client_conn.negotiated_cipher_suite());
+    let (uv, us) = describe(upstream_conn.protocol_version(), upstream_conn.negotiated_cipher_suite());
+    let client_leg =
+        client_conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|s| leg_crypto(cv, cs, s));
+    let upstream_leg =
+        upstream_conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|s| leg_crypto(uv, us, s));
+    let (client_leg, upstream_leg) = match (client_leg, upstream_leg) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return Outcome::Failed(format!("extracting TLS secrets: {e}"), our_pid),
+    };
+    let fds = client_tcp.into_std().and_then(|c| Ok((OwnedFd::from(c), OwnedFd::from(upstream_tcp.into_std()?))));
+    let (client_fd, upstream_fd) = match fds {
+        Ok(f) => f,
+        Err(e) => return Outcome::Failed(format!("taking the sockets: {e}"), our_pid),
+    };
+    let record = json!({ "fields": fields, "our_pid": our_pid });
+    if let Err(e) = ctx.state.insert_live_session(&fields.session_id, &record) {
+        return Outcome::Failed(format!("recording the session: {e}"), our_pid);
+    }
+    let idle = ctx.cfg.dataplane.as_ref().map(|d| d.idle_timeout).unwrap_or_default();
+    let h = sluice_dataplane::handoff::Handoff {
+        session_id: fields.session_id.clone(),
+        user: fields.user.clone(),
+        db_service: fields.db_service.clone(),
+        db_user: fields.db_user.clone(),
+        db_name: fields.db_name.clone(),
+        not_after,
+        idle_timeout_ms: idle.as_millis() as u64,
+        client: client_leg,
+        upstream: upstream_leg,
+    };
+    match dp.handoff(h, client_fd, upstream_fd).await {
+        Ok(()) => {
+            info!("session handed to the dataplane");
+            Outcome::Done
+        }
+        Err(e) => {
+            let _ = ctx.state.take_live_session(&fields.session_id);
+            Outcome::Failed(e, our_pid)
+        }
+    }
+}
+
+impl ProxyContext {
+    /// Audits the end of a session the dataplane held.
+    fn finish_handed_off(&self, id: &str, ended: Option<&sluice_dataplane::handoff::SessionEnded>) {
+        let record = match self.state.take_live_session(id) {
+            Ok(Some((_, record))) => record,
+            Ok(None) => {
+                warn!(session_id = %id, "end report for a session control does not know");
+                return;
+            }
+            Err(e) => {
+                warn!(session_id = %id, error = %e, "reading a live session");
+                return;
+            }
+        };
+        let fields: SessionFields = serde_json::from_value(record["fields"].clone()).unwrap_or_default();
+        if let Some(pid) = record["our_pid"].as_u64() {
+            self.cancels().remove(&(pid as u32));
+        }
+        let extra = match ended {
+            Some(e) => json!({
+                "duration_ms": e.duration_ms,
+                "bytes_from_client": e.bytes_client_to_upstream,
+                "bytes_to_client": e.bytes_upstream_to_client,
+                "reason": format!("{:?}", e.reason),
+                "data_plane": true,
+            }),
+            None => json!({ "error": "the dataplane no longer holds the session", "data_plane": true }),
+        };
+        let success = ended.is_some_and(|e| e.reason != sluice_dataplane::handoff::EndReason::Error);
+        info!(session_id = %id, user = %fields.user, db = %fields.db_service, "session ended in the dataplane");
+        self.audit.emit(SESSION_END, &fields, success, extra);
+    }
+}
+
+impl Events for ProxyContext {
+    fn ended(&self, e: sluice_dataplane::handoff::SessionEnded) {
+        self.finish_handed_off(&e.session_id.clone(), Some(&e));
+    }
+
+    fn sync(&self, live: Vec<String>) {
+        let known = match self.state.live_sessions() {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "listing live sessions");
+                return;
+            }
+        };
+        for (id, _, _) in known {
+            if !live.contains(&id) {
+                self.finish_handed_off(&id, None);
+            }
+        }
     }
 }
 

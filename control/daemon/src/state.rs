@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS roles (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, kind TEXT NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS databases (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS live_sessions (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL,
@@ -379,6 +380,44 @@ impl State {
         let mut out: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
         out.reverse();
         Ok(out)
+    }
+
+    // ---- sessions held by the data plane ----
+
+    /// Remembers a handed-off session, so its end can be audited even by a restarted control.
+    pub fn insert_live_session(&self, id: &str, data: &serde_json::Value) -> Result<(), StateError> {
+        self.db().execute(
+            "INSERT OR REPLACE INTO live_sessions (id, started_at, data) VALUES (?1, ?2, ?3)",
+            params![id, OffsetDateTime::now_utc().unix_timestamp(), data.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Removes and returns a live session's record.
+    pub fn take_live_session(&self, id: &str) -> Result<Option<(i64, serde_json::Value)>, StateError> {
+        let db = self.db();
+        let row: Option<(i64, String)> = db
+            .query_row("SELECT started_at, data FROM live_sessions WHERE id = ?1", params![id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        db.execute("DELETE FROM live_sessions WHERE id = ?1", params![id])?;
+        row.map(|(t, d)| {
+            Ok((t, serde_json::from_str(&d).map_err(|e| StateError::Corrupt(format!("live session: {e}")))?))
+        })
+        .transpose()
+    }
+
+    /// Every live session: (id, started_at unix seconds, record).
+    pub fn live_sessions(&self) -> Result<Vec<(String, i64, serde_json::Value)>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT id, started_at, data FROM live_sessions ORDER BY started_at")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        rows.map(|row| {
+            let (id, t, d) = row?;
+            Ok((id, t, serde_json::from_str(&d).map_err(|e| StateError::Corrupt(format!("live session: {e}")))?))
+        })
+        .collect()
     }
 
     pub fn counts(&self) -> Result<(i64, i64, i64), StateError> {

@@ -45,6 +45,8 @@ pub fn postgres_server_config(
         .with_single_cert(chain, key)?;
     // libpq 17 requires ALPN "postgresql" for direct TLS (sslnegotiation=direct).
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    // The dataplane continues the session from the traffic secrets.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -100,10 +102,12 @@ impl UpstreamTls {
                 roots.add(cert)?;
             }
         }
-        let cfg = ClientConfig::builder_with_provider(provider())
+        let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // The dataplane continues the session from the traffic secrets.
+        cfg.enable_secret_extraction = true;
         let cfg = Arc::new(cfg);
         configs.insert(key, cfg.clone());
         Ok(cfg)

@@ -1,0 +1,234 @@
+//! The IO half of the handoff protocol: a Unix SOCK_SEQPACKET socket between control and a
+//! dataplane process, one [`handoff`](crate::handoff) frame per packet, with socket descriptors in
+//! SCM_RIGHTS beside a `Handoff` frame.
+//!
+//! SEQPACKET keeps frame boundaries, so a descriptor can never be attached to the wrong frame.
+//! The listening socket is created 0600 and every peer's SO_PEERCRED uid must be ours (or root).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use thiserror::Error;
+
+use crate::handoff::{self, HandoffError, Message, HEADER_LEN, MAX_PAYLOAD};
+
+/// Descriptors a single frame may carry (a Handoff carries two).
+const MAX_FDS: usize = 4;
+
+#[derive(Debug, Error)]
+pub enum LinkError {
+    #[error("socket: {0}")]
+    Sys(#[from] nix::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] HandoffError),
+    #[error("peer closed the link")]
+    Closed,
+    #[error("peer uid {uid} is not allowed (expected {expected} or root)")]
+    PeerNotAllowed { uid: u32, expected: u32 },
+    #[error("frame arrived truncated")]
+    Truncated,
+}
+
+/// One end of a control ↔ dataplane link.
+pub struct Link {
+    fd: OwnedFd,
+}
+
+/// The dataplane's listening socket.
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+fn seqpacket() -> Result<OwnedFd, LinkError> {
+    Ok(socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?)
+}
+
+impl Listener {
+    /// Binds `path` with mode 0600, replacing a stale socket file.
+    pub fn bind(path: &Path) -> Result<Listener, LinkError> {
+        if path.exists() {
+            // A socket nobody accepts on is stale (a previous dataplane died); a live one means
+            // another dataplane owns the path, and we must not steal it.
+            if Link::connect(path).is_ok() {
+                return Err(LinkError::Io(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by a running dataplane", path.display()),
+                )));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let fd = seqpacket()?;
+        // Create the socket file without group/other access in the first place: a chmod after
+        // bind would leave a window where anyone could connect.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?);
+        nix::sys::stat::umask(old);
+        bound?;
+        socket::listen(&fd, Backlog::new(16)?)?;
+        Ok(Listener { fd })
+    }
+
+    /// Accepts a peer whose uid is ours or root.
+    pub fn accept(&self) -> Result<Link, LinkError> {
+        let raw = socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+        // SAFETY: accept4 just returned this descriptor and nothing else owns it.
+        let link = Link { fd: unsafe { OwnedFd::from_raw_fd(raw) } };
+        link.check_peer()?;
+        Ok(link)
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Link {
+    pub fn connect(path: &Path) -> Result<Link, LinkError> {
+        let fd = seqpacket()?;
+        socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        let link = Link { fd };
+        link.check_peer()?;
+        Ok(link)
+    }
+
+    fn check_peer(&self) -> Result<(), LinkError> {
+        let creds = socket::getsockopt(&self.fd, sockopt::PeerCredentials)?;
+        let expected = nix::unistd::geteuid().as_raw();
+        if creds.uid() != expected && creds.uid() != 0 {
+            return Err(LinkError::PeerNotAllowed { uid: creds.uid(), expected });
+        }
+        Ok(())
+    }
+
+    pub fn try_clone(&self) -> Result<Link, LinkError> {
+        Ok(Link { fd: self.fd.try_clone()? })
+    }
+
+    /// Sends one frame, with `fds` attached (duplicated into the peer; ours stay open).
+    pub fn send(&self, msg: &Message, fds: &[RawFd]) -> Result<(), LinkError> {
+        let frame = handoff::encode(msg);
+        let iov = [IoSlice::new(&frame)];
+        let cmsgs = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
+        let n = socket::sendmsg::<UnixAddr>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+        if n != frame.len() {
+            return Err(LinkError::Truncated);
+        }
+        Ok(())
+    }
+
+    /// Receives one frame and the descriptors that came with it.
+    pub fn recv(&self) -> Result<(Message, Vec<OwnedFd>), LinkError> {
+        let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD];
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let (n, truncated, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = socket::recvmsg::<UnixAddr>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )?;
+            let mut fds = Vec::new();
+            // Take ownership of every descriptor first, so they are closed even if the frame is bad.
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for r in raw {
+                            // SAFETY: the kernel installed these descriptors in our table for
+                            // this message; nothing else refers to them yet.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                        }
+                    }
+                }
+            }
+            let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+            (msg.bytes, truncated, fds)
+        };
+        if n == 0 {
+            return Err(LinkError::Closed);
+        }
+        if truncated {
+            return Err(LinkError::Truncated);
+        }
+        match handoff::decode(&buf[..n])? {
+            Some((m, used)) if used == n => Ok((m, fds)),
+            _ => Err(LinkError::Truncated),
+        }
+    }
+
+    /// Sets a receive timeout (None blocks forever).
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> Result<(), LinkError> {
+        let tv = match t {
+            Some(d) => nix::sys::time::TimeVal::new(d.as_secs() as _, d.subsec_micros() as _),
+            None => nix::sys::time::TimeVal::new(0, 0),
+        };
+        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv)?;
+        Ok(())
+    }
+
+    /// Wakes a thread blocked in `recv` on a clone of this link (used on shutdown).
+    pub fn shutdown(&self) {
+        let _ = socket::shutdown(self.fd.as_raw_fd(), socket::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handoff::Role;
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("sluice-link-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn frames_and_descriptors_cross_the_link() {
+        let path = temp_path("fds");
+        let listener = Listener::bind(&path).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        let client = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                let link = Link::connect(&path).unwrap();
+                let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+                link.send(&Message::Hello { role: Role::Control, pid: 7 }, &[a.as_raw_fd(), b.as_raw_fd()]).unwrap();
+                // Keep `b` to check the passed duplicate of `a` is connected to it.
+                let mut got = [0u8; 5];
+                std::io::Read::read_exact(&mut &b, &mut got).unwrap();
+                got
+            }
+        });
+        let server = listener.accept().unwrap();
+        let (msg, fds) = server.recv().unwrap();
+        assert_eq!(msg, Message::Hello { role: Role::Control, pid: 7 });
+        assert_eq!(fds.len(), 2);
+        let a = std::os::unix::net::UnixStream::from(fds.into_iter().next().unwrap());
+        std::io::Write::write_all(&mut &a, b"hello").unwrap();
+        assert_eq!(&client.join().unwrap(), b"hello");
+        // A second dataplane must not steal a live socket path.
+        assert!(Listener::bind(&path).is_err());
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error_not_a_panic() {
+        let (a, b) =
+            socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (a, b) = (Link { fd: a }, Link { fd: b });
+        socket::send(a.fd.as_raw_fd(), b"garbage!garbage!", MsgFlags::empty()).unwrap();
+        assert!(matches!(b.recv(), Err(LinkError::Protocol(HandoffError::BadMagic))));
+        drop(a);
+        assert!(matches!(b.recv(), Err(LinkError::Closed)));
+    }
+}

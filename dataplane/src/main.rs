@@ -1,0 +1,59 @@
+//! `dataplane`: the process that holds authenticated sessions and relays their bytes. It listens
+//! on a Unix socket for control, which hands it both sockets of each session; it outlives control
+//! restarts, and ends its sessions cleanly on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use sluice_dataplane::server::Server;
+
+#[derive(Parser)]
+#[command(name = "dataplane", version, about = "Sluice data plane: io_uring relay workers")]
+struct Cli {
+    /// Unix socket control connects to (created 0600).
+    #[arg(long)]
+    control_socket: PathBuf,
+    /// Relay workers, one io_uring each (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.json_logs);
+    // Block the stop signals before any thread starts, so every thread inherits the mask and only
+    // the wait below sees them.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    stop.thread_block().context("blocking signals")?;
+    let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let server = Server::start(&cli.control_socket, workers)
+        .with_context(|| format!("starting on {}", cli.control_socket.display()))?;
+    let server = std::sync::Arc::new(server);
+    let serving = server.clone();
+    std::thread::Builder::new().name("sluice-dp-accept".into()).spawn(move || serving.serve())?;
+    let sig = stop.wait().context("waiting for a stop signal")?;
+    tracing::info!(signal = ?sig, "stopping: ending all sessions");
+    server.shutdown();
+    Ok(())
+}
+
+fn init_logging(json: bool) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,269 @@
+//! Relay workers: after control authenticates a session it hands both connected sockets (client leg,
+//! upstream leg) and each leg's TLS state to a [`Worker`], which moves the bytes until the session
+//! ends and then sends one [`Report`].
+//!
+//! Each worker is one thread owning one io_uring. Plain/plain sessions are spliced socket → pipe →
+//! socket inside the kernel; sessions with a TLS leg go through the userspace record layer
+//! ([`crate::tls_record`]) because this kernel has no kTLS. Every operation is *poll first*: an idle
+//! session holds only `POLL_ADD`s, never a blocked io-wq thread (`IORING_OP_SPLICE` always runs on
+//! one) nor a userspace buffer. The process must ignore SIGPIPE (Rust's runtime does), since a splice
+//! into a reset socket raises it on the io-wq thread.
+//!
+//! Layout: this file is the thread-safe handle; `event_loop` the ring and session table; `splice`
+//! and `record` the per-direction state machines; `pool` the shared buffer pool.
+
+mod event_loop;
+mod pool;
+mod record;
+mod splice;
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::handoff::{EndReason, LegCrypto};
+
+/// A session handed to a worker: both connected sockets (TCP or Unix stream) and their crypto.
+pub struct Session {
+    pub id: String,
+    pub client: OwnedFd,
+    pub upstream: OwnedFd,
+    pub client_crypto: LegCrypto,
+    pub upstream_crypto: LegCrypto,
+    /// Ends the session after this long without bytes moving in *either* direction.
+    pub idle_timeout: Option<Duration>,
+    /// Ends the session at this time (the client certificate's expiry).
+    pub not_after: Option<SystemTime>,
+}
+
+/// Sent exactly once per session when it has ended and both legs are closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub id: String,
+    /// Application bytes (plaintext after TLS) delivered to the upstream.
+    pub bytes_client_to_upstream: u64,
+    /// Application bytes delivered to the client.
+    pub bytes_upstream_to_client: u64,
+    pub duration: Duration,
+    pub reason: EndReason,
+}
+
+/// Counters the worker thread publishes for metrics and tests.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// Pool buffers currently held by sessions (each `pool::BUF_SIZE` bytes).
+    pub(crate) buffers_in_use: AtomicUsize,
+    /// Buffers allocated and not yet freed, in use or idle in the pool.
+    pub(crate) buffers_allocated: AtomicUsize,
+}
+
+pub(crate) enum Command {
+    Add(Box<event_loop::Prepared>, mpsc::SyncSender<io::Result<()>>),
+    End(String, EndReason),
+    List(mpsc::SyncSender<Vec<String>>),
+    Shutdown,
+}
+
+/// Handle to one relay worker thread; cheap to share (`&Worker` is `Sync`).
+pub struct Worker {
+    index: usize,
+    commands: mpsc::Sender<Command>,
+    wake: Arc<EventFd>,
+    stats: Arc<Stats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+// Control shares one handle between its connection tasks.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Worker>();
+};
+
+impl Worker {
+    /// Starts thread `sluice-dp-{index}` with its own io_uring; reports go to `reports`.
+    pub fn spawn(index: usize, reports: mpsc::Sender<Report>) -> io::Result<Worker> {
+        // Blocking on purpose: io_uring then waits on it with an internal poll, while a
+        // non-blocking eventfd would make the READ fail with EAGAIN.
+        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?);
+        let stats = Arc::new(Stats::default());
+        let (commands, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let (w, s) = (wake.clone(), stats.clone());
+        let thread = std::thread::Builder::new().name(format!("sluice-dp-{index}")).spawn(move || {
+            // The ring must be created by the thread that submits to it (single issuer).
+            match event_loop::EventLoop::new(index, rx, w, reports, s) {
+                Ok(lp) => {
+                    let _ = ready_tx.send(Ok(()));
+                    lp.run();
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Worker { index, commands, wake, stats, thread: Some(thread) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(io::Error::other("relay worker thread exited during start"))
+            }
+        }
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Hands a session to the worker. Sockets are switched to non-blocking and the crypto state is
+    /// checked here, so a bad handoff fails in the caller (for its HandoffAck) rather than later.
+    /// A session whose `not_after` has passed is accepted and ends at once (CertExpired).
+    /// Blocks until the worker thread has taken the session (one wake-up, microseconds), so a
+    /// duplicate id is refused here and `sessions()` lists the session as soon as this returns.
+    pub fn add(&self, s: Session) -> io::Result<()> {
+        let prepared = event_loop::Prepared::new(s, Instant::now())?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Command::Add(Box::new(prepared), tx))?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    /// Ends a session: both legs are shut down at once (the peers see EOF) and closed as soon as
+    /// the session's in-flight operations complete; its Report carries `reason`. Unknown ids are
+    /// ignored (the session may have just ended on its own).
+    pub fn end(&self, id: &str, reason: EndReason) {
+        let _ = self.send(Command::End(id.to_owned(), reason));
+    }
+
+    /// Ids of the live sessions (not those already ending).
+    pub fn sessions(&self) -> Vec<String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.send(Command::List(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
+    }
+
+    /// Userspace buffers currently held by sessions: zero when every session is idle.
+    pub fn buffers_in_use(&self) -> usize {
+        self.stats.buffers_in_use.load(Ordering::Relaxed)
+    }
+
+    /// Buffers allocated by this worker, held by sessions or kept in its pool for reuse.
+    pub fn buffers_allocated(&self) -> usize {
+        self.stats.buffers_allocated.load(Ordering::Relaxed)
+    }
+
+    /// Ends every session (reason WorkerShutdown), waits for their reports to be sent and joins
+    /// the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.send(Command::Shutdown);
+            let _ = t.join();
+        }
+    }
+
+    fn send(&self, c: Command) -> io::Result<()> {
+        self.commands.send(c).map_err(|_| gone())?;
+        self.wake.write(1).map_err(io::Error::from)?;
+        Ok(())
+    }
+}
+
+impl Drop for Worker {
+    /// Dropping the handle shuts the worker down like [`Worker::shutdown`].
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "relay worker thread has exited")
+}
+
+/// Which socket of the session; resets on a leg are reported as that side closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leg {
+    Client,
+    Upstream,
+}
+
+impl Leg {
+    fn closed(self) -> EndReason {
+        match self {
+            Leg::Client => EndReason::ClientClosed,
+            Leg::Upstream => EndReason::UpstreamClosed,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Leg::Client => "client",
+            Leg::Upstream => "upstream",
+        }
+    }
+}
+
+/// An operation a direction wants the ring to run next; pointers refer to a buffer the direction
+/// owns and leaves untouched until the completion is handed back.
+#[derive(Debug)]
+pub(crate) enum Op {
+    PollIn(std::os::fd::RawFd),
+    PollOut(std::os::fd::RawFd),
+    Splice { from: std::os::fd::RawFd, to: std::os::fd::RawFd, len: u32 },
+    Recv { fd: std::os::fd::RawFd, buf: *mut u8, len: u32 },
+    Send { fd: std::os::fd::RawFd, buf: *const u8, len: u32 },
+}
+
+/// Why a direction stopped the session.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The leg's peer reset or went away (ECONNRESET, EPIPE, ...).
+    Closed(Leg, i32),
+    /// Protocol or local error; the message is logged with the session id.
+    Error(String),
+}
+
+/// What a direction does next when it has no operation in flight.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Submit(Op),
+    /// Source EOF relayed (close_notify sent if TLS, destination shut down for writing).
+    Done,
+    Fail(Failure),
+}
+
+/// Errors that mean the peer of `leg` is gone rather than something being wrong locally.
+fn failure_for(leg: Leg, errno: i32, what: &str) -> Failure {
+    use nix::libc;
+    match errno {
+        libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::ECONNABORTED | libc::ETIMEDOUT | libc::ESHUTDOWN => {
+            Failure::Closed(leg, errno)
+        }
+        _ => {
+            Failure::Error(format!("{what} on the {} leg failed: {}", leg.name(), io::Error::from_raw_os_error(errno)))
+        }
+    }
+}
+
+/// Half-closes `fd` so its peer sees EOF; a peer already gone is not an error here.
+fn shutdown_write(fd: std::os::fd::RawFd) {
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}

@@ -1,0 +1,598 @@
+//! The worker thread: one io_uring, the session table, and the rules that keep kernel operations
+//! and the memory/descriptors they use consistent.
+//!
+//! Invariants that make the `unsafe` SQE pushes sound:
+//! * each direction has at most one operation in flight, tracked in `Sess::busy`;
+//! * a direction does not touch, move out or free the buffer an operation uses until that
+//!   operation's completion has been handed back to it;
+//! * a session (its descriptors, pipes and buffers) is dropped only when neither direction is
+//!   busy, so no in-flight operation names a closed (and possibly reused) descriptor;
+//! * ending a session shuts its sockets down (pending polls fire, peers see EOF at once) and
+//!   cancels what is still in flight; the session is dropped when the last completion arrives;
+//! * if the thread unwinds or gives up with operations still in flight, their memory is leaked,
+//!   never freed.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use nix::libc;
+use nix::sys::eventfd::EventFd;
+use tracing::{debug, error, info, warn};
+
+use super::pool::Pool;
+use super::record::RecordDir;
+use super::splice::SpliceDir;
+use super::{set_nonblocking, Command, Failure, Leg, Op, Report, Session, Stats, Step};
+use crate::handoff::{EndReason, LegCrypto};
+use crate::tls_record::{RecordDecrypter, RecordEncrypter, TLS13};
+
+const RING_ENTRIES: u32 = 4096;
+/// How often idle timeouts, certificate expiry and stuck endings are checked.
+const TICK: Duration = Duration::from_millis(200);
+/// io-wq threads only ever run non-blocking splices, so a few per worker are enough.
+const MAX_UNBOUND_IOWQ_WORKERS: u32 = 4;
+/// After this, an ending session's operations are cancelled again (they should finish at once).
+const END_RECANCEL: Duration = Duration::from_secs(1);
+/// At shutdown, operations still in flight after this are abandoned and their memory leaked.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+const WAKE_TOKEN: u64 = u64::MAX;
+const CANCEL_TOKEN: u64 = u64::MAX - 1;
+
+fn token(slot: u32, gen: u32, dir: usize) -> u64 {
+    ((slot as u64) << 32) | (((gen & 0x00ff_ffff) as u64) << 8) | dir as u64
+}
+
+fn untoken(t: u64) -> (u32, u32, usize) {
+    ((t >> 32) as u32, ((t >> 8) & 0x00ff_ffff) as u32, (t & 1) as usize)
+}
+
+enum Dir {
+    Splice(SpliceDir),
+    /// Boxed: its crypto state and buffers dwarf a splice direction.
+    Record(Box<RecordDir>),
+}
+
+impl Dir {
+    fn step(&mut self, pool: &mut Pool) -> Step {
+        match self {
+            Dir::Splice(d) => d.step(),
+            Dir::Record(d) => d.step(pool),
+        }
+    }
+    fn complete(&mut self, res: i32) -> Result<u64, Failure> {
+        match self {
+            Dir::Splice(d) => d.complete(res),
+            Dir::Record(d) => d.complete(res),
+        }
+    }
+    fn release(&mut self, pool: &mut Pool) {
+        if let Dir::Record(d) = self {
+            d.release(pool);
+        }
+    }
+    fn bytes(&self) -> u64 {
+        match self {
+            Dir::Splice(d) => d.bytes,
+            Dir::Record(d) => d.bytes,
+        }
+    }
+}
+
+/// A session made ready in the caller's thread: sockets non-blocking, pipes made, keys loaded.
+pub(crate) struct Prepared {
+    id: String,
+    client: OwnedFd,
+    upstream: OwnedFd,
+    /// `[client → upstream, upstream → client]`.
+    dirs: [Dir; 2],
+    idle_timeout: Option<Duration>,
+    not_after: Option<SystemTime>,
+    added: Instant,
+}
+
+impl Prepared {
+    pub(crate) fn new(s: Session, added: Instant) -> io::Result<Prepared> {
+        set_nonblocking(&s.client)?;
+        set_nonblocking(&s.upstream)?;
+        let (c, u) = (s.client.as_raw_fd(), s.upstream.as_raw_fd());
+        let dirs = match (&s.client_crypto, &s.upstream_crypto) {
+            (LegCrypto::Plain, LegCrypto::Plain) => [
+                Dir::Splice(SpliceDir::new(c, u, Leg::Client, Leg::Upstream)?),
+                Dir::Splice(SpliceDir::new(u, c, Leg::Upstream, Leg::Client)?),
+            ],
+            (cc, uc) => {
+                let (c_dec, c_enc, c13) = keys(cc, "client")?;
+                let (u_dec, u_enc, u13) = keys(uc, "upstream")?;
+                [
+                    Dir::Record(Box::new(RecordDir::new(c, u, Leg::Client, Leg::Upstream, c_dec, u_enc, c13))),
+                    Dir::Record(Box::new(RecordDir::new(u, c, Leg::Upstream, Leg::Client, u_dec, c_enc, u13))),
+                ]
+            }
+        };
+        Ok(Prepared {
+            id: s.id,
+            client: s.client,
+            upstream: s.upstream,
+            dirs,
+            idle_timeout: s.idle_timeout,
+            not_after: s.not_after,
+            added,
+        })
+    }
+}
+
+/// The leg's (decrypter for what we read, encrypter for what we write, is TLS 1.3).
+fn keys(c: &LegCrypto, leg: &str) -> io::Result<(Option<RecordDecrypter>, Option<RecordEncrypter>, bool)> {
+    match c {
+        LegCrypto::Plain => Ok((None, None, false)),
+        LegCrypto::Tls { version, cipher_suite, tx_key, tx_iv, tx_seq, rx_key, rx_iv, rx_seq } => {
+            let bad = |e| io::Error::new(io::ErrorKind::InvalidInput, format!("{leg} leg TLS state: {e}"));
+            let dec = RecordDecrypter::new(*version, *cipher_suite, rx_key, rx_iv, *rx_seq).map_err(bad)?;
+            let enc = RecordEncrypter::new(*version, *cipher_suite, tx_key, tx_iv, *tx_seq).map_err(bad)?;
+            Ok((Some(dec), Some(enc), *version == TLS13))
+        }
+    }
+}
+
+struct Sess {
+    id: String,
+    gen: u32,
+    client: OwnedFd,
+    upstream: OwnedFd,
+    dirs: [Dir; 2],
+    busy: [bool; 2],
+    done: [bool; 2],
+    added: Instant,
+    last_activity: Instant,
+    idle_timeout: Option<Duration>,
+    not_after: Option<SystemTime>,
+    /// Which side's EOF came first, for the report.
+    first_close: Option<EndReason>,
+    ending: Option<EndReason>,
+    ending_since: Option<Instant>,
+}
+
+/// The ring and what completions need besides the session table.
+struct Io {
+    ring: IoUring,
+    pool: Pool,
+    /// Completions reaped but not yet processed (reaping can happen while pushing).
+    backlog: VecDeque<(u64, i32)>,
+    /// Operations submitted and not completed, the wake read included; cancels excluded.
+    inflight: usize,
+}
+
+impl Io {
+    /// Queues one SQE, making room by submitting when the queue is full.
+    ///
+    /// # Safety
+    /// Every buffer and descriptor `sqe` refers to must stay valid, and buffers otherwise
+    /// untouched, until its completion has been reaped.
+    unsafe fn push(&mut self, sqe: &squeue::Entry) {
+        loop {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return;
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap(),
+                Err(e) => {
+                    warn!(error = %e, "io_uring submit failed; retrying");
+                    self.reap();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        for cqe in self.ring.completion() {
+            self.backlog.push_back((cqe.user_data(), cqe.result()));
+        }
+    }
+
+    /// Submits a direction's operation under `tok`.
+    fn submit(&mut self, op: &Op, tok: u64) {
+        let sqe = match *op {
+            Op::PollIn(fd) => opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32).build(),
+            Op::PollOut(fd) => opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32).build(),
+            Op::Splice { from, to, len } => opcode::Splice::new(types::Fd(from), -1, types::Fd(to), -1, len)
+                .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+                .build(),
+            // MSG_DONTWAIT makes io_uring return EAGAIN instead of parking the op on an internal
+            // poll that would hold the buffer; we poll ourselves.
+            Op::Recv { fd, buf, len } => opcode::Recv::new(types::Fd(fd), buf, len).flags(libc::MSG_DONTWAIT).build(),
+            Op::Send { fd, buf, len } => {
+                opcode::Send::new(types::Fd(fd), buf, len).flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL).build()
+            }
+        };
+        // SAFETY: the fds belong to a session that is dropped only after this op completes
+        // (`Sess::busy`), and the buffer of a Recv/Send is a pool buffer owned by the issuing
+        // direction, which leaves it alone until `complete` gets this op's result.
+        unsafe { self.push(&sqe.user_data(tok)) };
+        self.inflight += 1;
+    }
+
+    fn cancel(&mut self, tok: u64) {
+        let sqe = opcode::AsyncCancel::new(tok).build().user_data(CANCEL_TOKEN);
+        // SAFETY: a cancel refers to no memory or descriptor, only to another op's user_data.
+        unsafe { self.push(&sqe) };
+    }
+}
+
+pub(crate) struct EventLoop {
+    index: usize,
+    io: Io,
+    commands: mpsc::Receiver<Command>,
+    wake: Arc<EventFd>,
+    wake_buf: Box<[u8; 8]>,
+    wake_inflight: bool,
+    slots: Vec<Option<Sess>>,
+    gens: Vec<u32>,
+    free_slots: Vec<u32>,
+    by_id: HashMap<String, u32>,
+    reports: mpsc::Sender<Report>,
+    shutting_down: bool,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        index: usize,
+        commands: mpsc::Receiver<Command>,
+        wake: Arc<EventFd>,
+        reports: mpsc::Sender<Report>,
+        stats: Arc<Stats>,
+    ) -> io::Result<Self> {
+        // Deferred task work runs completions only when this thread waits on the ring: fewer
+        // interruptions, and only this thread submits anyway. Older kernels lack it.
+        let ring = match IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(RING_ENTRIES) {
+            Ok(r) => r,
+            Err(_) => IoUring::new(RING_ENTRIES)?,
+        };
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks EXT_ARG (Linux 5.11+ needed)"));
+        }
+        let mut max = [0, MAX_UNBOUND_IOWQ_WORKERS];
+        if let Err(e) = ring.submitter().register_iowq_max_workers(&mut max) {
+            debug!(worker = index, error = %e, "could not cap io-wq workers");
+        }
+        Ok(EventLoop {
+            index,
+            io: Io { ring, pool: Pool::new(stats), backlog: VecDeque::new(), inflight: 0 },
+            commands,
+            wake,
+            wake_buf: Box::new([0; 8]),
+            wake_inflight: false,
+            slots: Vec::new(),
+            gens: Vec::new(),
+            free_slots: Vec::new(),
+            by_id: HashMap::new(),
+            reports,
+            shutting_down: false,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        info!(worker = self.index, "relay worker started");
+        self.arm_wake();
+        let mut next_tick = Instant::now() + TICK;
+        let mut shutdown_deadline: Option<Instant> = None;
+        loop {
+            self.drain_commands();
+            let now = Instant::now();
+            if now >= next_tick {
+                self.tick(now);
+                next_tick = now + TICK;
+            }
+            if self.shutting_down {
+                let deadline = *shutdown_deadline.get_or_insert(now + SHUTDOWN_GRACE);
+                if self.io.inflight == 0 {
+                    break;
+                }
+                if now >= deadline {
+                    error!(
+                        worker = self.index,
+                        inflight = self.io.inflight,
+                        "operations still in flight at shutdown; leaking their sessions"
+                    );
+                    break;
+                }
+            }
+            let ts = types::Timespec::from(next_tick.saturating_duration_since(now));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.io.ring.submitter().submit_with_args(1, &args) {
+                match e.raw_os_error() {
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
+                    _ => {
+                        error!(worker = self.index, error = %e, "io_uring wait failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+            self.io.reap();
+            while let Some((tok, res)) = self.io.backlog.pop_front() {
+                self.on_completion(tok, res);
+            }
+        }
+        info!(worker = self.index, "relay worker stopped");
+    }
+
+    fn arm_wake(&mut self) {
+        let sqe = opcode::Read::new(types::Fd(self.wake.as_fd().as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_TOKEN);
+        // SAFETY: `wake_buf` is a heap buffer owned by the loop and only written by this read; the
+        // loop does not exit (or leaks it, see Drop) while the read is in flight, and `wake` keeps
+        // the eventfd open.
+        unsafe { self.io.push(&sqe) };
+        self.io.inflight += 1;
+        self.wake_inflight = true;
+    }
+
+    fn drain_commands(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(c) => self.command(c),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.command(Command::Shutdown);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Add(p, reply) => {
+                let r = self.add(*p);
+                let _ = reply.send(r);
+            }
+            Command::End(id, reason) => match self.by_id.get(&id) {
+                Some(&slot) => self.begin_end(slot, reason),
+                None => debug!(session = %id, "end: no such session"),
+            },
+            Command::List(reply) => {
+                let ids = self.slots.iter().flatten().filter(|s| s.ending.is_none()).map(|s| s.id.clone()).collect();
+                let _ = reply.send(ids);
+            }
+            Command::Shutdown => {
+                if !self.shutting_down {
+                    self.shutting_down = true;
+                    let slots: Vec<u32> = self.by_id.values().copied().collect();
+                    for slot in slots {
+                        self.begin_end(slot, EndReason::WorkerShutdown);
+                    }
+                    if self.wake_inflight {
+                        self.io.cancel(WAKE_TOKEN);
+                    }
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, p: Prepared) -> io::Result<()> {
+        if self.shutting_down {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "relay worker is shutting down"));
+        }
+        if self.by_id.contains_key(&p.id) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("session {} already relayed", p.id)));
+        }
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.gens.push(0);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let path = if matches!(p.dirs[0], Dir::Splice(_)) { "splice" } else { "tls-record" };
+        info!(session = %p.id, worker = self.index, path, "relaying session");
+        self.by_id.insert(p.id.clone(), slot);
+        self.slots[slot as usize] = Some(Sess {
+            id: p.id,
+            gen: self.gens[slot as usize],
+            client: p.client,
+            upstream: p.upstream,
+            dirs: p.dirs,
+            busy: [false; 2],
+            done: [false; 2],
+            added: p.added,
+            last_activity: Instant::now(),
+            idle_timeout: p.idle_timeout,
+            not_after: p.not_after,
+            first_close: None,
+            ending: None,
+            ending_since: None,
+        });
+        if p.not_after.is_some_and(|t| SystemTime::now() >= t) {
+            self.begin_end(slot, EndReason::CertExpired);
+        } else {
+            self.drive(slot, 0);
+            self.drive(slot, 1);
+        }
+        Ok(())
+    }
+
+    fn on_completion(&mut self, tok: u64, res: i32) {
+        match tok {
+            CANCEL_TOKEN => return,
+            WAKE_TOKEN => {
+                self.io.inflight -= 1;
+                self.wake_inflight = false;
+                if res < 0 && res != -libc::ECANCELED {
+                    warn!(worker = self.index, error = %io::Error::from_raw_os_error(-res), "eventfd read failed");
+                }
+                // Commands are drained at the top of the loop.
+                if !self.shutting_down {
+                    self.arm_wake();
+                }
+                return;
+            }
+            _ => {}
+        }
+        let (slot, gen, dir) = untoken(tok);
+        let Some(Some(s)) = self.slots.get_mut(slot as usize) else {
+            error!(worker = self.index, tok, "completion for an unknown slot");
+            return;
+        };
+        if (s.gen & 0x00ff_ffff) != gen || !s.busy[dir] {
+            error!(session = %s.id, tok, "completion for an operation not in flight");
+            return;
+        }
+        self.io.inflight -= 1;
+        s.busy[dir] = false;
+        let outcome = s.dirs[dir].complete(res);
+        if s.ending.is_some() {
+            self.maybe_finalize(slot);
+            return;
+        }
+        match outcome {
+            Ok(moved) => {
+                if moved > 0 {
+                    s.last_activity = Instant::now();
+                }
+                self.drive(slot, dir);
+            }
+            Err(f) => self.fail(slot, f),
+        }
+    }
+
+    /// Lets direction `dir` of `slot` start its next operation (it has none in flight).
+    fn drive(&mut self, slot: u32, dir: usize) {
+        let Some(Some(s)) = self.slots.get_mut(slot as usize) else { return };
+        if s.ending.is_some() || s.busy[dir] || s.done[dir] {
+            return;
+        }
+        match s.dirs[dir].step(&mut self.io.pool) {
+            Step::Submit(op) => {
+                s.busy[dir] = true;
+                self.io.submit(&op, token(slot, s.gen, dir));
+            }
+            Step::Done => {
+                s.done[dir] = true;
+                let side = if dir == 0 { EndReason::ClientClosed } else { EndReason::UpstreamClosed };
+                debug!(session = %s.id, ?side, "half-close relayed");
+                let first = *s.first_close.get_or_insert(side);
+                if s.done == [true, true] {
+                    self.begin_end(slot, first);
+                }
+            }
+            Step::Fail(f) => self.fail(slot, f),
+        }
+    }
+
+    fn fail(&mut self, slot: u32, f: Failure) {
+        let Some(Some(s)) = self.slots.get(slot as usize) else { return };
+        let reason = match f {
+            Failure::Closed(leg, errno) => {
+                debug!(session = %s.id, leg = leg.name(), error = %io::Error::from_raw_os_error(errno), "leg closed");
+                s.first_close.unwrap_or(leg.closed())
+            }
+            Failure::Error(msg) => {
+                error!(session = %s.id, "{msg}");
+                EndReason::Error
+            }
+        };
+        self.begin_end(slot, reason);
+    }
+
+    /// Starts ending a session: the first reason wins.
+    fn begin_end(&mut self, slot: u32, reason: EndReason) {
+        let Some(Some(s)) = self.slots.get_mut(slot as usize) else { return };
+        if s.ending.is_some() {
+            return;
+        }
+        info!(session = %s.id, ?reason, "ending session");
+        s.ending = Some(reason);
+        s.ending_since = Some(Instant::now());
+        // Peers see EOF now; polls and receives pending on these sockets complete at once.
+        for fd in [&s.client, &s.upstream] {
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        for dir in 0..2 {
+            if s.busy[dir] {
+                self.io.cancel(token(slot, s.gen, dir));
+            }
+        }
+        self.maybe_finalize(slot);
+    }
+
+    /// Drops an ending session once nothing is in flight, and reports it.
+    fn maybe_finalize(&mut self, slot: u32) {
+        let Some(cell) = self.slots.get_mut(slot as usize) else { return };
+        let Some(s) = cell.as_ref() else { return };
+        if s.ending.is_none() || s.busy.iter().any(|b| *b) {
+            return;
+        }
+        let Some(mut s) = cell.take() else { return };
+        for d in &mut s.dirs {
+            d.release(&mut self.io.pool);
+        }
+        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1);
+        self.free_slots.push(slot);
+        self.by_id.remove(&s.id);
+        let report = Report {
+            id: s.id.clone(),
+            bytes_client_to_upstream: s.dirs[0].bytes(),
+            bytes_upstream_to_client: s.dirs[1].bytes(),
+            duration: s.added.elapsed(),
+            reason: s.ending.unwrap_or(EndReason::Error),
+        };
+        info!(
+            session = %report.id,
+            reason = ?report.reason,
+            bytes_client_to_upstream = report.bytes_client_to_upstream,
+            bytes_upstream_to_client = report.bytes_upstream_to_client,
+            duration_ms = report.duration.as_millis() as u64,
+            "session ended"
+        );
+        // Closes both legs and the pipes.
+        drop(s);
+        let _ = self.reports.send(report);
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let wall = SystemTime::now();
+        for slot in 0..self.slots.len() as u32 {
+            let Some(Some(s)) = self.slots.get_mut(slot as usize) else { continue };
+            if let Some(since) = s.ending_since {
+                // Shutdown and cancel should have finished these ops already; nudge again.
+                if now.duration_since(since) >= END_RECANCEL {
+                    warn!(session = %s.id, busy = ?s.busy, "ending session still has operations in flight");
+                    s.ending_since = Some(now);
+                    for dir in 0..2 {
+                        if s.busy[dir] {
+                            self.io.cancel(token(slot, s.gen, dir));
+                        }
+                    }
+                }
+                continue;
+            }
+            if s.not_after.is_some_and(|t| wall >= t) {
+                self.begin_end(slot, EndReason::CertExpired);
+            } else if s.idle_timeout.is_some_and(|t| now.duration_since(s.last_activity) >= t) {
+                self.begin_end(slot, EndReason::IdleTimeout);
+            }
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        if self.io.inflight > 0 {
+            // The kernel may still write into these buffers (or use these descriptors) until the
+            // thread's ring is torn down; leaking is the only safe option.
+            for s in self.slots.drain(..).flatten() {
+                std::mem::forget(s);
+            }
+            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Sessions live in the dataplane process: control hands them over after the handshake, they keep
+//! flowing while control is killed and restarted (the new control audits their end), and a killed
+//! dataplane's sessions are recorded as ended while control takes new sessions itself.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use sluice_control::demo::{AwsCreds, ControlProc};
+use sluice_tests::{runtime, wait_until, Harness};
+
+fn count_in(path: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(path).unwrap_or_default().matches(needle).count()
+}
+
+#[test]
+fn sessions_survive_a_control_restart_and_are_audited_by_the_new_control() {
+    let mut h = Harness::start("dp-restart").unwrap();
+    let rt = runtime().unwrap();
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    let v: i32 = rt.block_on(c.client.query_one("select 41 + 1", &[])).unwrap().get(0);
+    assert_eq!(v, 42);
+    assert_eq!(count_in(&h.control_log(), "session handed to the dataplane"), 1);
+    let live = h.state.live_sessions().unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+    let sid = live[0].0.clone();
+
+    h.stack.control.proc.stop(Signal::SIGKILL);
+    // No control at all: the session still works, so its bytes cannot be passing through control.
+    let v: i32 = rt.block_on(c.client.query_one("select 2 * 21", &[])).unwrap().get(0);
+    assert_eq!(v, 42);
+
+    let old = &h.stack.control;
+    let dir = h.stack.dir.join("control");
+    h.stack.control = ControlProc::spawn(
+        old.config_path.clone(),
+        old.config.clone(),
+        old.pg_port,
+        old.api_port,
+        &AwsCreds::demo(),
+        &dir,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "control reconnects to the dataplane", || {
+        Ok((count_in(&h.control_log(), "connected to the dataplane") >= 2).then_some(()))
+    })
+    .unwrap();
+    // The new control learned the session is still live, so it has not ended it.
+    assert!(!h.audit().unwrap().iter().any(|e| e.event == "db.session.end"));
+    let rows: i64 =
+        rt.block_on(c.client.query_one("select count(*) from generate_series(1, 5000)", &[])).unwrap().get(0);
+    assert_eq!(rows, 5000);
+    rt.block_on(c.close()).unwrap();
+
+    let end = wait_until(Duration::from_secs(10), "db.session.end from the new control", || {
+        Ok(h.audit()?.into_iter().find(|e| e.event == "db.session.end"))
+    })
+    .unwrap();
+    assert_eq!(end.session_id.as_deref(), Some(sid.as_str()));
+    assert!(end.success, "{end:?}");
+    assert_eq!(end.data["data_plane"], true);
+    assert!(end.data["bytes_from_client"].as_u64().unwrap() > 0, "{end:?}");
+    assert!(end.data["bytes_to_client"].as_u64().unwrap() > 0, "{end:?}");
+    assert!(h.state.live_sessions().unwrap().is_empty());
+}
+
+#[test]
+fn a_killed_dataplane_ends_its_sessions_and_control_takes_new_ones() {
+    let mut h = Harness::start("dp-kill").unwrap();
+    let rt = runtime().unwrap();
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    let v: i32 = rt.block_on(c.client.query_one("select 1", &[])).unwrap().get(0);
+    assert_eq!(v, 1);
+    h.stack.dataplane.proc.stop(Signal::SIGKILL);
+
+    // The client sees its connection closed, not a hang.
+    let r =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), c.client.query_one("select 1", &[])).await });
+    assert!(matches!(r, Ok(Err(_))), "the session must end when its dataplane dies: {r:?}");
+
+    let end = wait_until(Duration::from_secs(15), "db.session.end for the lost session", || {
+        Ok(h.audit()?.into_iter().find(|e| e.event == "db.session.end"))
+    })
+    .unwrap();
+    assert!(!end.success, "{end:?}");
+    assert!(end.data["error"].as_str().unwrap().contains("no longer holds"), "{end:?}");
+    assert!(h.state.live_sessions().unwrap().is_empty());
+
+    // With no dataplane, control relays new sessions itself.
+    let c2 = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    let v: i32 = rt.block_on(c2.client.query_one("select 7", &[])).unwrap().get(0);
+    assert_eq!(v, 7);
+    rt.block_on(c2.close()).unwrap();
+}
