@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use sluice_control::demo::{AwsCreds, ControlProc};
-use sluice_tests::{runtime, wait_until, Harness};
+use sluice_tests::{client_config_from_pem, runtime, wait_until, Harness};
+use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 fn count_in(path: &std::path::Path, needle: &str) -> usize {
     std::fs::read_to_string(path).unwrap_or_default().matches(needle).count()
@@ -50,6 +52,25 @@ fn sessions_survive_a_control_restart_and_are_audited_by_the_new_control() {
     let rows: i64 =
         rt.block_on(c.client.query_one("select count(*) from generate_series(1, 5000)", &[])).unwrap().get(0);
     assert_eq!(rows, 5000);
+
+    // Ctrl-C still works: the new control restored the session's cancel route.
+    let tls = MakeRustlsConnect::new(client_config_from_pem(&h.ca_pem, Some(&cert)).unwrap());
+    let token = c.client.cancel_token();
+    let err = rt
+        .block_on(async {
+            let sleep = c.client.simple_query("select pg_sleep(30)");
+            let cancel = async {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                token.cancel_query(tls).await
+            };
+            let (r, sent) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(sleep, cancel) })
+                .await
+                .expect("pg_sleep(30) was not cancelled within 10 s");
+            sent.expect("sending the cancel request");
+            r
+        })
+        .expect_err("pg_sleep(30) finished instead of being cancelled");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
     rt.block_on(c.close()).unwrap();
 
     let end = wait_until(Duration::from_secs(10), "db.session.end from the new control", || {

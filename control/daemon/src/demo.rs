@@ -585,12 +585,15 @@ pub fn run_demo(dir: &Path) -> Result<()> {
          \x20 export SLUICE_HOME={d}/home\n\
          \x20 {sluice} db ls\n\
          \x20 {sluice} db connect demo\n\n\
-         Logs are in {d}/control/control.log and {d}/emulator/emulator.log. Ctrl-C stops everything.",
+         Logs are in {d}/control/control.log, {d}/dataplane/dataplane.log and {d}/emulator/emulator.log.\n\
+         Live sessions: {control} --config {d}/control/control.yaml sessions ls\n\
+         Ctrl-C stops everything.",
         pg = stack.control.pg_port,
         endpoint = stack.emulator.endpoint,
         eport = stack.emulator.port,
         pgport = stack.postgres.port,
         sluice = sluice.display(),
+        control = std::env::current_exe().unwrap_or_else(|_| "control".into()).display(),
     );
     rt.block_on(async {
         tokio::select! {

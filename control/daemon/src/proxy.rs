@@ -520,7 +520,11 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
         Ok(f) => f,
         Err(e) => return Outcome::Failed(format!("taking the sockets: {e}"), our_pid),
     };
-    let record = json!({ "fields": fields, "our_pid": our_pid });
+    // What a restarted control needs to route this session's cancel requests.
+    let cancel = ctx.cancels().get(&our_pid).map(|(ours, t)| {
+        json!({ "our_secret": hex::encode(ours), "upstream_pid": t.pid, "upstream_secret": hex::encode(&t.secret) })
+    });
+    let record = json!({ "fields": fields, "our_pid": our_pid, "cancel": cancel });
     if let Err(e) = ctx.state.insert_live_session(&fields.session_id, &record) {
         return Outcome::Failed(format!("recording the session: {e}"), our_pid);
     }
@@ -582,6 +586,33 @@ impl ProxyContext {
     }
 }
 
+impl ProxyContext {
+    /// Rebuilds the cancel route of a session handed off by an earlier control process.
+    fn restore_cancel(&self, record: &serde_json::Value) -> Result<(), String> {
+        let (Some(our_pid), Some(c)) = (record["our_pid"].as_u64(), record.get("cancel").filter(|c| !c.is_null()))
+        else {
+            return Ok(());
+        };
+        let our_pid = our_pid as u32;
+        if self.cancels().contains_key(&our_pid) {
+            return Ok(());
+        }
+        let hex_field = |k: &str| hex::decode(c[k].as_str().unwrap_or_default()).map_err(|e| format!("{k}: {e}"));
+        let (ours, secret) = (hex_field("our_secret")?, hex_field("upstream_secret")?);
+        let pid = c["upstream_pid"].as_u64().ok_or("no upstream pid")? as u32;
+        let service = record["fields"]["db_service"].as_str().unwrap_or_default();
+        let db = catalog::find(&self.cfg, &self.state, service)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("database {service:?} is no longer registered"))?;
+        let dial = db.spec.dial_target().map_err(|e| e.to_string())?;
+        let name = db.spec.tls_server_name().map_err(|e| e.to_string())?;
+        let server_name = rustls_pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
+        let tls = self.upstream_tls.config(db.spec.tls.ca_cert_file.as_deref()).map_err(|e| e.to_string())?;
+        self.cancels().insert(our_pid, (ours, CancelTarget { dial, server_name, tls, pid, secret }));
+        Ok(())
+    }
+}
+
 impl Events for ProxyContext {
     fn ended(&self, e: sluice_dataplane::handoff::SessionEnded) {
         self.finish_handed_off(&e.session_id.clone(), Some(&e));
@@ -595,9 +626,11 @@ impl Events for ProxyContext {
                 return;
             }
         };
-        for (id, _, _) in known {
+        for (id, _, record) in known {
             if !live.contains(&id) {
                 self.finish_handed_off(&id, None);
+            } else if let Err(e) = self.restore_cancel(&record) {
+                warn!(session_id = %id, error = %e, "cannot route cancel requests for a session from before the restart");
             }
         }
     }
