@@ -145,8 +145,11 @@ pub enum Message {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// The control daemon: receives every session's end report.
     Control = 1,
     Dataplane = 2,
+    /// An admin tool (`control sessions kill`): may end and list sessions, receives no reports.
+    Admin = 3,
 }
 
 #[repr(u16)]
@@ -341,6 +344,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
             let role = match f.bytes(1, "role")? {
                 [1] => Role::Control,
                 [2] => Role::Dataplane,
+                [3] => Role::Admin,
                 _ => return Err(HandoffError::Malformed("role")),
             };
             let pid: [u8; 4] = f.bytes(2, "pid")?.try_into().map_err(|_| HandoffError::Malformed("pid"))?;

@@ -137,8 +137,11 @@ impl Shared {
     }
 
     fn serve(&self, link: Link) {
-        match link.recv() {
-            Ok((Message::Hello { role: Role::Control, pid }, _)) => info!(control_pid = pid, "control connected"),
+        let role = match link.recv() {
+            Ok((Message::Hello { role: role @ (Role::Control | Role::Admin), pid }, _)) => {
+                info!(peer_pid = pid, ?role, "control connected");
+                role
+            }
             Ok((other, _)) => {
                 warn!(?other, "first frame from a peer was not a control Hello; closing");
                 return;
@@ -147,14 +150,15 @@ impl Shared {
                 warn!(error = %e, "control connection failed before Hello");
                 return;
             }
-        }
+        };
         if let Err(e) = link.send(&Message::Hello { role: Role::Dataplane, pid: std::process::id() }, &[]) {
             warn!(error = %e, "answering control's Hello");
             return;
         }
-        // Become the report sink, delivering what queued up while no control was connected.
-        match link.try_clone() {
-            Ok(clone) => {
+        // The daemon becomes the report sink, receiving what queued up while none was connected.
+        match link.try_clone().map(|clone| (clone, role == Role::Control)) {
+            Ok((_, false)) => {}
+            Ok((clone, true)) => {
                 let mut control = lock(&self.control);
                 let mut pending = lock(&self.pending);
                 while let Some(r) = pending.pop_front() {

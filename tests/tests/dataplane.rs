@@ -114,3 +114,55 @@ fn a_killed_dataplane_ends_its_sessions_and_control_takes_new_ones() {
     assert_eq!(v, 7);
     rt.block_on(c2.close()).unwrap();
 }
+
+#[test]
+fn an_admin_kill_ends_the_session_within_a_second() {
+    let h = Harness::start("dp-kill-admin").unwrap();
+    let rt = runtime().unwrap();
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    let v: i32 = rt.block_on(c.client.query_one("select 5", &[])).unwrap().get(0);
+    assert_eq!(v, 5);
+    let sid = h.state.live_sessions().unwrap()[0].0.clone();
+
+    let control = sluice_control::demo::find_bin("control").unwrap();
+    let config = h.stack.control.config_path.clone();
+    let ls =
+        std::process::Command::new(&control).arg("--config").arg(&config).args(["sessions", "ls"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert!(listed.contains(&sid) && listed.contains("alice"), "{listed}");
+
+    let result = rt.block_on(async {
+        let sleep = c.client.simple_query("select pg_sleep(20)");
+        let kill = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let out = tokio::process::Command::new(&control)
+                .arg("--config")
+                .arg(&config)
+                .args(["sessions", "kill", &sid])
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            std::time::Instant::now()
+        };
+        let (r, killed_at) = tokio::join!(sleep, kill);
+        (r, killed_at.elapsed())
+    });
+    assert!(result.0.is_err(), "the query must fail when its session is killed");
+    assert!(result.1 < Duration::from_secs(1), "the client saw the end {:?} after the kill", result.1);
+
+    let end = wait_until(Duration::from_secs(10), "db.session.end", || {
+        Ok(h.audit()?.into_iter().find(|e| e.event == "db.session.end"))
+    })
+    .unwrap();
+    assert_eq!(end.data["reason"], "AdminKill", "{end:?}");
+    // Killing an unknown session is an error, not a silent success.
+    let out = std::process::Command::new(&control)
+        .arg("--config")
+        .arg(&config)
+        .args(["sessions", "kill", "no-such-session"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -108,6 +108,8 @@ enum TokensCmd {
 enum SessionsCmd {
     /// Sessions the dataplane holds.
     Ls,
+    /// End a session now (the dataplane closes both legs within a second).
+    Kill { id: String },
 }
 
 #[derive(Subcommand)]
@@ -307,6 +309,27 @@ fn main() -> Result<()> {
                     s("db_name")
                 );
             }
+            Ok(())
+        }
+        Cmd::Sessions(SessionsCmd::Kill { id }) => {
+            use sluice_dataplane::handoff::{EndReason, Message, Role};
+            let cfg = load_config(&cli.config)?;
+            let dp = cfg.dataplane.as_ref().context("no dataplane is configured (dataplane.socket)")?;
+            let link = sluice_dataplane::link::Link::connect(&dp.socket)
+                .with_context(|| format!("connecting to the dataplane at {}", dp.socket.display()))?;
+            link.set_read_timeout(Some(Duration::from_secs(5)))?;
+            link.send(&Message::Hello { role: Role::Admin, pid: std::process::id() }, &[])?;
+            if !matches!(link.recv()?.0, Message::Hello { role: Role::Dataplane, .. }) {
+                bail!("the peer at {} is not a dataplane", dp.socket.display());
+            }
+            link.send(&Message::ListSessions, &[])?;
+            match link.recv()?.0 {
+                Message::Sessions { session_ids } if session_ids.contains(&id) => {}
+                Message::Sessions { .. } => bail!("the dataplane holds no session {id:?}"),
+                other => bail!("unexpected answer from the dataplane: {other:?}"),
+            }
+            link.send(&Message::EndSession { session_id: id.clone(), reason: EndReason::AdminKill }, &[])?;
+            println!("session {id} is being ended");
             Ok(())
         }
         Cmd::Audit { limit } => {
