@@ -2,24 +2,29 @@
 //! upstream leg) and each leg's TLS state to a [`Worker`], which moves the bytes until the session
 //! ends and then sends one [`Report`].
 //!
-//! Each worker is one thread owning one io_uring. Plain/plain sessions are spliced socket → pipe →
-//! socket inside the kernel; sessions with a TLS leg go through the userspace record layer
-//! ([`crate::tls_record`]) because this kernel has no kTLS. Every operation is *poll first*: an idle
-//! session holds only `POLL_ADD`s, never a blocked io-wq thread (`IORING_OP_SPLICE` always runs on
-//! one) nor a userspace buffer. The process must ignore SIGPIPE (Rust's runtime does), since a splice
-//! into a reset socket raises it on the io-wq thread.
+//! Each worker is one thread owning one io_uring. Plain legs, and TLS legs whose keys the kernel
+//! took ([`crate::ktls`]), are spliced socket → pipe → socket inside the kernel; a direction that
+//! reads or writes a TLS leg the kernel could not take goes through the userspace record layer
+//! ([`crate::tls_record`]). So a session whose legs all have kTLS (or are plain) is pure splice, and
+//! one with a single kTLS leg treats that leg as plain in the record path.
+//!
+//! Every operation is *poll first*: an idle session holds only `POLL_ADD`s, never a blocked io-wq
+//! thread (`IORING_OP_SPLICE` always runs on one) nor a userspace buffer. The process must ignore
+//! SIGPIPE (Rust's runtime does), since a splice into a reset socket raises it on the io-wq thread.
 //!
 //! Layout: this file is the thread-safe handle; `event_loop` the ring and session table; `splice`
-//! and `record` the per-direction state machines; `pool` the shared buffer pool.
+//! and `record` the per-direction state machines; `ktls_rx` the non-data records of kTLS legs;
+//! `pool` the shared buffer pool.
 
 mod event_loop;
+mod ktls_rx;
 mod pool;
 mod record;
 mod splice;
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -51,6 +56,10 @@ pub struct Report {
     pub bytes_upstream_to_client: u64,
     pub duration: Duration,
     pub reason: EndReason,
+    /// The kernel sealed and opened the client leg's records (kTLS), both ways.
+    pub client_ktls: bool,
+    /// The kernel sealed and opened the upstream leg's records (kTLS), both ways.
+    pub upstream_ktls: bool,
 }
 
 /// Counters the worker thread publishes for metrics and tests.
@@ -60,6 +69,10 @@ pub(crate) struct Stats {
     pub(crate) buffers_in_use: AtomicUsize,
     /// Buffers allocated and not yet freed, in use or idle in the pool.
     pub(crate) buffers_allocated: AtomicUsize,
+    /// Legs handed to this worker whose TLS records the kernel protects both ways.
+    pub(crate) ktls_legs: AtomicUsize,
+    /// Non-data records (tickets, alerts, ...) read from kTLS legs.
+    pub(crate) ktls_control_records: AtomicU64,
 }
 
 pub(crate) enum Command {
@@ -123,13 +136,14 @@ impl Worker {
         self.index
     }
 
-    /// Hands a session to the worker. Sockets are switched to non-blocking and the crypto state is
-    /// checked here, so a bad handoff fails in the caller (for its HandoffAck) rather than later.
+    /// Hands a session to the worker. Sockets are switched to non-blocking, the crypto state is
+    /// checked and each TLS leg's keys are offered to the kernel (kTLS) here, so a bad handoff
+    /// fails in the caller (for its HandoffAck) rather than later.
     /// A session whose `not_after` has passed is accepted and ends at once (CertExpired).
     /// Blocks until the worker thread has taken the session (one wake-up, microseconds), so a
     /// duplicate id is refused here and `sessions()` lists the session as soon as this returns.
     pub fn add(&self, s: Session) -> io::Result<()> {
-        let prepared = event_loop::Prepared::new(s, Instant::now())?;
+        let prepared = event_loop::Prepared::new(s, Instant::now(), &self.stats)?;
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Command::Add(Box::new(prepared), tx))?;
         rx.recv().map_err(|_| gone())?
@@ -159,6 +173,16 @@ impl Worker {
     /// Buffers allocated by this worker, held by sessions or kept in its pool for reuse.
     pub fn buffers_allocated(&self) -> usize {
         self.stats.buffers_allocated.load(Ordering::Relaxed)
+    }
+
+    /// TLS legs of the sessions added so far whose records the kernel protects (kTLS) both ways.
+    pub fn ktls_legs(&self) -> usize {
+        self.stats.ktls_legs.load(Ordering::Relaxed)
+    }
+
+    /// Non-application-data records (NewSessionTickets, close_notify, ...) read from kTLS legs.
+    pub fn ktls_control_records(&self) -> u64 {
+        self.stats.ktls_control_records.load(Ordering::Relaxed)
     }
 
     /// Ends every session (reason WorkerShutdown), waits for their reports to be sent and joins

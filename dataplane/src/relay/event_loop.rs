@@ -14,7 +14,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,11 +24,13 @@ use nix::libc;
 use nix::sys::eventfd::EventFd;
 use tracing::{debug, error, info, warn};
 
+use super::ktls_rx::KtlsRx;
 use super::pool::Pool;
 use super::record::RecordDir;
 use super::splice::SpliceDir;
 use super::{set_nonblocking, Command, Failure, Leg, Op, Report, Session, Stats, Step};
 use crate::handoff::{EndReason, LegCrypto};
+use crate::ktls;
 use crate::tls_record::{RecordDecrypter, RecordEncrypter, TLS13};
 
 const RING_ENTRIES: u32 = 4096;
@@ -83,42 +86,43 @@ impl Dir {
     }
 }
 
-/// A session made ready in the caller's thread: sockets non-blocking, pipes made, keys loaded.
+/// A session made ready in the caller's thread: sockets non-blocking, pipes made, keys loaded
+/// (into the kernel where it has kTLS).
 pub(crate) struct Prepared {
     id: String,
     client: OwnedFd,
     upstream: OwnedFd,
     /// `[client → upstream, upstream → client]`.
     dirs: [Dir; 2],
+    /// `[client, upstream]`: the kernel protects the leg's records both ways.
+    ktls: [bool; 2],
     idle_timeout: Option<Duration>,
     not_after: Option<SystemTime>,
     added: Instant,
 }
 
 impl Prepared {
-    pub(crate) fn new(s: Session, added: Instant) -> io::Result<Prepared> {
+    pub(crate) fn new(s: Session, added: Instant, stats: &Arc<Stats>) -> io::Result<Prepared> {
         set_nonblocking(&s.client)?;
         set_nonblocking(&s.upstream)?;
+        // Both legs' keys are checked before either goes to the kernel, so a bad handoff is refused
+        // the same way with or without kTLS.
+        let client_keys = keys(&s.client_crypto, "client")?;
+        let upstream_keys = keys(&s.upstream_crypto, "upstream")?;
+        let mut client = LegIo::new(&s.client, &s.client_crypto, client_keys, Leg::Client, stats);
+        let mut upstream = LegIo::new(&s.upstream, &s.upstream_crypto, upstream_keys, Leg::Upstream, stats);
+        let ktls = [client.ktls_both, upstream.ktls_both];
         let (c, u) = (s.client.as_raw_fd(), s.upstream.as_raw_fd());
-        let dirs = match (&s.client_crypto, &s.upstream_crypto) {
-            (LegCrypto::Plain, LegCrypto::Plain) => [
-                Dir::Splice(SpliceDir::new(c, u, Leg::Client, Leg::Upstream)?),
-                Dir::Splice(SpliceDir::new(u, c, Leg::Upstream, Leg::Client)?),
-            ],
-            (cc, uc) => {
-                let (c_dec, c_enc, c13) = keys(cc, "client")?;
-                let (u_dec, u_enc, u13) = keys(uc, "upstream")?;
-                [
-                    Dir::Record(Box::new(RecordDir::new(c, u, Leg::Client, Leg::Upstream, c_dec, u_enc, c13))),
-                    Dir::Record(Box::new(RecordDir::new(u, c, Leg::Upstream, Leg::Client, u_dec, c_enc, u13))),
-                ]
-            }
-        };
+        let dirs = [
+            direction(c, u, Leg::Client, Leg::Upstream, &mut client, &mut upstream)?,
+            direction(u, c, Leg::Upstream, Leg::Client, &mut upstream, &mut client)?,
+        ];
         Ok(Prepared {
             id: s.id,
             client: s.client,
             upstream: s.upstream,
             dirs,
+            ktls,
             idle_timeout: s.idle_timeout,
             not_after: s.not_after,
             added,
@@ -126,8 +130,60 @@ impl Prepared {
     }
 }
 
+/// How one leg's records are protected: in userspace (`dec`/`enc`), by the kernel (`ktls_*`), or
+/// not at all (a plain leg, where everything is `None`/`false`).
+struct LegIo {
+    /// Opens what is read from the leg, unless the kernel does.
+    dec: Option<RecordDecrypter>,
+    /// Seals what is written to the leg, unless the kernel does.
+    enc: Option<RecordEncrypter>,
+    tls13: bool,
+    /// The kernel opens what is read from the leg.
+    ktls_rx: Option<KtlsRx>,
+    /// The kernel seals what is written to the leg.
+    ktls_tx: bool,
+    ktls_both: bool,
+}
+
+impl LegIo {
+    fn new(fd: &OwnedFd, crypto: &LegCrypto, keys: Keys, leg: Leg, stats: &Arc<Stats>) -> LegIo {
+        let (dec, enc, tls13) = keys;
+        let k = ktls::install(fd.as_fd(), crypto, leg.name());
+        LegIo {
+            dec: if k.rx { None } else { dec },
+            enc: if k.tx { None } else { enc },
+            tls13,
+            ktls_rx: k.rx.then(|| KtlsRx::new(tls13, stats.clone())),
+            ktls_tx: k.tx,
+            ktls_both: k.tx && k.rx,
+        }
+    }
+}
+
+/// The direction `src → dst`: spliced when neither end needs userspace crypto, else record path.
+fn direction(
+    src_fd: RawFd,
+    dst_fd: RawFd,
+    src_leg: Leg,
+    dst_leg: Leg,
+    src: &mut LegIo,
+    dst: &mut LegIo,
+) -> io::Result<Dir> {
+    let (dec, enc, ktls_rx) = (src.dec.take(), dst.enc.take(), src.ktls_rx.take());
+    Ok(if dec.is_none() && enc.is_none() {
+        Dir::Splice(SpliceDir::new(src_fd, dst_fd, src_leg, dst_leg)?.with_ktls(ktls_rx, dst.ktls_tx))
+    } else {
+        Dir::Record(Box::new(
+            RecordDir::new(src_fd, dst_fd, src_leg, dst_leg, dec, enc, src.tls13).with_ktls(ktls_rx, dst.ktls_tx),
+        ))
+    })
+}
+
 /// The leg's (decrypter for what we read, encrypter for what we write, is TLS 1.3).
-fn keys(c: &LegCrypto, leg: &str) -> io::Result<(Option<RecordDecrypter>, Option<RecordEncrypter>, bool)> {
+type Keys = (Option<RecordDecrypter>, Option<RecordEncrypter>, bool);
+
+/// Builds the leg's userspace ciphers, which also validates the handed-over key material.
+fn keys(c: &LegCrypto, leg: &str) -> io::Result<Keys> {
     match c {
         LegCrypto::Plain => Ok((None, None, false)),
         LegCrypto::Tls { version, cipher_suite, tx_key, tx_iv, tx_seq, rx_key, rx_iv, rx_seq } => {
@@ -145,6 +201,7 @@ struct Sess {
     client: OwnedFd,
     upstream: OwnedFd,
     dirs: [Dir; 2],
+    ktls: [bool; 2],
     busy: [bool; 2],
     done: [bool; 2],
     added: Instant,
@@ -238,6 +295,7 @@ pub(crate) struct EventLoop {
     free_slots: Vec<u32>,
     by_id: HashMap<String, u32>,
     reports: mpsc::Sender<Report>,
+    stats: Arc<Stats>,
     shutting_down: bool,
 }
 
@@ -264,7 +322,7 @@ impl EventLoop {
         }
         Ok(EventLoop {
             index,
-            io: Io { ring, pool: Pool::new(stats), backlog: VecDeque::new(), inflight: 0 },
+            io: Io { ring, pool: Pool::new(stats.clone()), backlog: VecDeque::new(), inflight: 0 },
             commands,
             wake,
             wake_buf: Box::new([0; 8]),
@@ -274,6 +332,7 @@ impl EventLoop {
             free_slots: Vec::new(),
             by_id: HashMap::new(),
             reports,
+            stats,
             shutting_down: false,
         })
     }
@@ -392,8 +451,18 @@ impl EventLoop {
                 (self.slots.len() - 1) as u32
             }
         };
-        let path = if matches!(p.dirs[0], Dir::Splice(_)) { "splice" } else { "tls-record" };
-        info!(session = %p.id, worker = self.index, path, "relaying session");
+        let path = |d: &Dir| if matches!(d, Dir::Splice(_)) { "splice" } else { "tls-record" };
+        info!(
+            session = %p.id,
+            worker = self.index,
+            client_to_upstream = path(&p.dirs[0]),
+            upstream_to_client = path(&p.dirs[1]),
+            client_ktls = p.ktls[0],
+            upstream_ktls = p.ktls[1],
+            "relaying session"
+        );
+        let legs = p.ktls.iter().filter(|k| **k).count();
+        self.stats.ktls_legs.fetch_add(legs, Ordering::Relaxed);
         self.by_id.insert(p.id.clone(), slot);
         self.slots[slot as usize] = Some(Sess {
             id: p.id,
@@ -401,6 +470,7 @@ impl EventLoop {
             client: p.client,
             upstream: p.upstream,
             dirs: p.dirs,
+            ktls: p.ktls,
             busy: [false; 2],
             done: [false; 2],
             added: p.added,
@@ -544,6 +614,8 @@ impl EventLoop {
             bytes_upstream_to_client: s.dirs[1].bytes(),
             duration: s.added.elapsed(),
             reason: s.ending.unwrap_or(EndReason::Error),
+            client_ktls: s.ktls[0],
+            upstream_ktls: s.ktls[1],
         };
         info!(
             session = %report.id,

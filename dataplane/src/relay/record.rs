@@ -10,13 +10,20 @@
 //! Post-handshake messages: NewSessionTicket is dropped (we never resume), KeyUpdate cannot be
 //! followed (we hold the key and IV, not the traffic secret) and ends the session, close_notify is
 //! the source's EOF and is passed on as close_notify (or a plain half-close).
+//!
+//! In a session where only one leg has kTLS, that leg is plain here (no decrypter or encrypter):
+//! the kernel opens and seals its records. Its non-data records are read by [`KtlsRx`], and the
+//! close_notify passed on to it goes out as a kernel alert record.
 
 use std::os::fd::RawFd;
 
+use nix::errno::Errno;
 use nix::libc;
 
+use super::ktls_rx::{Control, KtlsRx};
 use super::pool::{Pool, BUF_SIZE};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
+use crate::ktls::send_close_notify;
 use crate::tls_record::{
     RecordDecrypter, RecordEncrypter, CLOSE_NOTIFY, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
     MAX_PLAINTEXT, MAX_RECORD_LEN,
@@ -64,6 +71,10 @@ pub(crate) struct RecordDir {
     notify_sent: bool,
     /// Bytes of a NewSessionTicket that continues in the next handshake record.
     hs_skip: usize,
+    /// The source is a kTLS leg (so `dec` is `None`): its non-data records are read here.
+    ktls_rx: Option<KtlsRx>,
+    /// The destination is a kTLS leg (so `enc` is `None`): close_notify goes out through the kernel.
+    ktls_tx: bool,
     pending: Pending,
     pub(crate) bytes: u64,
 }
@@ -99,9 +110,18 @@ impl RecordDir {
             notified: false,
             notify_sent: false,
             hs_skip: 0,
+            ktls_rx: None,
+            ktls_tx: false,
             pending: Pending::None,
             bytes: 0,
         }
+    }
+
+    /// Marks the source as a kTLS leg (`rx`) and/or the destination as one (`tx`).
+    pub(crate) fn with_ktls(mut self, rx: Option<KtlsRx>, tx: bool) -> Self {
+        self.ktls_rx = rx;
+        self.ktls_tx = tx;
+        self
     }
 
     /// Next operation; called only while none is in flight (so the buffers are ours to touch).
@@ -144,6 +164,20 @@ impl RecordDir {
                         Err(e) => return Step::Fail(Failure::Error(format!("sealing close_notify: {e}"))),
                     }
                     continue;
+                }
+                if self.ktls_tx && !self.notify_sent {
+                    if self.blocked_out {
+                        self.pending = Pending::PollOut;
+                        return Step::Submit(Op::PollOut(self.dst));
+                    }
+                    match send_close_notify(self.dst) {
+                        Ok(()) => self.notify_sent = true,
+                        Err(Errno::EAGAIN) => {
+                            self.blocked_out = true;
+                            continue;
+                        }
+                        Err(e) => return Step::Fail(failure_for(self.dst_leg, e as i32, "sending close_notify")),
+                    }
                 }
                 self.release(pool);
                 shutdown_write(self.dst);
@@ -201,7 +235,9 @@ impl RecordDir {
                 // A TLS peer that stops without close_notify was cut off (a killed client), not
                 // done sending: end the whole session rather than half-close, since a PostgreSQL
                 // server behind the other leg would otherwise wait on a half-open session.
-                0 if self.dec.is_some() && !self.notified => Err(Failure::Closed(self.src_leg, libc::ECONNRESET)),
+                0 if (self.dec.is_some() || self.ktls_rx.is_some()) && !self.notified => {
+                    Err(Failure::Closed(self.src_leg, libc::ECONNRESET))
+                }
                 0 => {
                     self.src_eof = true;
                     Ok(0)
@@ -215,7 +251,19 @@ impl RecordDir {
                     self.readable = false;
                     Ok(0)
                 }
-                e => Err(failure_for(self.src_leg, -e, "recv")),
+                e => match self.ktls_rx.as_mut() {
+                    Some(rx) => match rx.read_failed(self.src, self.src_leg, -e, "recv")? {
+                        Control::Skipped => {
+                            self.readable = true;
+                            Ok(0)
+                        }
+                        Control::CloseNotify => {
+                            self.notified = true;
+                            Ok(0)
+                        }
+                    },
+                    None => Err(failure_for(self.src_leg, -e, "recv")),
+                },
             },
             Pending::Send => match res {
                 n if n > 0 => {
@@ -333,7 +381,7 @@ impl RecordDir {
 
 /// Walks the handshake messages of one record after the handshake; returns how many bytes of a
 /// ticket continue in the next record.
-fn post_handshake(mut p: &[u8], mut skip: usize, tls13: bool, src: &str) -> Result<usize, Failure> {
+pub(super) fn post_handshake(mut p: &[u8], mut skip: usize, tls13: bool, src: &str) -> Result<usize, Failure> {
     while !p.is_empty() {
         if skip > 0 {
             let n = skip.min(p.len());

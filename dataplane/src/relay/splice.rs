@@ -6,13 +6,23 @@
 //! SPLICE_F_NONBLOCK) and is issued only after a POLL_ADD reported the socket ready; -EAGAIN sends
 //! the direction back to polling. One operation is in flight per direction at a time, and nothing
 //! is read while the pipe holds data, so a stalled reader stalls the writer (bounded memory).
+//!
+//! A kTLS leg is spliced like a plain one (the kernel opens and seals its records), with three
+//! differences: a record that is not application data stops the splice and is read with recvmsg
+//! ([`KtlsRx`]); an EOF without close_notify is a cut-off peer, which ends the session as on the
+//! userspace record path; and the half-close passed on to a kTLS destination starts with a
+//! close_notify alert. A kTLS source also splices at most one record (16 KiB) per call, so while
+//! full records keep coming the pipe is filled with several before it is drained.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
 
+use super::ktls_rx::{Control, KtlsRx};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
+use crate::ktls::{send_close_notify, MAX_RECORD_PLAINTEXT};
 
 /// Larger pipes mean fewer splices (each an io-wq round trip) per megabyte.
 const PIPE_SIZE: i32 = 256 * 1024;
@@ -41,6 +51,11 @@ pub(crate) struct SpliceDir {
     /// The destination returned EAGAIN: wait for POLLOUT before splicing again.
     blocked_out: bool,
     eof: bool,
+    /// The source is a kTLS leg: its non-data records are read here.
+    ktls_rx: Option<KtlsRx>,
+    /// The destination is a kTLS leg: close_notify precedes the half-close.
+    ktls_tx: bool,
+    notify_sent: bool,
     pending: Pending,
     pub(crate) bytes: u64,
 }
@@ -63,15 +78,33 @@ impl SpliceDir {
             readable: false,
             blocked_out: false,
             eof: false,
+            ktls_rx: None,
+            ktls_tx: false,
+            notify_sent: false,
             pending: Pending::None,
             bytes: 0,
         })
     }
 
+    /// Marks the source as a kTLS leg (`rx`) and/or the destination as one (`tx`).
+    pub(crate) fn with_ktls(mut self, rx: Option<KtlsRx>, tx: bool) -> Self {
+        self.ktls_rx = rx;
+        self.ktls_tx = tx;
+        self
+    }
+
+    /// Whether to read another kTLS record into the pipe before draining it.
+    fn fill_more(&self) -> bool {
+        self.ktls_rx.is_some()
+            && self.readable
+            && !self.eof
+            && self.in_pipe as usize + MAX_RECORD_PLAINTEXT <= self.pipe_cap as usize
+    }
+
     /// Next operation; called only while none is in flight.
     pub(crate) fn step(&mut self) -> Step {
         debug_assert_eq!(self.pending, Pending::None);
-        if self.in_pipe > 0 {
+        if self.in_pipe > 0 && !self.fill_more() {
             if self.blocked_out {
                 self.pending = Pending::PollOut;
                 return Step::Submit(Op::PollOut(self.dst));
@@ -81,12 +114,28 @@ impl SpliceDir {
         }
         if self.eof {
             // Pipe drained: pass the half-close on.
+            if self.ktls_tx && !self.notify_sent {
+                if self.blocked_out {
+                    self.pending = Pending::PollOut;
+                    return Step::Submit(Op::PollOut(self.dst));
+                }
+                match send_close_notify(self.dst) {
+                    Ok(()) => self.notify_sent = true,
+                    Err(Errno::EAGAIN) => {
+                        self.blocked_out = true;
+                        self.pending = Pending::PollOut;
+                        return Step::Submit(Op::PollOut(self.dst));
+                    }
+                    Err(e) => return Step::Fail(failure_for(self.dst_leg, e as i32, "sending close_notify")),
+                }
+            }
             shutdown_write(self.dst);
             return Step::Done;
         }
         if self.readable {
-            self.pending = Pending::SpliceIn(self.pipe_cap);
-            return Step::Submit(Op::Splice { from: self.src, to: self.pipe_w.as_raw_fd(), len: self.pipe_cap });
+            let room = self.pipe_cap - self.in_pipe;
+            self.pending = Pending::SpliceIn(room);
+            return Step::Submit(Op::Splice { from: self.src, to: self.pipe_w.as_raw_fd(), len: room });
         }
         self.pending = Pending::PollIn;
         Step::Submit(Op::PollIn(self.src))
@@ -109,21 +158,37 @@ impl SpliceDir {
             Pending::PollIn => Err(failure_for(self.src_leg, -res, "poll")),
             Pending::PollOut => Err(failure_for(self.dst_leg, -res, "poll")),
             Pending::SpliceIn(asked) => match res {
+                // A TLS peer that stops without close_notify was cut off: end the session, as the
+                // userspace record path does.
+                0 if self.ktls_rx.is_some() => Err(Failure::Closed(self.src_leg, libc::ECONNRESET)),
                 0 => {
                     self.eof = true;
                     Ok(0)
                 }
                 n if n > 0 => {
                     self.in_pipe += n as u32;
-                    // A short read most likely emptied the socket: poll before the next one.
-                    self.readable = n as u32 == asked;
+                    // A short read most likely emptied the socket: poll before the next one. A
+                    // kTLS read stops at the record's end, so a full record says nothing either way.
+                    self.readable = n as u32 == asked || (self.ktls_rx.is_some() && n as usize == MAX_RECORD_PLAINTEXT);
                     Ok(n as u64)
                 }
                 e if -e == libc::EAGAIN => {
                     self.readable = false;
                     Ok(0)
                 }
-                e => Err(failure_for(self.src_leg, -e, "splice read")),
+                e => match self.ktls_rx.as_mut() {
+                    Some(rx) => match rx.read_failed(self.src, self.src_leg, -e, "splice read")? {
+                        Control::Skipped => {
+                            self.readable = true;
+                            Ok(0)
+                        }
+                        Control::CloseNotify => {
+                            self.eof = true;
+                            Ok(0)
+                        }
+                    },
+                    None => Err(failure_for(self.src_leg, -e, "splice read")),
+                },
             },
             Pending::SpliceOut => match res {
                 n if n > 0 => {

@@ -1,0 +1,1630 @@
+//! `e2e`: Sluice's end-to-end benchmark harness.
+//!
+//! It starts, on loopback, the whole Sluice stack ([`sluice_control::demo::Stack`]: PostgreSQL,
+//! the RDS Proxy emulator, a `dataplane` process when that binary is built, and control) plus
+//! the peer proxies pgbouncer (session pooling) and haproxy (`mode tcp`, once plain and once with
+//! `option splice-auto`), all in front of the same PostgreSQL database, and then runs the same
+//! client workloads against every target:
+//!
+//! * `pgbench -S -c1` (select-only, one connection): TPS and average latency;
+//! * `pgbench -S -c8 -j2`: TPS;
+//! * `pgbench -S -C -c4 -j2` (a new connection per transaction): TPS;
+//! * `COPY (SELECT ...) TO STDOUT` of about `--copy-mb` MiB read by `psql`, counted and hashed
+//!   (MiB/s; the md5 must equal the direct connection's).
+//!
+//! The targets are PostgreSQL itself (`direct`), the full Sluice path (`sluice`: client
+//! certificate from Sluice's CA → control → dataplane → emulator with an IAM token →
+//! PostgreSQL), the emulator alone (`emulator-only`, isolating the cost of the RDS Proxy
+//! stand-in so Sluice's own cost can be read off), `pgbouncer`, `haproxy` and `haproxy-splice`.
+//! Runs are interleaved (repetition 1 runs every workload on every target, then repetition 2, ...;
+//! the target order rotates from one repetition to the next) and the report gives medians, ratios
+//! to direct and, for Sluice, to emulator-only, plus the proxies' CPU seconds per GiB of COPY
+//! (from `/proc/<pid>/stat`) and the raw per-repetition numbers.
+//!
+//! Every child process is stopped when the harness ends, also on errors and on SIGINT/SIGTERM,
+//! and every client command runs under a time limit. `bench/README.md` has the command line.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aws_credential_types::Credentials;
+use clap::Parser;
+use sluice_control::demo::{self, AwsCreds, ControlProc, Emulator, Postgres, Proc, Stack};
+use sluice_control::iam::{generate_auth_token, TokenTarget};
+use sluice_control::state::random_secret;
+
+/// libpq variables that must not leak from the caller's environment into a client command.
+const LIBPQ_VARS: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGSSLCRL",
+    "PGOPTIONS",
+    "PGAPPNAME",
+    "PGCONNECT_TIMEOUT",
+    "PGSSLNEGOTIATION",
+    "PGGSSENCMODE",
+    "PGREQUIRESSL",
+    "PGTARGETSESSIONATTRS",
+    "PGCHANNELBINDING",
+];
+
+/// The COPY's rows: the row number, a tab, 30 copies of the row number's md5 (960 bytes) and a
+/// newline, so every row is distinct and the md5 of the stream checks order and content.
+const COPY_ROW_BYTES_APPROX: u64 = 969;
+
+const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "e2e",
+    about = "Sluice end-to-end benchmark: pgbench and COPY against direct PostgreSQL, Sluice, the RDS Proxy emulator, pgbouncer and haproxy"
+)]
+struct Args {
+    /// Repetitions of the whole workload × target matrix [default: 3, or 1 with --quick].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Approximate size of the COPY in MiB [default: 2048, or 256 with --quick].
+    #[arg(long)]
+    copy_mb: Option<u64>,
+    /// Seconds each pgbench run lasts (`-T`) [default: 10, or 3 with --quick].
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Where to write the Markdown report.
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    out: PathBuf,
+    /// A short run to test the harness itself: --reps 1 --duration 3 --copy-mb 256 (explicit
+    /// flags still win).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these targets (comma-separated; direct is always run, as the baseline):
+    /// direct, sluice, emulator-only, pgbouncer, haproxy, haproxy-splice.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// pgbench scale factor for `pgbench -i`.
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+    /// Never run apt-get: skip pgbouncer/haproxy when they are not installed.
+    #[arg(long)]
+    no_install: bool,
+    /// Keep the working directory (configs, logs) after a successful run.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The settings a run uses, after --quick and the defaults.
+#[derive(Debug, Clone)]
+struct Settings {
+    reps: usize,
+    copy_mb: u64,
+    duration: u64,
+    scale: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress, interruption, child processes
+// ---------------------------------------------------------------------------------------------
+
+static START: OnceLock<Instant> = OnceLock::new();
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        eprintln!("[e2e {:>7.1}s] {}", START.get_or_init(Instant::now).elapsed().as_secs_f64(), format!($($arg)*))
+    };
+}
+
+extern "C" fn on_signal(_: std::os::raw::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT, SIGTERM and SIGHUP set a flag that every wait loop checks, so the harness unwinds
+/// and its `Drop`s stop the child processes instead of leaving them behind.
+fn install_signal_handlers() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { signal(sig, SigHandler::Handler(on_signal)) } {
+            progress!("cannot install a handler for {sig}: {e}");
+        }
+    }
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// A short-lived child (pgbench, psql, md5sum) that is killed and reaped if dropped while running.
+struct ChildGuard {
+    child: Child,
+}
+
+impl ChildGuard {
+    fn spawn(cmd: &mut Command) -> Result<ChildGuard> {
+        let child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        Ok(ChildGuard { child })
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads a pipe to its end on a thread, so a chatty child never blocks on a full pipe.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Runs `cmd` to completion with its output captured, killing it after `timeout` or on an
+/// interrupt. Returns the output whatever the exit status.
+fn run_output(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let what = format!("{:?}", cmd.get_program());
+    let mut guard = ChildGuard::spawn(cmd)?;
+    let out = drain(guard.child.stdout.take());
+    let err = drain(guard.child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = guard.child.try_wait().with_context(|| format!("waiting for {what}"))? {
+            break status;
+        }
+        if interrupted() {
+            bail!("interrupted while running {what}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not finish within {timeout:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().map_err(|_| anyhow!("reading {what}'s stdout panicked"))?;
+    let stderr = err.join().map_err(|_| anyhow!("reading {what}'s stderr panicked"))?;
+    Ok(Output { status, stdout, stderr })
+}
+
+/// Like [`run_output`], but fails unless the command succeeds; returns its stdout.
+fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<String> {
+    let what = format!("{cmd:?}");
+    let out = run_output(cmd, timeout)?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A command's first output line (for version strings), or a note that it failed.
+fn first_line(program: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    match run_output(&mut cmd, Duration::from_secs(10)) {
+        Ok(out) => {
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            text.lines().next().unwrap_or("").trim().to_owned()
+        }
+        Err(e) => format!("({program}: {e})"),
+    }
+}
+
+/// The working directory; removed at the end unless kept (--keep, or after an error, for its logs).
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("e2e: kept the working directory {} (logs, configs)", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU accounting
+// ---------------------------------------------------------------------------------------------
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on every Linux this runs on).
+fn clock_ticks() -> f64 {
+    let mut cmd = Command::new("getconf");
+    cmd.arg("CLK_TCK");
+    run_ok(&mut cmd, Duration::from_secs(5))
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process (all its threads), in ticks.
+fn proc_ticks(pid: u32) -> Result<u64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may contain spaces; count from after it.
+    let rest = stat.rfind(')').map(|i| &stat[i + 1..]).ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state), so utime (14) and stime (15) are at 11 and 12.
+    let get = |i: usize| -> Result<u64> {
+        fields.get(i).and_then(|f| f.parse().ok()).ok_or_else(|| anyhow!("malformed /proc/{pid}/stat field {}", i + 3))
+    };
+    Ok(get(11)? + get(12)?)
+}
+
+/// Busy ticks of the whole machine (user, nice, system, irq, softirq) from /proc/stat.
+fn machine_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().find(|l| l.starts_with("cpu ")).ok_or_else(|| anyhow!("no cpu line in /proc/stat"))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Ok(at(0) + at(1) + at(2) + at(5) + at(6))
+}
+
+/// Named groups of processes whose CPU time is measured around each run.
+#[derive(Debug, Clone)]
+struct CpuGroup {
+    name: String,
+    pids: Vec<u32>,
+}
+
+/// A CPU snapshot: ticks per group, and the machine's busy ticks.
+struct CpuSnap {
+    groups: Vec<u64>,
+    machine: u64,
+}
+
+fn cpu_snap(groups: &[CpuGroup]) -> Result<CpuSnap> {
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let mut t = 0;
+        for pid in &g.pids {
+            t += proc_ticks(*pid)?;
+        }
+        out.push(t);
+    }
+    Ok(CpuSnap { groups: out, machine: machine_ticks()? })
+}
+
+/// CPU seconds per group, and of the whole machine, between two snapshots.
+fn cpu_delta(before: &CpuSnap, after: &CpuSnap, ticks: f64) -> (Vec<f64>, f64) {
+    let groups = before.groups.iter().zip(&after.groups).map(|(b, a)| a.saturating_sub(*b) as f64 / ticks).collect();
+    (groups, after.machine.saturating_sub(before.machine) as f64 / ticks)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Sluice stack
+// ---------------------------------------------------------------------------------------------
+
+/// PostgreSQL, emulator and control without a dataplane (for a tree where the `dataplane` binary
+/// is not built yet); stops them in the same order as [`Stack`].
+struct BareStack {
+    control: ControlProc,
+    emulator: Emulator,
+    postgres: Postgres,
+    db_password: String,
+}
+
+impl Drop for BareStack {
+    fn drop(&mut self) {
+        self.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        self.postgres.stop();
+        if self.postgres.dir.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_dir_all(&self.postgres.dir);
+        }
+    }
+}
+
+enum SluiceStack {
+    /// [`Stack::start`]: with a dataplane process.
+    Full(Box<Stack>),
+    /// Without a dataplane: control relays sessions itself.
+    Bare(Box<BareStack>),
+}
+
+impl SluiceStack {
+    fn start(dir: &Path) -> Result<SluiceStack> {
+        if demo::find_bin("dataplane").is_ok() {
+            return Ok(SluiceStack::Full(Box::new(Stack::start(dir, &AwsCreds::demo())?)));
+        }
+        progress!("no dataplane binary: starting PostgreSQL, the emulator and control without it");
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let pg_dir = if nix::unistd::geteuid().is_root() {
+            std::env::temp_dir().join(format!("sluice-pg-{}", random_secret(6)))
+        } else {
+            dir.join("postgres")
+        };
+        let postgres = Postgres::start(&pg_dir)?;
+        let rest = (|| -> Result<(Emulator, ControlProc, String)> {
+            let db_password = random_secret(12);
+            postgres.create_user_and_db("alice", &db_password, "demo")?;
+            let emulator = Emulator::start(
+                &dir.join("emulator"),
+                postgres.port,
+                &[AwsCreds::demo()],
+                &[("alice".to_owned(), db_password.clone())],
+            )?;
+            let db = demo::demo_database("demo", &emulator, &[("env", "dev")]);
+            let control = ControlProc::start(&dir.join("control"), vec![db], &AwsCreds::demo(), None)?;
+            Ok((emulator, control, db_password))
+        })();
+        match rest {
+            Ok((emulator, control, db_password)) => {
+                Ok(SluiceStack::Bare(Box::new(BareStack { control, emulator, postgres, db_password })))
+            }
+            Err(e) => {
+                drop(postgres);
+                if pg_dir.starts_with(std::env::temp_dir()) {
+                    let _ = std::fs::remove_dir_all(&pg_dir);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn control(&self) -> &ControlProc {
+        match self {
+            SluiceStack::Full(s) => &s.control,
+            SluiceStack::Bare(s) => &s.control,
+        }
+    }
+
+    fn emulator(&self) -> &Emulator {
+        match self {
+            SluiceStack::Full(s) => &s.emulator,
+            SluiceStack::Bare(s) => &s.emulator,
+        }
+    }
+
+    fn postgres(&self) -> &Postgres {
+        match self {
+            SluiceStack::Full(s) => &s.postgres,
+            SluiceStack::Bare(s) => &s.postgres,
+        }
+    }
+
+    fn db_password(&self) -> &str {
+        match self {
+            SluiceStack::Full(s) => &s.db_password,
+            SluiceStack::Bare(s) => &s.db_password,
+        }
+    }
+
+    fn dataplane_pid(&self) -> Option<u32> {
+        match self {
+            SluiceStack::Full(s) => Some(s.dataplane.proc.pid()),
+            SluiceStack::Bare(_) => None,
+        }
+    }
+}
+
+/// Parses `export NAME=VALUE` lines as `sluice db env` prints them (bare or single-quoted values).
+fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
+        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
+        let mut v = String::new();
+        let mut chars = value.trim().chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => v.push(c),
+                        None => bail!("unterminated quote in {line:?}"),
+                    }
+                },
+                '\\' => v.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {line:?}"))?),
+                c => v.push(c),
+            }
+        }
+        out.push((name.trim().to_owned(), v));
+    }
+    Ok(out)
+}
+
+/// Creates role `dev` and Sluice user `alice`, logs her in with the `sluice` CLI (`sluice login`,
+/// `sluice db login demo`) and returns the libpq environment `sluice db env demo` prints.
+fn sluice_client_env(stack: &SluiceStack, dir: &Path) -> Result<Vec<(String, String)>> {
+    let control = stack.control();
+    let state = control.state()?;
+    state.upsert_role(&demo::dev_role("dev", &["demo"], &["alice"])?)?;
+    let password = format!("pw-{}", random_secret(8));
+    state.add_user("alice", &password, &["dev".to_owned()])?;
+    let ca_file = dir.join("control-ca.pem");
+    std::fs::write(&ca_file, state.ensure_ca("sluice")?.cert_pem)?;
+    let home = dir.join("sluice-home");
+    let sluice = demo::find_bin("sluice")?;
+    let run = |args: &[&str]| -> Result<String> {
+        let mut cmd = Command::new(&sluice);
+        cmd.args(args).env("SLUICE_HOME", &home).env("SLUICE_PASSWORD", &password);
+        run_ok(&mut cmd, Duration::from_secs(60))
+    };
+    let api = format!("127.0.0.1:{}", control.api_port);
+    run(&["login", "--proxy", &api, "--user", "alice", "--ca-file", &ca_file.to_string_lossy()])?;
+    run(&["db", "login", "demo", "--db-user", "alice", "--db-name", "demo"])?;
+    let mut env = parse_env_exports(&run(&["db", "env", "demo"])?)?;
+    // The certificate names `localhost`; dial 127.0.0.1 directly so libpq does not try ::1 first
+    // (control listens on IPv4 only) on every connection of `pgbench -C`.
+    env.push(("PGHOSTADDR".into(), "127.0.0.1".into()));
+    Ok(env)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer proxies
+// ---------------------------------------------------------------------------------------------
+
+fn installed(program: &str) -> bool {
+    ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(program).is_file())
+}
+
+/// Installs pgbouncer and haproxy with apt-get when they are missing and we are root.
+fn ensure_peer_proxies(no_install: bool, notes: &mut Vec<String>) {
+    let missing: Vec<&str> = ["pgbouncer", "haproxy"].into_iter().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return;
+    }
+    if no_install || !nix::unistd::geteuid().is_root() {
+        let why = if no_install { "--no-install" } else { "not root" };
+        notes.push(format!("{} not installed ({why}): skipped", missing.join(", ")));
+        return;
+    }
+    progress!("installing {} with apt-get", missing.join(" "));
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run_ok(&mut cmd, Duration::from_secs(600))
+    };
+    if install().is_err() {
+        let mut update = Command::new("apt-get");
+        update.args(["update", "-q"]);
+        if let Err(e) = run_ok(&mut update, Duration::from_secs(300)).and_then(|_| install()) {
+            notes.push(format!("apt-get install {} failed: {}", missing.join(" "), short(&format!("{e:#}"))));
+        }
+    }
+}
+
+/// The account pgbouncer runs as: `postgres` (or `nobody`) when we are root, since it refuses
+/// to run as root.
+fn unprivileged() -> Result<Option<nix::unistd::User>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    for name in ["postgres", "nobody"] {
+        if let Some(u) = nix::unistd::User::from_name(name)? {
+            return Ok(Some(u));
+        }
+    }
+    bail!("running as root, and neither a postgres nor a nobody account exists to run pgbouncer")
+}
+
+/// pgbouncer in session pooling mode on a free loopback port, SCRAM towards clients and
+/// PostgreSQL (with alice's plaintext password in its auth file).
+fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str) -> Result<(Proc, u16)> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let run_as = unprivileged()?;
+    std::fs::create_dir_all(dir)?;
+    let port = demo::free_port()?;
+    let userlist = dir.join("userlist.txt");
+    std::fs::write(&userlist, format!("\"alice\" \"{}\"\n", password.replace('"', "\"\"")))?;
+    std::fs::set_permissions(&userlist, std::fs::Permissions::from_mode(0o600))?;
+    let log = dir.join("pgbouncer.log");
+    std::fs::write(&log, "")?;
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n\
+             demo = host=127.0.0.1 port={pg_port} dbname=demo\n\
+             \n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = scram-sha-256\n\
+             auth_file = {userlist}\n\
+             pool_mode = session\n\
+             max_client_conn = 200\n\
+             default_pool_size = 20\n\
+             server_tls_sslmode = disable\n\
+             ignore_startup_parameters = extra_float_digits\n\
+             log_connections = 0\n\
+             log_disconnections = 0\n\
+             logfile = {log}\n",
+            userlist = userlist.display(),
+            log = log.display(),
+        ),
+    )?;
+    if let Some(u) = &run_as {
+        for p in [dir, userlist.as_path(), log.as_path(), ini.as_path()] {
+            std::os::unix::fs::chown(p, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
+        }
+    }
+    let mut cmd = Command::new("pgbouncer");
+    cmd.arg(&ini).stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(dir.join("stderr.log"))?);
+    if let Some(u) = &run_as {
+        cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+    }
+    let mut proc = Proc::spawn("pgbouncer", &mut cmd)?;
+    demo::wait_for_port(port, Duration::from_secs(20), &mut proc)
+        .with_context(|| format!("pgbouncer did not start; see {}", log.display()))?;
+    Ok((proc, port))
+}
+
+/// haproxy in `mode tcp` on a free loopback port in front of PostgreSQL; `splice` adds
+/// `option splice-auto`.
+fn start_haproxy(dir: &Path, pg_port: u16, splice: bool) -> Result<(Proc, u16)> {
+    std::fs::create_dir_all(dir)?;
+    let port = demo::free_port()?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n\
+             \x20   maxconn 1000\n\
+             \n\
+             defaults\n\
+             \x20   mode tcp\n\
+             \x20   timeout connect 5s\n\
+             \x20   timeout client 1h\n\
+             \x20   timeout server 1h\n\
+             {splice}\
+             \n\
+             listen postgres\n\
+             \x20   bind 127.0.0.1:{port}\n\
+             \x20   server pg 127.0.0.1:{pg_port}\n",
+            splice = if splice { "    option splice-auto\n" } else { "" },
+        ),
+    )?;
+    let mut check = Command::new("haproxy");
+    check.arg("-c").arg("-f").arg(&cfg);
+    run_ok(&mut check, Duration::from_secs(20)).context("haproxy -c rejected the configuration")?;
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log"))?);
+    let name = if splice { "haproxy-splice" } else { "haproxy" };
+    let mut proc = Proc::spawn(name, &mut cmd)?;
+    demo::wait_for_port(port, Duration::from_secs(20), &mut proc)?;
+    Ok((proc, port))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets and workloads
+// ---------------------------------------------------------------------------------------------
+
+/// One place clients connect to.
+struct Target {
+    key: &'static str,
+    description: String,
+    env: Vec<(String, String)>,
+    /// Mint a fresh IAM token as PGPASSWORD before each command (emulator-only).
+    token: Option<TokenTarget>,
+    /// The processes whose CPU time is measured; the first `own` groups are the proxy under test
+    /// (control and dataplane for `sluice`, whose last group is the emulator it goes through).
+    cpu: Vec<CpuGroup>,
+    own: usize,
+}
+
+impl Target {
+    /// CPU seconds of the proxy under test in a sample.
+    fn own_cpu(&self, x: &Sample) -> f64 {
+        x.cpu_s.iter().take(self.own).sum()
+    }
+}
+
+const TARGET_KEYS: &[&str] = &["direct", "sluice", "emulator-only", "pgbouncer", "haproxy", "haproxy-splice"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Workload {
+    SelectC1,
+    SelectC8,
+    SelectConnect,
+    Copy,
+}
+
+const WORKLOADS: [Workload; 4] = [Workload::SelectC1, Workload::SelectC8, Workload::SelectConnect, Workload::Copy];
+
+impl Workload {
+    fn key(self) -> &'static str {
+        match self {
+            Workload::SelectC1 => "select-c1",
+            Workload::SelectC8 => "select-c8",
+            Workload::SelectConnect => "select-connect-c4",
+            Workload::Copy => "copy",
+        }
+    }
+
+    fn title(self, s: &Settings) -> String {
+        let d = s.duration;
+        match self {
+            Workload::SelectC1 => format!("`pgbench -S -c1 -T {d}`: select-only, 1 connection"),
+            Workload::SelectC8 => format!("`pgbench -S -c8 -j2 -T {d}`: select-only, 8 connections"),
+            Workload::SelectConnect => {
+                format!("`pgbench -S -C -c4 -j2 -T {d}`: select-only, a new connection per transaction")
+            }
+            Workload::Copy => format!("`COPY (SELECT ...) TO STDOUT` of ~{} MiB through psql", s.copy_mb),
+        }
+    }
+
+    fn pgbench_args(self, duration: u64) -> Vec<String> {
+        let mut a: Vec<String> = vec!["-n".into(), "-S".into()];
+        match self {
+            Workload::SelectC1 => a.extend(["-c1".into(), "-j1".into()]),
+            Workload::SelectC8 => a.extend(["-c8".into(), "-j2".into()]),
+            Workload::SelectConnect => a.extend(["-C".into(), "-c4".into(), "-j2".into()]),
+            Workload::Copy => {}
+        }
+        a.extend(["-T".into(), duration.to_string()]);
+        a
+    }
+}
+
+/// The outcome of one run of one workload on one target.
+#[derive(Debug, Clone)]
+struct Sample {
+    rep: usize,
+    workload: Workload,
+    target: &'static str,
+    /// TPS, or MiB/s for the COPY.
+    value: f64,
+    latency_ms: Option<f64>,
+    /// Transactions (pgbench) or bytes (COPY).
+    units: u64,
+    md5: Option<String>,
+    wall_s: f64,
+    /// CPU seconds per [`Target::cpu`] group.
+    cpu_s: Vec<f64>,
+    machine_cpu_s: f64,
+    error: Option<String>,
+}
+
+struct Tools {
+    pgbench: PathBuf,
+    psql: PathBuf,
+}
+
+impl Tools {
+    fn find() -> Result<Tools> {
+        let bin = demo::postgres_bin_dir()?;
+        let pick = |name: &str| {
+            let p = bin.join(name);
+            if p.is_file() {
+                p
+            } else {
+                PathBuf::from(name)
+            }
+        };
+        Ok(Tools { pgbench: pick("pgbench"), psql: pick("psql") })
+    }
+}
+
+/// A client command with exactly the target's libpq environment.
+fn client_cmd(program: &Path, target: &Target, creds: &Credentials) -> Result<Command> {
+    let mut cmd = Command::new(program);
+    for v in LIBPQ_VARS {
+        cmd.env_remove(v);
+    }
+    cmd.envs(target.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).env("PGCONNECT_TIMEOUT", "20");
+    if let Some(t) = &target.token {
+        cmd.env("PGPASSWORD", generate_auth_token(creds, t, SystemTime::now())?);
+    }
+    Ok(cmd)
+}
+
+struct PgbenchResult {
+    tps: f64,
+    latency_ms: Option<f64>,
+    transactions: u64,
+}
+
+fn parse_pgbench(stdout: &str) -> Result<PgbenchResult> {
+    let number_after = |prefix: &str| -> Option<f64> {
+        stdout.lines().find_map(|l| l.trim().strip_prefix(prefix)).and_then(|rest| {
+            rest.trim_start_matches([' ', '=', ':']).split_whitespace().next().and_then(|n| n.parse().ok())
+        })
+    };
+    let tps = number_after("tps").ok_or_else(|| anyhow!("no `tps =` line in pgbench's output:\n{stdout}"))?;
+    let failed = number_after("number of failed transactions").unwrap_or(0.0);
+    if failed > 0.0 {
+        bail!("pgbench reports {failed} failed transactions:\n{stdout}");
+    }
+    let transactions = number_after("number of transactions actually processed").unwrap_or(0.0) as u64;
+    Ok(PgbenchResult { tps, latency_ms: number_after("latency average"), transactions })
+}
+
+fn run_pgbench(
+    tools: &Tools,
+    target: &Target,
+    creds: &Credentials,
+    workload: Workload,
+    s: &Settings,
+) -> Result<PgbenchResult> {
+    let mut cmd = client_cmd(&tools.pgbench, target, creds)?;
+    cmd.args(workload.pgbench_args(s.duration));
+    let out = run_output(&mut cmd, Duration::from_secs(s.duration + 90))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("pgbench failed ({}): {}{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
+    }
+    parse_pgbench(&stdout)
+}
+
+fn copy_sql(copy_mb: u64) -> String {
+    let rows = (copy_mb * 1024 * 1024 / COPY_ROW_BYTES_APPROX).max(1);
+    format!("COPY (SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, {rows}) AS i) TO STDOUT")
+}
+
+struct CopyResult {
+    bytes: u64,
+    md5: String,
+    secs: f64,
+}
+
+/// `psql -c "COPY ... TO STDOUT"` piped through a byte counter into `md5sum`, killed after
+/// `timeout` (or on an interrupt).
+fn run_copy(tools: &Tools, target: &Target, creds: &Credentials, sql: &str, timeout: Duration) -> Result<CopyResult> {
+    let mut cmd = client_cmd(&tools.psql, target, creds)?;
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut md5_cmd = Command::new("md5sum");
+    md5_cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut md5 = ChildGuard::spawn(&mut md5_cmd)?;
+    let started = Instant::now();
+    let mut psql = ChildGuard::spawn(&mut cmd)?;
+    let psql_err = drain(psql.child.stderr.take());
+    let md5_out = drain(md5.child.stdout.take());
+    let mut from = psql.child.stdout.take().ok_or_else(|| anyhow!("no psql stdout"))?;
+    let mut to = md5.child.stdin.take().ok_or_else(|| anyhow!("no md5sum stdin"))?;
+
+    // A watchdog kills psql at the deadline or on an interrupt, which ends the read loop below.
+    // psql is reaped only after the watchdog has finished, so its pid cannot be reused meanwhile.
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let psql_pid = nix::unistd::Pid::from_raw(psql.child.id() as i32);
+    let deadline = started + timeout;
+    let watchdog = std::thread::spawn(move || loop {
+        match done_rx.recv_timeout(Duration::from_millis(100)) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if interrupted() || Instant::now() > deadline {
+                    let _ = nix::sys::signal::kill(psql_pid, nix::sys::signal::Signal::SIGKILL);
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut bytes = 0u64;
+    let copied = loop {
+        match from.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                if let Err(e) = to.write_all(&buf[..n]) {
+                    break Err(anyhow!("writing to md5sum: {e}"));
+                }
+                bytes += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(anyhow!("reading psql's output: {e}")),
+        }
+    };
+    drop(to);
+    drop(from);
+    let _ = done_tx.send(());
+    let killed = watchdog.join().map_err(|_| anyhow!("the COPY watchdog panicked"))?;
+    let status = psql.child.wait().context("waiting for psql")?;
+    let secs = started.elapsed().as_secs_f64();
+    let stderr = psql_err.join().map_err(|_| anyhow!("reading psql's stderr panicked"))?;
+    check_interrupted()?;
+    if killed {
+        bail!("COPY did not finish within {timeout:?} ({bytes} bytes so far); killed psql");
+    }
+    copied?;
+    if !status.success() {
+        bail!("psql COPY failed ({status}): {}", String::from_utf8_lossy(&stderr));
+    }
+    let md5_status = md5.child.wait().context("waiting for md5sum")?;
+    let md5_stdout = md5_out.join().map_err(|_| anyhow!("reading md5sum's output panicked"))?;
+    if !md5_status.success() {
+        bail!("md5sum failed ({md5_status})");
+    }
+    let text = String::from_utf8_lossy(&md5_stdout);
+    let md5 = text.split_whitespace().next().ok_or_else(|| anyhow!("md5sum printed nothing"))?.to_owned();
+    Ok(CopyResult { bytes, md5, secs })
+}
+
+/// Runs one workload on one target and measures it; failures become a sample with `error`.
+fn measure(
+    tools: &Tools,
+    target: &Target,
+    creds: &Credentials,
+    workload: Workload,
+    rep: usize,
+    s: &Settings,
+    ticks: f64,
+) -> Sample {
+    let mut sample = Sample {
+        rep,
+        workload,
+        target: target.key,
+        value: 0.0,
+        latency_ms: None,
+        units: 0,
+        md5: None,
+        wall_s: 0.0,
+        cpu_s: vec![0.0; target.cpu.len()],
+        machine_cpu_s: 0.0,
+        error: None,
+    };
+    let started = Instant::now();
+    let result = (|| -> Result<()> {
+        let before = cpu_snap(&target.cpu)?;
+        match workload {
+            Workload::Copy => {
+                let timeout = Duration::from_secs((s.copy_mb / 5).max(120));
+                let r = run_copy(tools, target, creds, &copy_sql(s.copy_mb), timeout)?;
+                sample.value = r.bytes as f64 / MIB / r.secs;
+                sample.units = r.bytes;
+                sample.md5 = Some(r.md5);
+            }
+            _ => {
+                let r = run_pgbench(tools, target, creds, workload, s)?;
+                sample.value = r.tps;
+                sample.latency_ms = r.latency_ms;
+                sample.units = r.transactions;
+            }
+        }
+        let after = cpu_snap(&target.cpu)?;
+        (sample.cpu_s, sample.machine_cpu_s) = cpu_delta(&before, &after, ticks);
+        Ok(())
+    })();
+    sample.wall_s = started.elapsed().as_secs_f64();
+    if let Err(e) = result {
+        sample.error = Some(format!("{e:#}"));
+    }
+    sample
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and the report
+// ---------------------------------------------------------------------------------------------
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+/// Thousands separators for a number rounded to an integer.
+fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if x < 0.0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "–".into())
+}
+
+fn short(s: &str) -> String {
+    let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() > 300 {
+        format!("{}…", one_line.chars().take(300).collect::<String>())
+    } else {
+        one_line
+    }
+}
+
+/// Everything the report shows.
+struct Report<'a> {
+    settings: &'a Settings,
+    targets: &'a [Target],
+    samples: &'a [Sample],
+    reference_md5: Option<String>,
+    header: String,
+    notes: Vec<String>,
+}
+
+impl Report<'_> {
+    fn ok<'s>(&'s self, w: Workload, target: &str) -> impl Iterator<Item = &'s Sample> + 's {
+        let target = target.to_owned();
+        self.samples.iter().filter(move |x| x.workload == w && x.target == target && x.error.is_none())
+    }
+
+    fn attempts(&self, w: Workload, target: &str) -> usize {
+        self.samples.iter().filter(|x| x.workload == w && x.target == target).count()
+    }
+
+    fn median_value(&self, w: Workload, target: &str) -> Option<f64> {
+        median(self.ok(w, target).map(|x| x.value).collect())
+    }
+
+    fn tables(&self) -> String {
+        let mut o = String::new();
+        let s = self.settings;
+        for w in WORKLOADS {
+            o += &format!("### {}\n\n", w.title(s));
+            let unit = if w == Workload::Copy { "MiB/s" } else { "TPS" };
+            let direct = self.median_value(w, "direct");
+            let emulator = self.median_value(w, "emulator-only");
+            let mut head = format!("| target | {unit} (median) |");
+            let mut rule = "|---|---:|".to_owned();
+            if w == Workload::SelectC1 {
+                head += " avg latency ms |";
+                rule += "---:|";
+            }
+            head += " × direct | × emulator-only |";
+            rule += "---:|---:|";
+            if w == Workload::Copy {
+                head += " md5 |";
+                rule += "---|";
+            } else {
+                head += " proxy CPU µs/txn |";
+                rule += "---:|";
+            }
+            head += " runs ok |";
+            rule += "---:|";
+            o += &format!("{head}\n{rule}\n");
+            for t in self.targets {
+                let v = self.median_value(w, t.key);
+                let mut row = format!(
+                    "| {} | {} |",
+                    t.key,
+                    opt(v, |x| if w == Workload::Copy { format!("{x:.1}") } else { thousands(x) })
+                );
+                if w == Workload::SelectC1 {
+                    row += &format!(
+                        " {} |",
+                        opt(median(self.ok(w, t.key).filter_map(|x| x.latency_ms).collect()), |x| format!("{x:.3}"))
+                    );
+                }
+                let ratio = |base: Option<f64>| match (v, base) {
+                    (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+                    _ => "–".into(),
+                };
+                row += &format!(" {} |", ratio(direct));
+                row += &format!(" {} |", if t.key == "sluice" { ratio(emulator) } else { String::new() });
+                if w == Workload::Copy {
+                    let md5s: Vec<&String> = self.ok(w, t.key).filter_map(|x| x.md5.as_ref()).collect();
+                    let check = match (&self.reference_md5, md5s.is_empty()) {
+                        (_, true) => "–".to_owned(),
+                        (Some(r), false) if md5s.iter().all(|m| *m == r) => "= direct".to_owned(),
+                        (Some(_), false) => "**MISMATCH**".to_owned(),
+                        (None, false) => "(no reference)".to_owned(),
+                    };
+                    row += &format!(" {check} |");
+                } else if t.cpu.is_empty() {
+                    row += " – |";
+                } else {
+                    let per_txn = median(
+                        self.ok(w, t.key)
+                            .filter(|x| x.units > 0)
+                            .map(|x| t.own_cpu(x) * 1e6 / x.units as f64)
+                            .collect(),
+                    );
+                    row += &format!(" {} |", opt(per_txn, |x| format!("{x:.0}")));
+                }
+                row += &format!(" {}/{} |", self.ok(w, t.key).count(), self.attempts(w, t.key));
+                o += &format!("{row}\n");
+            }
+            o += "\n";
+        }
+
+        o += "### CPU seconds per GiB of COPY\n\n";
+        o += "| target | process(es) | CPU-s/GiB (median) | whole machine CPU-s/GiB |\n|---|---|---:|---:|\n";
+        for t in self.targets {
+            let per_gib = |f: &dyn Fn(&Sample) -> f64| {
+                median(
+                    self.ok(Workload::Copy, t.key)
+                        .filter(|x| x.units > 0)
+                        .map(|x| f(x) / (x.units as f64 / GIB))
+                        .collect(),
+                )
+            };
+            let machine = opt(per_gib(&|x| x.machine_cpu_s), |x| format!("{x:.2}"));
+            if t.cpu.is_empty() {
+                o += &format!("| {} | (no proxy) | – | {machine} |\n", t.key);
+            }
+            for (i, g) in t.cpu.iter().enumerate() {
+                let v = opt(per_gib(&|x| x.cpu_s.get(i).copied().unwrap_or(0.0)), |x| format!("{x:.2}"));
+                let m = if i == 0 { machine.clone() } else { String::new() };
+                o += &format!("| {} | {} | {v} | {m} |\n", t.key, g.name);
+                if i + 1 == t.own && t.own > 1 {
+                    let names = t.cpu.iter().take(t.own).map(|g| g.name.as_str()).collect::<Vec<_>>().join(" + ");
+                    let v = opt(per_gib(&|x| t.own_cpu(x)), |x| format!("**{x:.2}**"));
+                    o += &format!("| {} | **{names}** | {v} | |\n", t.key);
+                }
+            }
+        }
+        o += "\n";
+        o
+    }
+
+    fn raw(&self) -> String {
+        let mut o = String::from(
+            "| rep | workload | target | TPS or MiB/s | latency ms | txns or bytes | wall s | proxy CPU s | machine CPU s | md5 / error |\n\
+             |---:|---|---|---:|---:|---:|---:|---|---:|---|\n",
+        );
+        for x in self.samples {
+            let cpu = x.cpu_s.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(" + ");
+            let tail = match (&x.error, &x.md5) {
+                (Some(e), _) => format!("ERROR: {}", short(e).replace('|', "/")),
+                (None, Some(m)) => m.clone(),
+                (None, None) => String::new(),
+            };
+            o += &format!(
+                "| {} | {} | {} | {:.1} | {} | {} | {:.1} | {} | {:.2} | {} |\n",
+                x.rep,
+                x.workload.key(),
+                x.target,
+                x.value,
+                opt(x.latency_ms, |l| format!("{l:.3}")),
+                x.units,
+                x.wall_s,
+                if cpu.is_empty() { "–".into() } else { cpu },
+                x.machine_cpu_s,
+                tail
+            );
+        }
+        o
+    }
+
+    fn how_to_read(&self) -> String {
+        "## How to read this\n\n\
+         * The machine is a small, noisy VM, shared with whatever else runs on it (see the load\n  \
+         average in the header): absolute numbers move from run to run and between machines; only\n  \
+         ratios between targets of the same run mean much. Everything (PostgreSQL, the proxies,\n  \
+         pgbench/psql, md5sum) shares the same cores, so a proxy's CPU use is taken from the clients\n  \
+         and the server too: a cheaper proxy also shows as more TPS.\n\
+         * Latency-bound runs (`-c1`) are bimodal on a VM: when a vCPU idles between round trips,\n  \
+         waking it costs tens of µs, so the same run can be ~3× faster while other work keeps the\n  \
+         cores busy. The raw table's `machine CPU s` shows which mode a run was in (about 20 s of\n  \
+         10 s × 2 cores: busy).\n\
+         * Each cell is the median of the repetitions; the runs were interleaved (every workload on\n  \
+         every target, then again), with the target order rotated each repetition. The raw numbers\n  \
+         are at the end.\n\
+         * `× direct` is the target's median over direct PostgreSQL's (1.00 = as fast; higher is\n  \
+         better for TPS and MiB/s). `× emulator-only` (Sluice only) compares Sluice with clients\n  \
+         going straight to the RDS Proxy emulator: the emulator is itself a userspace TLS proxy\n  \
+         standing in for RDS Proxy, so this ratio is Sluice's own cost on top of what a real\n  \
+         deployment pays anyway.\n\
+         * The paths differ in more than the proxy: `direct`, `pgbouncer` and `haproxy*` are\n  \
+         plaintext TCP, and libpq does SCRAM (PBKDF2) itself on every connection; `emulator-only`\n  \
+         is TLS with the IAM token as a cleartext password, and the emulator does the SCRAM towards\n  \
+         PostgreSQL; `sluice` is mutual TLS to control (no password) plus TLS to the emulator, so\n  \
+         it decrypts and re-encrypts every byte once more than `emulator-only`. That is why\n  \
+         `pgbench -C` can be faster through the emulator than direct. pgbouncer (session pooling)\n  \
+         keeps server connections open, so `pgbench -C` through it forks no PostgreSQL backend per\n  \
+         connection, but it checks each client's SCRAM proof itself. A proxy can also beat direct\n  \
+         on COPY: it reads PostgreSQL's small writes and hands psql fewer, larger ones.\n\
+         * CPU columns come from utime+stime in `/proc/<pid>/stat` of the proxy processes before\n  \
+         and after each run; `proxy CPU µs/txn` counts the proxy under test only (control +\n  \
+         dataplane for Sluice, not the emulator). The whole-machine column is every busy tick in\n  \
+         `/proc/stat` per GiB: PostgreSQL, psql, md5sum, the harness, the kernel's network work,\n  \
+         and anything else that was running.\n"
+            .to_owned()
+    }
+
+    fn markdown(&self) -> String {
+        let mut o = self.header.clone();
+        if !self.notes.is_empty() {
+            o += "\n## Notes from this run\n\n";
+            for n in &self.notes {
+                o += &format!("* {n}\n");
+            }
+        }
+        o += "\n## Results (medians)\n\n";
+        o += &self.tables();
+        o += &self.how_to_read();
+        o += "\n## Raw numbers (every repetition)\n\n";
+        o += &self.raw();
+        o
+    }
+}
+
+/// The first three fields of /proc/loadavg (other work on the machine skews every number).
+fn loadavg() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    if fields.is_empty() {
+        "?".into()
+    } else {
+        fields.join(" ")
+    }
+}
+
+/// The machine and software, for the report's header.
+fn machine_info() -> Vec<(String, String)> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_else(|| "?".into());
+    let mem = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next().and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "?".into());
+    let nproc = std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_else(|_| "?".into());
+    let pg = demo::postgres_bin_dir()
+        .map(|b| first_line(&b.join("postgres").to_string_lossy(), &["--version"]))
+        .unwrap_or_else(|e| format!("({e})"));
+    vec![
+        ("nproc".into(), nproc),
+        ("CPU".into(), model),
+        ("memory".into(), mem),
+        ("kernel (`uname -r`)".into(), read("/proc/sys/kernel/osrelease").trim().to_owned()),
+        ("uname -srvm".into(), first_line("uname", &["-srvm"])),
+        ("PostgreSQL".into(), pg),
+        ("pgbouncer".into(), first_line("pgbouncer", &["--version"])),
+        ("haproxy".into(), first_line("haproxy", &["-v"])),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> std::process::ExitCode {
+    START.get_or_init(Instant::now);
+    let args = Args::parse();
+    install_signal_handlers();
+    match run(args) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("e2e: finished, but some runs failed or a COPY's md5 differed (see the report)");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("e2e: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs everything; `Ok(false)` when the report was written but some run failed.
+fn run(args: Args) -> Result<bool> {
+    let settings = Settings {
+        reps: args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+        copy_mb: args.copy_mb.unwrap_or(if args.quick { 256 } else { 2048 }).max(1),
+        duration: args.duration.unwrap_or(if args.quick { 3 } else { 10 }).max(1),
+        scale: args.scale.max(1),
+    };
+    for t in &args.targets {
+        if !TARGET_KEYS.contains(&t.as_str()) {
+            bail!("unknown target {t:?}; the targets are {}", TARGET_KEYS.join(", "));
+        }
+    }
+    let wanted = |key: &str| key == "direct" || args.targets.is_empty() || args.targets.iter().any(|t| t == key);
+    let command = format!(
+        "cargo run {}-p sluice-bench --bin e2e --{}",
+        if cfg!(debug_assertions) { "" } else { "--release " },
+        std::env::args().skip(1).map(|a| format!(" {a}")).collect::<String>()
+    );
+    progress!("{command}");
+    progress!("settings: {settings:?}");
+    let started_at = time::OffsetDateTime::now_utc();
+    let wall = Instant::now();
+    let mut notes = Vec::new();
+
+    let tools = Tools::find()?;
+    if wanted("pgbouncer") || wanted("haproxy") || wanted("haproxy-splice") {
+        ensure_peer_proxies(args.no_install, &mut notes);
+    }
+    let ticks = clock_ticks();
+
+    let path = std::env::temp_dir().join(format!("sluice-e2e-{}-{}", std::process::id(), random_secret(4)));
+    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    let mut workdir = WorkDir { path: path.canonicalize()?, keep: true };
+    let outcome =
+        run_in(&args, &settings, &tools, &workdir.path, &mut notes, ticks, &wanted, &command, started_at, wall);
+    workdir.keep = args.keep || outcome.is_err();
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_in(
+    args: &Args,
+    s: &Settings,
+    tools: &Tools,
+    dir: &Path,
+    notes: &mut Vec<String>,
+    ticks: f64,
+    wanted: &dyn Fn(&str) -> bool,
+    command: &str,
+    started_at: time::OffsetDateTime,
+    wall: Instant,
+) -> Result<bool> {
+    let load_at_start = loadavg();
+    progress!("load average: {load_at_start}");
+    progress!("starting the Sluice stack in {}", dir.display());
+    let stack = SluiceStack::start(&dir.join("stack")).context("starting the Sluice stack")?;
+    check_interrupted()?;
+    let pg = stack.postgres();
+    let emu = stack.emulator();
+    let control = stack.control();
+    match stack.dataplane_pid() {
+        Some(pid) => notes.push(format!(
+            "Sluice ran with a dataplane process (pid {pid}); sessions are handed to it after the handshake."
+        )),
+        None => notes
+            .push("No `dataplane` binary was built: control relayed the sessions itself (userspace copy).".to_owned()),
+    }
+    let sluice_env = sluice_client_env(&stack, dir).context("logging alice in with the sluice CLI")?;
+
+    let direct_env: Vec<(String, String)> = vec![
+        ("PGHOST".into(), "127.0.0.1".into()),
+        ("PGPORT".into(), pg.port.to_string()),
+        ("PGUSER".into(), "alice".into()),
+        ("PGDATABASE".into(), "demo".into()),
+        ("PGPASSWORD".into(), stack.db_password().to_owned()),
+        ("PGSSLMODE".into(), "disable".into()),
+    ];
+    let creds = Credentials::new(demo::DEMO_ACCESS_KEY, demo::DEMO_SECRET_KEY, None, None, "sluice-bench");
+
+    // pgbench's tables, once, as alice (who owns database demo), straight to PostgreSQL.
+    progress!("pgbench -i -s {} (as alice, direct)", s.scale);
+    let direct_probe = Target {
+        key: "direct",
+        description: String::new(),
+        env: direct_env.clone(),
+        token: None,
+        cpu: Vec::new(),
+        own: 0,
+    };
+    let mut init = client_cmd(&tools.pgbench, &direct_probe, &creds)?;
+    init.args(["-i", "-q", "-s", &s.scale.to_string()]);
+    run_ok(&mut init, Duration::from_secs(600)).context("pgbench -i")?;
+
+    // The peer proxies; a failure to start one is a note, not the end of the run.
+    let mut peers: Vec<Proc> = Vec::new();
+    let mut targets = vec![Target {
+        key: "direct",
+        description: format!("PostgreSQL on 127.0.0.1:{} (TCP, SCRAM, no TLS)", pg.port),
+        env: direct_env.clone(),
+        token: None,
+        cpu: Vec::new(),
+        own: 0,
+    }];
+    if wanted("sluice") {
+        let mut cpu = vec![CpuGroup { name: "control".into(), pids: vec![control.proc.pid()] }];
+        if let Some(dp) = stack.dataplane_pid() {
+            cpu.push(CpuGroup { name: "dataplane".into(), pids: vec![dp] });
+        }
+        let own = cpu.len();
+        cpu.push(CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] });
+        targets.push(Target {
+            key: "sluice",
+            description: format!(
+                "control on 127.0.0.1:{} (mTLS, Sluice client certificate from `sluice db login`) → {}emulator (TLS, IAM token) → PostgreSQL",
+                control.pg_port,
+                if stack.dataplane_pid().is_some() { "dataplane → " } else { "" }
+            ),
+            env: sluice_env,
+            token: None,
+            cpu,
+            own,
+        });
+    }
+    if wanted("emulator-only") {
+        targets.push(Target {
+            key: "emulator-only",
+            description: format!(
+                "RDS Proxy emulator on 127.0.0.1:{} (TLS verify-full, a fresh IAM token as the password) → PostgreSQL",
+                emu.port
+            ),
+            env: vec![
+                ("PGHOST".into(), "127.0.0.1".into()),
+                ("PGPORT".into(), emu.port.to_string()),
+                ("PGSSLMODE".into(), "verify-full".into()),
+                ("PGSSLROOTCERT".into(), emu.ca_file.to_string_lossy().into_owned()),
+                ("PGUSER".into(), "alice".into()),
+                ("PGDATABASE".into(), "demo".into()),
+            ],
+            token: Some(TokenTarget {
+                host: emu.endpoint.clone(),
+                port: emu.port,
+                user: "alice".into(),
+                region: demo::DEMO_REGION.into(),
+            }),
+            cpu: vec![CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] }],
+            own: 1,
+        });
+    }
+    let plain_env = |port: u16| -> Vec<(String, String)> {
+        let mut env = direct_env.clone();
+        for (k, v) in env.iter_mut() {
+            if k == "PGPORT" {
+                *v = port.to_string();
+            }
+        }
+        env
+    };
+    if wanted("pgbouncer") && installed("pgbouncer") {
+        match start_pgbouncer(&dir.join("pgbouncer"), pg.port, stack.db_password()) {
+            Ok((proc, port)) => {
+                targets.push(Target {
+                    key: "pgbouncer",
+                    description: format!("pgbouncer on 127.0.0.1:{port} (session pooling, SCRAM, no TLS)"),
+                    env: plain_env(port),
+                    token: None,
+                    cpu: vec![CpuGroup { name: "pgbouncer".into(), pids: vec![proc.pid()] }],
+                    own: 1,
+                });
+                peers.push(proc);
+            }
+            Err(e) => notes.push(format!("pgbouncer did not start, skipped: {}", short(&format!("{e:#}")))),
+        }
+    }
+    for (key, splice) in [("haproxy", false), ("haproxy-splice", true)] {
+        if !(wanted(key) && installed("haproxy")) {
+            continue;
+        }
+        match start_haproxy(&dir.join(key), pg.port, splice) {
+            Ok((proc, port)) => {
+                targets.push(Target {
+                    key,
+                    description: format!(
+                        "haproxy on 127.0.0.1:{port} (mode tcp{}, no TLS)",
+                        if splice { ", option splice-auto" } else { "" }
+                    ),
+                    env: plain_env(port),
+                    token: None,
+                    cpu: vec![CpuGroup { name: key.into(), pids: vec![proc.pid()] }],
+                    own: 1,
+                });
+                peers.push(proc);
+            }
+            Err(e) => notes.push(format!("{key} did not start, skipped: {}", short(&format!("{e:#}")))),
+        }
+    }
+
+    // Every target must answer a query before the measurements start.
+    let mut checked = Vec::new();
+    for t in targets {
+        let mut cmd = client_cmd(&tools.psql, &t, &creds)?;
+        cmd.args(["-X", "-A", "-t", "-c", "select current_user, count(*) from pgbench_branches"]);
+        match run_ok(&mut cmd, Duration::from_secs(30)) {
+            Ok(out) => {
+                progress!("{}: {} → {}", t.key, t.description, out.trim());
+                checked.push(t);
+            }
+            Err(e) if t.key == "direct" || t.key == "sluice" => return Err(e.context(format!("checking {}", t.key))),
+            Err(e) => notes.push(format!("{} did not answer a query, skipped: {}", t.key, short(&format!("{e:#}")))),
+        }
+    }
+    let targets = checked;
+
+    // Warm PostgreSQL's caches so the first measured run is not the cold one.
+    progress!("warm-up: pgbench -S -c2 -T 3 (direct)");
+    let mut warm = client_cmd(&tools.pgbench, &targets[0], &creds)?;
+    warm.args(["-n", "-S", "-c2", "-j2", "-T", "3"]);
+    run_ok(&mut warm, Duration::from_secs(60)).context("warm-up")?;
+
+    let per_copy = s.copy_mb as f64 / 150.0 + 2.0;
+    let estimate = s.reps as f64 * targets.len() as f64 * (3.0 * (s.duration as f64 + 1.5) + per_copy);
+    progress!(
+        "measuring: {} reps × {} workloads × {} targets (about {:.0} min)",
+        s.reps,
+        WORKLOADS.len(),
+        targets.len(),
+        estimate / 60.0
+    );
+
+    let mut samples = Vec::new();
+    let mut reference_md5: Option<String> = None;
+    for rep in 1..=s.reps {
+        for w in WORKLOADS {
+            for i in 0..targets.len() {
+                check_interrupted()?;
+                let t = &targets[(i + rep - 1) % targets.len()];
+                let mut x = measure(tools, t, &creds, w, rep, s, ticks);
+                if let (Some(m), None) = (&x.md5, &x.error) {
+                    if t.key == "direct" && reference_md5.is_none() {
+                        reference_md5 = Some(m.clone());
+                    }
+                }
+                match &x.error {
+                    Some(e) => progress!("rep {rep} {} {}: FAILED: {}", w.key(), t.key, short(e)),
+                    None => {
+                        let cpu = x.cpu_s.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join("+");
+                        let what = match w {
+                            Workload::Copy => format!(
+                                "{:.1} MiB/s ({} bytes in {:.1} s, md5 {})",
+                                x.value,
+                                x.units,
+                                x.wall_s,
+                                x.md5.as_deref().unwrap_or("?")
+                            ),
+                            _ => format!("{} TPS{}", thousands(x.value), opt(x.latency_ms, |l| format!(", {l:.3} ms"))),
+                        };
+                        progress!(
+                            "rep {rep} {} {}: {what}; proxy CPU {} s",
+                            w.key(),
+                            t.key,
+                            if cpu.is_empty() { "–".into() } else { cpu }
+                        );
+                    }
+                }
+                if interrupted() {
+                    x.error.get_or_insert_with(|| "interrupted".into());
+                }
+                samples.push(x);
+            }
+        }
+    }
+    check_interrupted()?;
+
+    // A COPY whose content differs from direct's is a failure, whatever its speed.
+    let mut all_ok = true;
+    for x in &mut samples {
+        if let (Some(m), Some(r)) = (&x.md5, &reference_md5) {
+            if m != r && x.error.is_none() {
+                x.error = Some(format!("md5 {m} differs from direct's {r}"));
+            }
+        }
+        if x.error.is_some() {
+            all_ok = false;
+        }
+    }
+    if reference_md5.is_none() && samples.iter().any(|x| x.workload == Workload::Copy) {
+        notes.push("No direct COPY succeeded, so no md5 reference was available.".into());
+        all_ok = false;
+    }
+    let failed = samples.iter().filter(|x| x.error.is_some()).count();
+    if failed > 0 {
+        notes.push(format!("{failed} of {} runs failed; see the raw numbers.", samples.len()));
+    }
+
+    let mut header = String::from("# Sluice end-to-end benchmark results\n\n");
+    header += &format!(
+        "Written by `bench/src/bin/e2e.rs` (see `bench/README.md`); regenerate with the command below.\n\n\
+         * date: {}\n",
+        started_at
+            .format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC"))
+            .unwrap_or_else(|_| started_at.to_string())
+    );
+    for (k, v) in machine_info() {
+        header += &format!("* {k}: {v}\n");
+    }
+    header += &format!(
+        "* build profile: {}\n* command: `{command}`\n* settings: {} repetition(s), pgbench `-T {}`, COPY ~{} MiB (`{}`), pgbench scale {}\n* total wall time: {:.1} min\n",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        s.reps,
+        s.duration,
+        s.copy_mb,
+        copy_sql(s.copy_mb),
+        s.scale,
+        wall.elapsed().as_secs_f64() / 60.0,
+    );
+    header += &format!("* load average (1, 5, 15 min) at the start: {load_at_start}; at the end: {}\n", loadavg());
+    header += "\nTargets (all on loopback, one PostgreSQL, database `demo`, user `alice`):\n\n";
+    for t in &targets {
+        header += &format!("* `{}`: {}\n", t.key, t.description);
+    }
+    let report =
+        Report { settings: s, targets: &targets, samples: &samples, reference_md5, header, notes: notes.clone() };
+    let md = report.markdown();
+    println!("{}", report.header);
+    if !report.notes.is_empty() {
+        println!("## Notes from this run\n");
+    }
+    for n in &report.notes {
+        println!("* {n}");
+    }
+    println!("\n{}", report.tables());
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
+    progress!("wrote {}", args.out.display());
+    drop(peers);
+    drop(stack);
+    Ok(all_ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pgbench_15_output() {
+        let out = "pgbench (15.14 (Debian 15.14-0+deb12u1))\ntransaction type: <builtin: select only>\n\
+                   scaling factor: 10\nquery mode: simple\nnumber of clients: 1\nnumber of threads: 1\n\
+                   maximum number of tries: 1\nduration: 3 s\nnumber of transactions actually processed: 12345\n\
+                   number of failed transactions: 0 (0.000%)\nlatency average = 0.243 ms\n\
+                   initial connection time = 3.163 ms\ntps = 4115.190420 (without initial connection time)\n";
+        let r = parse_pgbench(out).unwrap();
+        assert_eq!(r.transactions, 12345);
+        assert!((r.tps - 4115.19042).abs() < 1e-6);
+        assert_eq!(r.latency_ms, Some(0.243));
+        assert!(parse_pgbench("number of failed transactions: 3 (1.0%)\ntps = 1.0\n").is_err());
+        assert!(parse_pgbench("nothing").is_err());
+    }
+
+    #[test]
+    fn medians_and_formatting() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+    }
+
+    #[test]
+    fn parses_sluice_db_env() {
+        let env = parse_env_exports("export PGHOST=localhost\nexport PGSSLKEY='/a b/k'\nnoise\n").unwrap();
+        assert_eq!(env, vec![("PGHOST".into(), "localhost".into()), ("PGSSLKEY".into(), "/a b/k".into())]);
+    }
+
+    #[test]
+    fn reads_own_cpu_ticks() {
+        assert!(proc_ticks(std::process::id()).is_ok());
+        assert!(machine_ticks().unwrap() > 0);
+    }
+}
