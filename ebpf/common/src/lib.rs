@@ -1,0 +1,51 @@
+//! The `#[repr(C)]` types of Sluice's eBPF maps, shared by the kernel-side programs and the
+//! userspace loader in the data plane (the aya-template layout: one `common` crate, so both sides
+//! agree on every byte). `no_std`, no dependencies: the BPF target builds it too.
+//!
+//! Maps are keyed by socket cookie (`bpf_get_socket_cookie`, equal to userspace
+//! `getsockopt(SO_COOKIE)`), so the data plane can look up each leg of a session it holds.
+
+#![no_std]
+
+/// Name of the pinned per-socket counters map (under the bpffs pin directory), so counters
+/// survive a data-plane restart.
+pub const SOCK_COUNTERS_MAP: &str = "sluice_sock_counters";
+
+/// Key of the per-socket counters map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+}
+
+/// Per-socket traffic and TCP health. Byte counts are payload bytes in each direction as seen
+/// by the socket; the TCP fields are the kernel's own (smoothed RTT in µs, retransmits, segments).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SockCounters {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    /// The kernel side reads and writes these at fixed offsets; a change here is a map-format
+    /// change and must be deliberate.
+    #[test]
+    fn layout_is_stable() {
+        assert_eq!((size_of::<SockKey>(), align_of::<SockKey>()), (8, 8));
+        assert_eq!((size_of::<SockCounters>(), align_of::<SockCounters>()), (48, 8));
+        assert_eq!(offset_of!(SockCounters, tx_bytes), 8);
+        assert_eq!(offset_of!(SockCounters, srtt_us), 32);
+        assert_eq!(offset_of!(SockCounters, segs_out), 44);
+    }
+}
