@@ -527,26 +527,12 @@ fn ensure_peer_proxies(no_install: bool, notes: &mut Vec<String>) {
     }
 }
 
-/// The account pgbouncer runs as: `postgres` (or `nobody`) when we are root, since it refuses
-/// to run as root.
-fn unprivileged() -> Result<Option<nix::unistd::User>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    for name in ["postgres", "nobody"] {
-        if let Some(u) = nix::unistd::User::from_name(name)? {
-            return Ok(Some(u));
-        }
-    }
-    bail!("running as root, and neither a postgres nor a nobody account exists to run pgbouncer")
-}
-
 /// pgbouncer in session pooling mode on a free loopback port, SCRAM towards clients and
 /// PostgreSQL (with alice's plaintext password in its auth file).
 fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str) -> Result<(Proc, u16)> {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let run_as = unprivileged()?;
+    let run_as = sluice_control::demo::unprivileged_user()?;
     std::fs::create_dir_all(dir)?;
     let port = demo::free_port()?;
     let userlist = dir.join("userlist.txt");

@@ -139,8 +139,8 @@ pub fn postgres_bin_dir() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no PostgreSQL server found under /usr/lib/postgresql (apt-get install postgresql)"))
 }
 
-/// PostgreSQL refuses to run as root: pick an unprivileged account when we are root.
-fn unprivileged_user() -> Result<Option<nix::unistd::User>> {
+/// PostgreSQL (and pgbouncer) refuse to run as root: pick an unprivileged account when we are root.
+pub fn unprivileged_user() -> Result<Option<nix::unistd::User>> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
@@ -149,7 +149,7 @@ fn unprivileged_user() -> Result<Option<nix::unistd::User>> {
             return Ok(Some(u));
         }
     }
-    bail!("running as root, and neither a postgres nor a nobody account exists to run PostgreSQL")
+    bail!("running as root, and neither a postgres nor a nobody account exists to run PostgreSQL or pgbouncer")
 }
 
 /// A throwaway PostgreSQL cluster: superuser `postgres` over its Unix socket (trust), SCRAM
