@@ -93,7 +93,7 @@ fn a_killed_dataplane_ends_its_sessions_and_control_takes_new_ones() {
     let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
     let v: i32 = rt.block_on(c.client.query_one("select 1", &[])).unwrap().get(0);
     assert_eq!(v, 1);
-    h.stack.dataplane.proc.stop(Signal::SIGKILL);
+    h.stack.dataplane.as_mut().expect("the stack runs a dataplane").proc.stop(Signal::SIGKILL);
 
     // The client sees its connection closed, not a hang.
     let r =

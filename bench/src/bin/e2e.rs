@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_credential_types::Credentials;
 use clap::Parser;
-use sluice_control::demo::{self, AwsCreds, ControlProc, Emulator, Postgres, Proc, Stack};
+use sluice_control::demo::{self, AwsCreds, Proc, Stack};
 use sluice_control::iam::{generate_auth_token, TokenTarget};
 use sluice_control::state::random_secret;
 
@@ -100,6 +100,10 @@ struct Args {
     /// pgbench scale factor for `pgbench -i`.
     #[arg(long, default_value_t = 10)]
     scale: u32,
+    /// Start Sluice without a dataplane process (control relays sessions itself), to compare
+    /// control's userspace relay with the dataplane in the same harness.
+    #[arg(long)]
+    no_dataplane: bool,
     /// Never run apt-get: skip pgbouncer/haproxy when they are not installed.
     #[arg(long)]
     no_install: bool,
@@ -332,110 +336,6 @@ fn cpu_delta(before: &CpuSnap, after: &CpuSnap, ticks: f64) -> (Vec<f64>, f64) {
 // The Sluice stack
 // ---------------------------------------------------------------------------------------------
 
-/// PostgreSQL, emulator and control without a dataplane (for a tree where the `dataplane` binary
-/// is not built yet); stops them in the same order as [`Stack`].
-struct BareStack {
-    control: ControlProc,
-    emulator: Emulator,
-    postgres: Postgres,
-    db_password: String,
-}
-
-impl Drop for BareStack {
-    fn drop(&mut self) {
-        self.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
-        self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
-        self.postgres.stop();
-        if self.postgres.dir.starts_with(std::env::temp_dir()) {
-            let _ = std::fs::remove_dir_all(&self.postgres.dir);
-        }
-    }
-}
-
-enum SluiceStack {
-    /// [`Stack::start`]: with a dataplane process.
-    Full(Box<Stack>),
-    /// Without a dataplane: control relays sessions itself.
-    Bare(Box<BareStack>),
-}
-
-impl SluiceStack {
-    fn start(dir: &Path) -> Result<SluiceStack> {
-        if demo::find_bin("dataplane").is_ok() {
-            return Ok(SluiceStack::Full(Box::new(Stack::start(dir, &AwsCreds::demo())?)));
-        }
-        progress!("no dataplane binary: starting PostgreSQL, the emulator and control without it");
-        std::fs::create_dir_all(dir)?;
-        let dir = dir.canonicalize()?;
-        let pg_dir = if nix::unistd::geteuid().is_root() {
-            std::env::temp_dir().join(format!("sluice-pg-{}", random_secret(6)))
-        } else {
-            dir.join("postgres")
-        };
-        let postgres = Postgres::start(&pg_dir)?;
-        let rest = (|| -> Result<(Emulator, ControlProc, String)> {
-            let db_password = random_secret(12);
-            postgres.create_user_and_db("alice", &db_password, "demo")?;
-            let emulator = Emulator::start(
-                &dir.join("emulator"),
-                postgres.port,
-                &[AwsCreds::demo()],
-                &[("alice".to_owned(), db_password.clone())],
-            )?;
-            let db = demo::demo_database("demo", &emulator, &[("env", "dev")]);
-            let control = ControlProc::start(&dir.join("control"), vec![db], &AwsCreds::demo(), None)?;
-            Ok((emulator, control, db_password))
-        })();
-        match rest {
-            Ok((emulator, control, db_password)) => {
-                Ok(SluiceStack::Bare(Box::new(BareStack { control, emulator, postgres, db_password })))
-            }
-            Err(e) => {
-                drop(postgres);
-                if pg_dir.starts_with(std::env::temp_dir()) {
-                    let _ = std::fs::remove_dir_all(&pg_dir);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    fn control(&self) -> &ControlProc {
-        match self {
-            SluiceStack::Full(s) => &s.control,
-            SluiceStack::Bare(s) => &s.control,
-        }
-    }
-
-    fn emulator(&self) -> &Emulator {
-        match self {
-            SluiceStack::Full(s) => &s.emulator,
-            SluiceStack::Bare(s) => &s.emulator,
-        }
-    }
-
-    fn postgres(&self) -> &Postgres {
-        match self {
-            SluiceStack::Full(s) => &s.postgres,
-            SluiceStack::Bare(s) => &s.postgres,
-        }
-    }
-
-    fn db_password(&self) -> &str {
-        match self {
-            SluiceStack::Full(s) => &s.db_password,
-            SluiceStack::Bare(s) => &s.db_password,
-        }
-    }
-
-    fn dataplane_pid(&self) -> Option<u32> {
-        match self {
-            SluiceStack::Full(s) => Some(s.dataplane.proc.pid()),
-            SluiceStack::Bare(_) => None,
-        }
-    }
-}
-
 /// Parses `export NAME=VALUE` lines as `sluice db env` prints them (bare or single-quoted values).
 fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
@@ -464,8 +364,8 @@ fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
 
 /// Creates role `dev` and Sluice user `alice`, logs her in with the `sluice` CLI (`sluice login`,
 /// `sluice db login demo`) and returns the libpq environment `sluice db env demo` prints.
-fn sluice_client_env(stack: &SluiceStack, dir: &Path) -> Result<Vec<(String, String)>> {
-    let control = stack.control();
+fn sluice_client_env(stack: &Stack, dir: &Path) -> Result<Vec<(String, String)>> {
+    let control = &stack.control;
     let state = control.state()?;
     state.upsert_role(&demo::dev_role("dev", &["demo"], &["alice"])?)?;
     let password = format!("pw-{}", random_secret(8));
@@ -1289,17 +1189,17 @@ fn run_in(
     let load_at_start = loadavg();
     progress!("load average: {load_at_start}");
     progress!("starting the Sluice stack in {}", dir.display());
-    let stack = SluiceStack::start(&dir.join("stack")).context("starting the Sluice stack")?;
+    let stack = Stack::start_with(&dir.join("stack"), &AwsCreds::demo(), !args.no_dataplane)
+        .context("starting the Sluice stack")?;
     check_interrupted()?;
-    let pg = stack.postgres();
-    let emu = stack.emulator();
-    let control = stack.control();
-    match stack.dataplane_pid() {
+    let pg = &stack.postgres;
+    let emu = &stack.emulator;
+    let control = &stack.control;
+    match stack.dataplane.as_ref().map(|d| d.proc.pid()) {
         Some(pid) => notes.push(format!(
             "Sluice ran with a dataplane process (pid {pid}); sessions are handed to it after the handshake."
         )),
-        None => notes
-            .push("No `dataplane` binary was built: control relayed the sessions itself (userspace copy).".to_owned()),
+        None => notes.push("Run with --no-dataplane: control relayed the sessions itself (userspace copy).".to_owned()),
     }
     let sluice_env = sluice_client_env(&stack, dir).context("logging alice in with the sluice CLI")?;
 
@@ -1308,7 +1208,7 @@ fn run_in(
         ("PGPORT".into(), pg.port.to_string()),
         ("PGUSER".into(), "alice".into()),
         ("PGDATABASE".into(), "demo".into()),
-        ("PGPASSWORD".into(), stack.db_password().to_owned()),
+        ("PGPASSWORD".into(), stack.db_password.clone()),
         ("PGSSLMODE".into(), "disable".into()),
     ];
     let creds = Credentials::new(demo::DEMO_ACCESS_KEY, demo::DEMO_SECRET_KEY, None, None, "sluice-bench");
@@ -1339,7 +1239,7 @@ fn run_in(
     }];
     if wanted("sluice") {
         let mut cpu = vec![CpuGroup { name: "control".into(), pids: vec![control.proc.pid()] }];
-        if let Some(dp) = stack.dataplane_pid() {
+        if let Some(dp) = stack.dataplane.as_ref().map(|d| d.proc.pid()) {
             cpu.push(CpuGroup { name: "dataplane".into(), pids: vec![dp] });
         }
         let own = cpu.len();
@@ -1349,7 +1249,7 @@ fn run_in(
             description: format!(
                 "control on 127.0.0.1:{} (mTLS, Sluice client certificate from `sluice db login`) → {}emulator (TLS, IAM token) → PostgreSQL",
                 control.pg_port,
-                if stack.dataplane_pid().is_some() { "dataplane → " } else { "" }
+                if stack.dataplane.as_ref().map(|d| d.proc.pid()).is_some() { "dataplane → " } else { "" }
             ),
             env: sluice_env,
             token: None,
@@ -1392,7 +1292,7 @@ fn run_in(
         env
     };
     if wanted("pgbouncer") && installed("pgbouncer") {
-        match start_pgbouncer(&dir.join("pgbouncer"), pg.port, stack.db_password()) {
+        match start_pgbouncer(&dir.join("pgbouncer"), pg.port, &stack.db_password) {
             Ok((proc, port)) => {
                 targets.push(Target {
                     key: "pgbouncer",

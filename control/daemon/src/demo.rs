@@ -456,7 +456,8 @@ pub fn dev_role(name: &str, db_names: &[&str], db_users: &[&str]) -> Result<Role
 pub struct Stack {
     pub dir: PathBuf,
     pub control: ControlProc,
-    pub dataplane: DataplaneProc,
+    /// `None` when started without one: control then relays sessions itself.
+    pub dataplane: Option<DataplaneProc>,
     pub emulator: Emulator,
     pub postgres: Postgres,
     /// The PostgreSQL password of the demo database user (the emulator's "secret").
@@ -467,6 +468,12 @@ impl Stack {
     /// Starts PostgreSQL with database `demo` owned by `alice`, the emulator holding her secret,
     /// and control serving database `demo` (labels env=dev) with `control_creds`.
     pub fn start(dir: &Path, control_creds: &AwsCreds) -> Result<Stack> {
+        Self::start_with(dir, control_creds, true)
+    }
+
+    /// As [`Stack::start`]; without a dataplane process when `with_dataplane` is false (to
+    /// measure control's own relay against the dataplane).
+    pub fn start_with(dir: &Path, control_creds: &AwsCreds, with_dataplane: bool) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pg_dir = if nix::unistd::geteuid().is_root() {
@@ -487,11 +494,13 @@ impl Stack {
             &[("alice".to_owned(), db_password.clone())],
         )?;
         let db = demo_database("demo", &emulator, &[("env", "dev")]);
-        let dataplane = DataplaneProc::start(&dir.join("dataplane"))?;
-        let control =
-            ControlProc::start(&dir.join("control"), vec![db], control_creds, Some(dataplane.socket.clone()))?;
+        let dataplane = with_dataplane.then(|| DataplaneProc::start(&dir.join("dataplane"))).transpose()?;
+        let socket = dataplane.as_ref().map(|d| d.socket.clone());
+        let control = ControlProc::start(&dir.join("control"), vec![db], control_creds, socket)?;
         let stack = Stack { dir, control, dataplane, emulator, postgres, db_password };
-        stack.wait_for_dataplane_link()?;
+        if stack.dataplane.is_some() {
+            stack.wait_for_dataplane_link()?;
+        }
         Ok(stack)
     }
 
@@ -516,7 +525,9 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
-        self.dataplane.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        if let Some(d) = self.dataplane.as_mut() {
+            d.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        }
         self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.postgres.stop();
         if self.postgres.dir.starts_with(std::env::temp_dir()) {
