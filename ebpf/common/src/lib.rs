@@ -33,6 +33,14 @@ pub struct SockCounters {
     pub segs_out: u32,
 }
 
+// SAFETY: both are `#[repr(C)]`, `Copy`, made of integers only and without padding (checked by
+// the layout test), so every byte pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockKey {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockCounters {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
