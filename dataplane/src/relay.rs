@@ -62,6 +62,16 @@ pub struct Report {
     pub upstream_ktls: bool,
 }
 
+/// A live session's application bytes so far (the relay's own counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionBytes {
+    pub id: String,
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    /// Since the worker took the session.
+    pub duration: Duration,
+}
+
 /// Counters the worker thread publishes for metrics and tests.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -79,6 +89,7 @@ pub(crate) enum Command {
     Add(Box<event_loop::Prepared>, mpsc::SyncSender<io::Result<()>>),
     End(String, EndReason),
     List(mpsc::SyncSender<Vec<String>>),
+    Bytes(mpsc::SyncSender<Vec<SessionBytes>>),
     Shutdown,
 }
 
@@ -160,6 +171,15 @@ impl Worker {
     pub fn sessions(&self) -> Vec<String> {
         let (tx, rx) = mpsc::sync_channel(1);
         if self.send(Command::List(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
+    }
+
+    /// Bytes moved so far by each live session (not those already ending).
+    pub fn session_bytes(&self) -> Vec<SessionBytes> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.send(Command::Bytes(tx)).is_err() {
             return Vec::new();
         }
         rx.recv().unwrap_or_default()

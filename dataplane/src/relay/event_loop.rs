@@ -28,7 +28,7 @@ use super::ktls_rx::KtlsRx;
 use super::pool::Pool;
 use super::record::RecordDir;
 use super::splice::SpliceDir;
-use super::{set_nonblocking, Command, Failure, Leg, Op, Report, Session, Stats, Step};
+use super::{set_nonblocking, Command, Failure, Leg, Op, Report, Session, SessionBytes, Stats, Step};
 use crate::handoff::{EndReason, LegCrypto};
 use crate::ktls;
 use crate::tls_record::{RecordDecrypter, RecordEncrypter, TLS13};
@@ -420,6 +420,18 @@ impl EventLoop {
             Command::List(reply) => {
                 let ids = self.slots.iter().flatten().filter(|s| s.ending.is_none()).map(|s| s.id.clone()).collect();
                 let _ = reply.send(ids);
+            }
+            Command::Bytes(reply) => {
+                let live = self.slots.iter().flatten().filter(|s| s.ending.is_none());
+                let bytes = live
+                    .map(|s| SessionBytes {
+                        id: s.id.clone(),
+                        client_to_upstream: s.dirs[0].bytes(),
+                        upstream_to_client: s.dirs[1].bytes(),
+                        duration: s.added.elapsed(),
+                    })
+                    .collect();
+                let _ = reply.send(bytes);
             }
             Command::Shutdown => {
                 if !self.shutting_down {

@@ -164,7 +164,7 @@ impl Counters {
     }
 
     /// Removes the pinned map (a clean shutdown with no live session has nothing to keep).
-    pub fn unpin(self) {
+    pub fn unpin(&self) {
         if let Some(dir) = &self.pin_dir {
             let _ = std::fs::remove_file(dir.join(SOCK_COUNTERS_MAP));
             let _ = std::fs::remove_dir(dir);
