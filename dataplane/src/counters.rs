@@ -7,7 +7,7 @@
 //! removed when it ends, so the map holds exactly the live sessions' legs.
 
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -37,8 +37,22 @@ pub enum CountersError {
 /// The counters of every live session.
 pub struct SessionCounting {
     bpf: Option<Mutex<Counters>>,
-    /// Session id → `[client, upstream]` socket cookies, for sessions counted by BPF.
-    cookies: Mutex<HashMap<String, [u64; 2]>>,
+    /// Sessions counted by BPF.
+    cookies: Mutex<HashMap<String, Registered>>,
+}
+
+/// A session's legs as registered with the BPF map.
+#[derive(Debug, Clone, Copy)]
+struct Registered {
+    /// `[client, upstream]` socket cookies.
+    cookies: [u64; 2],
+    /// Per leg, bytes the kernel had received but the data plane not yet read when counting
+    /// began (they passed the ingress program before the entry existed, and the relay will move
+    /// them), added to rx.
+    queued_rx: [u64; 2],
+    /// Per leg, bytes control wrote that the kernel had not yet sent when counting began (they
+    /// will pass the egress program, though the relay did not move them), taken off tx.
+    unsent_tx: [u64; 2],
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,28 +136,33 @@ impl SessionCounting {
                 return;
             }
         }
-        lock(&self.cookies).insert(id.to_owned(), cookies);
+        // Read after the entries exist: a segment landing between the two steps would be counted
+        // twice (microseconds, while the client waits for its first reply), never missed.
+        let (queued_rx, unsent_tx) = (
+            [queued(client, nix::libc::FIONREAD), queued(upstream, nix::libc::FIONREAD)],
+            [queued(client, SIOCOUTQNSD), queued(upstream, SIOCOUTQNSD)],
+        );
+        lock(&self.cookies).insert(id.to_owned(), Registered { cookies, queued_rx, unsent_tx });
     }
 
-    /// The session's counters so far; `c2u`/`u2c` are the relay's application bytes.
-    pub fn snapshot(&self, id: &str, c2u: u64, u2c: u64) -> SessionCounters {
-        self.read(id, c2u, u2c, false)
+    /// The session's counters so far; `wire` is the relay's own per-leg count
+    /// (`[client, upstream]` × `[rx, tx]`, see `relay::Report::wire`), used without BPF.
+    pub fn snapshot(&self, id: &str, wire: [[u64; 2]; 2]) -> SessionCounters {
+        self.read(id, wire, false)
     }
 
     /// The session's final counters; its map entries are removed.
-    pub fn finish(&self, id: &str, c2u: u64, u2c: u64) -> SessionCounters {
-        self.read(id, c2u, u2c, true)
+    pub fn finish(&self, id: &str, wire: [[u64; 2]; 2]) -> SessionCounters {
+        self.read(id, wire, true)
     }
 
-    fn read(&self, id: &str, c2u: u64, u2c: u64, remove: bool) -> SessionCounters {
-        let userspace = SessionCounters {
-            source: CounterSource::Userspace,
-            client: LegCounters { rx_bytes: c2u, tx_bytes: u2c, ..Default::default() },
-            upstream: LegCounters { rx_bytes: u2c, tx_bytes: c2u, ..Default::default() },
-        };
+    fn read(&self, id: &str, wire: [[u64; 2]; 2], remove: bool) -> SessionCounters {
+        let leg = |w: [u64; 2]| LegCounters { rx_bytes: w[0], tx_bytes: w[1], ..Default::default() };
+        let userspace =
+            SessionCounters { source: CounterSource::Userspace, client: leg(wire[0]), upstream: leg(wire[1]) };
         let Some(bpf) = &self.bpf else { return userspace };
         let cookies = if remove { lock(&self.cookies).remove(id) } else { lock(&self.cookies).get(id).copied() };
-        let Some([c, u]) = cookies else { return userspace };
+        let Some(Registered { cookies: [c, u], queued_rx, unsent_tx }) = cookies else { return userspace };
         let mut map = lock(bpf);
         let leg = |map: &Counters, cookie: u64| match map.get(cookie) {
             Ok(v) => v.map(leg_counters),
@@ -160,8 +179,15 @@ impl SessionCounting {
                 }
             }
         }
+        let adjust = |mut l: LegCounters, i: usize| {
+            l.rx_bytes += queued_rx[i];
+            l.tx_bytes = l.tx_bytes.saturating_sub(unsent_tx[i]);
+            l
+        };
         match (client, upstream) {
-            (Some(client), Some(upstream)) => SessionCounters { source: CounterSource::Bpf, client, upstream },
+            (Some(client), Some(upstream)) => {
+                SessionCounters { source: CounterSource::Bpf, client: adjust(client, 0), upstream: adjust(upstream, 1) }
+            }
             _ => userspace,
         }
     }
@@ -180,6 +206,22 @@ impl SessionCounting {
                 map.unpin();
             }
         }
+    }
+}
+
+/// `SIOCOUTQNSD`: bytes in a TCP socket's send queue not yet sent (linux/sockios.h).
+const SIOCOUTQNSD: nix::libc::c_ulong = 0x894b;
+
+/// A socket-queue size ioctl (`FIONREAD`, `SIOCOUTQNSD`); 0 if the socket cannot tell.
+fn queued(fd: BorrowedFd<'_>, request: nix::libc::c_ulong) -> u64 {
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: both requests write one int through the pointer, which points at `n`; `fd` is a
+    // live socket for the duration of the call.
+    let rc = unsafe { nix::libc::ioctl(fd.as_raw_fd(), request as _, &mut n as *mut nix::libc::c_int) };
+    if rc == 0 && n > 0 {
+        n as u64
+    } else {
+        0
     }
 }
 

@@ -60,6 +60,10 @@ pub struct Report {
     pub client_ktls: bool,
     /// The kernel sealed and opened the upstream leg's records (kTLS), both ways.
     pub upstream_ktls: bool,
+    /// `[client, upstream]` × `[rx, tx]`: bytes each leg's socket gave and took, from the
+    /// relay's syscall results (splice, recv, send): TLS records on a userspace-TLS leg,
+    /// plaintext on a kTLS leg (the kernel decrypts before splice sees the bytes).
+    pub wire: [[u64; 2]; 2],
 }
 
 /// A live session's application bytes so far (the relay's own counts).
@@ -68,6 +72,8 @@ pub struct SessionBytes {
     pub id: String,
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+    /// As [`Report::wire`].
+    pub wire: [[u64; 2]; 2],
     /// Since the worker took the session.
     pub duration: Duration,
 }

@@ -113,7 +113,7 @@ impl Server {
 
 impl Shared {
     fn report(&self, r: Report) {
-        let counters = self.counting.finish(&r.id, r.bytes_client_to_upstream, r.bytes_upstream_to_client);
+        let counters = self.counting.finish(&r.id, r.wire);
         let ended = SessionEnded {
             session_id: r.id,
             bytes_client_to_upstream: r.bytes_client_to_upstream,
@@ -238,7 +238,7 @@ impl Shared {
                     .iter()
                     .flat_map(Worker::session_bytes)
                     .map(|b| SessionStats {
-                        counters: Some(self.counting.snapshot(&b.id, b.client_to_upstream, b.upstream_to_client)),
+                        counters: Some(self.counting.snapshot(&b.id, b.wire)),
                         session_id: b.id,
                         bytes_client_to_upstream: b.client_to_upstream,
                         bytes_upstream_to_client: b.upstream_to_client,
@@ -284,7 +284,7 @@ impl Shared {
         self.counting.register(&h.session_id, session.client.as_fd(), session.upstream.as_fd());
         let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         if let Err(e) = self.workers[i].add(session) {
-            self.counting.finish(&h.session_id, 0, 0);
+            self.counting.finish(&h.session_id, [[0; 2]; 2]);
             return Err(format!("worker {i}: {e}"));
         }
         info!(session_id = %h.session_id, user = %h.user, db = %h.db_service, worker = i, "session taken over");

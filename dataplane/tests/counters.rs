@@ -72,6 +72,12 @@ fn run(mode: Mode, name: &str) {
 
     let (client_peer, client_leg) = tcp_pair();
     let (upstream_leg, upstream_peer) = tcp_pair();
+    // A client that sends before the data plane has its socket (a query right after
+    // ReadyForQuery): those bytes wait in the socket, passed the ingress program before counting
+    // began, and must still be counted as relayed.
+    let early = 1500u64;
+    (&client_peer).write_all(&vec![1; early as usize]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
     let h = Handoff {
         session_id: "sess-counters".into(),
         user: "alice".into(),
@@ -94,7 +100,10 @@ fn run(mode: Mode, name: &str) {
     }
 
     let (c2u, u2c) = (2_000_003u64, 777_777u64);
-    pump(&client_peer, &upstream_peer, c2u as usize);
+    let mut got = vec![0; early as usize];
+    (&upstream_peer).read_exact(&mut got).unwrap();
+    let c2u_body = c2u - early;
+    pump(&client_peer, &upstream_peer, c2u_body as usize);
     pump(&upstream_peer, &client_peer, u2c as usize);
 
     link.send(&Message::StatsRequest, &[]).unwrap();

@@ -145,9 +145,18 @@ impl Harness {
     /// Starts a stack whose control signs IAM tokens with `creds` (the emulator accepts only the
     /// demo credentials).
     pub fn start_with_creds(name: &str, creds: &AwsCreds) -> Result<Harness> {
+        Self::start_opts(name, creds, &[])
+    }
+
+    /// Starts a stack whose dataplane gets `dataplane_args` (e.g. `--counters userspace`).
+    pub fn start_with_dataplane_args(name: &str, dataplane_args: &[&str]) -> Result<Harness> {
+        Self::start_opts(name, &AwsCreds::demo(), dataplane_args)
+    }
+
+    fn start_opts(name: &str, creds: &AwsCreds, dataplane_args: &[&str]) -> Result<Harness> {
         let dir = TestDir::new(name)?;
         let started = Instant::now();
-        let stack = Stack::start(&dir.join("stack"), creds).context("starting the stack")?;
+        let stack = Stack::start_opts(&dir.join("stack"), creds, Some(dataplane_args)).context("starting the stack")?;
         eprintln!("[{name}] stack started in {:.1?}", started.elapsed());
         let state = stack.control.state()?;
         state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;

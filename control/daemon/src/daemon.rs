@@ -37,6 +37,7 @@ fn server_names(cfg: &Config) -> Vec<String> {
 pub struct Bound {
     pub postgres: TcpListener,
     pub api: TcpListener,
+    pub metrics: Option<TcpListener>,
 }
 
 pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
@@ -46,7 +47,15 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
     let api = TcpListener::bind(cfg.auth_service.listen_addr)
         .await
         .with_context(|| format!("binding api listener {}", cfg.auth_service.listen_addr))?;
-    Ok(Bound { postgres, api })
+    let metrics = match &cfg.metrics {
+        Some(m) => Some(
+            TcpListener::bind(m.listen_addr)
+                .await
+                .with_context(|| format!("binding metrics listener {}", m.listen_addr))?,
+        ),
+        None => None,
+    };
+    Ok(Bound { postgres, api, metrics })
 }
 
 pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
@@ -72,11 +81,21 @@ pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
         cluster = %cfg.auth_service.cluster_name,
         "control is serving"
     );
+    let metrics_task = match bound.metrics {
+        Some(l) => {
+            info!(metrics = %format!("http://{}/metrics", l.local_addr()?), "serving Prometheus metrics");
+            Some(tokio::spawn(crate::metrics::serve(proxy_ctx.clone(), l)))
+        }
+        None => None,
+    };
     let pg_task = tokio::spawn(proxy::serve(proxy_ctx, bound.postgres));
     let api_task = tokio::spawn(api::serve(api_ctx, bound.api, api_tls));
     shutdown_signal().await;
     info!("shutting down");
     pg_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     api_task.abort();
     Ok(())
 }

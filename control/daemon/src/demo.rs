@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{
-    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, ProxyService, StaticDatabase,
-    TlsSpec,
+    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, MetricsConfig, ProxyService,
+    StaticDatabase, TlsSpec,
 };
 use crate::rbac::Role;
 use crate::state::{random_secret, State};
@@ -347,11 +347,16 @@ pub struct DataplaneProc {
 
 impl DataplaneProc {
     pub fn start(dir: &Path) -> Result<DataplaneProc> {
+        Self::start_with_args(dir, &[])
+    }
+
+    /// As [`DataplaneProc::start`], with extra arguments (e.g. `--counters userspace`).
+    pub fn start_with_args(dir: &Path, args: &[&str]) -> Result<DataplaneProc> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("dataplane.sock");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log"))?;
         let mut cmd = Command::new(find_bin("dataplane")?);
-        cmd.arg("--control-socket").arg(&socket).stdout(Stdio::null()).stderr(log);
+        cmd.arg("--control-socket").arg(&socket).args(args).stdout(Stdio::null()).stderr(log);
         let mut proc = Proc::spawn("dataplane", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
@@ -386,6 +391,7 @@ impl ControlProc {
         std::fs::create_dir_all(dir)?;
         let pg_port = free_port()?;
         let api_port = free_port()?;
+        let metrics_port = free_port()?;
         let config = Config {
             data_dir: dir.join("data"),
             auth_service: AuthService { listen_addr: ([127, 0, 0, 1], api_port).into(), ..Default::default() },
@@ -397,6 +403,7 @@ impl ControlProc {
             db_service: DbService { databases, resources: Vec::new() },
             audit: AuditConfig::default(),
             dataplane: dataplane_socket.map(|socket| DataplaneConfig { socket, idle_timeout: Duration::ZERO }),
+            metrics: Some(MetricsConfig { listen_addr: ([127, 0, 0, 1], metrics_port).into() }),
         };
         let config_path = dir.join("control.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
@@ -419,11 +426,19 @@ impl ControlProc {
         let mut proc = Proc::spawn("control", &mut cmd)?;
         wait_for_port(api_port, Duration::from_secs(30), &mut proc)?;
         wait_for_port(pg_port, Duration::from_secs(30), &mut proc)?;
+        if let Some(m) = &config.metrics {
+            wait_for_port(m.listen_addr.port(), Duration::from_secs(30), &mut proc)?;
+        }
         Ok(ControlProc { pg_port, api_port, config_path, config, proc })
     }
 
     pub fn state(&self) -> Result<State> {
         Ok(State::open(&self.config.data_dir)?)
+    }
+
+    /// Where control serves Prometheus metrics, if it does.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.config.metrics.as_ref().map(|m| format!("http://{}/metrics", m.listen_addr))
     }
 }
 
@@ -474,6 +489,12 @@ impl Stack {
     /// As [`Stack::start`]; without a dataplane process when `with_dataplane` is false (to
     /// measure control's own relay against the dataplane).
     pub fn start_with(dir: &Path, control_creds: &AwsCreds, with_dataplane: bool) -> Result<Stack> {
+        Self::start_opts(dir, control_creds, with_dataplane.then_some(&[]))
+    }
+
+    /// As [`Stack::start`]; `dataplane`: `None` for no dataplane process, else its extra
+    /// arguments.
+    pub fn start_opts(dir: &Path, control_creds: &AwsCreds, dataplane: Option<&[&str]>) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pg_dir = if nix::unistd::geteuid().is_root() {
@@ -494,7 +515,8 @@ impl Stack {
             &[("alice".to_owned(), db_password.clone())],
         )?;
         let db = demo_database("demo", &emulator, &[("env", "dev")]);
-        let dataplane = with_dataplane.then(|| DataplaneProc::start(&dir.join("dataplane"))).transpose()?;
+        let dataplane =
+            dataplane.map(|args| DataplaneProc::start_with_args(&dir.join("dataplane"), args)).transpose()?;
         let socket = dataplane.as_ref().map(|d| d.socket.clone());
         let control = ControlProc::start(&dir.join("control"), vec![db], control_creds, socket)?;
         let stack = Stack { dir, control, dataplane, emulator, postgres, db_password };
@@ -583,13 +605,16 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         writeln!(f, "{password}")?;
     }
     std::fs::write(stack.dir.join("env"), &env)?;
+    let metrics_url = stack.control.metrics_url().unwrap_or_default();
+    std::fs::write(stack.dir.join("metrics-url"), format!("{metrics_url}\n"))?;
     let d = stack.dir.display();
     println!(
         "Sluice demo is running.\n\n\
          \x20 control (PostgreSQL)  localhost:{pg}\n\
          \x20 control (API)         {api}\n\
          \x20 RDS Proxy emulator    {endpoint}:{eport} (dialled on 127.0.0.1)\n\
-         \x20 PostgreSQL            127.0.0.1:{pgport}\n\n\
+         \x20 PostgreSQL            127.0.0.1:{pgport}\n\
+         \x20 Metrics (Prometheus)  {metrics_url} (also in {d}/metrics-url)\n\n\
          Connect as alice (her `sluice login` password is in {d}/alice-password):\n\n\
          \x20 eval \"$(cat {d}/env)\"; psql\n\n\
          or with the CLI:\n\n\

@@ -27,10 +27,12 @@ use crate::catalog;
 use crate::config::Config;
 use crate::dataplane::{leg_crypto, DataplaneClient, Events};
 use crate::iam::TokenMinter;
+use crate::metrics::{counters_json, METRICS};
 use crate::rbac::{check_access, AccessRequest};
 use crate::state::State;
 use crate::tls::UpstreamTls;
 use crate::upstream::{self, CancelTarget, UpstreamError};
+use sluice_dataplane::handoff::{CounterSource, LegCounters, SessionCounters};
 
 /// Shared by every connection task.
 pub struct ProxyContext {
@@ -77,12 +79,18 @@ struct Refusal {
     fields: ErrorFields,
     /// What goes in the log and the audit event.
     reason: String,
+    /// Label of the handshake-failure metric.
+    kind: &'static str,
 }
 
 impl Refusal {
     fn new(code: &str, message: impl Into<String>) -> Self {
         let message = message.into();
-        Refusal { reason: message.clone(), fields: ErrorFields::fatal(code, message) }
+        Refusal { reason: message.clone(), fields: ErrorFields::fatal(code, message), kind: "denied" }
+    }
+    fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
     }
 }
 
@@ -101,19 +109,21 @@ impl From<UpstreamError> for Refusal {
                 } else {
                     "the error came from the upstream database"
                 };
-                Refusal { fields: fields.with(b'H', hint), reason }
+                Refusal { fields: fields.with(b'H', hint), reason, kind: "upstream_rejected" }
             }
             UpstreamError::Iam(e) => Refusal::new(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("Sluice could not create an IAM auth token: {e}"),
-            ),
+            )
+            .kind("token"),
             UpstreamError::UnsupportedAuth(_) => {
-                Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string())
+                Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string()).kind("upstream_auth")
             }
             other => Refusal::new(
                 sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                 format!("Sluice could not reach the database: {other}"),
-            ),
+            )
+            .kind("upstream_unreachable"),
         }
     }
 }
@@ -174,12 +184,17 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
     let ready = match setup {
         Err(_) => {
             info!(timeout_s = deadline.as_secs(), "handshake deadline passed; dropping client");
+            METRICS.handshake_failed("timeout");
             return;
         }
         Ok(Ok(Some(ready))) => ready,
         Ok(Ok(None)) => return,
-        Ok(Err(())) => return,
+        Ok(Err(reason)) => {
+            METRICS.handshake_failed(reason);
+            return;
+        }
     };
+    METRICS.session_started(started.elapsed());
     info!(user = %fields.user, db = %fields.db_service, db_user = %fields.db_user, db_name = %fields.db_name, "session started");
     let ready = match ctx.dataplane.get().filter(|d| d.connected()) {
         Some(dp) => match hand_off(&ctx, dp, ready, &fields).await {
@@ -190,6 +205,7 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
             }
             Outcome::Failed(why, our_pid) => {
                 warn!(reason = %why, "handoff to the dataplane failed; session closed");
+                METRICS.handshake_failed("handoff");
                 ctx.cancels().remove(&our_pid);
                 ctx.audit.emit(SESSION_END, &fields, false, json!({ "error": format!("handoff failed: {why}") }));
                 return;
@@ -202,7 +218,9 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
     // an error (a client killed mid-transfer still gets an accurate audit record).
     let mut client = CountingReader::new(client);
     let mut upstream = CountingReader::new(upstream);
+    METRICS.local_session(true);
     let result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024).await;
+    METRICS.local_session(false);
     ctx.cancels().remove(&our_pid);
     let (to_upstream, to_client) = (client.read, upstream.read);
     let error = match result {
@@ -214,6 +232,13 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
     };
     let duration = started.elapsed();
     info!(bytes_from_client = to_upstream, bytes_to_client = to_client, duration_ms = duration.as_millis() as u64, error = ?error, "session ended");
+    // Control's own relay counts plaintext it read; packets and TCP health are not visible here.
+    let counters = SessionCounters {
+        source: CounterSource::Userspace,
+        client: LegCounters { rx_bytes: to_upstream, tx_bytes: to_client, ..Default::default() },
+        upstream: LegCounters { rx_bytes: to_client, tx_bytes: to_upstream, ..Default::default() },
+    };
+    METRICS.session_ended(&counters);
     ctx.audit.emit(
         SESSION_END,
         &fields,
@@ -222,6 +247,7 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
             "duration_ms": duration.as_millis() as u64,
             "bytes_from_client": to_upstream,
             "bytes_to_client": to_client,
+            "counters": counters_json(&counters),
             "error": error,
         }),
     );
@@ -235,9 +261,14 @@ struct Ready {
     not_after: i64,
 }
 
-/// Runs the whole setup. `Ok(None)` is a finished short exchange (a cancel request); `Err(())`
-/// means the client was refused (already told and logged).
-async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionFields) -> Result<Option<Ready>, ()> {
+/// Runs the whole setup. `Ok(None)` is a finished short exchange (a cancel request); `Err(reason)`
+/// means the client was refused or went away (already told and logged); `reason` labels the
+/// handshake-failure metric.
+async fn handshake(
+    ctx: &ProxyContext,
+    mut tcp: TcpStream,
+    fields: &mut SessionFields,
+) -> Result<Option<Ready>, &'static str> {
     // PostgreSQL 17 clients may start TLS directly (sslnegotiation=direct): a TLS record, not a
     // length-prefixed packet, comes first.
     let mut first = [0u8; 1];
@@ -248,19 +279,19 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
                 Ok(p) => p,
                 Err(e) => {
                     info!(error = %e, "client went away before TLS");
-                    return Err(());
+                    return Err("client_gone");
                 }
             };
             match packet {
                 Ok(StartupPacket::SslRequest) => {
                     if tcp.write_all(b"S").await.is_err() {
-                        return Err(());
+                        return Err("client_gone");
                     }
                     break;
                 }
                 Ok(StartupPacket::GssEncRequest) => {
                     if tcp.write_all(b"N").await.is_err() {
-                        return Err(());
+                        return Err("client_gone");
                     }
                 }
                 Ok(StartupPacket::Cancel(c)) => {
@@ -275,13 +306,13 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
                     )
                     .with(b'H', "connect with sslmode=verify-full and the certificate from `sluice db login`");
                     send_error(&mut tcp, &e).await;
-                    return Err(());
+                    return Err("plaintext");
                 }
                 Err(e) => {
                     info!(error = %e, "invalid startup packet");
                     let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
                     send_error(&mut tcp, &e).await;
-                    return Err(());
+                    return Err("protocol");
                 }
             }
         }
@@ -290,7 +321,7 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
         Ok(s) => s,
         Err(e) => {
             info!(error = %e, "client TLS handshake failed");
-            return Err(());
+            return Err("tls");
         }
     };
     let identity = {
@@ -304,12 +335,12 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
                     format!("bad client certificate: {e}"),
                 );
                 send_error(&mut client, &e).await;
-                return Err(());
+                return Err("certificate");
             }
             None => {
                 let e = ErrorFields::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "no client certificate");
                 send_error(&mut client, &e).await;
-                return Err(());
+                return Err("certificate");
             }
         }
     };
@@ -323,17 +354,17 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
         Ok(Ok(_)) => {
             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected encryption request inside TLS");
             send_error(&mut client, &e).await;
-            return Err(());
+            return Err("protocol");
         }
         Ok(Err(e)) => {
             info!(error = %e, "invalid startup packet inside TLS");
             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
             send_error(&mut client, &e).await;
-            return Err(());
+            return Err("protocol");
         }
         Err(e) => {
             info!(error = %e, "client went away during startup");
-            return Err(());
+            return Err("client_gone");
         }
     };
     match authorize_and_connect(ctx, &identity, &startup, &mut client, fields).await {
@@ -354,7 +385,7 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
             info!(user = %fields.user, db = %fields.db_service, reason = %refusal.reason, "session refused");
             ctx.audit.emit(SESSION_START, fields, false, json!({ "error": refusal.reason }));
             send_error(&mut client, &refusal.fields).await;
-            Err(())
+            Err(refusal.kind)
         }
     }
 }
@@ -393,14 +424,21 @@ async fn authorize_and_connect(
     fields.db_user = db_user.to_owned();
     fields.db_name = db_name.to_owned();
 
-    let internal =
-        |e: crate::state::StateError| Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}"));
-    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service).map_err(internal)?.ok_or_else(|| {
-        Refusal::new(
-            sqlstate::INVALID_CATALOG_NAME,
-            format!("database {:?} is not registered with Sluice", route.service),
-        )
-    })?;
+    let internal = |e: crate::state::StateError| {
+        Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind("internal")
+    };
+    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service)
+        .map_err(|e| {
+            METRICS.discovery_error();
+            internal(e)
+        })?
+        .ok_or_else(|| {
+            Refusal::new(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database {:?} is not registered with Sluice", route.service),
+            )
+            .kind("unknown_database")
+        })?;
     let user = ctx
         .state
         .user(&identity.user)
@@ -577,10 +615,14 @@ impl ProxyContext {
                 "bytes_to_client": e.bytes_upstream_to_client,
                 "reason": format!("{:?}", e.reason),
                 "data_plane": true,
+                "counters": e.counters.as_ref().map(counters_json),
             }),
             None => json!({ "error": "the dataplane no longer holds the session", "data_plane": true }),
         };
         let success = ended.is_some_and(|e| e.reason != sluice_dataplane::handoff::EndReason::Error);
+        if let Some(c) = ended.and_then(|e| e.counters.as_ref()) {
+            METRICS.session_ended(c);
+        }
         info!(session_id = %id, user = %fields.user, db = %fields.db_service, "session ended in the dataplane");
         self.audit.emit(SESSION_END, &fields, success, extra);
     }

@@ -210,6 +210,12 @@ struct Sess {
     not_after: Option<SystemTime>,
     /// Which side's EOF came first, for the report.
     first_close: Option<EndReason>,
+    /// Per direction, the legs (index into `wire`) its in-flight operation reads from and
+    /// writes to, so its result can be counted as that leg's traffic.
+    wire_op: [(Option<usize>, Option<usize>); 2],
+    /// `[client, upstream]` × `[rx, tx]`: bytes each leg's socket gave and took, as the syscalls
+    /// returned them (what a TLS leg carries on the wire: records, not plaintext).
+    wire: [[u64; 2]; 2],
     ending: Option<EndReason>,
     ending_since: Option<Instant>,
 }
@@ -428,6 +434,7 @@ impl EventLoop {
                         id: s.id.clone(),
                         client_to_upstream: s.dirs[0].bytes(),
                         upstream_to_client: s.dirs[1].bytes(),
+                        wire: s.wire,
                         duration: s.added.elapsed(),
                     })
                     .collect();
@@ -490,6 +497,8 @@ impl EventLoop {
             idle_timeout: p.idle_timeout,
             not_after: p.not_after,
             first_close: None,
+            wire_op: [(None, None); 2],
+            wire: [[0; 2]; 2],
             ending: None,
             ending_since: None,
         });
@@ -530,6 +539,15 @@ impl EventLoop {
         }
         self.io.inflight -= 1;
         s.busy[dir] = false;
+        if res > 0 {
+            let (rx, tx) = s.wire_op[dir];
+            if let Some(leg) = rx {
+                s.wire[leg][0] += res as u64;
+            }
+            if let Some(leg) = tx {
+                s.wire[leg][1] += res as u64;
+            }
+        }
         let outcome = s.dirs[dir].complete(res);
         if s.ending.is_some() {
             self.maybe_finalize(slot);
@@ -555,6 +573,15 @@ impl EventLoop {
         match s.dirs[dir].step(&mut self.io.pool) {
             Step::Submit(op) => {
                 s.busy[dir] = true;
+                let leg = |fd: std::os::fd::RawFd| {
+                    [s.client.as_raw_fd(), s.upstream.as_raw_fd()].iter().position(|l| *l == fd)
+                };
+                s.wire_op[dir] = match op {
+                    Op::Splice { from, to, .. } => (leg(from), leg(to)),
+                    Op::Recv { fd, .. } => (leg(fd), None),
+                    Op::Send { fd, .. } => (None, leg(fd)),
+                    Op::PollIn(_) | Op::PollOut(_) => (None, None),
+                };
                 self.io.submit(&op, token(slot, s.gen, dir));
             }
             Step::Done => {
@@ -628,6 +655,7 @@ impl EventLoop {
             reason: s.ending.unwrap_or(EndReason::Error),
             client_ktls: s.ktls[0],
             upstream_ktls: s.ktls[1],
+            wire: s.wire,
         };
         info!(
             session = %report.id,

@@ -172,6 +172,14 @@ impl Counters {
     }
 }
 
+/// Entries of the counters map pinned in `pin_dir` (another process's: tests check that a data
+/// plane leaves none behind for ended sessions).
+pub fn pinned_entries(pin_dir: &Path) -> Result<usize, LoadError> {
+    let data = MapData::from_pin(pin_dir.join(SOCK_COUNTERS_MAP))?;
+    let map: HashMap<MapData, SockKey, SockCounters> = HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    Ok(map.keys().filter(Result::is_ok).count())
+}
+
 /// The kernel's socket cookie (`SO_COOKIE`), the key the programs count under.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
