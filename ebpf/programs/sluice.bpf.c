@@ -48,6 +48,10 @@ struct {
 	__uint(max_entries, SLUICE_MAX_SOCKETS);
 	__type(key, struct sock_key);
 	__type(value, struct sock_counters);
+	/* Entries are allocated as sessions register, not up front: an idle data plane (or one
+	 * left pinned) costs kilobytes, not max_entries' worth. The programs never insert, so no
+	 * allocation happens on the packet path. */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	/* Pinned under the loader's directory so counters survive a data-plane restart. */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } SLUICE_SOCK_COUNTERS_MAP SEC(".maps");

@@ -233,6 +233,8 @@ fn prepare_pin_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+// The statfs magic's type (__fsword_t) differs between architectures, hence the cast.
+#[allow(clippy::unnecessary_cast)]
 fn is_bpffs(p: &Path) -> bool {
     nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
 }
