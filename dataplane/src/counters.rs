@@ -47,9 +47,11 @@ struct Registered {
     /// `[client, upstream]` socket cookies.
     cookies: [u64; 2],
     /// Per leg, bytes the kernel had received but the data plane not yet read when counting
-    /// began (they passed the ingress program before the entry existed, and the relay will move
-    /// them), added to rx.
+    /// began (the relay will move them), added to rx.
     queued_rx: [u64; 2],
+    /// Per leg, the kernel's `bytes_received` at registration: the programs store the absolute
+    /// count, the session's share is what came after (plus `queued_rx`).
+    rx_at_registration: [u64; 2],
     /// Per leg, bytes control wrote that the kernel had not yet sent when counting began (they
     /// will pass the egress program, though the relay did not move them), taken off tx.
     unsent_tx: [u64; 2],
@@ -136,13 +138,13 @@ impl SessionCounting {
                 return;
             }
         }
-        // Read after the entries exist: a segment landing between the two steps would be counted
-        // twice (microseconds, while the client waits for its first reply), never missed.
-        let (queued_rx, unsent_tx) = (
-            [queued(client, nix::libc::FIONREAD), queued(upstream, nix::libc::FIONREAD)],
-            [queued(client, SIOCOUTQNSD), queued(upstream, SIOCOUTQNSD)],
-        );
-        lock(&self.cookies).insert(id.to_owned(), Registered { cookies, queued_rx, unsent_tx });
+        // Read after the entries exist. The queue and the kernel's count are read one after the
+        // other: a segment landing in between (microseconds, while the client waits for its
+        // first reply) would be counted twice.
+        let rx_at_registration = [bytes_received(client), bytes_received(upstream)];
+        let queued_rx = [queued(client, nix::libc::FIONREAD), queued(upstream, nix::libc::FIONREAD)];
+        let unsent_tx = [queued(client, SIOCOUTQNSD), queued(upstream, SIOCOUTQNSD)];
+        lock(&self.cookies).insert(id.to_owned(), Registered { cookies, queued_rx, rx_at_registration, unsent_tx });
     }
 
     /// The session's counters so far; `wire` is the relay's own per-leg count
@@ -162,7 +164,9 @@ impl SessionCounting {
             SessionCounters { source: CounterSource::Userspace, client: leg(wire[0]), upstream: leg(wire[1]) };
         let Some(bpf) = &self.bpf else { return userspace };
         let cookies = if remove { lock(&self.cookies).remove(id) } else { lock(&self.cookies).get(id).copied() };
-        let Some(Registered { cookies: [c, u], queued_rx, unsent_tx }) = cookies else { return userspace };
+        let Some(Registered { cookies: [c, u], queued_rx, rx_at_registration, unsent_tx }) = cookies else {
+            return userspace;
+        };
         let mut map = lock(bpf);
         let leg = |map: &Counters, cookie: u64| match map.get(cookie) {
             Ok(v) => v.map(leg_counters),
@@ -180,7 +184,8 @@ impl SessionCounting {
             }
         }
         let adjust = |mut l: LegCounters, i: usize| {
-            l.rx_bytes += queued_rx[i];
+            let base = rx_at_registration[i];
+            l.rx_bytes = l.rx_bytes.max(base) - base + queued_rx[i];
             l.tx_bytes = l.tx_bytes.saturating_sub(unsent_tx[i]);
             l
         };
@@ -220,6 +225,31 @@ fn queued(fd: BorrowedFd<'_>, request: nix::libc::c_ulong) -> u64 {
     let rc = unsafe { nix::libc::ioctl(fd.as_raw_fd(), request as _, &mut n as *mut nix::libc::c_int) };
     if rc == 0 && n > 0 {
         n as u64
+    } else {
+        0
+    }
+}
+
+/// The kernel's `tcpi_bytes_received` (in-order payload received since the connection opened); 0
+/// if the socket cannot tell.
+fn bytes_received(fd: BorrowedFd<'_>) -> u64 {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+    let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info` and stores the length written;
+    // `fd` is a live socket for the duration of the call.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            fd.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_INFO,
+            (&mut info as *mut nix::libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(nix::libc::tcp_info, tcpi_bytes_received) + 8;
+    if rc == 0 && len as usize >= needed {
+        info.tcpi_bytes_received
     } else {
         0
     }

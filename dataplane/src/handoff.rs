@@ -133,7 +133,8 @@ pub struct SessionEnded {
 #[repr(u8)]
 pub enum CounterSource {
     /// The kernel (cgroup_skb programs keyed by socket cookie): TCP payload bytes on the wire
-    /// (TLS records included) and segments, retransmissions included; RTT and retransmits.
+    /// (TLS records included), each byte once (retransmissions are not counted again); segments
+    /// (retransmissions included); RTT and retransmits.
     Bpf = 1,
     /// The relay's own syscall results (splice/recv/send): bytes it moved, plaintext on TLS legs;
     /// packets, RTT and retransmits are unknown (0).

@@ -20,9 +20,19 @@
  * map never grows with unrelated traffic of the cgroup. Programs always return 1 (allow): they
  * observe and never filter.
  *
- * What is counted: bytes are TCP payload (skb->len minus the IP and TCP headers; the SYN and FIN
- * carry none), retransmitted payload included; packets are TCP segments of any kind (pure ACKs
- * too), a GSO/GRO super-packet counting as its gso_segs. */
+ * What is counted. Bytes are TCP payload (the SYN and FIN carry none), each byte once:
+ * - sent: skb->len minus the IP and TCP headers, only the part beyond the highest sequence number
+ *   already sent, so retransmissions do not count again. A socket's output runs under its lock,
+ *   so these updates never race.
+ * - received: the kernel's own tcp_sock bytes_received (in-order payload, duplicates and
+ *   retransmissions excluded) plus the segment at hand when it is the next in order (the program
+ *   runs before TCP processes it). Ingress of one socket can run on two CPUs at once (loopback
+ *   delivers on the sender's CPU), so the program only ever raises the stored value, and any
+ *   later segment re-reads the kernel's count. Once the peer's FIN is processed bytes_received
+ *   includes it (+1), which is taken off. The userspace loader subtracts the value at
+ *   registration.
+ * Packets are TCP segments of any kind (pure ACKs and retransmissions too), a GSO/GRO
+ * super-packet counting as its gso_segs. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -42,6 +52,9 @@ SLUICE_AT(srtt_us, SLUICE_OFF_SRTT_US);
 SLUICE_AT(total_retrans, SLUICE_OFF_TOTAL_RETRANS);
 SLUICE_AT(segs_in, SLUICE_OFF_SEGS_IN);
 SLUICE_AT(segs_out, SLUICE_OFF_SEGS_OUT);
+SLUICE_AT(rx_seq_next, SLUICE_OFF_RX_SEQ_NEXT);
+SLUICE_AT(tx_seq_next, SLUICE_OFF_TX_SEQ_NEXT);
+SLUICE_AT(flags, SLUICE_OFF_FLAGS);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -57,8 +70,8 @@ struct {
 } SLUICE_SOCK_COUNTERS_MAP SEC(".maps");
 
 /* Length of the IP and TCP headers at the front of skb (cgroup_skb data starts at the network
- * header), or -1 when the packet is not TCP. */
-static __always_inline int headers_len(struct __sk_buff *skb)
+ * header), or -1 when the packet is not TCP; *seq gets the segment's sequence number. */
+static __always_inline int headers_len(struct __sk_buff *skb, __u32 *seq)
 {
 	__u8 b;
 	int ip_len;
@@ -79,6 +92,9 @@ static __always_inline int headers_len(struct __sk_buff *skb)
 	} else {
 		return -1;
 	}
+	if (bpf_skb_load_bytes(skb, ip_len + 4, seq, 4))
+		return -1;
+	*seq = bpf_ntohl(*seq);
 	/* The TCP data offset is the high nibble of byte 12 of the TCP header. */
 	if (bpf_skb_load_bytes(skb, ip_len + 12, &b, 1))
 		return -1;
@@ -91,7 +107,8 @@ static __always_inline void count(struct __sk_buff *skb, int egress)
 	struct sock_counters *c;
 	struct bpf_sock *sk;
 	struct bpf_tcp_sock *tp;
-	__u64 payload = 0, segs;
+	__u64 payload = 0, segs, received;
+	__u32 seq = 0, end, next;
 	int hl;
 
 	if (!key.cookie)
@@ -99,17 +116,31 @@ static __always_inline void count(struct __sk_buff *skb, int egress)
 	c = bpf_map_lookup_elem(&SLUICE_SOCK_COUNTERS_MAP, &key);
 	if (!c)
 		return;
-	hl = headers_len(skb);
+	hl = headers_len(skb, &seq);
 	if (hl < 0)
 		return;
 	if (skb->len > (__u32)hl)
 		payload = skb->len - hl;
 	segs = skb->gso_segs ? skb->gso_segs : 1;
 	if (egress) {
+		if (payload) {
+			/* Count only the part of [seq, end) beyond what was sent (serial arithmetic). */
+			end = seq + (__u32)payload;
+			next = c->tx_seq_next;
+			if (c->flags & SLUICE_TX_SEQ_VALID) {
+				if ((__s32)(end - next) <= 0)
+					payload = 0;
+				else if ((__s32)(next - seq) > 0)
+					payload = end - next;
+			}
+			if (payload) {
+				c->tx_seq_next = end;
+				c->flags |= SLUICE_TX_SEQ_VALID;
+			}
+		}
 		__sync_fetch_and_add(&c->tx_bytes, payload);
 		__sync_fetch_and_add(&c->tx_packets, segs);
 	} else {
-		__sync_fetch_and_add(&c->rx_bytes, payload);
 		__sync_fetch_and_add(&c->rx_packets, segs);
 	}
 	sk = skb->sk;
@@ -121,6 +152,16 @@ static __always_inline void count(struct __sk_buff *skb, int egress)
 	tp = bpf_tcp_sock(sk);
 	if (!tp)
 		return;
+	if (!egress) {
+		received = tp->bytes_received;
+		if (payload && seq == tp->rcv_nxt)
+			received += payload;
+		/* CLOSE_WAIT, LAST_ACK, CLOSING: the peer's FIN is in bytes_received. */
+		if ((sk->state == 8 || sk->state == 9 || sk->state == 11) && received)
+			received -= 1;
+		if (received > c->rx_bytes)
+			c->rx_bytes = received;
+	}
 	/* The kernel keeps srtt scaled by 8. */
 	c->srtt_us = tp->srtt_us >> 3;
 	c->total_retrans = tp->total_retrans;

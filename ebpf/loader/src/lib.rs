@@ -265,6 +265,9 @@ mod tests {
         assert_eq!(offset_of!(SockCounters, total_retrans), define("SLUICE_OFF_TOTAL_RETRANS "));
         assert_eq!(offset_of!(SockCounters, segs_in), define("SLUICE_OFF_SEGS_IN "));
         assert_eq!(offset_of!(SockCounters, segs_out), define("SLUICE_OFF_SEGS_OUT "));
+        assert_eq!(offset_of!(SockCounters, rx_seq_next), define("SLUICE_OFF_RX_SEQ_NEXT "));
+        assert_eq!(offset_of!(SockCounters, tx_seq_next), define("SLUICE_OFF_TX_SEQ_NEXT "));
+        assert_eq!(offset_of!(SockCounters, flags), define("SLUICE_OFF_FLAGS "));
         assert!(HEADER.contains(&format!("#define SLUICE_SOCK_COUNTERS_MAP {SOCK_COUNTERS_MAP}")));
     }
 }
