@@ -56,6 +56,14 @@ fn run(mode: Mode, name: &str) {
         }
         Err(e) => panic!("BPF counters must load as root: {e}"),
     };
+    // A failed assertion must not leave the pinned map behind.
+    struct Unpin(PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _unpin = Unpin(std::path::Path::new(sluice_ebpf::PIN_ROOT).join(&instance));
     let source = counting.source();
     assert_eq!(source == CounterSource::Bpf, mode == Mode::Bpf);
     let dir = std::env::temp_dir().join(format!("sluice-dp-counters-{name}-{}", std::process::id()));
@@ -141,4 +149,28 @@ fn bpf_counts_exact_bytes_per_leg() {
 #[test]
 fn userspace_fallback_counts_exact_bytes_per_leg() {
     run(Mode::Userspace, "userspace");
+}
+
+/// A data plane that died (its sessions' sockets closed with it) leaves its pinned map; the next
+/// one on the same instance reuses the map and removes the dead sessions' entries, so restarts
+/// cannot grow it.
+#[test]
+fn a_restarted_dataplane_removes_entries_its_predecessor_left() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipping: BPF counters need root");
+        return;
+    }
+    let instance = format!("test-restart-{}", std::process::id());
+    let pin_dir = std::path::Path::new(sluice_ebpf::PIN_ROOT).join(&instance);
+    let first = SessionCounting::start(Mode::Bpf, &instance, None).unwrap();
+    let (a, b) = tcp_pair();
+    use std::os::fd::AsFd;
+    first.register("s1", a.as_fd(), b.as_fd());
+    assert_eq!(first.map_entries(), 2);
+    drop(first); // as if killed: no unpin
+    assert_eq!(sluice_ebpf::pinned_entries(&pin_dir).unwrap(), 2, "the map outlives the process");
+    let second = SessionCounting::start(Mode::Bpf, &instance, None).unwrap();
+    assert_eq!(second.map_entries(), 0, "stale entries removed at start");
+    second.unpin_if_empty();
+    assert!(!pin_dir.exists());
 }

@@ -343,6 +343,16 @@ impl Emulator {
 pub struct DataplaneProc {
     pub socket: PathBuf,
     pub proc: Proc,
+    /// Its BPF pin directory (`--instance`), removed when the process is dropped: a dataplane
+    /// stopped cleanly unpins its empty map itself, a killed one cannot.
+    pub pin_dir: PathBuf,
+}
+
+impl Drop for DataplaneProc {
+    fn drop(&mut self) {
+        self.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
 }
 
 impl DataplaneProc {
@@ -356,6 +366,14 @@ impl DataplaneProc {
         let socket = dir.join("dataplane.sock");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log"))?;
         let mut cmd = Command::new(find_bin("dataplane")?);
+        let instance = match args.iter().position(|a| *a == "--instance") {
+            Some(i) => args.get(i + 1).map(|s| s.to_string()).unwrap_or_default(),
+            None => {
+                let name = format!("demo-{}", random_secret(6));
+                cmd.args(["--instance", &name]);
+                name
+            }
+        };
         cmd.arg("--control-socket").arg(&socket).args(args).stdout(Stdio::null()).stderr(log);
         let mut proc = Proc::spawn("dataplane", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -368,7 +386,8 @@ impl DataplaneProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(DataplaneProc { socket, proc })
+        let pin_dir = Path::new("/sys/fs/bpf/sluice").join(instance);
+        Ok(DataplaneProc { socket, proc, pin_dir })
     }
 }
 
