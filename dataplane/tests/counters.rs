@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_dataplane::counters::{Mode, SessionCounting};
+use sluice_dataplane::counters::{CountersError, Mode, SessionCounting};
 use sluice_dataplane::handoff::{
     CounterSource, EndReason, Handoff, LegCrypto, Message, Role, SessionCounters, SessionEnded,
 };
@@ -46,15 +46,14 @@ fn assert_exact(c: &SessionCounters, source: CounterSource, c2u: u64, u2c: u64) 
 }
 
 fn run(mode: Mode, name: &str) {
-    let root = nix::unistd::Uid::effective().is_root();
     let instance = format!("test-{name}-{}", std::process::id());
     let counting = match SessionCounting::start(mode, &instance, None) {
         Ok(c) => c,
-        Err(e) if !root => {
-            eprintln!("skipping the BPF half: {e} (not root); the userspace test still runs");
+        Err(CountersError::BpfRequired(e)) if e.is_unavailable() => {
+            eprintln!("skipping the BPF half: BPF is unavailable here ({e}); the userspace test still runs");
             return;
         }
-        Err(e) => panic!("BPF counters must load as root: {e}"),
+        Err(e) => panic!("BPF counters failed to load: {e}"),
     };
     // A failed assertion must not leave the pinned map behind.
     struct Unpin(PathBuf);
@@ -156,13 +155,16 @@ fn userspace_fallback_counts_exact_bytes_per_leg() {
 /// cannot grow it.
 #[test]
 fn a_restarted_dataplane_removes_entries_its_predecessor_left() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipping: BPF counters need root");
-        return;
-    }
     let instance = format!("test-restart-{}", std::process::id());
     let pin_dir = std::path::Path::new(sluice_ebpf::PIN_ROOT).join(&instance);
-    let first = SessionCounting::start(Mode::Bpf, &instance, None).unwrap();
+    let first = match SessionCounting::start(Mode::Bpf, &instance, None) {
+        Ok(c) => c,
+        Err(CountersError::BpfRequired(e)) if e.is_unavailable() => {
+            eprintln!("skipping: BPF is unavailable here ({e})");
+            return;
+        }
+        Err(e) => panic!("BPF counters failed to load: {e}"),
+    };
     let (a, b) = tcp_pair();
     use std::os::fd::AsFd;
     first.register("s1", a.as_fd(), b.as_fd());

@@ -69,10 +69,16 @@ fn series(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 }
 
 fn run(mode: &str) {
-    let root = nix::unistd::Uid::effective().is_root();
-    if mode == "bpf" && !root {
-        eprintln!("skipping: BPF counters need root (CAP_BPF); the userspace fallback test still runs");
-        return;
+    if mode == "bpf" {
+        // Probe first: where BPF cannot run at all, say why and leave the fallback test to run.
+        match sluice_ebpf::Counters::load(&sluice_ebpf::Options { cgroup: None, pin_dir: None }) {
+            Ok(probe) => drop(probe),
+            Err(e) if e.is_unavailable() => {
+                eprintln!("skipping: BPF is unavailable here ({e}); the userspace fallback test still runs");
+                return;
+            }
+            Err(e) => panic!("BPF counters failed to load: {e}"),
+        }
     }
     let instance = format!("it-{mode}-{}", std::process::id());
     let h =

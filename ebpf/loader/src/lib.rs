@@ -53,6 +53,30 @@ pub enum LoadError {
     Map(#[from] MapError),
 }
 
+impl LoadError {
+    /// Whether this machine or process cannot run the programs at all (no privilege, no cgroup v2
+    /// or bpffs, no BPF syscall), as opposed to the programs or the loader being wrong. Tests skip
+    /// the BPF half on such machines, saying why.
+    pub fn is_unavailable(&self) -> bool {
+        use nix::libc::{EACCES, ENOSYS, EOPNOTSUPP, EPERM};
+        match self {
+            LoadError::NoCgroup2 | LoadError::Cgroup { .. } | LoadError::PinDir { .. } => true,
+            _ => {
+                let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+                while let Some(e) = cur {
+                    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                        if matches!(io.raw_os_error(), Some(EPERM | EACCES | ENOSYS | EOPNOTSUPP)) {
+                            return true;
+                        }
+                    }
+                    cur = e.source();
+                }
+                false
+            }
+        }
+    }
+}
+
 /// Where to attach and pin.
 #[derive(Debug, Clone)]
 pub struct Options {
