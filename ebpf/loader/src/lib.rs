@@ -107,6 +107,15 @@ impl Counters {
     /// Loads the programs, reusing the pinned map if one exists, and attaches them (ingress and
     /// egress) to the cgroup, alongside any other programs there.
     pub fn load(opts: &Options) -> Result<Counters, LoadError> {
+        let loaded = Self::load_inner(opts);
+        if let (Err(_), Some(dir)) = (&loaded, &opts.pin_dir) {
+            // Only removes the directory if nothing was pinned in it (a failed first load).
+            let _ = std::fs::remove_dir(dir);
+        }
+        loaded
+    }
+
+    fn load_inner(opts: &Options) -> Result<Counters, LoadError> {
         let cgroup = match &opts.cgroup {
             Some(c) => c.clone(),
             None => own_cgroup()?,
