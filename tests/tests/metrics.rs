@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use sluice_tests::{pg_config, runtime, wait_until, Harness};
+use sluice_tests::{pg_config, raw_connect, read_to_close, runtime, startup_packet, wait_until, Harness};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -85,6 +85,16 @@ fn run(mode: &str) {
         Harness::start_with_dataplane_args(&format!("metrics-{mode}"), &["--counters", mode, "--instance", &instance])
             .unwrap();
     let url = h.stack.control.metrics_url().expect("the test stack serves metrics");
+    // A refused handshake is counted by reason: a plaintext StartupMessage.
+    let mut raw = raw_connect(h.pg_port(), Duration::from_secs(10)).unwrap();
+    raw.write_all(&startup_packet(&[("user", "alice"), ("database", "demo")])).unwrap();
+    read_to_close(&mut raw, Duration::from_secs(10)).unwrap();
+    let text = wait_until(Duration::from_secs(10), "the refusal is counted", || {
+        let text = scrape(&url);
+        Ok(text.contains("sluice_handshake_failures_total{reason=\"plaintext\"} 1\n").then_some(text))
+    })
+    .unwrap();
+    assert_eq!(series(&text, "sluice_sessions_started_total", &[]), Some(0.0), "{text}");
     let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
     let tls = h.tls(Some(&cert)).unwrap();
     let rt = runtime().unwrap();
