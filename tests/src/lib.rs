@@ -145,9 +145,15 @@ impl Harness {
     /// Starts a stack whose control signs IAM tokens with `creds` (the emulator accepts only the
     /// demo credentials).
     pub fn start_with_creds(name: &str, creds: &AwsCreds) -> Result<Harness> {
+        Self::start_opts(name, creds, true)
+    }
+
+    /// Starts a stack; without a dataplane process when `with_dataplane` is false (control then
+    /// relays sessions itself).
+    pub fn start_opts(name: &str, creds: &AwsCreds, with_dataplane: bool) -> Result<Harness> {
         let dir = TestDir::new(name)?;
         let started = Instant::now();
-        let stack = Stack::start(&dir.join("stack"), creds).context("starting the stack")?;
+        let stack = Stack::start_with(&dir.join("stack"), creds, with_dataplane).context("starting the stack")?;
         eprintln!("[{name}] stack started in {:.1?}", started.elapsed());
         let state = stack.control.state()?;
         state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
@@ -200,6 +206,33 @@ impl Harness {
     pub fn login(&self) -> Result<String> {
         let ca = self.ca_file.to_string_lossy().into_owned();
         self.sluice_ok(&["login", "--proxy", &self.api_addr(), "--user", "alice", "--ca-file", &ca])
+    }
+
+    /// The libpq environment of a local client on control's Unix socket for `db` (plaintext; the
+    /// OS user running the tests is mapped to alice).
+    pub fn local_env(&self, db: &str) -> Result<Vec<(String, String)>> {
+        let local = self.stack.control.config.proxy_service.local_socket.as_ref().context("no local socket")?;
+        let host = local.dir.join(db);
+        let socket = host.join(".s.PGSQL.5432");
+        // Control creates the sockets in the background, right after it starts.
+        wait_until(Duration::from_secs(10), "the local socket", || Ok(socket.exists().then_some(())))?;
+        Ok(vec![
+            ("PGHOST".into(), host.to_string_lossy().into_owned()),
+            ("PGUSER".into(), "alice".into()),
+            ("PGDATABASE".into(), "demo".into()),
+        ])
+    }
+
+    /// libpq environment straight to PostgreSQL (no Sluice), as alice.
+    pub fn direct_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), "127.0.0.1".into()),
+            ("PGPORT".into(), self.stack.postgres.port.to_string()),
+            ("PGUSER".into(), "alice".into()),
+            ("PGDATABASE".into(), "demo".into()),
+            ("PGPASSWORD".into(), self.stack.db_password.clone()),
+            ("PGSSLMODE".into(), "disable".into()),
+        ]
     }
 
     /// `sluice login`, `sluice db login demo --db-user alice --db-name demo` and `sluice db env
@@ -396,6 +429,29 @@ pub fn md5_of_stdout(mut cmd: Command) -> Result<(String, u64, Duration)> {
     let sum = check_output("md5sum", &digest)?;
     let hex = sum.split_whitespace().next().ok_or_else(|| anyhow!("md5sum printed nothing"))?;
     Ok((hex.to_owned(), bytes, elapsed))
+}
+
+/// Pipes `producer`'s stdout into `consumer`'s stdin (like `a | b`); fails unless both succeed.
+/// Returns the consumer's stdout.
+pub fn pipe(mut producer: Command, mut consumer: Command) -> Result<String> {
+    let mut a = producer
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {producer:?}"))?;
+    let out = a.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let b = consumer
+        .stdin(Stdio::from(out))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {consumer:?}"))?;
+    let b_out = b.wait_with_output()?;
+    let a_out = a.wait_with_output()?;
+    if !a_out.status.success() {
+        bail!("{producer:?} failed ({}): {}", a_out.status, String::from_utf8_lossy(&a_out.stderr));
+    }
+    check_output(&format!("{consumer:?}"), &b_out)
 }
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
