@@ -35,6 +35,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sluice_control::ca::{DbRoute, Identity};
 use sluice_control::demo::{dev_role, find_bin, AwsCreds, Stack};
+pub use sluice_control::demo::{parse_env_exports, LIBPQ_VARS};
 use sluice_control::state::{random_secret, AuditRow, State};
 use time::OffsetDateTime;
 use tokio_postgres::config::SslMode;
@@ -44,31 +45,6 @@ pub use sluice_control;
 
 /// Where psql lives (the Debian/Ubuntu wrapper that picks the newest client).
 pub const PSQL: &str = "/usr/bin/psql";
-
-/// libpq variables that must not leak from the developer's environment into a test's psql.
-const LIBPQ_VARS: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGPASSWORD",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGSSLMODE",
-    "PGSSLROOTCERT",
-    "PGSSLCERT",
-    "PGSSLKEY",
-    "PGSSLCRL",
-    "PGOPTIONS",
-    "PGAPPNAME",
-    "PGCONNECT_TIMEOUT",
-    "PGSSLNEGOTIATION",
-    "PGGSSENCMODE",
-    "PGREQUIRESSL",
-    "PGTARGETSESSIONATTRS",
-];
 
 /// A private directory under the system temp dir, removed when dropped.
 pub struct TestDir {
@@ -343,38 +319,6 @@ pub fn check_output(what: &str, out: &Output) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Parses `export NAME=VALUE` lines (values bare or single-quoted, as `sluice db env` and POSIX
-/// shells write them) into pairs; other lines are ignored.
-pub fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
-        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
-        out.push((name.trim().to_owned(), unquote_shell(value.trim())?));
-    }
-    Ok(out)
-}
-
-/// Undoes POSIX single-quoting (`'it'\''s'` → `it's`); bare words are returned as they are.
-fn unquote_shell(s: &str) -> Result<String> {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => loop {
-                match chars.next() {
-                    Some('\'') => break,
-                    Some(c) => out.push(c),
-                    None => bail!("unterminated quote in {s:?}"),
-                }
-            },
-            '\\' => out.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {s:?}"))?),
-            c => out.push(c),
-        }
-    }
-    Ok(out)
 }
 
 /// The value of `name` in an environment list.

@@ -34,35 +34,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_credential_types::Credentials;
 use clap::Parser;
-use sluice_control::demo::{self, AwsCreds, Proc, Stack};
+use sluice_control::demo::{self, parse_env_exports, AwsCreds, Proc, Stack, LIBPQ_VARS};
 use sluice_control::iam::{generate_auth_token, TokenTarget};
 use sluice_control::state::random_secret;
-
-/// libpq variables that must not leak from the caller's environment into a client command.
-const LIBPQ_VARS: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGPASSWORD",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGSSLMODE",
-    "PGSSLROOTCERT",
-    "PGSSLCERT",
-    "PGSSLKEY",
-    "PGSSLCRL",
-    "PGOPTIONS",
-    "PGAPPNAME",
-    "PGCONNECT_TIMEOUT",
-    "PGSSLNEGOTIATION",
-    "PGGSSENCMODE",
-    "PGREQUIRESSL",
-    "PGTARGETSESSIONATTRS",
-    "PGCHANNELBINDING",
-];
 
 /// The COPY's rows: the row number, a tab, 30 copies of the row number's md5 (960 bytes) and a
 /// newline, so every row is distinct and the md5 of the stream checks order and content.
@@ -335,32 +309,6 @@ fn cpu_delta(before: &CpuSnap, after: &CpuSnap, ticks: f64) -> (Vec<f64>, f64) {
 // ---------------------------------------------------------------------------------------------
 // The Sluice stack
 // ---------------------------------------------------------------------------------------------
-
-/// Parses `export NAME=VALUE` lines as `sluice db env` prints them (bare or single-quoted values).
-fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
-        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
-        let mut v = String::new();
-        let mut chars = value.trim().chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\'' => loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => v.push(c),
-                        None => bail!("unterminated quote in {line:?}"),
-                    }
-                },
-                '\\' => v.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {line:?}"))?),
-                c => v.push(c),
-            }
-        }
-        out.push((name.trim().to_owned(), v));
-    }
-    Ok(out)
-}
 
 /// Creates role `dev` and Sluice user `alice`, logs her in with the `sluice` CLI (`sluice login`,
 /// `sluice db login demo`) and returns the libpq environment `sluice db env demo` prints.

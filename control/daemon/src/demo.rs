@@ -672,3 +672,60 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     drop(stack);
     Ok(())
 }
+
+/// libpq variables that must not leak from the developer's environment into a client (psql, pgbench) run by a test or benchmark.
+pub const LIBPQ_VARS: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGSSLCRL",
+    "PGOPTIONS",
+    "PGAPPNAME",
+    "PGCONNECT_TIMEOUT",
+    "PGSSLNEGOTIATION",
+    "PGGSSENCMODE",
+    "PGREQUIRESSL",
+    "PGTARGETSESSIONATTRS",
+];
+
+/// Parses `export NAME=VALUE` lines (values bare or single-quoted, as `sluice db env` and POSIX
+/// shells write them) into pairs; other lines are ignored.
+pub fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
+        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
+        out.push((name.trim().to_owned(), unquote_shell(value.trim())?));
+    }
+    Ok(out)
+}
+
+/// Undoes POSIX single-quoting (`'it'\''s'` → `it's`); bare words are returned as they are.
+fn unquote_shell(s: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some(c) => out.push(c),
+                    None => bail!("unterminated quote in {s:?}"),
+                }
+            },
+            '\\' => out.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {s:?}"))?),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
