@@ -121,6 +121,11 @@ impl SessionCounting {
     /// session on the relay's counts, with a warning; the session itself goes on.
     pub fn register(&self, id: &str, client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) {
         let Some(bpf) = &self.bpf else { return };
+        // cgroup_skb sees IP packets only: a session with a Unix-socket leg (a local client)
+        // keeps the relay's counts, which are exact for it.
+        if !(is_inet(client) && is_inet(upstream)) {
+            return;
+        }
         let cookies = match (socket_cookie(client), socket_cookie(upstream)) {
             (Ok(c), Ok(u)) => [c, u],
             (Err(e), _) | (_, Err(e)) => {
@@ -212,6 +217,12 @@ impl SessionCounting {
             }
         }
     }
+}
+
+fn is_inet(fd: BorrowedFd<'_>) -> bool {
+    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .is_ok_and(|a| matches!(a.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)))
 }
 
 /// `SIOCOUTQNSD`: bytes in a TCP socket's send queue not yet sent (linux/sockios.h).

@@ -99,6 +99,8 @@ pub enum EndReason {
     AdminKill = 5,
     Error = 6,
     WorkerShutdown = 7,
+    /// A lock (`control locks add`) covers the session's user or database.
+    Locked = 8,
 }
 
 impl EndReason {
@@ -111,6 +113,7 @@ impl EndReason {
             5 => EndReason::AdminKill,
             6 => EndReason::Error,
             7 => EndReason::WorkerShutdown,
+            8 => EndReason::Locked,
             _ => return Err(HandoffError::Malformed("reason")),
         })
     }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use sluice_dataplane::counters::{Mode, SessionCounting};
+use sluice_dataplane::relay::{RelayOptions, SpliceIssue};
 use sluice_dataplane::server::Server;
 
 #[derive(Parser)]
@@ -34,6 +35,26 @@ struct Cli {
     /// --control-socket, so a restarted data plane finds its map).
     #[arg(long)]
     instance: Option<String>,
+    /// Offer TLS legs' keys to the kernel (kTLS) where it has it; `off` keeps every TLS leg on
+    /// the userspace record path.
+    #[arg(long, value_enum, default_value = "on", env = "SLUICE_KTLS")]
+    ktls: Switch,
+    /// Who runs a splice once its socket is ready: the worker thread (`inline`, splice(2)) or
+    /// io_uring (`io-uring`, IORING_OP_SPLICE, which always hops to an io-wq thread).
+    #[arg(long, value_enum, default_value = "inline", env = "SLUICE_SPLICE")]
+    splice: SpliceArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SpliceArg {
+    Inline,
+    IoUring,
 }
 
 fn main() -> Result<()> {
@@ -48,7 +69,15 @@ fn main() -> Result<()> {
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let instance = cli.instance.clone().unwrap_or_else(|| instance_name(&cli.control_socket));
     let counting = SessionCounting::start(cli.counters, &instance, cli.bpf_cgroup.clone())?;
-    let server = Server::start(&cli.control_socket, workers, counting)
+    let options = RelayOptions {
+        ktls: matches!(cli.ktls, Switch::On),
+        splice: match cli.splice {
+            SpliceArg::Inline => SpliceIssue::Inline,
+            SpliceArg::IoUring => SpliceIssue::IoUring,
+        },
+    };
+    tracing::info!(ktls = options.ktls, splice = ?options.splice, workers, "relay options");
+    let server = Server::start_with(&cli.control_socket, workers, options, counting)
         .with_context(|| format!("starting on {}", cli.control_socket.display()))?;
     let server = std::sync::Arc::new(server);
     let serving = server.clone();

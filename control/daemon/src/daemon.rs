@@ -81,22 +81,23 @@ pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
         cluster = %cfg.auth_service.cluster_name,
         "control is serving"
     );
-    let metrics_task = match bound.metrics {
-        Some(l) => {
-            info!(metrics = %format!("http://{}/metrics", l.local_addr()?), "serving Prometheus metrics");
-            Some(tokio::spawn(crate::metrics::serve(proxy_ctx.clone(), l)))
-        }
-        None => None,
-    };
-    let pg_task = tokio::spawn(proxy::serve(proxy_ctx, bound.postgres));
-    let api_task = tokio::spawn(api::serve(api_ctx, bound.api, api_tls));
+    let mut tasks = vec![
+        tokio::spawn(proxy::enforce_locks(proxy_ctx.clone())),
+        tokio::spawn(api::serve(api_ctx, bound.api, api_tls)),
+    ];
+    if let Some(l) = bound.metrics {
+        info!(metrics = %format!("http://{}/metrics", l.local_addr()?), "serving Prometheus metrics");
+        tasks.push(tokio::spawn(crate::metrics::serve(proxy_ctx.clone(), l)));
+    }
+    if let Some(local) = cfg.proxy_service.local_socket.clone() {
+        tasks.push(tokio::spawn(proxy::serve_local(proxy_ctx.clone(), local)));
+    }
+    tasks.push(tokio::spawn(proxy::serve(proxy_ctx, bound.postgres)));
     shutdown_signal().await;
     info!("shutting down");
-    pg_task.abort();
-    if let Some(t) = metrics_task {
+    for t in tasks {
         t.abort();
     }
-    api_task.abort();
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod iam;
+pub mod leg;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;
