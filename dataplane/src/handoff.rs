@@ -25,6 +25,10 @@
 //! live counters; `Stats` (type 9) answers with one tag-1 field per live session, each holding a
 //! nested field sequence: 1 session id, 2/3 application bytes client→upstream/upstream→client,
 //! 4 duration_ms, then the counter tags 6/16/32 as in `SessionEnded`.
+//!
+//! `SessionEnded` may also carry tag 7 (added within v1): one byte, bit 0 set when the kernel
+//! protected the client leg's TLS records (kTLS) and bit 1 for the upstream leg; a TLS leg without
+//! its bit went through the userspace record path. Absent from a data plane that predates it.
 
 use thiserror::Error;
 
@@ -129,6 +133,8 @@ pub struct SessionEnded {
     pub reason: EndReason,
     /// Per-leg counters (final values); absent from a data plane that predates them.
     pub counters: Option<SessionCounters>,
+    /// `(client, upstream)`: the kernel sealed and opened the leg's TLS records (kTLS).
+    pub ktls: Option<(bool, bool)>,
 }
 
 /// Where a session's per-leg counters come from.
@@ -411,6 +417,9 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(4, e.duration_ms);
             w.field(5, &[e.reason as u8]);
             w.counters(&e.counters);
+            if let Some((c, u)) = e.ktls {
+                w.field(7, &[u8::from(c) | (u8::from(u) << 1)]);
+            }
             MessageType::SessionEnded
         }
         Message::ListSessions => MessageType::ListSessions,
@@ -508,6 +517,11 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
             duration_ms: f.u64(4, "duration_ms")?,
             reason: reason(5)?,
             counters: f.counters()?,
+            ktls: match f.get(7) {
+                None => None,
+                Some([b]) if *b < 4 => Some((b & 1 != 0, b & 2 != 0)),
+                Some(_) => return Err(HandoffError::Malformed("ktls")),
+            },
         }),
         6 => Message::ListSessions,
         7 => Message::Sessions {
@@ -586,6 +600,7 @@ mod tests {
                 duration_ms: 3,
                 reason: EndReason::IdleTimeout,
                 counters: None,
+                ktls: None,
             }),
             Message::SessionEnded(SessionEnded {
                 session_id: "s".into(),
@@ -594,6 +609,7 @@ mod tests {
                 duration_ms: 3,
                 reason: EndReason::ClientClosed,
                 counters: Some(counters()),
+                ktls: Some((true, false)),
             }),
             Message::ListSessions,
             Message::Sessions { session_ids: vec!["a".into(), "b".into()] },
@@ -657,9 +673,10 @@ mod tests {
             duration_ms: 3,
             reason: EndReason::ClientClosed,
             counters: Some(counters()),
+            ktls: Some((false, true)),
         };
         let f = encode(&Message::SessionEnded(full.clone()));
-        let bare = encode(&Message::SessionEnded(SessionEnded { counters: None, ..full }));
+        let bare = encode(&Message::SessionEnded(SessionEnded { counters: None, ktls: None, ..full }));
         assert!(f.len() > bare.len() + 2 * LEG_COUNTERS_LEN);
         let mut short = encode(&Message::ListSessions);
         short.truncate(HEADER_LEN);
@@ -755,6 +772,7 @@ mod tests {
                     duration_ms: v[2],
                     reason: EndReason::UpstreamClosed,
                     counters: Some(c),
+                    ktls: Some((v[0] % 2 == 0, v[1] % 2 == 0)),
                 }),
             ] {
                 let f = encode(&m);

@@ -131,6 +131,7 @@ impl Shared {
             duration_ms: r.duration.as_millis() as u64,
             reason: r.reason,
             counters: Some(counters),
+            ktls: Some((r.client_ktls, r.upstream_ktls)),
         };
         info!(
             session_id = %ended.session_id,

@@ -893,6 +893,20 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
     }
 }
 
+/// The legs as the dataplane ran them: a TLS leg whose records the kernel protected is `ktls`;
+/// one the userspace record path handled stays `tls`.
+fn with_ktls(legs: &serde_json::Value, ktls: Option<(bool, bool)>) -> serde_json::Value {
+    let mut legs = legs.clone();
+    if let Some((client, upstream)) = ktls {
+        for (name, on) in [("client", client), ("upstream", upstream)] {
+            if on && legs[name] == "tls" {
+                legs[name] = json!("ktls");
+            }
+        }
+    }
+    legs
+}
+
 impl ProxyContext {
     /// Audits the end of a session the dataplane held.
     fn finish_handed_off(&self, id: &str, ended: Option<&sluice_dataplane::handoff::SessionEnded>) {
@@ -918,7 +932,7 @@ impl ProxyContext {
                 "bytes_to_client": e.bytes_upstream_to_client,
                 "reason": format!("{:?}", e.reason),
                 "data_plane": true,
-                "legs": record["legs"],
+                "legs": with_ktls(&record["legs"], e.ktls),
                 "counters": e.counters.as_ref().map(counters_json),
             }),
             None => {
@@ -1036,5 +1050,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountingReader<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ktls_flags_refine_tls_legs_only() {
+        let legs = json!({ "client": "tls", "upstream": "plain" });
+        assert_eq!(with_ktls(&legs, None), legs);
+        assert_eq!(with_ktls(&legs, Some((false, false))), legs);
+        assert_eq!(with_ktls(&legs, Some((true, true))), json!({ "client": "ktls", "upstream": "plain" }));
+        let both = json!({ "client": "tls", "upstream": "tls" });
+        assert_eq!(with_ktls(&both, Some((false, true))), json!({ "client": "tls", "upstream": "ktls" }));
     }
 }
