@@ -60,6 +60,7 @@ pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
     let api_tls = tls::api_server_config(chain, key)?;
     let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
     let minter = Arc::new(TokenMinter::new());
+    let discovery_task = tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone()));
     let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), audit, minter, pg_tls));
     if let Some(dp) = &cfg.dataplane {
         let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
@@ -78,6 +79,7 @@ pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
     info!("shutting down");
     pg_task.abort();
     api_task.abort();
+    discovery_task.abort();
     Ok(())
 }
 

@@ -395,6 +395,7 @@ impl ControlProc {
                 ..Default::default()
             },
             db_service: DbService { databases, resources: Vec::new() },
+            discovery_service: Default::default(),
             audit: AuditConfig::default(),
             dataplane: dataplane_socket.map(|socket| DataplaneConfig { socket, idle_timeout: Duration::ZERO }),
         };
