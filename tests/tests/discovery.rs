@@ -232,6 +232,16 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     h.stack.control = spawn_control(&control_dir, cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
     assert_eq!(names(&db_ls(&h)), ["demo", "mysqlish", "orders", "orders-reader"]);
     moto.faults(0, 400, "Throttling").unwrap();
+
+    // A config change to discovery_service applies at once: now only env=dev proxies match.
+    let mut cfg: Config = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.discovery_service.aws[0].tags = serde_json::from_value(json!({"env": "dev"})).unwrap();
+    cfg.discovery_service.poll_interval = Duration::from_secs(3600);
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    wait_until(Duration::from_secs(30), "the new tag filter applied", || {
+        Ok((names(&db_ls(&h)) == ["billing", "demo"]).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&h.control_log(), 20)));
 }
 
 #[test]
@@ -289,4 +299,29 @@ fn bootstrap_attaches_what_manual_prints_and_print_iam() {
     assert!(String::from_utf8_lossy(&print.stderr).contains("put-role-policy --role-name sluice"));
     let bad = control_cli(&cfg_path, &moto, dir.path(), &["aws", "print-iam", "--types", "ec2"]);
     assert!(!bad.status.success());
+
+    // No credentials anywhere: the failure says where Sluice looks for them.
+    let mut cmd = Command::new(find_bin("control").unwrap());
+    cmd.arg("--config").arg(&cfg_path).args(["configure", "bootstrap", "--attach-to-user", "sluice"]);
+    aws_env(&mut cmd, &AwsCreds::demo(), &moto, dir.path());
+    cmd.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY").env_remove("AWS_SESSION_TOKEN");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no AWS credentials") && stderr.contains("AWS_ACCESS_KEY_ID"), "{stderr}");
+
+    // `control db configure create` writes a config serving resources with these labels.
+    let written = dir.join("db.yaml");
+    let mut cmd = Command::new(find_bin("control").unwrap());
+    cmd.args(["db", "configure", "create", "--dynamic-resources-labels", "env=prod,team=payments"])
+        .args(["--assume-role-arn", &disc, "--external-id", "ext-1", "--data-dir"])
+        .arg(dir.join("data2"))
+        .arg("-o")
+        .arg(&written);
+    check_output("db configure create", &cmd.output().unwrap()).unwrap();
+    let cfg = Config::load(&written).unwrap();
+    let m = &cfg.db_service.resources[0];
+    assert_eq!(m.labels, labels(&[("env", "prod"), ("team", "payments")]));
+    let aws = m.aws.as_ref().unwrap();
+    assert_eq!((aws.assume_role_arn.as_deref(), aws.external_id.as_deref()), (Some(disc.as_str()), Some("ext-1")));
 }

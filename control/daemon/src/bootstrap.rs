@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::config::Config;
 use crate::discovery::Arn;
+use crate::iam::{CredentialSource, TokenMinter};
 use crate::state::DiscoveredRow;
 
 /// IAM's limit on a user's inline policies (all of them together), in bytes without whitespace.
@@ -32,6 +33,8 @@ pub enum BootstrapError {
     Invalid(String),
     #[error("policy for {target} is {size} bytes, over the {limit}-byte limit even after compaction")]
     TooLarge { target: String, size: usize, limit: usize },
+    #[error("{0}")]
+    Credentials(String),
     #[error("attaching the policy to {target}: {message}")]
     Attach { target: String, message: String },
 }
@@ -235,6 +238,12 @@ pub fn report(p: &PlannedPolicy) -> String {
 
 /// Attaches every planned policy (PutRolePolicy / PutUserPolicy) with the default credential chain.
 pub async fn attach(policies: &[PlannedPolicy]) -> Result<(), BootstrapError> {
+    // Resolve first: "no credentials" deserves its own explanation, not an IAM call failure.
+    let source = CredentialSource { region: "us-east-1".into(), assume_role_arn: None, external_id: None };
+    TokenMinter::new()
+        .credentials(&source)
+        .await
+        .map_err(|e| BootstrapError::Credentials(crate::troubleshoot::explain_iam(&e, None)))?;
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .load()

@@ -145,7 +145,7 @@ pub struct ResourceMatcher {
     pub aws: Option<AwsSpec>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryService {
     /// One matcher per account (role) and set of regions.

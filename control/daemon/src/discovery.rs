@@ -8,6 +8,7 @@
 //! does not make databases vanish from under connected users.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use aws_sdk_rds::error::{DisplayErrorContext, ProvideErrorMetadata};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::config::{AwsMatcher, AwsSpec, Config, DatabaseSpec, DbResource, Metadata, TlsSpec};
+use crate::config::{AwsMatcher, AwsSpec, Config, DatabaseSpec, DbResource, DiscoveryService, Metadata, TlsSpec};
 use crate::iam::{CredentialSource, TokenMinter};
 use crate::rbac::labels_match;
 use crate::state::{Discovered, State};
@@ -392,9 +393,9 @@ pub async fn poll_source(state: &State, minter: &TokenMinter, m: &AwsMatcher, re
 }
 
 /// The sources the config asks for.
-pub fn sources(cfg: &Config) -> Vec<(AwsMatcher, String)> {
+pub fn sources(d: &DiscoveryService) -> Vec<(AwsMatcher, String)> {
     let mut out = Vec::new();
-    for m in &cfg.discovery_service.aws {
+    for m in &d.aws {
         for r in &m.regions {
             out.push((m.clone(), r.clone()));
         }
@@ -402,26 +403,60 @@ pub fn sources(cfg: &Config) -> Vec<(AwsMatcher, String)> {
     out
 }
 
-/// Polls every source at start and then every `poll_interval`, until the task is aborted.
-pub async fn run(cfg: Arc<Config>, state: Arc<State>, minter: Arc<TokenMinter>) {
-    let sources = sources(&cfg);
-    // A matcher or region removed from the config takes its resources with it.
-    let keys: Vec<String> = sources.iter().map(|(m, r)| source_key(m, r)).collect();
-    match state.prune_discovered(&keys) {
-        Ok(0) => {}
-        Ok(n) => info!(removed = n, "dropped databases of discovery sources no longer configured"),
-        Err(e) => warn!(error = %e, "pruning discovered databases"),
-    }
-    if sources.is_empty() {
-        return;
-    }
-    info!(sources = sources.len(), interval = ?cfg.discovery_service.poll_interval, "AWS discovery is on");
-    let mut tick = tokio::time::interval(cfg.discovery_service.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// How often the config file is checked for discovery changes.
+const CONFIG_WATCH: Duration = Duration::from_secs(1);
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Polls every source at start and then every `poll_interval`, until the task is aborted. When
+/// `config_path` is given, a change to its `discovery_service` section takes effect at once (with
+/// an immediate fetch); the rest of the config still needs a restart.
+pub async fn run(cfg: Arc<Config>, state: Arc<State>, minter: Arc<TokenMinter>, config_path: Option<PathBuf>) {
+    let mut discovery = cfg.discovery_service.clone();
+    let mut stamp = config_path.as_deref().and_then(modified);
     loop {
-        tick.tick().await;
-        for (m, region) in &sources {
-            poll_source(&state, &minter, m, region).await;
+        let sources = sources(&discovery);
+        // A matcher or region removed from the config takes its resources with it.
+        let keys: Vec<String> = sources.iter().map(|(m, r)| source_key(m, r)).collect();
+        match state.prune_discovered(&keys) {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "dropped databases of discovery sources no longer configured"),
+            Err(e) => warn!(error = %e, "pruning discovered databases"),
+        }
+        if !sources.is_empty() {
+            info!(sources = sources.len(), interval = ?discovery.poll_interval, "AWS discovery is on");
+        }
+        let mut tick = tokio::time::interval(discovery.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = tokio::time::interval(CONFIG_WATCH);
+        loop {
+            tokio::select! {
+                _ = tick.tick(), if !sources.is_empty() => {
+                    for (m, region) in &sources {
+                        poll_source(&state, &minter, m, region).await;
+                    }
+                }
+                _ = watch.tick(), if config_path.is_some() => {
+                    let Some(path) = config_path.as_deref() else { continue };
+                    let now = modified(path);
+                    if now == stamp {
+                        continue;
+                    }
+                    stamp = now;
+                    match Config::load(path) {
+                        Ok(c) if c.discovery_service != discovery => {
+                            info!("discovery configuration changed; fetching now");
+                            discovery = c.discovery_service;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "config changed but does not load; keeping the running discovery"),
+                    }
+                }
+                else => return,
+            }
         }
     }
 }
