@@ -17,6 +17,10 @@ use sluice_tests::{check_output, parse_env_exports, psql, role, tail, wait_until
 
 const ACCOUNT: &str = "123456789012";
 
+/// The tests here run one at a time: a moto server binding port 0 in one could take a port the
+/// other's stack picked with `free_port` but has not bound yet.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn skip_without_moto() -> bool {
     if moto_available() {
         return false;
@@ -41,9 +45,12 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     if skip_without_moto() {
         return;
     }
-    let mut h = Harness::start("discovery").unwrap();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Moto first: it binds port 0 while holding it, so the stack's free ports cannot collide.
+    let moto_dir = TestDir::new("discovery-moto").unwrap();
     // Pages of one item, so discovery must follow Marker to see everything.
-    let moto = Moto::start(&h.dir.join("moto"), 1).unwrap();
+    let moto = Moto::start(moto_dir.path(), 1).unwrap();
+    let mut h = Harness::start("discovery").unwrap();
 
     let good_role =
         moto.admin("/_sluice/role", json!({"name": "sluice-discovery", "external_id": "ext-right"})).unwrap();
@@ -98,7 +105,12 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
         ]
     });
     cfg.discovery_service = serde_json::from_value(discovery).unwrap();
-    cfg.db_service.resources = serde_json::from_value(json!([{"labels": {"sluice.dev/origin": "cloud"}}])).unwrap();
+    // The custom endpoint is served with an override whose external id is wrong (per label set).
+    cfg.db_service.resources = serde_json::from_value(json!([
+        {"labels": {"endpoint-type": "READ_ONLY"}, "aws": {"assume_role_arn": other_role, "external_id": "ext-wrong"}},
+        {"labels": {"sluice.dev/origin": "cloud"}}
+    ]))
+    .unwrap();
     let (pg_port, api_port) = (h.stack.control.pg_port, h.stack.control.api_port);
     h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
     let control_dir = h.stack.dir.join("control");
@@ -200,6 +212,16 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     assert!(emu_log.contains("IAM token verified"), "{emu_log}");
     assert!(!emu_log.contains("AKIDSLUICEDEMO"), "the token was signed with the base keys, not the assumed role's");
 
+    // The override's wrong external id: minting fails before dialing, and the client is told
+    // which trust policy the role needs.
+    h.sluice_ok(&["db", "login", "orders-reader", "--db-user", "alice", "--db-name", "demo"]).unwrap();
+    let env = parse_env_exports(&h.sluice_ok(&["db", "env", "orders-reader"]).unwrap()).unwrap();
+    let out = psql(&env, &["-c", "select 1"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("IAM auth token") && stderr.contains("trust policy"), "{stderr}");
+    assert!(stderr.contains(&other_role), "{stderr}");
+
     // Throttling, then 500s: every RDS call fails; the databases stay, marked stale.
     for (status, code) in [(400, "Throttling"), (500, "InternalFailure")] {
         moto.faults(-1, status, code).unwrap();
@@ -249,6 +271,7 @@ fn bootstrap_attaches_what_manual_prints_and_print_iam() {
     if skip_without_moto() {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = TestDir::new("bootstrap").unwrap();
     let moto = Moto::start(&dir.join("moto"), 100).unwrap();
     moto.admin("/_sluice/role", json!({"name": "sluice"})).unwrap();

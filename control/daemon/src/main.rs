@@ -357,9 +357,11 @@ fn main() -> Result<()> {
         Cmd::Aws(AwsCmd::PrintIam { types, role, user }) => {
             let doc = bootstrap::print_iam_document(&types)?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
+            // Accept a name or an ARN (`arn:aws:iam::ACCOUNT:role/PATH/NAME`); the CLI wants the name.
+            let name = |s: &str| s.rsplit('/').next().unwrap_or(s).to_owned();
             let hint = match (role, user) {
-                (Some(r), _) => Some(format!("aws iam put-role-policy --role-name {r}")),
-                (_, Some(u)) => Some(format!("aws iam put-user-policy --user-name {u}")),
+                (Some(r), _) => Some(format!("aws iam put-role-policy --role-name {}", name(&r))),
+                (_, Some(u)) => Some(format!("aws iam put-user-policy --user-name {}", name(&u))),
                 _ => None,
             };
             if let Some(h) = hint {

@@ -103,10 +103,17 @@ impl From<UpstreamError> for Refusal {
                 };
                 Refusal { fields: fields.with(b'H', hint), reason }
             }
-            UpstreamError::Iam(e) => Refusal::new(
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                format!("Sluice could not create an IAM auth token: {e}"),
-            ),
+            UpstreamError::Iam(e) => {
+                let mut r = Refusal::new(
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    format!("Sluice could not create an IAM auth token: {e}"),
+                );
+                // No credentials / a refused AssumeRole: say what fixes it (the trust policy).
+                if matches!(e, crate::iam::IamError::NoCredentials(_) | crate::iam::IamError::AssumeRole { .. }) {
+                    r.fields = r.fields.with(b'H', crate::troubleshoot::explain_iam(&e, None));
+                }
+                r
+            }
             UpstreamError::UnsupportedAuth(_) => {
                 Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string())
             }
