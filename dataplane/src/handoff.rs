@@ -91,6 +91,8 @@ pub enum EndReason {
     AdminKill = 5,
     Error = 6,
     WorkerShutdown = 7,
+    /// A lock (`control locks add`) covers the session's user or database.
+    Locked = 8,
 }
 
 impl EndReason {
@@ -103,6 +105,7 @@ impl EndReason {
             5 => EndReason::AdminKill,
             6 => EndReason::Error,
             7 => EndReason::WorkerShutdown,
+            8 => EndReason::Locked,
             _ => return Err(HandoffError::Malformed("reason")),
         })
     }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
+use sluice_dataplane::relay::{RelayOptions, SpliceIssue};
 use sluice_dataplane::server::Server;
 
 #[derive(Parser)]
@@ -21,6 +22,26 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long)]
     json_logs: bool,
+    /// Offer TLS legs' keys to the kernel (kTLS) where it has it; `off` keeps every TLS leg on
+    /// the userspace record path.
+    #[arg(long, value_enum, default_value = "on", env = "SLUICE_KTLS")]
+    ktls: Switch,
+    /// Who runs a splice once its socket is ready: the worker thread (`inline`, splice(2)) or
+    /// io_uring (`io-uring`, IORING_OP_SPLICE, which always hops to an io-wq thread).
+    #[arg(long, value_enum, default_value = "inline", env = "SLUICE_SPLICE")]
+    splice: SpliceArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SpliceArg {
+    Inline,
+    IoUring,
 }
 
 fn main() -> Result<()> {
@@ -33,7 +54,15 @@ fn main() -> Result<()> {
     stop.add(Signal::SIGINT);
     stop.thread_block().context("blocking signals")?;
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let server = Server::start(&cli.control_socket, workers)
+    let options = RelayOptions {
+        ktls: matches!(cli.ktls, Switch::On),
+        splice: match cli.splice {
+            SpliceArg::Inline => SpliceIssue::Inline,
+            SpliceArg::IoUring => SpliceIssue::IoUring,
+        },
+    };
+    tracing::info!(ktls = options.ktls, splice = ?options.splice, workers, "relay options");
+    let server = Server::start_with(&cli.control_socket, workers, options)
         .with_context(|| format!("starting on {}", cli.control_socket.display()))?;
     let server = std::sync::Arc::new(server);
     let serving = server.clone();

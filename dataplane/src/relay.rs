@@ -33,6 +33,35 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::handoff::{EndReason, LegCrypto};
 
+/// How a worker relays; fixed for the worker's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayOptions {
+    /// Offer TLS legs' keys to the kernel (kTLS) where it has it; `false` keeps every TLS leg on
+    /// the userspace record path (to compare the two, or to avoid a kernel's kTLS bugs).
+    pub ktls: bool,
+    pub splice: SpliceIssue,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions { ktls: true, splice: SpliceIssue::Inline }
+    }
+}
+
+/// Who performs a splice once POLL_ADD says its socket is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceIssue {
+    /// `IORING_OP_SPLICE`. io_uring never runs a splice inline (io_uring/splice.c returns
+    /// -EAGAIN to a non-blocking issue), so each one is a hand-off to an io-wq thread and back:
+    /// cheap per byte for bulk data, but a thread wake-up per ~100-byte query message.
+    IoUring,
+    /// `splice(2)` with SPLICE_F_NONBLOCK from the worker thread itself, right after the poll
+    /// completion, for message-sized traffic; once a splice moves 32 KiB or more (bulk data, or
+    /// 8 in a row) the direction continues with IORING_OP_SPLICE. The bytes move socket → pipe →
+    /// socket inside the kernel either way; only the thread hop per message goes.
+    Inline,
+}
+
 /// A session handed to a worker: both connected sockets (TCP or Unix stream) and their crypto.
 pub struct Session {
     pub id: String,
@@ -88,6 +117,7 @@ pub struct Worker {
     commands: mpsc::Sender<Command>,
     wake: Arc<EventFd>,
     stats: Arc<Stats>,
+    options: RelayOptions,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -100,6 +130,10 @@ const _: fn() = || {
 impl Worker {
     /// Starts thread `sluice-dp-{index}` with its own io_uring; reports go to `reports`.
     pub fn spawn(index: usize, reports: mpsc::Sender<Report>) -> io::Result<Worker> {
+        Self::spawn_with(index, reports, RelayOptions::default())
+    }
+
+    pub fn spawn_with(index: usize, reports: mpsc::Sender<Report>, options: RelayOptions) -> io::Result<Worker> {
         // Blocking on purpose: io_uring then waits on it with an internal poll, while a
         // non-blocking eventfd would make the READ fail with EAGAIN.
         let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?);
@@ -109,7 +143,7 @@ impl Worker {
         let (w, s) = (wake.clone(), stats.clone());
         let thread = std::thread::Builder::new().name(format!("sluice-dp-{index}")).spawn(move || {
             // The ring must be created by the thread that submits to it (single issuer).
-            match event_loop::EventLoop::new(index, rx, w, reports, s) {
+            match event_loop::EventLoop::new(index, rx, w, reports, s, options.splice) {
                 Ok(lp) => {
                     let _ = ready_tx.send(Ok(()));
                     lp.run();
@@ -120,7 +154,7 @@ impl Worker {
             }
         })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Worker { index, commands, wake, stats, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Worker { index, commands, wake, stats, options, thread: Some(thread) }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -143,7 +177,7 @@ impl Worker {
     /// Blocks until the worker thread has taken the session (one wake-up, microseconds), so a
     /// duplicate id is refused here and `sessions()` lists the session as soon as this returns.
     pub fn add(&self, s: Session) -> io::Result<()> {
-        let prepared = event_loop::Prepared::new(s, Instant::now(), &self.stats)?;
+        let prepared = event_loop::Prepared::new(s, Instant::now(), &self.stats, self.options.ktls)?;
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Command::Add(Box::new(prepared), tx))?;
         rx.recv().map_err(|_| gone())?

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::handoff::{EndReason, Handoff, Message, Role, SessionEnded};
 use crate::link::{Link, LinkError, Listener};
-use crate::relay::{Report, Session, Worker};
+use crate::relay::{RelayOptions, Report, Session, Worker};
 
 /// End reports kept while no control is connected; beyond this the oldest are dropped (and
 /// logged), so a long control outage cannot grow memory without bound.
@@ -44,9 +44,14 @@ pub struct Server {
 impl Server {
     /// Binds the control socket and starts `workers` relay workers.
     pub fn start(path: &Path, workers: usize) -> Result<Server, LinkError> {
+        Self::start_with(path, workers, RelayOptions::default())
+    }
+
+    pub fn start_with(path: &Path, workers: usize, options: RelayOptions) -> Result<Server, LinkError> {
         let listener = Listener::bind(path)?;
         let (tx, rx) = mpsc::channel::<Report>();
-        let workers = (0..workers.max(1)).map(|i| Worker::spawn(i, tx.clone())).collect::<Result<Vec<_>, _>>()?;
+        let workers =
+            (0..workers.max(1)).map(|i| Worker::spawn_with(i, tx.clone(), options)).collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             workers,
             next_worker: AtomicUsize::new(0),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use sluice_dataplane::handoff::EndReason;
-use sluice_dataplane::relay::Worker;
+use sluice_dataplane::relay::{RelayOptions, SpliceIssue, Worker};
 
 const PLAIN: usize = 1000;
 const TLS: usize = 200;
@@ -44,7 +44,10 @@ fn idle_sessions_hold_no_threads_or_buffers() {
     let fds_before = open_fds();
 
     let (tx, reports) = mpsc::channel();
-    let w = Worker::spawn(0, tx).unwrap();
+    // IORING_OP_SPLICE is the mode that could pin io-wq threads (a splice issued on an idle
+    // socket would wait on one); inline splices never touch io-wq.
+    let options = RelayOptions { ktls: true, splice: SpliceIssue::IoUring };
+    let w = Worker::spawn_with(0, tx, options).unwrap();
     let start = Instant::now();
     let mut plain = Vec::new();
     for i in 0..PLAIN {

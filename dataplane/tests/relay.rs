@@ -12,12 +12,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use sluice_dataplane::handoff::{EndReason, LegCrypto};
-use sluice_dataplane::relay::{Report, Worker};
+use sluice_dataplane::relay::{RelayOptions, Report, SpliceIssue, Worker};
 
 fn worker() -> (Worker, mpsc::Receiver<Report>) {
-    let (tx, rx) = mpsc::channel();
-    (Worker::spawn(0, tx).unwrap(), rx)
+    worker_with(RelayOptions::default())
 }
+
+fn worker_with(options: RelayOptions) -> (Worker, mpsc::Receiver<Report>) {
+    let (tx, rx) = mpsc::channel();
+    (Worker::spawn_with(0, tx, options).unwrap(), rx)
+}
+
+const IO_URING_SPLICE: RelayOptions = RelayOptions { ktls: true, splice: SpliceIssue::IoUring };
 
 fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
@@ -25,8 +31,17 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
 
 #[test]
 fn plain_large_transfer_both_ways() {
+    plain_large_transfer(RelayOptions::default(), "inline splice");
+}
+
+#[test]
+fn plain_large_transfer_both_ways_with_io_uring_splice() {
+    plain_large_transfer(IO_URING_SPLICE, "IORING_OP_SPLICE");
+}
+
+fn plain_large_transfer(options: RelayOptions, how: &str) {
     const N: u64 = 256 * MIB;
-    let (w, reports) = worker();
+    let (w, reports) = worker_with(options);
     let (client, upstream, s) = plain_session("plain-big");
     w.add(s).unwrap();
     assert_eq!(w.sessions(), vec!["plain-big".to_owned()]);
@@ -40,7 +55,11 @@ fn plain_large_transfer_both_ways() {
     let r = next_report(&reports, Duration::from_secs(5));
     assert_eq!((r.bytes_client_to_upstream, r.bytes_upstream_to_client), (N, N));
     assert!(matches!(r.reason, EndReason::ClientClosed | EndReason::UpstreamClosed), "{r:?}");
-    eprintln!("splice path: {} MiB each way in {took:.2?}: {:.0} MB/s aggregate", N / MIB, mb_per_s(2 * N, took));
+    eprintln!(
+        "splice path ({how}): {} MiB each way in {took:.2?}: {:.0} MB/s aggregate",
+        N / MIB,
+        mb_per_s(2 * N, took)
+    );
     assert!(w.sessions().is_empty());
     // Nothing of the splice path goes through userspace buffers.
     assert_eq!(w.buffers_allocated(), 0);
@@ -49,7 +68,16 @@ fn plain_large_transfer_both_ways() {
 
 #[test]
 fn plain_half_close_propagates() {
-    let (w, reports) = worker();
+    half_close(RelayOptions::default());
+}
+
+#[test]
+fn plain_half_close_propagates_with_io_uring_splice() {
+    half_close(IO_URING_SPLICE);
+}
+
+fn half_close(options: RelayOptions) {
+    let (w, reports) = worker_with(options);
     let (mut client, mut upstream, s) = plain_session("half");
     w.add(s).unwrap();
     client.write_all(b"request").unwrap();

@@ -35,6 +35,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sluice_control::ca::{DbRoute, Identity};
 use sluice_control::demo::{dev_role, find_bin, AwsCreds, Stack};
+pub use sluice_control::demo::{parse_env_exports, LIBPQ_VARS};
 use sluice_control::state::{random_secret, AuditRow, State};
 use time::OffsetDateTime;
 use tokio_postgres::config::SslMode;
@@ -46,31 +47,6 @@ pub mod moto;
 
 /// Where psql lives (the Debian/Ubuntu wrapper that picks the newest client).
 pub const PSQL: &str = "/usr/bin/psql";
-
-/// libpq variables that must not leak from the developer's environment into a test's psql.
-const LIBPQ_VARS: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGPASSWORD",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGSSLMODE",
-    "PGSSLROOTCERT",
-    "PGSSLCERT",
-    "PGSSLKEY",
-    "PGSSLCRL",
-    "PGOPTIONS",
-    "PGAPPNAME",
-    "PGCONNECT_TIMEOUT",
-    "PGSSLNEGOTIATION",
-    "PGGSSENCMODE",
-    "PGREQUIRESSL",
-    "PGTARGETSESSIONATTRS",
-];
 
 /// A private directory under the system temp dir, removed when dropped.
 pub struct TestDir {
@@ -147,9 +123,15 @@ impl Harness {
     /// Starts a stack whose control signs IAM tokens with `creds` (the emulator accepts only the
     /// demo credentials).
     pub fn start_with_creds(name: &str, creds: &AwsCreds) -> Result<Harness> {
+        Self::start_opts(name, creds, true)
+    }
+
+    /// Starts a stack; without a dataplane process when `with_dataplane` is false (control then
+    /// relays sessions itself).
+    pub fn start_opts(name: &str, creds: &AwsCreds, with_dataplane: bool) -> Result<Harness> {
         let dir = TestDir::new(name)?;
         let started = Instant::now();
-        let stack = Stack::start(&dir.join("stack"), creds).context("starting the stack")?;
+        let stack = Stack::start_with(&dir.join("stack"), creds, with_dataplane).context("starting the stack")?;
         eprintln!("[{name}] stack started in {:.1?}", started.elapsed());
         let state = stack.control.state()?;
         state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
@@ -202,6 +184,33 @@ impl Harness {
     pub fn login(&self) -> Result<String> {
         let ca = self.ca_file.to_string_lossy().into_owned();
         self.sluice_ok(&["login", "--proxy", &self.api_addr(), "--user", "alice", "--ca-file", &ca])
+    }
+
+    /// The libpq environment of a local client on control's Unix socket for `db` (plaintext; the
+    /// OS user running the tests is mapped to alice).
+    pub fn local_env(&self, db: &str) -> Result<Vec<(String, String)>> {
+        let local = self.stack.control.config.proxy_service.local_socket.as_ref().context("no local socket")?;
+        let host = local.dir.join(db);
+        let socket = host.join(".s.PGSQL.5432");
+        // Control creates the sockets in the background, right after it starts.
+        wait_until(Duration::from_secs(10), "the local socket", || Ok(socket.exists().then_some(())))?;
+        Ok(vec![
+            ("PGHOST".into(), host.to_string_lossy().into_owned()),
+            ("PGUSER".into(), "alice".into()),
+            ("PGDATABASE".into(), "demo".into()),
+        ])
+    }
+
+    /// libpq environment straight to PostgreSQL (no Sluice), as alice.
+    pub fn direct_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), "127.0.0.1".into()),
+            ("PGPORT".into(), self.stack.postgres.port.to_string()),
+            ("PGUSER".into(), "alice".into()),
+            ("PGDATABASE".into(), "demo".into()),
+            ("PGPASSWORD".into(), self.stack.db_password.clone()),
+            ("PGSSLMODE".into(), "disable".into()),
+        ]
     }
 
     /// `sluice login`, `sluice db login demo --db-user alice --db-name demo` and `sluice db env
@@ -314,38 +323,6 @@ pub fn check_output(what: &str, out: &Output) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Parses `export NAME=VALUE` lines (values bare or single-quoted, as `sluice db env` and POSIX
-/// shells write them) into pairs; other lines are ignored.
-pub fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
-        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
-        out.push((name.trim().to_owned(), unquote_shell(value.trim())?));
-    }
-    Ok(out)
-}
-
-/// Undoes POSIX single-quoting (`'it'\''s'` → `it's`); bare words are returned as they are.
-fn unquote_shell(s: &str) -> Result<String> {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => loop {
-                match chars.next() {
-                    Some('\'') => break,
-                    Some(c) => out.push(c),
-                    None => bail!("unterminated quote in {s:?}"),
-                }
-            },
-            '\\' => out.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {s:?}"))?),
-            c => out.push(c),
-        }
-    }
-    Ok(out)
-}
-
 /// The value of `name` in an environment list.
 pub fn env_get<'a>(env: &'a [(String, String)], name: &str) -> Result<&'a str> {
     env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).ok_or_else(|| anyhow!("{name} is not set in {env:?}"))
@@ -398,6 +375,29 @@ pub fn md5_of_stdout(mut cmd: Command) -> Result<(String, u64, Duration)> {
     let sum = check_output("md5sum", &digest)?;
     let hex = sum.split_whitespace().next().ok_or_else(|| anyhow!("md5sum printed nothing"))?;
     Ok((hex.to_owned(), bytes, elapsed))
+}
+
+/// Pipes `producer`'s stdout into `consumer`'s stdin (like `a | b`); fails unless both succeed.
+/// Returns the consumer's stdout.
+pub fn pipe(mut producer: Command, mut consumer: Command) -> Result<String> {
+    let mut a = producer
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {producer:?}"))?;
+    let out = a.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let b = consumer
+        .stdin(Stdio::from(out))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {consumer:?}"))?;
+    let b_out = b.wait_with_output()?;
+    let a_out = a.wait_with_output()?;
+    if !a_out.status.success() {
+        bail!("{producer:?} failed ({}): {}", a_out.status, String::from_utf8_lossy(&a_out.stderr));
+    }
+    check_output(&format!("{consumer:?}"), &b_out)
 }
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -184,5 +184,5 @@ pub fn start_emulator_for(
         _ => bail!("emulator did not become ready; see {}", dir.join("emulator.log").display()),
     };
     let ca_file: PathBuf = dir.join("tls").join("ca.pem");
-    Ok(Emulator { port, endpoint, ca_file, proc })
+    Ok(Emulator { plaintext: false, port, endpoint, ca_file, proc })
 }

@@ -112,7 +112,8 @@ fn db_ls_lists_demo_with_labels() {
     let header = lines.next().expect("a header line");
     assert!(header.starts_with("Name") && header.contains("Description") && header.contains("Labels"), "{text}");
     let rows: Vec<&str> = lines.filter(|l| !l.starts_with('-')).collect();
-    assert_eq!(rows.len(), 1, "exactly one database expected:\n{text}");
+    // The stack serves `demo` and `demo-plain` (the same emulator without TLS).
+    assert_eq!(rows.len(), 2, "two databases expected:\n{text}");
     let cols: Vec<&str> = rows[0].split_whitespace().collect();
     assert_eq!(cols.first(), Some(&"demo"), "{text}");
     assert_eq!(cols.last(), Some(&"env=dev"), "{text}");
@@ -121,8 +122,9 @@ fn db_ls_lists_demo_with_labels() {
     let json = h.sluice_ok(&["db", "ls", "--format", "json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let dbs = v.as_array().expect("a JSON array");
-    assert_eq!(dbs.len(), 1, "{json}");
+    assert_eq!(dbs.len(), 2, "{json}");
     assert_eq!(dbs[0]["name"], "demo");
+    assert_eq!(dbs[1]["name"], "demo-plain");
     assert_eq!(dbs[0]["protocol"], "postgres");
     assert_eq!(dbs[0]["labels"], serde_json::json!({ "env": "dev" }));
     let uri = dbs[0]["uri"].as_str().unwrap();

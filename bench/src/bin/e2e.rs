@@ -34,35 +34,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_credential_types::Credentials;
 use clap::Parser;
-use sluice_control::demo::{self, AwsCreds, Proc, Stack};
+use sluice_control::demo::{self, parse_env_exports, AwsCreds, Proc, Stack, LIBPQ_VARS};
 use sluice_control::iam::{generate_auth_token, TokenTarget};
 use sluice_control::state::random_secret;
-
-/// libpq variables that must not leak from the caller's environment into a client command.
-const LIBPQ_VARS: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGPASSWORD",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGSSLMODE",
-    "PGSSLROOTCERT",
-    "PGSSLCERT",
-    "PGSSLKEY",
-    "PGSSLCRL",
-    "PGOPTIONS",
-    "PGAPPNAME",
-    "PGCONNECT_TIMEOUT",
-    "PGSSLNEGOTIATION",
-    "PGGSSENCMODE",
-    "PGREQUIRESSL",
-    "PGTARGETSESSIONATTRS",
-    "PGCHANNELBINDING",
-];
 
 /// The COPY's rows: the row number, a tab, 30 copies of the row number's md5 (960 bytes) and a
 /// newline, so every row is distinct and the md5 of the stream checks order and content.
@@ -94,7 +68,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these targets (comma-separated; direct is always run, as the baseline):
-    /// direct, sluice, emulator-only, pgbouncer, haproxy, haproxy-splice.
+    /// direct, sluice, sluice-splice, emulator-only, emulator-plain, pgbouncer, haproxy, haproxy-splice.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
     /// pgbench scale factor for `pgbench -i`.
@@ -336,32 +310,6 @@ fn cpu_delta(before: &CpuSnap, after: &CpuSnap, ticks: f64) -> (Vec<f64>, f64) {
 // The Sluice stack
 // ---------------------------------------------------------------------------------------------
 
-/// Parses `export NAME=VALUE` lines as `sluice db env` prints them (bare or single-quoted values).
-fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
-        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
-        let mut v = String::new();
-        let mut chars = value.trim().chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\'' => loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => v.push(c),
-                        None => bail!("unterminated quote in {line:?}"),
-                    }
-                },
-                '\\' => v.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {line:?}"))?),
-                c => v.push(c),
-            }
-        }
-        out.push((name.trim().to_owned(), v));
-    }
-    Ok(out)
-}
-
 /// Creates role `dev` and Sluice user `alice`, logs her in with the `sluice` CLI (`sluice login`,
 /// `sluice db login demo`) and returns the libpq environment `sluice db env demo` prints.
 fn sluice_client_env(stack: &Stack, dir: &Path) -> Result<Vec<(String, String)>> {
@@ -546,7 +494,18 @@ impl Target {
     }
 }
 
-const TARGET_KEYS: &[&str] = &["direct", "sluice", "emulator-only", "pgbouncer", "haproxy", "haproxy-splice"];
+const TARGET_KEYS: &[&str] =
+    &["direct", "sluice", "sluice-splice", "emulator-only", "emulator-plain", "pgbouncer", "haproxy", "haproxy-splice"];
+
+/// The RDS Proxy emulator a Sluice target goes through, measured alone: Sluice's own cost is
+/// its ratio to that.
+fn emulator_baseline(key: &str) -> Option<&'static str> {
+    match key {
+        "sluice" => Some("emulator-only"),
+        "sluice-splice" => Some("emulator-plain"),
+        _ => None,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Workload {
@@ -895,14 +854,13 @@ impl Report<'_> {
             o += &format!("### {}\n\n", w.title(s));
             let unit = if w == Workload::Copy { "MiB/s" } else { "TPS" };
             let direct = self.median_value(w, "direct");
-            let emulator = self.median_value(w, "emulator-only");
             let mut head = format!("| target | {unit} (median) |");
             let mut rule = "|---|---:|".to_owned();
             if w == Workload::SelectC1 {
                 head += " avg latency ms |";
                 rule += "---:|";
             }
-            head += " × direct | × emulator-only |";
+            head += " × direct | × its emulator |";
             rule += "---:|---:|";
             if w == Workload::Copy {
                 head += " md5 |";
@@ -932,7 +890,8 @@ impl Report<'_> {
                     _ => "–".into(),
                 };
                 row += &format!(" {} |", ratio(direct));
-                row += &format!(" {} |", if t.key == "sluice" { ratio(emulator) } else { String::new() });
+                let baseline = emulator_baseline(t.key).map(|b| ratio(self.median_value(w, b))).unwrap_or_default();
+                row += &format!(" {baseline} |");
                 if w == Workload::Copy {
                     let md5s: Vec<&String> = self.ok(w, t.key).filter_map(|x| x.md5.as_ref()).collect();
                     let check = match (&self.reference_md5, md5s.is_empty()) {
@@ -1033,10 +992,14 @@ impl Report<'_> {
          every target, then again), with the target order rotated each repetition. The raw numbers\n  \
          are at the end.\n\
          * `× direct` is the target's median over direct PostgreSQL's (1.00 = as fast; higher is\n  \
-         better for TPS and MiB/s). `× emulator-only` (Sluice only) compares Sluice with clients\n  \
-         going straight to the RDS Proxy emulator: the emulator is itself a userspace TLS proxy\n  \
-         standing in for RDS Proxy, so this ratio is Sluice's own cost on top of what a real\n  \
-         deployment pays anyway.\n\
+         better for TPS and MiB/s). `× its emulator` (Sluice only) compares Sluice with clients\n  \
+         going straight to the RDS Proxy emulator it goes through (`emulator-only` for `sluice`,\n  \
+         `emulator-plain` for `sluice-splice`): the emulator is itself a userspace proxy standing\n  \
+         in for RDS Proxy, so this ratio is Sluice's own cost on top of what a real deployment\n  \
+         pays anyway.\n\
+         * `sluice-splice` is a local client on control's Unix socket (peer uid mapped to alice) to\n  \
+         database `demo-plain`, whose upstream is the emulator without TLS: both legs are plain and\n  \
+         the dataplane splices them (`emulator-plain` is that emulator measured alone, over TCP).\n\
          * The paths differ in more than the proxy: `direct`, `pgbouncer` and `haproxy*` are\n  \
          plaintext TCP, and libpq does SCRAM (PBKDF2) itself on every connection; `emulator-only`\n  \
          is TLS with the IAM token as a cleartext password, and the emulator does the SCRAM towards\n  \
@@ -1255,6 +1218,56 @@ fn run_in(
             token: None,
             cpu,
             own,
+        });
+    }
+    if wanted("sluice-splice") {
+        let local = control.config.proxy_service.local_socket.as_ref().context("control serves no local socket")?;
+        let mut cpu = vec![CpuGroup { name: "control".into(), pids: vec![control.proc.pid()] }];
+        if let Some(dp) = stack.dataplane.as_ref().map(|d| d.proc.pid()) {
+            cpu.push(CpuGroup { name: "dataplane".into(), pids: vec![dp] });
+        }
+        let own = cpu.len();
+        cpu.push(CpuGroup { name: "emulator".into(), pids: vec![stack.plain_emulator.proc.pid()] });
+        targets.push(Target {
+            key: "sluice-splice",
+            description: format!(
+                "control's Unix socket for {} (plaintext, peer uid → alice) → {}emulator without TLS (IAM token) → PostgreSQL",
+                demo::DEMO_PLAIN_DB,
+                if stack.dataplane.is_some() { "dataplane splicing both legs → " } else { "" }
+            ),
+            env: vec![
+                ("PGHOST".into(), local.dir.join(demo::DEMO_PLAIN_DB).to_string_lossy().into_owned()),
+                ("PGUSER".into(), "alice".into()),
+                ("PGDATABASE".into(), "demo".into()),
+            ],
+            token: None,
+            cpu,
+            own,
+        });
+    }
+    if wanted("emulator-plain") {
+        let emu = &stack.plain_emulator;
+        targets.push(Target {
+            key: "emulator-plain",
+            description: format!(
+                "RDS Proxy emulator without TLS on 127.0.0.1:{} (a fresh IAM token as the password) → PostgreSQL",
+                emu.port
+            ),
+            env: vec![
+                ("PGHOST".into(), "127.0.0.1".into()),
+                ("PGPORT".into(), emu.port.to_string()),
+                ("PGSSLMODE".into(), "disable".into()),
+                ("PGUSER".into(), "alice".into()),
+                ("PGDATABASE".into(), "demo".into()),
+            ],
+            token: Some(TokenTarget {
+                host: emu.endpoint.clone(),
+                port: emu.port,
+                user: "alice".into(),
+                region: demo::DEMO_REGION.into(),
+            }),
+            cpu: vec![CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] }],
+            own: 1,
         });
     }
     if wanted("emulator-only") {

@@ -95,7 +95,26 @@ pub struct ProxyService {
     /// A client must finish TLS and the startup exchange within this time.
     #[serde(default = "default_handshake_timeout", with = "duration_str")]
     pub handshake_timeout: Duration,
+    /// Plaintext PostgreSQL for clients on this host, over Unix sockets (see [`LocalSocket`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_socket: Option<LocalSocket>,
 }
+
+/// Local clients connect to `DIR/<database>/.s.PGSQL.5432` (`psql "host=DIR/<database> ..."`)
+/// without TLS or certificates: the kernel tells control the peer's uid (SO_PEERCRED), which
+/// `users` maps to a Sluice user whose roles then apply as usual. With a `tls.mode: disable`
+/// upstream, both legs of such a session are spliced as is by the data plane.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSocket {
+    pub dir: PathBuf,
+    /// OS user name → Sluice user name. Unmapped OS users are refused.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+}
+
+/// The PostgreSQL convention for a socket's file name; clients derive it from the port.
+pub const LOCAL_SOCKET_PORT: u16 = 5432;
 
 impl Default for ProxyService {
     fn default() -> Self {
@@ -104,6 +123,7 @@ impl Default for ProxyService {
             postgres_public_addr: None,
             public_names: Vec::new(),
             handshake_timeout: default_handshake_timeout(),
+            local_socket: None,
         }
     }
 }
@@ -268,6 +288,26 @@ pub struct TlsSpec {
     /// A CA added to the system roots for this database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "TlsMode::is_verify_full")]
+    pub mode: TlsMode,
+}
+
+/// How the upstream leg is protected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// TLS with the certificate checked against the name (what RDS Proxy needs).
+    #[default]
+    VerifyFull,
+    /// No TLS: the leg is plain TCP and the data plane splices it as is. The IAM token crosses
+    /// it in clear, so it is only accepted for a loopback dial target (a sidecar or test upstream).
+    Disable,
+}
+
+impl TlsMode {
+    fn is_verify_full(&self) -> bool {
+        *self == TlsMode::VerifyFull
+    }
 }
 
 impl DatabaseSpec {
@@ -276,6 +316,15 @@ impl DatabaseSpec {
             return Err(ConfigError::Invalid(format!("protocol {:?} is not supported (postgres is)", self.protocol)));
         }
         self.host_port()?;
+        if self.tls.mode == TlsMode::Disable {
+            let (host, _) = self.dial_target()?;
+            let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(ConfigError::Invalid(format!(
+                    "tls.mode: disable sends the IAM token in clear; it is only allowed for a loopback address, not {host:?}"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -75,12 +75,19 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         cluster = %cfg.auth_service.cluster_name,
         "control is serving"
     );
-    let pg_task = tokio::spawn(proxy::serve(proxy_ctx, bound.postgres));
-    let api_task = tokio::spawn(api::serve(api_ctx, bound.api, api_tls));
+    let mut tasks = vec![
+        tokio::spawn(proxy::enforce_locks(proxy_ctx.clone())),
+        tokio::spawn(api::serve(api_ctx, bound.api, api_tls)),
+    ];
+    if let Some(local) = cfg.proxy_service.local_socket.clone() {
+        tasks.push(tokio::spawn(proxy::serve_local(proxy_ctx.clone(), local)));
+    }
+    tasks.push(tokio::spawn(proxy::serve(proxy_ctx, bound.postgres)));
     shutdown_signal().await;
     info!("shutting down");
-    pg_task.abort();
-    api_task.abort();
+    for t in tasks {
+        t.abort();
+    }
     discovery_task.abort();
     Ok(())
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{
-    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, ProxyService, StaticDatabase,
-    TlsSpec,
+    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, LocalSocket, ProxyService,
+    StaticDatabase, TlsMode, TlsSpec,
 };
 use crate::rbac::Role;
 use crate::state::{random_secret, State};
@@ -23,6 +23,12 @@ pub const DEMO_SECRET_KEY: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 pub const DEMO_REGION: &str = "us-east-1";
 pub const DEMO_PROXY_NAME: &str = "sluice-demo";
 pub const DEMO_PROXY_ID: &str = "abcdefghijkl";
+/// The Sluice user (and database user) of the demo; the OS user running it maps to this user on
+/// the local sockets.
+pub const DEMO_USER: &str = "alice";
+/// The demo database whose upstream is the emulator without TLS: with a local-socket client,
+/// both legs are spliced.
+pub const DEMO_PLAIN_DB: &str = "demo-plain";
 
 /// A child process that is stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
 pub struct Proc {
@@ -289,6 +295,8 @@ impl AwsCreds {
 
 /// The RDS Proxy emulator child.
 pub struct Emulator {
+    /// Serving without TLS (`--plaintext`): a non-TLS upstream whose leg is spliced as is.
+    pub plaintext: bool,
     pub port: u16,
     pub endpoint: String,
     pub ca_file: PathBuf,
@@ -297,6 +305,16 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn start(dir: &Path, pg_port: u16, creds: &[AwsCreds], secrets: &[(String, String)]) -> Result<Emulator> {
+        Self::start_opts(dir, pg_port, creds, secrets, false)
+    }
+
+    pub fn start_opts(
+        dir: &Path,
+        pg_port: u16,
+        creds: &[AwsCreds],
+        secrets: &[(String, String)],
+        plaintext: bool,
+    ) -> Result<Emulator> {
         std::fs::create_dir_all(dir)?;
         let port = free_port()?;
         let mut cmd = Command::new(find_bin("rds-proxy-emulator")?);
@@ -307,6 +325,9 @@ impl Emulator {
             .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("emulator.log"))?);
+        if plaintext {
+            cmd.arg("--plaintext");
+        }
         for c in creds {
             let mut v = format!("{}:{}", c.access_key, c.secret_key);
             if let Some(t) = &c.session_token {
@@ -335,7 +356,7 @@ impl Emulator {
                 .ok_or_else(|| anyhow!("unexpected emulator output {line:?}"))?,
             _ => bail!("rds-proxy-emulator did not become ready; see {}", dir.join("emulator.log").display()),
         };
-        Ok(Emulator { port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
+        Ok(Emulator { plaintext, port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
     }
 }
 
@@ -386,12 +407,21 @@ impl ControlProc {
         std::fs::create_dir_all(dir)?;
         let pg_port = free_port()?;
         let api_port = free_port()?;
+        // Socket paths are limited to 108 bytes; a test directory can be deeper than that.
+        let local_dir = std::env::temp_dir().join(format!("sluice-sock-{}", random_secret(4)));
+        let os_user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
+            .map(|u| u.name)
+            .ok_or_else(|| anyhow!("this process's uid has no user name"))?;
         let config = Config {
             data_dir: dir.join("data"),
             auth_service: AuthService { listen_addr: ([127, 0, 0, 1], api_port).into(), ..Default::default() },
             proxy_service: ProxyService {
                 postgres_listen_addr: ([127, 0, 0, 1], pg_port).into(),
                 postgres_public_addr: Some(format!("localhost:{pg_port}")),
+                local_socket: Some(LocalSocket {
+                    dir: local_dir,
+                    users: [(os_user, DEMO_USER.to_owned())].into_iter().collect(),
+                }),
                 ..Default::default()
             },
             db_service: DbService { databases, resources: Vec::new() },
@@ -438,7 +468,10 @@ pub fn demo_database(name: &str, emulator: &Emulator, labels: &[(&str, &str)]) -
             protocol: "postgres".into(),
             uri: format!("{}:{}", emulator.endpoint, emulator.port),
             aws: AwsSpec { region: Some(DEMO_REGION.into()), ..Default::default() },
-            tls: TlsSpec { server_name: None, ca_cert_file: Some(emulator.ca_file.clone()) },
+            tls: match emulator.plaintext {
+                false => TlsSpec { ca_cert_file: Some(emulator.ca_file.clone()), ..Default::default() },
+                true => TlsSpec { mode: TlsMode::Disable, ..Default::default() },
+            },
             connect_addr: Some(format!("127.0.0.1:{}", emulator.port)),
         },
     }
@@ -460,6 +493,8 @@ pub struct Stack {
     /// `None` when started without one: control then relays sessions itself.
     pub dataplane: Option<DataplaneProc>,
     pub emulator: Emulator,
+    /// The same emulator without TLS, behind database [`DEMO_PLAIN_DB`].
+    pub plain_emulator: Emulator,
     pub postgres: Postgres,
     /// The PostgreSQL password of the demo database user (the emulator's "secret").
     pub db_password: String,
@@ -494,11 +529,21 @@ impl Stack {
             &[AwsCreds::demo()],
             &[("alice".to_owned(), db_password.clone())],
         )?;
-        let db = demo_database("demo", &emulator, &[("env", "dev")]);
+        let plain_emulator = Emulator::start_opts(
+            &dir.join("emulator-plain"),
+            postgres.port,
+            &[AwsCreds::demo()],
+            &[(DEMO_USER.to_owned(), db_password.clone())],
+            true,
+        )?;
+        let dbs = vec![
+            demo_database("demo", &emulator, &[("env", "dev")]),
+            demo_database(DEMO_PLAIN_DB, &plain_emulator, &[("env", "dev")]),
+        ];
         let dataplane = with_dataplane.then(|| DataplaneProc::start(&dir.join("dataplane"))).transpose()?;
         let socket = dataplane.as_ref().map(|d| d.socket.clone());
-        let control = ControlProc::start(&dir.join("control"), vec![db], control_creds, socket)?;
-        let stack = Stack { dir, control, dataplane, emulator, postgres, db_password };
+        let control = ControlProc::start(&dir.join("control"), dbs, control_creds, socket)?;
+        let stack = Stack { dir, control, dataplane, emulator, plain_emulator, postgres, db_password };
         if stack.dataplane.is_some() {
             stack.wait_for_dataplane_link()?;
         }
@@ -530,7 +575,11 @@ impl Drop for Stack {
             d.proc.stop(nix::sys::signal::Signal::SIGTERM);
         }
         self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        self.plain_emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.postgres.stop();
+        if let Some(local) = &self.control.config.proxy_service.local_socket {
+            let _ = std::fs::remove_dir_all(&local.dir);
+        }
         if self.postgres.dir.starts_with(std::env::temp_dir()) {
             let _ = std::fs::remove_dir_all(&self.postgres.dir);
         }
@@ -585,6 +634,8 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     }
     std::fs::write(stack.dir.join("env"), &env)?;
     let d = stack.dir.display();
+    let local = stack.control.config.proxy_service.local_socket.clone().context("the demo serves local sockets")?;
+    std::fs::write(stack.dir.join("local-socket-dir"), local.dir.to_string_lossy().as_bytes())?;
     println!(
         "Sluice demo is running.\n\n\
          \x20 control (PostgreSQL)  localhost:{pg}\n\
@@ -597,6 +648,8 @@ pub fn run_demo(dir: &Path) -> Result<()> {
          \x20 export SLUICE_HOME={d}/home\n\
          \x20 {sluice} db ls\n\
          \x20 {sluice} db connect demo\n\n\
+         or, from this machine as {os_user} (mapped to alice; no TLS, both legs spliced):\n\n\
+         \x20 psql \"host={local}/{plain} user=alice dbname=demo\"\n\n\
          Logs are in {d}/control/control.log, {d}/dataplane/dataplane.log and {d}/emulator/emulator.log.\n\
          Live sessions: {control} --config {d}/control/control.yaml sessions ls\n\
          Ctrl-C stops everything.",
@@ -605,6 +658,9 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         eport = stack.emulator.port,
         pgport = stack.postgres.port,
         sluice = sluice.display(),
+        os_user = local.users.keys().next().map(String::as_str).unwrap_or("?"),
+        local = local.dir.display(),
+        plain = DEMO_PLAIN_DB,
         control = std::env::current_exe().unwrap_or_else(|_| "control".into()).display(),
     );
     rt.block_on(async {
@@ -616,4 +672,61 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     println!("stopping the demo");
     drop(stack);
     Ok(())
+}
+
+/// libpq variables that must not leak from the developer's environment into a client (psql, pgbench) run by a test or benchmark.
+pub const LIBPQ_VARS: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGSSLCRL",
+    "PGOPTIONS",
+    "PGAPPNAME",
+    "PGCONNECT_TIMEOUT",
+    "PGSSLNEGOTIATION",
+    "PGGSSENCMODE",
+    "PGREQUIRESSL",
+    "PGTARGETSESSIONATTRS",
+];
+
+/// Parses `export NAME=VALUE` lines (values bare or single-quoted, as `sluice db env` and POSIX
+/// shells write them) into pairs; other lines are ignored.
+pub fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("export ") else { continue };
+        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
+        out.push((name.trim().to_owned(), unquote_shell(value.trim())?));
+    }
+    Ok(out)
+}
+
+/// Undoes POSIX single-quoting (`'it'\''s'` → `it's`); bare words are returned as they are.
+fn unquote_shell(s: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some(c) => out.push(c),
+                    None => bail!("unterminated quote in {s:?}"),
+                }
+            },
+            '\\' => out.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {s:?}"))?),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
 }

@@ -17,7 +17,9 @@ use aws_sdk_rds::error::{DisplayErrorContext, ProvideErrorMetadata};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::config::{AwsMatcher, AwsSpec, Config, DatabaseSpec, DbResource, DiscoveryService, Metadata, TlsSpec};
+use crate::config::{
+    AwsMatcher, AwsSpec, Config, DatabaseSpec, DbResource, DiscoveryService, Metadata, TlsMode, TlsSpec,
+};
 use crate::iam::{CredentialSource, TokenMinter};
 use crate::rbac::labels_match;
 use crate::state::{Discovered, State};
@@ -188,6 +190,8 @@ fn spec_for(
         tls: TlsSpec {
             server_name: server_name.or_else(|| m.tls.server_name.clone()),
             ca_cert_file: m.tls.ca_cert_file.clone(),
+            // Only proxies with RequireTLS are discovered; the token never crosses a plain leg.
+            mode: TlsMode::VerifyFull,
         },
         connect_addr: m.connect_addr_override.clone(),
     }

@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod discovery;
 pub mod iam;
+pub mod leg;
 pub mod proxy;
 pub mod rbac;
 pub mod state;

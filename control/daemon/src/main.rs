@@ -52,6 +52,9 @@ enum Cmd {
     Aws(AwsCmd),
     #[command(subcommand)]
     Configure(ConfigureCmd),
+    /// Teleport-style locks: refuse new sessions and end live ones of a user or database.
+    #[command(subcommand)]
+    Locks(LocksCmd),
     /// Recent audit events as JSON lines.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -161,6 +164,29 @@ enum SessionsCmd {
     Ls,
     /// End a session now (the dataplane closes both legs within a second).
     Kill { id: String },
+}
+
+#[derive(Subcommand)]
+enum LocksCmd {
+    /// Lock a user, a database, or a user on a database. A running control ends matching live
+    /// sessions within a second.
+    Add {
+        #[arg(long)]
+        user: Option<String>,
+        /// A database (service) name.
+        #[arg(long)]
+        db: Option<String>,
+        /// Shown to refused clients.
+        #[arg(long, default_value = "")]
+        message: String,
+        /// Lift the lock after this long (default: until removed).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    Ls,
+    Rm {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -462,6 +488,40 @@ fn main() -> Result<()> {
             }
             link.send(&Message::EndSession { session_id: id.clone(), reason: EndReason::AdminKill }, &[])?;
             println!("session {id} is being ended");
+            Ok(())
+        }
+        Cmd::Locks(LocksCmd::Add { user, db, message, ttl }) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            let lock = state.add_lock(user.as_deref(), db.as_deref(), &message, ttl)?;
+            println!("lock {} created", lock.id);
+            Ok(())
+        }
+        Cmd::Locks(LocksCmd::Ls) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            println!("{:<10} {:<16} {:<20} {:<22} Message", "ID", "User", "Database", "Expires (unix)");
+            for l in state.active_locks()? {
+                let expires = l.expires_at.map(|t| t.to_string()).unwrap_or_else(|| "never".into());
+                let any = || "*".to_owned();
+                println!(
+                    "{:<10} {:<16} {:<20} {:<22} {}",
+                    l.id,
+                    l.user.unwrap_or_else(any),
+                    l.db.unwrap_or_else(any),
+                    expires,
+                    l.message
+                );
+            }
+            Ok(())
+        }
+        Cmd::Locks(LocksCmd::Rm { id }) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            if !state.delete_lock(&id)? {
+                bail!("no lock {id:?}");
+            }
+            println!("lock {id} removed");
             Ok(())
         }
         Cmd::Audit { limit } => {

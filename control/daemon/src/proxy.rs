@@ -2,14 +2,17 @@
 //! the upstream session, cancel routing, and (until the data plane takes sessions over) the relay.
 //!
 //! Identity and route come from the client certificate; the StartupMessage must agree with the
-//! route. Every refusal reaches the client as an ErrorResponse with an SQLSTATE and a log line, and
+//! route. Local clients may instead connect in plaintext over a per-database Unix socket, where
+//! the kernel-checked peer uid (mapped to a Sluice user by `proxy_service.local_socket.users`)
+//! is the identity; both legs of such a session can then be spliced as is. Every refusal reaches the client as an ErrorResponse with an SQLSTATE and a log line, and
 //! every failure is contained to its own connection task.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use rustls::ServerConfig;
@@ -17,20 +20,25 @@ use serde_json::json;
 use sluice_pgwire::{self as pg, encode, sqlstate, ErrorFields, ProtocolVersion, StartupMessage, StartupPacket};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument};
 
 use crate::audit::{AuditLog, SessionFields, SESSION_END, SESSION_START};
 use crate::ca::{identity_from_cert, Identity};
 use crate::catalog;
-use crate::config::Config;
+use crate::config::{Config, LocalSocket, LOCAL_SOCKET_PORT};
 use crate::dataplane::{leg_crypto, DataplaneClient, Events};
 use crate::iam::TokenMinter;
+use crate::leg::Leg;
 use crate::rbac::{check_access, AccessRequest};
 use crate::state::State;
 use crate::tls::UpstreamTls;
-use crate::upstream::{self, CancelTarget, UpstreamError};
+use crate::upstream::{self, CancelTarget, UpstreamError, UpstreamStream};
+use sluice_dataplane::handoff::{EndReason, LegCrypto};
+
+/// The client leg: mTLS over TCP, or plaintext from a local Unix socket.
+type ClientStream = Leg<tokio_rustls::server::TlsStream<TcpStream>, UnixStream>;
 
 /// Shared by every connection task.
 pub struct ProxyContext {
@@ -44,6 +52,8 @@ pub struct ProxyContext {
     cancels: Mutex<HashMap<u32, (Vec<u8>, CancelTarget)>>,
     /// Set when sessions are handed to a dataplane process.
     pub dataplane: OnceLock<Arc<DataplaneClient>>,
+    /// Sessions control relays itself, and how to end them (locks).
+    relayed: Mutex<HashMap<String, (SessionFields, tokio::sync::oneshot::Sender<EndReason>)>>,
 }
 
 impl ProxyContext {
@@ -63,11 +73,18 @@ impl ProxyContext {
             server_tls,
             cancels: Mutex::new(HashMap::new()),
             dataplane: OnceLock::new(),
+            relayed: Mutex::new(HashMap::new()),
         }
     }
 
     fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (Vec<u8>, CancelTarget)>> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn relayed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (SessionFields, tokio::sync::oneshot::Sender<EndReason>)>> {
+        self.relayed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -144,6 +161,223 @@ pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
     }
 }
 
+/// Serves one Unix socket per served database under `local.dir`, following the catalog as
+/// databases are added and removed.
+pub async fn serve_local(ctx: Arc<ProxyContext>, local: LocalSocket) {
+    let mut listening: HashMap<String, (PathBuf, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut failed: HashSet<String> = HashSet::new();
+    loop {
+        match catalog::databases(&ctx.cfg, &ctx.state) {
+            Ok(dbs) => {
+                let names: HashSet<String> = dbs.into_iter().map(|d| d.name).collect();
+                listening.retain(|name, (path, task)| {
+                    let keep = names.contains(name);
+                    if !keep {
+                        task.abort();
+                        let _ = std::fs::remove_file(path);
+                        info!(db = %name, "local socket removed");
+                    }
+                    keep
+                });
+                for name in names {
+                    if listening.contains_key(&name) {
+                        continue;
+                    }
+                    match bind_local(&local.dir, &name) {
+                        Ok((path, listener)) => {
+                            info!(db = %name, path = %path.display(), "local socket listening");
+                            failed.remove(&name);
+                            let task = tokio::spawn(accept_local(ctx.clone(), listener, name.clone()));
+                            listening.insert(name, (path, task));
+                        }
+                        Err(e) => {
+                            if failed.insert(name.clone()) {
+                                warn!(db = %name, error = %e, "cannot create the local socket");
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "listing databases for local sockets"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn bind_local(dir: &Path, db: &str) -> std::io::Result<(PathBuf, UnixListener)> {
+    use std::os::unix::fs::PermissionsExt;
+    let sub = dir.join(db);
+    std::fs::create_dir_all(&sub)?;
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755))?;
+    let path = sub.join(format!(".s.PGSQL.{LOCAL_SOCKET_PORT}"));
+    // A socket file left by an earlier control would make bind fail with EADDRINUSE.
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    // Anyone may connect: who they are is decided from SO_PEERCRED, as PostgreSQL's peer auth does.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    Ok((path, listener))
+}
+
+async fn accept_local(ctx: Arc<ProxyContext>, listener: UnixListener, db: String) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!(db = %db, error = %e, "local accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let session_id = new_session_id();
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let client = uid.map(|u| format!("unix:uid={u}")).unwrap_or_else(|| "unix".into());
+        let span = tracing::info_span!("session", session_id = %session_id, client = %client);
+        let db = db.clone();
+        tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let mut fields = SessionFields { session_id, client_addr: client, ..Default::default() };
+                let deadline = ctx.cfg.proxy_service.handshake_timeout;
+                let setup = tokio::time::timeout(deadline, local_handshake(&ctx, stream, uid, db, &mut fields)).await;
+                run_session(ctx, setup, fields, started).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// The startup exchange of a local plaintext client: the OS user behind the socket, mapped to
+/// a Sluice user, stands in for a client certificate whose route is this socket's database.
+async fn local_handshake(
+    ctx: &ProxyContext,
+    mut stream: UnixStream,
+    uid: Option<u32>,
+    service: String,
+    fields: &mut SessionFields,
+) -> Result<Option<Ready>, ()> {
+    use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
+    let startup = loop {
+        match read_startup(&mut stream).await {
+            Ok(Ok(StartupPacket::Startup(m))) => break m,
+            // libpq never asks for encryption on a Unix socket; others may, and get the plain answer.
+            Ok(Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
+                if stream.write_all(b"N").await.is_err() {
+                    return Err(());
+                }
+            }
+            Ok(Ok(StartupPacket::Cancel(c))) => {
+                handle_cancel(ctx, c).await;
+                return Ok(None);
+            }
+            Ok(Err(e)) => {
+                info!(error = %e, "invalid startup packet");
+                let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
+                send_error(&mut stream, &e).await;
+                return Err(());
+            }
+            Err(e) => {
+                info!(error = %e, "client went away during startup");
+                return Err(());
+            }
+        }
+    };
+    let os_user = uid.and_then(|u| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u)).ok().flatten());
+    let os_name = os_user.map(|u| u.name).unwrap_or_else(|| format!("uid {}", uid.unwrap_or(u32::MAX)));
+    let mapped = ctx.cfg.proxy_service.local_socket.as_ref().and_then(|l| l.users.get(&os_name)).cloned();
+    let Some(user) = mapped else {
+        fields.db_service = service;
+        let refusal = Refusal::new(
+            DENIED,
+            format!("OS user {os_name:?} is not mapped to a Sluice user (proxy_service.local_socket.users)"),
+        );
+        info!(os_user = %os_name, reason = %refusal.reason, "session refused");
+        ctx.audit.emit(SESSION_START, fields, false, json!({ "error": refusal.reason }));
+        send_error(&mut stream, &refusal.fields).await;
+        return Err(());
+    };
+    fields.user = user.clone();
+    let identity = Identity {
+        v: 1,
+        user,
+        route: Some(crate::ca::DbRoute { service, db_user: String::new(), db_name: String::new() }),
+    };
+    match authorize_and_connect(ctx, &identity, &startup, &mut stream, fields).await {
+        Ok((our_pid, upstream)) => {
+            ctx.audit.emit(SESSION_START, fields, true, json!({ "os_user": os_name }));
+            Ok(Some(Ready { client: Leg::Plain(stream), upstream, our_pid, not_after: 0 }))
+        }
+        Err(refusal) => {
+            info!(user = %fields.user, db = %fields.db_service, reason = %refusal.reason, "session refused");
+            ctx.audit.emit(SESSION_START, fields, false, json!({ "error": refusal.reason }));
+            send_error(&mut stream, &refusal.fields).await;
+            Err(())
+        }
+    }
+}
+
+/// Ends live sessions that a lock covers, within the poll interval: the dataplane's through
+/// EndSession, control's own by stopping their relay. New sessions are refused at setup.
+pub async fn enforce_locks(ctx: Arc<ProxyContext>) {
+    let mut asked: HashSet<String> = HashSet::new();
+    loop {
+        tokio::time::sleep(LOCK_POLL).await;
+        let locks = match ctx.state.active_locks() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "reading locks");
+                continue;
+            }
+        };
+        if locks.is_empty() {
+            asked.clear();
+            continue;
+        }
+        let covered = |user: &str, db: &str| locks.iter().find(|l| l.matches(user, db)).map(|l| l.id.clone());
+        let local: Vec<(String, String)> = ctx
+            .relayed()
+            .iter()
+            .filter_map(|(id, (f, _))| covered(&f.user, &f.db_service).map(|lock| (id.clone(), lock)))
+            .collect();
+        for (id, lock) in local {
+            if let Some((_, tx)) = ctx.relayed().remove(&id) {
+                info!(session_id = %id, lock = %lock, "ending a locked session");
+                let _ = tx.send(EndReason::Locked);
+            }
+        }
+        let Some(dp) = ctx.dataplane.get() else { continue };
+        let live = match ctx.state.live_sessions() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "listing live sessions");
+                continue;
+            }
+        };
+        asked.retain(|id| live.iter().any(|(l, _, _)| l == id));
+        for (id, _, record) in live {
+            let f = &record["fields"];
+            let (user, db) = (f["user"].as_str().unwrap_or_default(), f["db_service"].as_str().unwrap_or_default());
+            if let Some(lock) = covered(user, db) {
+                if asked.insert(id.clone()) {
+                    info!(session_id = %id, lock = %lock, "ending a locked session in the dataplane");
+                    if let Err(e) = dp.end_session(&id, EndReason::Locked) {
+                        warn!(session_id = %id, error = %e, "asking the dataplane to end a locked session");
+                        asked.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How often locks are checked against live sessions; the issue asks for sessions to end
+/// within a second of a lock.
+const LOCK_POLL: Duration = Duration::from_millis(250);
+
 fn new_session_id() -> String {
     let mut b = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut b);
@@ -178,6 +412,17 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
     let started = Instant::now();
     let mut fields = SessionFields { session_id, client_addr: peer.to_string(), ..Default::default() };
     let setup = tokio::time::timeout(deadline, handshake(&ctx, tcp, &mut fields)).await;
+    run_session(ctx, setup, fields, started).await;
+}
+
+/// Relays (or hands off) a session once its setup finished, and audits its end.
+async fn run_session(
+    ctx: Arc<ProxyContext>,
+    setup: Result<Result<Option<Ready>, ()>, tokio::time::error::Elapsed>,
+    fields: SessionFields,
+    started: Instant,
+) {
+    let deadline = ctx.cfg.proxy_service.handshake_timeout;
     let ready = match setup {
         Err(_) => {
             info!(timeout_s = deadline.as_secs(), "handshake deadline passed; dropping client");
@@ -205,20 +450,33 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
         None => ready,
     };
     let Ready { client, upstream, our_pid, .. } = ready;
+    let legs = json!({ "client": leg_kind(client.is_tls()), "upstream": leg_kind(upstream.is_tls()) });
     // Count what each side delivered as it is read, so the totals survive a relay that ends in
     // an error (a client killed mid-transfer still gets an accurate audit record).
     let mut client = CountingReader::new(client);
     let mut upstream = CountingReader::new(upstream);
-    let result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024).await;
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    ctx.relayed().insert(fields.session_id.clone(), (fields.clone(), end_tx));
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024) => r.map(|_| None),
+        Ok(reason) = end_rx => Ok(Some(reason)),
+    };
+    ctx.relayed().remove(&fields.session_id);
     ctx.cancels().remove(&our_pid);
     let (to_upstream, to_client) = (client.read, upstream.read);
-    let error = match result {
-        Ok(_) => None,
+    let (error, reason) = match result {
+        Ok(reason) => (None, reason),
         // A peer that closes TCP without TLS close_notify (a killed psql, many drivers) has ended
         // its session, not failed it.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-        Err(e) => Some(e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => (None, None),
+        Err(e) => (Some(e.to_string()), None),
     };
+    if let Some(reason) = reason {
+        // No ErrorResponse: the relay may be in the middle of a message, and a frame spliced into
+        // it would corrupt the stream. Both legs close, as the data plane does.
+        let _ = client.inner.shutdown().await;
+        info!(reason = ?reason, "session ended by control");
+    }
     let duration = started.elapsed();
     info!(bytes_from_client = to_upstream, bytes_to_client = to_client, duration_ms = duration.as_millis() as u64, error = ?error, "session ended");
     ctx.audit.emit(
@@ -230,13 +488,16 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
             "bytes_from_client": to_upstream,
             "bytes_to_client": to_client,
             "error": error,
+            "reason": reason.map(|r| format!("{r:?}")),
+            "data_plane": false,
+            "legs": legs,
         }),
     );
 }
 
 struct Ready {
-    client: tokio_rustls::server::TlsStream<TcpStream>,
-    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    client: ClientStream,
+    upstream: UpstreamStream,
     our_pid: u32,
     /// The client certificate's expiry (unix seconds): the session may not outlive it.
     not_after: i64,
@@ -355,7 +616,7 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
                 .and_then(|c| crate::ca::not_after(c).ok())
                 .map(|t| t.unix_timestamp())
                 .unwrap_or(0);
-            Ok(Some(Ready { client, upstream, our_pid, not_after }))
+            Ok(Some(Ready { client: Leg::Tls(client), upstream, our_pid, not_after }))
         }
         Err(refusal) => {
             info!(user = %fields.user, db = %fields.db_service, reason = %refusal.reason, "session refused");
@@ -366,13 +627,13 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
     }
 }
 
-async fn authorize_and_connect(
+async fn authorize_and_connect<C: AsyncWrite + Unpin>(
     ctx: &ProxyContext,
     identity: &Identity,
     startup: &StartupMessage,
-    client: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    client: &mut C,
     fields: &mut SessionFields,
-) -> Result<(u32, tokio_rustls::client::TlsStream<TcpStream>), Refusal> {
+) -> Result<(u32, UpstreamStream), Refusal> {
     use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
     let route = identity.route.as_ref().ok_or_else(|| {
         Refusal::new(
@@ -416,6 +677,11 @@ async fn authorize_and_connect(
     let roles = ctx.state.roles_of(&user).map_err(internal)?;
     let req = AccessRequest { db_service: &db.name, labels: &db.labels, db_name, db_user };
     check_access(&user.name, &roles, req).map_err(|d| Refusal::new(DENIED, format!("access denied: {d}")))?;
+    let locks = ctx.state.active_locks().map_err(internal)?;
+    if let Some(lock) = locks.iter().find(|l| l.matches(&user.name, &db.name)) {
+        let why = if lock.message.is_empty() { String::new() } else { format!(": {}", lock.message) };
+        return Err(Refusal::new(DENIED, format!("access is locked (lock {}){why}", lock.id)));
+    }
 
     // Protocol 3.2 is spoken to the client (only cancel keys differ); the upstream gets 3.0.
     let unrecognized: Vec<String> =
@@ -502,36 +768,74 @@ fn has_buffered_plaintext<D: rustls::SideData>(conn: &mut rustls::ConnectionComm
     conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true)
 }
 
+/// How a leg is described in audit events: `tls` (the data plane runs the record layer, in the
+/// kernel with kTLS or in userspace) or `plain` (spliced as is).
+fn leg_kind(tls: bool) -> &'static str {
+    if tls {
+        "tls"
+    } else {
+        "plain"
+    }
+}
+
+fn describe_tls(v: Option<rustls::ProtocolVersion>, s: Option<rustls::SupportedCipherSuite>) -> (u16, u16) {
+    (v.map(u16::from).unwrap_or(0), s.map(|s| u16::from(s.suite())).unwrap_or(0))
+}
+
+/// The client leg taken apart for the data plane: its socket and, for TLS, the traffic secrets.
+fn client_handoff_leg(leg: ClientStream) -> Result<(OwnedFd, LegCrypto), String> {
+    match leg {
+        Leg::Tls(t) => {
+            let (tcp, conn) = t.into_inner();
+            let (v, s) = describe_tls(conn.protocol_version(), conn.negotiated_cipher_suite());
+            let crypto =
+                conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|x| leg_crypto(v, s, x))?;
+            Ok((OwnedFd::from(tcp.into_std().map_err(|e| e.to_string())?), crypto))
+        }
+        Leg::Plain(u) => Ok((OwnedFd::from(u.into_std().map_err(|e| e.to_string())?), LegCrypto::Plain)),
+    }
+}
+
+fn upstream_handoff_leg(leg: UpstreamStream) -> Result<(OwnedFd, LegCrypto), String> {
+    match leg {
+        Leg::Tls(t) => {
+            let (tcp, conn) = t.into_inner();
+            let (v, s) = describe_tls(conn.protocol_version(), conn.negotiated_cipher_suite());
+            let crypto =
+                conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|x| leg_crypto(v, s, x))?;
+            Ok((OwnedFd::from(tcp.into_std().map_err(|e| e.to_string())?), crypto))
+        }
+        Leg::Plain(t) => Ok((OwnedFd::from(t.into_std().map_err(|e| e.to_string())?), LegCrypto::Plain)),
+    }
+}
+
 async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fields: &SessionFields) -> Outcome {
-    if has_buffered_plaintext(ready.client.get_mut().1) || has_buffered_plaintext(ready.upstream.get_mut().1) {
+    let client_buffered = match &mut ready.client {
+        Leg::Tls(t) => has_buffered_plaintext(t.get_mut().1),
+        Leg::Plain(_) => false,
+    };
+    let upstream_buffered = match &mut ready.upstream {
+        Leg::Tls(t) => has_buffered_plaintext(t.get_mut().1),
+        Leg::Plain(_) => false,
+    };
+    if client_buffered || upstream_buffered {
         return Outcome::NotPossible(Box::new(ready), "TLS holds buffered data".into());
     }
     let Ready { client, upstream, our_pid, not_after } = ready;
-    let (client_tcp, client_conn) = client.into_inner();
-    let (upstream_tcp, upstream_conn) = upstream.into_inner();
-    let describe = |v: Option<rustls::ProtocolVersion>, s: Option<rustls::SupportedCipherSuite>| {
-        (v.map(u16::from).unwrap_or(0), s.map(|s| u16::from(s.suite())).unwrap_or(0))
+    let legs = json!({ "client": leg_kind(client.is_tls()), "upstream": leg_kind(upstream.is_tls()) });
+    let (client_fd, client_leg) = match client_handoff_leg(client) {
+        Ok(x) => x,
+        Err(e) => return Outcome::Failed(format!("taking the client leg apart: {e}"), our_pid),
     };
-    let (cv, cs) = describe(client_conn.protocol_version(), client_conn.negotiated_cipher_suite());
-    let (uv, us) = describe(upstream_conn.protocol_version(), upstream_conn.negotiated_cipher_suite());
-    let client_leg =
-        client_conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|s| leg_crypto(cv, cs, s));
-    let upstream_leg =
-        upstream_conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|s| leg_crypto(uv, us, s));
-    let (client_leg, upstream_leg) = match (client_leg, upstream_leg) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => return Outcome::Failed(format!("extracting TLS secrets: {e}"), our_pid),
-    };
-    let fds = client_tcp.into_std().and_then(|c| Ok((OwnedFd::from(c), OwnedFd::from(upstream_tcp.into_std()?))));
-    let (client_fd, upstream_fd) = match fds {
-        Ok(f) => f,
-        Err(e) => return Outcome::Failed(format!("taking the sockets: {e}"), our_pid),
+    let (upstream_fd, upstream_leg) = match upstream_handoff_leg(upstream) {
+        Ok(x) => x,
+        Err(e) => return Outcome::Failed(format!("taking the upstream leg apart: {e}"), our_pid),
     };
     // What a restarted control needs to route this session's cancel requests.
     let cancel = ctx.cancels().get(&our_pid).map(|(ours, t)| {
         json!({ "our_secret": hex::encode(ours), "upstream_pid": t.pid, "upstream_secret": hex::encode(&t.secret) })
     });
-    let record = json!({ "fields": fields, "our_pid": our_pid, "cancel": cancel });
+    let record = json!({ "fields": fields, "our_pid": our_pid, "cancel": cancel, "legs": legs });
     if let Err(e) = ctx.state.insert_live_session(&fields.session_id, &record) {
         return Outcome::Failed(format!("recording the session: {e}"), our_pid);
     }
@@ -584,8 +888,11 @@ impl ProxyContext {
                 "bytes_to_client": e.bytes_upstream_to_client,
                 "reason": format!("{:?}", e.reason),
                 "data_plane": true,
+                "legs": record["legs"],
             }),
-            None => json!({ "error": "the dataplane no longer holds the session", "data_plane": true }),
+            None => {
+                json!({ "error": "the dataplane no longer holds the session", "data_plane": true, "legs": record["legs"] })
+            }
         };
         let success = ended.is_some_and(|e| e.reason != sluice_dataplane::handoff::EndReason::Error);
         info!(session_id = %id, user = %fields.user, db = %fields.db_service, "session ended in the dataplane");
@@ -614,7 +921,12 @@ impl ProxyContext {
         let dial = db.spec.dial_target().map_err(|e| e.to_string())?;
         let name = db.spec.tls_server_name().map_err(|e| e.to_string())?;
         let server_name = rustls_pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
-        let tls = self.upstream_tls.config(db.spec.tls.ca_cert_file.as_deref()).map_err(|e| e.to_string())?;
+        let tls = match db.spec.tls.mode {
+            crate::config::TlsMode::VerifyFull => {
+                Some(self.upstream_tls.config(db.spec.tls.ca_cert_file.as_deref()).map_err(|e| e.to_string())?)
+            }
+            crate::config::TlsMode::Disable => None,
+        };
         self.cancels().insert(our_pid, (ours, CancelTarget { dial, server_name, tls, pid, secret }));
         Ok(())
     }

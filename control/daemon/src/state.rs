@@ -36,6 +36,8 @@ pub enum StateError {
     Hash(String),
     #[error("creating data dir: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 const SCHEMA: &str = r#"
@@ -54,6 +56,14 @@ CREATE TABLE IF NOT EXISTS discovered (
 );
 CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS live_sessions (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS locks (
+    id TEXT PRIMARY KEY,
+    user TEXT,
+    db TEXT,
+    message TEXT NOT NULL,
+    expires_at INTEGER,
+    created_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL,
@@ -91,6 +101,25 @@ pub struct DiscoveredRow {
 pub struct User {
     pub name: String,
     pub roles: Vec<String>,
+}
+
+/// A Teleport-style lock: sessions of `user` (any, if unset) to `db` (any, if unset) are refused
+/// and live ones are ended, until it is removed or expires.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Lock {
+    pub id: String,
+    pub user: Option<String>,
+    pub db: Option<String>,
+    pub message: String,
+    /// Unix seconds; `None` locks until removed.
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+}
+
+impl Lock {
+    pub fn matches(&self, user: &str, db: &str) -> bool {
+        self.user.as_deref().is_none_or(|u| u == user) && self.db.as_deref().is_none_or(|d| d == db)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -518,6 +547,59 @@ impl State {
         .collect()
     }
 
+    /// Adds a lock; at least one of `user` and `db` must be set (a lock on everything is a typo,
+    /// not a policy).
+    pub fn add_lock(
+        &self,
+        user: Option<&str>,
+        db: Option<&str>,
+        message: &str,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<Lock, StateError> {
+        if user.is_none() && db.is_none() {
+            return Err(StateError::Invalid("a lock needs a user or a database target".into()));
+        }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let lock = Lock {
+            id: random_secret(4),
+            user: user.map(str::to_owned),
+            db: db.map(str::to_owned),
+            message: message.to_owned(),
+            expires_at: ttl.map(|t| now + t.as_secs() as i64),
+            created_at: now,
+        };
+        self.db().execute(
+            "INSERT INTO locks (id, user, db, message, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![lock.id, lock.user, lock.db, lock.message, lock.expires_at, lock.created_at],
+        )?;
+        Ok(lock)
+    }
+
+    /// Removes a lock; false if there was none with that id.
+    pub fn delete_lock(&self, id: &str) -> Result<bool, StateError> {
+        Ok(self.db().execute("DELETE FROM locks WHERE id = ?1", params![id])? > 0)
+    }
+
+    /// Locks in force now (expired ones are dropped as they are found).
+    pub fn active_locks(&self) -> Result<Vec<Lock>, StateError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let db = self.db();
+        db.execute("DELETE FROM locks WHERE expires_at IS NOT NULL AND expires_at <= ?1", params![now])?;
+        let mut stmt =
+            db.prepare("SELECT id, user, db, message, expires_at, created_at FROM locks ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Lock {
+                id: r.get(0)?,
+                user: r.get(1)?,
+                db: r.get(2)?,
+                message: r.get(3)?,
+                expires_at: r.get(4)?,
+                created_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn counts(&self) -> Result<(i64, i64, i64), StateError> {
         let db = self.db();
         let users = db.query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
@@ -588,6 +670,28 @@ mod tests {
         assert!(s.discovered().unwrap().iter().all(|r| r.stale.is_none()));
         assert_eq!(s.prune_discovered(&["b".to_owned()]).unwrap(), 1);
         assert_eq!(s.discovered().unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn locks_match_expire_and_are_removed() {
+        let (s, dir) = temp_state();
+        assert!(matches!(s.add_lock(None, None, "x", None), Err(StateError::Invalid(_))));
+        let user_lock = s.add_lock(Some("alice"), None, "offboarding", None).unwrap();
+        let db_lock =
+            s.add_lock(None, Some("prod"), "maintenance", Some(std::time::Duration::from_secs(3600))).unwrap();
+        let both = s.add_lock(Some("bob"), Some("dev"), "", None).unwrap();
+        assert!(user_lock.matches("alice", "anything"));
+        assert!(!user_lock.matches("bob", "anything"));
+        assert!(db_lock.matches("bob", "prod") && !db_lock.matches("bob", "dev2"));
+        assert!(both.matches("bob", "dev") && !both.matches("bob", "prod2") && !both.matches("carol", "dev"));
+        assert_eq!(s.active_locks().unwrap().len(), 3);
+        assert!(s.delete_lock(&user_lock.id).unwrap());
+        assert!(!s.delete_lock(&user_lock.id).unwrap());
+        // An expired lock disappears on the next read.
+        s.db().execute("UPDATE locks SET expires_at = 1 WHERE id = ?1", params![db_lock.id]).unwrap();
+        let left: Vec<String> = s.active_locks().unwrap().into_iter().map(|l| l.id).collect();
+        assert_eq!(left, vec![both.id]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

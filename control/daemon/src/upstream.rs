@@ -1,6 +1,9 @@
 //! The upstream leg: TCP to the RDS Proxy endpoint, SSLRequest, TLS verify-full, StartupMessage,
-//! and the IAM token as the cleartext password. Returns the authenticated TLS stream with the
+//! and the IAM token as the cleartext password. Returns the authenticated stream with the
 //! server's greeting (parameter status, backend key) for control to pass on.
+//!
+//! `tls.mode: disable` (loopback targets only, checked by the config) skips the SSLRequest and
+//! TLS, so the data plane can splice the leg as it is.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +17,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::catalog::Database;
-use crate::config::ConfigError;
+use crate::config::{ConfigError, TlsMode};
 use crate::iam::{CredentialSource, IamError, TokenMinter, TokenTarget};
+use crate::leg::Leg;
 use crate::tls::{TlsError, UpstreamTls};
 
 #[derive(Debug, Error)]
@@ -59,10 +63,14 @@ pub struct Greeting {
 pub struct CancelTarget {
     pub dial: (String, u16),
     pub server_name: ServerName<'static>,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// `None` for a `tls.mode: disable` upstream.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub pid: u32,
     pub secret: Vec<u8>,
 }
+
+/// The authenticated upstream leg.
+pub type UpstreamStream = Leg<TlsStream<TcpStream>, TcpStream>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,19 +90,36 @@ async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), 
     Ok((header[0], body))
 }
 
-/// Dials, TLS-handshakes and returns the stream plus the name it was verified against.
-async fn dial_tls(
-    dial: &(String, u16),
-    server_name: ServerName<'static>,
-    tls: Arc<rustls::ClientConfig>,
-) -> Result<TlsStream<TcpStream>, UpstreamError> {
+async fn dial_tcp(dial: &(String, u16)) -> Result<TcpStream, UpstreamError> {
     let addr = format!("{}:{}", dial.0, dial.1);
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((dial.0.as_str(), dial.1)))
         .await
         .map_err(|_| UpstreamError::ConnectTimeout { addr: addr.clone() })?
         .map_err(|source| UpstreamError::Connect { addr: addr.clone(), source })?;
     tcp.set_nodelay(true)?;
-    let mut tcp = tcp;
+    Ok(tcp)
+}
+
+/// Dials and, unless TLS is disabled, TLS-handshakes with the name checked.
+async fn dial(
+    dial: &(String, u16),
+    server_name: ServerName<'static>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<UpstreamStream, UpstreamError> {
+    let tcp = dial_tcp(dial).await?;
+    match tls {
+        Some(tls) => Ok(Leg::Tls(handshake_tls(dial, tcp, server_name, tls).await?)),
+        None => Ok(Leg::Plain(tcp)),
+    }
+}
+
+async fn handshake_tls(
+    dial: &(String, u16),
+    mut tcp: TcpStream,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, UpstreamError> {
+    let addr = format!("{}:{}", dial.0, dial.1);
     tcp.write_all(&encode::ssl_request()).await?;
     let mut answer = [0u8; 1];
     tcp.read_exact(&mut answer).await?;
@@ -122,7 +147,7 @@ pub async fn connect(
     extra_params: &[(String, String)],
     minter: &TokenMinter,
     upstream_tls: &UpstreamTls,
-) -> Result<(TlsStream<TcpStream>, Greeting, CancelTarget), UpstreamError> {
+) -> Result<(UpstreamStream, Greeting, CancelTarget), UpstreamError> {
     let (host, port) = db.spec.host_port().map_err(cfg_err(db))?;
     let dial = db.spec.dial_target().map_err(cfg_err(db))?;
     let name = db.spec.tls_server_name().map_err(cfg_err(db))?;
@@ -130,7 +155,10 @@ pub async fn connect(
         db: db.name.clone(),
         source: ConfigError::Invalid(format!("bad TLS server name {name:?}")),
     })?;
-    let tls = upstream_tls.config(db.spec.tls.ca_cert_file.as_deref())?;
+    let tls = match db.spec.tls.mode {
+        TlsMode::VerifyFull => Some(upstream_tls.config(db.spec.tls.ca_cert_file.as_deref())?),
+        TlsMode::Disable => None,
+    };
     let region = db.spec.region().ok_or(IamError::NoRegion)?;
     // Mint before dialing so a credentials problem is reported as such, not as a timeout.
     let source = CredentialSource {
@@ -141,7 +169,7 @@ pub async fn connect(
     let target = TokenTarget { host, port, user: db_user.to_owned(), region };
     let token = minter.token(&source, &target).await?;
 
-    let mut s = dial_tls(&dial, server_name.clone(), tls.clone()).await?;
+    let mut s = self::dial(&dial, server_name.clone(), tls.clone()).await?;
     let mut params = vec![("user".to_owned(), db_user.to_owned()), ("database".to_owned(), db_name.to_owned())];
     params.extend(extra_params.iter().cloned());
     s.write_all(&encode::startup(ProtocolVersion::V3_0, &params)).await?;
@@ -191,9 +219,9 @@ pub async fn connect(
     Ok((s, greeting, cancel))
 }
 
-/// Sends a CancelRequest to the upstream, inside TLS as RDS Proxy requires.
+/// Sends a CancelRequest to the upstream, inside TLS as RDS Proxy requires (unless disabled).
 pub async fn cancel(target: &CancelTarget) -> Result<(), UpstreamError> {
-    let mut s = dial_tls(&target.dial, target.server_name.clone(), target.tls.clone()).await?;
+    let mut s = dial(&target.dial, target.server_name.clone(), target.tls.clone()).await?;
     s.write_all(&encode::cancel_request(target.pid, &target.secret)).await?;
     s.flush().await?;
     // The server closes after reading the request; wait briefly so it is read before we close.

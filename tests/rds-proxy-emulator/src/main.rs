@@ -63,6 +63,9 @@ struct Args {
     /// The real PostgreSQL server, HOST:PORT.
     #[arg(long)]
     postgres: String,
+    /// Accept clients without TLS (answer SSLRequest with `N`): a non-TLS test upstream.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 fn dns_label(s: &str) -> Result<String, String> {
@@ -133,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         secrets,
         backend: args.postgres,
         tls: tls_config.into(),
+        plaintext: args.plaintext,
     });
 
     {

@@ -40,6 +40,9 @@ pub struct ProxyConfig {
     pub secrets: HashMap<String, String>,
     pub backend: String,
     pub tls: TlsAcceptor,
+    /// Serve clients without TLS (a non-TLS test upstream, so Sluice's upstream leg can be spliced
+    /// as is). Real RDS Proxies with RequireTLS never do this.
+    pub plaintext: bool,
 }
 
 #[derive(Debug, Error)]
@@ -60,12 +63,17 @@ pub enum ConnError {
     Scram(#[from] ScramError),
 }
 
-type Streams = (TlsStream<TcpStream>, TcpStream);
+/// A logged-in client and its backend connection, ready to relay.
+enum Session {
+    Tls(Box<TlsStream<TcpStream>>, TcpStream),
+    Plain(TcpStream, TcpStream),
+}
 
 /// Serves one client to completion; errors end only this connection.
 pub async fn handle_connection(tcp: TcpStream, cfg: Arc<ProxyConfig>) {
     let result = match tokio::time::timeout(HANDSHAKE_DEADLINE, handshake(tcp, &cfg)).await {
-        Ok(Ok(Some((client, backend)))) => relay(client, backend).await,
+        Ok(Ok(Some(Session::Tls(client, backend)))) => relay(*client, backend).await,
+        Ok(Ok(Some(Session::Plain(client, backend)))) => relay(client, backend).await,
         Ok(Ok(None)) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ConnError::Timeout),
@@ -75,7 +83,7 @@ pub async fn handle_connection(tcp: TcpStream, cfg: Arc<ProxyConfig>) {
     }
 }
 
-async fn relay(mut client: TlsStream<TcpStream>, mut backend: TcpStream) -> Result<(), ConnError> {
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, mut backend: TcpStream) -> Result<(), ConnError> {
     match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, RELAY_BUFFER, RELAY_BUFFER).await {
         Ok((up, down)) => {
             info!(client_to_backend = up, backend_to_client = down, "connection closed");
@@ -90,11 +98,21 @@ async fn relay(mut client: TlsStream<TcpStream>, mut backend: TcpStream) -> Resu
     }
 }
 
-async fn handshake(mut tcp: TcpStream, cfg: &ProxyConfig) -> Result<Option<Streams>, ConnError> {
+async fn handshake(mut tcp: TcpStream, cfg: &ProxyConfig) -> Result<Option<Session>, ConnError> {
     loop {
-        match read_startup(&mut tcp).await?.0 {
+        let (packet, raw) = read_startup(&mut tcp).await?;
+        match packet {
             StartupPacket::GssEncRequest => tcp.write_all(b"N").await?,
+            StartupPacket::SslRequest if cfg.plaintext => tcp.write_all(b"N").await?,
             StartupPacket::SslRequest => break,
+            StartupPacket::Startup(startup) if cfg.plaintext => {
+                return Ok(login(tcp, startup, cfg).await?.map(|(c, b)| Session::Plain(c, b)));
+            }
+            StartupPacket::Cancel(cancel) if cfg.plaintext => {
+                forward_cancel(&cfg.backend, &raw).await?;
+                info!(pid = cancel.pid, "forwarded cancel request");
+                return Ok(None);
+            }
             StartupPacket::Startup(_) => {
                 let e = ErrorFields::fatal(
                     sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -112,7 +130,9 @@ async fn handshake(mut tcp: TcpStream, cfg: &ProxyConfig) -> Result<Option<Strea
     let mut tls = cfg.tls.accept(tcp).await.map_err(ConnError::Tls)?;
     let (packet, raw) = read_startup(&mut tls).await?;
     match packet {
-        StartupPacket::Startup(startup) => login(tls, startup, cfg).await,
+        StartupPacket::Startup(startup) => {
+            Ok(login(tls, startup, cfg).await?.map(|(c, b)| Session::Tls(Box::new(c), b)))
+        }
         StartupPacket::Cancel(cancel) => {
             forward_cancel(&cfg.backend, &raw).await?;
             info!(pid = cancel.pid, "forwarded cancel request");
@@ -134,11 +154,11 @@ async fn forward_cancel(backend: &str, raw: &[u8]) -> Result<(), ConnError> {
     Ok(())
 }
 
-async fn login(
-    mut client: TlsStream<TcpStream>,
+async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: S,
     startup: StartupMessage,
     cfg: &ProxyConfig,
-) -> Result<Option<Streams>, ConnError> {
+) -> Result<Option<(S, TcpStream)>, ConnError> {
     let Some(user) = startup.user().map(str::to_owned) else {
         let e = ErrorFields::fatal(
             sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -304,11 +324,11 @@ async fn backend_login(backend: &mut TcpStream, password: &str) -> Result<Backen
 }
 
 /// Sends a FATAL error, closes, and logs why; the client only ever sees the error itself.
-async fn reject<S: AsyncWrite + Unpin>(
+async fn reject<S: AsyncWrite + Unpin, T>(
     stream: &mut S,
     error: ErrorFields,
     reason: impl std::fmt::Display,
-) -> Result<Option<Streams>, ConnError> {
+) -> Result<Option<T>, ConnError> {
     warn!(sqlstate = error.code(), %reason, "rejected connection");
     stream.write_all(&encode::error_response(&error)).await?;
     stream.flush().await?;
