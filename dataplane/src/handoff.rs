@@ -17,6 +17,14 @@
 //! A `Handoff` frame is sent with `sendmsg` carrying exactly two descriptors in SCM_RIGHTS, client
 //! leg first, then the upstream leg; the frame itself never contains descriptors.
 //! Integers are big endian; strings are UTF-8; secrets are raw bytes.
+//!
+//! Counters (added within v1; receivers that predate them skip the tags): `SessionEnded` may carry
+//! tag 6 (counter source, one byte: 1 BPF, 2 userspace), 16 (client leg) and 32 (upstream leg),
+//! each leg a 40-byte field `rx_bytes u64 | tx_bytes u64 | rx_packets u64 | tx_packets u64 |
+//! srtt_us u32 | total_retrans u32` (see `LegCounters`). `StatsRequest` (type 8, empty) asks for
+//! live counters; `Stats` (type 9) answers with one tag-1 field per live session, each holding a
+//! nested field sequence: 1 session id, 2/3 application bytes client→upstream/upstream→client,
+//! 4 duration_ms, then the counter tags 6/16/32 as in `SessionEnded`.
 
 use thiserror::Error;
 
@@ -114,10 +122,90 @@ impl EndReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEnded {
     pub session_id: String,
+    /// Application bytes (plaintext after TLS) the relay delivered each way.
     pub bytes_client_to_upstream: u64,
     pub bytes_upstream_to_client: u64,
     pub duration_ms: u64,
     pub reason: EndReason,
+    /// Per-leg counters (final values); absent from a data plane that predates them.
+    pub counters: Option<SessionCounters>,
+}
+
+/// Where a session's per-leg counters come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CounterSource {
+    /// The kernel (cgroup_skb programs keyed by socket cookie): TCP payload bytes on the wire
+    /// (TLS records included), each byte once (retransmissions are not counted again); segments
+    /// (retransmissions included); RTT and retransmits.
+    Bpf = 1,
+    /// The relay's own syscall results (splice/recv/send): bytes it moved, plaintext on TLS legs;
+    /// packets, RTT and retransmits are unknown (0).
+    Userspace = 2,
+}
+
+/// One leg's traffic, as seen by its socket (rx: from the peer, tx: to the peer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LegCounters {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Smoothed RTT in µs (0: unknown).
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+}
+
+/// LEG_COUNTERS_LEN bytes in a field: four u64 then two u32, big endian, in declaration order.
+const LEG_COUNTERS_LEN: usize = 40;
+
+impl LegCounters {
+    fn encode(&self) -> [u8; LEG_COUNTERS_LEN] {
+        let mut b = [0u8; LEG_COUNTERS_LEN];
+        b[0..8].copy_from_slice(&self.rx_bytes.to_be_bytes());
+        b[8..16].copy_from_slice(&self.tx_bytes.to_be_bytes());
+        b[16..24].copy_from_slice(&self.rx_packets.to_be_bytes());
+        b[24..32].copy_from_slice(&self.tx_packets.to_be_bytes());
+        b[32..36].copy_from_slice(&self.srtt_us.to_be_bytes());
+        b[36..40].copy_from_slice(&self.total_retrans.to_be_bytes());
+        b
+    }
+    fn decode(b: &[u8]) -> Result<Self, HandoffError> {
+        // Longer is accepted (a newer sender may append), shorter is not.
+        if b.len() < LEG_COUNTERS_LEN {
+            return Err(HandoffError::Malformed("leg counters"));
+        }
+        let u64_at =
+            |i: usize| u64::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Ok(LegCounters {
+            rx_bytes: u64_at(0),
+            tx_bytes: u64_at(8),
+            rx_packets: u64_at(16),
+            tx_packets: u64_at(24),
+            srtt_us: u32_at(32),
+            total_retrans: u32_at(36),
+        })
+    }
+}
+
+/// Both legs' counters of one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCounters {
+    pub source: CounterSource,
+    pub client: LegCounters,
+    pub upstream: LegCounters,
+}
+
+/// A live session's numbers so far (the answer to `StatsRequest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionStats {
+    pub session_id: String,
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    /// Since the data plane took the session.
+    pub duration_ms: u64,
+    pub counters: Option<SessionCounters>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +232,12 @@ pub enum Message {
     Sessions {
         session_ids: Vec<String>,
     },
+    /// Control or an admin tool asks for every live session's counters so far.
+    StatsRequest,
+    /// The answer to `StatsRequest`: one entry per live session.
+    Stats {
+        sessions: Vec<SessionStats>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +259,8 @@ enum MessageType {
     SessionEnded = 5,
     ListSessions = 6,
     Sessions = 7,
+    StatsRequest = 8,
+    Stats = 9,
 }
 
 struct Writer(Vec<u8>);
@@ -180,6 +276,15 @@ impl Writer {
     }
     fn u64(&mut self, tag: u16, v: u64) {
         self.field(tag, &v.to_be_bytes());
+    }
+    /// Tags 6 (source), 16 (client leg) and 32 (upstream leg), shared by `SessionEnded` and each
+    /// `Stats` entry.
+    fn counters(&mut self, c: &Option<SessionCounters>) {
+        if let Some(c) = c {
+            self.field(6, &[c.source as u8]);
+            self.field(16, &c.client.encode());
+            self.field(32, &c.upstream.encode());
+        }
     }
     fn leg(&mut self, base: u16, leg: &LegCrypto) {
         match leg {
@@ -233,6 +338,19 @@ impl<'a> Fields<'a> {
     fn u64(&self, tag: u16, name: &'static str) -> Result<u64, HandoffError> {
         let b: [u8; 8] = self.bytes(tag, name)?.try_into().map_err(|_| HandoffError::Malformed(name))?;
         Ok(u64::from_be_bytes(b))
+    }
+    fn counters(&self) -> Result<Option<SessionCounters>, HandoffError> {
+        let Some(source) = self.get(6) else { return Ok(None) };
+        let source = match source {
+            [1] => CounterSource::Bpf,
+            [2] => CounterSource::Userspace,
+            _ => return Err(HandoffError::Malformed("counter source")),
+        };
+        Ok(Some(SessionCounters {
+            source,
+            client: LegCounters::decode(self.bytes(16, "client counters")?)?,
+            upstream: LegCounters::decode(self.bytes(32, "upstream counters")?)?,
+        }))
     }
     fn leg(&self, base: u16, name: &'static str) -> Result<LegCrypto, HandoffError> {
         let head = self.bytes(base, name)?;
@@ -292,6 +410,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(3, e.bytes_upstream_to_client);
             w.u64(4, e.duration_ms);
             w.field(5, &[e.reason as u8]);
+            w.counters(&e.counters);
             MessageType::SessionEnded
         }
         Message::ListSessions => MessageType::ListSessions,
@@ -300,6 +419,19 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 w.str(1, id);
             }
             MessageType::Sessions
+        }
+        Message::StatsRequest => MessageType::StatsRequest,
+        Message::Stats { sessions } => {
+            for st in sessions {
+                let mut e = Writer(Vec::new());
+                e.str(1, &st.session_id);
+                e.u64(2, st.bytes_client_to_upstream);
+                e.u64(3, st.bytes_upstream_to_client);
+                e.u64(4, st.duration_ms);
+                e.counters(&st.counters);
+                w.field(1, &e.0);
+            }
+            MessageType::Stats
         }
     };
     let mut out = Vec::with_capacity(HEADER_LEN + w.0.len());
@@ -375,6 +507,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
             bytes_upstream_to_client: f.u64(3, "bytes_upstream_to_client")?,
             duration_ms: f.u64(4, "duration_ms")?,
             reason: reason(5)?,
+            counters: f.counters()?,
         }),
         6 => Message::ListSessions,
         7 => Message::Sessions {
@@ -386,6 +519,24 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
                     std::str::from_utf8(v).map(str::to_owned).map_err(|_| HandoffError::Malformed("session_id"))
                 })
                 .collect::<Result<_, _>>()?,
+        },
+        8 => Message::StatsRequest,
+        9 => Message::Stats {
+            sessions: f
+                .0
+                .iter()
+                .filter(|(t, _)| *t == 1)
+                .map(|(_, v)| {
+                    let e = Fields::parse(v)?;
+                    Ok(SessionStats {
+                        session_id: e.str(1, "session_id")?,
+                        bytes_client_to_upstream: e.u64(2, "bytes_client_to_upstream")?,
+                        bytes_upstream_to_client: e.u64(3, "bytes_upstream_to_client")?,
+                        duration_ms: e.u64(4, "duration_ms")?,
+                        counters: e.counters()?,
+                    })
+                })
+                .collect::<Result<_, HandoffError>>()?,
         },
         other => return Err(HandoffError::UnknownType(other)),
     };
@@ -434,9 +585,38 @@ mod tests {
                 bytes_upstream_to_client: 2,
                 duration_ms: 3,
                 reason: EndReason::IdleTimeout,
+                counters: None,
+            }),
+            Message::SessionEnded(SessionEnded {
+                session_id: "s".into(),
+                bytes_client_to_upstream: 1,
+                bytes_upstream_to_client: 2,
+                duration_ms: 3,
+                reason: EndReason::ClientClosed,
+                counters: Some(counters()),
             }),
             Message::ListSessions,
             Message::Sessions { session_ids: vec!["a".into(), "b".into()] },
+            Message::StatsRequest,
+            Message::Stats { sessions: vec![] },
+            Message::Stats {
+                sessions: vec![
+                    SessionStats {
+                        session_id: "a".into(),
+                        bytes_client_to_upstream: 10,
+                        bytes_upstream_to_client: 20,
+                        duration_ms: 30,
+                        counters: Some(counters()),
+                    },
+                    SessionStats {
+                        session_id: "b".into(),
+                        bytes_client_to_upstream: 0,
+                        bytes_upstream_to_client: u64::MAX,
+                        duration_ms: 1,
+                        counters: None,
+                    },
+                ],
+            },
         ];
         let mut stream = Vec::new();
         for m in &msgs {
@@ -449,6 +629,55 @@ mod tests {
             rest = &rest[n..];
         }
         assert!(rest.is_empty());
+    }
+
+    fn counters() -> SessionCounters {
+        SessionCounters {
+            source: CounterSource::Bpf,
+            client: LegCounters {
+                rx_bytes: 1,
+                tx_bytes: 2,
+                rx_packets: 3,
+                tx_packets: 4,
+                srtt_us: 5,
+                total_retrans: 6,
+            },
+            upstream: LegCounters { rx_bytes: u64::MAX, srtt_us: u32::MAX, ..Default::default() },
+        }
+    }
+
+    /// A receiver that predates the counters decodes a `SessionEnded` carrying them (it skips
+    /// the tags); a short leg field is refused rather than read past.
+    #[test]
+    fn counters_are_optional_and_checked() {
+        let full = SessionEnded {
+            session_id: "s".into(),
+            bytes_client_to_upstream: 1,
+            bytes_upstream_to_client: 2,
+            duration_ms: 3,
+            reason: EndReason::ClientClosed,
+            counters: Some(counters()),
+        };
+        let f = encode(&Message::SessionEnded(full.clone()));
+        let bare = encode(&Message::SessionEnded(SessionEnded { counters: None, ..full }));
+        assert!(f.len() > bare.len() + 2 * LEG_COUNTERS_LEN);
+        let mut short = encode(&Message::ListSessions);
+        short.truncate(HEADER_LEN);
+        let payload = [
+            &[0, 1, 0, 0, 0, 1, b's'][..],
+            &[0, 2, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1],
+            &[0, 3, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1],
+            &[0, 4, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1],
+            &[0, 5, 0, 0, 0, 1, 1],
+            &[0, 6, 0, 0, 0, 1, 1],
+            &[0, 16, 0, 0, 0, 2, 0, 0],
+            &[0, 32, 0, 0, 0, 2, 0, 0],
+        ]
+        .concat();
+        short[6..8].copy_from_slice(&5u16.to_be_bytes());
+        short[8..12].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+        short.extend_from_slice(&payload);
+        assert_eq!(decode(&short), Err(HandoffError::Malformed("leg counters")));
     }
 
     #[test]
@@ -486,6 +715,68 @@ mod tests {
         #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn counters_roundtrip(
+            v in proptest::collection::vec(any::<u64>(), 8),
+            w in proptest::collection::vec(any::<u32>(), 4),
+            bpf in any::<bool>(),
+            n in 0usize..4,
+        ) {
+            let leg = |o: usize| LegCounters {
+                rx_bytes: v[o],
+                tx_bytes: v[o + 1],
+                rx_packets: v[o + 2],
+                tx_packets: v[o + 3],
+                srtt_us: w[o / 2],
+                total_retrans: w[o / 2 + 1],
+            };
+            let c = SessionCounters {
+                source: if bpf { CounterSource::Bpf } else { CounterSource::Userspace },
+                client: leg(0),
+                upstream: leg(4),
+            };
+            let sessions = (0..n)
+                .map(|i| SessionStats {
+                    session_id: format!("s{i}"),
+                    bytes_client_to_upstream: v[i],
+                    bytes_upstream_to_client: v[i + 1],
+                    duration_ms: v[i + 2],
+                    counters: (i % 2 == 0).then_some(c),
+                })
+                .collect();
+            for m in [
+                Message::Stats { sessions },
+                Message::SessionEnded(SessionEnded {
+                    session_id: "s".into(),
+                    bytes_client_to_upstream: v[0],
+                    bytes_upstream_to_client: v[1],
+                    duration_ms: v[2],
+                    reason: EndReason::UpstreamClosed,
+                    counters: Some(c),
+                }),
+            ] {
+                let f = encode(&m);
+                prop_assert_eq!(decode(&f), Ok(Some((m, f.len()))));
+            }
+        }
+
+        #[test]
+        fn decoder_survives_mutated_stats(idx in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let st = SessionStats {
+                session_id: "a".into(),
+                bytes_client_to_upstream: 1,
+                bytes_upstream_to_client: 2,
+                duration_ms: 3,
+                counters: Some(counters()),
+            };
+            let mut f = encode(&Message::Stats { sessions: vec![st.clone(), st] });
+            let i = idx.index(f.len());
+            f[i] = byte;
+            if let Ok(Some((_, n))) = decode(&f) {
+                prop_assert!(n <= f.len());
+            }
         }
 
         #[test]

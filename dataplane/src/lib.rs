@@ -4,6 +4,7 @@
 //! workers ([`relay`]), kernel TLS for the legs where the kernel has it ([`ktls`]) and the
 //! userspace TLS record layer used where it does not ([`tls_record`]).
 
+pub mod counters;
 pub mod handoff;
 pub mod ktls;
 pub mod link;

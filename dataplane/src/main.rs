@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
+use sluice_dataplane::counters::{Mode, SessionCounting};
 use sluice_dataplane::relay::{RelayOptions, SpliceIssue};
 use sluice_dataplane::server::Server;
 
@@ -22,6 +23,18 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long)]
     json_logs: bool,
+    /// Per-session counters: eBPF programs in the kernel (`bpf`), the relay's own counts
+    /// (`userspace`), or BPF where it loads and userspace otherwise (`auto`).
+    #[arg(long, value_enum, default_value = "auto", env = "SLUICE_COUNTERS")]
+    counters: Mode,
+    /// Cgroup v2 directory whose sockets the BPF programs see: control's (default: this
+    /// process's own, right when control and the data plane share a service or container).
+    #[arg(long)]
+    bpf_cgroup: Option<PathBuf>,
+    /// Name of the BPF pin directory /sys/fs/bpf/sluice/NAME (default: derived from
+    /// --control-socket, so a restarted data plane finds its map).
+    #[arg(long)]
+    instance: Option<String>,
     /// Offer TLS legs' keys to the kernel (kTLS) where it has it; `off` keeps every TLS leg on
     /// the userspace record path.
     #[arg(long, value_enum, default_value = "on", env = "SLUICE_KTLS")]
@@ -54,6 +67,8 @@ fn main() -> Result<()> {
     stop.add(Signal::SIGINT);
     stop.thread_block().context("blocking signals")?;
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let instance = cli.instance.clone().unwrap_or_else(|| instance_name(&cli.control_socket));
+    let counting = SessionCounting::start(cli.counters, &instance, cli.bpf_cgroup.clone())?;
     let options = RelayOptions {
         ktls: matches!(cli.ktls, Switch::On),
         splice: match cli.splice {
@@ -62,7 +77,7 @@ fn main() -> Result<()> {
         },
     };
     tracing::info!(ktls = options.ktls, splice = ?options.splice, workers, "relay options");
-    let server = Server::start_with(&cli.control_socket, workers, options)
+    let server = Server::start_with(&cli.control_socket, workers, options, counting)
         .with_context(|| format!("starting on {}", cli.control_socket.display()))?;
     let server = std::sync::Arc::new(server);
     let serving = server.clone();
@@ -71,6 +86,18 @@ fn main() -> Result<()> {
     tracing::info!(signal = ?sig, "stopping: ending all sessions");
     server.shutdown();
     Ok(())
+}
+
+/// A stable pin-directory name for a control socket path (FNV-1a of the path): one per data-plane
+/// instance on the machine, the same after a restart.
+fn instance_name(socket: &std::path::Path) -> String {
+    let path = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let hash = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
+    format!("dp-{hash:016x}")
 }
 
 fn init_logging(json: bool) {

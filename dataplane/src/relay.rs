@@ -89,6 +89,22 @@ pub struct Report {
     pub client_ktls: bool,
     /// The kernel sealed and opened the upstream leg's records (kTLS), both ways.
     pub upstream_ktls: bool,
+    /// `[client, upstream]` × `[rx, tx]`: bytes each leg's socket gave and took, from the
+    /// relay's syscall results (splice, recv, send): TLS records on a userspace-TLS leg,
+    /// plaintext on a kTLS leg (the kernel decrypts before splice sees the bytes).
+    pub wire: [[u64; 2]; 2],
+}
+
+/// A live session's application bytes so far (the relay's own counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionBytes {
+    pub id: String,
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    /// As [`Report::wire`].
+    pub wire: [[u64; 2]; 2],
+    /// Since the worker took the session.
+    pub duration: Duration,
 }
 
 /// Counters the worker thread publishes for metrics and tests.
@@ -108,6 +124,7 @@ pub(crate) enum Command {
     Add(Box<event_loop::Prepared>, mpsc::SyncSender<io::Result<()>>),
     End(String, EndReason),
     List(mpsc::SyncSender<Vec<String>>),
+    Bytes(mpsc::SyncSender<Vec<SessionBytes>>),
     Shutdown,
 }
 
@@ -194,6 +211,15 @@ impl Worker {
     pub fn sessions(&self) -> Vec<String> {
         let (tx, rx) = mpsc::sync_channel(1);
         if self.send(Command::List(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
+    }
+
+    /// Bytes moved so far by each live session (not those already ending).
+    pub fn session_bytes(&self) -> Vec<SessionBytes> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.send(Command::Bytes(tx)).is_err() {
             return Vec::new();
         }
         rx.recv().unwrap_or_default()

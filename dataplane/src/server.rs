@@ -6,7 +6,7 @@
 //! can ask which sessions are still live.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
-use crate::handoff::{EndReason, Handoff, Message, Role, SessionEnded};
+use crate::counters::SessionCounting;
+use crate::handoff::{EndReason, Handoff, Message, Role, SessionEnded, SessionStats};
 use crate::link::{Link, LinkError, Listener};
 use crate::relay::{RelayOptions, Report, Session, Worker};
 
@@ -28,6 +29,7 @@ struct Shared {
     /// The control connection that receives reports (the most recent one).
     control: Mutex<Option<Link>>,
     pending: Mutex<VecDeque<SessionEnded>>,
+    counting: SessionCounting,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -42,12 +44,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the control socket and starts `workers` relay workers.
-    pub fn start(path: &Path, workers: usize) -> Result<Server, LinkError> {
-        Self::start_with(path, workers, RelayOptions::default())
+    /// Binds the control socket and starts `workers` relay workers; sessions are counted by
+    /// `counting`.
+    pub fn start(path: &Path, workers: usize, counting: SessionCounting) -> Result<Server, LinkError> {
+        Self::start_with(path, workers, RelayOptions::default(), counting)
     }
 
-    pub fn start_with(path: &Path, workers: usize, options: RelayOptions) -> Result<Server, LinkError> {
+    pub fn start_with(
+        path: &Path,
+        workers: usize,
+        options: RelayOptions,
+        counting: SessionCounting,
+    ) -> Result<Server, LinkError> {
         let listener = Listener::bind(path)?;
         let (tx, rx) = mpsc::channel::<Report>();
         let workers =
@@ -57,6 +65,7 @@ impl Server {
             next_worker: AtomicUsize::new(0),
             control: Mutex::new(None),
             pending: Mutex::new(VecDeque::new()),
+            counting,
         });
         let reporter = shared.clone();
         std::thread::Builder::new().name("sluice-dp-reports".into()).spawn(move || {
@@ -103,23 +112,38 @@ impl Server {
         }
         // Reports travel through a channel to the reporter thread; let it drain.
         std::thread::sleep(Duration::from_millis(100));
+        self.shared.counting.unpin_if_empty();
+    }
+
+    /// Entries in the BPF counters map (0 with userspace counters): the live sessions' legs.
+    pub fn counter_map_entries(&self) -> usize {
+        self.shared.counting.map_entries()
     }
 }
 
 impl Shared {
     fn report(&self, r: Report) {
+        let counters = self.counting.finish(&r.id, r.wire);
         let ended = SessionEnded {
             session_id: r.id,
             bytes_client_to_upstream: r.bytes_client_to_upstream,
             bytes_upstream_to_client: r.bytes_upstream_to_client,
             duration_ms: r.duration.as_millis() as u64,
             reason: r.reason,
+            counters: Some(counters),
         };
         info!(
             session_id = %ended.session_id,
             reason = ?ended.reason,
             bytes_client_to_upstream = ended.bytes_client_to_upstream,
             bytes_upstream_to_client = ended.bytes_upstream_to_client,
+            counters_source = ?counters.source,
+            client_rx_bytes = counters.client.rx_bytes,
+            client_tx_bytes = counters.client.tx_bytes,
+            upstream_rx_bytes = counters.upstream.rx_bytes,
+            upstream_tx_bytes = counters.upstream.tx_bytes,
+            client_srtt_us = counters.client.srtt_us,
+            retransmits = counters.client.total_retrans + counters.upstream.total_retrans,
             "session ended"
         );
         let mut control = lock(&self.control);
@@ -218,6 +242,20 @@ impl Shared {
             Message::ListSessions => {
                 Some(Message::Sessions { session_ids: self.workers.iter().flat_map(Worker::sessions).collect() })
             }
+            Message::StatsRequest => Some(Message::Stats {
+                sessions: self
+                    .workers
+                    .iter()
+                    .flat_map(Worker::session_bytes)
+                    .map(|b| SessionStats {
+                        counters: Some(self.counting.snapshot(&b.id, b.wire)),
+                        session_id: b.id,
+                        bytes_client_to_upstream: b.client_to_upstream,
+                        bytes_upstream_to_client: b.upstream_to_client,
+                        duration_ms: b.duration.as_millis() as u64,
+                    })
+                    .collect(),
+            }),
             other => {
                 warn!(?other, "unexpected frame from control; ignored");
                 None
@@ -252,8 +290,13 @@ impl Shared {
             idle_timeout,
             not_after,
         };
+        // Counting starts before the first byte can move.
+        self.counting.register(&h.session_id, session.client.as_fd(), session.upstream.as_fd());
         let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        self.workers[i].add(session).map_err(|e| format!("worker {i}: {e}"))?;
+        if let Err(e) = self.workers[i].add(session) {
+            self.counting.finish(&h.session_id, [[0; 2]; 2]);
+            return Err(format!("worker {i}: {e}"));
+        }
         info!(session_id = %h.session_id, user = %h.user, db = %h.db_service, worker = i, "session taken over");
         Ok(())
     }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_credential_types::Credentials;
 use clap::Parser;
-use sluice_control::demo::{self, parse_env_exports, AwsCreds, Proc, Stack, LIBPQ_VARS};
+use sluice_control::demo::{self, parse_env_exports, AwsCreds, ControlProc, DataplaneProc, Proc, Stack, LIBPQ_VARS};
 use sluice_control::iam::{generate_auth_token, TokenTarget};
 use sluice_control::state::random_secret;
 
@@ -312,8 +312,7 @@ fn cpu_delta(before: &CpuSnap, after: &CpuSnap, ticks: f64) -> (Vec<f64>, f64) {
 
 /// Creates role `dev` and Sluice user `alice`, logs her in with the `sluice` CLI (`sluice login`,
 /// `sluice db login demo`) and returns the libpq environment `sluice db env demo` prints.
-fn sluice_client_env(stack: &Stack, dir: &Path) -> Result<Vec<(String, String)>> {
-    let control = &stack.control;
+fn sluice_client_env(control: &ControlProc, dir: &Path) -> Result<Vec<(String, String)>> {
     let state = control.state()?;
     state.upsert_role(&demo::dev_role("dev", &["demo"], &["alice"])?)?;
     let password = format!("pw-{}", random_secret(8));
@@ -494,14 +493,56 @@ impl Target {
     }
 }
 
-const TARGET_KEYS: &[&str] =
-    &["direct", "sluice", "sluice-splice", "emulator-only", "emulator-plain", "pgbouncer", "haproxy", "haproxy-splice"];
+const TARGET_KEYS: &[&str] = &[
+    "direct",
+    "sluice",
+    "sluice-nobpf",
+    "sluice-splice",
+    "emulator-only",
+    "emulator-plain",
+    "pgbouncer",
+    "haproxy",
+    "haproxy-splice",
+];
+
+/// Cgroup v2 directories for the `sluice` (eBPF programs) and `sluice-nobpf` stacks.
+fn bench_cgroups() -> Result<(PathBuf, PathBuf)> {
+    let root = sluice_ebpf::own_cgroup().map_err(|e| anyhow!("{e}"))?;
+    let base = format!("sluice-e2e-{}", std::process::id());
+    let (a, b) = (root.join(format!("{base}-bpf")), root.join(format!("{base}-nobpf")));
+    std::fs::create_dir_all(&a).with_context(|| format!("creating {}", a.display()))?;
+    std::fs::create_dir_all(&b).with_context(|| format!("creating {}", b.display()))?;
+    Ok((a, b))
+}
+
+/// Removes the bench cgroups when dropped (after the stacks in them have stopped), moving this
+/// process back to its parent cgroup first.
+struct CgroupGuard((PathBuf, PathBuf));
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(parent) = self.0 .0.parent() {
+            let _ = enter_cgroup(parent);
+        }
+        for d in [&self.0 .0, &self.0 .1] {
+            if let Err(e) = std::fs::remove_dir(d) {
+                eprintln!("e2e: could not remove cgroup {}: {e}", d.display());
+            }
+        }
+    }
+}
+
+/// Moves this process (and so the children it starts next) into a cgroup v2 directory.
+fn enter_cgroup(dir: &Path) -> Result<()> {
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("moving the bench into {}", dir.display()))
+}
 
 /// The RDS Proxy emulator a Sluice target goes through, measured alone: Sluice's own cost is
 /// its ratio to that.
 fn emulator_baseline(key: &str) -> Option<&'static str> {
     match key {
-        "sluice" => Some("emulator-only"),
+        "sluice" | "sluice-nobpf" => Some("emulator-only"),
         "sluice-splice" => Some("emulator-plain"),
         _ => None,
     }
@@ -945,6 +986,26 @@ impl Report<'_> {
             }
         }
         o += "\n";
+        let with = |w| self.median_value(w, "sluice");
+        if self.targets.iter().any(|t| t.key == "sluice-nobpf") {
+            o += "### eBPF counters: `sluice` (programs attached, sessions counted) vs `sluice-nobpf`\n\n";
+            o += "| workload | sluice | sluice-nobpf | cost of the counters |\n|---|---:|---:|---:|\n";
+            for w in WORKLOADS {
+                let (a, b) = (with(w), self.median_value(w, "sluice-nobpf"));
+                let cost = match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:+.1} %", (1.0 - a / b) * 100.0),
+                    _ => "–".into(),
+                };
+                let f = |v: Option<f64>| {
+                    opt(
+                        v,
+                        |x| if w == Workload::Copy { format!("{x:.1} MiB/s") } else { format!("{} TPS", thousands(x)) },
+                    )
+                };
+                o += &format!("| {} | {} | {} | {cost} |\n", w.key(), f(a), f(b));
+            }
+            o += "\n";
+        }
         o
     }
 
@@ -1152,6 +1213,18 @@ fn run_in(
     let load_at_start = loadavg();
     progress!("load average: {load_at_start}");
     progress!("starting the Sluice stack in {}", dir.display());
+    // With `sluice-nobpf` wanted (and as root), the first stack starts in a cgroup of its own: its
+    // dataplane attaches the counters to the cgroup it runs in, which must not hold the second.
+    let cgroups = (wanted("sluice-nobpf") && !args.no_dataplane && nix::unistd::geteuid().is_root())
+        .then(|| bench_cgroups().map(CgroupGuard))
+        .transpose()
+        .unwrap_or_else(|e| {
+            notes.push(format!("No dedicated cgroups ({e:#}): both Sluice targets share the eBPF programs' cgroup."));
+            None
+        });
+    if let Some(cg) = &cgroups {
+        enter_cgroup(&cg.0 .0)?;
+    }
     let stack = Stack::start_with(&dir.join("stack"), &AwsCreds::demo(), !args.no_dataplane)
         .context("starting the Sluice stack")?;
     check_interrupted()?;
@@ -1164,7 +1237,39 @@ fn run_in(
         )),
         None => notes.push("Run with --no-dataplane: control relayed the sessions itself (userspace copy).".to_owned()),
     }
-    let sluice_env = sluice_client_env(&stack, dir).context("logging alice in with the sluice CLI")?;
+    let sluice_env = sluice_client_env(&stack.control, dir).context("logging alice in with the sluice CLI")?;
+    match std::fs::read_to_string(stack.dir.join("dataplane").join("dataplane.log")) {
+        Ok(log) if log.contains("source=\"bpf\"") || log.contains("source=bpf") => {
+            notes.push("The `sluice` dataplane counted sessions with its eBPF programs (cgroup_skb).".to_owned())
+        }
+        Ok(_) => notes.push("The `sluice` dataplane counted sessions in userspace (BPF did not load).".to_owned()),
+        Err(_) => {}
+    }
+    // `sluice-nobpf`: a second control + dataplane (counters forced to userspace) in their own
+    // cgroup, so no eBPF program runs on their sockets, beside the first stack whose processes
+    // sit in the cgroup its dataplane attached the programs to. The emulator and PostgreSQL are
+    // shared (and in the first cgroup), so both targets pay the same for those hops.
+    let nobpf = if wanted("sluice-nobpf") && !args.no_dataplane {
+        let d = dir.join("nobpf");
+        if let Some(cg) = &cgroups {
+            enter_cgroup(&cg.0 .1)?;
+        }
+        let dp = DataplaneProc::start_with_args(&d.join("dataplane"), &["--counters", "userspace"])?;
+        let db = demo::demo_database("demo", emu, &[("env", "dev")]);
+        let c = ControlProc::start(&d.join("control"), vec![db], &AwsCreds::demo(), Some(dp.socket.clone()))?;
+        let log = d.join("control").join("control.log");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("connected to the dataplane") {
+            if Instant::now() > deadline {
+                bail!("the sluice-nobpf control did not connect to its dataplane; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let env = sluice_client_env(&c, &d).context("logging alice in to the sluice-nobpf control")?;
+        Some((dp, c, env))
+    } else {
+        None
+    };
 
     let direct_env: Vec<(String, String)> = vec![
         ("PGHOST".into(), "127.0.0.1".into()),
@@ -1218,6 +1323,23 @@ fn run_in(
             token: None,
             cpu,
             own,
+        });
+    }
+    if let Some((dp, c, env)) = &nobpf {
+        targets.push(Target {
+            key: "sluice-nobpf",
+            description: format!(
+                "as `sluice`, through a second control on 127.0.0.1:{} and dataplane run with `--counters userspace` in a cgroup without the eBPF programs",
+                c.pg_port
+            ),
+            env: env.clone(),
+            token: None,
+            cpu: vec![
+                CpuGroup { name: "control".into(), pids: vec![c.proc.pid()] },
+                CpuGroup { name: "dataplane".into(), pids: vec![dp.proc.pid()] },
+                CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] },
+            ],
+            own: 2,
         });
     }
     if wanted("sluice-splice") {

@@ -40,6 +40,17 @@ pub struct Config {
     /// Hand authenticated sessions to a `dataplane` process; without it control relays them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplane: Option<DataplaneConfig>,
+    /// Serve Prometheus metrics; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Plain HTTP listener serving `/metrics` (keep it on loopback or a private network: the
+    /// per-session series name users and databases).
+    pub listen_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -37,6 +37,7 @@ fn server_names(cfg: &Config) -> Vec<String> {
 pub struct Bound {
     pub postgres: TcpListener,
     pub api: TcpListener,
+    pub metrics: Option<TcpListener>,
 }
 
 pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
@@ -46,7 +47,15 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
     let api = TcpListener::bind(cfg.auth_service.listen_addr)
         .await
         .with_context(|| format!("binding api listener {}", cfg.auth_service.listen_addr))?;
-    Ok(Bound { postgres, api })
+    let metrics = match &cfg.metrics {
+        Some(m) => Some(
+            TcpListener::bind(m.listen_addr)
+                .await
+                .with_context(|| format!("binding metrics listener {}", m.listen_addr))?,
+        ),
+        None => None,
+    };
+    Ok(Bound { postgres, api, metrics })
 }
 
 /// Serves until SIGINT/SIGTERM. With `config_path`, discovery follows changes to the file's
@@ -79,6 +88,10 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         tokio::spawn(proxy::enforce_locks(proxy_ctx.clone())),
         tokio::spawn(api::serve(api_ctx, bound.api, api_tls)),
     ];
+    if let Some(l) = bound.metrics {
+        info!(metrics = %format!("http://{}/metrics", l.local_addr()?), "serving Prometheus metrics");
+        tasks.push(tokio::spawn(crate::metrics::serve(proxy_ctx.clone(), l)));
+    }
     if let Some(local) = cfg.proxy_service.local_socket.clone() {
         tasks.push(tokio::spawn(proxy::serve_local(proxy_ctx.clone(), local)));
     }

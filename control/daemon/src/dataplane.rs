@@ -7,14 +7,14 @@
 //! sessions that outlived a control restart are audited by the new control, and sessions lost
 //! with a dead dataplane are recorded as ended.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
-use sluice_dataplane::handoff::{EndReason, Handoff, LegCrypto, Message, Role, SessionEnded};
+use sluice_dataplane::handoff::{EndReason, Handoff, LegCrypto, Message, Role, SessionEnded, SessionStats};
 use sluice_dataplane::link::{Link, LinkError};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -32,6 +32,9 @@ pub trait Events: Send + Sync + 'static {
 pub struct DataplaneClient {
     link: Mutex<Option<Link>>,
     acks: Acks,
+    /// Callers waiting for `Stats`, in the order their `StatsRequest`s went out (the data plane
+    /// answers each link's requests in order).
+    stats_waiters: Mutex<VecDeque<oneshot::Sender<Vec<SessionStats>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -45,7 +48,11 @@ const LOST_AFTER: Duration = Duration::from_secs(3);
 impl DataplaneClient {
     /// Starts the link thread for `path`.
     pub fn start(path: PathBuf, events: Arc<dyn Events>) -> Arc<DataplaneClient> {
-        let client = Arc::new(DataplaneClient { link: Mutex::new(None), acks: Mutex::new(HashMap::new()) });
+        let client = Arc::new(DataplaneClient {
+            link: Mutex::new(None),
+            acks: Mutex::new(HashMap::new()),
+            stats_waiters: Mutex::new(VecDeque::new()),
+        });
         let c = client.clone();
         let spawned =
             std::thread::Builder::new().name("sluice-dataplane-link".into()).spawn(move || c.run(&path, &*events));
@@ -72,6 +79,8 @@ impl DataplaneClient {
                     for (_, ack) in lock(&self.acks).drain() {
                         let _ = ack.send(Some("dataplane link closed".into()));
                     }
+                    // Dropping the senders tells the waiters the link closed.
+                    lock(&self.stats_waiters).clear();
                     warn!("dataplane link closed; reconnecting");
                     down_since = Some(Instant::now());
                 }
@@ -120,6 +129,11 @@ impl DataplaneClient {
                 }
                 Ok((Message::SessionEnded(e), _)) => events.ended(e),
                 Ok((Message::Sessions { session_ids }, _)) => events.sync(session_ids),
+                Ok((Message::Stats { sessions }, _)) => {
+                    if let Some(waiter) = lock(&self.stats_waiters).pop_front() {
+                        let _ = waiter.send(sessions);
+                    }
+                }
                 Ok((other, _)) => warn!(?other, "unexpected frame from the dataplane"),
                 Err(e) => {
                     warn!(error = %e, "dataplane link failed");
@@ -157,6 +171,24 @@ impl DataplaneClient {
                 lock(&self.acks).remove(&id);
                 Err("dataplane did not answer within 5 s".into())
             }
+        }
+    }
+
+    /// Every live session's counters so far.
+    pub async fn stats(&self) -> Result<Vec<SessionStats>, String> {
+        let (tx, rx) = oneshot::channel();
+        {
+            // Queued under the link lock so waiters are in the order the requests are sent.
+            let link = lock(&self.link);
+            let l = link.as_ref().ok_or("dataplane is not connected")?;
+            lock(&self.stats_waiters).push_back(tx);
+            l.send(&Message::StatsRequest, &[]).map_err(|e| e.to_string())?;
+        }
+        // A late answer still goes to this (then dropped) waiter, keeping the queue in step.
+        match tokio::time::timeout(Duration::from_secs(2), rx).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(_)) => Err("dataplane link closed before it answered".into()),
+            Err(_) => Err("dataplane did not answer within 2 s".into()),
         }
     }
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{
-    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, LocalSocket, ProxyService,
-    StaticDatabase, TlsMode, TlsSpec,
+    AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, LocalSocket, MetricsConfig,
+    ProxyService, StaticDatabase, TlsMode, TlsSpec,
 };
 use crate::rbac::Role;
 use crate::state::{random_secret, State};
@@ -364,15 +364,38 @@ impl Emulator {
 pub struct DataplaneProc {
     pub socket: PathBuf,
     pub proc: Proc,
+    /// Its BPF pin directory (`--instance`), removed when the process is dropped: a dataplane
+    /// stopped cleanly unpins its empty map itself, a killed one cannot.
+    pub pin_dir: PathBuf,
+}
+
+impl Drop for DataplaneProc {
+    fn drop(&mut self) {
+        self.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
 }
 
 impl DataplaneProc {
     pub fn start(dir: &Path) -> Result<DataplaneProc> {
+        Self::start_with_args(dir, &[])
+    }
+
+    /// As [`DataplaneProc::start`], with extra arguments (e.g. `--counters userspace`).
+    pub fn start_with_args(dir: &Path, args: &[&str]) -> Result<DataplaneProc> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("dataplane.sock");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log"))?;
         let mut cmd = Command::new(find_bin("dataplane")?);
-        cmd.arg("--control-socket").arg(&socket).stdout(Stdio::null()).stderr(log);
+        let instance = match args.iter().position(|a| *a == "--instance") {
+            Some(i) => args.get(i + 1).map(|s| s.to_string()).unwrap_or_default(),
+            None => {
+                let name = format!("demo-{}", random_secret(6));
+                cmd.args(["--instance", &name]);
+                name
+            }
+        };
+        cmd.arg("--control-socket").arg(&socket).args(args).stdout(Stdio::null()).stderr(log);
         let mut proc = Proc::spawn("dataplane", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
@@ -384,7 +407,8 @@ impl DataplaneProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(DataplaneProc { socket, proc })
+        let pin_dir = Path::new("/sys/fs/bpf/sluice").join(instance);
+        Ok(DataplaneProc { socket, proc, pin_dir })
     }
 }
 
@@ -407,6 +431,7 @@ impl ControlProc {
         std::fs::create_dir_all(dir)?;
         let pg_port = free_port()?;
         let api_port = free_port()?;
+        let metrics_port = free_port()?;
         // Socket paths are limited to 108 bytes; a test directory can be deeper than that.
         let local_dir = std::env::temp_dir().join(format!("sluice-sock-{}", random_secret(4)));
         let os_user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
@@ -428,6 +453,7 @@ impl ControlProc {
             discovery_service: Default::default(),
             audit: AuditConfig::default(),
             dataplane: dataplane_socket.map(|socket| DataplaneConfig { socket, idle_timeout: Duration::ZERO }),
+            metrics: Some(MetricsConfig { listen_addr: ([127, 0, 0, 1], metrics_port).into() }),
         };
         let config_path = dir.join("control.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
@@ -450,11 +476,19 @@ impl ControlProc {
         let mut proc = Proc::spawn("control", &mut cmd)?;
         wait_for_port(api_port, Duration::from_secs(30), &mut proc)?;
         wait_for_port(pg_port, Duration::from_secs(30), &mut proc)?;
+        if let Some(m) = &config.metrics {
+            wait_for_port(m.listen_addr.port(), Duration::from_secs(30), &mut proc)?;
+        }
         Ok(ControlProc { pg_port, api_port, config_path, config, proc })
     }
 
     pub fn state(&self) -> Result<State> {
         Ok(State::open(&self.config.data_dir)?)
+    }
+
+    /// Where control serves Prometheus metrics, if it does.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.config.metrics.as_ref().map(|m| format!("http://{}/metrics", m.listen_addr))
     }
 }
 
@@ -510,6 +544,12 @@ impl Stack {
     /// As [`Stack::start`]; without a dataplane process when `with_dataplane` is false (to
     /// measure control's own relay against the dataplane).
     pub fn start_with(dir: &Path, control_creds: &AwsCreds, with_dataplane: bool) -> Result<Stack> {
+        Self::start_opts(dir, control_creds, with_dataplane.then_some(&[]))
+    }
+
+    /// As [`Stack::start`]; `dataplane`: `None` for no dataplane process, else its extra
+    /// arguments.
+    pub fn start_opts(dir: &Path, control_creds: &AwsCreds, dataplane: Option<&[&str]>) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pg_dir = if nix::unistd::geteuid().is_root() {
@@ -540,7 +580,8 @@ impl Stack {
             demo_database("demo", &emulator, &[("env", "dev")]),
             demo_database(DEMO_PLAIN_DB, &plain_emulator, &[("env", "dev")]),
         ];
-        let dataplane = with_dataplane.then(|| DataplaneProc::start(&dir.join("dataplane"))).transpose()?;
+        let dataplane =
+            dataplane.map(|args| DataplaneProc::start_with_args(&dir.join("dataplane"), args)).transpose()?;
         let socket = dataplane.as_ref().map(|d| d.socket.clone());
         let control = ControlProc::start(&dir.join("control"), dbs, control_creds, socket)?;
         let stack = Stack { dir, control, dataplane, emulator, plain_emulator, postgres, db_password };
@@ -633,6 +674,8 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         writeln!(f, "{password}")?;
     }
     std::fs::write(stack.dir.join("env"), &env)?;
+    let metrics_url = stack.control.metrics_url().unwrap_or_default();
+    std::fs::write(stack.dir.join("metrics-url"), format!("{metrics_url}\n"))?;
     let d = stack.dir.display();
     let local = stack.control.config.proxy_service.local_socket.clone().context("the demo serves local sockets")?;
     std::fs::write(stack.dir.join("local-socket-dir"), local.dir.to_string_lossy().as_bytes())?;
@@ -641,7 +684,8 @@ pub fn run_demo(dir: &Path) -> Result<()> {
          \x20 control (PostgreSQL)  localhost:{pg}\n\
          \x20 control (API)         {api}\n\
          \x20 RDS Proxy emulator    {endpoint}:{eport} (dialled on 127.0.0.1)\n\
-         \x20 PostgreSQL            127.0.0.1:{pgport}\n\n\
+         \x20 PostgreSQL            127.0.0.1:{pgport}\n\
+         \x20 Metrics (Prometheus)  {metrics_url} (also in {d}/metrics-url)\n\n\
          Connect as alice (her `sluice login` password is in {d}/alice-password):\n\n\
          \x20 eval \"$(cat {d}/env)\"; psql\n\n\
          or with the CLI:\n\n\

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod discovery;
 pub mod iam;
 pub mod leg;
+pub mod metrics;
 pub mod proxy;
 pub mod rbac;
 pub mod state;

@@ -205,6 +205,61 @@ enum DbCmd {
     },
 }
 
+/// One live session's client-leg traffic and its rates over the sampling interval.
+struct LiveStats {
+    bytes_in: u64,
+    bytes_out: u64,
+    rate_in: f64,
+    rate_out: f64,
+    rtt_us: Option<u32>,
+}
+
+/// Asks the dataplane (as an admin peer) for its sessions' counters twice, 500 ms apart.
+fn live_stats(socket: &Path) -> Result<(std::collections::HashMap<String, LiveStats>, &'static str)> {
+    use sluice_dataplane::handoff::{CounterSource, Message, Role, SessionStats};
+    let link = sluice_dataplane::link::Link::connect(socket)
+        .with_context(|| format!("connecting to the dataplane at {}", socket.display()))?;
+    link.set_read_timeout(Some(Duration::from_secs(5)))?;
+    link.send(&Message::Hello { role: Role::Admin, pid: std::process::id() }, &[])?;
+    if !matches!(link.recv()?.0, Message::Hello { role: Role::Dataplane, .. }) {
+        bail!("the peer at {} is not a dataplane", socket.display());
+    }
+    let sample = || -> Result<Vec<SessionStats>> {
+        link.send(&Message::StatsRequest, &[])?;
+        match link.recv()?.0 {
+            Message::Stats { sessions } => Ok(sessions),
+            other => bail!("unexpected answer from the dataplane: {other:?}"),
+        }
+    };
+    let first = sample()?;
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let second = sample()?;
+    let dt = t0.elapsed().as_secs_f64();
+    let leg = |s: &SessionStats| s.counters.map(|c| (c.client.rx_bytes, c.client.tx_bytes)).unwrap_or_default();
+    let mut source = "-";
+    let mut out = std::collections::HashMap::new();
+    for s in &second {
+        let (rx, tx) = leg(s);
+        let (rx0, tx0) = first.iter().find(|f| f.session_id == s.session_id).map(leg).unwrap_or((rx, tx));
+        let rtt = s.counters.filter(|c| c.source == CounterSource::Bpf).map(|c| c.client.srtt_us);
+        if let Some(c) = s.counters {
+            source = sluice_control::metrics::source_name(c.source);
+        }
+        out.insert(
+            s.session_id.clone(),
+            LiveStats {
+                bytes_in: rx,
+                bytes_out: tx,
+                rate_in: rx.saturating_sub(rx0) as f64 / dt,
+                rate_out: tx.saturating_sub(tx0) as f64 / dt,
+                rtt_us: rtt,
+            },
+        );
+    }
+    Ok((out, source))
+}
+
 fn load_config(path: &Path) -> Result<Config> {
     Config::load(path).with_context(|| format!("loading {}", path.display()))
 }
@@ -452,21 +507,53 @@ fn main() -> Result<()> {
         Cmd::Sessions(SessionsCmd::Ls) => {
             let cfg = load_config(&cli.config)?;
             let state = open_state(&cfg)?;
+            // Live counters come from the dataplane: two samples half a second apart give rates.
+            let (stats, source) = match &cfg.dataplane {
+                Some(dp) => match live_stats(&dp.socket) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("no live counters: {e:#}");
+                        (Default::default(), "-")
+                    }
+                },
+                None => (Default::default(), "-"),
+            };
             println!(
-                "{:<36} {:<12} {:<16} {:<12} {:<12} Started (unix)",
-                "ID", "User", "Database", "DB user", "DB name"
+                "{:<36} {:<12} {:<16} {:<12} {:<12} {:<14} {:>14} {:>14} {:>12} {:>12} {:>8}",
+                "ID",
+                "User",
+                "Database",
+                "DB user",
+                "DB name",
+                "Started (unix)",
+                "Client→DB B",
+                "DB→Client B",
+                "In B/s",
+                "Out B/s",
+                "RTT µs"
             );
             for (id, started, record) in state.live_sessions()? {
                 let f = &record["fields"];
                 let s = |k: &str| f[k].as_str().unwrap_or("").to_owned();
+                let (bytes_in, bytes_out, rate_in, rate_out, rtt) = match stats.get(&id) {
+                    Some(l) => (
+                        l.bytes_in.to_string(),
+                        l.bytes_out.to_string(),
+                        format!("{:.0}", l.rate_in),
+                        format!("{:.0}", l.rate_out),
+                        l.rtt_us.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                    ),
+                    None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+                };
                 println!(
-                    "{id:<36} {:<12} {:<16} {:<12} {:<12} {started}",
+                    "{id:<36} {:<12} {:<16} {:<12} {:<12} {started:<14} {bytes_in:>14} {bytes_out:>14} {rate_in:>12} {rate_out:>12} {rtt:>8}",
                     s("user"),
                     s("db_service"),
                     s("db_user"),
                     s("db_name")
                 );
             }
+            println!("(bytes: TCP payload of the client leg, counted by {source})");
             Ok(())
         }
         Cmd::Sessions(SessionsCmd::Kill { id }) => {

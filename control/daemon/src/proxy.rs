@@ -31,11 +31,12 @@ use crate::config::{Config, LocalSocket, LOCAL_SOCKET_PORT};
 use crate::dataplane::{leg_crypto, DataplaneClient, Events};
 use crate::iam::TokenMinter;
 use crate::leg::Leg;
+use crate::metrics::{counters_json, METRICS};
 use crate::rbac::{check_access, AccessRequest};
 use crate::state::State;
 use crate::tls::UpstreamTls;
 use crate::upstream::{self, CancelTarget, UpstreamError, UpstreamStream};
-use sluice_dataplane::handoff::{EndReason, LegCrypto};
+use sluice_dataplane::handoff::{CounterSource, EndReason, LegCounters, LegCrypto, SessionCounters};
 
 /// The client leg: mTLS over TCP, or plaintext from a local Unix socket.
 type ClientStream = Leg<tokio_rustls::server::TlsStream<TcpStream>, UnixStream>;
@@ -94,12 +95,18 @@ struct Refusal {
     fields: ErrorFields,
     /// What goes in the log and the audit event.
     reason: String,
+    /// Label of the handshake-failure metric.
+    kind: &'static str,
 }
 
 impl Refusal {
     fn new(code: &str, message: impl Into<String>) -> Self {
         let message = message.into();
-        Refusal { reason: message.clone(), fields: ErrorFields::fatal(code, message) }
+        Refusal { reason: message.clone(), fields: ErrorFields::fatal(code, message), kind: "denied" }
+    }
+    fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
     }
 }
 
@@ -118,13 +125,14 @@ impl From<UpstreamError> for Refusal {
                 } else {
                     "the error came from the upstream database"
                 };
-                Refusal { fields: fields.with(b'H', hint), reason }
+                Refusal { fields: fields.with(b'H', hint), reason, kind: "upstream_rejected" }
             }
             UpstreamError::Iam(e) => {
                 let mut r = Refusal::new(
                     sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     format!("Sluice could not create an IAM auth token: {e}"),
-                );
+                )
+                .kind("token");
                 // No credentials / a refused AssumeRole: say what fixes it (the trust policy).
                 if matches!(e, crate::iam::IamError::NoCredentials(_) | crate::iam::IamError::AssumeRole { .. }) {
                     r.fields = r.fields.with(b'H', crate::troubleshoot::explain_iam(&e, None));
@@ -132,12 +140,13 @@ impl From<UpstreamError> for Refusal {
                 r
             }
             UpstreamError::UnsupportedAuth(_) => {
-                Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string())
+                Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string()).kind("upstream_auth")
             }
             other => Refusal::new(
                 sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                 format!("Sluice could not reach the database: {other}"),
-            ),
+            )
+            .kind("upstream_unreachable"),
         }
     }
 }
@@ -259,7 +268,7 @@ async fn local_handshake(
     uid: Option<u32>,
     service: String,
     fields: &mut SessionFields,
-) -> Result<Option<Ready>, ()> {
+) -> Result<Option<Ready>, &'static str> {
     use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
     let startup = loop {
         match read_startup(&mut stream).await {
@@ -267,7 +276,7 @@ async fn local_handshake(
             // libpq never asks for encryption on a Unix socket; others may, and get the plain answer.
             Ok(Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
                 if stream.write_all(b"N").await.is_err() {
-                    return Err(());
+                    return Err("client_gone");
                 }
             }
             Ok(Ok(StartupPacket::Cancel(c))) => {
@@ -278,11 +287,11 @@ async fn local_handshake(
                 info!(error = %e, "invalid startup packet");
                 let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
                 send_error(&mut stream, &e).await;
-                return Err(());
+                return Err("protocol");
             }
             Err(e) => {
                 info!(error = %e, "client went away during startup");
-                return Err(());
+                return Err("client_gone");
             }
         }
     };
@@ -298,7 +307,7 @@ async fn local_handshake(
         info!(os_user = %os_name, reason = %refusal.reason, "session refused");
         ctx.audit.emit(SESSION_START, fields, false, json!({ "error": refusal.reason }));
         send_error(&mut stream, &refusal.fields).await;
-        return Err(());
+        return Err("unmapped_os_user");
     };
     fields.user = user.clone();
     let identity = Identity {
@@ -315,7 +324,7 @@ async fn local_handshake(
             info!(user = %fields.user, db = %fields.db_service, reason = %refusal.reason, "session refused");
             ctx.audit.emit(SESSION_START, fields, false, json!({ "error": refusal.reason }));
             send_error(&mut stream, &refusal.fields).await;
-            Err(())
+            Err(refusal.kind)
         }
     }
 }
@@ -418,7 +427,7 @@ async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, sessio
 /// Relays (or hands off) a session once its setup finished, and audits its end.
 async fn run_session(
     ctx: Arc<ProxyContext>,
-    setup: Result<Result<Option<Ready>, ()>, tokio::time::error::Elapsed>,
+    setup: Result<Result<Option<Ready>, &'static str>, tokio::time::error::Elapsed>,
     fields: SessionFields,
     started: Instant,
 ) {
@@ -426,12 +435,17 @@ async fn run_session(
     let ready = match setup {
         Err(_) => {
             info!(timeout_s = deadline.as_secs(), "handshake deadline passed; dropping client");
+            METRICS.handshake_failed("timeout");
             return;
         }
         Ok(Ok(Some(ready))) => ready,
         Ok(Ok(None)) => return,
-        Ok(Err(())) => return,
+        Ok(Err(reason)) => {
+            METRICS.handshake_failed(reason);
+            return;
+        }
     };
+    METRICS.session_started(started.elapsed());
     info!(user = %fields.user, db = %fields.db_service, db_user = %fields.db_user, db_name = %fields.db_name, "session started");
     let ready = match ctx.dataplane.get().filter(|d| d.connected()) {
         Some(dp) => match hand_off(&ctx, dp, ready, &fields).await {
@@ -442,6 +456,7 @@ async fn run_session(
             }
             Outcome::Failed(why, our_pid) => {
                 warn!(reason = %why, "handoff to the dataplane failed; session closed");
+                METRICS.handshake_failed("handoff");
                 ctx.cancels().remove(&our_pid);
                 ctx.audit.emit(SESSION_END, &fields, false, json!({ "error": format!("handoff failed: {why}") }));
                 return;
@@ -457,11 +472,13 @@ async fn run_session(
     let mut upstream = CountingReader::new(upstream);
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     ctx.relayed().insert(fields.session_id.clone(), (fields.clone(), end_tx));
+    METRICS.local_session(true);
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024) => r.map(|_| None),
         Ok(reason) = end_rx => Ok(Some(reason)),
     };
     ctx.relayed().remove(&fields.session_id);
+    METRICS.local_session(false);
     ctx.cancels().remove(&our_pid);
     let (to_upstream, to_client) = (client.read, upstream.read);
     let (error, reason) = match result {
@@ -479,6 +496,13 @@ async fn run_session(
     }
     let duration = started.elapsed();
     info!(bytes_from_client = to_upstream, bytes_to_client = to_client, duration_ms = duration.as_millis() as u64, error = ?error, "session ended");
+    // Control's own relay counts plaintext it read; packets and TCP health are not visible here.
+    let counters = SessionCounters {
+        source: CounterSource::Userspace,
+        client: LegCounters { rx_bytes: to_upstream, tx_bytes: to_client, ..Default::default() },
+        upstream: LegCounters { rx_bytes: to_client, tx_bytes: to_upstream, ..Default::default() },
+    };
+    METRICS.session_ended(&counters);
     ctx.audit.emit(
         SESSION_END,
         &fields,
@@ -487,6 +511,7 @@ async fn run_session(
             "duration_ms": duration.as_millis() as u64,
             "bytes_from_client": to_upstream,
             "bytes_to_client": to_client,
+            "counters": counters_json(&counters),
             "error": error,
             "reason": reason.map(|r| format!("{r:?}")),
             "data_plane": false,
@@ -503,9 +528,14 @@ struct Ready {
     not_after: i64,
 }
 
-/// Runs the whole setup. `Ok(None)` is a finished short exchange (a cancel request); `Err(())`
-/// means the client was refused (already told and logged).
-async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionFields) -> Result<Option<Ready>, ()> {
+/// Runs the whole setup. `Ok(None)` is a finished short exchange (a cancel request); `Err(reason)`
+/// means the client was refused or went away (already told and logged); `reason` labels the
+/// handshake-failure metric.
+async fn handshake(
+    ctx: &ProxyContext,
+    mut tcp: TcpStream,
+    fields: &mut SessionFields,
+) -> Result<Option<Ready>, &'static str> {
     // PostgreSQL 17 clients may start TLS directly (sslnegotiation=direct): a TLS record, not a
     // length-prefixed packet, comes first.
     let mut first = [0u8; 1];
@@ -516,19 +546,19 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
                 Ok(p) => p,
                 Err(e) => {
                     info!(error = %e, "client went away before TLS");
-                    return Err(());
+                    return Err("client_gone");
                 }
             };
             match packet {
                 Ok(StartupPacket::SslRequest) => {
                     if tcp.write_all(b"S").await.is_err() {
-                        return Err(());
+                        return Err("client_gone");
                     }
                     break;
                 }
                 Ok(StartupPacket::GssEncRequest) => {
                     if tcp.write_all(b"N").await.is_err() {
-                        return Err(());
+                        return Err("client_gone");
                     }
                 }
                 Ok(StartupPacket::Cancel(c)) => {
@@ -543,13 +573,13 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
                     )
                     .with(b'H', "connect with sslmode=verify-full and the certificate from `sluice db login`");
                     send_error(&mut tcp, &e).await;
-                    return Err(());
+                    return Err("plaintext");
                 }
                 Err(e) => {
                     info!(error = %e, "invalid startup packet");
                     let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
                     send_error(&mut tcp, &e).await;
-                    return Err(());
+                    return Err("protocol");
                 }
             }
         }
@@ -558,7 +588,7 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
         Ok(s) => s,
         Err(e) => {
             info!(error = %e, "client TLS handshake failed");
-            return Err(());
+            return Err("tls");
         }
     };
     let identity = {
@@ -572,12 +602,12 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
                     format!("bad client certificate: {e}"),
                 );
                 send_error(&mut client, &e).await;
-                return Err(());
+                return Err("certificate");
             }
             None => {
                 let e = ErrorFields::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "no client certificate");
                 send_error(&mut client, &e).await;
-                return Err(());
+                return Err("certificate");
             }
         }
     };
@@ -591,17 +621,17 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
         Ok(Ok(_)) => {
             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected encryption request inside TLS");
             send_error(&mut client, &e).await;
-            return Err(());
+            return Err("protocol");
         }
         Ok(Err(e)) => {
             info!(error = %e, "invalid startup packet inside TLS");
             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
             send_error(&mut client, &e).await;
-            return Err(());
+            return Err("protocol");
         }
         Err(e) => {
             info!(error = %e, "client went away during startup");
-            return Err(());
+            return Err("client_gone");
         }
     };
     match authorize_and_connect(ctx, &identity, &startup, &mut client, fields).await {
@@ -622,7 +652,7 @@ async fn handshake(ctx: &ProxyContext, mut tcp: TcpStream, fields: &mut SessionF
             info!(user = %fields.user, db = %fields.db_service, reason = %refusal.reason, "session refused");
             ctx.audit.emit(SESSION_START, fields, false, json!({ "error": refusal.reason }));
             send_error(&mut client, &refusal.fields).await;
-            Err(())
+            Err(refusal.kind)
         }
     }
 }
@@ -661,14 +691,21 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
     fields.db_user = db_user.to_owned();
     fields.db_name = db_name.to_owned();
 
-    let internal =
-        |e: crate::state::StateError| Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}"));
-    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service).map_err(internal)?.ok_or_else(|| {
-        Refusal::new(
-            sqlstate::INVALID_CATALOG_NAME,
-            format!("database {:?} is not registered with Sluice", route.service),
-        )
-    })?;
+    let internal = |e: crate::state::StateError| {
+        Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind("internal")
+    };
+    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service)
+        .map_err(|e| {
+            METRICS.discovery_error();
+            internal(e)
+        })?
+        .ok_or_else(|| {
+            Refusal::new(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database {:?} is not registered with Sluice", route.service),
+            )
+            .kind("unknown_database")
+        })?;
     let user = ctx
         .state
         .user(&identity.user)
@@ -889,12 +926,16 @@ impl ProxyContext {
                 "reason": format!("{:?}", e.reason),
                 "data_plane": true,
                 "legs": record["legs"],
+                "counters": e.counters.as_ref().map(counters_json),
             }),
             None => {
                 json!({ "error": "the dataplane no longer holds the session", "data_plane": true, "legs": record["legs"] })
             }
         };
         let success = ended.is_some_and(|e| e.reason != sluice_dataplane::handoff::EndReason::Error);
+        if let Some(c) = ended.and_then(|e| e.counters.as_ref()) {
+            METRICS.session_ended(c);
+        }
         info!(session_id = %id, user = %fields.user, db = %fields.db_service, "session ended in the dataplane");
         self.audit.emit(SESSION_END, &fields, success, extra);
     }

@@ -28,7 +28,7 @@ use super::ktls_rx::KtlsRx;
 use super::pool::Pool;
 use super::record::RecordDir;
 use super::splice::SpliceDir;
-use super::{set_nonblocking, Command, Failure, Leg, Op, Report, Session, SpliceIssue, Stats, Step};
+use super::{set_nonblocking, Command, Failure, Leg, Op, Report, Session, SessionBytes, SpliceIssue, Stats, Step};
 use crate::handoff::{EndReason, LegCrypto};
 use crate::ktls;
 use crate::tls_record::{RecordDecrypter, RecordEncrypter, TLS13};
@@ -215,6 +215,12 @@ struct Sess {
     not_after: Option<SystemTime>,
     /// Which side's EOF came first, for the report.
     first_close: Option<EndReason>,
+    /// Per direction, the legs (index into `wire`) its in-flight operation reads from and
+    /// writes to, so its result can be counted as that leg's traffic.
+    wire_op: [(Option<usize>, Option<usize>); 2],
+    /// `[client, upstream]` × `[rx, tx]`: bytes each leg's socket gave and took, as the syscalls
+    /// returned them (what a TLS leg carries on the wire: records, not plaintext).
+    wire: [[u64; 2]; 2],
     ending: Option<EndReason>,
     ending_since: Option<Instant>,
 }
@@ -444,6 +450,19 @@ impl EventLoop {
                 let ids = self.slots.iter().flatten().filter(|s| s.ending.is_none()).map(|s| s.id.clone()).collect();
                 let _ = reply.send(ids);
             }
+            Command::Bytes(reply) => {
+                let live = self.slots.iter().flatten().filter(|s| s.ending.is_none());
+                let bytes = live
+                    .map(|s| SessionBytes {
+                        id: s.id.clone(),
+                        client_to_upstream: s.dirs[0].bytes(),
+                        upstream_to_client: s.dirs[1].bytes(),
+                        wire: s.wire,
+                        duration: s.added.elapsed(),
+                    })
+                    .collect();
+                let _ = reply.send(bytes);
+            }
             Command::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -501,6 +520,8 @@ impl EventLoop {
             idle_timeout: p.idle_timeout,
             not_after: p.not_after,
             first_close: None,
+            wire_op: [(None, None); 2],
+            wire: [[0; 2]; 2],
             ending: None,
             ending_since: None,
         });
@@ -541,6 +562,15 @@ impl EventLoop {
         }
         self.io.inflight -= 1;
         s.busy[dir] = false;
+        if res > 0 {
+            let (rx, tx) = s.wire_op[dir];
+            if let Some(leg) = rx {
+                s.wire[leg][0] += res as u64;
+            }
+            if let Some(leg) = tx {
+                s.wire[leg][1] += res as u64;
+            }
+        }
         let outcome = s.dirs[dir].complete(res);
         if s.ending.is_some() {
             self.maybe_finalize(slot);
@@ -569,7 +599,19 @@ impl EventLoop {
             if let Step::Submit(Op::Splice { from, to, len }) = step {
                 if inline_budget > 0 {
                     inline_budget -= 1;
-                    match s.dirs[dir].complete(splice_now(from, to, len)) {
+                    let res = splice_now(from, to, len);
+                    if res > 0 {
+                        // The inline splice's bytes count on its legs as a ring splice's do.
+                        let leg =
+                            |fd: RawFd| [s.client.as_raw_fd(), s.upstream.as_raw_fd()].iter().position(|l| *l == fd);
+                        if let Some(l) = leg(from) {
+                            s.wire[l][0] += res as u64;
+                        }
+                        if let Some(l) = leg(to) {
+                            s.wire[l][1] += res as u64;
+                        }
+                    }
+                    match s.dirs[dir].complete(res) {
                         Ok(moved) => {
                             if moved > 0 {
                                 s.last_activity = Instant::now();
@@ -594,6 +636,15 @@ impl EventLoop {
         match step {
             Step::Submit(op) => {
                 s.busy[dir] = true;
+                let leg = |fd: std::os::fd::RawFd| {
+                    [s.client.as_raw_fd(), s.upstream.as_raw_fd()].iter().position(|l| *l == fd)
+                };
+                s.wire_op[dir] = match op {
+                    Op::Splice { from, to, .. } => (leg(from), leg(to)),
+                    Op::Recv { fd, .. } => (leg(fd), None),
+                    Op::Send { fd, .. } => (None, leg(fd)),
+                    Op::PollIn(_) | Op::PollOut(_) => (None, None),
+                };
                 self.io.submit(&op, token(slot, s.gen, dir));
             }
             Step::Done => {
@@ -667,6 +718,7 @@ impl EventLoop {
             reason: s.ending.unwrap_or(EndReason::Error),
             client_ktls: s.ktls[0],
             upstream_ktls: s.ktls[1],
+            wire: s.wire,
         };
         info!(
             session = %report.id,

@@ -18,8 +18,10 @@ pub struct SockKey {
     pub cookie: u64,
 }
 
-/// Per-socket traffic and TCP health. Byte counts are payload bytes in each direction as seen
-/// by the socket; the TCP fields are the kernel's own (smoothed RTT in µs, retransmits, segments).
+/// Per-socket traffic and TCP health (see `ebpf/programs/sluice.h`): `tx_bytes` is payload sent
+/// since registration, each sequence number once; `rx_bytes` is the kernel's absolute
+/// `bytes_received` as last seen (the loader subtracts its value at registration); the TCP fields
+/// are the kernel's own (smoothed RTT in µs, retransmits, segments).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SockCounters {
@@ -31,7 +33,21 @@ pub struct SockCounters {
     pub total_retrans: u32,
     pub segs_in: u32,
     pub segs_out: u32,
+    /// The programs' own state (sequence number past the last payload byte counted each way,
+    /// and which of the two are set), so a retransmitted segment is not counted twice.
+    pub rx_seq_next: u32,
+    pub tx_seq_next: u32,
+    pub flags: u32,
+    pub _reserved: u32,
 }
+
+// SAFETY: both are `#[repr(C)]`, `Copy`, made of integers only and without padding (checked by
+// the layout test), so every byte pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockKey {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockCounters {}
 
 #[cfg(test)]
 mod tests {
@@ -43,9 +59,10 @@ mod tests {
     #[test]
     fn layout_is_stable() {
         assert_eq!((size_of::<SockKey>(), align_of::<SockKey>()), (8, 8));
-        assert_eq!((size_of::<SockCounters>(), align_of::<SockCounters>()), (48, 8));
+        assert_eq!((size_of::<SockCounters>(), align_of::<SockCounters>()), (64, 8));
         assert_eq!(offset_of!(SockCounters, tx_bytes), 8);
         assert_eq!(offset_of!(SockCounters, srtt_us), 32);
         assert_eq!(offset_of!(SockCounters, segs_out), 44);
+        assert_eq!(offset_of!(SockCounters, flags), 56);
     }
 }
