@@ -195,12 +195,13 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     let log = std::fs::read_to_string(h.control_log()).unwrap();
     assert!(log.contains("RequireTLS is off"), "no log line for the proxy without TLS");
     assert!(log.contains("status is \"creating\""), "no log line for the proxy being created");
-    // The wrong external id: AccessDenied, explained with the trust policy that is needed.
-    assert!(
-        log.contains("AccessDenied on sts:AssumeRole") && log.contains("sts:ExternalId"),
-        "{}",
-        tail(&h.control_log(), 20)
-    );
+    // The wrong external id: AccessDenied, explained with the trust policy that is needed. Its
+    // source is polled after the others, so wait for it rather than race it.
+    wait_until(Duration::from_secs(30), "the AccessDenied explanation in control.log", || {
+        let log = std::fs::read_to_string(h.control_log())?;
+        Ok((log.contains("AccessDenied on sts:AssumeRole") && log.contains("sts:ExternalId")).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&h.control_log(), 20)));
 
     // A session to the discovered proxy: control signs with the assumed role's keys, the emulator
     // verifies them with the secret moto minted, then logs in to PostgreSQL.
