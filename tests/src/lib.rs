@@ -43,6 +43,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use sluice_control;
 
+pub mod moto;
+
 /// Where psql lives (the Debian/Ubuntu wrapper that picks the newest client).
 pub const PSQL: &str = "/usr/bin/psql";
 

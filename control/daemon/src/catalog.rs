@@ -1,6 +1,6 @@
 //! The databases this control serves: static ones from the config plus the dynamic `kind: db`
 //! resources that match a `db_service.resources` selector (whose `aws` block may override the
-//! resource's role settings).
+//! resource's role settings), and the resources discovery found in the cloud (matched the same way).
 
 use std::collections::BTreeMap;
 
@@ -16,8 +16,32 @@ pub struct Database {
     pub description: String,
     pub labels: BTreeMap<String, String>,
     pub spec: DatabaseSpec,
-    /// `static` (config) or `dynamic` (state).
+    /// `static` (config), `dynamic` (`control db add`) or `cloud` (discovery).
     pub origin: &'static str,
+    /// For `cloud` resources whose last fetch failed: why (they are still served).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<String>,
+}
+
+/// The first `db_service.resources` matcher selecting these labels.
+fn matcher_for<'a>(cfg: &'a Config, labels: &BTreeMap<String, String>) -> Option<&'a crate::config::ResourceMatcher> {
+    cfg.db_service.resources.iter().find(|m| {
+        let selector: BTreeMap<String, LabelValues> =
+            m.labels.iter().map(|(k, v)| (k.clone(), LabelValues::One(v.clone()))).collect();
+        labels_match(&selector, labels)
+    })
+}
+
+fn apply_override(spec: &mut DatabaseSpec, matcher: &crate::config::ResourceMatcher) {
+    if let Some(aws) = &matcher.aws {
+        if aws.assume_role_arn.is_some() {
+            spec.aws.assume_role_arn = aws.assume_role_arn.clone();
+            spec.aws.external_id = aws.external_id.clone();
+        }
+        if aws.region.is_some() {
+            spec.aws.region = aws.region.clone();
+        }
+    }
 }
 
 /// Every database served, static first; a dynamic resource never shadows a static one.
@@ -32,34 +56,40 @@ pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateErro
             labels: d.static_labels.clone(),
             spec: d.spec.clone(),
             origin: "static",
+            stale: None,
         })
         .collect();
     for res in state.databases()? {
         if out.iter().any(|d| d.name == res.metadata.name) {
             continue;
         }
-        let matcher = cfg.db_service.resources.iter().find(|m| {
-            let selector: BTreeMap<String, LabelValues> =
-                m.labels.iter().map(|(k, v)| (k.clone(), LabelValues::One(v.clone()))).collect();
-            labels_match(&selector, &res.metadata.labels)
-        });
-        let Some(matcher) = matcher else { continue };
+        let Some(matcher) = matcher_for(cfg, &res.metadata.labels) else { continue };
         let mut spec = res.spec.clone();
-        if let Some(aws) = &matcher.aws {
-            if aws.assume_role_arn.is_some() {
-                spec.aws.assume_role_arn = aws.assume_role_arn.clone();
-                spec.aws.external_id = aws.external_id.clone();
-            }
-            if aws.region.is_some() {
-                spec.aws.region = aws.region.clone();
-            }
-        }
+        apply_override(&mut spec, matcher);
         out.push(Database {
             name: res.metadata.name.clone(),
             description: res.metadata.description.clone(),
             labels: res.metadata.labels.clone(),
             spec,
             origin: "dynamic",
+            stale: None,
+        });
+    }
+    for row in state.discovered()? {
+        let res = row.item.resource;
+        if out.iter().any(|d| d.name == res.metadata.name) {
+            continue;
+        }
+        let Some(matcher) = matcher_for(cfg, &res.metadata.labels) else { continue };
+        let mut spec = res.spec;
+        apply_override(&mut spec, matcher);
+        out.push(Database {
+            name: res.metadata.name,
+            description: res.metadata.description,
+            labels: res.metadata.labels,
+            spec,
+            origin: "cloud",
+            stale: row.stale,
         });
     }
     Ok(out)

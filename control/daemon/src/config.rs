@@ -32,6 +32,9 @@ pub struct Config {
     pub proxy_service: ProxyService,
     #[serde(default)]
     pub db_service: DbService,
+    /// Cloud discovery: RDS Proxies in the configured accounts and regions become databases.
+    #[serde(default, skip_serializing_if = "DiscoveryService::is_empty")]
+    pub discovery_service: DiscoveryService,
     #[serde(default)]
     pub audit: AuditConfig,
     /// Hand authenticated sessions to a `dataplane` process; without it control relays them.
@@ -171,6 +174,77 @@ pub struct ResourceMatcher {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub aws: Option<AwsSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryService {
+    /// One matcher per account (role) and set of regions.
+    #[serde(default)]
+    pub aws: Vec<AwsMatcher>,
+    /// How often every matcher is polled (and once at start).
+    #[serde(default = "default_poll_interval", with = "duration_str")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DiscoveryService {
+    fn default() -> Self {
+        DiscoveryService { aws: Vec::new(), poll_interval: default_poll_interval() }
+    }
+}
+
+impl DiscoveryService {
+    pub fn is_empty(&self) -> bool {
+        self.aws.is_empty() && self.poll_interval == default_poll_interval()
+    }
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// `discovery_service.aws[]`, as in teleport.yaml.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsMatcher {
+    /// Resource types to discover; `rdsproxy` is supported.
+    pub types: Vec<String>,
+    pub regions: Vec<String>,
+    /// Label selector over every label a discovered database gets (AWS tags included);
+    /// `{"*": "*"}` or none matches all.
+    #[serde(default)]
+    pub tags: BTreeMap<String, crate::rbac::LabelValues>,
+    /// Role assumed (from the default credential chain) for discovery, and for the IAM tokens of
+    /// the databases this matcher finds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assume_role_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// Dial discovered endpoints at this `host[:port]` instead of resolving them (like curl's
+    /// --resolve; for private DNS or a local emulator). Names, TLS and tokens are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_addr_override: Option<String>,
+    /// TLS settings given to every discovered database (e.g. a private CA).
+    #[serde(default)]
+    pub tls: TlsSpec,
+}
+
+impl AwsMatcher {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.types.is_empty() {
+            return Err(ConfigError::Invalid("discovery_service.aws[].types is empty".into()));
+        }
+        if let Some(t) = self.types.iter().find(|t| t.as_str() != "rdsproxy") {
+            return Err(ConfigError::Invalid(format!("discovery type {t:?} is not supported (rdsproxy is)")));
+        }
+        if self.regions.is_empty() {
+            return Err(ConfigError::Invalid("discovery_service.aws[].regions is empty".into()));
+        }
+        if self.external_id.is_some() && self.assume_role_arn.is_none() {
+            return Err(ConfigError::Invalid("external_id needs assume_role_arn".into()));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -372,6 +446,9 @@ impl Config {
             if !seen.insert(db.name.as_str()) {
                 return Err(ConfigError::Invalid(format!("database {:?} is defined twice", db.name)));
             }
+        }
+        for m in &self.discovery_service.aws {
+            m.validate()?;
         }
         Ok(())
     }

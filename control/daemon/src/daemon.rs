@@ -58,7 +58,9 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
     Ok(Bound { postgres, api, metrics })
 }
 
-pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
+/// Serves until SIGINT/SIGTERM. With `config_path`, discovery follows changes to the file's
+/// `discovery_service` section.
+pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let state = Arc::new(State::open(&cfg.data_dir).context("opening state")?);
     let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).context("loading CA")?);
@@ -69,6 +71,7 @@ pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
     let api_tls = tls::api_server_config(chain, key)?;
     let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
     let minter = Arc::new(TokenMinter::new());
+    let discovery_task = tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path));
     let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), audit, minter, pg_tls));
     if let Some(dp) = &cfg.dataplane {
         let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
@@ -98,6 +101,7 @@ pub async fn serve(cfg: Config, bound: Bound) -> anyhow::Result<()> {
     for t in tasks {
         t.abort();
     }
+    discovery_task.abort();
     Ok(())
 }
 

@@ -450,6 +450,7 @@ impl ControlProc {
                 ..Default::default()
             },
             db_service: DbService { databases, resources: Vec::new() },
+            discovery_service: Default::default(),
             audit: AuditConfig::default(),
             dataplane: dataplane_socket.map(|socket| DataplaneConfig { socket, idle_timeout: Duration::ZERO }),
             metrics: Some(MetricsConfig { listen_addr: ([127, 0, 0, 1], metrics_port).into() }),

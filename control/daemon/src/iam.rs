@@ -114,7 +114,11 @@ impl TokenMinter {
         Self::default()
     }
 
-    async fn provider(&self, source: &CredentialSource) -> aws_credential_types::provider::SharedCredentialsProvider {
+    /// The credentials provider for `source` (built once; the assume-role provider caches and refreshes).
+    pub async fn provider(
+        &self,
+        source: &CredentialSource,
+    ) -> aws_credential_types::provider::SharedCredentialsProvider {
         let mut providers = self.providers.lock().await;
         if let Some(p) = providers.get(source) {
             return p.clone();

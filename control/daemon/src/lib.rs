@@ -4,12 +4,14 @@
 
 pub mod api;
 pub mod audit;
+pub mod bootstrap;
 pub mod ca;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod discovery;
 pub mod iam;
 pub mod leg;
 pub mod metrics;
@@ -17,6 +19,7 @@ pub mod proxy;
 pub mod rbac;
 pub mod state;
 pub mod tls;
+pub mod troubleshoot;
 pub mod upstream;
 
 /// Sets up `tracing` for a binary: human-readable to stderr, `RUST_LOG` to filter.

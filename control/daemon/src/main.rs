@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use sluice_control::config::{parse_duration, Config, DbResource};
 use sluice_control::rbac::Role;
 use sluice_control::state::{random_secret, State};
-use sluice_control::{catalog, daemon, demo};
+use sluice_control::{bootstrap, catalog, daemon, demo};
 
 #[derive(Parser)]
 #[command(name = "control", version, about = "Sluice control: daemon and admin CLI")]
@@ -48,6 +48,10 @@ enum Cmd {
     Db(DbCmd),
     #[command(subcommand)]
     Sessions(SessionsCmd),
+    #[command(subcommand)]
+    Aws(AwsCmd),
+    #[command(subcommand)]
+    Configure(ConfigureCmd),
     /// Teleport-style locks: refuse new sessions and end live ones of a user or database.
     #[command(subcommand)]
     Locks(LocksCmd),
@@ -108,6 +112,53 @@ enum TokensCmd {
 }
 
 #[derive(Subcommand)]
+enum AwsCmd {
+    /// Print the IAM policy Sluice needs for discovery and IAM auth (all proxies, any account).
+    PrintIam {
+        #[arg(long, value_delimiter = ',', default_value = "rdsproxy")]
+        types: Vec<String>,
+        /// Say how to attach it to this role.
+        #[arg(long, conflicts_with = "user")]
+        role: Option<String>,
+        /// Say how to attach it to this user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigureCmd {
+    /// Compute the IAM policies the config (-c) needs and attach them (or print them with --manual).
+    Bootstrap {
+        #[arg(long, conflicts_with = "attach_to_user", required_unless_present = "attach_to_user")]
+        attach_to_role: Option<String>,
+        #[arg(long)]
+        attach_to_user: Option<String>,
+        /// Print the policies instead of attaching them.
+        #[arg(long)]
+        manual: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbConfigureCmd {
+    /// Write a control config serving the dynamic and discovered resources with these labels.
+    Create {
+        /// k=v[,k=v...]: a `db_service.resources` matcher (repeatable).
+        #[arg(long = "dynamic-resources-labels", required = true)]
+        dynamic_resources_labels: Vec<String>,
+        #[arg(long)]
+        assume_role_arn: Option<String>,
+        #[arg(long, requires = "assume_role_arn")]
+        external_id: Option<String>,
+        #[arg(long, default_value = "/var/lib/sluice")]
+        data_dir: PathBuf,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum SessionsCmd {
     /// Sessions the dataplane holds.
     Ls,
@@ -145,8 +196,10 @@ enum DbCmd {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
-    /// The databases this control serves (static and matching dynamic ones).
+    /// The databases this control serves (static, matching dynamic and discovered ones).
     Ls,
+    #[command(subcommand)]
+    Configure(DbConfigureCmd),
     Rm {
         name: String,
     },
@@ -229,7 +282,7 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
                 let bound = daemon::bind(&cfg).await?;
-                daemon::serve(cfg, bound).await
+                daemon::serve(cfg, bound, Some(cli.config.clone())).await
             })
         }
         Cmd::Demo { dir } => {
@@ -348,6 +401,83 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Db(DbCmd::Configure(DbConfigureCmd::Create {
+            dynamic_resources_labels,
+            assume_role_arn,
+            external_id,
+            data_dir,
+            output,
+        })) => {
+            let mut resources = Vec::new();
+            for spec in &dynamic_resources_labels {
+                let mut labels = std::collections::BTreeMap::new();
+                for pair in spec.split(',').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').with_context(|| format!("expected k=v in {pair:?}"))?;
+                    labels.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+                let aws = assume_role_arn.as_ref().map(|arn| sluice_control::config::AwsSpec {
+                    region: None,
+                    assume_role_arn: Some(arn.clone()),
+                    external_id: external_id.clone(),
+                });
+                resources.push(sluice_control::config::ResourceMatcher { labels, aws });
+            }
+            let mut cfg: Config = serde_yaml::from_str(&format!("data_dir: {}", data_dir.display()))?;
+            cfg.db_service.resources = resources;
+            cfg.validate()?;
+            let yaml = serde_yaml::to_string(&cfg)?;
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
+                    println!("Wrote config to {}", path.display());
+                }
+                None => print!("{yaml}"),
+            }
+            Ok(())
+        }
+        Cmd::Aws(AwsCmd::PrintIam { types, role, user }) => {
+            let doc = bootstrap::print_iam_document(&types)?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            // Accept a name or an ARN (`arn:aws:iam::ACCOUNT:role/PATH/NAME`); the CLI wants the name.
+            let name = |s: &str| s.rsplit('/').next().unwrap_or(s).to_owned();
+            let hint = match (role, user) {
+                (Some(r), _) => Some(format!("aws iam put-role-policy --role-name {}", name(&r))),
+                (_, Some(u)) => Some(format!("aws iam put-user-policy --user-name {}", name(&u))),
+                _ => None,
+            };
+            if let Some(h) = hint {
+                eprintln!(
+                    "Attach it with: {h} --policy-name {} --policy-document file://POLICY.json",
+                    bootstrap::POLICY_NAME
+                );
+            }
+            Ok(())
+        }
+        Cmd::Configure(ConfigureCmd::Bootstrap { attach_to_role, attach_to_user, manual }) => {
+            let cfg = load_config(&cli.config)?;
+            let discovered = open_state(&cfg)?.discovered()?;
+            let target = match (attach_to_role, attach_to_user) {
+                (Some(r), _) => bootstrap::Target::Role(r),
+                (_, Some(u)) => bootstrap::Target::User(u),
+                _ => bail!("give --attach-to-role or --attach-to-user"),
+            };
+            let plan = bootstrap::plan(&cfg, &discovered, target)?;
+            for p in &plan {
+                eprintln!("{}", bootstrap::report(p));
+                if manual {
+                    println!("# {} ({})", p.target, bootstrap::POLICY_NAME);
+                    println!("{}", p.compact_json());
+                }
+            }
+            if !manual {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(bootstrap::attach(&plan))?;
+                for p in &plan {
+                    println!("Attached {} to {}", bootstrap::POLICY_NAME, p.target);
+                }
+            }
+            Ok(())
+        }
         Cmd::Db(cmd) => {
             let cfg = load_config(&cli.config)?;
             let state = open_state(&cfg)?;
@@ -362,13 +492,15 @@ fn main() -> Result<()> {
                     println!("{:<28} {:<8} {:<60} Labels", "Name", "Origin", "URI");
                     for d in catalog::databases(&cfg, &state)? {
                         let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        println!("{:<28} {:<8} {:<60} {}", d.name, d.origin, d.spec.uri, labels.join(","));
+                        let stale = d.stale.as_ref().map(|why| format!(" [stale: {why}]")).unwrap_or_default();
+                        println!("{:<28} {:<8} {:<60} {}{stale}", d.name, d.origin, d.spec.uri, labels.join(","));
                     }
                 }
                 DbCmd::Rm { name } => {
                     state.delete_database(&name)?;
                     println!("db {name:?} has been deleted");
                 }
+                DbCmd::Configure(_) => bail!("db configure is handled before the state is opened"),
             }
             Ok(())
         }

@@ -127,11 +127,18 @@ impl From<UpstreamError> for Refusal {
                 };
                 Refusal { fields: fields.with(b'H', hint), reason, kind: "upstream_rejected" }
             }
-            UpstreamError::Iam(e) => Refusal::new(
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                format!("Sluice could not create an IAM auth token: {e}"),
-            )
-            .kind("token"),
+            UpstreamError::Iam(e) => {
+                let mut r = Refusal::new(
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    format!("Sluice could not create an IAM auth token: {e}"),
+                )
+                .kind("token");
+                // No credentials / a refused AssumeRole: say what fixes it (the trust policy).
+                if matches!(e, crate::iam::IamError::NoCredentials(_) | crate::iam::IamError::AssumeRole { .. }) {
+                    r.fields = r.fields.with(b'H', crate::troubleshoot::explain_iam(&e, None));
+                }
+                r
+            }
             UpstreamError::UnsupportedAuth(_) => {
                 Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string()).kind("upstream_auth")
             }

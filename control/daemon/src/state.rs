@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, password_hash TEXT NOT 
 CREATE TABLE IF NOT EXISTS roles (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, kind TEXT NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS databases (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS discovered (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    aws_resource_id TEXT NOT NULL,
+    stale TEXT,
+    updated_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS live_sessions (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS locks (
@@ -70,6 +78,23 @@ CREATE TABLE IF NOT EXISTS audit (
 
 pub struct State {
     conn: Mutex<Connection>,
+}
+
+/// A database found in the cloud, with the AWS resource id that IAM policies name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    pub resource: DbResource,
+    /// `prx-…` for RDS Proxies: the `rds-db:connect` resource is `dbuser:prx-…/USER`.
+    pub aws_resource_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiscoveredRow {
+    /// Which matcher and region found it (see `discovery::source_key`).
+    pub source: String,
+    pub item: Discovered,
+    /// Why the last fetch failed, while the row is kept from an earlier good one.
+    pub stale: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +355,79 @@ impl State {
             .collect()
     }
 
+    // ---- discovered (cloud) resources ----
+
+    /// Makes `items` the whole set found by `source` (one matcher and region): adds, updates and
+    /// deletes, and clears any stale mark. Returns (added, updated, removed).
+    pub fn replace_discovered(&self, source: &str, items: &[Discovered]) -> Result<(usize, usize, usize), StateError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let existing: Vec<(String, String)> = {
+            let mut stmt = tx.prepare("SELECT name, spec FROM discovered WHERE source = ?1")?;
+            let rows = stmt.query_map(params![source], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let (mut added, mut updated, mut removed) = (0, 0, 0);
+        for (name, _) in &existing {
+            if !items.iter().any(|d| &d.resource.metadata.name == name) {
+                tx.execute("DELETE FROM discovered WHERE name = ?1", params![name])?;
+                removed += 1;
+            }
+        }
+        for d in items {
+            let spec = serde_json::to_string(&d.resource).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            match existing.iter().find(|(n, _)| n == &d.resource.metadata.name) {
+                None => added += 1,
+                Some((_, old)) if old != &spec => updated += 1,
+                Some(_) => {}
+            }
+            tx.execute(
+                "INSERT INTO discovered (name, source, spec, aws_resource_id, stale, updated_at) VALUES (?1, ?2, ?3, ?4, NULL, ?5)
+                 ON CONFLICT(name) DO UPDATE SET source = excluded.source, spec = excluded.spec,
+                 aws_resource_id = excluded.aws_resource_id, stale = NULL, updated_at = excluded.updated_at",
+                params![d.resource.metadata.name, source, spec, d.aws_resource_id, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok((added, updated, removed))
+    }
+
+    /// A fetch for `source` failed: keep what it found last, marked stale with the reason.
+    pub fn mark_discovered_stale(&self, source: &str, reason: &str) -> Result<usize, StateError> {
+        Ok(self.db().execute("UPDATE discovered SET stale = ?2 WHERE source = ?1", params![source, reason])?)
+    }
+
+    /// Drops resources whose source is no longer configured (a matcher or region was removed).
+    pub fn prune_discovered(&self, keep_sources: &[String]) -> Result<usize, StateError> {
+        let db = self.db();
+        let mut removed = 0;
+        let sources: Vec<String> = {
+            let mut stmt = db.prepare("SELECT DISTINCT source FROM discovered")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for s in sources.iter().filter(|s| !keep_sources.contains(s)) {
+            removed += db.execute("DELETE FROM discovered WHERE source = ?1", params![s])?;
+        }
+        Ok(removed)
+    }
+
+    pub fn discovered(&self) -> Result<Vec<DiscoveredRow>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT source, spec, aws_resource_id, stale FROM discovered ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?))
+        })?;
+        rows.map(|row| {
+            let (source, spec, aws_resource_id, stale) = row?;
+            let resource =
+                serde_json::from_str(&spec).map_err(|e| StateError::Corrupt(format!("discovered database: {e}")))?;
+            Ok(DiscoveredRow { source, item: Discovered { resource, aws_resource_id }, stale })
+        })
+        .collect()
+    }
+
     // ---- login sessions ----
 
     pub fn create_web_session(
@@ -547,6 +645,31 @@ mod tests {
         assert!(s.check_token(&t, "db").unwrap());
         assert!(!s.check_token(&t, "node").unwrap());
         assert!(!s.check_token("nope", "db").unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn discovered_reconcile_and_stale() {
+        let (s, dir) = temp_state();
+        let item = |name: &str, uri: &str| Discovered {
+            resource: serde_yaml::from_str(&format!(
+                "kind: db\nversion: v3\nmetadata: {{name: {name}}}\nspec: {{protocol: postgres, uri: \"{uri}\"}}"
+            ))
+            .unwrap(),
+            aws_resource_id: format!("prx-{name}"),
+        };
+        assert_eq!(s.replace_discovered("a", &[item("p1", "h1:1"), item("p2", "h2:1")]).unwrap(), (2, 0, 0));
+        assert_eq!(s.replace_discovered("b", &[item("q1", "h:1")]).unwrap(), (1, 0, 0));
+        assert_eq!(s.replace_discovered("a", &[item("p1", "h1:2")]).unwrap(), (0, 1, 1));
+        assert_eq!(s.mark_discovered_stale("a", "Throttling").unwrap(), 1);
+        let rows = s.discovered().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].stale.as_deref(), Some("Throttling"));
+        assert_eq!(rows[1].stale, None);
+        s.replace_discovered("a", &[item("p1", "h1:2")]).unwrap();
+        assert!(s.discovered().unwrap().iter().all(|r| r.stale.is_none()));
+        assert_eq!(s.prune_discovered(&["b".to_owned()]).unwrap(), 1);
+        assert_eq!(s.discovered().unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

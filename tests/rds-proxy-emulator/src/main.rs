@@ -3,6 +3,7 @@
 //! on stdout with one `READY <endpoint>` line (the contract with the code that spawns it) and
 //! runs until SIGINT or SIGTERM.
 
+mod lookup;
 mod proxy;
 mod scram;
 mod sigv4;
@@ -55,6 +56,10 @@ struct Args {
     /// USER=PASSWORD: the stored secret used to log in to PostgreSQL as USER (repeatable).
     #[arg(long = "secret")]
     secrets: Vec<String>,
+    /// Look up unknown access keys here (`GET URL?access_key_id=AKID`, JSON answer): the test AWS
+    /// API emulator, so tokens signed with assumed-role credentials can be verified.
+    #[arg(long)]
+    credentials_url: Option<String>,
     /// The real PostgreSQL server, HOST:PORT.
     #[arg(long)]
     postgres: String,
@@ -119,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
 
-    if store.is_empty() {
+    if store.is_empty() && args.credentials_url.is_none() {
         warn!("no --credentials given: every IAM token will be refused");
     }
     let cfg = Arc::new(ProxyConfig {
@@ -127,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         endpoint_host: endpoint_host.clone(),
         region: args.region,
         credentials: store,
+        credentials_url: args.credentials_url,
         secrets,
         backend: args.postgres,
         tls: tls_config.into(),

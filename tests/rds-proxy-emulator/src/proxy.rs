@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::scram::{self, ScramClient, ScramError, ServerFinalCheck};
-use crate::sigv4::{verify_token, CredentialStore, Expectation};
+use crate::sigv4::{verify_token, CredentialStore, Expectation, TokenError};
 
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Larger than copy_bidirectional's 8 KiB default so bulk COPY traffic moves in fewer syscalls.
@@ -34,6 +34,8 @@ pub struct ProxyConfig {
     pub endpoint_port: u16,
     pub region: String,
     pub credentials: CredentialStore,
+    /// Where unknown access keys are looked up (see `lookup`).
+    pub credentials_url: Option<String>,
     /// The "Secrets Manager" password for each database user.
     pub secrets: HashMap<String, String>,
     pub backend: String,
@@ -185,7 +187,19 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let token = parse_password(msg.body)?;
     let expect = Expectation { host: &cfg.endpoint_host, port: cfg.endpoint_port, region: &cfg.region, db_user: &user };
-    match verify_token(token, &expect, &cfg.credentials, OffsetDateTime::now_utc()) {
+    let mut verified = verify_token(token, &expect, &cfg.credentials, OffsetDateTime::now_utc());
+    if let (Err(TokenError::UnknownAccessKey(akid)), Some(url)) = (&verified, &cfg.credentials_url) {
+        match crate::lookup::fetch(url, akid).await {
+            Ok(Some(creds)) => {
+                let mut store = CredentialStore::default();
+                store.insert(akid.clone(), creds);
+                verified = verify_token(token, &expect, &store, OffsetDateTime::now_utc());
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "looking up an access key"),
+        }
+    }
+    match verified {
         Ok(v) => {
             info!(access_key_id = %v.access_key_id, expires_at = %v.expires_at, "IAM token verified")
         }

@@ -1,0 +1,611 @@
+//! AWS discovery: every RDS Proxy (and custom proxy endpoint) in the configured accounts and regions
+//! becomes a `cloud` database.
+//!
+//! The mapping from the AWS API's shapes to database resources is pure ([`proxy_database`],
+//! [`endpoint_database`]) and unit-tested; [`run`] polls each (matcher, region) source with
+//! aws-sdk-rds and reconciles the SQLite state. A failed fetch never deletes: the source's
+//! resources are kept and marked stale with the reason, so throttling or a revoked permission
+//! does not make databases vanish from under connected users.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_rds::error::{DisplayErrorContext, ProvideErrorMetadata};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::config::{
+    AwsMatcher, AwsSpec, Config, DatabaseSpec, DbResource, DiscoveryService, Metadata, TlsMode, TlsSpec,
+};
+use crate::iam::{CredentialSource, TokenMinter};
+use crate::rbac::labels_match;
+use crate::state::{Discovered, State};
+use crate::troubleshoot;
+
+pub const LABEL_ORIGIN: &str = "sluice.dev/origin";
+pub const LABEL_DISCOVERY_TYPE: &str = "sluice.dev/discovery-type";
+/// A single AWS call may not take longer than this (the SDK retries within it).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum DiscoveryError {
+    #[error("{operation} in {region}: {code}: {message}")]
+    Api { operation: &'static str, region: String, code: String, message: String },
+    #[error("{0}")]
+    Credentials(String),
+    #[error("malformed ARN {0:?}")]
+    Arn(String),
+}
+
+/// The parts of an ARN (`arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arn {
+    pub partition: String,
+    pub service: String,
+    pub region: String,
+    pub account_id: String,
+    pub resource: String,
+}
+
+impl std::str::FromStr for Arn {
+    type Err = DiscoveryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || DiscoveryError::Arn(s.chars().take(200).collect());
+        let mut parts = s.splitn(6, ':');
+        if parts.next() != Some("arn") {
+            return Err(bad());
+        }
+        let mut next = || parts.next().ok_or_else(bad);
+        let (partition, service, region, account_id, resource) = (next()?, next()?, next()?, next()?, next()?);
+        if partition.is_empty() || service.is_empty() || resource.is_empty() {
+            return Err(bad());
+        }
+        Ok(Arn {
+            partition: partition.to_owned(),
+            service: service.to_owned(),
+            region: region.to_owned(),
+            account_id: account_id.to_owned(),
+            resource: resource.to_owned(),
+        })
+    }
+}
+
+/// An RDS Proxy as DescribeDBProxies and ListTagsForResource describe it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyInfo {
+    pub name: String,
+    pub arn: String,
+    pub status: String,
+    pub engine_family: String,
+    pub vpc_id: String,
+    pub endpoint: String,
+    pub require_tls: bool,
+    pub tags: Vec<(String, String)>,
+}
+
+/// A proxy endpoint as DescribeDBProxyEndpoints describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub proxy_name: String,
+    pub name: String,
+    pub status: String,
+    pub vpc_id: String,
+    pub endpoint: String,
+    pub target_role: String,
+    pub is_default: bool,
+}
+
+/// Why a proxy or endpoint is not turned into a database.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Skip {
+    #[error("RequireTLS is off; Sluice only connects to proxies that require TLS")]
+    NoTls,
+    #[error("status is {0:?}")]
+    Status(String),
+    #[error("engine family {0:?} is not known")]
+    Engine(String),
+    #[error("no endpoint host")]
+    NoEndpoint,
+    #[error("the labels do not match the matcher's tags")]
+    Tags,
+    #[error("{0}")]
+    Arn(String),
+}
+
+/// Proxy and endpoint states in which nothing can connect.
+const UNUSABLE: &[&str] =
+    &["creating", "deleting", "suspended", "suspending", "incompatible-network", "insufficient-resource-limits"];
+
+fn port_for(engine_family: &str) -> Option<u16> {
+    match engine_family {
+        "POSTGRESQL" => Some(5432),
+        "MYSQL" => Some(3306),
+        "SQLSERVER" => Some(1433),
+        _ => None,
+    }
+}
+
+fn protocol_for(engine_family: &str) -> &'static str {
+    match engine_family {
+        "MYSQL" => "mysql",
+        "SQLSERVER" => "sqlserver",
+        _ => "postgres",
+    }
+}
+
+/// Teleport's label key rule: AWS tags with other characters are dropped rather than failing.
+pub fn valid_label_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 256
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b':' | b'*' | b'-'))
+}
+
+fn base_labels(p: &ProxyInfo, arn: &Arn) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> =
+        p.tags.iter().filter(|(k, _)| valid_label_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    labels.insert("account-id".into(), arn.account_id.clone());
+    labels.insert("region".into(), arn.region.clone());
+    labels.insert("engine".into(), p.engine_family.clone());
+    labels.insert("vpc-id".into(), p.vpc_id.clone());
+    labels.insert(LABEL_ORIGIN.into(), "cloud".into());
+    labels.insert(LABEL_DISCOVERY_TYPE.into(), "rdsproxy".into());
+    labels
+}
+
+fn check_proxy(p: &ProxyInfo) -> Result<(Arn, u16), Skip> {
+    if UNUSABLE.contains(&p.status.as_str()) {
+        return Err(Skip::Status(p.status.clone()));
+    }
+    if !p.require_tls {
+        return Err(Skip::NoTls);
+    }
+    let port = port_for(&p.engine_family).ok_or_else(|| Skip::Engine(p.engine_family.clone()))?;
+    let arn: Arn = p.arn.parse().map_err(|e: DiscoveryError| Skip::Arn(e.to_string()))?;
+    if p.endpoint.is_empty() {
+        return Err(Skip::NoEndpoint);
+    }
+    Ok((arn, port))
+}
+
+fn spec_for(
+    m: &AwsMatcher,
+    host: &str,
+    port: u16,
+    engine: &str,
+    region: &str,
+    server_name: Option<String>,
+) -> DatabaseSpec {
+    DatabaseSpec {
+        protocol: protocol_for(engine).into(),
+        uri: format!("{host}:{port}"),
+        aws: AwsSpec {
+            region: Some(region.to_owned()),
+            assume_role_arn: m.assume_role_arn.clone(),
+            external_id: m.external_id.clone(),
+        },
+        tls: TlsSpec {
+            server_name: server_name.or_else(|| m.tls.server_name.clone()),
+            ca_cert_file: m.tls.ca_cert_file.clone(),
+            // Only proxies with RequireTLS are discovered; the token never crosses a plain leg.
+            mode: TlsMode::VerifyFull,
+        },
+        connect_addr: m.connect_addr_override.clone(),
+    }
+}
+
+fn resource(name: String, description: String, labels: BTreeMap<String, String>, spec: DatabaseSpec) -> DbResource {
+    DbResource { kind: "db".into(), version: "v3".into(), metadata: Metadata { name, description, labels }, spec }
+}
+
+/// The proxy's default endpoint as database `<proxy-name>`.
+pub fn proxy_database(m: &AwsMatcher, p: &ProxyInfo) -> Result<Discovered, Skip> {
+    let (arn, port) = check_proxy(p)?;
+    let labels = base_labels(p, &arn);
+    if !labels_match(&m.tags, &labels) {
+        return Err(Skip::Tags);
+    }
+    let spec = spec_for(m, &p.endpoint, port, &p.engine_family, &arn.region, None);
+    Ok(Discovered {
+        resource: resource(p.name.clone(), format!("RDS Proxy in {}", arn.region), labels, spec),
+        aws_resource_id: proxy_resource_id(&arn),
+    })
+}
+
+/// A custom endpoint as database `<proxy-name>-<endpoint-name>`. The proxy's certificate is for
+/// `*.proxy-ID.REGION.rds.amazonaws.com`, which does not cover `NAME.endpoint.proxy-…`, so TLS
+/// checks the proxy's default host instead.
+pub fn endpoint_database(m: &AwsMatcher, p: &ProxyInfo, e: &EndpointInfo) -> Result<Discovered, Skip> {
+    let (arn, port) = check_proxy(p)?;
+    if UNUSABLE.contains(&e.status.as_str()) {
+        return Err(Skip::Status(e.status.clone()));
+    }
+    if e.endpoint.is_empty() {
+        return Err(Skip::NoEndpoint);
+    }
+    let mut labels = base_labels(p, &arn);
+    if !e.vpc_id.is_empty() {
+        labels.insert("vpc-id".into(), e.vpc_id.clone());
+    }
+    labels.insert("endpoint-type".into(), e.target_role.clone());
+    if !labels_match(&m.tags, &labels) {
+        return Err(Skip::Tags);
+    }
+    let spec = spec_for(m, &e.endpoint, port, &p.engine_family, &arn.region, Some(p.endpoint.clone()));
+    Ok(Discovered {
+        resource: resource(
+            format!("{}-{}", p.name, e.name),
+            format!("RDS Proxy endpoint in {}", arn.region),
+            labels,
+            spec,
+        ),
+        aws_resource_id: proxy_resource_id(&arn),
+    })
+}
+
+/// `prx-…` from `arn:aws:rds:REGION:ACCOUNT:db-proxy:prx-…`.
+fn proxy_resource_id(arn: &Arn) -> String {
+    arn.resource.rsplit(':').next().unwrap_or_default().to_owned()
+}
+
+/// Maps one region's proxies and endpoints, logging what is skipped and why.
+pub fn map_region(m: &AwsMatcher, proxies: &[ProxyInfo], endpoints: &[EndpointInfo]) -> Vec<Discovered> {
+    let mut out = Vec::new();
+    for p in proxies {
+        match proxy_database(m, p) {
+            Ok(d) => out.push(d),
+            Err(Skip::Tags) => {}
+            Err(why) => {
+                info!(proxy = %p.name, reason = %why, "skipping RDS Proxy");
+                continue;
+            }
+        }
+        for e in endpoints.iter().filter(|e| e.proxy_name == p.name && !e.is_default) {
+            match endpoint_database(m, p, e) {
+                Ok(d) => out.push(d),
+                Err(Skip::Tags) => {}
+                Err(why) => info!(proxy = %p.name, endpoint = %e.name, reason = %why, "skipping RDS Proxy endpoint"),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.resource.metadata.name.cmp(&b.resource.metadata.name));
+    out
+}
+
+/// Identifies what one matcher finds in one region, so that a failure there marks only its
+/// resources stale and a removed matcher's resources can be pruned.
+pub fn source_key(m: &AwsMatcher, region: &str) -> String {
+    format!("aws/rdsproxy/{region}/{}", m.assume_role_arn.as_deref().unwrap_or("-"))
+}
+
+fn api_error<E, R>(operation: &'static str, region: &str, e: aws_sdk_rds::error::SdkError<E, R>) -> DiscoveryError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = e.code().unwrap_or("error").to_owned();
+    let message = match e.message() {
+        Some(m) => m.to_owned(),
+        None => DisplayErrorContext(&e).to_string(),
+    };
+    DiscoveryError::Api { operation, region: region.to_owned(), code, message }
+}
+
+/// One region's proxies, endpoints and tags.
+pub async fn fetch_region(
+    minter: &TokenMinter,
+    m: &AwsMatcher,
+    region: &str,
+) -> Result<(Vec<ProxyInfo>, Vec<EndpointInfo>), DiscoveryError> {
+    let source = CredentialSource {
+        region: region.to_owned(),
+        assume_role_arn: m.assume_role_arn.clone(),
+        external_id: m.external_id.clone(),
+    };
+    // Resolve first, so that a refused AssumeRole is reported as such rather than as an RDS error.
+    minter
+        .credentials(&source)
+        .await
+        .map_err(|e| DiscoveryError::Credentials(troubleshoot::explain_iam(&e, m.external_id.as_deref())))?;
+    let provider = minter.provider(&source).await;
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_owned()))
+        .credentials_provider(provider)
+        .timeout_config(aws_config::timeout::TimeoutConfig::builder().operation_timeout(CALL_TIMEOUT).build())
+        .load()
+        .await;
+    let client = aws_sdk_rds::Client::new(&sdk);
+
+    let mut proxies = Vec::new();
+    let mut pages = client.describe_db_proxies().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| api_error("DescribeDBProxies", region, e))?;
+        for p in page.db_proxies() {
+            proxies.push(ProxyInfo {
+                name: p.db_proxy_name().unwrap_or_default().to_owned(),
+                arn: p.db_proxy_arn().unwrap_or_default().to_owned(),
+                status: p.status().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                engine_family: p.engine_family().unwrap_or_default().to_owned(),
+                vpc_id: p.vpc_id().unwrap_or_default().to_owned(),
+                endpoint: p.endpoint().unwrap_or_default().to_owned(),
+                require_tls: p.require_tls().unwrap_or(false),
+                tags: Vec::new(),
+            });
+        }
+    }
+    for p in &mut proxies {
+        let out = client
+            .list_tags_for_resource()
+            .resource_name(&p.arn)
+            .send()
+            .await
+            .map_err(|e| api_error("ListTagsForResource", region, e))?;
+        p.tags = out
+            .tag_list()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_owned(), t.value().unwrap_or_default().to_owned())))
+            .collect();
+    }
+    let mut endpoints = Vec::new();
+    if !proxies.is_empty() {
+        let mut pages = client.describe_db_proxy_endpoints().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| api_error("DescribeDBProxyEndpoints", region, e))?;
+            for e in page.db_proxy_endpoints() {
+                endpoints.push(EndpointInfo {
+                    proxy_name: e.db_proxy_name().unwrap_or_default().to_owned(),
+                    name: e.db_proxy_endpoint_name().unwrap_or_default().to_owned(),
+                    status: e.status().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                    vpc_id: e.vpc_id().unwrap_or_default().to_owned(),
+                    endpoint: e.endpoint().unwrap_or_default().to_owned(),
+                    target_role: e.target_role().map(|r| r.as_str().to_owned()).unwrap_or_default(),
+                    is_default: e.is_default().unwrap_or(false),
+                });
+            }
+        }
+    }
+    Ok((proxies, endpoints))
+}
+
+/// Polls one source and reconciles the state with what it found.
+pub async fn poll_source(state: &State, minter: &TokenMinter, m: &AwsMatcher, region: &str) {
+    let key = source_key(m, region);
+    match fetch_region(minter, m, region).await {
+        Ok((proxies, endpoints)) => {
+            let found = map_region(m, &proxies, &endpoints);
+            match state.replace_discovered(&key, &found) {
+                Ok((added, updated, removed)) => info!(
+                    source = %key,
+                    databases = found.len(),
+                    added,
+                    updated,
+                    removed,
+                    "discovery fetch done"
+                ),
+                Err(e) => warn!(source = %key, error = %e, "storing discovered databases"),
+            }
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let kept = state.mark_discovered_stale(&key, &reason).unwrap_or(0);
+            warn!(source = %key, error = %reason, kept_stale = kept, "discovery fetch failed; keeping the last good results");
+        }
+    }
+}
+
+/// The sources the config asks for.
+pub fn sources(d: &DiscoveryService) -> Vec<(AwsMatcher, String)> {
+    let mut out = Vec::new();
+    for m in &d.aws {
+        for r in &m.regions {
+            out.push((m.clone(), r.clone()));
+        }
+    }
+    out
+}
+
+/// How often the config file is checked for discovery changes.
+const CONFIG_WATCH: Duration = Duration::from_secs(1);
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Polls every source at start and then every `poll_interval`, until the task is aborted. When
+/// `config_path` is given, a change to its `discovery_service` section takes effect at once (with
+/// an immediate fetch); the rest of the config still needs a restart.
+pub async fn run(cfg: Arc<Config>, state: Arc<State>, minter: Arc<TokenMinter>, config_path: Option<PathBuf>) {
+    let mut discovery = cfg.discovery_service.clone();
+    let mut stamp = config_path.as_deref().and_then(modified);
+    loop {
+        let sources = sources(&discovery);
+        // A matcher or region removed from the config takes its resources with it.
+        let keys: Vec<String> = sources.iter().map(|(m, r)| source_key(m, r)).collect();
+        match state.prune_discovered(&keys) {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "dropped databases of discovery sources no longer configured"),
+            Err(e) => warn!(error = %e, "pruning discovered databases"),
+        }
+        if !sources.is_empty() {
+            info!(sources = sources.len(), interval = ?discovery.poll_interval, "AWS discovery is on");
+        }
+        let mut tick = tokio::time::interval(discovery.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = tokio::time::interval(CONFIG_WATCH);
+        loop {
+            tokio::select! {
+                _ = tick.tick(), if !sources.is_empty() => {
+                    for (m, region) in &sources {
+                        poll_source(&state, &minter, m, region).await;
+                    }
+                }
+                _ = watch.tick(), if config_path.is_some() => {
+                    let Some(path) = config_path.as_deref() else { continue };
+                    let now = modified(path);
+                    if now == stamp {
+                        continue;
+                    }
+                    stamp = now;
+                    match Config::load(path) {
+                        Ok(c) if c.discovery_service != discovery => {
+                            info!("discovery configuration changed; fetching now");
+                            discovery = c.discovery_service;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "config changed but does not load; keeping the running discovery"),
+                    }
+                }
+                else => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn matcher() -> AwsMatcher {
+        serde_yaml::from_str("types: [rdsproxy]\nregions: [us-west-2]\nassume_role_arn: arn:aws:iam::222222222222:role/disc\nexternal_id: ext\n").unwrap()
+    }
+
+    fn proxy() -> ProxyInfo {
+        ProxyInfo {
+            name: "orders".into(),
+            arn: "arn:aws:rds:us-west-2:123456789012:db-proxy:prx-0123456789abcdef0".into(),
+            status: "available".into(),
+            engine_family: "POSTGRESQL".into(),
+            vpc_id: "vpc-1".into(),
+            endpoint: "orders.proxy-abcdefghijkl.us-west-2.rds.amazonaws.com".into(),
+            require_tls: true,
+            tags: vec![("env".into(), "prod".into()), ("bad key!".into(), "x".into())],
+        }
+    }
+
+    fn endpoint() -> EndpointInfo {
+        EndpointInfo {
+            proxy_name: "orders".into(),
+            name: "ro".into(),
+            status: "available".into(),
+            vpc_id: "vpc-1".into(),
+            endpoint: "ro.endpoint.proxy-abcdefghijkl.us-west-2.rds.amazonaws.com".into(),
+            target_role: "READ_ONLY".into(),
+            is_default: false,
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn default_endpoint_becomes_proxy_database() {
+        let d = proxy_database(&matcher(), &proxy()).unwrap();
+        let r = &d.resource;
+        assert_eq!(r.metadata.name, "orders");
+        assert_eq!(r.metadata.description, "RDS Proxy in us-west-2");
+        assert_eq!(r.spec.uri, "orders.proxy-abcdefghijkl.us-west-2.rds.amazonaws.com:5432");
+        assert_eq!(r.spec.tls.server_name, None);
+        assert_eq!(r.spec.aws.assume_role_arn.as_deref(), Some("arn:aws:iam::222222222222:role/disc"));
+        assert_eq!(r.spec.aws.external_id.as_deref(), Some("ext"));
+        assert_eq!(d.aws_resource_id, "prx-0123456789abcdef0");
+        assert_eq!(
+            r.metadata.labels,
+            labels(&[
+                ("account-id", "123456789012"),
+                ("region", "us-west-2"),
+                ("engine", "POSTGRESQL"),
+                ("vpc-id", "vpc-1"),
+                ("env", "prod"),
+                ("sluice.dev/origin", "cloud"),
+                ("sluice.dev/discovery-type", "rdsproxy"),
+            ])
+        );
+        r.validate().unwrap();
+    }
+
+    #[test]
+    fn custom_endpoint_checks_the_proxy_host() {
+        let d = endpoint_database(&matcher(), &proxy(), &endpoint()).unwrap();
+        let r = &d.resource;
+        assert_eq!(r.metadata.name, "orders-ro");
+        assert_eq!(r.metadata.description, "RDS Proxy endpoint in us-west-2");
+        assert_eq!(r.spec.uri, "ro.endpoint.proxy-abcdefghijkl.us-west-2.rds.amazonaws.com:5432");
+        assert_eq!(r.spec.tls.server_name.as_deref(), Some("orders.proxy-abcdefghijkl.us-west-2.rds.amazonaws.com"));
+        assert_eq!(r.metadata.labels.get("endpoint-type").map(String::as_str), Some("READ_ONLY"));
+    }
+
+    #[test]
+    fn ports_by_engine_and_skips() {
+        let mut p = proxy();
+        p.engine_family = "MYSQL".into();
+        assert!(proxy_database(&matcher(), &p).unwrap().resource.spec.uri.ends_with(":3306"));
+        p.engine_family = "SQLSERVER".into();
+        assert!(proxy_database(&matcher(), &p).unwrap().resource.spec.uri.ends_with(":1433"));
+        let mut p = proxy();
+        p.require_tls = false;
+        assert_eq!(proxy_database(&matcher(), &p).unwrap_err(), Skip::NoTls);
+        for s in ["creating", "deleting", "suspended", "incompatible-network"] {
+            let mut p = proxy();
+            p.status = s.into();
+            assert_eq!(proxy_database(&matcher(), &p).unwrap_err(), Skip::Status(s.into()));
+        }
+    }
+
+    #[test]
+    fn tag_matchers_see_every_label() {
+        let mut m = matcher();
+        m.tags = serde_yaml::from_str("{env: prod}").unwrap();
+        assert!(proxy_database(&m, &proxy()).is_ok());
+        m.tags = serde_yaml::from_str("{env: dev}").unwrap();
+        assert_eq!(proxy_database(&m, &proxy()).unwrap_err(), Skip::Tags);
+        m.tags = serde_yaml::from_str("{region: us-west-2, engine: POSTGRESQL}").unwrap();
+        assert!(proxy_database(&m, &proxy()).is_ok());
+        m.tags = serde_yaml::from_str("{endpoint-type: READ_ONLY}").unwrap();
+        assert_eq!(proxy_database(&m, &proxy()).unwrap_err(), Skip::Tags);
+        assert!(endpoint_database(&m, &proxy(), &endpoint()).is_ok());
+        let all = map_region(&m, &[proxy()], &[endpoint()]);
+        assert_eq!(all.len(), 1, "{all:?}");
+    }
+
+    #[test]
+    fn default_endpoints_are_not_duplicated() {
+        let mut def = endpoint();
+        def.name = "default".into();
+        def.is_default = true;
+        let all = map_region(&matcher(), &[proxy()], &[def, endpoint()]);
+        let names: Vec<_> = all.iter().map(|d| d.resource.metadata.name.as_str()).collect();
+        assert_eq!(names, ["orders", "orders-ro"]);
+    }
+
+    #[test]
+    fn arns() {
+        let a: Arn = "arn:aws:rds:us-west-2:123456789012:db-proxy:prx-1".parse().unwrap();
+        assert_eq!(
+            (a.region.as_str(), a.account_id.as_str(), a.resource.as_str()),
+            ("us-west-2", "123456789012", "db-proxy:prx-1")
+        );
+        assert!("arn:aws:rds".parse::<Arn>().is_err());
+        assert!("nope:aws:rds:r:a:x".parse::<Arn>().is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arn_parser_never_panics(s in ".{0,300}") {
+            let _ = s.parse::<Arn>();
+        }
+
+        #[test]
+        fn arn_round_trips(region in "[a-z0-9-]{1,20}", account in "[0-9]{12}", res in "[a-z:/0-9-]{1,40}") {
+            let a: Arn = format!("arn:aws:rds:{region}:{account}:{res}").parse().unwrap();
+            prop_assert_eq!(a.region, region);
+            prop_assert_eq!(a.account_id, account);
+            prop_assert_eq!(a.resource, res);
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The AWS API emulator for discovery tests: moto's server through `tests/support/moto_server.py`
+//! (which patches moto to behave like AWS for RDS Proxy), plus the pieces a discovery test needs
+//! around it: control started with `AWS_ENDPOINT_URL` pointing at moto, and an RDS Proxy emulator
+//! named like a proxy moto created that verifies tokens signed with moto-minted keys.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use sluice_control::config::Config;
+use sluice_control::demo::{find_bin, free_port, wait_for_port, AwsCreds, ControlProc, Emulator, Proc};
+
+/// A running moto server on loopback.
+pub struct Moto {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+/// Whether moto can be imported; discovery tests skip with a message only when it cannot.
+pub fn moto_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import moto.moto_server.werkzeug_app"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl Moto {
+    /// Starts the wrapper; `page_size` forces small DescribeDBProxies/Endpoints pages.
+    pub fn start(dir: &Path, page_size: usize) -> Result<Moto> {
+        std::fs::create_dir_all(dir)?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support").join("moto_server.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .env("SLUICE_MOTO_PAGE_SIZE", page_size.to_string())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("moto.log"))?);
+        let mut proc = Proc::spawn("moto", &mut cmd)?;
+        let stdout = proc.take_stdout().ok_or_else(|| anyhow!("no moto stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Some(Ok(line))) => line
+                .strip_prefix("READY ")
+                .and_then(|p| p.trim().parse().ok())
+                .ok_or_else(|| anyhow!("unexpected moto output {line:?}"))?,
+            _ => bail!("moto did not become ready; see {}", dir.join("moto.log").display()),
+        };
+        Ok(Moto { port, proc })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed answer {text:?}"))?;
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok((status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null)))
+    }
+
+    /// POSTs to a `/_sluice/` test endpoint and fails unless it answers 200.
+    pub fn admin(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let (status, v) = self.request("POST", path, &body.to_string())?;
+        if status != 200 {
+            bail!("moto {path} answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    pub fn get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        self.request("GET", path, "")
+    }
+
+    /// The next `count` RDS calls (-1: all, until `count` 0) fail with `status`/`code`.
+    pub fn faults(&self, count: i64, status: u16, code: &str) -> Result<()> {
+        self.admin("/_sluice/faults", serde_json::json!({"count": count, "status": status, "code": code}))?;
+        Ok(())
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+/// Starts control on `config` with AWS calls going to `moto` (`AWS_ENDPOINT_URL`, the standard
+/// variable every AWS SDK honours) and the credential chain limited to `creds`.
+pub fn spawn_control(
+    dir: &Path,
+    config: Config,
+    pg_port: u16,
+    api_port: u16,
+    creds: &AwsCreds,
+    moto: &Moto,
+) -> Result<ControlProc> {
+    std::fs::create_dir_all(dir)?;
+    let config_path = dir.join("control.yaml");
+    std::fs::write(&config_path, serde_yaml_to_string(&config)?)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("control.log"))?;
+    let mut cmd = Command::new(find_bin("control")?);
+    cmd.arg("start").arg("--config").arg(&config_path).stdout(Stdio::null()).stderr(log);
+    aws_env(&mut cmd, creds, moto, dir);
+    let mut proc = Proc::spawn("control", &mut cmd)?;
+    wait_for_port(api_port, Duration::from_secs(30), &mut proc)?;
+    wait_for_port(pg_port, Duration::from_secs(30), &mut proc)?;
+    Ok(ControlProc { pg_port, api_port, config_path, config, proc })
+}
+
+/// The AWS environment of a process talking to moto, isolated from the developer's AWS config.
+pub fn aws_env(cmd: &mut Command, creds: &AwsCreds, moto: &Moto, dir: &Path) {
+    creds.apply(cmd);
+    cmd.env("AWS_ENDPOINT_URL", moto.url())
+        .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-aws-credentials"))
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION");
+}
+
+fn serde_yaml_to_string(config: &Config) -> Result<String> {
+    // Go through JSON: serde_yaml is not a dependency of this crate, and YAML is a superset.
+    Ok(serde_json::to_string_pretty(config)?)
+}
+
+/// An RDS Proxy emulator answering for `host` (`NAME.proxy-ID.REGION.rds.amazonaws.com`) with
+/// tokens naming port `endpoint_port`, looking up unknown access keys in moto.
+pub fn start_emulator_for(
+    dir: &Path,
+    host: &str,
+    endpoint_port: u16,
+    pg_port: u16,
+    moto: &Moto,
+    secrets: &[(String, String)],
+) -> Result<Emulator> {
+    let labels: Vec<&str> = host.split('.').collect();
+    let [name, proxy_id, region, "rds", "amazonaws", "com"] = labels[..] else {
+        bail!("{host} is not an RDS Proxy host");
+    };
+    let proxy_id = proxy_id.strip_prefix("proxy-").context("no proxy- label")?;
+    std::fs::create_dir_all(dir)?;
+    let port = free_port()?;
+    let mut cmd = Command::new(find_bin("rds-proxy-emulator")?);
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--name", name, "--region", region, "--proxy-id", proxy_id])
+        .args(["--endpoint-port", &endpoint_port.to_string()])
+        .args(["--credentials-url", &format!("{}/_sluice/credentials", moto.url())])
+        .arg("--tls-dir")
+        .arg(dir.join("tls"))
+        .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("emulator.log"))?);
+    for (user, pw) in secrets {
+        cmd.arg("--secret").arg(format!("{user}={pw}"));
+    }
+    let mut proc = Proc::spawn("rds-proxy-emulator", &mut cmd)?;
+    let stdout = proc.take_stdout().ok_or_else(|| anyhow!("no emulator stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        for _ in lines {}
+    });
+    let endpoint = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(Ok(line))) => line.strip_prefix("READY ").map(str::to_owned).context("unexpected emulator output")?,
+        _ => bail!("emulator did not become ready; see {}", dir.join("emulator.log").display()),
+    };
+    let ca_file: PathBuf = dir.join("tls").join("ca.pem");
+    Ok(Emulator { plaintext: false, port, endpoint, ca_file, proc })
+}

@@ -1,0 +1,358 @@
+//! RDS Proxy discovery against a real AWS API emulator (moto, patched by
+//! tests/support/moto_server.py to behave like AWS): several regions, tag filters, custom endpoints,
+//! an assumed role with the right external id and one with a wrong one, throttling and 500s that
+//! keep resources (marked stale), deletion that removes them, a psql session to a discovered proxy
+//! through the RDS Proxy emulator with a token signed by assumed-role credentials; and the IAM
+//! policy `control configure bootstrap` attaches in moto equals what `--manual` prints.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_tests::moto::{aws_env, moto_available, spawn_control, start_emulator_for, Moto};
+use sluice_tests::sluice_control::config::Config;
+use sluice_tests::sluice_control::demo::{find_bin, AwsCreds};
+use sluice_tests::{check_output, parse_env_exports, psql, role, tail, wait_until, Harness, TestDir};
+
+const ACCOUNT: &str = "123456789012";
+
+/// The tests here run one at a time: a moto server binding port 0 in one could take a port the
+/// other's stack picked with `free_port` but has not bound yet.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn skip_without_moto() -> bool {
+    if moto_available() {
+        return false;
+    }
+    eprintln!("SKIP: python3 cannot import moto (run scripts/setup)");
+    true
+}
+
+fn control_cli(cfg_path: &std::path::Path, moto: &Moto, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(find_bin("control").unwrap());
+    cmd.arg("--config").arg(cfg_path).args(args);
+    aws_env(&mut cmd, &AwsCreds::demo(), moto, dir);
+    cmd.output().unwrap()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() {
+    if skip_without_moto() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Moto first: it binds port 0 while holding it, so the stack's free ports cannot collide.
+    let moto_dir = TestDir::new("discovery-moto").unwrap();
+    // Pages of one item, so discovery must follow Marker to see everything.
+    let moto = Moto::start(moto_dir.path(), 1).unwrap();
+    let mut h = Harness::start("discovery").unwrap();
+
+    let good_role =
+        moto.admin("/_sluice/role", json!({"name": "sluice-discovery", "external_id": "ext-right"})).unwrap();
+    let good_role = good_role["arn"].as_str().unwrap().to_owned();
+    let other_role = moto.admin("/_sluice/role", json!({"name": "other", "external_id": "ext-other"})).unwrap();
+    let other_role = other_role["arn"].as_str().unwrap().to_owned();
+
+    let mk = |region: &str, name: &str, extra: serde_json::Value| {
+        let mut req = json!({"region": region, "name": name, "tags": {"env": "prod", "team": "payments"}});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        moto.admin("/_sluice/proxy", req).unwrap()
+    };
+    let orders = mk("us-west-2", "orders", json!({"tags": {"env": "prod", "team": "payments", "bad key!": "x"}}));
+    mk("us-west-2", "billing", json!({"tags": {"env": "dev"}}));
+    mk("us-west-2", "plain", json!({"require_tls": false}));
+    mk("us-west-2", "newborn", json!({"status": "creating"}));
+    mk("us-west-2", "mysqlish", json!({"engine": "MYSQL"}));
+    let eu = mk("eu-west-1", "eu-orders", json!({}));
+    moto.admin(
+        "/_sluice/proxy-endpoint",
+        json!({"region": "us-west-2", "proxy": "orders", "name": "reader", "target_role": "READ_ONLY"}),
+    )
+    .unwrap();
+    let orders_host = orders["endpoint"].as_str().unwrap().to_owned();
+    assert!(orders_host.starts_with("orders.proxy-") && orders_host.ends_with(".us-west-2.rds.amazonaws.com"));
+
+    // An emulator answering for the discovered "orders" proxy (port 5432 in its tokens), which asks
+    // moto for the secrets of the assumed-role keys control signs with.
+    let emu = start_emulator_for(
+        &h.dir.join("orders-emulator"),
+        &orders_host,
+        5432,
+        h.stack.postgres.port,
+        &moto,
+        &[("alice".to_owned(), h.stack.db_password.clone())],
+    )
+    .unwrap();
+
+    // Control with two matchers: the right role in two regions (env=prod only), and a role whose
+    // external id is wrong.
+    let mut cfg: Config = h.stack.control.config.clone();
+    let discovery = json!({
+        "poll_interval": "1s",
+        "aws": [
+            {"types": ["rdsproxy"], "regions": ["us-west-2", "eu-west-1"], "tags": {"env": "prod"},
+             "assume_role_arn": good_role, "external_id": "ext-right",
+             "connect_addr_override": format!("127.0.0.1:{}", emu.port),
+             "tls": {"ca_cert_file": emu.ca_file}},
+            {"types": ["rdsproxy"], "regions": ["us-east-2"], "assume_role_arn": other_role, "external_id": "ext-wrong"}
+        ]
+    });
+    cfg.discovery_service = serde_json::from_value(discovery).unwrap();
+    // The custom endpoint is served with an override whose external id is wrong (per label set).
+    cfg.db_service.resources = serde_json::from_value(json!([
+        {"labels": {"endpoint-type": "READ_ONLY"}, "aws": {"assume_role_arn": other_role, "external_id": "ext-wrong"}},
+        {"labels": {"sluice.dev/origin": "cloud"}}
+    ]))
+    .unwrap();
+    let (pg_port, api_port) = (h.stack.control.pg_port, h.stack.control.api_port);
+    h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    let control_dir = h.stack.dir.join("control");
+    h.stack.control = spawn_control(&control_dir, cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
+    let cfg_path = h.stack.control.config_path.clone();
+
+    // alice may use env=prod databases too.
+    h.state
+        .upsert_role(
+            &role(json!({"kind": "role", "version": "v7", "metadata": {"name": "prod"},
+                "spec": {"allow": {"db_labels": {"env": "prod"}, "db_names": ["demo"], "db_users": ["alice"]}}}))
+            .unwrap(),
+        )
+        .unwrap();
+    h.state.update_user_roles("alice", &["dev".to_owned(), "prod".to_owned()]).unwrap();
+    h.login().unwrap();
+
+    let db_ls = |h: &Harness| -> serde_json::Value {
+        serde_json::from_str(&h.sluice_ok(&["db", "ls", "--format", "json"]).unwrap()).unwrap()
+    };
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        // Only the discovered ones: the stack's static databases are not this test's business.
+        let mut n: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["labels"]["sluice.dev/origin"] == "cloud")
+            .map(|d| d["name"].as_str().unwrap().to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    let want = ["eu-orders", "mysqlish", "orders", "orders-reader"];
+    let listed = wait_until(Duration::from_secs(30), "discovered databases in sluice db ls", || {
+        let v = db_ls(&h);
+        Ok((names(&v) == want).then_some(v))
+    })
+    .unwrap_or_else(|e| panic!("{e}\ncontrol.log:\n{}", tail(&h.control_log(), 30)));
+
+    let find = |v: &serde_json::Value, name: &str| -> serde_json::Value {
+        v.as_array().unwrap().iter().find(|d| d["name"] == name).unwrap().clone()
+    };
+    let o = find(&listed, "orders");
+    assert_eq!(o["uri"], format!("{orders_host}:5432"));
+    assert_eq!(o["description"], "RDS Proxy in us-west-2");
+    let vpc = orders["vpc_id"].as_str().unwrap();
+    let base = [
+        ("account-id", ACCOUNT),
+        ("region", "us-west-2"),
+        ("engine", "POSTGRESQL"),
+        ("vpc-id", vpc),
+        ("env", "prod"),
+        ("team", "payments"),
+        ("sluice.dev/origin", "cloud"),
+        ("sluice.dev/discovery-type", "rdsproxy"),
+    ];
+    assert_eq!(serde_json::from_value::<BTreeMap<String, String>>(o["labels"].clone()).unwrap(), labels(&base));
+    let r = find(&listed, "orders-reader");
+    assert_eq!(r["description"], "RDS Proxy endpoint in us-west-2");
+    assert!(r["uri"].as_str().unwrap().starts_with("reader.endpoint.proxy-"), "{r}");
+    let mut reader_labels = labels(&base);
+    reader_labels.insert("endpoint-type".into(), "READ_ONLY".into());
+    assert_eq!(serde_json::from_value::<BTreeMap<String, String>>(r["labels"].clone()).unwrap(), reader_labels);
+    let m = find(&listed, "mysqlish");
+    assert!(m["uri"].as_str().unwrap().ends_with(":3306"), "{m}");
+    assert_eq!(m["labels"]["engine"], "MYSQL");
+    let e = find(&listed, "eu-orders");
+    assert_eq!(e["labels"]["region"], "eu-west-1");
+    assert_eq!(e["labels"]["vpc-id"], eu["vpc_id"]);
+
+    // The custom endpoint's TLS name is the proxy's default host; the skipped proxies are logged.
+    let admin_ls = check_output("control db ls", &control_cli(&cfg_path, &moto, h.dir.path(), &["db", "ls"])).unwrap();
+    assert!(admin_ls.contains("cloud"), "{admin_ls}");
+    let stored = h.state.discovered().unwrap();
+    let reader = stored.iter().find(|d| d.item.resource.metadata.name == "orders-reader").unwrap();
+    assert_eq!(reader.item.resource.spec.tls.server_name.as_deref(), Some(orders_host.as_str()));
+    assert_eq!(
+        reader.item.resource.spec.aws.assume_role_arn.as_deref(),
+        Some(good_role.as_str()),
+        "discovered databases mint tokens through the matcher's role"
+    );
+    let log = std::fs::read_to_string(h.control_log()).unwrap();
+    assert!(log.contains("RequireTLS is off"), "no log line for the proxy without TLS");
+    assert!(log.contains("status is \"creating\""), "no log line for the proxy being created");
+    // The wrong external id: AccessDenied, explained with the trust policy that is needed. Its
+    // source is polled after the others, so wait for it rather than race it.
+    wait_until(Duration::from_secs(30), "the AccessDenied explanation in control.log", || {
+        let log = std::fs::read_to_string(h.control_log())?;
+        Ok((log.contains("AccessDenied on sts:AssumeRole") && log.contains("sts:ExternalId")).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&h.control_log(), 20)));
+
+    // A session to the discovered proxy: control signs with the assumed role's keys, the emulator
+    // verifies them with the secret moto minted, then logs in to PostgreSQL.
+    h.sluice_ok(&["db", "login", "orders", "--db-user", "alice", "--db-name", "demo"]).unwrap();
+    let env = parse_env_exports(&h.sluice_ok(&["db", "env", "orders"]).unwrap()).unwrap();
+    let out = psql(&env, &["-c", "select 1, current_user"]).unwrap();
+    assert_eq!(
+        check_output("psql to the discovered proxy", &out).unwrap_or_else(|e| panic!(
+            "{e}\ncontrol:\n{}\nemulator:\n{}",
+            tail(&h.control_log(), 20),
+            tail(&h.dir.join("orders-emulator").join("emulator.log"), 20)
+        )),
+        "1|alice\n"
+    );
+    let emu_log = std::fs::read_to_string(h.dir.join("orders-emulator").join("emulator.log")).unwrap();
+    assert!(emu_log.contains("IAM token verified"), "{emu_log}");
+    assert!(!emu_log.contains("AKIDSLUICEDEMO"), "the token was signed with the base keys, not the assumed role's");
+
+    // The override's wrong external id: minting fails before dialing, and the client is told
+    // which trust policy the role needs.
+    h.sluice_ok(&["db", "login", "orders-reader", "--db-user", "alice", "--db-name", "demo"]).unwrap();
+    let env = parse_env_exports(&h.sluice_ok(&["db", "env", "orders-reader"]).unwrap()).unwrap();
+    let out = psql(&env, &["-c", "select 1"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("IAM auth token") && stderr.contains("trust policy"), "{stderr}");
+    assert!(stderr.contains(&other_role), "{stderr}");
+
+    // Throttling, then 500s: every RDS call fails; the databases stay, marked stale.
+    for (status, code) in [(400, "Throttling"), (500, "InternalFailure")] {
+        moto.faults(-1, status, code).unwrap();
+        wait_until(Duration::from_secs(60), "stale marks", || {
+            let out = control_cli(&cfg_path, &moto, h.dir.path(), &["db", "ls"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok((text.matches("[stale:").count() == 4 && text.contains(code)).then_some(()))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&h.control_log(), 20)));
+        assert_eq!(names(&db_ls(&h)), want, "a failed fetch must not delete");
+        moto.faults(0, 400, "Throttling").unwrap();
+        wait_until(Duration::from_secs(60), "stale marks cleared", || {
+            let out = control_cli(&cfg_path, &moto, h.dir.path(), &["db", "ls"]);
+            Ok((!String::from_utf8_lossy(&out.stdout).contains("[stale:")).then_some(()))
+        })
+        .unwrap();
+    }
+
+    // Deleting a proxy removes its database (and only it).
+    moto.admin("/_sluice/delete-proxy", json!({"region": "eu-west-1", "name": "eu-orders"})).unwrap();
+    wait_until(Duration::from_secs(30), "eu-orders removed", || {
+        Ok((names(&db_ls(&h)) == ["mysqlish", "orders", "orders-reader"]).then_some(()))
+    })
+    .unwrap();
+
+    // Discovered resources survive a restart of control (they are in the state).
+    let cfg = h.stack.control.config.clone();
+    h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    moto.faults(-1, 403, "AccessDenied").unwrap();
+    h.stack.control = spawn_control(&control_dir, cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
+    assert_eq!(names(&db_ls(&h)), ["mysqlish", "orders", "orders-reader"]);
+    moto.faults(0, 400, "Throttling").unwrap();
+
+    // A config change to discovery_service applies at once: now only env=dev proxies match.
+    let mut cfg: Config = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.discovery_service.aws[0].tags = serde_json::from_value(json!({"env": "dev"})).unwrap();
+    cfg.discovery_service.poll_interval = Duration::from_secs(3600);
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    wait_until(Duration::from_secs(30), "the new tag filter applied", || {
+        Ok((names(&db_ls(&h)) == ["billing"]).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&h.control_log(), 20)));
+}
+
+#[test]
+fn bootstrap_attaches_what_manual_prints_and_print_iam() {
+    if skip_without_moto() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = TestDir::new("bootstrap").unwrap();
+    let moto = Moto::start(&dir.join("moto"), 100).unwrap();
+    moto.admin("/_sluice/role", json!({"name": "sluice"})).unwrap();
+    let disc = moto.admin("/_sluice/role", json!({"name": "disc"})).unwrap();
+    let disc = disc["arn"].as_str().unwrap().to_owned();
+    let cfg_path = dir.join("control.yaml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "data_dir: {}\ndiscovery_service:\n  aws:\n  - types: [rdsproxy]\n    regions: [us-west-2]\n  - types: [rdsproxy]\n    regions: [eu-west-1]\n    assume_role_arn: {disc}\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+
+    let manual = control_cli(
+        &cfg_path,
+        &moto,
+        dir.path(),
+        &["configure", "bootstrap", "--attach-to-role", "sluice", "--manual"],
+    );
+    let manual_out = check_output("bootstrap --manual", &manual).unwrap();
+    let stderr = String::from_utf8_lossy(&manual.stderr);
+    assert!(stderr.contains("of 10240 bytes"), "size report missing: {stderr}");
+    let docs: Vec<serde_json::Value> =
+        manual_out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(docs.len(), 2, "{manual_out}");
+    let own = docs[0].to_string();
+    assert!(own.contains("rds:DescribeDBProxies") && own.contains("rds:DescribeDBProxyEndpoints"), "{own}");
+    assert!(own.contains("rds:ListTagsForResource") && own.contains("sts:AssumeRole") && own.contains(&disc), "{own}");
+    assert!(own.contains("arn:aws:rds-db:us-west-2:*:dbuser:*/*"), "{own}");
+
+    let attach = control_cli(&cfg_path, &moto, dir.path(), &["configure", "bootstrap", "--attach-to-role", "sluice"]);
+    check_output("bootstrap", &attach).unwrap();
+    for (role_name, want) in [("sluice", &docs[0]), ("disc", &docs[1])] {
+        let (status, got) = moto
+            .get(&format!("/_sluice/role-policy?account={ACCOUNT}&role={role_name}&name=SluiceDatabaseAccess"))
+            .unwrap();
+        assert_eq!(status, 200, "no policy attached to {role_name}: {got}");
+        let got: serde_json::Value = serde_json::from_str(got["document"].as_str().unwrap()).unwrap();
+        assert_eq!(&got, want, "attached policy of {role_name} differs from --manual");
+    }
+
+    let print =
+        control_cli(&cfg_path, &moto, dir.path(), &["aws", "print-iam", "--types", "rdsproxy", "--role", "sluice"]);
+    let doc: serde_json::Value = serde_json::from_str(&check_output("print-iam", &print).unwrap()).unwrap();
+    assert!(doc.to_string().contains("arn:aws:rds-db:*:*:dbuser:*/*"));
+    assert!(String::from_utf8_lossy(&print.stderr).contains("put-role-policy --role-name sluice"));
+    let bad = control_cli(&cfg_path, &moto, dir.path(), &["aws", "print-iam", "--types", "ec2"]);
+    assert!(!bad.status.success());
+
+    // No credentials anywhere: the failure says where Sluice looks for them.
+    let mut cmd = Command::new(find_bin("control").unwrap());
+    cmd.arg("--config").arg(&cfg_path).args(["configure", "bootstrap", "--attach-to-user", "sluice"]);
+    aws_env(&mut cmd, &AwsCreds::demo(), &moto, dir.path());
+    cmd.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY").env_remove("AWS_SESSION_TOKEN");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no AWS credentials") && stderr.contains("AWS_ACCESS_KEY_ID"), "{stderr}");
+
+    // `control db configure create` writes a config serving resources with these labels.
+    let written = dir.join("db.yaml");
+    let mut cmd = Command::new(find_bin("control").unwrap());
+    cmd.args(["db", "configure", "create", "--dynamic-resources-labels", "env=prod,team=payments"])
+        .args(["--assume-role-arn", &disc, "--external-id", "ext-1", "--data-dir"])
+        .arg(dir.join("data2"))
+        .arg("-o")
+        .arg(&written);
+    check_output("db configure create", &cmd.output().unwrap()).unwrap();
+    let cfg = Config::load(&written).unwrap();
+    let m = &cfg.db_service.resources[0];
+    assert_eq!(m.labels, labels(&[("env", "prod"), ("team", "payments")]));
+    let aws = m.aws.as_ref().unwrap();
+    assert_eq!((aws.assume_role_arn.as_deref(), aws.external_id.as_deref()), (Some(disc.as_str()), Some("ext-1")));
+}
