@@ -632,6 +632,36 @@ impl Tools {
     }
 }
 
+/// Clients straight to an RDS Proxy emulator (with or without TLS), a fresh IAM token per command.
+fn emulator_target(key: &'static str, emu: &demo::Emulator) -> Target {
+    let mut env = vec![("PGHOST".into(), "127.0.0.1".into()), ("PGPORT".into(), emu.port.to_string())];
+    let how = if emu.plaintext {
+        env.push(("PGSSLMODE".into(), "disable".into()));
+        "without TLS"
+    } else {
+        env.push(("PGSSLMODE".into(), "verify-full".into()));
+        env.push(("PGSSLROOTCERT".into(), emu.ca_file.to_string_lossy().into_owned()));
+        "with TLS verify-full"
+    };
+    env.extend([("PGUSER".into(), "alice".into()), ("PGDATABASE".into(), "demo".into())]);
+    Target {
+        key,
+        description: format!(
+            "RDS Proxy emulator on 127.0.0.1:{} ({how}, a fresh IAM token as the password) → PostgreSQL",
+            emu.port
+        ),
+        env,
+        token: Some(TokenTarget {
+            host: emu.endpoint.clone(),
+            port: emu.port,
+            user: "alice".into(),
+            region: demo::DEMO_REGION.into(),
+        }),
+        cpu: vec![CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] }],
+        own: 1,
+    }
+}
+
 /// A client command with exactly the target's libpq environment.
 fn client_cmd(program: &Path, target: &Target, creds: &Credentials) -> Result<Command> {
     let mut cmd = Command::new(program);
@@ -1305,13 +1335,18 @@ fn run_in(
         cpu: Vec::new(),
         own: 0,
     }];
-    if wanted("sluice") {
+    // Control (and the dataplane) are the proxy under test; the emulator behind them is listed last.
+    let sluice_cpu = |emulator: &demo::Emulator| {
         let mut cpu = vec![CpuGroup { name: "control".into(), pids: vec![control.proc.pid()] }];
         if let Some(dp) = stack.dataplane.as_ref().map(|d| d.proc.pid()) {
             cpu.push(CpuGroup { name: "dataplane".into(), pids: vec![dp] });
         }
         let own = cpu.len();
-        cpu.push(CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] });
+        cpu.push(CpuGroup { name: "emulator".into(), pids: vec![emulator.proc.pid()] });
+        (cpu, own)
+    };
+    if wanted("sluice") {
+        let (cpu, own) = sluice_cpu(emu);
         targets.push(Target {
             key: "sluice",
             description: format!(
@@ -1344,12 +1379,7 @@ fn run_in(
     }
     if wanted("sluice-splice") {
         let local = control.config.proxy_service.local_socket.as_ref().context("control serves no local socket")?;
-        let mut cpu = vec![CpuGroup { name: "control".into(), pids: vec![control.proc.pid()] }];
-        if let Some(dp) = stack.dataplane.as_ref().map(|d| d.proc.pid()) {
-            cpu.push(CpuGroup { name: "dataplane".into(), pids: vec![dp] });
-        }
-        let own = cpu.len();
-        cpu.push(CpuGroup { name: "emulator".into(), pids: vec![stack.plain_emulator.proc.pid()] });
+        let (cpu, own) = sluice_cpu(&stack.plain_emulator);
         targets.push(Target {
             key: "sluice-splice",
             description: format!(
@@ -1368,54 +1398,10 @@ fn run_in(
         });
     }
     if wanted("emulator-plain") {
-        let emu = &stack.plain_emulator;
-        targets.push(Target {
-            key: "emulator-plain",
-            description: format!(
-                "RDS Proxy emulator without TLS on 127.0.0.1:{} (a fresh IAM token as the password) → PostgreSQL",
-                emu.port
-            ),
-            env: vec![
-                ("PGHOST".into(), "127.0.0.1".into()),
-                ("PGPORT".into(), emu.port.to_string()),
-                ("PGSSLMODE".into(), "disable".into()),
-                ("PGUSER".into(), "alice".into()),
-                ("PGDATABASE".into(), "demo".into()),
-            ],
-            token: Some(TokenTarget {
-                host: emu.endpoint.clone(),
-                port: emu.port,
-                user: "alice".into(),
-                region: demo::DEMO_REGION.into(),
-            }),
-            cpu: vec![CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] }],
-            own: 1,
-        });
+        targets.push(emulator_target("emulator-plain", &stack.plain_emulator));
     }
     if wanted("emulator-only") {
-        targets.push(Target {
-            key: "emulator-only",
-            description: format!(
-                "RDS Proxy emulator on 127.0.0.1:{} (TLS verify-full, a fresh IAM token as the password) → PostgreSQL",
-                emu.port
-            ),
-            env: vec![
-                ("PGHOST".into(), "127.0.0.1".into()),
-                ("PGPORT".into(), emu.port.to_string()),
-                ("PGSSLMODE".into(), "verify-full".into()),
-                ("PGSSLROOTCERT".into(), emu.ca_file.to_string_lossy().into_owned()),
-                ("PGUSER".into(), "alice".into()),
-                ("PGDATABASE".into(), "demo".into()),
-            ],
-            token: Some(TokenTarget {
-                host: emu.endpoint.clone(),
-                port: emu.port,
-                user: "alice".into(),
-                region: demo::DEMO_REGION.into(),
-            }),
-            cpu: vec![CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] }],
-            own: 1,
-        });
+        targets.push(emulator_target("emulator-only", emu));
     }
     let plain_env = |port: u16| -> Vec<(String, String)> {
         let mut env = direct_env.clone();

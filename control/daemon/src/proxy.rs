@@ -819,15 +819,18 @@ fn describe_tls(v: Option<rustls::ProtocolVersion>, s: Option<rustls::SupportedC
     (v.map(u16::from).unwrap_or(0), s.map(|s| u16::from(s.suite())).unwrap_or(0))
 }
 
-/// The client leg taken apart for the data plane: its socket and, for TLS, the traffic secrets.
+/// A TLS leg taken apart for the data plane: its socket and the traffic secrets.
+fn tls_handoff_leg(tcp: TcpStream, conn: rustls::Connection) -> Result<(OwnedFd, LegCrypto), String> {
+    let (v, s) = describe_tls(conn.protocol_version(), conn.negotiated_cipher_suite());
+    let crypto = conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|x| leg_crypto(v, s, x))?;
+    Ok((OwnedFd::from(tcp.into_std().map_err(|e| e.to_string())?), crypto))
+}
+
 fn client_handoff_leg(leg: ClientStream) -> Result<(OwnedFd, LegCrypto), String> {
     match leg {
         Leg::Tls(t) => {
             let (tcp, conn) = t.into_inner();
-            let (v, s) = describe_tls(conn.protocol_version(), conn.negotiated_cipher_suite());
-            let crypto =
-                conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|x| leg_crypto(v, s, x))?;
-            Ok((OwnedFd::from(tcp.into_std().map_err(|e| e.to_string())?), crypto))
+            tls_handoff_leg(tcp, conn.into())
         }
         Leg::Plain(u) => Ok((OwnedFd::from(u.into_std().map_err(|e| e.to_string())?), LegCrypto::Plain)),
     }
@@ -837,10 +840,7 @@ fn upstream_handoff_leg(leg: UpstreamStream) -> Result<(OwnedFd, LegCrypto), Str
     match leg {
         Leg::Tls(t) => {
             let (tcp, conn) = t.into_inner();
-            let (v, s) = describe_tls(conn.protocol_version(), conn.negotiated_cipher_suite());
-            let crypto =
-                conn.dangerous_extract_secrets().map_err(|e| e.to_string()).and_then(|x| leg_crypto(v, s, x))?;
-            Ok((OwnedFd::from(tcp.into_std().map_err(|e| e.to_string())?), crypto))
+            tls_handoff_leg(tcp, conn.into())
         }
         Leg::Plain(t) => Ok((OwnedFd::from(t.into_std().map_err(|e| e.to_string())?), LegCrypto::Plain)),
     }

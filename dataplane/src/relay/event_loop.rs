@@ -326,6 +326,32 @@ pub(crate) struct EventLoop {
     inline_splice: bool,
 }
 
+impl Sess {
+    /// The legs (indexes into `wire`) an operation reads from and writes to; a pipe is neither.
+    fn wire_legs(&self, op: &Op) -> (Option<usize>, Option<usize>) {
+        let leg = |fd: RawFd| [self.client.as_raw_fd(), self.upstream.as_raw_fd()].iter().position(|l| *l == fd);
+        match *op {
+            Op::Splice { from, to, .. } => (leg(from), leg(to)),
+            Op::Recv { fd, .. } => (leg(fd), None),
+            Op::Send { fd, .. } => (None, leg(fd)),
+            Op::PollIn(_) | Op::PollOut(_) => (None, None),
+        }
+    }
+
+    /// Counts an operation's result as the traffic of the legs it touched.
+    fn count_wire(&mut self, (rx, tx): (Option<usize>, Option<usize>), res: i32) {
+        if res <= 0 {
+            return;
+        }
+        if let Some(leg) = rx {
+            self.wire[leg][0] += res as u64;
+        }
+        if let Some(leg) = tx {
+            self.wire[leg][1] += res as u64;
+        }
+    }
+}
+
 impl EventLoop {
     pub(crate) fn new(
         index: usize,
@@ -562,15 +588,7 @@ impl EventLoop {
         }
         self.io.inflight -= 1;
         s.busy[dir] = false;
-        if res > 0 {
-            let (rx, tx) = s.wire_op[dir];
-            if let Some(leg) = rx {
-                s.wire[leg][0] += res as u64;
-            }
-            if let Some(leg) = tx {
-                s.wire[leg][1] += res as u64;
-            }
-        }
+        s.count_wire(s.wire_op[dir], res);
         let outcome = s.dirs[dir].complete(res);
         if s.ending.is_some() {
             self.maybe_finalize(slot);
@@ -600,17 +618,7 @@ impl EventLoop {
                 if inline_budget > 0 {
                     inline_budget -= 1;
                     let res = splice_now(from, to, len);
-                    if res > 0 {
-                        // The inline splice's bytes count on its legs as a ring splice's do.
-                        let leg =
-                            |fd: RawFd| [s.client.as_raw_fd(), s.upstream.as_raw_fd()].iter().position(|l| *l == fd);
-                        if let Some(l) = leg(from) {
-                            s.wire[l][0] += res as u64;
-                        }
-                        if let Some(l) = leg(to) {
-                            s.wire[l][1] += res as u64;
-                        }
-                    }
+                    s.count_wire(s.wire_legs(&Op::Splice { from, to, len }), res);
                     match s.dirs[dir].complete(res) {
                         Ok(moved) => {
                             if moved > 0 {
@@ -636,15 +644,7 @@ impl EventLoop {
         match step {
             Step::Submit(op) => {
                 s.busy[dir] = true;
-                let leg = |fd: std::os::fd::RawFd| {
-                    [s.client.as_raw_fd(), s.upstream.as_raw_fd()].iter().position(|l| *l == fd)
-                };
-                s.wire_op[dir] = match op {
-                    Op::Splice { from, to, .. } => (leg(from), leg(to)),
-                    Op::Recv { fd, .. } => (leg(fd), None),
-                    Op::Send { fd, .. } => (None, leg(fd)),
-                    Op::PollIn(_) | Op::PollOut(_) => (None, None),
-                };
+                s.wire_op[dir] = s.wire_legs(&op);
                 self.io.submit(&op, token(slot, s.gen, dir));
             }
             Step::Done => {

@@ -80,3 +80,18 @@ impl KtlsRx {
         }
     }
 }
+
+/// A read from `src` that failed: on a kTLS leg it may be a non-data record (skipped, or
+/// close_notify); otherwise, or for any other error, the leg has failed.
+pub(crate) fn read_error(
+    rx: Option<&mut KtlsRx>,
+    src: RawFd,
+    leg: Leg,
+    errno: i32,
+    what: &str,
+) -> Result<Control, Failure> {
+    match rx {
+        Some(rx) => rx.read_failed(src, leg, errno, what),
+        None => Err(failure_for(leg, errno, what)),
+    }
+}

@@ -20,7 +20,7 @@ use std::os::fd::RawFd;
 use nix::errno::Errno;
 use nix::libc;
 
-use super::ktls_rx::{Control, KtlsRx};
+use super::ktls_rx::{read_error, Control, KtlsRx};
 use super::pool::{Pool, BUF_SIZE};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
 use crate::ktls::send_close_notify;
@@ -251,18 +251,15 @@ impl RecordDir {
                     self.readable = false;
                     Ok(0)
                 }
-                e => match self.ktls_rx.as_mut() {
-                    Some(rx) => match rx.read_failed(self.src, self.src_leg, -e, "recv")? {
-                        Control::Skipped => {
-                            self.readable = true;
-                            Ok(0)
-                        }
-                        Control::CloseNotify => {
-                            self.notified = true;
-                            Ok(0)
-                        }
-                    },
-                    None => Err(failure_for(self.src_leg, -e, "recv")),
+                e => match read_error(self.ktls_rx.as_mut(), self.src, self.src_leg, -e, "recv")? {
+                    Control::Skipped => {
+                        self.readable = true;
+                        Ok(0)
+                    }
+                    Control::CloseNotify => {
+                        self.notified = true;
+                        Ok(0)
+                    }
                 },
             },
             Pending::Send => match res {

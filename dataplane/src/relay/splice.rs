@@ -20,7 +20,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
 
-use super::ktls_rx::{Control, KtlsRx};
+use super::ktls_rx::{read_error, Control, KtlsRx};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
 use crate::ktls::{send_close_notify, MAX_RECORD_PLAINTEXT};
 
@@ -176,18 +176,15 @@ impl SpliceDir {
                     self.readable = false;
                     Ok(0)
                 }
-                e => match self.ktls_rx.as_mut() {
-                    Some(rx) => match rx.read_failed(self.src, self.src_leg, -e, "splice read")? {
-                        Control::Skipped => {
-                            self.readable = true;
-                            Ok(0)
-                        }
-                        Control::CloseNotify => {
-                            self.eof = true;
-                            Ok(0)
-                        }
-                    },
-                    None => Err(failure_for(self.src_leg, -e, "splice read")),
+                e => match read_error(self.ktls_rx.as_mut(), self.src, self.src_leg, -e, "splice read")? {
+                    Control::Skipped => {
+                        self.readable = true;
+                        Ok(0)
+                    }
+                    Control::CloseNotify => {
+                        self.eof = true;
+                        Ok(0)
+                    }
                 },
             },
             Pending::SpliceOut => match res {
