@@ -82,9 +82,37 @@ impl Drop for Proc {
     }
 }
 
-/// A port that was free a moment ago (the small race is acceptable on loopback in tests).
+/// A loopback port that was free a moment ago, for a child to listen on.
+///
+/// Ports come from below the kernel's ephemeral range, in a per-process sequence. A port from
+/// `bind(:0)` lies in the ephemeral range, where any outgoing connection made before the child
+/// binds can take it as its local port (the child then fails with EADDRINUSE), and where a
+/// readiness probe can connect to itself by TCP simultaneous open and report a listener that
+/// does not exist. The sequence keeps two threads of one test binary off the same port.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    const LOW: u32 = 10000;
+    if ephemeral_low <= LOW + 1000 {
+        // No room below the ephemeral range: fall back to the kernel's choice.
+        return Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let span = ephemeral_low - LOW;
+    // Processes started close together (a test binary and the next) begin far apart.
+    let base = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span.min(2000) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (base + n) % span;
+        let Ok(port) = u16::try_from(port) else { continue };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {LOW} and {ephemeral_low}")
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -174,11 +202,6 @@ impl Postgres {
         let run_as = unprivileged_user()?;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
-        let set_user = |cmd: &mut Command| {
-            if let Some(u) = &run_as {
-                cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
-            }
-        };
         if let Some(u) = &run_as {
             std::os::unix::fs::chown(dir, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
         }
@@ -199,34 +222,59 @@ impl Postgres {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .current_dir(dir);
-        set_user(&mut initdb);
+        if let Some(u) = &run_as {
+            initdb.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        }
         let out = initdb.output().context("running initdb")?;
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        // A port can still be taken between choosing it and the server binding it; a server
+        // that dies during start-up is started again on another port.
+        let mut last_err = None;
+        for _ in 0..3 {
+            match Self::launch(dir, &data, &bin, run_as.as_ref()) {
+                Ok(pg) => return Ok(pg),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("PostgreSQL did not start")))
+    }
+
+    fn launch(dir: &Path, data: &Path, bin: &Path, run_as: Option<&nix::unistd::User>) -> Result<Postgres> {
+        use std::os::unix::process::CommandExt;
         let port = free_port()?;
-        let log = std::fs::File::create(dir.join("postgres.log"))?;
-        if let Some(u) = &run_as {
-            std::os::unix::fs::chown(dir.join("postgres.log"), Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
+        let log_path = dir.join("postgres.log");
+        let log = std::fs::File::create(&log_path)?;
+        if let Some(u) = run_as {
+            std::os::unix::fs::chown(&log_path, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
         }
         let mut cmd = Command::new(bin.join("postgres"));
         cmd.arg("-D")
-            .arg(&data)
+            .arg(data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-k"])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(log)
             .current_dir(dir);
-        set_user(&mut cmd);
+        if let Some(u) = run_as {
+            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        }
+        let log_tail = || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        };
         let mut proc = Proc::spawn("postgres", &mut cmd)?;
-        wait_for_port(port, Duration::from_secs(30), &mut proc)?;
-        let pg = Postgres { port, dir: dir.to_path_buf(), bin, proc };
+        wait_for_port(port, Duration::from_secs(30), &mut proc).map_err(|e| anyhow!("{e}: {}", log_tail()))?;
+        let mut pg = Postgres { port, dir: dir.to_path_buf(), bin: bin.to_path_buf(), proc };
         // The TCP port opens a moment before the server accepts queries.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match pg.psql("postgres", "select 1") {
                 Ok(_) => return Ok(pg),
                 Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) if !pg.proc.alive() => bail!("postgres exited during start-up ({e}): {}", log_tail()),
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
