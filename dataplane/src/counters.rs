@@ -15,7 +15,7 @@ use sluice_ebpf::{socket_cookie, Counters, Options, SockCounters};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::handoff::{CounterSource, LegCounters, SessionCounters};
+use crate::handoff::{CounterBaseline, CounterSource, LegCounters, SessionCounters};
 
 /// `--counters`: which source to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +66,17 @@ impl SessionCounting {
     /// Chooses the source for `mode`; the BPF map is pinned under the instance's directory and
     /// the programs attached to `cgroup` (default: this process's cgroup, see `sluice_ebpf`).
     pub fn start(mode: Mode, instance: &str, cgroup: Option<PathBuf>) -> Result<SessionCounting, CountersError> {
+        Self::start_opts(mode, instance, cgroup, false)
+    }
+
+    /// As [`SessionCounting::start`]; `takeover`: the entries in the pinned map belong to
+    /// sessions a predecessor is about to pass on, and are kept.
+    pub fn start_opts(
+        mode: Mode,
+        instance: &str,
+        cgroup: Option<PathBuf>,
+        takeover: bool,
+    ) -> Result<SessionCounting, CountersError> {
         let bpf = match mode {
             Mode::Userspace => {
                 info!(
@@ -78,9 +89,9 @@ impl SessionCounting {
                 let opts = Options { cgroup, ..Options::for_instance(instance) };
                 match Counters::load(&opts) {
                     Ok(mut c) => {
-                        // The previous process's sessions died with it (it held their only
-                        // sockets), so what it left in the pinned map is stale.
-                        let stale = c.cookies();
+                        // Unless it passes them on, the previous process's sessions died with it
+                        // (it held their only sockets), so what it left in the pinned map is stale.
+                        let stale = if takeover { Vec::new() } else { c.cookies() };
                         for cookie in &stale {
                             let _ = c.remove(*cookie);
                         }
@@ -89,6 +100,7 @@ impl SessionCounting {
                             cgroup = %c.cgroup().display(),
                             pin_dir = ?opts.pin_dir,
                             stale_entries_removed = stale.len(),
+                            adopted_from_predecessor = c.adopted(),
                             "session counters: eBPF cgroup_skb programs"
                         );
                         Some(Mutex::new(c))
@@ -150,6 +162,64 @@ impl SessionCounting {
         let queued_rx = [queued(client, nix::libc::FIONREAD), queued(upstream, nix::libc::FIONREAD)];
         let unsent_tx = [queued(client, SIOCOUTQNSD), queued(upstream, SIOCOUTQNSD)];
         lock(&self.cookies).insert(id.to_owned(), Registered { cookies, queued_rx, rx_at_registration, unsent_tx });
+    }
+
+    /// What a successor needs to go on counting the session where this process stops: its
+    /// registration's adjustments. `None` when the session is on the relay's counts. Forgets the
+    /// session without touching its map entries.
+    pub fn pass_on(&self, id: &str) -> Option<CounterBaseline> {
+        let r = lock(&self.cookies).remove(id)?;
+        Some(CounterBaseline {
+            cookies: r.cookies,
+            queued_rx: r.queued_rx,
+            rx_at_registration: r.rx_at_registration,
+            unsent_tx: r.unsent_tx,
+        })
+    }
+
+    /// Goes on counting a session a predecessor passed on. With its `baseline` and BPF here, its
+    /// existing map entries keep counting (the cookies must be the legs'); otherwise the session
+    /// stays on the relay's counts, which came with it.
+    pub fn resume(
+        &self,
+        id: &str,
+        baseline: Option<CounterBaseline>,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+    ) {
+        let (Some(bpf), Some(b)) = (&self.bpf, baseline) else { return };
+        match (socket_cookie(client), socket_cookie(upstream)) {
+            (Ok(c), Ok(u)) if [c, u] == b.cookies => {}
+            _ => {
+                warn!(session_id = %id, "a resumed session's cookies do not match its sockets; it uses the relay's counts");
+                return;
+            }
+        }
+        let mut map = lock(bpf);
+        for cookie in b.cookies {
+            // Kept if present (the usual case): the programs went on counting into it.
+            if let Err(e) = map.register(cookie) {
+                warn!(session_id = %id, error = %e, "re-registering a resumed session's socket failed");
+            }
+        }
+        let r = Registered {
+            cookies: b.cookies,
+            queued_rx: b.queued_rx,
+            rx_at_registration: b.rx_at_registration,
+            unsent_tx: b.unsent_tx,
+        };
+        lock(&self.cookies).insert(id.to_owned(), r);
+    }
+
+    /// Keeps the programs counting after this process exits, for a successor to adopt (see
+    /// `sluice_ebpf::Counters::pin_links`). Nothing to do on the relay's counts.
+    pub fn pin_for_successor(&self) {
+        if let Some(bpf) = &self.bpf {
+            match lock(bpf).pin_links() {
+                Ok(()) => info!("BPF program links pinned for the successor"),
+                Err(e) => warn!(error = %e, "pinning the BPF program links failed; the successor attaches its own"),
+            }
+        }
     }
 
     /// The session's counters so far; `wire` is the relay's own per-leg count

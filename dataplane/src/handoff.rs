@@ -29,6 +29,20 @@
 //! `SessionEnded` may also carry tag 7 (added within v1): one byte, bit 0 set when the kernel
 //! protected the client leg's TLS records (kTLS) and bit 1 for the upstream leg; a TLS leg without
 //! its bit went through the userspace record path. Absent from a data plane that predates it.
+//!
+//! Takeover (added within v1): a data plane started with `--take-over` connects to the running
+//! one's socket with `Hello` role 4 (successor). The running one stops taking handoffs, drops its
+//! control links, and passes every live session as a `Resume` frame (type 10), answered by a
+//! `HandoffAck`; then any end reports it still queued as `SessionEnded` frames, then
+//! `TakeoverDone` (type 11, empty), and exits. A `Resume` payload is a `Handoff` payload (the
+//! legs' sequence numbers are the current ones) plus tags 64 (kernel TLS, two bytes: per leg bit
+//! 0 the kernel opens its records, bit 1 it seals them), 65 age_ms, 66 idle_ms, 67 wire (four u64:
+//! client rx, client tx, upstream rx, upstream tx), 68 first close (a reason byte, optional), 69
+//! BPF counter baseline (optional, eight u64: two cookies, then per leg queued rx, rx at
+//! registration, unsent tx), 80 and 81 the two directions' state (see `DirState`). Its
+//! descriptors: client leg, upstream leg, then each spliced direction's pipe (read end, write
+//! end), then, when any record-path direction holds bytes, one memfd with them (each
+//! direction's unprocessed input, then its unsent output, in direction order).
 
 use thiserror::Error;
 
@@ -214,6 +228,135 @@ pub struct SessionStats {
     pub counters: Option<SessionCounters>,
 }
 
+/// How a direction of a resumed session was relayed, and what it had in hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirPath {
+    Splice = 0,
+    Record = 1,
+}
+
+/// One direction's relay state at a takeover (no operation in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirState {
+    pub path: DirPath,
+    /// The source reached EOF (spliced: read 0; record path: recv 0).
+    pub eof: bool,
+    /// The source sent close_notify (record path).
+    pub notified: bool,
+    /// close_notify went to the destination.
+    pub notify_sent: bool,
+    /// The half-close was passed on; the direction is finished.
+    pub done: bool,
+    /// Spliced: bytes in the pipe. Record path: unprocessed input bytes (in the memfd).
+    pub held_in: u32,
+    /// Record path: output bytes not yet sent (in the memfd, after the input).
+    pub held_out: u32,
+    /// Record path: application bytes within `held_out`.
+    pub out_plain: u64,
+    /// Record path: bytes of a handshake message that continue in the next record.
+    pub hs_skip: u32,
+    /// The same for a kTLS source, whose non-data records are read apart.
+    pub ktls_hs_skip: u32,
+    /// Application bytes delivered so far.
+    pub bytes: u64,
+}
+
+const DIR_STATE_LEN: usize = 38;
+
+impl DirState {
+    fn encode(&self) -> [u8; DIR_STATE_LEN] {
+        let mut b = [0u8; DIR_STATE_LEN];
+        b[0] = self.path as u8;
+        b[1] = u8::from(self.eof)
+            | u8::from(self.notified) << 1
+            | u8::from(self.notify_sent) << 2
+            | u8::from(self.done) << 3;
+        b[2..6].copy_from_slice(&self.held_in.to_be_bytes());
+        b[6..10].copy_from_slice(&self.held_out.to_be_bytes());
+        b[10..18].copy_from_slice(&self.out_plain.to_be_bytes());
+        b[18..22].copy_from_slice(&self.hs_skip.to_be_bytes());
+        b[22..26].copy_from_slice(&self.ktls_hs_skip.to_be_bytes());
+        b[26..34].copy_from_slice(&self.bytes.to_be_bytes());
+        b
+    }
+    fn decode(b: &[u8]) -> Result<Self, HandoffError> {
+        let bad = || HandoffError::Malformed("direction state");
+        let b: &[u8; DIR_STATE_LEN] = b.try_into().map_err(|_| bad())?;
+        let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at =
+            |i: usize| u64::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let path = match b[0] {
+            0 => DirPath::Splice,
+            1 => DirPath::Record,
+            _ => return Err(bad()),
+        };
+        if b[1] > 0x0f || (path == DirPath::Splice && u32_at(6) != 0) {
+            return Err(bad());
+        }
+        Ok(DirState {
+            path,
+            eof: b[1] & 1 != 0,
+            notified: b[1] & 2 != 0,
+            notify_sent: b[1] & 4 != 0,
+            done: b[1] & 8 != 0,
+            held_in: u32_at(2),
+            held_out: u32_at(6),
+            out_plain: u64_at(10),
+            hs_skip: u32_at(18),
+            ktls_hs_skip: u32_at(22),
+            bytes: u64_at(26),
+        })
+    }
+}
+
+/// Where a resumed session's BPF counts start: the adjustments made when it was first registered
+/// (see the data plane's `counters` module); its map entries stay as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterBaseline {
+    /// `[client, upstream]` socket cookies.
+    pub cookies: [u64; 2],
+    pub queued_rx: [u64; 2],
+    pub rx_at_registration: [u64; 2],
+    pub unsent_tx: [u64; 2],
+}
+
+/// A live session passed to a successor data plane, with its relay state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Metadata and the legs' keys, with the sequence numbers they have reached.
+    pub handoff: Handoff,
+    /// `[client, upstream]`: bit 0 the kernel opens the leg's records (TLS_RX), bit 1 it seals
+    /// them (TLS_TX); the successor must not install them again.
+    pub kernel_tls: [u8; 2],
+    /// Since the first data plane took the session.
+    pub age_ms: u64,
+    /// Since bytes last moved.
+    pub idle_ms: u64,
+    /// `[client, upstream]` × `[rx, tx]`, the relay's own per-leg counts.
+    pub wire: [[u64; 2]; 2],
+    pub first_close: Option<EndReason>,
+    /// `[client → upstream, upstream → client]`.
+    pub dirs: [DirState; 2],
+    pub baseline: Option<CounterBaseline>,
+}
+
+impl Resume {
+    /// Descriptors the frame carries: both legs, a pipe per spliced direction, and the memfd
+    /// when a record-path direction holds bytes.
+    pub fn fd_count(&self) -> usize {
+        2 + self.dirs.iter().filter(|d| d.path == DirPath::Splice).count() * 2 + usize::from(self.held_bytes() > 0)
+    }
+
+    /// Bytes the memfd holds.
+    pub fn held_bytes(&self) -> u64 {
+        self.dirs
+            .iter()
+            .filter(|d| d.path == DirPath::Record)
+            .map(|d| u64::from(d.held_in) + u64::from(d.held_out))
+            .sum()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// First frame each way: who is talking, and its process id for logs.
@@ -244,6 +387,10 @@ pub enum Message {
     Stats {
         sessions: Vec<SessionStats>,
     },
+    /// A live session passed to a successor data plane (answered by `HandoffAck`).
+    Resume(Box<Resume>),
+    /// Every session and queued report has been passed; the sender exits.
+    TakeoverDone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +400,8 @@ pub enum Role {
     Dataplane = 2,
     /// An admin tool (`control sessions kill`): may end and list sessions, receives no reports.
     Admin = 3,
+    /// A data plane taking over the running one's sessions (`dataplane --take-over`).
+    Successor = 4,
 }
 
 #[repr(u16)]
@@ -267,6 +416,8 @@ enum MessageType {
     Sessions = 7,
     StatsRequest = 8,
     Stats = 9,
+    Resume = 10,
+    TakeoverDone = 11,
 }
 
 struct Writer(Vec<u8>);
@@ -291,6 +442,17 @@ impl Writer {
             self.field(16, &c.client.encode());
             self.field(32, &c.upstream.encode());
         }
+    }
+    fn handoff(&mut self, h: &Handoff) {
+        self.str(1, &h.session_id);
+        self.str(2, &h.user);
+        self.str(3, &h.db_service);
+        self.str(4, &h.db_user);
+        self.str(5, &h.db_name);
+        self.u64(6, h.not_after as u64);
+        self.u64(7, h.idle_timeout_ms);
+        self.leg(16, &h.client);
+        self.leg(32, &h.upstream);
     }
     fn leg(&mut self, base: u16, leg: &LegCrypto) {
         match leg {
@@ -358,6 +520,31 @@ impl<'a> Fields<'a> {
             upstream: LegCounters::decode(self.bytes(32, "upstream counters")?)?,
         }))
     }
+    fn handoff(&self) -> Result<Handoff, HandoffError> {
+        Ok(Handoff {
+            session_id: self.str(1, "session_id")?,
+            user: self.str(2, "user")?,
+            db_service: self.str(3, "db_service")?,
+            db_user: self.str(4, "db_user")?,
+            db_name: self.str(5, "db_name")?,
+            not_after: self.u64(6, "not_after")? as i64,
+            idle_timeout_ms: self.u64(7, "idle_timeout_ms")?,
+            client: self.leg(16, "client leg")?,
+            upstream: self.leg(32, "upstream leg")?,
+        })
+    }
+    /// `n` big-endian u64s filling field `tag` exactly.
+    fn u64s<const N: usize>(&self, tag: u16, name: &'static str) -> Result<[u64; N], HandoffError> {
+        let b = self.bytes(tag, name)?;
+        if b.len() != N * 8 {
+            return Err(HandoffError::Malformed(name));
+        }
+        let mut out = [0u64; N];
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(8)) {
+            *o = u64::from_be_bytes(c.try_into().map_err(|_| HandoffError::Malformed(name))?);
+        }
+        Ok(out)
+    }
     fn leg(&self, base: u16, name: &'static str) -> Result<LegCrypto, HandoffError> {
         let head = self.bytes(base, name)?;
         match head {
@@ -387,17 +574,29 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             MessageType::Hello
         }
         Message::Handoff(h) => {
-            w.str(1, &h.session_id);
-            w.str(2, &h.user);
-            w.str(3, &h.db_service);
-            w.str(4, &h.db_user);
-            w.str(5, &h.db_name);
-            w.u64(6, h.not_after as u64);
-            w.u64(7, h.idle_timeout_ms);
-            w.leg(16, &h.client);
-            w.leg(32, &h.upstream);
+            w.handoff(h);
             MessageType::Handoff
         }
+        Message::Resume(r) => {
+            w.handoff(&r.handoff);
+            w.field(64, &r.kernel_tls);
+            w.u64(65, r.age_ms);
+            w.u64(66, r.idle_ms);
+            let wire: Vec<u8> = r.wire.iter().flatten().flat_map(|v| v.to_be_bytes()).collect();
+            w.field(67, &wire);
+            if let Some(reason) = r.first_close {
+                w.field(68, &[reason as u8]);
+            }
+            if let Some(b) = &r.baseline {
+                let words = [b.cookies, b.queued_rx, b.rx_at_registration, b.unsent_tx];
+                let bytes: Vec<u8> = words.iter().flatten().flat_map(|v| v.to_be_bytes()).collect();
+                w.field(69, &bytes);
+            }
+            w.field(80, &r.dirs[0].encode());
+            w.field(81, &r.dirs[1].encode());
+            MessageType::Resume
+        }
+        Message::TakeoverDone => MessageType::TakeoverDone,
         Message::HandoffAck { session_id, error } => {
             w.str(1, session_id);
             if let Some(e) = error {
@@ -489,22 +688,13 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
                 [1] => Role::Control,
                 [2] => Role::Dataplane,
                 [3] => Role::Admin,
+                [4] => Role::Successor,
                 _ => return Err(HandoffError::Malformed("role")),
             };
             let pid: [u8; 4] = f.bytes(2, "pid")?.try_into().map_err(|_| HandoffError::Malformed("pid"))?;
             Message::Hello { role, pid: u32::from_be_bytes(pid) }
         }
-        2 => Message::Handoff(Box::new(Handoff {
-            session_id: f.str(1, "session_id")?,
-            user: f.str(2, "user")?,
-            db_service: f.str(3, "db_service")?,
-            db_user: f.str(4, "db_user")?,
-            db_name: f.str(5, "db_name")?,
-            not_after: f.u64(6, "not_after")? as i64,
-            idle_timeout_ms: f.u64(7, "idle_timeout_ms")?,
-            client: f.leg(16, "client leg")?,
-            upstream: f.leg(32, "upstream leg")?,
-        })),
+        2 => Message::Handoff(Box::new(f.handoff()?)),
         3 => Message::HandoffAck {
             session_id: f.str(1, "session_id")?,
             error: f.get(2).map(|_| f.str(2, "error")).transpose()?,
@@ -552,6 +742,37 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
                 })
                 .collect::<Result<_, HandoffError>>()?,
         },
+        10 => {
+            let kernel_tls: [u8; 2] =
+                f.bytes(64, "kernel_tls")?.try_into().map_err(|_| HandoffError::Malformed("kernel_tls"))?;
+            if kernel_tls.iter().any(|k| *k > 3) {
+                return Err(HandoffError::Malformed("kernel_tls"));
+            }
+            let w = f.u64s::<4>(67, "wire")?;
+            let baseline = match f.get(69) {
+                None => None,
+                Some(_) => {
+                    let v = f.u64s::<8>(69, "counter baseline")?;
+                    Some(CounterBaseline {
+                        cookies: [v[0], v[1]],
+                        queued_rx: [v[2], v[3]],
+                        rx_at_registration: [v[4], v[5]],
+                        unsent_tx: [v[6], v[7]],
+                    })
+                }
+            };
+            Message::Resume(Box::new(Resume {
+                handoff: f.handoff()?,
+                kernel_tls,
+                age_ms: f.u64(65, "age_ms")?,
+                idle_ms: f.u64(66, "idle_ms")?,
+                wire: [[w[0], w[1]], [w[2], w[3]]],
+                first_close: f.get(68).map(|_| reason(68)).transpose()?,
+                dirs: [DirState::decode(f.bytes(80, "direction")?)?, DirState::decode(f.bytes(81, "direction")?)?],
+                baseline,
+            }))
+        }
+        11 => Message::TakeoverDone,
         other => return Err(HandoffError::UnknownType(other)),
     };
     Ok(Some((msg, HEADER_LEN + len)))
@@ -615,6 +836,10 @@ mod tests {
             Message::Sessions { session_ids: vec!["a".into(), "b".into()] },
             Message::StatsRequest,
             Message::Stats { sessions: vec![] },
+            Message::Hello { role: Role::Successor, pid: 7 },
+            Message::Resume(Box::new(resume())),
+            Message::Resume(Box::new(Resume { first_close: None, baseline: None, ..resume() })),
+            Message::TakeoverDone,
             Message::Stats {
                 sessions: vec![
                     SessionStats {
@@ -645,6 +870,54 @@ mod tests {
             rest = &rest[n..];
         }
         assert!(rest.is_empty());
+    }
+
+    fn resume() -> Resume {
+        let dir = DirState {
+            path: DirPath::Record,
+            eof: true,
+            notified: false,
+            notify_sent: true,
+            done: false,
+            held_in: 17,
+            held_out: 40_000,
+            out_plain: 39_000,
+            hs_skip: 3,
+            ktls_hs_skip: 0,
+            bytes: u64::MAX,
+        };
+        Resume {
+            handoff: sample(),
+            kernel_tls: [0, 3],
+            age_ms: 12_345,
+            idle_ms: 6,
+            wire: [[1, 2], [3, u64::MAX]],
+            first_close: Some(EndReason::ClientClosed),
+            dirs: [dir, DirState { path: DirPath::Splice, held_out: 0, eof: false, done: true, ..dir }],
+            baseline: Some(CounterBaseline {
+                cookies: [10, 11],
+                queued_rx: [0, 5],
+                rx_at_registration: [100, 200],
+                unsent_tx: [7, 0],
+            }),
+        }
+    }
+
+    #[test]
+    fn resume_counts_its_descriptors_and_checks_directions() {
+        let r = resume();
+        // Both legs, the spliced direction's pipe, the memfd for the record direction's bytes.
+        assert_eq!(r.fd_count(), 5);
+        assert_eq!(r.held_bytes(), 40_017);
+        let idle = DirState { held_in: 0, held_out: 0, ..r.dirs[0] };
+        assert_eq!(Resume { dirs: [idle, r.dirs[1]], ..r.clone() }.fd_count(), 4);
+        // A spliced direction has no output buffer.
+        let mut f = encode(&Message::Resume(Box::new(r.clone())));
+        let bad = DirState { path: DirPath::Splice, ..r.dirs[0] }.encode();
+        let good = r.dirs[0].encode();
+        let at = f.windows(good.len()).position(|w| w == good).unwrap();
+        f[at..at + good.len()].copy_from_slice(&bad);
+        assert_eq!(decode(&f), Err(HandoffError::Malformed("direction state")));
     }
 
     fn counters() -> SessionCounters {
@@ -790,6 +1063,16 @@ mod tests {
                 counters: Some(counters()),
             };
             let mut f = encode(&Message::Stats { sessions: vec![st.clone(), st] });
+            let i = idx.index(f.len());
+            f[i] = byte;
+            if let Ok(Some((_, n))) = decode(&f) {
+                prop_assert!(n <= f.len());
+            }
+        }
+
+        #[test]
+        fn decoder_survives_mutated_resumes(idx in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut f = encode(&Message::Resume(Box::new(resume())));
             let i = idx.index(f.len());
             f[i] = byte;
             if let Ok(Some((_, n))) = decode(&f) {

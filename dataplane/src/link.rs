@@ -16,8 +16,8 @@ use thiserror::Error;
 
 use crate::handoff::{self, HandoffError, Message, HEADER_LEN, MAX_PAYLOAD};
 
-/// Descriptors a single frame may carry (a Handoff carries two).
-const MAX_FDS: usize = 4;
+/// Descriptors a single frame may carry (a Handoff carries two, a Resume up to seven).
+const MAX_FDS: usize = 8;
 
 #[derive(Debug, Error)]
 pub enum LinkError {

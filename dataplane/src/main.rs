@@ -1,6 +1,7 @@
 //! `dataplane`: the process that holds authenticated sessions and relays their bytes. It listens
 //! on a Unix socket for control, which hands it both sockets of each session; it outlives control
-//! restarts, and ends its sessions cleanly on SIGTERM/SIGINT.
+//! restarts, and ends its sessions cleanly on SIGTERM/SIGINT. Started with `--take-over`, it
+//! replaces the data plane running on the same socket without ending its sessions.
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use sluice_dataplane::counters::{Mode, SessionCounting};
 use sluice_dataplane::relay::{RelayOptions, SpliceIssue};
-use sluice_dataplane::server::Server;
+use sluice_dataplane::server::{Predecessor, Server};
 
 #[derive(Parser)]
 #[command(name = "dataplane", version, about = "Sluice data plane: io_uring relay workers")]
@@ -43,6 +44,10 @@ struct Cli {
     /// io_uring (`io-uring`, IORING_OP_SPLICE, which always hops to an io-wq thread).
     #[arg(long, value_enum, default_value = "inline", env = "SLUICE_SPLICE")]
     splice: SpliceArg,
+    /// Take the live sessions of the data plane running on --control-socket (an upgrade or a
+    /// restart without ending them), then serve the socket in its place; it exits.
+    #[arg(long)]
+    take_over: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -68,7 +73,16 @@ fn main() -> Result<()> {
     stop.thread_block().context("blocking signals")?;
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let instance = cli.instance.clone().unwrap_or_else(|| instance_name(&cli.control_socket));
-    let counting = SessionCounting::start(cli.counters, &instance, cli.bpf_cgroup.clone())?;
+    let predecessor = match cli.take_over {
+        true => {
+            let p = Predecessor::connect(&cli.control_socket)
+                .with_context(|| format!("--take-over: no data plane answers on {}", cli.control_socket.display()))?;
+            tracing::info!(predecessor_pid = p.pid, "taking over the running data plane's sessions");
+            Some(p)
+        }
+        false => None,
+    };
+    let counting = SessionCounting::start_opts(cli.counters, &instance, cli.bpf_cgroup.clone(), predecessor.is_some())?;
     let options = RelayOptions {
         ktls: matches!(cli.ktls, Switch::On),
         splice: match cli.splice {
@@ -77,8 +91,11 @@ fn main() -> Result<()> {
         },
     };
     tracing::info!(ktls = options.ktls, splice = ?options.splice, workers, "relay options");
-    let server = Server::start_with(&cli.control_socket, workers, options, counting)
-        .with_context(|| format!("starting on {}", cli.control_socket.display()))?;
+    let server = match predecessor {
+        Some(p) => Server::take_over(&cli.control_socket, p, workers, options, counting).map(|(s, _)| s),
+        None => Server::start_with(&cli.control_socket, workers, options, counting),
+    }
+    .with_context(|| format!("starting on {}", cli.control_socket.display()))?;
     let server = std::sync::Arc::new(server);
     let serving = server.clone();
     std::thread::Builder::new().name("sluice-dp-accept".into()).spawn(move || serving.serve())?;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::handoff::{EndReason, LegCrypto};
+use crate::handoff::{DirState, EndReason, LegCrypto};
 
 /// How a worker relays; fixed for the worker's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +73,40 @@ pub struct Session {
     pub idle_timeout: Option<Duration>,
     /// Ends the session at this time (the client certificate's expiry).
     pub not_after: Option<SystemTime>,
+}
+
+/// A session passed from a predecessor data plane, with its relay state (see
+/// [`crate::handoff::Resume`]).
+pub struct ResumedSession {
+    pub session: Session,
+    pub kernel_tls: [u8; 2],
+    pub age: Duration,
+    pub idle: Duration,
+    pub wire: [[u64; 2]; 2],
+    pub first_close: Option<EndReason>,
+    pub dirs: [DirState; 2],
+    /// Each spliced direction's pipe, in direction order.
+    pub pipes: Vec<[OwnedFd; 2]>,
+    /// The record-path directions' bytes, in direction order (see `RecordDir::resume`).
+    pub held: Vec<u8>,
+}
+
+/// A live session taken off a worker for a successor: everything [`ResumedSession`] needs, its
+/// crypto with the sequence numbers reached.
+pub struct ExportedSession {
+    pub id: String,
+    pub client: OwnedFd,
+    pub upstream: OwnedFd,
+    pub client_crypto: LegCrypto,
+    pub upstream_crypto: LegCrypto,
+    pub kernel_tls: [u8; 2],
+    pub age: Duration,
+    pub idle: Duration,
+    pub wire: [[u64; 2]; 2],
+    pub first_close: Option<EndReason>,
+    pub dirs: [DirState; 2],
+    pub pipes: Vec<[OwnedFd; 2]>,
+    pub held: Vec<u8>,
 }
 
 /// Sent exactly once per session when it has ended and both legs are closed.
@@ -125,6 +159,8 @@ pub(crate) enum Command {
     End(String, EndReason),
     List(mpsc::SyncSender<Vec<String>>),
     Bytes(mpsc::SyncSender<Vec<SessionBytes>>),
+    /// Stop relaying, and pass every live session on (once none is still ending).
+    Export(mpsc::SyncSender<Vec<ExportedSession>>),
     Shutdown,
 }
 
@@ -198,6 +234,25 @@ impl Worker {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Command::Add(Box::new(prepared), tx))?;
         rx.recv().map_err(|_| gone())?
+    }
+
+    /// Takes a session over from a predecessor data plane, as it left it.
+    pub fn resume(&self, r: ResumedSession) -> io::Result<()> {
+        let prepared = event_loop::Prepared::resume(r, &self.stats)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Command::Add(Box::new(prepared), tx))?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    /// Stops relaying and returns every live session, each at a point where no operation is in
+    /// flight, with its sockets untouched (the peers notice nothing). Waits for sessions already
+    /// ending to finish (their reports go out as usual). The worker takes no session after this.
+    pub fn export(&self) -> Vec<ExportedSession> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.send(Command::Export(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
     }
 
     /// Ends a session: both legs are shut down at once (the peers see EOF) and closed as soon as

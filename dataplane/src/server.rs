@@ -4,20 +4,26 @@
 //! Sessions belong to the workers, not to the link: when control goes away (a restart, a crash)
 //! sessions keep flowing, end reports queue up, and the next control to connect receives them and
 //! can ask which sessions are still live.
+//!
+//! A data plane can also be replaced without ending its sessions (an upgrade, a restart): the new
+//! process ([`Predecessor::connect`], [`Server::take_over`]) asks the running one for them, and
+//! the running one passes each live session on, sockets, pipes, buffered bytes, TLS state and
+//! counters included, then its queued reports, then exits (see the handoff module's takeover
+//! section). The peers of a session notice nothing but a pause of a few milliseconds.
 
-use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::counters::SessionCounting;
-use crate::handoff::{EndReason, Handoff, Message, Role, SessionEnded, SessionStats};
+use crate::handoff::{DirPath, EndReason, Handoff, LegCrypto, Message, Resume, Role, SessionEnded, SessionStats};
 use crate::link::{Link, LinkError, Listener};
-use crate::relay::{RelayOptions, Report, Session, Worker};
+use crate::relay::{ExportedSession, RelayOptions, Report, ResumedSession, Session, Worker};
 
 /// End reports kept while no control is connected; beyond this the oldest are dropped (and
 /// logged), so a long control outage cannot grow memory without bound.
@@ -30,6 +36,11 @@ struct Shared {
     control: Mutex<Option<Link>>,
     pending: Mutex<VecDeque<SessionEnded>>,
     counting: SessionCounting,
+    path: PathBuf,
+    /// Live sessions' metadata (their crypto left out), for passing them to a successor.
+    meta: Mutex<HashMap<String, Handoff>>,
+    /// A successor is taking the sessions: handoffs are refused.
+    handing_over: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -57,24 +68,57 @@ impl Server {
         counting: SessionCounting,
     ) -> Result<Server, LinkError> {
         let listener = Listener::bind(path)?;
-        let (tx, rx) = mpsc::channel::<Report>();
-        let workers =
-            (0..workers.max(1)).map(|i| Worker::spawn_with(i, tx.clone(), options)).collect::<Result<Vec<_>, _>>()?;
-        let shared = Arc::new(Shared {
-            workers,
-            next_worker: AtomicUsize::new(0),
-            control: Mutex::new(None),
-            pending: Mutex::new(VecDeque::new()),
-            counting,
-        });
-        let reporter = shared.clone();
-        std::thread::Builder::new().name("sluice-dp-reports".into()).spawn(move || {
-            for r in rx {
-                reporter.report(r);
-            }
-        })?;
+        let shared = Shared::start(path, workers, options, counting)?;
         info!(path = %path.display(), workers = shared.workers.len(), "dataplane listening for control");
         Ok(Server { listener, shared, path: path.to_path_buf() })
+    }
+
+    /// Takes every live session of the data plane behind `predecessor` onto new workers, then
+    /// serves `path` in its place. Returns the server and how many sessions it took.
+    pub fn take_over(
+        path: &Path,
+        predecessor: Predecessor,
+        workers: usize,
+        options: RelayOptions,
+        counting: SessionCounting,
+    ) -> Result<(Server, usize), LinkError> {
+        let shared = Shared::start(path, workers, options, counting)?;
+        let link = predecessor.link;
+        let mut taken = 0;
+        loop {
+            match link.recv() {
+                Ok((Message::Resume(r), fds)) => {
+                    let session_id = r.handoff.session_id.clone();
+                    let error = shared.resume(*r, fds).err();
+                    match &error {
+                        Some(e) => error!(session_id = %session_id, error = %e, "could not resume a session"),
+                        None => taken += 1,
+                    }
+                    if let Err(e) = link.send(&Message::HandoffAck { session_id, error }, &[]) {
+                        warn!(error = %e, "acknowledging a resumed session");
+                    }
+                }
+                Ok((Message::SessionEnded(e), _)) => shared.queue(e),
+                Ok((Message::TakeoverDone, _)) => break,
+                Ok((other, _)) => warn!(?other, "unexpected frame from the predecessor; ignored"),
+                Err(e) => {
+                    error!(error = %e, "the predecessor's link failed before it passed everything on");
+                    break;
+                }
+            }
+        }
+        // The predecessor exits once the link closes; it unlinked the socket path already.
+        drop(link);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match Listener::bind(path) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        info!(path = %path.display(), sessions = taken, "took over the sessions; listening for control");
+        Ok((Server { listener, shared, path: path.to_path_buf() }, taken))
     }
 
     /// Serves control connections until the process is stopped.
@@ -121,8 +165,69 @@ impl Server {
     }
 }
 
+/// The running data plane, as seen by the process replacing it: connected, and ready to pass its
+/// sessions on (its BPF program links pinned for [`SessionCounting::start_opts`] to adopt).
+pub struct Predecessor {
+    link: Link,
+    pub pid: u32,
+}
+
+impl Predecessor {
+    pub fn connect(path: &Path) -> Result<Predecessor, LinkError> {
+        let link = Link::connect(path)?;
+        link.send(&Message::Hello { role: Role::Successor, pid: std::process::id() }, &[])?;
+        match link.recv()? {
+            (Message::Hello { role: Role::Dataplane, pid }, _) => Ok(Predecessor { link, pid }),
+            (other, _) => Err(LinkError::Io(std::io::Error::other(format!(
+                "{} answered a successor's Hello with {other:?}",
+                path.display()
+            )))),
+        }
+    }
+}
+
 impl Shared {
+    fn start(
+        path: &Path,
+        workers: usize,
+        options: RelayOptions,
+        counting: SessionCounting,
+    ) -> Result<Arc<Shared>, LinkError> {
+        let (tx, rx) = mpsc::channel::<Report>();
+        let workers =
+            (0..workers.max(1)).map(|i| Worker::spawn_with(i, tx.clone(), options)).collect::<Result<Vec<_>, _>>()?;
+        let shared = Arc::new(Shared {
+            workers,
+            next_worker: AtomicUsize::new(0),
+            control: Mutex::new(None),
+            pending: Mutex::new(VecDeque::new()),
+            counting,
+            path: path.to_path_buf(),
+            meta: Mutex::new(HashMap::new()),
+            handing_over: AtomicBool::new(false),
+        });
+        let reporter = shared.clone();
+        std::thread::Builder::new().name("sluice-dp-reports".into()).spawn(move || {
+            for r in rx {
+                reporter.report(r);
+            }
+        })?;
+        Ok(shared)
+    }
+
+    /// Keeps a report for the next control (a predecessor's, passed on at a takeover).
+    fn queue(&self, ended: SessionEnded) {
+        let mut pending = lock(&self.pending);
+        if pending.len() >= MAX_PENDING_REPORTS {
+            if let Some(dropped) = pending.pop_front() {
+                warn!(session_id = %dropped.session_id, "report queue full; dropped the oldest report");
+            }
+        }
+        pending.push_back(ended);
+    }
+
     fn report(&self, r: Report) {
+        lock(&self.meta).remove(&r.id);
         let counters = self.counting.finish(&r.id, r.wire);
         let ended = SessionEnded {
             session_id: r.id,
@@ -157,13 +262,8 @@ impl Shared {
                 }
             }
         }
-        let mut pending = lock(&self.pending);
-        if pending.len() >= MAX_PENDING_REPORTS {
-            if let Some(dropped) = pending.pop_front() {
-                warn!(session_id = %dropped.session_id, "report queue full; dropped the oldest report");
-            }
-        }
-        pending.push_back(ended);
+        drop(control);
+        self.queue(ended);
     }
 
     fn serve(&self, link: Link) {
@@ -172,6 +272,7 @@ impl Shared {
                 info!(peer_pid = pid, ?role, "control connected");
                 role
             }
+            Ok((Message::Hello { role: Role::Successor, pid }, _)) => return self.hand_over(link, pid),
             Ok((other, _)) => {
                 warn!(?other, "first frame from a peer was not a control Hello; closing");
                 return;
@@ -270,16 +371,13 @@ impl Shared {
     }
 
     fn take(&self, h: Handoff, fds: Vec<OwnedFd>) -> Result<(), String> {
+        if self.handing_over.load(Ordering::SeqCst) {
+            return Err("this data plane is passing its sessions to a successor".into());
+        }
         let [client, upstream]: [OwnedFd; 2] =
             fds.try_into().map_err(|v: Vec<OwnedFd>| format!("a handoff needs 2 descriptors, got {}", v.len()))?;
-        for (name, fd) in [("client", &client), ("upstream", &upstream)] {
-            let st = nix::sys::stat::fstat(fd).map_err(|e| format!("{name} descriptor: {e}"))?;
-            if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode).intersection(nix::sys::stat::SFlag::S_IFMT)
-                != nix::sys::stat::SFlag::S_IFSOCK
-            {
-                return Err(format!("{name} descriptor is not a socket"));
-            }
-        }
+        check_sockets(&client, &upstream)?;
+        lock(&self.meta).insert(h.session_id.clone(), without_keys(&h));
         let not_after = (h.not_after > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(h.not_after as u64));
         let idle_timeout = (h.idle_timeout_ms > 0).then(|| Duration::from_millis(h.idle_timeout_ms));
         let session = Session {
@@ -301,4 +399,187 @@ impl Shared {
         info!(session_id = %h.session_id, user = %h.user, db = %h.db_service, worker = i, "session taken over");
         Ok(())
     }
+
+    /// Takes a session a predecessor passed on (see [`Server::take_over`]).
+    fn resume(&self, r: Resume, fds: Vec<OwnedFd>) -> Result<(), String> {
+        if fds.len() != r.fd_count() {
+            return Err(format!("a resumed session needs {} descriptors, got {}", r.fd_count(), fds.len()));
+        }
+        let mut fds = fds.into_iter();
+        let (Some(client), Some(upstream)) = (fds.next(), fds.next()) else {
+            return Err("a resumed session came without its sockets".into());
+        };
+        check_sockets(&client, &upstream)?;
+        let mut pipes = Vec::new();
+        for _ in r.dirs.iter().filter(|d| d.path == DirPath::Splice) {
+            let (Some(rd), Some(wr)) = (fds.next(), fds.next()) else {
+                return Err("a resumed session came without its pipes".into());
+            };
+            pipes.push([rd, wr]);
+        }
+        let mut held = vec![0u8; r.held_bytes() as usize];
+        if !held.is_empty() {
+            let memfd = fds.next().ok_or("a resumed session came without its buffered bytes")?;
+            std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(memfd), &mut held, 0)
+                .map_err(|e| format!("reading a resumed session's buffered bytes: {e}"))?;
+        }
+        let h = r.handoff;
+        let id = h.session_id.clone();
+        self.counting.resume(&id, r.baseline, client.as_fd(), upstream.as_fd());
+        lock(&self.meta).insert(id.clone(), without_keys(&h));
+        let not_after = (h.not_after > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(h.not_after as u64));
+        let idle_timeout = (h.idle_timeout_ms > 0).then(|| Duration::from_millis(h.idle_timeout_ms));
+        let resumed = ResumedSession {
+            session: Session {
+                id: id.clone(),
+                client,
+                upstream,
+                client_crypto: h.client,
+                upstream_crypto: h.upstream,
+                idle_timeout,
+                not_after,
+            },
+            kernel_tls: r.kernel_tls,
+            age: Duration::from_millis(r.age_ms),
+            idle: Duration::from_millis(r.idle_ms),
+            wire: r.wire,
+            first_close: r.first_close,
+            dirs: r.dirs,
+            pipes,
+            held,
+        };
+        let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        if let Err(e) = self.workers[i].resume(resumed) {
+            self.counting.finish(&id, [[0; 2]; 2]);
+            lock(&self.meta).remove(&id);
+            return Err(format!("worker {i}: {e}"));
+        }
+        info!(session_id = %id, user = %h.user, db = %h.db_service, worker = i, "session resumed from the predecessor");
+        Ok(())
+    }
+
+    /// Passes every live session and queued report to a successor on `link`, then exits the
+    /// process (its sessions are the successor's now; nothing of them may be closed here).
+    fn hand_over(&self, link: Link, pid: u32) {
+        if self.handing_over.swap(true, Ordering::SeqCst) {
+            warn!(successor_pid = pid, "a second successor asked for the sessions; refused");
+            return;
+        }
+        info!(successor_pid = pid, "a successor is taking over the sessions");
+        // Before answering: the successor loads its counters right after our Hello, and must find
+        // the programs' links to adopt.
+        self.counting.pin_for_successor();
+        if let Err(e) = link.send(&Message::Hello { role: Role::Dataplane, pid: std::process::id() }, &[]) {
+            error!(error = %e, "answering the successor's Hello; keeping the sessions");
+            self.handing_over.store(false, Ordering::SeqCst);
+            return;
+        }
+        // New controls wait for the successor's socket; the current one reconnects there. From
+        // here on, end reports go to the successor, which hands them to control.
+        let _ = std::fs::remove_file(&self.path);
+        {
+            let mut control = lock(&self.control);
+            if let Some(c) = control.take() {
+                c.shutdown();
+            }
+            *control = link.try_clone().ok();
+        }
+        let _ = link.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut passed = 0;
+        for w in &self.workers {
+            for e in w.export() {
+                let id = e.id.clone();
+                match self.pass_on(&link, e) {
+                    Ok(()) => passed += 1,
+                    Err(err) => error!(session_id = %id, error = %err, "passing a session to the successor failed"),
+                }
+            }
+        }
+        let queued: Vec<SessionEnded> = lock(&self.pending).drain(..).collect();
+        for e in queued {
+            if let Err(err) = link.send(&Message::SessionEnded(e), &[]) {
+                error!(error = %err, "passing a queued report to the successor failed");
+            }
+        }
+        // Reports of sessions that ended during the export are on their way to the successor
+        // through the reporter thread; give it a moment.
+        std::thread::sleep(Duration::from_millis(100));
+        if let Err(e) = link.send(&Message::TakeoverDone, &[]) {
+            error!(error = %e, "telling the successor the takeover is done");
+        }
+        // Exit once the successor has read everything (it closes the link).
+        let _ = link.set_read_timeout(Some(Duration::from_secs(5)));
+        while link.recv().is_ok() {}
+        info!(sessions = passed, "sessions passed to the successor; exiting");
+        std::process::exit(0);
+    }
+
+    fn pass_on(&self, link: &Link, e: ExportedSession) -> Result<(), String> {
+        let mut handoff = lock(&self.meta).remove(&e.id).unwrap_or_else(|| Handoff {
+            session_id: e.id.clone(),
+            user: String::new(),
+            db_service: String::new(),
+            db_user: String::new(),
+            db_name: String::new(),
+            not_after: 0,
+            idle_timeout_ms: 0,
+            client: LegCrypto::Plain,
+            upstream: LegCrypto::Plain,
+        });
+        handoff.client = e.client_crypto;
+        handoff.upstream = e.upstream_crypto;
+        let resume = Resume {
+            handoff,
+            kernel_tls: e.kernel_tls,
+            age_ms: e.age.as_millis() as u64,
+            idle_ms: e.idle.as_millis() as u64,
+            wire: e.wire,
+            first_close: e.first_close,
+            dirs: e.dirs,
+            baseline: self.counting.pass_on(&e.id),
+        };
+        let mut fds: Vec<RawFd> = vec![e.client.as_raw_fd(), e.upstream.as_raw_fd()];
+        fds.extend(e.pipes.iter().flat_map(|[r, w]| [r.as_raw_fd(), w.as_raw_fd()]));
+        let memfd = if e.held.is_empty() {
+            None
+        } else {
+            let fd = nix::sys::memfd::memfd_create(c"sluice-held", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(|err| format!("memfd_create: {err}"))?;
+            let file = std::fs::File::from(fd);
+            std::io::Write::write_all(&mut &file, &e.held).map_err(|err| format!("writing the held bytes: {err}"))?;
+            Some(file)
+        };
+        if let Some(f) = &memfd {
+            fds.push(f.as_raw_fd());
+        }
+        if fds.len() != resume.fd_count() {
+            return Err(format!("{} descriptors for a frame that names {}", fds.len(), resume.fd_count()));
+        }
+        link.send(&Message::Resume(Box::new(resume)), &fds).map_err(|err| err.to_string())?;
+        // Our copies close when `e` drops; the successor holds its own now.
+        match link.recv() {
+            Ok((Message::HandoffAck { error: None, .. }, _)) => Ok(()),
+            Ok((Message::HandoffAck { error: Some(err), .. }, _)) => Err(format!("the successor refused: {err}")),
+            Ok((other, _)) => Err(format!("unexpected answer {other:?}")),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+}
+
+fn check_sockets(client: &OwnedFd, upstream: &OwnedFd) -> Result<(), String> {
+    for (name, fd) in [("client", client), ("upstream", upstream)] {
+        let st = nix::sys::stat::fstat(fd).map_err(|e| format!("{name} descriptor: {e}"))?;
+        if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode).intersection(nix::sys::stat::SFlag::S_IFMT)
+            != nix::sys::stat::SFlag::S_IFSOCK
+        {
+            return Err(format!("{name} descriptor is not a socket"));
+        }
+    }
+    Ok(())
+}
+
+/// The session's metadata, its keys left out (the worker holds them, with the current sequence
+/// numbers).
+fn without_keys(h: &Handoff) -> Handoff {
+    Handoff { client: LegCrypto::Plain, upstream: LegCrypto::Plain, ..h.clone() }
 }

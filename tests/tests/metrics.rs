@@ -3,7 +3,9 @@
 //! sends and receives. After the session is handed to the dataplane those counts must appear
 //! exactly as the client leg's bytes in `/metrics` (live) and in `db.session.end` (final), with the
 //! BPF counters (as root, as CI runs) and with the userspace fallback forced; BPF map entries must
-//! be gone once the session ends. `control sessions ls` must show the live bytes too.
+//! be gone once the session ends. `control sessions ls` must show the live bytes too. Midway the
+//! data plane is replaced (`dataplane --take-over`): the session goes on, and the counts, live and
+//! final, still cover every byte since the handoff.
 
 use std::io::{Read, Write};
 use std::pin::Pin;
@@ -81,7 +83,7 @@ fn run(mode: &str) {
         }
     }
     let instance = format!("it-{mode}-{}", std::process::id());
-    let h =
+    let mut h =
         Harness::start_with_dataplane_args(&format!("metrics-{mode}"), &["--counters", mode, "--instance", &instance])
             .unwrap();
     let url = h.stack.control.metrics_url().expect("the test stack serves metrics");
@@ -161,6 +163,20 @@ fn run(mode: &str) {
     let line = ls.lines().find(|l| l.starts_with(&sid)).unwrap_or_else(|| panic!("{ls}"));
     assert!(line.contains(&c_rx.to_string()) && line.contains(&c_tx.to_string()), "{ls}");
     assert!(ls.contains(&format!("counted by {mode}")), "{ls}");
+
+    // A data-plane restart that keeps the session: the new process takes it (and, with BPF, the
+    // programs counting it) from the old one, which exits; control reconnects to the new one.
+    h.stack.dataplane.as_mut().expect("the stack runs a dataplane").take_over().unwrap();
+    let row = rt.block_on(client.query_one(&format!("select repeat('y', {n})"), &[])).unwrap();
+    assert_eq!(row.get::<_, String>(0).len(), n);
+    let c_rx = sent.load(Ordering::SeqCst) - sent0;
+    let text = wait_until(Duration::from_secs(15), "live counts from the new data plane", || {
+        let text = scrape(&url);
+        let got = series(&text, "sluice_session_bytes", &[&sid_label, "leg=\"client\"", "direction=\"rx\""]);
+        Ok((got == Some(c_rx as f64)).then_some(text))
+    })
+    .unwrap();
+    assert_eq!(series(&text, "sluice_sessions_active", &[]), Some(1.0), "{text}");
 
     rt.block_on(async {
         drop(client);

@@ -415,6 +415,9 @@ pub struct DataplaneProc {
     /// Its BPF pin directory (`--instance`), removed when the process is dropped: a dataplane
     /// stopped cleanly unpins its empty map itself, a killed one cannot.
     pub pin_dir: PathBuf,
+    /// Its command line, for a successor (`--take-over`).
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
 }
 
 impl Drop for DataplaneProc {
@@ -435,15 +438,19 @@ impl DataplaneProc {
         let socket = dir.join("dataplane.sock");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log"))?;
         let mut cmd = Command::new(find_bin("dataplane")?);
+        let mut all: Vec<std::ffi::OsString> = Vec::new();
         let instance = match args.iter().position(|a| *a == "--instance") {
             Some(i) => args.get(i + 1).map(|s| s.to_string()).unwrap_or_default(),
             None => {
                 let name = format!("demo-{}", random_secret(6));
-                cmd.args(["--instance", &name]);
+                all.extend(["--instance".into(), name.clone().into()]);
                 name
             }
         };
-        cmd.arg("--control-socket").arg(&socket).args(args).stdout(Stdio::null()).stderr(log);
+        all.push("--control-socket".into());
+        all.push(socket.clone().into());
+        all.extend(args.iter().map(Into::into));
+        cmd.args(&all).stdout(Stdio::null()).stderr(log);
         let mut proc = Proc::spawn("dataplane", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
@@ -456,7 +463,28 @@ impl DataplaneProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         let pin_dir = Path::new("/sys/fs/bpf/sluice").join(instance);
-        Ok(DataplaneProc { socket, proc, pin_dir })
+        Ok(DataplaneProc { socket, proc, pin_dir, args: all, log: dir.join("dataplane.log") })
+    }
+
+    /// Replaces the process with a new one (`--take-over`) that takes its live sessions; returns
+    /// once the old one has exited and the new one serves the socket.
+    pub fn take_over(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(find_bin("dataplane")?);
+        cmd.args(&self.args).arg("--take-over").stdout(Stdio::null()).stderr(log);
+        let mut next = Proc::spawn("dataplane", &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.proc.alive() || !self.socket.exists() {
+            if !next.alive() {
+                bail!("the successor data plane exited during the takeover; see {}", self.log.display());
+            }
+            if Instant::now() > deadline {
+                bail!("the takeover did not finish within 30 s; see {}", self.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.proc = next;
+        Ok(())
     }
 }
 

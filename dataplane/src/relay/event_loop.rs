@@ -28,8 +28,11 @@ use super::ktls_rx::KtlsRx;
 use super::pool::Pool;
 use super::record::RecordDir;
 use super::splice::SpliceDir;
-use super::{set_nonblocking, Command, Failure, Leg, Op, Report, Session, SessionBytes, SpliceIssue, Stats, Step};
-use crate::handoff::{EndReason, LegCrypto};
+use super::{
+    set_nonblocking, Command, ExportedSession, Failure, Leg, Op, Report, ResumedSession, Session, SessionBytes,
+    SpliceIssue, Stats, Step,
+};
+use crate::handoff::{DirPath, DirState, EndReason, LegCrypto};
 use crate::ktls;
 use crate::tls_record::{RecordDecrypter, RecordEncrypter, TLS13};
 
@@ -104,6 +107,19 @@ pub(crate) struct Prepared {
     idle_timeout: Option<Duration>,
     not_after: Option<SystemTime>,
     added: Instant,
+    /// `[client, upstream]` as handed over (keys and the sequence numbers at that point).
+    crypto: [LegCrypto; 2],
+    /// `[client, upstream]`: bit 0 the kernel opens the leg's records, bit 1 it seals them.
+    kernel_tls: [u8; 2],
+    /// State a predecessor data plane passed on.
+    resumed: Option<Resumed>,
+}
+
+struct Resumed {
+    wire: [[u64; 2]; 2],
+    first_close: Option<EndReason>,
+    done: [bool; 2],
+    idle: Duration,
 }
 
 impl Prepared {
@@ -117,6 +133,7 @@ impl Prepared {
         let mut client = LegIo::new(&s.client, &s.client_crypto, client_keys, Leg::Client, stats, ktls);
         let mut upstream = LegIo::new(&s.upstream, &s.upstream_crypto, upstream_keys, Leg::Upstream, stats, ktls);
         let ktls = [client.ktls_both, upstream.ktls_both];
+        let kernel_tls = [client.kernel_bits(), upstream.kernel_bits()];
         let (c, u) = (s.client.as_raw_fd(), s.upstream.as_raw_fd());
         let dirs = [
             direction(c, u, Leg::Client, Leg::Upstream, &mut client, &mut upstream)?,
@@ -131,8 +148,99 @@ impl Prepared {
             idle_timeout: s.idle_timeout,
             not_after: s.not_after,
             added,
+            crypto: [s.client_crypto, s.upstream_crypto],
+            kernel_tls,
+            resumed: None,
         })
     }
+
+    /// A session as a predecessor data plane left it: keys already in the kernel stay there,
+    /// the others continue from the sequence numbers reached; pipes and buffered bytes are put
+    /// back in their directions.
+    pub(crate) fn resume(r: ResumedSession, stats: &Arc<Stats>) -> io::Result<Prepared> {
+        let s = r.session;
+        set_nonblocking(&s.client)?;
+        set_nonblocking(&s.upstream)?;
+        let mut client = LegIo::resumed(&s.client_crypto, r.kernel_tls[0], r.dirs[0].ktls_hs_skip, "client", stats)?;
+        let mut upstream =
+            LegIo::resumed(&s.upstream_crypto, r.kernel_tls[1], r.dirs[1].ktls_hs_skip, "upstream", stats)?;
+        let (c, u) = (s.client.as_raw_fd(), s.upstream.as_raw_fd());
+        let mut pipes = r.pipes.into_iter();
+        let mut held = &r.held[..];
+        let dirs = [
+            resumed_direction(
+                (c, u, Leg::Client, Leg::Upstream),
+                &mut client,
+                &mut upstream,
+                &r.dirs[0],
+                &mut pipes,
+                &mut held,
+            )?,
+            resumed_direction(
+                (u, c, Leg::Upstream, Leg::Client),
+                &mut upstream,
+                &mut client,
+                &r.dirs[1],
+                &mut pipes,
+                &mut held,
+            )?,
+        ];
+        if pipes.next().is_some() || !held.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a resumed session came with state it does not use",
+            ));
+        }
+        let now = Instant::now();
+        Ok(Prepared {
+            id: s.id,
+            client: s.client,
+            upstream: s.upstream,
+            dirs,
+            ktls: [client.ktls_both, upstream.ktls_both],
+            idle_timeout: s.idle_timeout,
+            not_after: s.not_after,
+            added: now.checked_sub(r.age).unwrap_or(now),
+            crypto: [s.client_crypto, s.upstream_crypto],
+            kernel_tls: r.kernel_tls,
+            resumed: Some(Resumed {
+                wire: r.wire,
+                first_close: r.first_close,
+                done: [r.dirs[0].done, r.dirs[1].done],
+                idle: r.idle,
+            }),
+        })
+    }
+}
+
+/// One direction of a resumed session: spliced or record path as its legs' crypto dictates
+/// (which must be what the predecessor used), taking its pipe or its bytes.
+fn resumed_direction(
+    (src_fd, dst_fd, src_leg, dst_leg): (RawFd, RawFd, Leg, Leg),
+    src: &mut LegIo,
+    dst: &mut LegIo,
+    state: &DirState,
+    pipes: &mut impl Iterator<Item = [OwnedFd; 2]>,
+    held: &mut &[u8],
+) -> io::Result<Dir> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+    let (dec, enc, ktls_rx) = (src.dec.take(), dst.enc.take(), src.ktls_rx.take());
+    Ok(if dec.is_none() && enc.is_none() {
+        let pipe = pipes.next().ok_or_else(|| bad("a resumed spliced direction came without its pipe"))?;
+        Dir::Splice(SpliceDir::resume(src_fd, dst_fd, src_leg, dst_leg, pipe, state)?.with_ktls(ktls_rx, dst.ktls_tx))
+    } else {
+        let n = state.held_in as usize + state.held_out as usize;
+        if held.len() < n {
+            return Err(bad("a resumed session's buffered bytes are short"));
+        }
+        let (mine, rest) = held.split_at(n);
+        *held = rest;
+        Dir::Record(Box::new(
+            RecordDir::new(src_fd, dst_fd, src_leg, dst_leg, dec, enc, src.tls13)
+                .with_ktls(ktls_rx, dst.ktls_tx)
+                .resume(state, mine)?,
+        ))
+    })
 }
 
 /// How one leg's records are protected: in userspace (`dec`/`enc`), by the kernel (`ktls_*`), or
@@ -151,6 +259,31 @@ struct LegIo {
 }
 
 impl LegIo {
+    fn kernel_bits(&self) -> u8 {
+        u8::from(self.ktls_rx.is_some()) | (u8::from(self.ktls_tx) << 1)
+    }
+
+    /// A leg of a resumed session: `kernel` (bit 0 rx, bit 1 tx) says which halves the kernel
+    /// already holds; the rest get userspace ciphers at the handed-over sequence numbers.
+    fn resumed(crypto: &LegCrypto, kernel: u8, hs_skip: u32, leg: &str, stats: &Arc<Stats>) -> io::Result<LegIo> {
+        if kernel > 3 || (kernel != 0 && *crypto == LegCrypto::Plain) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{leg} leg: kernel TLS flags on a plain leg"),
+            ));
+        }
+        let (dec, enc, tls13) = keys(crypto, leg)?;
+        let (rx, tx) = (kernel & 1 != 0, kernel & 2 != 0);
+        Ok(LegIo {
+            dec: if rx { None } else { dec },
+            enc: if tx { None } else { enc },
+            tls13,
+            ktls_rx: rx.then(|| KtlsRx::new(tls13, stats.clone()).with_hs_skip(hs_skip as usize)),
+            ktls_tx: tx,
+            ktls_both: rx && tx,
+        })
+    }
+
     fn new(fd: &OwnedFd, crypto: &LegCrypto, keys: Keys, leg: Leg, stats: &Arc<Stats>, ktls: bool) -> LegIo {
         let (dec, enc, tls13) = keys;
         let k = if ktls { ktls::install(fd.as_fd(), crypto, leg.name()) } else { ktls::Installed::default() };
@@ -182,6 +315,24 @@ fn direction(
             RecordDir::new(src_fd, dst_fd, src_leg, dst_leg, dec, enc, src.tls13).with_ktls(ktls_rx, dst.ktls_tx),
         ))
     })
+}
+
+/// `c` with the sequence numbers its userspace ciphers reached (`None`: the kernel holds that
+/// half, or nothing used it; the handed-over number stands).
+fn with_seqs(c: LegCrypto, rx: Option<u64>, tx: Option<u64>) -> LegCrypto {
+    match c {
+        LegCrypto::Plain => LegCrypto::Plain,
+        LegCrypto::Tls { version, cipher_suite, tx_key, tx_iv, tx_seq, rx_key, rx_iv, rx_seq } => LegCrypto::Tls {
+            version,
+            cipher_suite,
+            tx_key,
+            tx_iv,
+            tx_seq: tx.unwrap_or(tx_seq),
+            rx_key,
+            rx_iv,
+            rx_seq: rx.unwrap_or(rx_seq),
+        },
+    }
 }
 
 /// The leg's (decrypter for what we read, encrypter for what we write, is TLS 1.3).
@@ -223,6 +374,11 @@ struct Sess {
     wire: [[u64; 2]; 2],
     ending: Option<EndReason>,
     ending_since: Option<Instant>,
+    /// `[client, upstream]` crypto as handed over, for a successor.
+    crypto: [LegCrypto; 2],
+    kernel_tls: [u8; 2],
+    /// Being passed to a successor: no new operation starts; taken once none is in flight.
+    exporting: bool,
 }
 
 /// The ring and what completions need besides the session table.
@@ -324,6 +480,11 @@ pub(crate) struct EventLoop {
     shutting_down: bool,
     /// Run splices with splice(2) on this thread instead of IORING_OP_SPLICE.
     inline_splice: bool,
+    /// Sessions go to a successor: none is taken any more.
+    handed_over: bool,
+    /// Where the exported sessions go once every session is exported or ended.
+    export_reply: Option<mpsc::SyncSender<Vec<ExportedSession>>>,
+    exported: Vec<ExportedSession>,
 }
 
 impl Sess {
@@ -389,6 +550,9 @@ impl EventLoop {
             stats,
             shutting_down: false,
             inline_splice: splice == SpliceIssue::Inline,
+            handed_over: false,
+            export_reply: None,
+            exported: Vec::new(),
         })
     }
 
@@ -489,6 +653,25 @@ impl EventLoop {
                     .collect();
                 let _ = reply.send(bytes);
             }
+            Command::Export(reply) => {
+                self.handed_over = true;
+                self.export_reply = Some(reply);
+                let slots: Vec<u32> = self.by_id.values().copied().collect();
+                for slot in slots {
+                    let Some(Some(s)) = self.slots.get_mut(slot as usize) else { continue };
+                    if s.ending.is_some() {
+                        continue;
+                    }
+                    s.exporting = true;
+                    for dir in 0..2 {
+                        if s.busy[dir] {
+                            self.io.cancel(token(slot, s.gen, dir));
+                        }
+                    }
+                    self.maybe_export(slot);
+                }
+                self.maybe_finish_export();
+            }
             Command::Shutdown => {
                 if !self.shutting_down {
                     self.shutting_down = true;
@@ -507,6 +690,9 @@ impl EventLoop {
     fn add(&mut self, p: Prepared) -> io::Result<()> {
         if self.shutting_down {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "relay worker is shutting down"));
+        }
+        if self.handed_over {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "relay worker passed its sessions to a successor"));
         }
         if self.by_id.contains_key(&p.id) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("session {} already relayed", p.id)));
@@ -531,6 +717,15 @@ impl EventLoop {
         );
         let legs = p.ktls.iter().filter(|k| **k).count();
         self.stats.ktls_legs.fetch_add(legs, Ordering::Relaxed);
+        // A resumed direction's buffers were allocated outside the pool, which takes them over.
+        let adopted: usize = p.dirs.iter().map(|d| if let Dir::Record(r) = d { r.buffers() } else { 0 }).sum();
+        self.stats.buffers_in_use.fetch_add(adopted, Ordering::Relaxed);
+        self.stats.buffers_allocated.fetch_add(adopted, Ordering::Relaxed);
+        let now = Instant::now();
+        let (wire, first_close, done, last_activity) = match &p.resumed {
+            Some(r) => (r.wire, r.first_close, r.done, now.checked_sub(r.idle).unwrap_or(now)),
+            None => ([[0; 2]; 2], None, [false; 2], now),
+        };
         self.by_id.insert(p.id.clone(), slot);
         self.slots[slot as usize] = Some(Sess {
             id: p.id,
@@ -540,16 +735,19 @@ impl EventLoop {
             dirs: p.dirs,
             ktls: p.ktls,
             busy: [false; 2],
-            done: [false; 2],
+            done,
             added: p.added,
-            last_activity: Instant::now(),
+            last_activity,
             idle_timeout: p.idle_timeout,
             not_after: p.not_after,
-            first_close: None,
+            first_close,
             wire_op: [(None, None); 2],
-            wire: [[0; 2]; 2],
+            wire,
             ending: None,
             ending_since: None,
+            crypto: p.crypto,
+            kernel_tls: p.kernel_tls,
+            exporting: false,
         });
         if p.not_after.is_some_and(|t| SystemTime::now() >= t) {
             self.begin_end(slot, EndReason::CertExpired);
@@ -594,6 +792,16 @@ impl EventLoop {
             self.maybe_finalize(slot);
             return;
         }
+        if s.exporting {
+            // A cancelled operation fails with ECANCELED, and any other failure will show again
+            // to the successor, whose next operation on the socket meets the same condition.
+            if let Err(f) = outcome {
+                debug!(session = %s.id, failure = ?f, "operation ended while passing the session on");
+            }
+            self.maybe_export(slot);
+            self.maybe_finish_export();
+            return;
+        }
         match outcome {
             Ok(moved) => {
                 if moved > 0 {
@@ -609,7 +817,7 @@ impl EventLoop {
     fn drive(&mut self, slot: u32, dir: usize) {
         let mut inline_budget = if self.inline_splice { INLINE_SPLICES } else { 0 };
         let Some(Some(s)) = self.slots.get_mut(slot as usize) else { return };
-        if s.ending.is_some() || s.busy[dir] || s.done[dir] {
+        if s.ending.is_some() || s.exporting || s.busy[dir] || s.done[dir] {
             return;
         }
         loop {
@@ -731,12 +939,90 @@ impl EventLoop {
         // Closes both legs and the pipes.
         drop(s);
         let _ = self.reports.send(report);
+        self.maybe_finish_export();
+    }
+
+    /// Takes an exporting session out of the table once nothing of it is in flight.
+    fn maybe_export(&mut self, slot: u32) {
+        let Some(cell) = self.slots.get_mut(slot as usize) else { return };
+        let Some(s) = cell.as_ref() else { return };
+        if !s.exporting || s.ending.is_some() || s.busy.iter().any(|b| *b) {
+            return;
+        }
+        let Some(s) = cell.take() else { return };
+        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1);
+        self.free_slots.push(slot);
+        self.by_id.remove(&s.id);
+        let Sess {
+            id, client, upstream, dirs, crypto, kernel_tls, done, added, last_activity, wire, first_close, ..
+        } = s;
+        let [d0, d1] = dirs;
+        let mut pipes = Vec::new();
+        let mut held = Vec::new();
+        // `(read, write)` sequence numbers of each direction's userspace ciphers.
+        let mut seqs = [(None, None); 2];
+        let mut states = Vec::with_capacity(2);
+        for (i, d) in [d0, d1].into_iter().enumerate() {
+            match d {
+                Dir::Splice(sd) => {
+                    let (st, pipe) = sd.export(done[i]);
+                    pipes.push(pipe);
+                    states.push(st);
+                }
+                Dir::Record(mut rd) => {
+                    let (st, bytes, sq) = rd.export(done[i], &mut self.io.pool);
+                    held.extend_from_slice(&bytes);
+                    seqs[i] = sq;
+                    states.push(st);
+                }
+            }
+        }
+        let [client_crypto, upstream_crypto] = crypto;
+        // Direction 0 reads the client leg and writes the upstream one; direction 1 the reverse.
+        let client_crypto = with_seqs(client_crypto, seqs[0].0, seqs[1].1);
+        let upstream_crypto = with_seqs(upstream_crypto, seqs[1].0, seqs[0].1);
+        let Ok(dirs) = <[DirState; 2]>::try_from(states) else { return };
+        info!(
+            session = %id,
+            worker = self.index,
+            pipe_bytes = dirs.iter().filter(|d| d.path == DirPath::Splice).map(|d| u64::from(d.held_in)).sum::<u64>(),
+            buffered_bytes = held.len(),
+            "session ready for the successor"
+        );
+        self.exported.push(ExportedSession {
+            id,
+            client,
+            upstream,
+            client_crypto,
+            upstream_crypto,
+            kernel_tls,
+            age: added.elapsed(),
+            idle: last_activity.elapsed(),
+            wire,
+            first_close,
+            dirs,
+            pipes,
+            held,
+        });
+    }
+
+    /// Answers the export once no session is left (each exported, or ended and reported).
+    fn maybe_finish_export(&mut self) {
+        if self.export_reply.is_none() || self.slots.iter().any(Option::is_some) {
+            return;
+        }
+        if let Some(reply) = self.export_reply.take() {
+            let _ = reply.send(std::mem::take(&mut self.exported));
+        }
     }
 
     fn tick(&mut self, now: Instant) {
         let wall = SystemTime::now();
         for slot in 0..self.slots.len() as u32 {
             let Some(Some(s)) = self.slots.get_mut(slot as usize) else { continue };
+            if s.exporting {
+                continue;
+            }
             if let Some(since) = s.ending_since {
                 // Shutdown and cancel should have finished these ops already; nudge again.
                 if now.duration_since(since) >= END_RECANCEL {

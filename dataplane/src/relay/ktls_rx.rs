@@ -41,6 +41,16 @@ impl KtlsRx {
         KtlsRx { tls13, hs_skip: 0, stats }
     }
 
+    /// Bytes of a handshake message continuing in the next record (passed on at a takeover).
+    pub(crate) fn hs_skip(&self) -> usize {
+        self.hs_skip
+    }
+
+    pub(crate) fn with_hs_skip(mut self, skip: usize) -> Self {
+        self.hs_skip = skip;
+        self
+    }
+
     /// Reading kTLS leg `fd` failed with `errno` (a splice or recv, named by `what`): reads the
     /// record that caused it, if that is the cause, and says what it means. One recvmsg, which
     /// does not block (the socket is non-blocking and the record is already decrypted and queued).

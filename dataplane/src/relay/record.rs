@@ -23,6 +23,7 @@ use nix::libc;
 use super::ktls_rx::{read_error, Control, KtlsRx};
 use super::pool::{Pool, BUF_SIZE};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
+use crate::handoff::{DirPath, DirState};
 use crate::ktls::send_close_notify;
 use crate::tls_record::{
     RecordDecrypter, RecordEncrypter, CLOSE_NOTIFY, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
@@ -122,6 +123,78 @@ impl RecordDir {
         self.ktls_rx = rx;
         self.ktls_tx = tx;
         self
+    }
+
+    /// Restores what a predecessor left (see [`RecordDir::export`]): `held` is the unprocessed
+    /// input (`state.held_in` bytes) followed by the unsent output. Its buffers are allocated
+    /// here, outside the pool; the worker adopts them ([`RecordDir::buffers`]).
+    pub(crate) fn resume(mut self, state: &DirState, held: &[u8]) -> std::io::Result<Self> {
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+        let (held_in, held_out) = (state.held_in as usize, state.held_out as usize);
+        if state.path != DirPath::Record
+            || held.len() != held_in + held_out
+            || held_in > BUF_SIZE
+            || held_out > BUF_SIZE
+        {
+            return Err(bad("a resumed record-path direction's buffered bytes do not fit"));
+        }
+        let buffer = |bytes: &[u8]| {
+            let mut b = vec![0u8; BUF_SIZE].into_boxed_slice();
+            b[..bytes.len()].copy_from_slice(bytes);
+            b
+        };
+        if held_in > 0 {
+            self.inb = Some(buffer(&held[..held_in]));
+            self.in_end = held_in;
+        }
+        if held_out > 0 {
+            self.outb = Some(buffer(&held[held_in..]));
+            self.out_len = held_out;
+        }
+        self.out_plain = state.out_plain;
+        self.src_eof = state.eof;
+        self.notified = state.notified;
+        self.notify_sent = state.notify_sent;
+        self.hs_skip = state.hs_skip as usize;
+        self.bytes = state.bytes;
+        Ok(self)
+    }
+
+    /// Buffers the direction holds (to account for those [`RecordDir::resume`] allocated).
+    pub(crate) fn buffers(&self) -> usize {
+        usize::from(self.inb.is_some()) + usize::from(self.outb.is_some())
+    }
+
+    /// Hands the direction over (no operation in flight): its state, the bytes it holds (see
+    /// [`RecordDir::resume`]) and its ciphers' sequence numbers (`(read, write)`); its buffers
+    /// go back to the pool.
+    pub(crate) fn export(&mut self, done: bool, pool: &mut Pool) -> (DirState, Vec<u8>, (Option<u64>, Option<u64>)) {
+        debug_assert_eq!(self.pending, Pending::None);
+        let mut held = Vec::new();
+        if let Some(b) = &self.inb {
+            held.extend_from_slice(&b[self.in_start..self.in_end]);
+        }
+        let held_in = held.len() as u32;
+        if let Some(b) = &self.outb {
+            held.extend_from_slice(&b[self.out_sent..self.out_len]);
+        }
+        let state = DirState {
+            path: DirPath::Record,
+            eof: self.src_eof,
+            notified: self.notified,
+            notify_sent: self.notify_sent,
+            done,
+            held_in,
+            held_out: held.len() as u32 - held_in,
+            // Counted once the whole output buffer is sent: still pending unless all of it was.
+            out_plain: if self.out_sent < self.out_len { self.out_plain } else { 0 },
+            hs_skip: self.hs_skip as u32,
+            ktls_hs_skip: self.ktls_rx.as_ref().map_or(0, |k| k.hs_skip() as u32),
+            bytes: self.bytes + if self.out_len > 0 && self.out_sent >= self.out_len { self.out_plain } else { 0 },
+        };
+        let seqs = (self.dec.as_ref().map(RecordDecrypter::seq), self.enc.as_ref().map(RecordEncrypter::seq));
+        self.release(pool);
+        (state, held, seqs)
     }
 
     /// Next operation; called only while none is in flight (so the buffers are ours to touch).

@@ -22,6 +22,7 @@ use nix::libc;
 
 use super::ktls_rx::{read_error, Control, KtlsRx};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
+use crate::handoff::{DirPath, DirState};
 use crate::ktls::{send_close_notify, MAX_RECORD_PLAINTEXT};
 
 /// Larger pipes mean fewer splices (each an io-wq round trip) per megabyte.
@@ -91,6 +92,74 @@ impl SpliceDir {
         self.ktls_rx = rx;
         self.ktls_tx = tx;
         self
+    }
+
+    /// The direction as a predecessor left it: its pipe (`[read end, write end]`, with
+    /// `state.held_in` bytes in it) and flags. The first step polls, whatever the socket was.
+    pub(crate) fn resume(
+        src: RawFd,
+        dst: RawFd,
+        src_leg: Leg,
+        dst_leg: Leg,
+        [pipe_r, pipe_w]: [OwnedFd; 2],
+        state: &DirState,
+    ) -> std::io::Result<Self> {
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+        for p in [&pipe_r, &pipe_w] {
+            let st = nix::sys::stat::fstat(p)?;
+            if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+                != nix::sys::stat::SFlag::S_IFIFO
+            {
+                return Err(bad("a resumed direction's pipe descriptor is not a pipe"));
+            }
+        }
+        // Ours to set, whatever the predecessor's flags were.
+        for p in [&pipe_r, &pipe_w] {
+            let flags = OFlag::from_bits_truncate(fcntl(p, FcntlArg::F_GETFL)?);
+            fcntl(p, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        }
+        let pipe_cap = fcntl(&pipe_w, FcntlArg::F_GETPIPE_SZ)?.max(4096) as u32;
+        if state.path != DirPath::Splice || state.held_in > pipe_cap {
+            return Err(bad("a resumed spliced direction holds more than its pipe"));
+        }
+        Ok(SpliceDir {
+            src,
+            dst,
+            src_leg,
+            dst_leg,
+            pipe_r,
+            pipe_w,
+            pipe_cap,
+            in_pipe: state.held_in,
+            readable: false,
+            blocked_out: false,
+            eof: state.eof,
+            ktls_rx: None,
+            ktls_tx: false,
+            notify_sent: state.notify_sent,
+            pending: Pending::None,
+            bytes: state.bytes,
+        })
+    }
+
+    /// Hands the direction over (no operation in flight): its state and its pipe, whose bytes
+    /// stay in the kernel.
+    pub(crate) fn export(self, done: bool) -> (DirState, [OwnedFd; 2]) {
+        debug_assert_eq!(self.pending, Pending::None);
+        let state = DirState {
+            path: DirPath::Splice,
+            eof: self.eof,
+            notified: false,
+            notify_sent: self.notify_sent,
+            done,
+            held_in: self.in_pipe,
+            held_out: 0,
+            out_plain: 0,
+            hs_skip: 0,
+            ktls_hs_skip: self.ktls_rx.as_ref().map_or(0, |k| k.hs_skip() as u32),
+            bytes: self.bytes,
+        };
+        (state, [self.pipe_r, self.pipe_w])
     }
 
     /// Whether to read another kTLS record into the pipe before draining it.

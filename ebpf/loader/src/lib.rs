@@ -13,12 +13,18 @@
 //! and reused on the next load, so a restarted data plane finds the counters it left. Only
 //! registered sockets are counted: [`Counters::register`] inserts a zeroed entry, the programs
 //! only update existing entries, and [`Counters::remove`] deletes it at session end.
+//!
+//! A data plane handing its sessions to a successor pins its program links beside the map
+//! ([`Counters::pin_links`]); the successor's [`Counters::load`] adopts them instead of attaching
+//! programs of its own. So the programs never stop counting the sessions passed on, and never
+//! count them twice (two attached sets would both add to the one map).
 
 use std::error::Error as _;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, MapError};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 pub use sluice_ebpf_common::{SockCounters, SockKey, SOCK_COUNTERS_MAP};
@@ -51,6 +57,8 @@ pub enum LoadError {
     Missing(&'static str),
     #[error("eBPF map: {0}")]
     Map(#[from] MapError),
+    #[error("eBPF link {path}: {error}")]
+    Link { path: PathBuf, error: String },
 }
 
 impl LoadError {
@@ -99,9 +107,20 @@ pub struct Counters {
     map: HashMap<MapData, SockKey, SockCounters>,
     cgroup: PathBuf,
     pin_dir: Option<PathBuf>,
-    /// Owns the programs and their cgroup links: dropping it detaches them.
-    _ebpf: Ebpf,
+    /// The cgroup links (ingress, egress): dropping them detaches the programs, unless pinned.
+    links: Vec<OwnedLink>,
+    /// The programs, when this process loaded them (not when it adopted a predecessor's links).
+    _ebpf: Option<Ebpf>,
 }
+
+enum OwnedLink {
+    Fd(FdLink),
+    /// Pinned for a successor; stays attached after this process exits.
+    Pinned(PinnedLink),
+}
+
+/// Pin names of the links a data plane leaves for its successor.
+const LINK_PINS: [&str; 2] = ["sluice_ingress_link", "sluice_egress_link"];
 
 impl Counters {
     /// Loads the programs, reusing the pinned map if one exists, and attaches them (ingress and
@@ -125,11 +144,17 @@ impl Counters {
         if let Some(dir) = &opts.pin_dir {
             prepare_pin_dir(dir).map_err(|source| LoadError::PinDir { path: dir.clone(), source })?;
         }
+        if let Some(dir) = &opts.pin_dir {
+            if let Some(adopted) = Self::adopt(dir, &cgroup)? {
+                return Ok(adopted);
+            }
+        }
         let mut loader = EbpfLoader::new();
         if let Some(dir) = &opts.pin_dir {
             loader.default_map_pin_directory(dir);
         }
         let mut ebpf = loader.load(PROGRAMS)?;
+        let mut links = Vec::new();
         for (name, attach) in
             [("sluice_ingress", CgroupSkbAttachType::Ingress), ("sluice_egress", CgroupSkbAttachType::Egress)]
         {
@@ -141,12 +166,67 @@ impl Counters {
             prog.load().map_err(|error| LoadError::Program { name, error })?;
             // aya attaches with a bpf_link (kernel ≥ 5.7), which always coexists with other programs
             // of the cgroup and takes no flags: any mode but Single is refused with EINVAL.
-            prog.attach(cgroup_dir.as_fd(), attach, CgroupAttachMode::Single)
+            let id = prog
+                .attach(cgroup_dir.as_fd(), attach, CgroupAttachMode::Single)
                 .map_err(|error| LoadError::Program { name, error })?;
+            let link = prog.take_link(id).map_err(|error| LoadError::Program { name, error })?;
+            let link = FdLink::try_from(link)
+                .map_err(|e| LoadError::Link { path: cgroup.clone(), error: format!("{name}: {e}") })?;
+            links.push(OwnedLink::Fd(link));
         }
         let map = ebpf.take_map(SOCK_COUNTERS_MAP).ok_or(LoadError::Missing(SOCK_COUNTERS_MAP))?;
         let map = HashMap::try_from(map)?;
-        Ok(Counters { map, cgroup, pin_dir: opts.pin_dir.clone(), _ebpf: ebpf })
+        Ok(Counters { map, cgroup, pin_dir: opts.pin_dir.clone(), links, _ebpf: Some(ebpf) })
+    }
+
+    /// Takes over the links and map a predecessor pinned in `dir` for its successor, if it did.
+    fn adopt(dir: &Path, cgroup: &Path) -> Result<Option<Counters>, LoadError> {
+        if !LINK_PINS.iter().all(|n| dir.join(n).exists()) {
+            return Ok(None);
+        }
+        let mut links = Vec::new();
+        for name in LINK_PINS {
+            let path = dir.join(name);
+            let pinned = PinnedLink::from_pin(&path)
+                .map_err(|e| LoadError::Link { path: path.clone(), error: e.to_string() })?;
+            // Ours now: unpinned, it stays attached exactly as long as this process holds it.
+            let fd = pinned.unpin().map_err(|e| LoadError::Link { path: path.clone(), error: e.to_string() })?;
+            links.push(OwnedLink::Fd(fd));
+        }
+        let data = MapData::from_pin(dir.join(SOCK_COUNTERS_MAP))?;
+        let map = HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        Ok(Some(Counters { map, cgroup: cgroup.to_path_buf(), pin_dir: Some(dir.to_path_buf()), links, _ebpf: None }))
+    }
+
+    /// Pins the program links beside the map so that they stay attached after this process
+    /// exits, for a successor's [`Counters::load`] to adopt.
+    pub fn pin_links(&mut self) -> Result<(), LoadError> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Err(LoadError::Link { path: PathBuf::new(), error: "no pin directory".into() });
+        };
+        let mut result = Ok(());
+        for (link, name) in std::mem::take(&mut self.links).into_iter().zip(LINK_PINS) {
+            let path = dir.join(name);
+            match link {
+                OwnedLink::Pinned(p) => self.links.push(OwnedLink::Pinned(p)),
+                OwnedLink::Fd(fd) => {
+                    // A pin left by an earlier, failed takeover would make BPF_OBJ_PIN fail.
+                    let _ = std::fs::remove_file(&path);
+                    // aya's pin consumes the link: on failure it is gone (detached), which the
+                    // error reports; the successor then attaches programs of its own.
+                    match fd.pin(&path) {
+                        Ok(p) => self.links.push(OwnedLink::Pinned(p)),
+                        Err(e) => result = Err(LoadError::Link { path, error: e.to_string() }),
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// Whether the programs came attached from a predecessor (see [`Counters::pin_links`]).
+    pub fn adopted(&self) -> bool {
+        self._ebpf.is_none()
     }
 
     /// The cgroup the programs are attached to.
@@ -199,6 +279,9 @@ impl Counters {
     /// Removes the pinned map (a clean shutdown with no live session has nothing to keep).
     pub fn unpin(&self) {
         if let Some(dir) = &self.pin_dir {
+            for name in LINK_PINS {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
             let _ = std::fs::remove_file(dir.join(SOCK_COUNTERS_MAP));
             let _ = std::fs::remove_dir(dir);
         }
