@@ -71,7 +71,7 @@ pub enum HandoffError {
 }
 
 /// How a leg's bytes are protected once the data plane owns the socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum LegCrypto {
     /// Plain TCP or Unix socket: spliced as is.
     Plain,
@@ -88,6 +88,22 @@ pub enum LegCrypto {
         rx_iv: Vec<u8>,
         rx_seq: u64,
     },
+}
+
+/// Keys and IVs never reach a log line: a frame logged as unexpected shows the rest only.
+impl std::fmt::Debug for LegCrypto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LegCrypto::Plain => f.write_str("Plain"),
+            LegCrypto::Tls { version, cipher_suite, tx_seq, rx_seq, .. } => f
+                .debug_struct("Tls")
+                .field("version", &format_args!("{version:#06x}"))
+                .field("cipher_suite", &format_args!("{cipher_suite:#06x}"))
+                .field("tx_seq", tx_seq)
+                .field("rx_seq", rx_seq)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// A session handed to the data plane (the two descriptors travel beside this frame).
@@ -968,6 +984,16 @@ mod tests {
         short[8..12].copy_from_slice(&(payload.len() as u32).to_be_bytes());
         short.extend_from_slice(&payload);
         assert_eq!(decode(&short), Err(HandoffError::Malformed("leg counters")));
+    }
+
+    #[test]
+    fn debug_output_leaves_keys_out() {
+        let text = format!("{:?}", Message::Resume(Box::new(resume())));
+        assert!(text.contains("tx_seq: 3") && text.contains("0x1301"), "{text}");
+        // The sample's keys and IVs are runs of 1, 2, 4 and 5.
+        for key in ["[1, 1", "[2, 2", "[4, 4", "[5, 5"] {
+            assert!(!text.contains(key), "{text}");
+        }
     }
 
     #[test]

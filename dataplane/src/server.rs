@@ -394,6 +394,7 @@ impl Shared {
         let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         if let Err(e) = self.workers[i].add(session) {
             self.counting.finish(&h.session_id, [[0; 2]; 2]);
+            lock(&self.meta).remove(&h.session_id);
             return Err(format!("worker {i}: {e}"));
         }
         info!(session_id = %h.session_id, user = %h.user, db = %h.db_service, worker = i, "session taken over");

@@ -196,6 +196,43 @@ fn userspace_client_leg_ktls_upstream_leg() {
     w.shutdown();
 }
 
+/// A session whose legs the kernel protects moves to another worker mid-transfer, as in a
+/// data-plane takeover: the kernel keeps each socket's TLS state, the pipe keeps its bytes, and
+/// the second worker goes on splicing without installing keys again.
+#[test]
+fn a_ktls_session_moves_between_workers_mid_transfer() {
+    if !need_ktls("moved-ktls") {
+        return;
+    }
+    let n = transfer_size().min(16 * MIB);
+    let (r, w, (pipe, held)) =
+        moved_mid_transfer("moved-ktls", tcp_pair(), tcp_pair(), (0x1301, KeyKind::Ecdsa), (0x1302, KeyKind::Ecdsa), n);
+    assert!(r.client_ktls && r.upstream_ktls, "{r:?}");
+    assert_eq!(held, 0, "a pure-splice session holds no userspace bytes");
+    assert!(pipe > 0, "bytes were in the pipe at the move");
+    assert_eq!(w.buffers_allocated(), 0);
+    w.shutdown();
+}
+
+/// The same with one leg on the userspace record path (a Unix socket) and the other on kTLS.
+#[test]
+fn a_mixed_session_moves_between_workers_mid_transfer() {
+    if !need_ktls("moved-mixed") {
+        return;
+    }
+    let n = transfer_size().min(16 * MIB);
+    let (r, w, _) = moved_mid_transfer(
+        "moved-mixed",
+        UnixStream::pair().unwrap(),
+        tcp_pair(),
+        (0x1301, KeyKind::Ecdsa),
+        (0x1303, KeyKind::Ecdsa),
+        n,
+    );
+    assert!((r.client_ktls, r.upstream_ktls) == (false, true), "{r:?}");
+    w.shutdown();
+}
+
 /// The upstream's TLS 1.3 NewSessionTickets reach the worker after the handoff, ahead of its first
 /// application data: they must be read off the kTLS leg and dropped, and the data relayed.
 #[test]

@@ -555,3 +555,22 @@ fn shutdown_reports_every_session() {
     }
     drop((peer, u));
 }
+
+/// A live session moves to another worker mid-transfer, as in a data-plane takeover (export, then
+/// resume): on a kernel without kTLS both legs use the userspace record path, whose buffered
+/// records and sequence numbers move with it; the transfer finishes byte-exact both ways.
+#[test]
+fn a_tls_session_moves_between_workers_mid_transfer() {
+    let (r, w, (_, held)) = moved_mid_transfer(
+        "moved-tls",
+        tcp_pair(),
+        UnixStream::pair().unwrap(),
+        (0x1301, KeyKind::Ecdsa),
+        (0x1303, KeyKind::Ecdsa),
+        16 * MIB,
+    );
+    if !r.client_ktls {
+        assert!(held > 0, "records were buffered in userspace at the move: {r:?}");
+    }
+    w.shutdown();
+}

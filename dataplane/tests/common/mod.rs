@@ -15,8 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{
     ClientConfig, ClientConnection, ConnectionTrafficSecrets, ExtractedSecrets, ServerConfig, ServerConnection,
 };
-use sluice_dataplane::handoff::LegCrypto;
-use sluice_dataplane::relay::{Report, Session};
+use sluice_dataplane::handoff::{DirPath, EndReason, LegCrypto};
+use sluice_dataplane::relay::{ExportedSession, Report, ResumedSession, Session, Worker};
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -554,4 +554,101 @@ fn set_nonblocking(s: &impl AsFd, on: bool) {
     let flags = OFlag::from_bits_truncate(fcntl(s.as_fd(), FcntlArg::F_GETFL).unwrap());
     let flags = if on { flags | OFlag::O_NONBLOCK } else { flags - OFlag::O_NONBLOCK };
     fcntl(s.as_fd(), FcntlArg::F_SETFL(flags)).unwrap();
+}
+
+/// What a successor receives for an exported session (the takeover carries exactly these over
+/// the link).
+pub fn into_resumed(e: ExportedSession) -> ResumedSession {
+    ResumedSession {
+        session: session(&e.id, e.client, e.client_crypto, e.upstream, e.upstream_crypto),
+        kernel_tls: e.kernel_tls,
+        age: e.age,
+        idle: e.idle,
+        wire: e.wire,
+        first_close: e.first_close,
+        dirs: e.dirs,
+        pipes: e.pipes,
+        held: e.held,
+    }
+}
+
+/// A TLS session moved from one worker to another the way a data-plane takeover moves it, while
+/// bytes are stuck mid-relay: the client sends `n` bytes the upstream does not read yet, the
+/// session is exported from the first worker and resumed on a second, then the upstream reads
+/// them all (byte-exact), sends `n` back through the second worker, and both sides close with
+/// close_notify. Returns the second worker's report, the second worker, and the exported
+/// session's held bytes (pipe bytes, record-path bytes) at the move.
+pub fn moved_mid_transfer<C: Sock, U: Sock>(
+    name: &str,
+    client_pair: (C, C),
+    upstream_pair: (U, U),
+    (cs, ck): (u16, KeyKind),
+    (us, uk): (u16, KeyKind),
+    n: u64,
+) -> (Report, Worker, (u64, usize))
+where
+    OwnedFd: From<C> + From<U>,
+{
+    let (tx, reports) = mpsc::channel();
+    let first = Worker::spawn(0, tx.clone()).unwrap();
+    let second = Worker::spawn(1, tx).unwrap();
+    let (mut client, c_leg, c_crypto) = tls_client_leg(client_pair, cs, ck);
+    let (mut upstream, u_leg, u_crypto) = tls_upstream_leg(upstream_pair, us, uk);
+    first.add(session(name, c_leg, c_crypto, u_leg, u_crypto)).unwrap();
+    let (c2u, u2c) = (Pattern::new(21), Pattern::new(22));
+    let writer = {
+        let p = c2u.clone();
+        std::thread::spawn(move || {
+            let mut off = 0;
+            while off < n {
+                let chunk = p.at(off, (n - off).min(64 * 1024) as usize).to_vec();
+                client.write_all(&chunk);
+                off += chunk.len() as u64;
+            }
+            client
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut exported = first.export();
+    assert_eq!(exported.len(), 1, "the live session is exported");
+    assert!(first.sessions().is_empty(), "the first worker holds nothing after the export");
+    let e = exported.remove(0);
+    let pipe_bytes: u64 = e.dirs.iter().filter(|d| d.path == DirPath::Splice).map(|d| u64::from(d.held_in)).sum();
+    let held = (pipe_bytes, e.held.len());
+    second.resume(into_resumed(e)).unwrap();
+    first.shutdown();
+    assert!(reports.try_recv().is_err(), "moving a session reports nothing");
+    let mut off = 0;
+    while off < n {
+        let k = (n - off).min(256 * 1024) as usize;
+        let got = upstream.read_exact(k);
+        assert!(c2u.matches(off, &got), "{name}: content mismatch at {off} (client → upstream)");
+        off += k as u64;
+    }
+    let mut client = writer.join().unwrap();
+    let p = u2c.clone();
+    let back = std::thread::spawn(move || {
+        let mut off = 0;
+        while off < n {
+            let chunk = p.at(off, (n - off).min(64 * 1024) as usize).to_vec();
+            upstream.write_all(&chunk);
+            off += chunk.len() as u64;
+        }
+        assert_eq!(upstream.read_to_close().unwrap(), b"", "the client's close_notify arrives as close_notify");
+        upstream.close_notify();
+    });
+    let mut off = 0;
+    while off < n {
+        let k = (n - off).min(256 * 1024) as usize;
+        let got = client.read_exact(k);
+        assert!(u2c.matches(off, &got), "{name}: content mismatch at {off} (upstream → client)");
+        off += k as u64;
+    }
+    client.close_notify();
+    assert_eq!(client.read_to_close().unwrap(), b"", "the upstream's close_notify arrives as close_notify");
+    back.join().unwrap();
+    let r = next_report(&reports, Duration::from_secs(10));
+    assert_eq!((r.bytes_client_to_upstream, r.bytes_upstream_to_client), (n, n), "{name}: {r:?}");
+    assert_eq!(r.reason, EndReason::ClientClosed, "{name}: {r:?}");
+    (r, second, held)
 }
