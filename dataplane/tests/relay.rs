@@ -567,7 +567,7 @@ fn a_tls_session_moves_between_workers_mid_transfer() {
         UnixStream::pair().unwrap(),
         (0x1301, KeyKind::Ecdsa),
         (0x1303, KeyKind::Ecdsa),
-        16 * MIB,
+        40 * MIB,
     );
     if !r.client_ktls {
         assert!(held > 0, "records were buffered in userspace at the move: {r:?}");

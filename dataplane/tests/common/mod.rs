@@ -577,7 +577,8 @@ pub fn into_resumed(e: ExportedSession) -> ResumedSession {
 /// session is exported from the first worker and resumed on a second, then the upstream reads
 /// them all (byte-exact), sends `n` back through the second worker, and both sides close with
 /// close_notify. Returns the second worker's report, the second worker, and the exported
-/// session's held bytes (pipe bytes, record-path bytes) at the move.
+/// session's held bytes (pipe bytes, record-path bytes) at the move. `n` must exceed what the
+/// sockets buffer (some 20 MiB on loopback), so that the client is still writing at the move.
 pub fn moved_mid_transfer<C: Sock, U: Sock>(
     name: &str,
     client_pair: (C, C),
@@ -609,6 +610,8 @@ where
         })
     };
     std::thread::sleep(Duration::from_millis(300));
+    // Loopback sockets buffer up to ~20 MiB between the two peers: `n` must be larger.
+    assert!(!writer.is_finished(), "{name}: the client's writes must be stalled at the move");
     let mut exported = first.export();
     assert_eq!(exported.len(), 1, "the live session is exported");
     assert!(first.sessions().is_empty(), "the first worker holds nothing after the export");
