@@ -75,6 +75,10 @@ pub struct Session {
     pub not_after: Option<SystemTime>,
 }
 
+/// The most bytes a session's record-path directions can hold when it is passed on: an input
+/// and an output pool buffer each.
+pub const MAX_HELD_BYTES: u64 = 4 * pool::BUF_SIZE as u64;
+
 /// A session passed from a predecessor data plane, with its relay state (see
 /// [`crate::handoff::Resume`]).
 pub struct ResumedSession {

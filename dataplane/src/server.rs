@@ -418,6 +418,11 @@ impl Shared {
             };
             pipes.push([rd, wr]);
         }
+        // Two record-path directions hold at most an input and an output buffer each; checked
+        // before allocating what the frame claims.
+        if r.held_bytes() > crate::relay::MAX_HELD_BYTES {
+            return Err(format!("a resumed session claims {} buffered bytes", r.held_bytes()));
+        }
         let mut held = vec![0u8; r.held_bytes() as usize];
         if !held.is_empty() {
             let memfd = fds.next().ok_or("a resumed session came without its buffered bytes")?;
