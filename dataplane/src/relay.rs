@@ -79,10 +79,12 @@ pub struct Session {
 /// and an output pool buffer each.
 pub const MAX_HELD_BYTES: u64 = 4 * pool::BUF_SIZE as u64;
 
-/// A session passed from a predecessor data plane, with its relay state (see
-/// [`crate::handoff::Resume`]).
-pub struct ResumedSession {
+/// A live session on its way from one worker to another, usually in a successor process (see
+/// [`crate::handoff::Resume`]): [`Worker::export`] gives them, [`Worker::resume`] takes them.
+/// The crypto in `session` has the sequence numbers the ciphers reached.
+pub struct MovedSession {
     pub session: Session,
+    /// `[client, upstream]`: bit 0 the kernel opens the leg's records, bit 1 it seals them.
     pub kernel_tls: [u8; 2],
     pub age: Duration,
     pub idle: Duration,
@@ -92,24 +94,6 @@ pub struct ResumedSession {
     /// Each spliced direction's pipe, in direction order.
     pub pipes: Vec<[OwnedFd; 2]>,
     /// The record-path directions' bytes, in direction order (see `RecordDir::resume`).
-    pub held: Vec<u8>,
-}
-
-/// A live session taken off a worker for a successor: everything [`ResumedSession`] needs, its
-/// crypto with the sequence numbers reached.
-pub struct ExportedSession {
-    pub id: String,
-    pub client: OwnedFd,
-    pub upstream: OwnedFd,
-    pub client_crypto: LegCrypto,
-    pub upstream_crypto: LegCrypto,
-    pub kernel_tls: [u8; 2],
-    pub age: Duration,
-    pub idle: Duration,
-    pub wire: [[u64; 2]; 2],
-    pub first_close: Option<EndReason>,
-    pub dirs: [DirState; 2],
-    pub pipes: Vec<[OwnedFd; 2]>,
     pub held: Vec<u8>,
 }
 
@@ -164,7 +148,7 @@ pub(crate) enum Command {
     List(mpsc::SyncSender<Vec<String>>),
     Bytes(mpsc::SyncSender<Vec<SessionBytes>>),
     /// Stop relaying, and pass every live session on (once none is still ending).
-    Export(mpsc::SyncSender<Vec<ExportedSession>>),
+    Export(mpsc::SyncSender<Vec<MovedSession>>),
     Shutdown,
 }
 
@@ -241,7 +225,7 @@ impl Worker {
     }
 
     /// Takes a session over from a predecessor data plane, as it left it.
-    pub fn resume(&self, r: ResumedSession) -> io::Result<()> {
+    pub fn resume(&self, r: MovedSession) -> io::Result<()> {
         let prepared = event_loop::Prepared::resume(r, &self.stats)?;
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Command::Add(Box::new(prepared), tx))?;
@@ -251,7 +235,7 @@ impl Worker {
     /// Stops relaying and returns every live session, each at a point where no operation is in
     /// flight, with its sockets untouched (the peers notice nothing). Waits for sessions already
     /// ending to finish (their reports go out as usual). The worker takes no session after this.
-    pub fn export(&self) -> Vec<ExportedSession> {
+    pub fn export(&self) -> Vec<MovedSession> {
         let (tx, rx) = mpsc::sync_channel(1);
         if self.send(Command::Export(tx)).is_err() {
             return Vec::new();

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use crate::counters::SessionCounting;
 use crate::handoff::{DirPath, EndReason, Handoff, LegCrypto, Message, Resume, Role, SessionEnded, SessionStats};
 use crate::link::{Link, LinkError, Listener};
-use crate::relay::{ExportedSession, RelayOptions, Report, ResumedSession, Session, Worker};
+use crate::relay::{MovedSession, RelayOptions, Report, Session, Worker};
 
 /// End reports kept while no control is connected; beyond this the oldest are dropped (and
 /// logged), so a long control outage cannot grow memory without bound.
@@ -377,28 +377,27 @@ impl Shared {
         let [client, upstream]: [OwnedFd; 2] =
             fds.try_into().map_err(|v: Vec<OwnedFd>| format!("a handoff needs 2 descriptors, got {}", v.len()))?;
         check_sockets(&client, &upstream)?;
-        lock(&self.meta).insert(h.session_id.clone(), without_keys(&h));
-        let not_after = (h.not_after > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(h.not_after as u64));
-        let idle_timeout = (h.idle_timeout_ms > 0).then(|| Duration::from_millis(h.idle_timeout_ms));
-        let session = Session {
-            id: h.session_id.clone(),
-            client,
-            upstream,
-            client_crypto: h.client,
-            upstream_crypto: h.upstream,
-            idle_timeout,
-            not_after,
-        };
         // Counting starts before the first byte can move.
-        self.counting.register(&h.session_id, session.client.as_fd(), session.upstream.as_fd());
-        let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        if let Err(e) = self.workers[i].add(session) {
-            self.counting.finish(&h.session_id, [[0; 2]; 2]);
-            lock(&self.meta).remove(&h.session_id);
-            return Err(format!("worker {i}: {e}"));
-        }
-        info!(session_id = %h.session_id, user = %h.user, db = %h.db_service, worker = i, "session taken over");
+        self.counting.register(&h.session_id, client.as_fd(), upstream.as_fd());
+        let (meta, session) = split(h, client, upstream);
+        let (id, user, db) = (meta.session_id.clone(), meta.user.clone(), meta.db_service.clone());
+        let i = self.place(meta, |w| w.add(session))?;
+        info!(session_id = %id, user = %user, db = %db, worker = i, "session taken over");
         Ok(())
+    }
+
+    /// Gives a session to the next worker (round robin) with `give`, keeping its metadata while
+    /// it lives; returns the worker's index.
+    fn place(&self, meta: Handoff, give: impl FnOnce(&Worker) -> std::io::Result<()>) -> Result<usize, String> {
+        let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let id = meta.session_id.clone();
+        lock(&self.meta).insert(id.clone(), meta);
+        give(&self.workers[i]).map_err(|e| {
+            self.counting.finish(&id, [[0; 2]; 2]);
+            lock(&self.meta).remove(&id);
+            format!("worker {i}: {e}")
+        })?;
+        Ok(i)
     }
 
     /// Takes a session a predecessor passed on (see [`Server::take_over`]).
@@ -429,22 +428,11 @@ impl Shared {
             std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(memfd), &mut held, 0)
                 .map_err(|e| format!("reading a resumed session's buffered bytes: {e}"))?;
         }
-        let h = r.handoff;
-        let id = h.session_id.clone();
-        self.counting.resume(&id, r.baseline, client.as_fd(), upstream.as_fd());
-        lock(&self.meta).insert(id.clone(), without_keys(&h));
-        let not_after = (h.not_after > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(h.not_after as u64));
-        let idle_timeout = (h.idle_timeout_ms > 0).then(|| Duration::from_millis(h.idle_timeout_ms));
-        let resumed = ResumedSession {
-            session: Session {
-                id: id.clone(),
-                client,
-                upstream,
-                client_crypto: h.client,
-                upstream_crypto: h.upstream,
-                idle_timeout,
-                not_after,
-            },
+        self.counting.resume(&r.handoff.session_id, r.baseline, client.as_fd(), upstream.as_fd());
+        let (meta, session) = split(r.handoff, client, upstream);
+        let (id, user, db) = (meta.session_id.clone(), meta.user.clone(), meta.db_service.clone());
+        let moved = MovedSession {
+            session,
             kernel_tls: r.kernel_tls,
             age: Duration::from_millis(r.age_ms),
             idle: Duration::from_millis(r.idle_ms),
@@ -454,13 +442,8 @@ impl Shared {
             pipes,
             held,
         };
-        let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        if let Err(e) = self.workers[i].resume(resumed) {
-            self.counting.finish(&id, [[0; 2]; 2]);
-            lock(&self.meta).remove(&id);
-            return Err(format!("worker {i}: {e}"));
-        }
-        info!(session_id = %id, user = %h.user, db = %h.db_service, worker = i, "session resumed from the predecessor");
+        let i = self.place(meta, |w| w.resume(moved))?;
+        info!(session_id = %id, user = %user, db = %db, worker = i, "session resumed from the predecessor");
         Ok(())
     }
 
@@ -494,7 +477,7 @@ impl Shared {
         let mut passed = 0;
         for w in &self.workers {
             for e in w.export() {
-                let id = e.id.clone();
+                let id = e.session.id.clone();
                 match self.pass_on(&link, e) {
                     Ok(()) => passed += 1,
                     Err(err) => error!(session_id = %id, error = %err, "passing a session to the successor failed"),
@@ -520,9 +503,13 @@ impl Shared {
         std::process::exit(0);
     }
 
-    fn pass_on(&self, link: &Link, e: ExportedSession) -> Result<(), String> {
-        let mut handoff = lock(&self.meta).remove(&e.id).unwrap_or_else(|| Handoff {
-            session_id: e.id.clone(),
+    fn pass_on(&self, link: &Link, e: MovedSession) -> Result<(), String> {
+        let MovedSession { session, kernel_tls, age, idle, wire, first_close, dirs, pipes, held } = e;
+        let Session { id, client, upstream, client_crypto, upstream_crypto, .. } = session;
+        // Always there (kept from the handoff until the report); without it the session still
+        // goes on, nameless, rather than being closed here.
+        let meta = lock(&self.meta).remove(&id).unwrap_or_else(|| Handoff {
+            session_id: id.clone(),
             user: String::new(),
             db_service: String::new(),
             db_user: String::new(),
@@ -532,27 +519,25 @@ impl Shared {
             client: LegCrypto::Plain,
             upstream: LegCrypto::Plain,
         });
-        handoff.client = e.client_crypto;
-        handoff.upstream = e.upstream_crypto;
         let resume = Resume {
-            handoff,
-            kernel_tls: e.kernel_tls,
-            age_ms: e.age.as_millis() as u64,
-            idle_ms: e.idle.as_millis() as u64,
-            wire: e.wire,
-            first_close: e.first_close,
-            dirs: e.dirs,
-            baseline: self.counting.pass_on(&e.id),
+            handoff: Handoff { client: client_crypto, upstream: upstream_crypto, ..meta },
+            kernel_tls,
+            age_ms: age.as_millis() as u64,
+            idle_ms: idle.as_millis() as u64,
+            wire,
+            first_close,
+            dirs,
+            baseline: self.counting.pass_on(&id),
         };
-        let mut fds: Vec<RawFd> = vec![e.client.as_raw_fd(), e.upstream.as_raw_fd()];
-        fds.extend(e.pipes.iter().flat_map(|[r, w]| [r.as_raw_fd(), w.as_raw_fd()]));
-        let memfd = if e.held.is_empty() {
+        let mut fds: Vec<RawFd> = vec![client.as_raw_fd(), upstream.as_raw_fd()];
+        fds.extend(pipes.iter().flat_map(|[r, w]| [r.as_raw_fd(), w.as_raw_fd()]));
+        let memfd = if held.is_empty() {
             None
         } else {
             let fd = nix::sys::memfd::memfd_create(c"sluice-held", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
                 .map_err(|err| format!("memfd_create: {err}"))?;
             let file = std::fs::File::from(fd);
-            std::io::Write::write_all(&mut &file, &e.held).map_err(|err| format!("writing the held bytes: {err}"))?;
+            std::io::Write::write_all(&mut &file, &held).map_err(|err| format!("writing the held bytes: {err}"))?;
             Some(file)
         };
         if let Some(f) = &memfd {
@@ -562,7 +547,7 @@ impl Shared {
             return Err(format!("{} descriptors for a frame that names {}", fds.len(), resume.fd_count()));
         }
         link.send(&Message::Resume(Box::new(resume)), &fds).map_err(|err| err.to_string())?;
-        // Our copies close when `e` drops; the successor holds its own now.
+        // Our copies close when this returns; the successor holds its own now.
         match link.recv() {
             Ok((Message::HandoffAck { error: None, .. }, _)) => Ok(()),
             Ok((Message::HandoffAck { error: Some(err), .. }, _)) => Err(format!("the successor refused: {err}")),
@@ -584,8 +569,19 @@ fn check_sockets(client: &OwnedFd, upstream: &OwnedFd) -> Result<(), String> {
     Ok(())
 }
 
-/// The session's metadata, its keys left out (the worker holds them, with the current sequence
-/// numbers).
-fn without_keys(h: &Handoff) -> Handoff {
-    Handoff { client: LegCrypto::Plain, upstream: LegCrypto::Plain, ..h.clone() }
+/// A handed-over session's metadata, its keys left out (the worker holds them, and knows the
+/// sequence numbers reached), and the session for a worker.
+fn split(h: Handoff, client: OwnedFd, upstream: OwnedFd) -> (Handoff, Session) {
+    let not_after = (h.not_after > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(h.not_after as u64));
+    let idle_timeout = (h.idle_timeout_ms > 0).then(|| Duration::from_millis(h.idle_timeout_ms));
+    let session = Session {
+        id: h.session_id.clone(),
+        client,
+        upstream,
+        client_crypto: h.client,
+        upstream_crypto: h.upstream,
+        idle_timeout,
+        not_after,
+    };
+    (Handoff { client: LegCrypto::Plain, upstream: LegCrypto::Plain, ..h }, session)
 }

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{recv_pattern, send_pattern, tcp_pair, tls_client_leg, tls_upstream_leg, KeyKind, Pattern, MIB};
-use sluice_dataplane::counters::{CountersError, Mode, SessionCounting};
+use sluice_dataplane::counters::Mode;
 use sluice_dataplane::handoff::{CounterSource, EndReason, Handoff, LegCrypto, Message, Role, SessionEnded};
 use sluice_dataplane::link::{Link, LinkError};
 
@@ -99,11 +99,10 @@ fn run(mode: Mode, name: &str) {
     let dir = std::env::temp_dir().join(format!("sluice-dp-takeover-{name}-{}", std::process::id()));
     let _cleanup = Cleanup(pin_dir.clone(), dir.clone());
     if mode == Mode::Bpf {
-        match SessionCounting::start(Mode::Bpf, &format!("{instance}-probe"), None) {
-            Ok(c) => {
-                c.unpin_if_empty();
-            }
-            Err(CountersError::BpfRequired(e)) if e.is_unavailable() => {
+        // Probe first: where BPF cannot run at all, say why and leave the fallback test to run.
+        match sluice_ebpf::Counters::load(&sluice_ebpf::Options { cgroup: None, pin_dir: None }) {
+            Ok(probe) => drop(probe),
+            Err(e) if e.is_unavailable() => {
                 eprintln!("skipping the BPF half: BPF is unavailable here ({e}); the userspace test still runs");
                 return;
             }
@@ -136,12 +135,7 @@ fn run(mode: Mode, name: &str) {
     let tls_writer = {
         let p = p_c2u.clone();
         std::thread::spawn(move || {
-            let mut off = 0;
-            while off < c2u {
-                let chunk = p.at(off, (c2u - off).min(64 * 1024) as usize).to_vec();
-                tls_client.write_all(&chunk);
-                off += chunk.len() as u64;
-            }
+            tls_client.send_pattern(&p, c2u);
             tls_client
         })
     };
@@ -162,13 +156,7 @@ fn run(mode: Mode, name: &str) {
     // Phase 2: the far ends read everything, byte-exact, through the new process.
     recv_pattern(&mut &plain_upstream, &p_c2u, c2u).unwrap();
     plain_writer.join().unwrap().unwrap();
-    let mut off = 0;
-    while off < c2u {
-        let n = (c2u - off).min(256 * 1024) as usize;
-        let got = tls_upstream.read_exact(n);
-        assert!(p_c2u.matches(off, &got), "TLS content mismatch at {off}");
-        off += n as u64;
-    }
+    tls_upstream.recv_pattern(&p_c2u, c2u, "TLS client → upstream");
     let mut tls_client = tls_writer.join().unwrap();
     // And the other way, after the takeover: the new process seals with the next sequence numbers.
     let plain_back = {
@@ -180,22 +168,11 @@ fn run(mode: Mode, name: &str) {
     let tls_back = {
         let p = p_u2c.clone();
         std::thread::spawn(move || {
-            let mut off = 0;
-            while off < u2c {
-                let chunk = p.at(off, (u2c - off).min(64 * 1024) as usize).to_vec();
-                tls_upstream.write_all(&chunk);
-                off += chunk.len() as u64;
-            }
+            tls_upstream.send_pattern(&p, u2c);
             tls_upstream
         })
     };
-    let mut off = 0;
-    while off < u2c {
-        let n = (u2c - off).min(256 * 1024) as usize;
-        let got = tls_client.read_exact(n);
-        assert!(p_u2c.matches(off, &got), "TLS content mismatch at {off} (upstream → client)");
-        off += n as u64;
-    }
+    tls_client.recv_pattern(&p_u2c, u2c, "TLS upstream → client");
     let mut tls_upstream = tls_back.join().unwrap();
 
     if mode == Mode::Bpf {

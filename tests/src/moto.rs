@@ -5,13 +5,13 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use sluice_control::config::Config;
-use sluice_control::demo::{find_bin, free_port, wait_for_port, AwsCreds, ControlProc, Emulator, Proc};
+use sluice_control::demo::{find_bin, wait_for_port, AwsCreds, ControlProc, Emulator, Proc};
 
 /// A running moto server on loopback.
 pub struct Moto {
@@ -156,33 +156,9 @@ pub fn start_emulator_for(
         bail!("{host} is not an RDS Proxy host");
     };
     let proxy_id = proxy_id.strip_prefix("proxy-").context("no proxy- label")?;
-    std::fs::create_dir_all(dir)?;
-    let port = free_port()?;
-    let mut cmd = Command::new(find_bin("rds-proxy-emulator")?);
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--name", name, "--region", region, "--proxy-id", proxy_id])
+    let (port, mut cmd) = Emulator::command(dir, pg_port, secrets)?;
+    cmd.args(["--name", name, "--region", region, "--proxy-id", proxy_id])
         .args(["--endpoint-port", &endpoint_port.to_string()])
-        .args(["--credentials-url", &format!("{}/_sluice/credentials", moto.url())])
-        .arg("--tls-dir")
-        .arg(dir.join("tls"))
-        .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("emulator.log"))?);
-    for (user, pw) in secrets {
-        cmd.arg("--secret").arg(format!("{user}={pw}"));
-    }
-    let mut proc = Proc::spawn("rds-proxy-emulator", &mut cmd)?;
-    let stdout = proc.take_stdout().ok_or_else(|| anyhow!("no emulator stdout"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        for _ in lines {}
-    });
-    let endpoint = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Some(Ok(line))) => line.strip_prefix("READY ").map(str::to_owned).context("unexpected emulator output")?,
-        _ => bail!("emulator did not become ready; see {}", dir.join("emulator.log").display()),
-    };
-    let ca_file: PathBuf = dir.join("tls").join("ca.pem");
-    Ok(Emulator { plaintext: false, port, endpoint, ca_file, proc })
+        .args(["--credentials-url", &format!("{}/_sluice/credentials", moto.url())]);
+    Emulator::spawn(dir, port, cmd, false)
 }

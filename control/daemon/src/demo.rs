@@ -363,16 +363,8 @@ impl Emulator {
         secrets: &[(String, String)],
         plaintext: bool,
     ) -> Result<Emulator> {
-        std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let mut cmd = Command::new(find_bin("rds-proxy-emulator")?);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--name", DEMO_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID])
-            .arg("--tls-dir")
-            .arg(dir.join("tls"))
-            .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("emulator.log"))?);
+        let (port, mut cmd) = Self::command(dir, pg_port, secrets)?;
+        cmd.args(["--name", DEMO_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
         if plaintext {
             cmd.arg("--plaintext");
         }
@@ -384,9 +376,30 @@ impl Emulator {
             }
             cmd.arg("--credentials").arg(v);
         }
+        Self::spawn(dir, port, cmd, plaintext)
+    }
+
+    /// The emulator's command line on a fresh port, serving `secrets` in front of PostgreSQL on
+    /// `pg_port`, with its TLS files and log in `dir`; the caller adds its identity and
+    /// credentials, then [`Emulator::spawn`]s it.
+    pub fn command(dir: &Path, pg_port: u16, secrets: &[(String, String)]) -> Result<(u16, Command)> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let mut cmd = Command::new(find_bin("rds-proxy-emulator")?);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tls-dir")
+            .arg(dir.join("tls"))
+            .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("emulator.log"))?);
         for (user, pw) in secrets {
             cmd.arg("--secret").arg(format!("{user}={pw}"));
         }
+        Ok((port, cmd))
+    }
+
+    /// Starts an emulator from [`Emulator::command`] and waits for its READY line.
+    pub fn spawn(dir: &Path, port: u16, mut cmd: Command, plaintext: bool) -> Result<Emulator> {
         let mut proc = Proc::spawn("rds-proxy-emulator", &mut cmd)?;
         let stdout = proc.take_stdout().ok_or_else(|| anyhow!("no emulator stdout"))?;
         let (tx, rx) = std::sync::mpsc::channel();

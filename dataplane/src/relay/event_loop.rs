@@ -29,8 +29,7 @@ use super::pool::Pool;
 use super::record::RecordDir;
 use super::splice::SpliceDir;
 use super::{
-    set_nonblocking, Command, ExportedSession, Failure, Leg, Op, Report, ResumedSession, Session, SessionBytes,
-    SpliceIssue, Stats, Step,
+    set_nonblocking, Command, Failure, Leg, MovedSession, Op, Report, Session, SessionBytes, SpliceIssue, Stats, Step,
 };
 use crate::handoff::{DirPath, DirState, EndReason, LegCrypto};
 use crate::ktls;
@@ -157,7 +156,7 @@ impl Prepared {
     /// A session as a predecessor data plane left it: keys already in the kernel stay there,
     /// the others continue from the sequence numbers reached; pipes and buffered bytes are put
     /// back in their directions.
-    pub(crate) fn resume(r: ResumedSession, stats: &Arc<Stats>) -> io::Result<Prepared> {
+    pub(crate) fn resume(r: MovedSession, stats: &Arc<Stats>) -> io::Result<Prepared> {
         let s = r.session;
         set_nonblocking(&s.client)?;
         set_nonblocking(&s.upstream)?;
@@ -272,26 +271,22 @@ impl LegIo {
                 format!("{leg} leg: kernel TLS flags on a plain leg"),
             ));
         }
-        let (dec, enc, tls13) = keys(crypto, leg)?;
-        let (rx, tx) = (kernel & 1 != 0, kernel & 2 != 0);
-        Ok(LegIo {
-            dec: if rx { None } else { dec },
-            enc: if tx { None } else { enc },
-            tls13,
-            ktls_rx: rx.then(|| KtlsRx::new(tls13, stats.clone()).with_hs_skip(hs_skip as usize)),
-            ktls_tx: tx,
-            ktls_both: rx && tx,
-        })
+        let k = ktls::Installed { rx: kernel & 1 != 0, tx: kernel & 2 != 0 };
+        Ok(Self::with_kernel(keys(crypto, leg)?, k, hs_skip as usize, stats))
     }
 
     fn new(fd: &OwnedFd, crypto: &LegCrypto, keys: Keys, leg: Leg, stats: &Arc<Stats>, ktls: bool) -> LegIo {
-        let (dec, enc, tls13) = keys;
         let k = if ktls { ktls::install(fd.as_fd(), crypto, leg.name()) } else { ktls::Installed::default() };
+        Self::with_kernel(keys, k, 0, stats)
+    }
+
+    /// The leg with the halves in `k` done by the kernel and the others by `keys`' ciphers.
+    fn with_kernel((dec, enc, tls13): Keys, k: ktls::Installed, hs_skip: usize, stats: &Arc<Stats>) -> LegIo {
         LegIo {
             dec: if k.rx { None } else { dec },
             enc: if k.tx { None } else { enc },
             tls13,
-            ktls_rx: k.rx.then(|| KtlsRx::new(tls13, stats.clone())),
+            ktls_rx: k.rx.then(|| KtlsRx::new(tls13, stats.clone()).with_hs_skip(hs_skip)),
             ktls_tx: k.tx,
             ktls_both: k.tx && k.rx,
         }
@@ -483,8 +478,8 @@ pub(crate) struct EventLoop {
     /// Sessions go to a successor: none is taken any more.
     handed_over: bool,
     /// Where the exported sessions go once every session is exported or ended.
-    export_reply: Option<mpsc::SyncSender<Vec<ExportedSession>>>,
-    exported: Vec<ExportedSession>,
+    export_reply: Option<mpsc::SyncSender<Vec<MovedSession>>>,
+    exported: Vec<MovedSession>,
 }
 
 impl Sess {
@@ -954,34 +949,48 @@ impl EventLoop {
         self.free_slots.push(slot);
         self.by_id.remove(&s.id);
         let Sess {
-            id, client, upstream, dirs, crypto, kernel_tls, done, added, last_activity, wire, first_close, ..
+            id,
+            client,
+            upstream,
+            dirs,
+            crypto,
+            kernel_tls,
+            done,
+            added,
+            last_activity,
+            wire,
+            first_close,
+            idle_timeout,
+            not_after,
+            ..
         } = s;
-        let [d0, d1] = dirs;
         let mut pipes = Vec::new();
         let mut held = Vec::new();
         // `(read, write)` sequence numbers of each direction's userspace ciphers.
         let mut seqs = [(None, None); 2];
-        let mut states = Vec::with_capacity(2);
-        for (i, d) in [d0, d1].into_iter().enumerate() {
-            match d {
+        let pool = &mut self.io.pool;
+        let mut i = 0;
+        let dirs = dirs.map(|d| {
+            let state = match d {
                 Dir::Splice(sd) => {
-                    let (st, pipe) = sd.export(done[i]);
+                    let (state, pipe) = sd.export(done[i]);
                     pipes.push(pipe);
-                    states.push(st);
+                    state
                 }
                 Dir::Record(mut rd) => {
-                    let (st, bytes, sq) = rd.export(done[i], &mut self.io.pool);
+                    let (state, bytes, sq) = rd.export(done[i], pool);
                     held.extend_from_slice(&bytes);
                     seqs[i] = sq;
-                    states.push(st);
+                    state
                 }
-            }
-        }
+            };
+            i += 1;
+            state
+        });
         let [client_crypto, upstream_crypto] = crypto;
         // Direction 0 reads the client leg and writes the upstream one; direction 1 the reverse.
         let client_crypto = with_seqs(client_crypto, seqs[0].0, seqs[1].1);
         let upstream_crypto = with_seqs(upstream_crypto, seqs[1].0, seqs[0].1);
-        let Ok(dirs) = <[DirState; 2]>::try_from(states) else { return };
         info!(
             session = %id,
             worker = self.index,
@@ -989,12 +998,8 @@ impl EventLoop {
             buffered_bytes = held.len(),
             "session ready for the successor"
         );
-        self.exported.push(ExportedSession {
-            id,
-            client,
-            upstream,
-            client_crypto,
-            upstream_crypto,
+        self.exported.push(MovedSession {
+            session: Session { id, client, upstream, client_crypto, upstream_crypto, idle_timeout, not_after },
             kernel_tls,
             age: added.elapsed(),
             idle: last_activity.elapsed(),

@@ -66,6 +66,17 @@ impl SpliceDir {
         let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // Refused above /proc/sys/fs/pipe-max-size or the per-user pipe budget: keep the default.
         let _ = fcntl(&pipe_w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        Self::with_pipe(src, dst, src_leg, dst_leg, [pipe_r, pipe_w])
+    }
+
+    /// A fresh direction over a non-blocking pipe.
+    fn with_pipe(
+        src: RawFd,
+        dst: RawFd,
+        src_leg: Leg,
+        dst_leg: Leg,
+        [pipe_r, pipe_w]: [OwnedFd; 2],
+    ) -> std::io::Result<Self> {
         let pipe_cap = fcntl(&pipe_w, FcntlArg::F_GETPIPE_SZ)?.max(4096) as u32;
         Ok(SpliceDir {
             src,
@@ -118,28 +129,15 @@ impl SpliceDir {
             let flags = OFlag::from_bits_truncate(fcntl(p, FcntlArg::F_GETFL)?);
             fcntl(p, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         }
-        let pipe_cap = fcntl(&pipe_w, FcntlArg::F_GETPIPE_SZ)?.max(4096) as u32;
-        if state.path != DirPath::Splice || state.held_in > pipe_cap {
+        let mut d = Self::with_pipe(src, dst, src_leg, dst_leg, [pipe_r, pipe_w])?;
+        if state.path != DirPath::Splice || state.held_in > d.pipe_cap {
             return Err(bad("a resumed spliced direction holds more than its pipe"));
         }
-        Ok(SpliceDir {
-            src,
-            dst,
-            src_leg,
-            dst_leg,
-            pipe_r,
-            pipe_w,
-            pipe_cap,
-            in_pipe: state.held_in,
-            readable: false,
-            blocked_out: false,
-            eof: state.eof,
-            ktls_rx: None,
-            ktls_tx: false,
-            notify_sent: state.notify_sent,
-            pending: Pending::None,
-            bytes: state.bytes,
-        })
+        d.in_pipe = state.held_in;
+        d.eof = state.eof;
+        d.notify_sent = state.notify_sent;
+        d.bytes = state.bytes;
+        Ok(d)
     }
 
     /// Hands the direction over (no operation in flight): its state and its pipe, whose bytes

@@ -16,7 +16,7 @@ use rustls::{
     ClientConfig, ClientConnection, ConnectionTrafficSecrets, ExtractedSecrets, ServerConfig, ServerConnection,
 };
 use sluice_dataplane::handoff::{DirPath, EndReason, LegCrypto};
-use sluice_dataplane::relay::{ExportedSession, Report, ResumedSession, Session, Worker};
+use sluice_dataplane::relay::{Report, Session, Worker};
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -447,6 +447,26 @@ impl<S: Sock> TlsPeer<S> {
         v
     }
 
+    /// Writes `n` bytes of `p` (blocking while the peer does not read).
+    pub fn send_pattern(&mut self, p: &Pattern, n: u64) {
+        let mut off = 0;
+        while off < n {
+            let chunk = p.at(off, (n - off).min(64 * 1024) as usize).to_vec();
+            self.write_all(&chunk);
+            off += chunk.len() as u64;
+        }
+    }
+
+    /// Reads `n` bytes and checks they are `p`'s; `what` names the stream in a failure.
+    pub fn recv_pattern(&mut self, p: &Pattern, n: u64, what: &str) {
+        let mut off = 0;
+        while off < n {
+            let k = (n - off).min(256 * 1024) as usize;
+            assert!(p.matches(off, &self.read_exact(k)), "{what}: content mismatch at offset {off}");
+            off += k as u64;
+        }
+    }
+
     pub fn close_notify(&mut self) {
         self.conn.send_close_notify();
         self.flush();
@@ -556,22 +576,6 @@ fn set_nonblocking(s: &impl AsFd, on: bool) {
     fcntl(s.as_fd(), FcntlArg::F_SETFL(flags)).unwrap();
 }
 
-/// What a successor receives for an exported session (the takeover carries exactly these over
-/// the link).
-pub fn into_resumed(e: ExportedSession) -> ResumedSession {
-    ResumedSession {
-        session: session(&e.id, e.client, e.client_crypto, e.upstream, e.upstream_crypto),
-        kernel_tls: e.kernel_tls,
-        age: e.age,
-        idle: e.idle,
-        wire: e.wire,
-        first_close: e.first_close,
-        dirs: e.dirs,
-        pipes: e.pipes,
-        held: e.held,
-    }
-}
-
 /// A TLS session moved from one worker to another the way a data-plane takeover moves it, while
 /// bytes are stuck mid-relay: the client sends `n` bytes the upstream does not read yet, the
 /// session is exported from the first worker and resumed on a second, then the upstream reads
@@ -600,12 +604,7 @@ where
     let writer = {
         let p = c2u.clone();
         std::thread::spawn(move || {
-            let mut off = 0;
-            while off < n {
-                let chunk = p.at(off, (n - off).min(64 * 1024) as usize).to_vec();
-                client.write_all(&chunk);
-                off += chunk.len() as u64;
-            }
+            client.send_pattern(&p, n);
             client
         })
     };
@@ -618,35 +617,18 @@ where
     let e = exported.remove(0);
     let pipe_bytes: u64 = e.dirs.iter().filter(|d| d.path == DirPath::Splice).map(|d| u64::from(d.held_in)).sum();
     let held = (pipe_bytes, e.held.len());
-    second.resume(into_resumed(e)).unwrap();
+    second.resume(e).unwrap();
     first.shutdown();
     assert!(reports.try_recv().is_err(), "moving a session reports nothing");
-    let mut off = 0;
-    while off < n {
-        let k = (n - off).min(256 * 1024) as usize;
-        let got = upstream.read_exact(k);
-        assert!(c2u.matches(off, &got), "{name}: content mismatch at {off} (client → upstream)");
-        off += k as u64;
-    }
+    upstream.recv_pattern(&c2u, n, name);
     let mut client = writer.join().unwrap();
     let p = u2c.clone();
     let back = std::thread::spawn(move || {
-        let mut off = 0;
-        while off < n {
-            let chunk = p.at(off, (n - off).min(64 * 1024) as usize).to_vec();
-            upstream.write_all(&chunk);
-            off += chunk.len() as u64;
-        }
+        upstream.send_pattern(&p, n);
         assert_eq!(upstream.read_to_close().unwrap(), b"", "the client's close_notify arrives as close_notify");
         upstream.close_notify();
     });
-    let mut off = 0;
-    while off < n {
-        let k = (n - off).min(256 * 1024) as usize;
-        let got = client.read_exact(k);
-        assert!(u2c.matches(off, &got), "{name}: content mismatch at {off} (upstream → client)");
-        off += k as u64;
-    }
+    client.recv_pattern(&u2c, n, name);
     client.close_notify();
     assert_eq!(client.read_to_close().unwrap(), b"", "the upstream's close_notify arrives as close_notify");
     back.join().unwrap();
