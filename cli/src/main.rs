@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sluice_control::api::{self, DbCertResponse, DbInfo, LoginResponse, Request};
 use sluice_control::config::split_host_port;
 use sluice_control::iam::{generate_auth_token, CredentialSource, TokenMinter, TokenTarget};
+use sluice_control::private_fs;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice client: log in and connect to databases through Sluice")]
@@ -127,20 +127,15 @@ fn home() -> Result<PathBuf> {
     Ok(PathBuf::from(h).join(".sluice"))
 }
 
+/// Every credential file is 0600 (libpq refuses a private key readable by others) in 0700
+/// directories under the home, which is 0700 itself (tightened if an older CLI left it looser).
 fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    let home = home()?;
+    private_fs::private_dir(&home).with_context(|| format!("creating {}", home.display()))?;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        private_fs::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // libpq refuses a private key readable by others, so every credential file is 0600.
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents)?;
-    Ok(())
+    private_fs::write_private(path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
 struct Paths {

@@ -135,6 +135,9 @@ pub enum EndReason {
     WorkerShutdown = 7,
     /// A lock (`control locks add`) covers the session's user or database.
     Locked = 8,
+    /// Added within v1: the user was removed, or their roles no longer allow the session's route
+    /// (or its database was deregistered).
+    AccessRevoked = 9,
 }
 
 impl EndReason {
@@ -148,6 +151,7 @@ impl EndReason {
             6 => EndReason::Error,
             7 => EndReason::WorkerShutdown,
             8 => EndReason::Locked,
+            9 => EndReason::AccessRevoked,
             _ => return Err(HandoffError::Malformed("reason")),
         })
     }

@@ -382,7 +382,7 @@ impl Shared {
         let (meta, session) = split(h, client, upstream);
         let (id, user, db) = (meta.session_id.clone(), meta.user.clone(), meta.db_service.clone());
         let i = self.place(meta, |w| w.add(session))?;
-        info!(session_id = %id, user = %user, db = %db, worker = i, "session taken over");
+        info!(session_id = %id, user = ?user, db = ?db, worker = i, "session taken over");
         Ok(())
     }
 
@@ -443,7 +443,7 @@ impl Shared {
             held,
         };
         let i = self.place(meta, |w| w.resume(moved))?;
-        info!(session_id = %id, user = %user, db = %db, worker = i, "session resumed from the predecessor");
+        info!(session_id = %id, user = ?user, db = ?db, worker = i, "session resumed from the predecessor");
         Ok(())
     }
 

@@ -34,7 +34,7 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sluice_control::ca::{DbRoute, Identity};
-use sluice_control::demo::{dev_role, find_bin, AwsCreds, Stack};
+use sluice_control::demo::{dev_role, find_bin, AwsCreds, ControlProc, Stack};
 pub use sluice_control::demo::{parse_env_exports, LIBPQ_VARS};
 use sluice_control::state::{random_secret, AuditRow, State};
 use time::OffsetDateTime;
@@ -288,6 +288,39 @@ impl Harness {
     /// Whether the control process is still running.
     pub fn control_alive(&mut self) -> bool {
         self.stack.control.proc.alive()
+    }
+
+    /// Stops control, lets `edit` change its configuration, and starts it again on the same
+    /// ports and state.
+    pub fn restart_control(&mut self, edit: impl FnOnce(&mut sluice_control::config::Config)) -> Result<()> {
+        self.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        let old = &self.stack.control;
+        let mut config = old.config.clone();
+        edit(&mut config);
+        std::fs::write(&old.config_path, serde_yaml::to_string(&config)?)?;
+        self.stack.control = ControlProc::spawn(
+            old.config_path.clone(),
+            config,
+            old.pg_port,
+            old.api_port,
+            &AwsCreds::demo(),
+            &self.stack.dir.join("control"),
+        )?;
+        if self.stack.dataplane.is_some() {
+            wait_until(Duration::from_secs(10), "control reconnects to the dataplane", || {
+                let log = std::fs::read_to_string(self.control_log()).unwrap_or_default();
+                Ok((log.matches("connected to the dataplane").count() >= 2).then_some(()))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs an admin verb (`control --config … ARGS`); fails unless it succeeds; returns stdout.
+    pub fn control_ok(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(find_bin("control")?);
+        cmd.arg("--config").arg(&self.stack.control.config_path).args(args).stdin(Stdio::null());
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        check_output(&format!("control {args:?}"), &out)
     }
 }
 

@@ -156,7 +156,7 @@ pub fn start_emulator_for(
         bail!("{host} is not an RDS Proxy host");
     };
     let proxy_id = proxy_id.strip_prefix("proxy-").context("no proxy- label")?;
-    let (port, mut cmd) = Emulator::command(dir, pg_port, secrets)?;
+    let (port, mut cmd) = Emulator::command(dir, pg_port, secrets, &[])?;
     cmd.args(["--name", name, "--region", region, "--proxy-id", proxy_id])
         .args(["--endpoint-port", &endpoint_port.to_string()])
         .args(["--credentials-url", &format!("{}/_sluice/credentials", moto.url())]);

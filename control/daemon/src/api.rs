@@ -4,7 +4,7 @@
 //! private key never leaves the user's machine).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tracing::{info, warn, Instrument};
 use crate::ca::{CertAuthority, DbRoute, Identity};
 use crate::catalog;
 use crate::config::Config;
+use crate::limits::{ConnLimiter, LoginThrottle};
 use crate::rbac::{can_see, check_access, AccessRequest};
 use crate::state::State;
 
@@ -87,6 +88,25 @@ pub struct ApiContext {
     pub cfg: Arc<Config>,
     pub state: Arc<State>,
     pub ca: Arc<CertAuthority>,
+    limiter: Arc<ConnLimiter<IpAddr>>,
+    throttle: LoginThrottle,
+    /// Password hashes checked at once: Argon2 takes tens of milliseconds of a core and 19 MiB
+    /// each, so a burst of logins must queue rather than take every core from the handshakes.
+    hashing: tokio::sync::Semaphore,
+}
+
+impl ApiContext {
+    pub fn new(cfg: Arc<Config>, state: Arc<State>, ca: Arc<CertAuthority>) -> Self {
+        let limiter = ConnLimiter::new(cfg.auth_service.limits);
+        ApiContext {
+            cfg,
+            state,
+            ca,
+            limiter,
+            throttle: LoginThrottle::default(),
+            hashing: tokio::sync::Semaphore::new(1),
+        }
+    }
 }
 
 pub async fn serve(ctx: Arc<ApiContext>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
@@ -100,6 +120,14 @@ pub async fn serve(ctx: Arc<ApiContext>, listener: TcpListener, tls: Arc<rustls:
                 continue;
             }
         };
+        // Nothing to say to a client over its limit before TLS: it is closed at once.
+        let permit = match ctx.limiter.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(hit) => {
+                info!(client = %peer, reason = hit.label(), "api connection refused");
+                continue;
+            }
+        };
         let ctx = ctx.clone();
         let acceptor = acceptor.clone();
         let span = tracing::info_span!("api", client = %peer);
@@ -108,13 +136,45 @@ pub async fn serve(ctx: Arc<ApiContext>, listener: TcpListener, tls: Arc<rustls:
                 if let Err(e) = tokio::time::timeout(IO_TIMEOUT, serve_one(&ctx, acceptor, tcp, peer)).await {
                     info!(error = %e, "api request timed out");
                 }
+                drop(permit);
             }
             .instrument(span),
         );
     }
 }
 
-async fn serve_one(ctx: &ApiContext, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
+/// Answers one request off the async threads (SQLite and Argon2 block), throttling password
+/// guesses per source and per user.
+async fn answer(ctx: &Arc<ApiContext>, req: Request, peer: SocketAddr) -> Result<Value, String> {
+    let login_user = match &req {
+        Request::Login { user, .. } => Some(user.clone()),
+        _ => None,
+    };
+    let _hashing = match &login_user {
+        Some(user) => {
+            if let Err(t) = ctx.throttle.begin(peer.ip(), user, std::time::Instant::now()) {
+                let whom = if t.by_user { "for this user" } else { "from your address" };
+                warn!(user = %user, client = %peer, by_user = t.by_user, "login throttled");
+                return Err(format!(
+                    "too many failed logins {whom}; try again in {} s",
+                    t.retry_after.as_secs().max(1)
+                ));
+            }
+            Some(ctx.hashing.acquire().await.map_err(|_| "shutting down".to_owned())?)
+        }
+        None => None,
+    };
+    let task_ctx = ctx.clone();
+    let result = tokio::task::spawn_blocking(move || handle(&task_ctx, req, peer))
+        .await
+        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+    if let Some(user) = login_user {
+        ctx.throttle.finish(peer.ip(), &user, result.is_ok(), std::time::Instant::now());
+    }
+    result
+}
+
+async fn serve_one(ctx: &Arc<ApiContext>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
     let mut tls = match acceptor.accept(tcp).await {
         Ok(s) => s,
         Err(e) => {
@@ -127,7 +187,7 @@ async fn serve_one(ctx: &ApiContext, acceptor: tokio_rustls::TlsAcceptor, tcp: T
     let response = match read {
         Ok(0) => return,
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match handle(ctx, req, peer) {
+            Ok(req) => match answer(ctx, req, peer).await {
                 Ok(v) => serde_json::json!({ "ok": true, "result": v }),
                 Err(e) => serde_json::json!({ "ok": false, "error": e }),
             },

@@ -60,7 +60,7 @@ impl AuditLog {
         }
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if file.is_none() {
-            match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            match crate::private_fs::open_private_append(&self.path) {
                 Ok(f) => *file = Some(f),
                 Err(e) => {
                     tracing::error!(session_id = %s.session_id, path = %self.path.display(), error = %e, "opening audit log");

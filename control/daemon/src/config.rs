@@ -78,6 +78,9 @@ pub struct AuthService {
     /// How long a `sluice login` lasts (and so the database certificates issued under it).
     #[serde(default = "default_session_ttl", with = "duration_str")]
     pub session_ttl: Duration,
+    /// Concurrent connections and unfinished requests on the API listener, in all and per source.
+    #[serde(default)]
+    pub limits: crate::limits::ConnectionLimits,
 }
 
 impl Default for AuthService {
@@ -86,6 +89,7 @@ impl Default for AuthService {
             cluster_name: default_cluster_name(),
             listen_addr: default_auth_addr(),
             session_ttl: default_session_ttl(),
+            limits: Default::default(),
         }
     }
 }
@@ -109,6 +113,14 @@ pub struct ProxyService {
     /// Plaintext PostgreSQL for clients on this host, over Unix sockets (see [`LocalSocket`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_socket: Option<LocalSocket>,
+    /// End sessions without traffic in either direction for this long (0s, the default: never),
+    /// whoever relays them; `dataplane.idle_timeout` says the same for older configs.
+    #[serde(default = "zero_duration", with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// Concurrent connections and unauthenticated handshakes per listener and per source;
+    /// past them a client gets SQLSTATE 53300.
+    #[serde(default)]
+    pub limits: crate::limits::ConnectionLimits,
 }
 
 /// Local clients connect to `DIR/<database>/.s.PGSQL.5432` (`psql "host=DIR/<database> ..."`)
@@ -135,6 +147,8 @@ impl Default for ProxyService {
             public_names: Vec::new(),
             handshake_timeout: default_handshake_timeout(),
             local_socket: None,
+            idle_timeout: Duration::ZERO,
+            limits: Default::default(),
         }
     }
 }
@@ -451,6 +465,14 @@ impl Config {
             m.validate()?;
         }
         Ok(())
+    }
+
+    /// The idle timeout of every session: `proxy_service.idle_timeout`, else the data plane's.
+    pub fn idle_timeout(&self) -> Duration {
+        match self.proxy_service.idle_timeout {
+            d if !d.is_zero() => d,
+            _ => self.dataplane.as_ref().map(|d| d.idle_timeout).unwrap_or_default(),
+        }
     }
 
     pub fn audit_json_file(&self) -> PathBuf {

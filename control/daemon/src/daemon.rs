@@ -77,7 +77,7 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
         let _ = proxy_ctx.dataplane.set(client);
     }
-    let api_ctx = Arc::new(ApiContext { cfg: cfg.clone(), state, ca });
+    let api_ctx = Arc::new(ApiContext::new(cfg.clone(), state, ca));
     info!(
         postgres = %bound.postgres.local_addr()?,
         api = %bound.api.local_addr()?,
@@ -85,7 +85,7 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         "control is serving"
     );
     let mut tasks = vec![
-        tokio::spawn(proxy::enforce_locks(proxy_ctx.clone())),
+        tokio::spawn(proxy::enforce_policy(proxy_ctx.clone())),
         tokio::spawn(api::serve(api_ctx, bound.api, api_tls)),
     ];
     if let Some(l) = bound.metrics {

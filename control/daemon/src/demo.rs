@@ -314,7 +314,7 @@ impl Drop for Postgres {
     }
 }
 
-/// AWS credentials as the emulator's `--credentials` flag and the AWS_* variables take them.
+/// AWS credentials as the emulator's secrets file and the AWS_* variables take them.
 #[derive(Debug, Clone)]
 pub struct AwsCreds {
     pub access_key: String,
@@ -363,27 +363,38 @@ impl Emulator {
         secrets: &[(String, String)],
         plaintext: bool,
     ) -> Result<Emulator> {
-        let (port, mut cmd) = Self::command(dir, pg_port, secrets)?;
+        let (port, mut cmd) = Self::command(dir, pg_port, secrets, creds)?;
         cmd.args(["--name", DEMO_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
         if plaintext {
             cmd.arg("--plaintext");
-        }
-        for c in creds {
-            let mut v = format!("{}:{}", c.access_key, c.secret_key);
-            if let Some(t) = &c.session_token {
-                v.push(':');
-                v.push_str(t);
-            }
-            cmd.arg("--credentials").arg(v);
         }
         Self::spawn(dir, port, cmd, plaintext)
     }
 
     /// The emulator's command line on a fresh port, serving `secrets` in front of PostgreSQL on
-    /// `pg_port`, with its TLS files and log in `dir`; the caller adds its identity and
-    /// credentials, then [`Emulator::spawn`]s it.
-    pub fn command(dir: &Path, pg_port: u16, secrets: &[(String, String)]) -> Result<(u16, Command)> {
+    /// `pg_port` and accepting tokens signed with `creds`, with its TLS files and log in `dir`;
+    /// the caller adds its identity, then [`Emulator::spawn`]s it. The secrets go to the
+    /// emulator in a 0600 file, never on its command line.
+    pub fn command(
+        dir: &Path,
+        pg_port: u16,
+        secrets: &[(String, String)],
+        creds: &[AwsCreds],
+    ) -> Result<(u16, Command)> {
         std::fs::create_dir_all(dir)?;
+        let mut lines = String::new();
+        for c in creds {
+            lines.push_str(&format!("credentials {}:{}", c.access_key, c.secret_key));
+            if let Some(t) = &c.session_token {
+                lines.push_str(&format!(":{t}"));
+            }
+            lines.push('\n');
+        }
+        for (user, pw) in secrets {
+            lines.push_str(&format!("secret {user}={pw}\n"));
+        }
+        let secrets_file = dir.join("emulator-secrets");
+        crate::private_fs::write_private(&secrets_file, lines.as_bytes())?;
         let port = free_port()?;
         let mut cmd = Command::new(find_bin("rds-proxy-emulator")?);
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
@@ -391,10 +402,9 @@ impl Emulator {
             .arg(dir.join("tls"))
             .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
             .stdout(Stdio::piped())
+            .arg("--secrets-file")
+            .arg(&secrets_file)
             .stderr(std::fs::File::create(dir.join("emulator.log"))?);
-        for (user, pw) in secrets {
-            cmd.arg("--secret").arg(format!("{user}={pw}"));
-        }
         Ok((port, cmd))
     }
 

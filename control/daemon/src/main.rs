@@ -275,6 +275,9 @@ fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Start { .. } | Cmd::Demo { .. }) {
+        sluice_control::init_logging_at(false, "warn");
+    }
     match cli.cmd {
         Cmd::Start { json_logs } => {
             sluice_control::init_logging(json_logs);

@@ -8,7 +8,7 @@
 //! every failure is contained to its own connection task.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -31,8 +31,9 @@ use crate::config::{Config, LocalSocket, LOCAL_SOCKET_PORT};
 use crate::dataplane::{leg_crypto, DataplaneClient, Events};
 use crate::iam::TokenMinter;
 use crate::leg::Leg;
+use crate::limits::{ConnLimiter, ConnPermit, LimitHit};
 use crate::metrics::{counters_json, METRICS};
-use crate::rbac::{check_access, AccessRequest};
+use crate::policy::{self, Denial, PolicyView};
 use crate::state::State;
 use crate::tls::UpstreamTls;
 use crate::upstream::{self, CancelTarget, UpstreamError, UpstreamStream};
@@ -53,8 +54,15 @@ pub struct ProxyContext {
     cancels: Mutex<HashMap<u32, (Vec<u8>, CancelTarget)>>,
     /// Set when sessions are handed to a dataplane process.
     pub dataplane: OnceLock<Arc<DataplaneClient>>,
-    /// Sessions control relays itself, and how to end them (locks).
-    relayed: Mutex<HashMap<String, (SessionFields, tokio::sync::oneshot::Sender<EndReason>)>>,
+    /// Sessions control relays itself, and how to end them.
+    relayed: Mutex<HashMap<String, Relayed>>,
+    /// The zero of relayed sessions' activity clocks.
+    epoch: Instant,
+    limiter: Arc<ConnLimiter<IpAddr>>,
+    /// Local-socket connections, by uid.
+    local_limiter: Arc<ConnLimiter<u32>>,
+    /// Connections being refused for being over a limit.
+    refusing: std::sync::atomic::AtomicUsize,
 }
 
 impl ProxyContext {
@@ -66,6 +74,8 @@ impl ProxyContext {
         server_tls: Arc<ServerConfig>,
     ) -> Self {
         ProxyContext {
+            limiter: ConnLimiter::new(cfg.proxy_service.limits),
+            local_limiter: ConnLimiter::new(cfg.proxy_service.limits),
             cfg,
             state,
             audit,
@@ -75,6 +85,8 @@ impl ProxyContext {
             cancels: Mutex::new(HashMap::new()),
             dataplane: OnceLock::new(),
             relayed: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            refusing: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -82,10 +94,13 @@ impl ProxyContext {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn relayed(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (SessionFields, tokio::sync::oneshot::Sender<EndReason>)>> {
+    fn relayed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relayed>> {
         self.relayed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn since_activity(&self, activity: &std::sync::atomic::AtomicU64) -> Duration {
+        let last = Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
     }
 }
 
@@ -163,12 +178,51 @@ pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
                 continue;
             }
         };
+        let permit = match ctx.limiter.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(hit) => {
+                refuse_busy(&ctx, tcp, peer, hit);
+                continue;
+            }
+        };
         let ctx = ctx.clone();
         let session_id = new_session_id();
         let span = tracing::info_span!("session", session_id = %session_id, client = %peer);
-        tokio::spawn(async move { handle(ctx, tcp, peer, session_id).await }.instrument(span));
+        tokio::spawn(async move { handle(ctx, tcp, peer, session_id, permit).await }.instrument(span));
     }
 }
+
+/// Most connections being refused at once for being over a limit; past it they are closed
+/// without a word, so refusing costs as little as the flood.
+const MAX_REFUSING: usize = 256;
+
+/// Answers a connection over the listener's limits with SQLSTATE 53300. The client's first
+/// packet (SSLRequest or StartupMessage) is read first, so that closing does not reset the
+/// connection before the client reads the error; no TLS is done for it.
+fn refuse_busy(ctx: &Arc<ProxyContext>, mut tcp: TcpStream, peer: SocketAddr, hit: LimitHit) {
+    use std::sync::atomic::Ordering;
+    METRICS.handshake_failed(hit.label());
+    if ctx.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        ctx.refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    info!(client = %peer, reason = hit.label(), "connection refused: over a limit");
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REFUSAL_TIME, async {
+            let mut first = [0u8; 1];
+            // A direct-TLS client cannot read a plaintext error: it is just closed.
+            if matches!(tcp.peek(&mut first).await, Ok(1) if first[0] != 0x16) && read_startup(&mut tcp).await.is_ok() {
+                send_error(&mut tcp, &ErrorFields::fatal(sqlstate::TOO_MANY_CONNECTIONS, hit.message())).await;
+            }
+        })
+        .await;
+        ctx.refusing.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// How long a refused client gets to send its first packet.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
 
 /// Serves one Unix socket per served database under `local.dir`, following the catalog as
 /// databases are added and removed.
@@ -241,9 +295,19 @@ async fn accept_local(ctx: Arc<ProxyContext>, listener: UnixListener, db: String
                 continue;
             }
         };
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        // The kernel vouches for the uid, so only the listener's and the uid's totals apply.
+        let mut permit = match ctx.local_limiter.admit(uid.unwrap_or(u32::MAX)) {
+            Ok(p) => p,
+            Err(hit) => {
+                METRICS.handshake_failed(hit.label());
+                info!(db = %db, uid = ?uid, reason = hit.label(), "local connection refused: over a limit");
+                continue;
+            }
+        };
+        permit.authenticated();
         let ctx = ctx.clone();
         let session_id = new_session_id();
-        let uid = stream.peer_cred().map(|c| c.uid()).ok();
         let client = uid.map(|u| format!("unix:uid={u}")).unwrap_or_else(|| "unix".into());
         let span = tracing::info_span!("session", session_id = %session_id, client = %client);
         let db = db.clone();
@@ -254,6 +318,7 @@ async fn accept_local(ctx: Arc<ProxyContext>, listener: UnixListener, db: String
                 let deadline = ctx.cfg.proxy_service.handshake_timeout;
                 let setup = tokio::time::timeout(deadline, local_handshake(&ctx, stream, uid, db, &mut fields)).await;
                 run_session(ctx, setup, fields, started).await;
+                drop(permit);
             }
             .instrument(span),
         );
@@ -329,63 +394,121 @@ async fn local_handshake(
     }
 }
 
-/// Ends live sessions that a lock covers, within the poll interval: the dataplane's through
-/// EndSession, control's own by stopping their relay. New sessions are refused at setup.
-pub async fn enforce_locks(ctx: Arc<ProxyContext>) {
+/// Ends every live session that could not start now, within the poll interval: a lock covers
+/// it, its user was removed, its roles no longer allow the route, or its database is gone;
+/// and, for sessions control relays itself, its certificate expired or it sat idle past the
+/// idle timeout (the data plane enforces those two for the sessions it holds). The data plane's
+/// sessions end through EndSession, control's own by stopping their relay. New sessions meet
+/// the same decision at setup.
+pub async fn enforce_policy(ctx: Arc<ProxyContext>) {
     let mut asked: HashSet<String> = HashSet::new();
     loop {
-        tokio::time::sleep(LOCK_POLL).await;
-        let locks = match ctx.state.active_locks() {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "reading locks");
-                continue;
-            }
-        };
-        if locks.is_empty() {
+        tokio::time::sleep(POLICY_POLL).await;
+        let dp = ctx.dataplane.get().filter(|d| d.connected()).cloned();
+        if dp.is_none() && ctx.relayed().is_empty() {
             asked.clear();
             continue;
         }
-        let covered = |user: &str, db: &str| locks.iter().find(|l| l.matches(user, db)).map(|l| l.id.clone());
-        let local: Vec<(String, String)> = ctx
-            .relayed()
-            .iter()
-            .filter_map(|(id, (f, _))| covered(&f.user, &f.db_service).map(|lock| (id.clone(), lock)))
-            .collect();
-        for (id, lock) in local {
-            if let Some((_, tx)) = ctx.relayed().remove(&id) {
-                info!(session_id = %id, lock = %lock, "ending a locked session");
-                let _ = tx.send(EndReason::Locked);
+        let (cfg, state, with_dp) = (ctx.cfg.clone(), ctx.state.clone(), dp.is_some());
+        let loaded = tokio::task::spawn_blocking(move || {
+            let view = PolicyView::load(&cfg, &state)?;
+            let live = if with_dp { state.live_sessions()? } else { Vec::new() };
+            Ok::<_, crate::state::StateError>((view, live))
+        })
+        .await;
+        let (view, live) = match loaded {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading the state to enforce policy on live sessions");
+                continue;
             }
-        }
-        let Some(dp) = ctx.dataplane.get() else { continue };
-        let live = match ctx.state.live_sessions() {
-            Ok(l) => l,
             Err(e) => {
-                warn!(error = %e, "listing live sessions");
+                warn!(error = %e, "policy check task failed");
                 continue;
             }
         };
+        let verdict = |f: &SessionFields| {
+            let route =
+                policy::Route { user: &f.user, db_service: &f.db_service, db_user: &f.db_user, db_name: &f.db_name };
+            view.decide(route).err().map(|d| {
+                let reason =
+                    if matches!(d, Denial::Locked { .. }) { EndReason::Locked } else { EndReason::AccessRevoked };
+                (reason, d.to_string())
+            })
+        };
+
+        let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+        let idle_limit = ctx.cfg.idle_timeout();
+        let ending: Vec<(String, EndReason, String)> = ctx
+            .relayed()
+            .iter()
+            .filter_map(|(id, r)| {
+                let why = if r.not_after != 0 && now_unix > r.not_after {
+                    Some((EndReason::CertExpired, "the client certificate expired".to_owned()))
+                } else if !idle_limit.is_zero() && ctx.since_activity(&r.activity) >= idle_limit {
+                    Some((EndReason::IdleTimeout, format!("idle for {} s", idle_limit.as_secs())))
+                } else {
+                    verdict(&r.fields)
+                };
+                why.map(|(reason, text)| (id.clone(), reason, text))
+            })
+            .collect();
+        for (id, reason, why) in ending {
+            if let Some(r) = ctx.relayed().remove(&id) {
+                info!(session_id = %id, reason = ?reason, why = %why, "ending a session control relays");
+                let _ = r.end.send(reason);
+            }
+        }
+
+        let Some(dp) = dp else { continue };
         asked.retain(|id| live.iter().any(|(l, _, _)| l == id));
         for (id, _, record) in live {
-            let f = &record["fields"];
-            let (user, db) = (f["user"].as_str().unwrap_or_default(), f["db_service"].as_str().unwrap_or_default());
-            if let Some(lock) = covered(user, db) {
-                if asked.insert(id.clone()) {
-                    info!(session_id = %id, lock = %lock, "ending a locked session in the dataplane");
-                    if let Err(e) = dp.end_session(&id, EndReason::Locked) {
-                        warn!(session_id = %id, error = %e, "asking the dataplane to end a locked session");
-                        asked.remove(&id);
-                    }
+            let fields = match LiveRecord::from_json(&record) {
+                Ok(r) => r.fields,
+                Err(e) => {
+                    warn!(session_id = %id, error = %e, "unreadable live-session record");
+                    continue;
+                }
+            };
+            let Some((reason, why)) = verdict(&fields) else { continue };
+            if asked.insert(id.clone()) {
+                info!(session_id = %id, reason = ?reason, why = %why, "ending a session in the dataplane");
+                if let Err(e) = dp.end_session(&id, reason) {
+                    warn!(session_id = %id, error = %e, "asking the dataplane to end a session");
+                    asked.remove(&id);
                 }
             }
         }
     }
 }
 
-/// How often locks are checked against live sessions; the issue asks for sessions to end
-/// within a second of a lock.
-const LOCK_POLL: Duration = Duration::from_millis(250);
+/// How often live sessions are checked against the policy; sessions must end within a second
+/// of a lock, a user's removal or a role change.
+const POLICY_POLL: Duration = Duration::from_millis(250);
+
+/// A session control relays itself.
+struct Relayed {
+    fields: SessionFields,
+    /// Stops the relay.
+    end: tokio::sync::oneshot::Sender<EndReason>,
+    /// The client certificate's expiry (unix seconds; 0 for local clients, who have none).
+    not_after: i64,
+    /// Milliseconds after `ProxyContext::epoch` of the last byte relayed either way.
+    activity: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What control keeps about a session the data plane holds (`live_sessions` in the state), so
+/// a restarted control can audit its end, route its cancels and enforce policy on it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct LiveRecord {
+    fields: SessionFields,
+}
+
+impl LiveRecord {
+    fn from_json(v: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(v.clone())
+    }
+}
 
 fn new_session_id() -> String {
     let mut b = [0u8; 16];
@@ -415,13 +538,21 @@ async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, fields: &ErrorFields) {
     let _ = s.shutdown().await;
 }
 
-async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, session_id: String) {
+async fn handle(
+    ctx: Arc<ProxyContext>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    session_id: String,
+    mut permit: ConnPermit<IpAddr>,
+) {
     let _ = tcp.set_nodelay(true);
     let deadline = ctx.cfg.proxy_service.handshake_timeout;
     let started = Instant::now();
     let mut fields = SessionFields { session_id, client_addr: peer.to_string(), ..Default::default() };
-    let setup = tokio::time::timeout(deadline, handshake(&ctx, tcp, &mut fields)).await;
+    let setup = tokio::time::timeout(deadline, handshake(&ctx, tcp, &mut fields, &mut permit)).await;
     run_session(ctx, setup, fields, started).await;
+    // Held until here: a session control relays itself still costs control its sockets.
+    drop(permit);
 }
 
 /// Relays (or hands off) a session once its setup finished, and audits its end.
@@ -448,12 +579,9 @@ async fn run_session(
     METRICS.session_started(started.elapsed());
     info!(user = %fields.user, db = %fields.db_service, db_user = %fields.db_user, db_name = %fields.db_name, "session started");
     let ready = match ctx.dataplane.get().filter(|d| d.connected()) {
+        // With a data plane there, control relays nothing itself.
         Some(dp) => match hand_off(&ctx, dp, ready, &fields).await {
             Outcome::Done => return,
-            Outcome::NotPossible(ready, why) => {
-                warn!(reason = %why, "session stays in control (not handed to the dataplane)");
-                *ready
-            }
             Outcome::Failed(why, our_pid) => {
                 warn!(reason = %why, "handoff to the dataplane failed; session closed");
                 METRICS.handshake_failed("handoff");
@@ -464,14 +592,16 @@ async fn run_session(
         },
         None => ready,
     };
-    let Ready { client, upstream, our_pid, .. } = ready;
+    let Ready { client, upstream, our_pid, not_after } = ready;
     let legs = json!({ "client": leg_kind(client.is_tls()), "upstream": leg_kind(upstream.is_tls()) });
     // Count what each side delivered as it is read, so the totals survive a relay that ends in
     // an error (a client killed mid-transfer still gets an accurate audit record).
-    let mut client = CountingReader::new(client);
-    let mut upstream = CountingReader::new(upstream);
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(ctx.epoch.elapsed().as_millis() as u64));
+    let mut client = CountingReader::new(client, ctx.epoch, activity.clone());
+    let mut upstream = CountingReader::new(upstream, ctx.epoch, activity.clone());
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
-    ctx.relayed().insert(fields.session_id.clone(), (fields.clone(), end_tx));
+    let relayed = Relayed { fields: fields.clone(), end: end_tx, not_after, activity };
+    ctx.relayed().insert(fields.session_id.clone(), relayed);
     METRICS.local_session(true);
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024) => r.map(|_| None),
@@ -535,6 +665,7 @@ async fn handshake(
     ctx: &ProxyContext,
     mut tcp: TcpStream,
     fields: &mut SessionFields,
+    permit: &mut ConnPermit<IpAddr>,
 ) -> Result<Option<Ready>, &'static str> {
     // PostgreSQL 17 clients may start TLS directly (sslnegotiation=direct): a TLS record, not a
     // length-prefixed packet, comes first.
@@ -612,6 +743,23 @@ async fn handshake(
         }
     };
     fields.user = identity.user.clone();
+    // Every handshake re-checks the certificate's expiry here (TLS lets an expired one through,
+    // so the client learns why; there is no resumption to skip this).
+    let cert = client.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
+    if let Err(expired) = crate::tls::check_not_expired(&cert, time::OffsetDateTime::now_utc()) {
+        let when = expired.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        info!(user = %identity.user, expired = %when, "client certificate expired");
+        let e = ErrorFields::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!("client certificate expired at {when}"),
+        )
+        .with(b'H', "run `sluice login` and `sluice db login` for a new certificate");
+        send_error(&mut client, &e).await;
+        return Err("certificate_expired");
+    }
+    let not_after = crate::ca::not_after(&cert).map(|t| t.unix_timestamp()).unwrap_or(0);
+    // A valid client certificate: this connection no longer counts as an unauthenticated one.
+    permit.authenticated();
     let startup = match read_startup(&mut client).await {
         Ok(Ok(StartupPacket::Startup(m))) => m,
         Ok(Ok(StartupPacket::Cancel(c))) => {
@@ -638,14 +786,6 @@ async fn handshake(
         Ok(our_pid_and_upstream) => {
             ctx.audit.emit(SESSION_START, fields, true, json!({}));
             let (our_pid, upstream) = our_pid_and_upstream;
-            let not_after = client
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| crate::ca::not_after(c).ok())
-                .map(|t| t.unix_timestamp())
-                .unwrap_or(0);
             Ok(Some(Ready { client: Leg::Tls(client), upstream, our_pid, not_after }))
         }
         Err(refusal) => {
@@ -691,34 +831,33 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
     fields.db_user = db_user.to_owned();
     fields.db_name = db_name.to_owned();
 
-    let internal = |e: crate::state::StateError| {
-        Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind("internal")
+    let internal =
+        |e: String| Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind("internal");
+    let view = {
+        let (cfg, state) = (ctx.cfg.clone(), ctx.state.clone());
+        let (user, service) = (identity.user.clone(), route.service.clone());
+        // SQLite blocks: never on the async threads.
+        tokio::task::spawn_blocking(move || PolicyView::load_for(&cfg, &state, &user, &service))
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(|e| {
+                METRICS.discovery_error();
+                internal(e.to_string())
+            })?
     };
-    let db = catalog::find(&ctx.cfg, &ctx.state, &route.service)
-        .map_err(|e| {
-            METRICS.discovery_error();
-            internal(e)
-        })?
-        .ok_or_else(|| {
-            Refusal::new(
+    let decided = view.decide(policy::Route { user: &identity.user, db_service: &route.service, db_user, db_name });
+    let db = decided
+        .map_err(|d| match d {
+            Denial::UnknownDatabase => Refusal::new(
                 sqlstate::INVALID_CATALOG_NAME,
                 format!("database {:?} is not registered with Sluice", route.service),
             )
-            .kind("unknown_database")
-        })?;
-    let user = ctx
-        .state
-        .user(&identity.user)
-        .map_err(internal)?
-        .ok_or_else(|| Refusal::new(DENIED, format!("user {:?} does not exist", identity.user)))?;
-    let roles = ctx.state.roles_of(&user).map_err(internal)?;
-    let req = AccessRequest { db_service: &db.name, labels: &db.labels, db_name, db_user };
-    check_access(&user.name, &roles, req).map_err(|d| Refusal::new(DENIED, format!("access denied: {d}")))?;
-    let locks = ctx.state.active_locks().map_err(internal)?;
-    if let Some(lock) = locks.iter().find(|l| l.matches(&user.name, &db.name)) {
-        let why = if lock.message.is_empty() { String::new() } else { format!(": {}", lock.message) };
-        return Err(Refusal::new(DENIED, format!("access is locked (lock {}){why}", lock.id)));
-    }
+            .kind("unknown_database"),
+            Denial::UnknownUser => Refusal::new(DENIED, format!("user {:?} does not exist", identity.user)),
+            other => Refusal::new(DENIED, other.to_string()),
+        })?
+        .clone();
+    let roles = view.users.get(&identity.user).map(|u| view.roles_of(u)).unwrap_or_default();
 
     // Protocol 3.2 is spoken to the client (only cancel keys differ); the upstream gets 3.0.
     let unrecognized: Vec<String> =
@@ -726,12 +865,8 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
     let client_minor = if startup.version > ProtocolVersion::V3_2 { 2 } else { startup.version.minor };
     let negotiate = (startup.version > ProtocolVersion::V3_2 || !unrecognized.is_empty())
         .then(|| encode::negotiate_protocol_version(client_minor, &unrecognized));
-    let extra: Vec<(String, String)> = startup
-        .params
-        .iter()
-        .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
-        .cloned()
-        .collect();
+    let extra = crate::startup_params::upstream_params(&startup.params, crate::rbac::allows_replication(&roles))
+        .map_err(|r| Refusal::new(r.code, r.message).kind("startup_parameter"))?;
 
     let (upstream, greeting, cancel_target) =
         upstream::connect(&db, db_user, db_name, &extra, &ctx.minter, &ctx.upstream_tls).await?;
@@ -793,16 +928,39 @@ async fn handle_cancel(ctx: &ProxyContext, req: pg::CancelRequest) {
 enum Outcome {
     /// The dataplane owns the session now.
     Done,
-    /// Nothing was consumed; control relays the session itself.
-    NotPossible(Box<Ready>, String),
     /// The TLS state was already taken apart; the session is lost (its sockets close).
     Failed(String, u32),
 }
 
-/// Whether the TLS connection holds received-but-unread plaintext (a pipelining client); such
-/// bytes live only in rustls' buffers and would be lost by a handoff.
-fn has_buffered_plaintext<D: rustls::SideData>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
-    conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true)
+/// Takes the plaintext a TLS connection received but nobody read yet (a client that pipelined
+/// its first query behind its StartupMessage; an upstream that sent a notice after
+/// ReadyForQuery): such bytes live only in rustls' buffers and would be lost by a handoff.
+fn take_buffered_plaintext<D: rustls::SideData>(conn: &mut rustls::ConnectionCommon<D>) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let pending = conn.process_new_packets().map_err(|e| e.to_string())?.plaintext_bytes_to_read();
+    let mut out = vec![0u8; pending];
+    conn.reader().read_exact(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Moves what rustls buffered on one leg to the other leg, so both legs can be handed over with
+/// nothing left behind; returns how many bytes moved.
+async fn forward_buffered(ready: &mut Ready) -> Result<(usize, usize), String> {
+    let from_client = match &mut ready.client {
+        Leg::Tls(t) => take_buffered_plaintext(t.get_mut().1)?,
+        Leg::Plain(_) => Vec::new(),
+    };
+    let from_upstream = match &mut ready.upstream {
+        Leg::Tls(t) => take_buffered_plaintext(t.get_mut().1)?,
+        Leg::Plain(_) => Vec::new(),
+    };
+    if !from_client.is_empty() {
+        upstream::write_all_flush(&mut ready.upstream, &from_client).await.map_err(|e| e.to_string())?;
+    }
+    if !from_upstream.is_empty() {
+        upstream::write_all_flush(&mut ready.client, &from_upstream).await.map_err(|e| e.to_string())?;
+    }
+    Ok((from_client.len(), from_upstream.len()))
 }
 
 /// How a leg is described in audit events: `tls` (the data plane runs the record layer, in the
@@ -847,16 +1005,13 @@ fn upstream_handoff_leg(leg: UpstreamStream) -> Result<(OwnedFd, LegCrypto), Str
 }
 
 async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fields: &SessionFields) -> Outcome {
-    let client_buffered = match &mut ready.client {
-        Leg::Tls(t) => has_buffered_plaintext(t.get_mut().1),
-        Leg::Plain(_) => false,
-    };
-    let upstream_buffered = match &mut ready.upstream {
-        Leg::Tls(t) => has_buffered_plaintext(t.get_mut().1),
-        Leg::Plain(_) => false,
-    };
-    if client_buffered || upstream_buffered {
-        return Outcome::NotPossible(Box::new(ready), "TLS holds buffered data".into());
+    // Nothing is read from the sockets here, so one pass empties rustls' buffers.
+    match forward_buffered(&mut ready).await {
+        Ok((0, 0)) => {}
+        Ok((to_upstream, to_client)) => {
+            info!(to_upstream, to_client, "forwarded bytes buffered during the startup before the handoff")
+        }
+        Err(e) => return Outcome::Failed(format!("forwarding buffered bytes: {e}"), ready.our_pid),
     }
     let Ready { client, upstream, our_pid, not_after } = ready;
     let legs = json!({ "client": leg_kind(client.is_tls()), "upstream": leg_kind(upstream.is_tls()) });
@@ -876,7 +1031,7 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
     if let Err(e) = ctx.state.insert_live_session(&fields.session_id, &record) {
         return Outcome::Failed(format!("recording the session: {e}"), our_pid);
     }
-    let idle = ctx.cfg.dataplane.as_ref().map(|d| d.idle_timeout).unwrap_or_default();
+    let idle = ctx.cfg.idle_timeout();
     let h = sluice_dataplane::handoff::Handoff {
         session_id: fields.session_id.clone(),
         user: fields.user.clone(),
@@ -1010,15 +1165,18 @@ impl Events for ProxyContext {
     }
 }
 
-/// Passes I/O through and counts the bytes read from the inner stream.
+/// Passes I/O through, counts the bytes read from the inner stream and stamps when the last
+/// ones came (the idle timeout of sessions control relays).
 struct CountingReader<S> {
     inner: S,
     read: u64,
+    epoch: Instant,
+    activity: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<S> CountingReader<S> {
-    fn new(inner: S) -> Self {
-        CountingReader { inner, read: 0 }
+    fn new(inner: S, epoch: Instant, activity: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        CountingReader { inner, read: 0, epoch, activity }
     }
 }
 
@@ -1031,7 +1189,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for CountingReader<S> {
         let before = buf.filled().len();
         let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.read += n as u64;
+        if n > 0 {
+            self.read += n as u64;
+            self.activity.store(self.epoch.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         poll
     }
 }

@@ -43,6 +43,29 @@ pub struct RoleSpec {
     pub allow: Conditions,
     #[serde(default)]
     pub deny: Conditions,
+    /// What sessions of this role may ask for beyond a plain connection.
+    #[serde(default, skip_serializing_if = "DbOptions::is_default")]
+    pub db_options: DbOptions,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbOptions {
+    /// Replication connections (the `replication` startup parameter, physical or logical):
+    /// such a session is not bound to `db_names`, so it must be allowed explicitly.
+    #[serde(default)]
+    pub replication: bool,
+}
+
+impl DbOptions {
+    fn is_default(&self) -> bool {
+        self == &DbOptions::default()
+    }
+}
+
+/// Whether one of `roles` allows replication connections.
+pub fn allows_replication(roles: &[Role]) -> bool {
+    roles.iter().any(|r| r.spec.db_options.replication)
 }
 
 /// Label values may be one string or a list; `*` matches anything.

@@ -152,12 +152,27 @@ pub fn random_secret(bytes: usize) -> String {
 }
 
 impl State {
+    /// Opens (creating if needed) the state in `data_dir`. The directory is made 0700 and every
+    /// file in it 0600 (the CA key is in `sluice.db`), tightening what an earlier start or an
+    /// operator left looser, with a warning. Safe against concurrent openers (the daemon and
+    /// admin verbs started at once).
     pub fn open(data_dir: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(data_dir)?;
-        let conn = Connection::open(data_dir.join("sluice.db"))?;
+        let warn = |t: crate::private_fs::Tightened| {
+            tracing::warn!(path = %t.path.display(), was = %format!("{:o}", t.was), "state was readable by other users; tightened");
+        };
+        if let Some(t) = crate::private_fs::private_dir(data_dir)? {
+            warn(t);
+        }
+        crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
+        let path = data_dir.join("sluice.db");
+        // Create the file 0600 before SQLite does (it would use the umask); SQLite gives its
+        // -wal and -shm files the database file's mode.
+        drop(crate::private_fs::open_private_append(&path)?);
+        let conn = Connection::open(&path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(SCHEMA)?;
+        crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
         Ok(State { conn: Mutex::new(conn) })
     }
 
@@ -167,23 +182,28 @@ impl State {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Loads the cluster CA, creating it on first use.
+    /// Loads the cluster CA, creating it on first use. Several processes may get here at once
+    /// on a fresh data dir (`control start` and `control status`): the first insert wins and
+    /// everyone loads the stored CA.
     pub fn ensure_ca(&self, cluster: &str) -> Result<CertAuthority, StateError> {
+        let load = |db: &Connection| -> Result<Option<CertAuthority>, StateError> {
+            let row: Option<(String, String)> = db
+                .query_row("SELECT cert_pem, key_pem FROM cert_authorities WHERE name = 'db'", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            Ok(row.map(|(cert, key)| CertAuthority::from_pem(&cert, &key)).transpose()?)
+        };
         let db = self.db();
-        let row: Option<(String, String)> = db
-            .query_row("SELECT cert_pem, key_pem FROM cert_authorities WHERE name = 'db'", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        if let Some((cert, key)) = row {
-            return Ok(CertAuthority::from_pem(&cert, &key)?);
+        if let Some(ca) = load(&db)? {
+            return Ok(ca);
         }
         let ca = CertAuthority::generate(cluster)?;
         db.execute(
-            "INSERT INTO cert_authorities (name, cert_pem, key_pem) VALUES ('db', ?1, ?2)",
+            "INSERT OR IGNORE INTO cert_authorities (name, cert_pem, key_pem) VALUES ('db', ?1, ?2)",
             params![ca.cert_pem, ca.key_pem()],
         )?;
-        Ok(ca)
+        load(&db)?.ok_or_else(|| StateError::Corrupt("the CA vanished right after it was stored".into()))
     }
 
     // ---- users ----

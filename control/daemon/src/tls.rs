@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -29,6 +31,12 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The PostgreSQL listener: TLS 1.2/1.3, a client certificate chained to `ca_der` is required.
+///
+/// No session resumption: a resumed TLS session would carry the identity of the certificate
+/// its first handshake checked, past that certificate's expiry and past the user's removal.
+/// Every connection presents its certificate, and control checks expiry and the user after
+/// every handshake (an expired certificate passes the TLS layer only so that the client gets a
+/// PostgreSQL error, SQLSTATE 28000, that says so, instead of a bare TLS alert).
 pub fn postgres_server_config(
     ca_der: &CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
@@ -36,18 +44,111 @@ pub fn postgres_server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca_der.clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(ExpiryDeferringVerifier { inner }))
         .with_single_cert(chain, key)?;
     // libpq 17 requires ALPN "postgresql" for direct TLS (sslnegotiation=direct).
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     // The dataplane continues the session from the traffic secrets.
     cfg.enable_secret_extraction = true;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.ticketer = Arc::new(NoTickets);
     Ok(Arc::new(cfg))
+}
+
+/// Never issues TLS 1.2 session tickets (rustls' default already doesn't; stated here so that a
+/// change of default cannot bring resumption back).
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// WebPKI client verification, except that a certificate whose only fault is its expiry is
+/// let through: the chain and signatures are still checked as of its last valid second, and the
+/// connection is then refused at the PostgreSQL layer (see [`check_not_expired`]).
+#[derive(Debug)]
+struct ExpiryDeferringVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ExpiryDeferringVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            )) => {
+                let last_valid = crate::ca::not_after(end_entity)
+                    .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+                let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                    u64::try_from(last_valid.unix_timestamp()).unwrap_or(0),
+                ));
+                self.inner.verify_client_cert(end_entity, intermediates, at)
+            }
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The check that runs after every TLS handshake on the PostgreSQL listener: the client
+/// certificate (`der`) must not have expired by `now`. Returns when it expired, if it did.
+pub fn check_not_expired(der: &[u8], now: time::OffsetDateTime) -> Result<(), time::OffsetDateTime> {
+    match crate::ca::not_after(der) {
+        Ok(t) if t >= now => Ok(()),
+        Ok(t) => Err(t),
+        // Unparseable: the verifier would not have accepted it; refuse all the same.
+        Err(_) => Err(time::OffsetDateTime::UNIX_EPOCH),
+    }
 }
 
 /// The client API listener: server authentication only (users authenticate with a password).

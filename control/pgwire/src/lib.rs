@@ -492,6 +492,7 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 }
 
 #[cfg(test)]

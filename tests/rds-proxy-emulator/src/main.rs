@@ -49,13 +49,12 @@ struct Args {
     /// Where the test CA and server certificate are kept (created if missing).
     #[arg(long)]
     tls_dir: PathBuf,
-    /// AKID:SECRET[:SESSION_TOKEN] whose signatures are accepted (repeatable).
-    // Parsed after clap, whose errors would echo the (secret) value.
-    #[arg(long = "credentials")]
-    credentials: Vec<String>,
-    /// USER=PASSWORD: the stored secret used to log in to PostgreSQL as USER (repeatable).
-    #[arg(long = "secret")]
-    secrets: Vec<String>,
+    /// A file (mode 0600) of secrets, one per line, never on the command line where any local
+    /// user could read them in /proc: `credentials AKID:SECRET[:SESSION_TOKEN]` (access keys whose
+    /// signatures are accepted) and `secret USER=PASSWORD` (the stored secret used to log in to
+    /// PostgreSQL as USER). Blank lines and lines starting with `#` are ignored.
+    #[arg(long)]
+    secrets_file: Option<PathBuf>,
     /// Look up unknown access keys here (`GET URL?access_key_id=AKID`, JSON answer): the test AWS
     /// API emulator, so tokens signed with assumed-role credentials can be verified.
     #[arg(long)]
@@ -107,15 +106,29 @@ async fn main() -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
 
     let mut store = CredentialStore::default();
-    for (i, value) in args.credentials.iter().enumerate() {
-        let (akid, creds) = credentials(value)
-            .with_context(|| format!("--credentials #{}: expected AKID:SECRET[:SESSION_TOKEN]", i + 1))?;
-        store.insert(akid, creds);
-    }
     let mut secrets = HashMap::new();
-    for (i, value) in args.secrets.iter().enumerate() {
-        let (user, password) = secret(value).with_context(|| format!("--secret #{}: expected USER=PASSWORD", i + 1))?;
-        secrets.insert(user, password);
+    if let Some(path) = &args.secrets_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        // Errors name the line, never its (secret) value.
+        for (i, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match line.split_once(' ') {
+                Some(("credentials", v)) => {
+                    let (akid, creds) = credentials(v.trim()).with_context(|| {
+                        format!("{} line {i}: expected AKID:SECRET[:SESSION_TOKEN]", path.display())
+                    })?;
+                    store.insert(akid, creds);
+                }
+                Some(("secret", v)) => {
+                    let (user, password) = secret(v.trim())
+                        .with_context(|| format!("{} line {i}: expected USER=PASSWORD", path.display()))?;
+                    secrets.insert(user, password);
+                }
+                _ => anyhow::bail!("{} line {i}: expected `credentials …` or `secret …`", path.display()),
+            }
+        }
     }
     let endpoint_host = format!("{}.proxy-{}.{}.rds.amazonaws.com", args.name, args.proxy_id, args.region);
     let wildcard = format!("*.proxy-{}.{}.rds.amazonaws.com", args.proxy_id, args.region);
@@ -125,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
     let local = listener.local_addr().context("reading the bound address")?;
 
     if store.is_empty() && args.credentials_url.is_none() {
-        warn!("no --credentials given: every IAM token will be refused");
+        warn!("no credentials in --secrets-file: every IAM token will be refused");
     }
     let cfg = Arc::new(ProxyConfig {
         endpoint_port: args.endpoint_port.unwrap_or(local.port()),
