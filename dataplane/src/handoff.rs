@@ -1075,12 +1075,10 @@ mod tests {
                 &c.to_be_bytes()
             ]
             .concat()),
-            bytes(LEG_COUNTERS_LEN..LEG_COUNTERS_LEN + 2),
-            (0u8..3, 0u8..17, bytes(DIR_STATE_LEN - 2..DIR_STATE_LEN - 1)).prop_map(|(p, f, rest)| [
-                &[p, f][..],
-                &rest
-            ]
-            .concat()),
+            // One short, exact, one long: the length checks' edges.
+            bytes(LEG_COUNTERS_LEN - 1..LEG_COUNTERS_LEN + 2),
+            (0u8..3, 0u8..17, bytes(DIR_STATE_LEN - 3..DIR_STATE_LEN))
+                .prop_map(|(p, f, rest)| [&[p, f][..], &rest].concat()),
             (0usize..9, any::<u64>()).prop_map(|(n, v)| v.to_be_bytes().repeat(n)),
             bytes(2..3),
             proptest::collection::vec((field_tag(), bytes(0..12)), 0..6).prop_map(|fs| {
@@ -1099,6 +1097,9 @@ mod tests {
         Replace(prop::sample::Index, Vec<u8>),
         Insert(prop::sample::Index, u16, Vec<u8>),
         Retag(prop::sample::Index, u16),
+        /// Cut or extend a field's value by a few bytes: every length check's edges.
+        Resize(prop::sample::Index, i8),
+        Flip(prop::sample::Index, prop::sample::Index, u8),
     }
 
     fn edit() -> impl Strategy<Value = Edit> {
@@ -1107,6 +1108,10 @@ mod tests {
             (any::<prop::sample::Index>(), field_value()).prop_map(|(i, v)| Edit::Replace(i, v)),
             (any::<prop::sample::Index>(), field_tag(), field_value()).prop_map(|(i, t, v)| Edit::Insert(i, t, v)),
             (any::<prop::sample::Index>(), field_tag()).prop_map(|(i, t)| Edit::Retag(i, t)),
+            (any::<prop::sample::Index>(), prop_oneof![3 => -1i8..=1, 1 => -9i8..=9])
+                .prop_map(|(i, d)| Edit::Resize(i, d)),
+            (any::<prop::sample::Index>(), any::<prop::sample::Index>(), any::<u8>())
+                .prop_map(|(i, at, x)| Edit::Flip(i, at, x)),
         ]
     }
 
@@ -1128,6 +1133,16 @@ mod tests {
                     Edit::Replace(i, v) if len > 0 => fields[i.index(len)].1 = v,
                     Edit::Retag(i, t) if len > 0 => fields[i.index(len)].0 = t,
                     Edit::Insert(i, t, v) => fields.insert(i.index(len + 1), (t, v)),
+                    Edit::Resize(i, d) if len > 0 => {
+                        let v = &mut fields[i.index(len)].1;
+                        let n = v.len().saturating_add_signed(d.into());
+                        v.resize(n, 0x5a);
+                    }
+                    Edit::Flip(i, at, x) if len > 0 && !fields[i.index(len)].1.is_empty() => {
+                        let v = &mut fields[i.index(len)].1;
+                        let at = at.index(v.len());
+                        v[at] ^= x;
+                    }
                     _ => {}
                 }
             }
@@ -1166,6 +1181,9 @@ mod tests {
     }
 
     proptest! {
+        // Cheap cases (a few microseconds each), and many shapes: more than the default 256.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
         /// Frames with a correct header and valid field framing: the decoder never refuses them at
         /// the header, and whatever it decodes re-encodes to a frame that decodes to the same
         /// message (unknown tags and trailing bytes of longer-than-needed fields are dropped).
@@ -1183,7 +1201,9 @@ mod tests {
                 other => prop_assert!(false, "{:?} for a frame with a correct header", other),
             }
         }
+    }
 
+    proptest! {
         #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes);
