@@ -826,9 +826,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn roundtrip_every_message() {
-        let msgs = vec![
+    /// One of each message (two of some), with every optional field both ways.
+    fn every_message() -> Vec<Message> {
+        vec![
             Message::Hello { role: Role::Control, pid: 42 },
             Message::Handoff(Box::new(sample())),
             Message::HandoffAck { session_id: "s".into(), error: None },
@@ -878,7 +878,12 @@ mod tests {
                     },
                 ],
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn roundtrip_every_message() {
+        let msgs = every_message();
         let mut stream = Vec::new();
         for m in &msgs {
             stream.extend(encode(m));
@@ -1029,6 +1034,177 @@ mod tests {
         assert_eq!(decode(&f).unwrap().unwrap().0, Message::HandoffAck { session_id: "s".into(), error: None });
         let empty_ack = [&MAGIC[..], &[0, 1, 0, 3, 0, 0, 0, 0]].concat();
         assert_eq!(decode(&empty_ack), Err(HandoffError::Missing("session_id")));
+    }
+
+    /// Tags some message type reads (see `encode`), so edits hit real fields most of the time.
+    const KNOWN_TAGS: &[u16] =
+        &[1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 32, 33, 34, 35, 36, 37, 38, 64, 65, 66, 67, 68, 69, 80, 81];
+
+    /// A payload's fields, as `encode` wrote them.
+    fn split_fields(frame: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        Fields::parse(&frame[HEADER_LEN..]).unwrap().0.into_iter().map(|(t, v)| (t, v.to_vec())).collect()
+    }
+
+    /// A frame with a correct header (magic, version, `ty`, length) around `fields`.
+    fn frame(ty: u16, fields: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut w = Writer(Vec::new());
+        for (tag, v) in fields {
+            w.field(*tag, v);
+        }
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&VERSION.to_be_bytes());
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&(w.0.len() as u32).to_be_bytes());
+        out.extend(w.0);
+        out
+    }
+
+    fn field_tag() -> impl Strategy<Value = u16> {
+        prop_oneof![9 => proptest::sample::select(KNOWN_TAGS), 1 => any::<u16>()]
+    }
+
+    /// Values shaped like the fields the decoder reads: strings, u64s, one-byte enums and flags,
+    /// leg heads, counters, direction states, nested field sequences; and plain noise.
+    fn field_value() -> impl Strategy<Value = Vec<u8>> {
+        let bytes = |n| proptest::collection::vec(any::<u8>(), n);
+        prop_oneof![
+            bytes(0..24),
+            "[a-z0-9-]{0,16}".prop_map(String::into_bytes),
+            any::<u64>().prop_map(|v| v.to_be_bytes().to_vec()),
+            (0u8..12).prop_map(|b| vec![b]),
+            Just(vec![0]),
+            (any::<u16>(), prop_oneof![Just(0x1301u16), Just(0xc02f), any::<u16>()]).prop_map(|(v, c)| [
+                &[1][..],
+                &v.to_be_bytes(),
+                &c.to_be_bytes()
+            ]
+            .concat()),
+            // One short, exact, one long: the length checks' edges.
+            bytes(LEG_COUNTERS_LEN - 1..LEG_COUNTERS_LEN + 2),
+            (0u8..3, 0u8..17, bytes(DIR_STATE_LEN - 3..DIR_STATE_LEN))
+                .prop_map(|(p, f, rest)| [&[p, f][..], &rest].concat()),
+            (0usize..9, any::<u64>()).prop_map(|(n, v)| v.to_be_bytes().repeat(n)),
+            bytes(2..3),
+            proptest::collection::vec((field_tag(), bytes(0..12)), 0..6).prop_map(|fs| {
+                let mut w = Writer(Vec::new());
+                for (t, v) in fs {
+                    w.field(t, &v);
+                }
+                w.0
+            }),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Drop(prop::sample::Index),
+        Replace(prop::sample::Index, Vec<u8>),
+        Insert(prop::sample::Index, u16, Vec<u8>),
+        Retag(prop::sample::Index, u16),
+        /// Cut or extend a field's value by a few bytes: every length check's edges.
+        Resize(prop::sample::Index, i8),
+        Flip(prop::sample::Index, prop::sample::Index, u8),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            any::<prop::sample::Index>().prop_map(Edit::Drop),
+            (any::<prop::sample::Index>(), field_value()).prop_map(|(i, v)| Edit::Replace(i, v)),
+            (any::<prop::sample::Index>(), field_tag(), field_value()).prop_map(|(i, t, v)| Edit::Insert(i, t, v)),
+            (any::<prop::sample::Index>(), field_tag()).prop_map(|(i, t)| Edit::Retag(i, t)),
+            (any::<prop::sample::Index>(), prop_oneof![3 => -1i8..=1, 1 => -9i8..=9])
+                .prop_map(|(i, d)| Edit::Resize(i, d)),
+            (any::<prop::sample::Index>(), any::<prop::sample::Index>(), any::<u8>())
+                .prop_map(|(i, at, x)| Edit::Flip(i, at, x)),
+        ]
+    }
+
+    /// A well-formed frame: either a real message with a few fields dropped, replaced, inserted
+    /// or retagged (so the other required fields are there and the decoder reads deep into the
+    /// payload), or a known message type over fields built from scratch.
+    fn structured_frame() -> impl Strategy<Value = Vec<u8>> {
+        let n = every_message().len();
+        let edited = (0..n, proptest::collection::vec(edit(), 0..4)).prop_map(|(which, edits)| {
+            let base = encode(&every_message()[which]);
+            let ty = u16::from_be_bytes([base[6], base[7]]);
+            let mut fields = split_fields(&base);
+            for e in edits {
+                let len = fields.len();
+                match e {
+                    Edit::Drop(i) if len > 0 => {
+                        fields.remove(i.index(len));
+                    }
+                    Edit::Replace(i, v) if len > 0 => fields[i.index(len)].1 = v,
+                    Edit::Retag(i, t) if len > 0 => fields[i.index(len)].0 = t,
+                    Edit::Insert(i, t, v) => fields.insert(i.index(len + 1), (t, v)),
+                    Edit::Resize(i, d) if len > 0 => {
+                        let v = &mut fields[i.index(len)].1;
+                        let n = v.len().saturating_add_signed(d.into());
+                        v.resize(n, 0x5a);
+                    }
+                    Edit::Flip(i, at, x) if len > 0 && !fields[i.index(len)].1.is_empty() => {
+                        let v = &mut fields[i.index(len)].1;
+                        let at = at.index(v.len());
+                        v[at] ^= x;
+                    }
+                    _ => {}
+                }
+            }
+            frame(ty, &fields)
+        });
+        let scratch = (1u16..=11, proptest::collection::vec((field_tag(), field_value()), 0..16))
+            .prop_map(|(ty, fields)| frame(ty, &fields));
+        prop_oneof![3 => edited, 1 => scratch]
+    }
+
+    /// The structured frames reach every message type's field checks: some decode, and some are
+    /// refused for a missing or malformed field rather than at the header.
+    #[test]
+    fn structured_frames_get_past_the_header() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = structured_frame();
+        let mut decoded = std::collections::BTreeSet::new();
+        let (mut missing, mut malformed) = (0, 0);
+        for _ in 0..4000 {
+            let f = strategy.new_tree(&mut runner).unwrap().current();
+            match decode(&f) {
+                Ok(Some((_, n))) => {
+                    assert_eq!(n, f.len());
+                    decoded.insert(u16::from_be_bytes([f[6], f[7]]));
+                }
+                Err(HandoffError::Missing(_)) => missing += 1,
+                Err(HandoffError::Malformed(_)) => malformed += 1,
+                // A `Stats` entry holding something other than a field sequence.
+                Err(HandoffError::Truncated) => {}
+                other => panic!("{other:?} for a frame with a correct header"),
+            }
+        }
+        assert_eq!(decoded, (1..=11).collect(), "message types that decoded");
+        assert!(missing > 100 && malformed > 100, "missing {missing}, malformed {malformed}");
+    }
+
+    proptest! {
+        // Cheap cases (a few microseconds each), and many shapes: more than the default 256.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Frames with a correct header and valid field framing: the decoder never refuses them at
+        /// the header, and whatever it decodes re-encodes to a frame that decodes to the same
+        /// message (unknown tags and trailing bytes of longer-than-needed fields are dropped).
+        #[test]
+        fn structured_frames_decode_or_fail_in_the_payload(f in structured_frame()) {
+            match decode(&f) {
+                Ok(Some((m, n))) => {
+                    prop_assert_eq!(n, f.len());
+                    let again = encode(&m);
+                    prop_assert!(again.len() <= f.len(), "re-encoded {} > {}", again.len(), f.len());
+                    prop_assert_eq!(decode(&again), Ok(Some((m, again.len()))));
+                }
+                // Truncated: a `Stats` entry whose nested field sequence is cut short.
+                Err(HandoffError::Missing(_) | HandoffError::Malformed(_) | HandoffError::Truncated) => {}
+                other => prop_assert!(false, "{:?} for a frame with a correct header", other),
+            }
+        }
     }
 
     proptest! {
