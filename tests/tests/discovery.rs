@@ -3,7 +3,8 @@
 //! an assumed role with the right external id and one with a wrong one, throttling and 500s that
 //! keep resources (marked stale), deletion that removes them, a psql session to a discovered proxy
 //! through the RDS Proxy emulator with a token signed by assumed-role credentials; and the IAM
-//! policy `control configure bootstrap` attaches in moto equals what `--manual` prints.
+//! policy `control configure bootstrap` attaches in moto equals what `--manual` prints; and
+//! same-named proxies in two regions and two accounts, each listed and reached under its own name.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -24,6 +25,10 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn skip_without_moto() -> bool {
     if moto_available() {
         return false;
+    }
+    // In CI a missing moto is a broken setup, not a reason to pass.
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but python3 cannot import moto (run scripts/setup)");
     }
     eprintln!("SKIP: python3 cannot import moto (run scripts/setup)");
     true
@@ -355,4 +360,164 @@ fn bootstrap_attaches_what_manual_prints_and_print_iam() {
     assert_eq!(m.labels, labels(&[("env", "prod"), ("team", "payments")]));
     let aws = m.aws.as_ref().unwrap();
     assert_eq!((aws.assume_role_arn.as_deref(), aws.external_id.as_deref()), (Some(disc.as_str()), Some("ext-1")));
+}
+
+/// Same-named proxies in two regions and in a second account: each is listed under its own name
+/// (`<name>-<region>-<account>`), survives the other source's polls, and a session under each name
+/// reaches that proxy's emulator only; a certificate for the bare name reaches neither.
+#[test]
+fn same_named_proxies_in_two_regions_and_accounts_get_unique_names() {
+    if skip_without_moto() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let moto_dir = TestDir::new("discovery-names-moto").unwrap();
+    let moto = Moto::start(moto_dir.path(), 100).unwrap();
+    let mut h = Harness::start("discovery-names").unwrap();
+
+    const OTHER_ACCOUNT: &str = "222222222222";
+    let role_arn = |account: &str, name: &str| -> String {
+        let r = moto.admin("/_sluice/role", json!({"account": account, "name": name})).unwrap();
+        r["arn"].as_str().unwrap().to_owned()
+    };
+    let home_role = role_arn(ACCOUNT, "disc");
+    let other_role = role_arn(OTHER_ACCOUNT, "disc");
+    // (region, account, matcher role): one "orders" each, and a "billing" that stays plain.
+    let places = [
+        ("us-west-2", ACCOUNT, &home_role),
+        ("eu-west-1", ACCOUNT, &home_role),
+        ("us-west-2", OTHER_ACCOUNT, &other_role),
+    ];
+    let mut emulators = Vec::new();
+    let mut matchers = Vec::new();
+    for (i, (region, account, role)) in places.iter().enumerate() {
+        let p = moto
+            .admin(
+                "/_sluice/proxy",
+                json!({"account": account, "region": region, "name": "orders", "tags": {"env": "prod"}}),
+            )
+            .unwrap();
+        let host = p["endpoint"].as_str().unwrap().to_owned();
+        let emu = start_emulator_for(
+            &h.dir.join(format!("emulator-{i}")),
+            &host,
+            5432,
+            h.stack.postgres.port,
+            &moto,
+            &[("alice".to_owned(), h.stack.db_password.clone())],
+        )
+        .unwrap();
+        matchers.push(json!({"types": ["rdsproxy"], "regions": [region], "tags": {"env": "prod"},
+            "assume_role_arn": role, "connect_addr_override": format!("127.0.0.1:{}", emu.port),
+            "tls": {"ca_cert_file": emu.ca_file}}));
+        emulators.push((format!("orders-{region}-{account}"), host, emu));
+    }
+    let billing = moto
+        .admin("/_sluice/proxy", json!({"region": "eu-west-1", "name": "billing", "tags": {"env": "prod"}}))
+        .unwrap();
+
+    let mut cfg: Config = h.stack.control.config.clone();
+    cfg.discovery_service = serde_json::from_value(json!({"poll_interval": "1s", "aws": matchers})).unwrap();
+    cfg.db_service.resources = serde_json::from_value(json!([{"labels": {"sluice.dev/origin": "cloud"}}])).unwrap();
+    let (pg_port, api_port) = (h.stack.control.pg_port, h.stack.control.api_port);
+    h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    h.stack.control =
+        spawn_control(&h.stack.dir.join("control"), cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
+    let cfg_path = h.stack.control.config_path.clone();
+    h.state
+        .upsert_role(
+            &role(json!({"kind": "role", "version": "v7", "metadata": {"name": "prod"},
+                "spec": {"allow": {"db_labels": {"env": "prod"}, "db_names": ["demo"], "db_users": ["alice"]}}}))
+            .unwrap(),
+        )
+        .unwrap();
+    h.state.update_user_roles("alice", &["dev".to_owned(), "prod".to_owned()]).unwrap();
+    h.login().unwrap();
+
+    let cloud_names = |h: &Harness| -> Vec<(String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&h.sluice_ok(&["db", "ls", "--format", "json"]).unwrap()).unwrap();
+        let mut n: Vec<(String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["labels"]["sluice.dev/origin"] == "cloud")
+            .map(|d| (d["name"].as_str().unwrap().to_owned(), d["uri"].as_str().unwrap().to_owned()))
+            .collect();
+        n.sort();
+        n
+    };
+    let mut want: Vec<(String, String)> =
+        emulators.iter().map(|(name, host, _)| (name.clone(), format!("{host}:5432"))).collect();
+    // The proxy whose name is unique keeps it.
+    want.push(("billing".to_owned(), format!("{}:5432", billing["endpoint"].as_str().unwrap())));
+    want.sort();
+    wait_until(Duration::from_secs(30), "three renamed proxies and billing in sluice db ls", || {
+        Ok((cloud_names(&h) == want).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\ngot {:?}\ncontrol.log:\n{}", cloud_names(&h), tail(&h.control_log(), 30)));
+
+    // Many polls later (each source polled every second, one after the other), nothing flipped,
+    // and `control db ls` (the admin view) agrees.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(cloud_names(&h), want);
+    let admin_ls = check_output("control db ls", &control_cli(&cfg_path, &moto, h.dir.path(), &["db", "ls"])).unwrap();
+    for (name, _, _) in &emulators {
+        assert!(admin_ls.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing:\n{admin_ls}");
+    }
+    assert!(!admin_ls.lines().any(|l| l.starts_with("orders ")), "{admin_ls}");
+
+    // A session under each name reaches that proxy's emulator, and no other.
+    let verified = |i: usize| -> usize {
+        std::fs::read_to_string(h.dir.join(format!("emulator-{i}")).join("emulator.log"))
+            .unwrap_or_default()
+            .matches("IAM token verified")
+            .count()
+    };
+    for (i, (name, _, _)) in emulators.iter().enumerate() {
+        let before: Vec<usize> = (0..emulators.len()).map(verified).collect();
+        h.sluice_ok(&["db", "login", name, "--db-user", "alice", "--db-name", "demo"]).unwrap();
+        let env = parse_env_exports(&h.sluice_ok(&["db", "env", name]).unwrap()).unwrap();
+        let out = psql(&env, &["-c", "select 1, current_user"]).unwrap();
+        let got = check_output(&format!("psql to {name}"), &out).unwrap_or_else(|e| {
+            panic!(
+                "{e}\ncontrol:\n{}\nemulator:\n{}",
+                tail(&h.control_log(), 20),
+                tail(&h.dir.join(format!("emulator-{i}")).join("emulator.log"), 20)
+            )
+        });
+        assert_eq!(got, "1|alice\n");
+        let after: Vec<usize> = (0..emulators.len()).map(verified).collect();
+        for j in 0..emulators.len() {
+            let grew = after[j] > before[j];
+            assert_eq!(grew, i == j, "session to {name}: emulator {j} verified a token ({before:?} -> {after:?})");
+        }
+        let audited = h.audit().unwrap();
+        assert!(
+            audited
+                .iter()
+                .any(|a| a.event == "db.session.start" && a.db.as_deref() == Some(name.as_str()) && a.success),
+            "no successful session start audited for {name}"
+        );
+    }
+
+    // A certificate for the bare AWS name matches no database: it reaches neither proxy.
+    h.sluice_ok(&["db", "login", &emulators[0].0, "--db-user", "alice", "--db-name", "demo"]).unwrap();
+    let mut env = parse_env_exports(&h.sluice_ok(&["db", "env", &emulators[0].0]).unwrap()).unwrap();
+    let bare = h.issue_cert("alice", "orders", "alice", "demo").unwrap();
+    let (cert, key) = (h.dir.join("bare.crt"), h.dir.join("bare.key"));
+    std::fs::write(&cert, &bare.cert_pem).unwrap();
+    std::fs::write(&key, &bare.key_pem).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    for (k, v) in env.iter_mut() {
+        match k.as_str() {
+            "PGSSLCERT" => *v = cert.to_string_lossy().into_owned(),
+            "PGSSLKEY" => *v = key.to_string_lossy().into_owned(),
+            _ => {}
+        }
+    }
+    let before: Vec<usize> = (0..emulators.len()).map(verified).collect();
+    let out = psql(&env, &["-c", "select 1"]).unwrap();
+    assert!(!out.status.success(), "a certificate for \"orders\" connected");
+    assert_eq!((0..emulators.len()).map(verified).collect::<Vec<_>>(), before);
 }

@@ -301,7 +301,7 @@ mod tests {
                 };
                 DiscoveredRow {
                     source: source.into(),
-                    item: Discovered { resource, aws_resource_id: format!("prx-{i:017}") },
+                    item: Discovered { resource, aws_resource_id: format!("prx-{i:017}"), uid: format!("p{i}") },
                     stale: None,
                 }
             })

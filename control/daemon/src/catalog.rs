@@ -1,8 +1,9 @@
 //! The databases this control serves: static ones from the config plus the dynamic `kind: db`
 //! resources that match a `db_service.resources` selector (whose `aws` block may override the
-//! resource's role settings), and the resources discovery found in the cloud (matched the same way).
+//! resource's role settings), and the resources discovery found in the cloud (matched the same way,
+//! under the unique names `discovery::served_names` gives them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -59,7 +60,12 @@ pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateErro
             stale: None,
         })
         .collect();
-    for res in state.databases()? {
+    let dynamic = state.databases()?;
+    // Every static and dynamic name, served or not, so that a selector change does not rename
+    // discovered databases.
+    let taken: BTreeSet<String> =
+        out.iter().map(|d| d.name.clone()).chain(dynamic.iter().map(|r| r.metadata.name.clone())).collect();
+    for res in dynamic {
         if out.iter().any(|d| d.name == res.metadata.name) {
             continue;
         }
@@ -75,16 +81,16 @@ pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateErro
             stale: None,
         });
     }
-    for row in state.discovered()? {
+    let discovered = state.discovered()?;
+    let names = crate::discovery::served_names(&discovered, &taken);
+    for (row, name) in discovered.into_iter().zip(names) {
+        let Some(name) = name else { continue };
         let res = row.item.resource;
-        if out.iter().any(|d| d.name == res.metadata.name) {
-            continue;
-        }
         let Some(matcher) = matcher_for(cfg, &res.metadata.labels) else { continue };
         let mut spec = res.spec;
         apply_override(&mut spec, matcher);
         out.push(Database {
-            name: res.metadata.name,
+            name,
             description: res.metadata.description,
             labels: res.metadata.labels,
             spec,

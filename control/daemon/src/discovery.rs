@@ -6,8 +6,18 @@
 //! aws-sdk-rds and reconciles the SQLite state. A failed fetch never deletes: the source's
 //! resources are kept and marked stale with the reason, so throttling or a revoked permission
 //! does not make databases vanish from under connected users.
+//!
+//! Names: a discovered database is served under its AWS name (`<proxy>`, `<proxy>-<endpoint>`)
+//! while that name is unique. Rows are stored per (source, AWS identity), never per name, and
+//! [`served_names`] computes the served names over every discovered row at once: when two distinct
+//! AWS resources share a name (same-named proxies in two regions or accounts), or a discovered name
+//! equals a static or dynamic database's, every one of the discovered ones is served as
+//! `<name>-<region>-<account-id>` (Teleport renames collisions the same way). The rule depends on
+//! the set of resources only, not on which region was polled first, so names are stable across
+//! polls; and since a certificate routes by name, one issued for one proxy cannot reach its
+//! namesake. A name still shared after that (or over 128 characters) gets a hash of the identity.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +32,7 @@ use crate::config::{
 };
 use crate::iam::{CredentialSource, TokenMinter};
 use crate::rbac::labels_match;
-use crate::state::{Discovered, State};
+use crate::state::{Discovered, DiscoveredRow, State};
 use crate::troubleshoot;
 
 pub const LABEL_ORIGIN: &str = "sluice.dev/origin";
@@ -212,6 +222,7 @@ pub fn proxy_database(m: &AwsMatcher, p: &ProxyInfo) -> Result<Discovered, Skip>
     Ok(Discovered {
         resource: resource(p.name.clone(), format!("RDS Proxy in {}", arn.region), labels, spec),
         aws_resource_id: proxy_resource_id(&arn),
+        uid: p.arn.clone(),
     })
 }
 
@@ -243,6 +254,7 @@ pub fn endpoint_database(m: &AwsMatcher, p: &ProxyInfo, e: &EndpointInfo) -> Res
             spec,
         ),
         aws_resource_id: proxy_resource_id(&arn),
+        uid: format!("{}/endpoint/{}", p.arn, e.name),
     })
 }
 
@@ -273,6 +285,91 @@ pub fn map_region(m: &AwsMatcher, proxies: &[ProxyInfo], endpoints: &[EndpointIn
     }
     out.sort_by(|a, b| a.resource.metadata.name.cmp(&b.resource.metadata.name));
     out
+}
+
+/// The longest name a database may have (`config::validate_name`).
+const MAX_NAME: usize = 128;
+
+/// `-` and 8 hex digits of the identity's SHA-256: the last resort when a name stays ambiguous.
+fn hash_suffix(uid: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(uid.as_bytes());
+    format!("-{}", &hex::encode(digest)[..8])
+}
+
+/// `name` with `suffix`, shortening `name` so that the whole fits [`MAX_NAME`].
+fn with_suffix(name: &str, suffix: &str) -> String {
+    let mut keep = MAX_NAME.saturating_sub(suffix.len()).min(name.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{suffix}", &name[..keep])
+}
+
+/// The name each discovered row is served under, in the order of `rows`; `None` for a row that
+/// is the same AWS resource as another row (two matchers finding one proxy), which is served once:
+/// from a source whose last fetch succeeded, else the first source by key. `taken` holds the
+/// names of the static and dynamic databases, which discovered ones never shadow.
+///
+/// A name is kept when no other discovered resource and no database in `taken` has it; otherwise
+/// every resource having it is renamed `<name>-<region>-<account-id>`. Should a renamed one still
+/// meet another name (a proxy literally called `orders-us-west-2-123456789012`), each resource
+/// involved gets a hash of its identity appended instead, so the result is unique and depends
+/// on the set of rows only, never on their order.
+pub fn served_names(rows: &[DiscoveredRow], taken: &BTreeSet<String>) -> Vec<Option<String>> {
+    let rank = |r: &DiscoveredRow| (r.stale.is_some(), r.source.clone());
+    let mut chosen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        let best = chosen.entry(row.item.uid.as_str()).or_insert(i);
+        if rank(row) < rank(&rows[*best]) {
+            *best = i;
+        }
+    }
+    let base = |i: usize| rows[i].item.resource.metadata.name.as_str();
+    let mut sharing: BTreeMap<&str, usize> = BTreeMap::new();
+    for &i in chosen.values() {
+        *sharing.entry(base(i)).or_default() += 1;
+    }
+    let first_pass: BTreeMap<&str, String> = chosen
+        .iter()
+        .map(|(&uid, &i)| {
+            let name = base(i);
+            if sharing.get(name) == Some(&1) && !taken.contains(name) {
+                return (uid, name.to_owned());
+            }
+            let labels = &rows[i].item.resource.metadata.labels;
+            let name = match (labels.get("region"), labels.get("account-id")) {
+                (Some(region), Some(account)) => with_suffix(name, &format!("-{region}-{account}")),
+                _ => with_suffix(name, &hash_suffix(uid)),
+            };
+            (uid, name)
+        })
+        .collect();
+    let mut uses: BTreeMap<&str, usize> = BTreeMap::new();
+    for name in first_pass.values() {
+        *uses.entry(name.as_str()).or_default() += 1;
+    }
+    let fin: BTreeMap<&str, String> = first_pass
+        .iter()
+        .map(|(&uid, name)| {
+            if uses.get(name.as_str()) != Some(&1) || taken.contains(name) || name.len() > MAX_NAME {
+                (uid, with_suffix(name, &hash_suffix(uid)))
+            } else {
+                (uid, name.clone())
+            }
+        })
+        .collect();
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let uid = row.item.uid.as_str();
+            if chosen.get(uid) == Some(&i) {
+                fin.get(uid).cloned()
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// Identifies what one matcher finds in one region, so that a failure there marks only its
@@ -594,7 +691,119 @@ mod tests {
         assert!("nope:aws:rds:r:a:x".parse::<Arn>().is_err());
     }
 
+    /// A discovered row for proxy `name` in `region` of `account`, found by `source`.
+    fn row(source: &str, name: &str, region: &str, account: &str) -> DiscoveredRow {
+        let mut p = proxy();
+        p.name = name.into();
+        p.arn = format!("arn:aws:rds:{region}:{account}:db-proxy:prx-{name}");
+        DiscoveredRow { source: source.into(), item: proxy_database(&matcher(), &p).unwrap(), stale: None }
+    }
+
+    fn served(rows: &[DiscoveredRow], taken: &[&str]) -> BTreeMap<String, String> {
+        let taken: BTreeSet<String> = taken.iter().map(|t| t.to_string()).collect();
+        rows.iter().zip(served_names(rows, &taken)).filter_map(|(r, n)| Some((r.item.uid.clone(), n?))).collect()
+    }
+
+    #[test]
+    fn unique_names_stay_plain() {
+        let rows = [row("a", "orders", "us-west-2", "111111111111"), row("a", "billing", "us-west-2", "111111111111")];
+        let got: BTreeSet<String> = served(&rows, &["demo"]).into_values().collect();
+        assert_eq!(got, ["billing", "orders"].map(String::from).into());
+    }
+
+    #[test]
+    fn same_name_in_two_regions_renames_both() {
+        let rows =
+            [row("west", "orders", "us-west-2", "111111111111"), row("east", "orders", "eu-west-1", "111111111111")];
+        let got = served(&rows, &[]);
+        assert_eq!(got[&rows[0].item.uid], "orders-us-west-2-111111111111");
+        assert_eq!(got[&rows[1].item.uid], "orders-eu-west-1-111111111111");
+    }
+
+    #[test]
+    fn same_name_in_two_accounts_renames_both() {
+        let rows = [row("a", "orders", "us-west-2", "111111111111"), row("b", "orders", "us-west-2", "222222222222")];
+        let got = served(&rows, &[]);
+        assert_eq!(got[&rows[0].item.uid], "orders-us-west-2-111111111111");
+        assert_eq!(got[&rows[1].item.uid], "orders-us-west-2-222222222222");
+    }
+
+    #[test]
+    fn a_static_or_dynamic_name_is_never_shadowed() {
+        let rows = [row("a", "orders", "us-west-2", "111111111111"), row("a", "billing", "us-west-2", "111111111111")];
+        let got = served(&rows, &["orders"]);
+        assert_eq!(got[&rows[0].item.uid], "orders-us-west-2-111111111111");
+        assert_eq!(got[&rows[1].item.uid], "billing");
+    }
+
+    #[test]
+    fn one_resource_seen_by_two_sources_is_served_once() {
+        let a = row("a", "orders", "us-west-2", "111111111111");
+        let mut b = row("b", "orders", "us-west-2", "111111111111");
+        b.item.resource.spec.uri = "from-b:5432".into();
+        let taken = BTreeSet::new();
+        assert_eq!(served_names(&[a.clone(), b.clone()], &taken), [Some("orders".to_owned()), None]);
+        assert_eq!(served_names(&[b.clone(), a.clone()], &taken), [None, Some("orders".to_owned())]);
+        // A source whose last fetch failed gives way to one whose fetch succeeded.
+        let mut stale_a = a.clone();
+        stale_a.stale = Some("Throttling".into());
+        assert_eq!(served_names(&[stale_a, b], &taken), [None, Some("orders".to_owned())]);
+    }
+
+    #[test]
+    fn names_that_stay_ambiguous_get_a_hash() {
+        // A proxy literally named like another's qualified name, in the same region and account.
+        let rows = [
+            row("a", "orders", "us-west-2", "111111111111"),
+            row("b", "orders", "eu-west-1", "111111111111"),
+            row("a", "orders-us-west-2-111111111111", "us-west-2", "111111111111"),
+        ];
+        let got = served(&rows, &[]);
+        let names: BTreeSet<&String> = got.values().collect();
+        assert_eq!(names.len(), 3, "{got:?}");
+        assert_eq!(got[&rows[1].item.uid], "orders-eu-west-1-111111111111");
+        for r in [&rows[0], &rows[2]] {
+            let n = &got[&r.item.uid];
+            assert!(n.starts_with("orders-us-west-2-111111111111-") && n.len() == 29 + 9, "{n}");
+        }
+        // Long names are shortened to fit, suffix and all.
+        let long = "p".repeat(120);
+        let rows = [row("a", &long, "us-west-2", "111111111111"), row("b", &long, "eu-west-1", "111111111111")];
+        for n in served(&rows, &[]).values() {
+            assert_eq!(n.len(), MAX_NAME, "{n}");
+            crate::config::validate_name(n).unwrap();
+        }
+    }
+
     proptest! {
+        /// Whatever the poll order (the order rows come back in), every resource keeps its name,
+        /// and no two resources share one.
+        #[test]
+        fn names_are_unique_and_independent_of_order(
+            specs in proptest::collection::vec((0..3usize, 0..3usize, 0..2usize, 0..2usize), 1..12),
+            seed in any::<u64>(),
+        ) {
+            let names = ["orders", "billing", "orders-us-west-2-111111111111"];
+            let regions = ["us-west-2", "eu-west-1", "ap-south-1"];
+            let accounts = ["111111111111", "222222222222"];
+            let rows: Vec<DiscoveredRow> = specs
+                .iter()
+                .map(|&(n, r, a, s)| row(&format!("src{s}"), names[n], regions[r], accounts[a]))
+                .collect();
+            let taken = ["billing"];
+            let got = served(&rows, &taken);
+            let distinct: BTreeSet<&String> = got.values().collect();
+            prop_assert_eq!(distinct.len(), got.len());
+            prop_assert!(got.values().all(|n| !taken.contains(&n.as_str())));
+            let mut shuffled = rows.clone();
+            let mut x = seed;
+            for i in (1..shuffled.len()).rev() {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (x >> 33) as usize % (i + 1));
+            }
+            prop_assert_eq!(served(&shuffled, &taken), got);
+        }
+
         #[test]
         fn arn_parser_never_panics(s in ".{0,300}") {
             let _ = s.parse::<Arn>();

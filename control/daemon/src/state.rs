@@ -46,14 +46,6 @@ CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, password_hash TEXT NOT 
 CREATE TABLE IF NOT EXISTS roles (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, kind TEXT NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS databases (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS discovered (
-    name TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    aws_resource_id TEXT NOT NULL,
-    stale TEXT,
-    updated_at INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS live_sessions (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS locks (
@@ -76,6 +68,18 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 "#;
 
+/// Created by [`migrate_discovered`], which also moves the older layout keyed by name.
+const DISCOVERED_TABLE: &str = "CREATE TABLE discovered (
+    source TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    aws_resource_id TEXT NOT NULL,
+    stale TEXT,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (source, uid)
+);";
+
 pub struct State {
     conn: Mutex<Connection>,
 }
@@ -83,9 +87,14 @@ pub struct State {
 /// A database found in the cloud, with the AWS resource id that IAM policies name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discovered {
+    /// Named as AWS names it; the name it is served under is unique only after
+    /// `discovery::served_names` has seen every discovered row.
     pub resource: DbResource,
     /// `prx-…` for RDS Proxies: the `rds-db:connect` resource is `dbuser:prx-…/USER`.
     pub aws_resource_id: String,
+    /// What it is in AWS, unique across regions and accounts (the proxy's ARN, plus
+    /// `/endpoint/NAME` for a custom endpoint): rows are keyed by it, not by the name.
+    pub uid: String,
 }
 
 #[derive(Debug, Clone)]
@@ -168,10 +177,11 @@ impl State {
         // Create the file 0600 before SQLite does (it would use the umask); SQLite gives its
         // -wal and -shm files the database file's mode.
         drop(crate::private_fs::open_private_append(&path)?);
-        let conn = Connection::open(&path)?;
+        let mut conn = Connection::open(&path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate_discovered(&mut conn)?;
         crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
         Ok(State { conn: Mutex::new(conn) })
     }
@@ -378,35 +388,37 @@ impl State {
     // ---- discovered (cloud) resources ----
 
     /// Makes `items` the whole set found by `source` (one matcher and region): adds, updates and
-    /// deletes, and clears any stale mark. Returns (added, updated, removed).
+    /// deletes, and clears any stale mark. Returns (added, updated, removed). Rows are keyed by
+    /// (source, AWS identity), so sources finding same-named resources never overwrite each other.
     pub fn replace_discovered(&self, source: &str, items: &[Discovered]) -> Result<(usize, usize, usize), StateError> {
         let mut db = self.db();
         let tx = db.transaction()?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let existing: Vec<(String, String)> = {
-            let mut stmt = tx.prepare("SELECT name, spec FROM discovered WHERE source = ?1")?;
+            let mut stmt = tx.prepare("SELECT uid, spec FROM discovered WHERE source = ?1")?;
             let rows = stmt.query_map(params![source], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<Result<_, _>>()?
         };
         let (mut added, mut updated, mut removed) = (0, 0, 0);
-        for (name, _) in &existing {
-            if !items.iter().any(|d| &d.resource.metadata.name == name) {
-                tx.execute("DELETE FROM discovered WHERE name = ?1", params![name])?;
+        for (uid, _) in &existing {
+            if !items.iter().any(|d| &d.uid == uid) {
+                tx.execute("DELETE FROM discovered WHERE source = ?1 AND uid = ?2", params![source, uid])?;
                 removed += 1;
             }
         }
         for d in items {
             let spec = serde_json::to_string(&d.resource).map_err(|e| StateError::Corrupt(e.to_string()))?;
-            match existing.iter().find(|(n, _)| n == &d.resource.metadata.name) {
+            match existing.iter().find(|(u, _)| u == &d.uid) {
                 None => added += 1,
                 Some((_, old)) if old != &spec => updated += 1,
                 Some(_) => {}
             }
             tx.execute(
-                "INSERT INTO discovered (name, source, spec, aws_resource_id, stale, updated_at) VALUES (?1, ?2, ?3, ?4, NULL, ?5)
-                 ON CONFLICT(name) DO UPDATE SET source = excluded.source, spec = excluded.spec,
+                "INSERT INTO discovered (source, uid, name, spec, aws_resource_id, stale, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)
+                 ON CONFLICT(source, uid) DO UPDATE SET name = excluded.name, spec = excluded.spec,
                  aws_resource_id = excluded.aws_resource_id, stale = NULL, updated_at = excluded.updated_at",
-                params![d.resource.metadata.name, source, spec, d.aws_resource_id, now],
+                params![source, d.uid, d.resource.metadata.name, spec, d.aws_resource_id, now],
             )?;
         }
         tx.commit()?;
@@ -433,17 +445,26 @@ impl State {
         Ok(removed)
     }
 
+    /// Every discovered row, under its AWS name (see `discovery::served_names` for the names
+    /// they are served under).
     pub fn discovered(&self) -> Result<Vec<DiscoveredRow>, StateError> {
         let db = self.db();
-        let mut stmt = db.prepare("SELECT source, spec, aws_resource_id, stale FROM discovered ORDER BY name")?;
+        let mut stmt =
+            db.prepare("SELECT source, uid, spec, aws_resource_id, stale FROM discovered ORDER BY name, source, uid")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
         })?;
         rows.map(|row| {
-            let (source, spec, aws_resource_id, stale) = row?;
+            let (source, uid, spec, aws_resource_id, stale) = row?;
             let resource =
                 serde_json::from_str(&spec).map_err(|e| StateError::Corrupt(format!("discovered database: {e}")))?;
-            Ok(DiscoveredRow { source, item: Discovered { resource, aws_resource_id }, stale })
+            Ok(DiscoveredRow { source, item: Discovered { resource, aws_resource_id, uid }, stale })
         })
         .collect()
     }
@@ -629,6 +650,33 @@ impl State {
     }
 }
 
+/// Creates the `discovered` table, or moves one keyed by name (before rows were keyed by AWS
+/// identity) to the current layout. Old rows get a `legacy:` identity that the next good fetch of
+/// their source replaces; until then they are served as before (and kept, stale, if fetches fail).
+fn migrate_discovered(conn: &mut Connection) -> Result<(), StateError> {
+    // Immediate: the CLI and the daemon may open the same file at once.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (columns, has_uid): (i64, bool) = tx.query_row(
+        "SELECT count(*), coalesce(sum(name = 'uid'), 0) FROM pragma_table_info('discovered')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if columns == 0 {
+        tx.execute_batch(DISCOVERED_TABLE)?;
+    } else if !has_uid {
+        tx.execute_batch("ALTER TABLE discovered RENAME TO discovered_by_name;")?;
+        tx.execute_batch(DISCOVERED_TABLE)?;
+        tx.execute_batch(
+            "INSERT INTO discovered (source, uid, name, spec, aws_resource_id, stale, updated_at)
+                 SELECT source, 'legacy:' || name, name, spec, aws_resource_id, stale, updated_at
+                 FROM discovered_by_name;
+             DROP TABLE discovered_by_name;",
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 fn hash_password(password: &str) -> Result<String, StateError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
@@ -677,6 +725,7 @@ mod tests {
             ))
             .unwrap(),
             aws_resource_id: format!("prx-{name}"),
+            uid: format!("arn:aws:rds:r:1:db-proxy:prx-{name}"),
         };
         assert_eq!(s.replace_discovered("a", &[item("p1", "h1:1"), item("p2", "h2:1")]).unwrap(), (2, 0, 0));
         assert_eq!(s.replace_discovered("b", &[item("q1", "h:1")]).unwrap(), (1, 0, 0));
@@ -690,6 +739,68 @@ mod tests {
         assert!(s.discovered().unwrap().iter().all(|r| r.stale.is_none()));
         assert_eq!(s.prune_discovered(&["b".to_owned()]).unwrap(), 1);
         assert_eq!(s.discovered().unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn same_named_resources_of_two_sources_are_both_kept() {
+        let (s, dir) = temp_state();
+        let item = |uid: &str, uri: &str| Discovered {
+            resource: serde_yaml::from_str(&format!(
+                "kind: db\nversion: v3\nmetadata: {{name: orders}}\nspec: {{protocol: postgres, uri: \"{uri}\"}}"
+            ))
+            .unwrap(),
+            aws_resource_id: "prx-1".into(),
+            uid: uid.into(),
+        };
+        let west = item("arn:aws:rds:us-west-2:1:db-proxy:prx-1", "w:1");
+        let east = item("arn:aws:rds:us-east-1:1:db-proxy:prx-1", "e:1");
+        // Each poll of one source leaves the other's row alone, however often they alternate.
+        for _ in 0..2 {
+            assert_eq!(s.replace_discovered("west", std::slice::from_ref(&west)).unwrap().2, 0);
+            assert_eq!(s.replace_discovered("east", std::slice::from_ref(&east)).unwrap().2, 0);
+        }
+        let rows = s.discovered().unwrap();
+        let got: Vec<(&str, &str)> =
+            rows.iter().map(|r| (r.source.as_str(), r.item.resource.spec.uri.as_str())).collect();
+        assert_eq!(got, [("east", "e:1"), ("west", "w:1")]);
+        assert_eq!(s.replace_discovered("west", &[]).unwrap(), (0, 0, 1));
+        assert_eq!(s.discovered().unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_discovered_table_keyed_by_name_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("sluice-state-{}", random_secret(6)));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let conn = Connection::open(dir.join("sluice.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE discovered (name TEXT PRIMARY KEY, source TEXT NOT NULL, spec TEXT NOT NULL,
+                     aws_resource_id TEXT NOT NULL, stale TEXT, updated_at INTEGER NOT NULL);",
+            )
+            .unwrap();
+            let spec = r#"{"kind":"db","version":"v3","metadata":{"name":"orders"},"spec":{"protocol":"postgres","uri":"h:1"}}"#;
+            conn.execute(
+                "INSERT INTO discovered VALUES ('orders', 'src', ?1, 'prx-1', 'Throttling', 1)",
+                params![spec],
+            )
+            .unwrap();
+        }
+        let s = State::open(&dir).unwrap();
+        let rows = s.discovered().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].item.uid, "legacy:orders");
+        assert_eq!(rows[0].item.resource.metadata.name, "orders");
+        assert_eq!(rows[0].stale.as_deref(), Some("Throttling"));
+        // The first good fetch replaces the legacy row with the keyed one.
+        let mut fresh = rows[0].item.clone();
+        fresh.uid = "arn:aws:rds:r:1:db-proxy:prx-1".into();
+        assert_eq!(s.replace_discovered("src", &[fresh]).unwrap(), (1, 0, 1));
+        drop(s);
+        // Opening again (the table is current now) changes nothing.
+        let s = State::open(&dir).unwrap();
+        assert_eq!(s.discovered().unwrap()[0].item.uid, "arn:aws:rds:r:1:db-proxy:prx-1");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
