@@ -1180,7 +1180,7 @@ mod tests {
             bytes_client_to_upstream: i,
             bytes_upstream_to_client: i * 2,
             duration_ms: i * 3,
-            counters: (i % 3 != 0).then(counters),
+            counters: (!i.is_multiple_of(3)).then(counters),
         }
     }
 

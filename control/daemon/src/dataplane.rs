@@ -135,7 +135,7 @@ impl DataplaneClient {
     fn read(&self, link: Link, events: &dyn Events) {
         let mut parts = Reassembly::default();
         loop {
-            let msg = match link.recv().map_err(LinkError::from).and_then(|(m, _)| Ok(parts.push(m)?)) {
+            let msg = match link.recv().and_then(|(m, _)| Ok(parts.push(m)?)) {
                 Ok(Some(m)) => m,
                 // A part of a reply; the rest follows.
                 Ok(None) => continue,
