@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::Signal;
 use sluice_control::demo::{find_bin, AwsCreds, ControlProc};
+use sluice_dataplane::handoff::{Message, Role};
 use sluice_tests::{connect, runtime, wait_until, Connected, Harness};
 
 const SESSIONS: usize = 400;
@@ -57,16 +58,42 @@ fn listed_sessions(control: &std::path::Path, config: &std::path::Path) -> HashS
         .collect()
 }
 
-#[test]
-fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
-    // The data plane holds six descriptors a session, the emulator two, this process one.
+/// Raises the soft descriptor limit for `sessions` (children started from here inherit it): the
+/// data plane holds six descriptors a session, the emulator two, this process one.
+fn raise_nofile(sessions: usize) {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    let needed = (SESSIONS * 8 + 1024) as u64;
+    let needed = (sessions * 8 + 1024) as u64;
     assert!(hard >= needed, "RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors this test needs");
     if soft < needed {
-        // Children started from here inherit it.
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     }
+}
+
+/// Opens `n` sessions, a few connects at a time.
+async fn open_sessions(n: usize, port: u16, tls: rustls::ClientConfig) -> Vec<Result<Connected, String>> {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (tls, sem) = (tls.clone(), sem.clone());
+            tokio::spawn(async move {
+                let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
+                match tokio::time::timeout(Duration::from_secs(20), connect(port, "alice", "demo", tls)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("connect timed out".to_owned()),
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.map_err(|e| e.to_string()).and_then(|r| r));
+    }
+    out
+}
+
+#[test]
+fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
+    raise_nofile(SESSIONS);
     let started = Instant::now();
     let mut h = Harness::start_sized("scale", SESSIONS as u32 + 60).unwrap();
     let rt = runtime().unwrap();
@@ -75,23 +102,8 @@ fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
     let port = h.pg_port();
 
     // A few connects at a time: the point is many sessions at once, not a handshake storm.
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
-    let conns: Vec<Connected> = rt.block_on(async {
-        let tasks: Vec<_> = (0..SESSIONS)
-            .map(|_| {
-                let (tls, sem) = (tls.clone(), sem.clone());
-                tokio::spawn(async move {
-                    let _permit = sem.acquire_owned().await.unwrap();
-                    connect(port, "alice", "demo", tls).await
-                })
-            })
-            .collect();
-        let mut conns = Vec::new();
-        for t in tasks {
-            conns.push(t.await.unwrap().unwrap());
-        }
-        conns
-    });
+    let conns: Vec<Connected> =
+        rt.block_on(open_sessions(SESSIONS, port, tls)).into_iter().map(|c| c.unwrap()).collect();
     eprintln!("{SESSIONS} sessions open after {:.1?}", started.elapsed());
     let ids: HashSet<String> = wait_until(Duration::from_secs(30), "every session is handed to the data plane", || {
         let live = h.state.live_sessions()?;
@@ -157,4 +169,62 @@ fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
     assert!(ended.iter().all(|e| e.success && e.data["data_plane"] == true), "{:?}", ended.iter().find(|e| !e.success));
     assert!(h.state.live_sessions().unwrap().is_empty());
     eprintln!("done after {:.1?}", started.elapsed());
+}
+
+#[test]
+fn a_dataplane_that_stops_reading_does_not_freeze_control() {
+    // More handoffs than the link's socket buffer holds (about 170).
+    const STUCK: usize = 250;
+    raise_nofile(STUCK);
+    let mut h = Harness::start_sized("stuck-dp", STUCK as u32 + 60).unwrap();
+    // Put a data plane that answers Hello and then never reads in the real one's place.
+    let dp = h.stack.dataplane.as_mut().expect("the stack runs a dataplane");
+    dp.proc.stop(Signal::SIGKILL);
+    let listener = sluice_dataplane::link::Listener::bind(&dp.socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok(link) = listener.accept() {
+            if held.is_empty() {
+                let _ = link.recv();
+                let _ = link.send(&Message::Hello { role: Role::Dataplane, pid: std::process::id() }, &[]);
+            }
+            // Later connections are held unanswered, like a data plane that hangs.
+            held.push(link);
+        }
+    });
+    wait_until(Duration::from_secs(10), "control connects to the stuck data plane", || {
+        Ok((count_in(&h.control_log(), "connected to the dataplane") >= 2).then_some(()))
+    })
+    .unwrap();
+
+    let rt = runtime().unwrap();
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let tls = h.tls(Some(&cert)).unwrap();
+    let started = Instant::now();
+    // Their outcome does not matter (handed to a data plane that never takes them); that each
+    // connect returns does.
+    let stuck = rt.block_on(open_sessions(STUCK, h.pg_port(), tls.clone()));
+    eprintln!("{STUCK} connects returned after {:.1?}", started.elapsed());
+    assert!(!stuck.iter().any(|c| matches!(c, Err(e) if e == "connect timed out")), "a connect hung");
+    wait_until(Duration::from_secs(10), "control gives up on the stuck data plane", || {
+        Ok((count_in(&h.control_log(), "stopped reading its link") >= 1).then_some(()))
+    })
+    .unwrap();
+
+    // Control still serves: a new session works (relayed by control), and so does /metrics.
+    let t = Instant::now();
+    let v: i32 = rt
+        .block_on(async {
+            let c = connect(h.pg_port(), "alice", "demo", tls).await?;
+            let v = c.client.query_one("select 7", &[]).await?.get(0);
+            drop(c);
+            anyhow::Ok(v)
+        })
+        .unwrap();
+    assert_eq!(v, 7);
+    assert!(t.elapsed() < Duration::from_secs(10), "a new session took {:?}", t.elapsed());
+    let url = h.stack.control.metrics_url().expect("the test stack serves metrics");
+    assert!(scrape(&url).contains("sluice_sessions_started_total"));
+    assert!(h.control_alive());
+    drop(stuck);
 }
