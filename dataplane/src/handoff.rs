@@ -26,6 +26,14 @@
 //! nested field sequence: 1 session id, 2/3 application bytes client→upstream/upstream→client,
 //! 4 duration_ms, then the counter tags 6/16/32 as in `SessionEnded`.
 //!
+//! Replies of any size (added within v1): a `Sessions` or `Stats` reply that does not fit one
+//! frame is split into several, each a complete frame of the same type holding some of the
+//! entries; every frame but the last carries tag 2 (empty: "more follows"), and the receiver
+//! concatenates the entries until a frame without it (see [`split_reply`] and [`Reassembly`]). A
+//! single frame without tag 2 is a whole reply, as from a sender that predates chunking. The
+//! sender never interleaves two replies to one link; other frames (`SessionEnded`) may come
+//! between the parts. No frame of any type exceeds MAX_PAYLOAD: senders refuse to send one.
+//!
 //! `SessionEnded` may also carry tag 7 (added within v1): one byte, bit 0 set when the kernel
 //! protected the client leg's TLS records (kTLS) and bit 1 for the upstream leg; a TLS leg without
 //! its bit went through the userspace record path. Absent from a data plane that predates it.
@@ -68,6 +76,8 @@ pub enum HandoffError {
     Missing(&'static str),
     #[error("field {0} is malformed")]
     Malformed(&'static str),
+    #[error("a reply in parts grew past {MAX_REPLY_ENTRIES} entries")]
+    TooManyEntries,
 }
 
 /// How a leg's bytes are protected once the data plane owns the socket.
@@ -398,14 +408,18 @@ pub enum Message {
     SessionEnded(SessionEnded),
     /// Control asks which sessions a worker holds (after control restarts).
     ListSessions,
+    /// The answer to `ListSessions`, or a part of it when `more` is set (tag 2).
     Sessions {
         session_ids: Vec<String>,
+        more: bool,
     },
     /// Control or an admin tool asks for every live session's counters so far.
     StatsRequest,
-    /// The answer to `StatsRequest`: one entry per live session.
+    /// The answer to `StatsRequest`: one entry per live session (or a part of them when `more`
+    /// is set, tag 2).
     Stats {
         sessions: Vec<SessionStats>,
+        more: bool,
     },
     /// A live session passed to a successor data plane (answered by `HandoffAck`).
     Resume(Box<Resume>),
@@ -642,22 +656,22 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             MessageType::SessionEnded
         }
         Message::ListSessions => MessageType::ListSessions,
-        Message::Sessions { session_ids } => {
+        Message::Sessions { session_ids, more } => {
             for id in session_ids {
                 w.str(1, id);
+            }
+            if *more {
+                w.field(2, &[]);
             }
             MessageType::Sessions
         }
         Message::StatsRequest => MessageType::StatsRequest,
-        Message::Stats { sessions } => {
+        Message::Stats { sessions, more } => {
             for st in sessions {
-                let mut e = Writer(Vec::new());
-                e.str(1, &st.session_id);
-                e.u64(2, st.bytes_client_to_upstream);
-                e.u64(3, st.bytes_upstream_to_client);
-                e.u64(4, st.duration_ms);
-                e.counters(&st.counters);
-                w.field(1, &e.0);
+                w.field(1, &stats_entry(st));
+            }
+            if *more {
+                w.field(2, &[]);
             }
             MessageType::Stats
         }
@@ -669,6 +683,116 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     out.extend_from_slice(&(w.0.len() as u32).to_be_bytes());
     out.extend_from_slice(&w.0);
     out
+}
+
+/// One `Stats` entry's nested field sequence (the value of a tag-1 field).
+fn stats_entry(st: &SessionStats) -> Vec<u8> {
+    let mut e = Writer(Vec::new());
+    e.str(1, &st.session_id);
+    e.u64(2, st.bytes_client_to_upstream);
+    e.u64(3, st.bytes_upstream_to_client);
+    e.u64(4, st.duration_ms);
+    e.counters(&st.counters);
+    e.0
+}
+
+/// Bytes a field holding `len` bytes takes in a payload.
+const fn field_len(len: usize) -> usize {
+    6 + len
+}
+
+/// A reply split for the link: frames that each fit MAX_PAYLOAD, and the ids of entries too
+/// large for any frame (left out; a session id of tens of KiB is not one control makes).
+#[derive(Debug)]
+pub struct SplitReply {
+    pub frames: Vec<Message>,
+    pub left_out: Vec<String>,
+}
+
+/// Splits a `Sessions` or `Stats` reply into frames of at most MAX_PAYLOAD bytes each, every one
+/// but the last marked `more`; entries keep their order. Any other message comes back as is.
+pub fn split_reply(msg: Message) -> SplitReply {
+    // Room for the entries once the "more follows" marker is in.
+    const ROOM: usize = MAX_PAYLOAD - field_len(0);
+    fn pack<T>(
+        items: Vec<T>,
+        size: impl Fn(&T) -> usize,
+        id: impl Fn(&T) -> &str,
+        frame: impl Fn(Vec<T>, bool) -> Message,
+    ) -> SplitReply {
+        let mut parts: Vec<Vec<T>> = vec![Vec::new()];
+        let mut used = 0;
+        let mut left_out = Vec::new();
+        for item in items {
+            let n = size(&item);
+            if n > ROOM {
+                left_out.push(id(&item).to_owned());
+                continue;
+            }
+            if used + n > ROOM {
+                parts.push(Vec::new());
+                used = 0;
+            }
+            used += n;
+            if let Some(last) = parts.last_mut() {
+                last.push(item);
+            }
+        }
+        let count = parts.len();
+        let frames = parts.into_iter().enumerate().map(|(i, p)| frame(p, i + 1 < count)).collect();
+        SplitReply { frames, left_out }
+    }
+    match msg {
+        Message::Sessions { session_ids, .. } => pack(
+            session_ids,
+            |id| field_len(id.len()),
+            |id| id,
+            |session_ids, more| Message::Sessions { session_ids, more },
+        ),
+        Message::Stats { sessions, .. } => pack(
+            sessions,
+            |st| field_len(stats_entry(st).len()),
+            |st| &st.session_id,
+            |sessions, more| Message::Stats { sessions, more },
+        ),
+        other => SplitReply { frames: vec![other], left_out: Vec::new() },
+    }
+}
+
+/// Entries a reassembled reply may gather; a peer sending parts without end is cut off here.
+pub const MAX_REPLY_ENTRIES: usize = 1 << 20;
+
+/// The receiving half of [`split_reply`]: gathers the parts of `Sessions` and `Stats` replies.
+#[derive(Debug, Default)]
+pub struct Reassembly {
+    sessions: Vec<String>,
+    stats: Vec<SessionStats>,
+}
+
+impl Reassembly {
+    /// Takes one received message: a part is kept and `None` comes back; the final part comes
+    /// back with every earlier part's entries in front; any other message passes through.
+    pub fn push(&mut self, msg: Message) -> Result<Option<Message>, HandoffError> {
+        match msg {
+            Message::Sessions { session_ids, more } => {
+                self.sessions.extend(session_ids);
+                if self.sessions.len() > MAX_REPLY_ENTRIES {
+                    self.sessions = Vec::new();
+                    return Err(HandoffError::TooManyEntries);
+                }
+                Ok((!more).then(|| Message::Sessions { session_ids: std::mem::take(&mut self.sessions), more: false }))
+            }
+            Message::Stats { sessions, more } => {
+                self.stats.extend(sessions);
+                if self.stats.len() > MAX_REPLY_ENTRIES {
+                    self.stats = Vec::new();
+                    return Err(HandoffError::TooManyEntries);
+                }
+                Ok((!more).then(|| Message::Stats { sessions: std::mem::take(&mut self.stats), more: false }))
+            }
+            other => Ok(Some(other)),
+        }
+    }
 }
 
 /// Decodes one frame from the front of `buf`: `Ok(None)` if more bytes are needed.
@@ -743,6 +867,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
                     std::str::from_utf8(v).map(str::to_owned).map_err(|_| HandoffError::Malformed("session_id"))
                 })
                 .collect::<Result<_, _>>()?,
+            more: f.get(2).is_some(),
         },
         8 => Message::StatsRequest,
         9 => Message::Stats {
@@ -761,6 +886,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, HandoffError> {
                     })
                 })
                 .collect::<Result<_, HandoffError>>()?,
+            more: f.get(2).is_some(),
         },
         10 => {
             let kernel_tls: [u8; 2] =
@@ -853,9 +979,11 @@ mod tests {
                 ktls: Some((true, false)),
             }),
             Message::ListSessions,
-            Message::Sessions { session_ids: vec!["a".into(), "b".into()] },
+            Message::Sessions { session_ids: vec!["a".into(), "b".into()], more: false },
+            Message::Sessions { session_ids: vec!["c".into()], more: true },
             Message::StatsRequest,
-            Message::Stats { sessions: vec![] },
+            Message::Stats { sessions: vec![], more: false },
+            Message::Stats { sessions: vec![], more: true },
             Message::Hello { role: Role::Successor, pid: 7 },
             Message::Resume(Box::new(resume())),
             Message::Resume(Box::new(Resume { first_close: None, baseline: None, ..resume() })),
@@ -877,6 +1005,7 @@ mod tests {
                         counters: None,
                     },
                 ],
+                more: false,
             },
         ]
     }
@@ -1207,6 +1336,123 @@ mod tests {
         }
     }
 
+    /// The frames of a reply as they cross the link, decoded and gathered again.
+    fn through_the_wire(frames: &[Message]) -> (Vec<usize>, Option<Message>) {
+        let mut sizes = Vec::new();
+        let mut r = Reassembly::default();
+        let mut whole = None;
+        for (i, m) in frames.iter().enumerate() {
+            let f = encode(m);
+            sizes.push(f.len() - HEADER_LEN);
+            let (got, n) = decode(&f).unwrap().unwrap();
+            assert_eq!(n, f.len());
+            assert_eq!(&got, m);
+            let out = r.push(got).unwrap();
+            assert_eq!(out.is_some(), i + 1 == frames.len(), "only the last part completes the reply");
+            whole = whole.or(out);
+        }
+        (sizes, whole)
+    }
+
+    fn stats_of(id: String, i: u64) -> SessionStats {
+        SessionStats {
+            session_id: id,
+            bytes_client_to_upstream: i,
+            bytes_upstream_to_client: i * 2,
+            duration_ms: i * 3,
+            counters: (!i.is_multiple_of(3)).then(counters),
+        }
+    }
+
+    /// A reply that fits one frame is sent exactly as before chunking existed.
+    #[test]
+    fn small_replies_are_one_unmarked_frame() {
+        let m = Message::Sessions { session_ids: vec!["ab".into()], more: false };
+        assert_eq!(encode(&m), [&b"SLDP"[..], &[0, 1, 0, 7, 0, 0, 0, 8, 0, 1, 0, 0, 0, 2, b'a', b'b']].concat());
+        let split = split_reply(m.clone());
+        assert_eq!(split.frames, vec![m]);
+        let empty = split_reply(Message::Stats { sessions: vec![], more: true });
+        assert_eq!(empty.frames, vec![Message::Stats { sessions: vec![], more: false }]);
+        // Other messages pass through both halves untouched.
+        assert_eq!(split_reply(Message::ListSessions).frames, vec![Message::ListSessions]);
+        assert_eq!(Reassembly::default().push(Message::TakeoverDone), Ok(Some(Message::TakeoverDone)));
+    }
+
+    /// 400 sessions' stats (the scale) no longer make one oversized frame.
+    #[test]
+    fn four_hundred_sessions_split_and_reassemble() {
+        let sessions: Vec<SessionStats> = (0..400)
+            .map(|i| SessionStats {
+                counters: Some(counters()),
+                ..stats_of(format!("{i:08x}-289d-2a04-d778-31ee77127561"), i)
+            })
+            .collect();
+        assert!(encode(&Message::Stats { sessions: sessions.clone(), more: false }).len() > HEADER_LEN + MAX_PAYLOAD);
+        let split = split_reply(Message::Stats { sessions: sessions.clone(), more: false });
+        assert!(split.frames.len() >= 2 && split.left_out.is_empty());
+        let (sizes, whole) = through_the_wire(&split.frames);
+        assert!(sizes.iter().all(|s| *s <= MAX_PAYLOAD), "{sizes:?}");
+        assert_eq!(whole, Some(Message::Stats { sessions, more: false }));
+    }
+
+    /// An entry no frame can hold is left out and named; the rest still goes.
+    #[test]
+    fn an_entry_too_large_for_any_frame_is_left_out() {
+        let huge = "x".repeat(MAX_PAYLOAD);
+        let split =
+            split_reply(Message::Sessions { session_ids: vec!["a".into(), huge.clone(), "b".into()], more: false });
+        assert_eq!(split.left_out, vec![huge.clone()]);
+        assert_eq!(split.frames, vec![Message::Sessions { session_ids: vec!["a".into(), "b".into()], more: false }]);
+        let split = split_reply(Message::Stats { sessions: vec![stats_of(huge.clone(), 1)], more: false });
+        assert_eq!(split.left_out, vec![huge]);
+        assert_eq!(split.frames, vec![Message::Stats { sessions: vec![], more: false }]);
+    }
+
+    #[test]
+    fn endless_parts_are_cut_off() {
+        let mut r = Reassembly::default();
+        let part = Message::Sessions { session_ids: vec![String::new(); 1 << 16], more: true };
+        let mut got = Ok(None);
+        for _ in 0..=(MAX_REPLY_ENTRIES >> 16) {
+            got = r.push(part.clone());
+            if got.is_err() {
+                break;
+            }
+        }
+        assert_eq!(got, Err(HandoffError::TooManyEntries));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Any number of sessions, ids of any length up to a few KiB: every frame fits, the
+        /// entries come back exactly and in order.
+        #[test]
+        fn replies_of_any_size_reassemble_exactly(
+            lens in proptest::collection::vec(0usize..4096, 0..2500),
+            stats in any::<bool>(),
+            fill in any::<u8>(),
+        ) {
+            let ids: Vec<String> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("{i}-{}", char::from(b'a' + fill % 26).to_string().repeat(*n)))
+                .collect();
+            let msg = if stats {
+                Message::Stats { sessions: ids.iter().cloned().zip(0..).map(|(id, i)| stats_of(id, i)).collect(), more: false }
+            } else {
+                Message::Sessions { session_ids: ids, more: false }
+            };
+            let split = split_reply(msg.clone());
+            prop_assert!(split.left_out.is_empty());
+            let (sizes, whole) = through_the_wire(&split.frames);
+            prop_assert!(sizes.iter().all(|s| *s <= MAX_PAYLOAD), "{:?}", sizes);
+            // No frame is wasted: each but the last could not have taken the next one's first entry.
+            prop_assert!(sizes.iter().rev().skip(1).all(|s| *s + 6 + 4096 + 200 > MAX_PAYLOAD), "{:?}", sizes);
+            prop_assert_eq!(whole, Some(msg));
+        }
+    }
+
     proptest! {
         #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -1243,7 +1489,7 @@ mod tests {
                 })
                 .collect();
             for m in [
-                Message::Stats { sessions },
+                Message::Stats { sessions, more: n == 2 },
                 Message::SessionEnded(SessionEnded {
                     session_id: "s".into(),
                     bytes_client_to_upstream: v[0],
@@ -1274,7 +1520,7 @@ mod tests {
             };
             let msg = match which {
                 0 => Message::Handoff(Box::new(sample())),
-                1 => Message::Stats { sessions: vec![st.clone(), st] },
+                1 => Message::Stats { sessions: vec![st.clone(), st], more: false },
                 _ => Message::Resume(Box::new(resume())),
             };
             let mut f = encode(&msg);

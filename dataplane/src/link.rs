@@ -4,6 +4,10 @@
 //!
 //! SEQPACKET keeps frame boundaries, so a descriptor can never be attached to the wrong frame.
 //! The listening socket is created 0600 and every peer's SO_PEERCRED uid must be ours (or root).
+//!
+//! A frame is at most `HEADER_LEN + MAX_PAYLOAD` bytes, and `recv` takes one that large: a larger
+//! one is refused before it is sent (the peer would drop the link over it), and replies that can
+//! grow with the number of sessions go in parts ([`Link::send_reply`], [`Link::recv_reply`]).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -33,6 +37,9 @@ pub enum LinkError {
     PeerNotAllowed { uid: u32, expected: u32 },
     #[error("frame arrived truncated")]
     Truncated,
+    /// A non-blocking send found the socket buffer full (the peer is not reading).
+    #[error("the peer is not reading (socket buffer full)")]
+    WouldBlock,
 }
 
 /// One end of a control ↔ dataplane link.
@@ -112,17 +119,57 @@ impl Link {
         Ok(Link { fd: self.fd.try_clone()? })
     }
 
-    /// Sends one frame, with `fds` attached (duplicated into the peer; ours stay open).
+    /// Sends one frame, with `fds` attached (duplicated into the peer; ours stay open). Blocks
+    /// while the socket buffer is full (see [`Link::try_send`] for code that must not).
     pub fn send(&self, msg: &Message, fds: &[RawFd]) -> Result<(), LinkError> {
+        self.send_flags(msg, fds, MsgFlags::MSG_NOSIGNAL)
+    }
+
+    /// Sends one frame without blocking: `Err(LinkError::WouldBlock)` when the socket buffer is
+    /// full, and nothing was sent (a SEQPACKET frame goes whole or not at all).
+    pub fn try_send(&self, msg: &Message, fds: &[RawFd]) -> Result<(), LinkError> {
+        self.send_flags(msg, fds, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT)
+    }
+
+    fn send_flags(&self, msg: &Message, fds: &[RawFd], flags: MsgFlags) -> Result<(), LinkError> {
         let frame = handoff::encode(msg);
+        if frame.len() > HEADER_LEN + MAX_PAYLOAD {
+            return Err(LinkError::Protocol(HandoffError::TooLong(frame.len() - HEADER_LEN)));
+        }
         let iov = [IoSlice::new(&frame)];
         let cmsgs = [ControlMessage::ScmRights(fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
-        let n = socket::sendmsg::<UnixAddr>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+        let n = match socket::sendmsg::<UnixAddr>(self.fd.as_raw_fd(), &iov, cmsgs, flags, None) {
+            Ok(n) => n,
+            Err(nix::Error::EAGAIN) => return Err(LinkError::WouldBlock),
+            Err(e) => return Err(e.into()),
+        };
         if n != frame.len() {
             return Err(LinkError::Truncated);
         }
         Ok(())
+    }
+
+    /// Sends a reply that may not fit one frame (`Sessions`, `Stats`) in as many parts as it
+    /// takes; returns the ids of entries too large for any frame, which were left out.
+    pub fn send_reply(&self, msg: Message) -> Result<Vec<String>, LinkError> {
+        let split = handoff::split_reply(msg);
+        for part in &split.frames {
+            self.send(part, &[])?;
+        }
+        Ok(split.left_out)
+    }
+
+    /// Receives frames until one is a whole reply: the parts of a `Sessions` or `Stats` reply
+    /// are gathered into one message; any other frame is returned as it comes. For peers that
+    /// receive nothing but replies (admin tools), descriptors are dropped.
+    pub fn recv_reply(&self) -> Result<Message, LinkError> {
+        let mut parts = handoff::Reassembly::default();
+        loop {
+            if let Some(m) = parts.push(self.recv()?.0)? {
+                return Ok(m);
+            }
+        }
     }
 
     /// Receives one frame and the descriptors that came with it.
@@ -219,6 +266,62 @@ mod tests {
         assert!(Listener::bind(&path).is_err());
         drop(listener);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    fn pair() -> (Link, Link) {
+        let (a, b) =
+            socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        (Link { fd: a }, Link { fd: b })
+    }
+
+    /// The largest legal frame crosses; a larger one is refused before it is sent, and the link
+    /// stays usable.
+    #[test]
+    fn the_largest_frame_crosses_and_a_larger_one_is_refused() {
+        let (a, b) = pair();
+        // A `Sessions` frame of one id filling the payload exactly (6 bytes of field header).
+        let full = Message::Sessions { session_ids: vec!["x".repeat(MAX_PAYLOAD - 6)], more: false };
+        assert_eq!(handoff::encode(&full).len(), HEADER_LEN + MAX_PAYLOAD);
+        a.send(&full, &[]).unwrap();
+        assert_eq!(b.recv().unwrap().0, full);
+        let over = Message::Sessions { session_ids: vec!["x".repeat(MAX_PAYLOAD - 5)], more: false };
+        assert!(matches!(a.try_send(&over, &[]), Err(LinkError::Protocol(HandoffError::TooLong(_)))));
+        a.send(&Message::ListSessions, &[]).unwrap();
+        assert_eq!(b.recv().unwrap().0, Message::ListSessions);
+    }
+
+    /// 2,000 sessions' ids (three times what one frame holds) come across as one reply, with an
+    /// unrelated frame between the parts still delivered first.
+    #[test]
+    fn replies_in_parts_come_back_whole() {
+        let (a, b) = pair();
+        let ids: Vec<String> = (0..2000).map(|i| format!("{i:08x}-289d-2a04-d778-31ee77127561")).collect();
+        let reply = Message::Sessions { session_ids: ids.clone(), more: false };
+        let t = std::thread::spawn(move || {
+            a.send(&Message::TakeoverDone, &[]).unwrap();
+            a.send_reply(reply).unwrap()
+        });
+        assert_eq!(b.recv_reply().unwrap(), Message::TakeoverDone);
+        assert_eq!(b.recv_reply().unwrap(), Message::Sessions { session_ids: ids, more: false });
+        assert!(t.join().unwrap().is_empty());
+    }
+
+    /// A peer that stops reading makes `try_send` fail at once instead of blocking.
+    #[test]
+    fn try_send_does_not_block_on_a_full_buffer() {
+        let (a, _b) = pair();
+        let started = std::time::Instant::now();
+        let mut sent = 0;
+        loop {
+            match a.try_send(&Message::ListSessions, &[]) {
+                Ok(()) => sent += 1,
+                Err(LinkError::WouldBlock) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(sent < 1_000_000, "the buffer never filled");
+        }
+        assert!(sent > 0);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

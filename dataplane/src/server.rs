@@ -342,10 +342,11 @@ impl Shared {
                 None
             }
             Message::ListSessions => {
-                Some(Message::Sessions { session_ids: self.workers.iter().flat_map(Worker::sessions).collect() })
+                let session_ids = self.workers.iter().flat_map(Worker::sessions).collect();
+                return self.answer_in_parts(link, Message::Sessions { session_ids, more: false });
             }
-            Message::StatsRequest => Some(Message::Stats {
-                sessions: self
+            Message::StatsRequest => {
+                let sessions = self
                     .workers
                     .iter()
                     .flat_map(Worker::session_bytes)
@@ -356,8 +357,9 @@ impl Shared {
                         bytes_upstream_to_client: b.upstream_to_client,
                         duration_ms: b.duration.as_millis() as u64,
                     })
-                    .collect(),
-            }),
+                    .collect();
+                return self.answer_in_parts(link, Message::Stats { sessions, more: false });
+            }
             other => {
                 warn!(?other, "unexpected frame from control; ignored");
                 None
@@ -367,6 +369,18 @@ impl Shared {
             if let Err(e) = link.send(&reply, &[]) {
                 warn!(error = %e, "answering control");
             }
+        }
+    }
+
+    /// Sends a reply that grows with the number of sessions, in as many frames as it takes.
+    fn answer_in_parts(&self, link: &Link, reply: Message) {
+        match link.send_reply(reply) {
+            Ok(left_out) => {
+                for id in left_out {
+                    warn!(session_id_len = id.len(), "a session id too long for any frame was left out of a reply");
+                }
+            }
+            Err(e) => warn!(error = %e, "answering control"),
         }
     }
 

@@ -114,7 +114,7 @@ fn run(mode: Mode, name: &str) {
     pump(&upstream_peer, &client_peer, u2c as usize);
 
     link.send(&Message::StatsRequest, &[]).unwrap();
-    let Message::Stats { sessions } = link.recv().unwrap().0 else { panic!("expected Stats") };
+    let Message::Stats { sessions, .. } = link.recv_reply().unwrap() else { panic!("expected Stats") };
     assert_eq!(sessions.len(), 1);
     let live = &sessions[0];
     assert_eq!((live.bytes_client_to_upstream, live.bytes_upstream_to_client), (c2u, u2c));

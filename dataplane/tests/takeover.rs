@@ -149,7 +149,7 @@ fn run(mode: Mode, name: &str) {
     assert!(matches!(link.recv(), Err(LinkError::Closed)), "the old control link closes");
     let link = control(&sock);
     link.send(&Message::ListSessions, &[]).unwrap();
-    let Message::Sessions { mut session_ids } = link.recv().unwrap().0 else { panic!("expected Sessions") };
+    let Message::Sessions { mut session_ids, .. } = link.recv_reply().unwrap() else { panic!("expected Sessions") };
     session_ids.sort();
     assert_eq!(session_ids, ["plain", "tls"]);
 

@@ -129,18 +129,30 @@ impl Harness {
     /// Starts a stack; without a dataplane process when `with_dataplane` is false (control then
     /// relays sessions itself).
     pub fn start_opts(name: &str, creds: &AwsCreds, with_dataplane: bool) -> Result<Harness> {
-        Self::start_full(name, creds, with_dataplane.then_some(&[]))
+        Self::start_full(name, creds, with_dataplane.then_some(&[]), None)
     }
 
     /// Starts a stack whose dataplane gets `dataplane_args` (e.g. `--counters userspace`).
     pub fn start_with_dataplane_args(name: &str, dataplane_args: &[&str]) -> Result<Harness> {
-        Self::start_full(name, &AwsCreds::demo(), Some(dataplane_args))
+        Self::start_full(name, &AwsCreds::demo(), Some(dataplane_args), None)
     }
 
-    fn start_full(name: &str, creds: &AwsCreds, dataplane: Option<&[&str]>) -> Result<Harness> {
+    /// Starts a stack with a dataplane whose PostgreSQL takes `max_connections` clients (one
+    /// per session, through the emulator), for tests holding hundreds of sessions.
+    pub fn start_sized(name: &str, max_connections: u32) -> Result<Harness> {
+        Self::start_full(name, &AwsCreds::demo(), Some(&[]), Some(max_connections))
+    }
+
+    fn start_full(
+        name: &str,
+        creds: &AwsCreds,
+        dataplane: Option<&[&str]>,
+        max_connections: Option<u32>,
+    ) -> Result<Harness> {
         let dir = TestDir::new(name)?;
         let started = Instant::now();
-        let stack = Stack::start_opts(&dir.join("stack"), creds, dataplane).context("starting the stack")?;
+        let stack =
+            Stack::start_sized(&dir.join("stack"), creds, dataplane, max_connections).context("starting the stack")?;
         eprintln!("[{name}] stack started in {:.1?}", started.elapsed());
         let state = stack.control.state()?;
         state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;

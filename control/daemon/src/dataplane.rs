@@ -2,19 +2,25 @@
 //! secrets rustls extracted, the session's metadata) to a `dataplane` process, and turns its end
 //! reports into `db.session.end` audit events.
 //!
-//! The link lives on its own thread (blocking SEQPACKET IO); it reconnects when the dataplane
-//! restarts, and after every (re)connect it asks which sessions the dataplane still holds, so
-//! sessions that outlived a control restart are audited by the new control, and sessions lost
-//! with a dead dataplane are recorded as ended.
+//! The link's reading side lives on its own thread (blocking SEQPACKET IO); it reconnects when
+//! the dataplane restarts, and after every (re)connect it asks which sessions the dataplane still
+//! holds, so sessions that outlived a control restart are audited by the new control, and sessions
+//! lost with a dead dataplane are recorded as ended. Replies too large for one frame arrive in
+//! parts and are gathered before use.
+//!
+//! Sends come from async code and never block: each is a non-blocking `sendmsg`, retried with
+//! short sleeps while the socket buffer is full, for at most [`SEND_DEADLINE`]. A dataplane that
+//! stops reading for that long is logged and its link dropped (the reader reconnects), the send
+//! fails and its caller refuses the session; meanwhile new sessions are relayed by control.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
-use sluice_dataplane::handoff::{EndReason, Handoff, LegCrypto, Message, Role, SessionEnded, SessionStats};
+use sluice_dataplane::handoff::{EndReason, Handoff, LegCrypto, Message, Reassembly, Role, SessionEnded, SessionStats};
 use sluice_dataplane::link::{Link, LinkError};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -30,7 +36,9 @@ pub trait Events: Send + Sync + 'static {
 }
 
 pub struct DataplaneClient {
-    link: Mutex<Option<Link>>,
+    /// The sending side and its connection number (to drop only the link a failed send used).
+    /// Held only for a non-blocking send, never across an await or a blocking call.
+    link: Mutex<Option<(u64, Link)>>,
     acks: Acks,
     /// Callers waiting for `Stats`, in the order their `StatsRequest`s went out (the data plane
     /// answers each link's requests in order).
@@ -44,6 +52,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// After the link breaks, a dataplane that has not come back within this long is taken to have
 /// lost its sessions (their sockets closed with its process).
 const LOST_AFTER: Duration = Duration::from_secs(3);
+
+/// How long a send waits for room in the link's socket buffer before the dataplane is taken to
+/// be stuck.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(2);
 
 impl DataplaneClient {
     /// Starts the link thread for `path`.
@@ -69,8 +81,8 @@ impl DataplaneClient {
     fn run(&self, path: &std::path::Path, events: &dyn Events) {
         let mut logged_down = false;
         let mut down_since: Option<Instant> = None;
-        loop {
-            match self.connect(path) {
+        for generation in 0u64.. {
+            match self.connect(path, generation) {
                 Ok(reader) => {
                     info!(socket = %path.display(), "connected to the dataplane");
                     logged_down = false;
@@ -101,7 +113,7 @@ impl DataplaneClient {
         }
     }
 
-    fn connect(&self, path: &std::path::Path) -> Result<Link, LinkError> {
+    fn connect(&self, path: &std::path::Path, generation: u64) -> Result<Link, LinkError> {
         let link = Link::connect(path)?;
         link.set_read_timeout(Some(Duration::from_secs(5)))?;
         link.send(&Message::Hello { role: Role::Control, pid: std::process::id() }, &[])?;
@@ -114,31 +126,84 @@ impl DataplaneClient {
         }
         link.set_read_timeout(None)?;
         let reader = link.try_clone()?;
+        // A fresh link's buffer is empty: this cannot block, and it runs on the link thread.
         link.send(&Message::ListSessions, &[])?;
-        *lock(&self.link) = Some(link);
+        *lock(&self.link) = Some((generation, link));
         Ok(reader)
     }
 
     fn read(&self, link: Link, events: &dyn Events) {
+        let mut parts = Reassembly::default();
         loop {
-            match link.recv() {
-                Ok((Message::HandoffAck { session_id, error }, _)) => {
-                    if let Some(ack) = lock(&self.acks).remove(&session_id) {
-                        let _ = ack.send(error);
-                    }
-                }
-                Ok((Message::SessionEnded(e), _)) => events.ended(e),
-                Ok((Message::Sessions { session_ids }, _)) => events.sync(session_ids),
-                Ok((Message::Stats { sessions }, _)) => {
-                    if let Some(waiter) = lock(&self.stats_waiters).pop_front() {
-                        let _ = waiter.send(sessions);
-                    }
-                }
-                Ok((other, _)) => warn!(?other, "unexpected frame from the dataplane"),
+            let msg = match link.recv().and_then(|(m, _)| Ok(parts.push(m)?)) {
+                Ok(Some(m)) => m,
+                // A part of a reply; the rest follows.
+                Ok(None) => continue,
                 Err(e) => {
                     warn!(error = %e, "dataplane link failed");
                     return;
                 }
+            };
+            match msg {
+                Message::HandoffAck { session_id, error } => {
+                    if let Some(ack) = lock(&self.acks).remove(&session_id) {
+                        let _ = ack.send(error);
+                    }
+                }
+                Message::SessionEnded(e) => events.ended(e),
+                Message::Sessions { session_ids, .. } => events.sync(session_ids),
+                Message::Stats { sessions, .. } => {
+                    if let Some(waiter) = lock(&self.stats_waiters).pop_front() {
+                        let _ = waiter.send(sessions);
+                    }
+                }
+                other => warn!(?other, "unexpected frame from the dataplane"),
+            }
+        }
+    }
+
+    /// Runs `attempt` (a non-blocking send) on the current link until it is sent, the link
+    /// fails, or [`SEND_DEADLINE`] passes; then the dataplane is taken to be stuck and its link
+    /// is dropped, so the reader reconnects and new sessions stop waiting on it.
+    async fn send_with(
+        &self,
+        what: &'static str,
+        mut attempt: impl FnMut(&Link) -> Result<(), LinkError>,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let (generation, sent) = {
+                let link = lock(&self.link);
+                let Some((generation, l)) = link.as_ref() else { return Err("dataplane is not connected".into()) };
+                (*generation, attempt(l))
+            };
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(LinkError::WouldBlock) if started.elapsed() < SEND_DEADLINE => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(LinkError::WouldBlock) => {
+                    warn!(
+                        frame = what,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "the dataplane stopped reading its link; dropping the link"
+                    );
+                    self.drop_link(generation);
+                    return Err(format!("the dataplane did not read the {what} within {SEND_DEADLINE:?}"));
+                }
+                Err(e) => return Err(format!("sending the {what} to the dataplane: {e}")),
+            }
+        }
+    }
+
+    /// Shuts the link down (waking the reader, which reconnects), unless it was replaced already.
+    fn drop_link(&self, generation: u64) {
+        let mut link = lock(&self.link);
+        if link.as_ref().is_some_and(|(g, _)| *g == generation) {
+            if let Some((_, l)) = link.take() {
+                l.shutdown();
             }
         }
     }
@@ -148,20 +213,14 @@ impl DataplaneClient {
         let id = h.session_id.clone();
         let (tx, rx) = oneshot::channel();
         lock(&self.acks).insert(id.clone(), tx);
-        let sent = {
-            let link = lock(&self.link);
-            match link.as_ref() {
-                // SEQPACKET sends of a few hundred bytes do not block in practice; the socket
-                // buffer holds many frames.
-                Some(l) => l.send(&Message::Handoff(Box::new(h)), &[client.as_raw_fd(), upstream.as_raw_fd()]),
-                None => Err(LinkError::Closed),
-            }
-        };
+        let msg = Message::Handoff(Box::new(h));
+        let fds: [RawFd; 2] = [client.as_raw_fd(), upstream.as_raw_fd()];
+        let sent = self.send_with("handoff", |l| l.try_send(&msg, &fds)).await;
         // Our copies close here; the dataplane holds its own.
         drop((client, upstream));
         if let Err(e) = sent {
             lock(&self.acks).remove(&id);
-            return Err(format!("sending to the dataplane: {e}"));
+            return Err(e);
         }
         match tokio::time::timeout(Duration::from_secs(5), rx).await {
             Ok(Ok(None)) => Ok(()),
@@ -177,13 +236,21 @@ impl DataplaneClient {
     /// Every live session's counters so far.
     pub async fn stats(&self) -> Result<Vec<SessionStats>, String> {
         let (tx, rx) = oneshot::channel();
-        {
-            // Queued under the link lock so waiters are in the order the requests are sent.
-            let link = lock(&self.link);
-            let l = link.as_ref().ok_or("dataplane is not connected")?;
-            lock(&self.stats_waiters).push_back(tx);
-            l.send(&Message::StatsRequest, &[]).map_err(|e| e.to_string())?;
-        }
+        let mut tx = Some(tx);
+        self.send_with("stats request", |l| {
+            // Queued under the link lock, in the order the requests go out (the data plane answers
+            // each link's requests in order); taken back when the request could not go.
+            let mut waiters = lock(&self.stats_waiters);
+            if let Some(tx) = tx.take() {
+                waiters.push_back(tx);
+            }
+            let sent = l.try_send(&Message::StatsRequest, &[]);
+            if sent.is_err() {
+                tx = waiters.pop_back();
+            }
+            sent
+        })
+        .await?;
         // A late answer still goes to this (then dropped) waiter, keeping the queue in step.
         match tokio::time::timeout(Duration::from_secs(2), rx).await {
             Ok(Ok(s)) => Ok(s),
@@ -192,12 +259,13 @@ impl DataplaneClient {
         }
     }
 
-    /// Asks the dataplane to end a session (lock, expiry, admin kill).
+    /// Asks the dataplane to end a session (lock, expiry, admin kill). Never blocks: a link whose
+    /// buffer is full is an error now, and the caller asks again on its next round.
     pub fn end_session(&self, id: &str, reason: EndReason) -> Result<(), String> {
         match lock(&self.link).as_ref() {
-            Some(l) => {
-                l.send(&Message::EndSession { session_id: id.to_owned(), reason }, &[]).map_err(|e| e.to_string())
-            }
+            Some((_, l)) => l
+                .try_send(&Message::EndSession { session_id: id.to_owned(), reason }, &[])
+                .map_err(|e| format!("sending the end request to the dataplane: {e}")),
             None => Err("dataplane is not connected".into()),
         }
     }
@@ -220,4 +288,118 @@ pub fn leg_crypto(version: u16, cipher_suite: u16, s: ExtractedSecrets) -> Resul
     let (tx_key, tx_iv) = parts(tx)?;
     let (rx_key, rx_iv) = parts(rx)?;
     Ok(LegCrypto::Tls { version, cipher_suite, tx_key, tx_iv, tx_seq, rx_key, rx_iv, rx_seq })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_dataplane::link::Listener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct NoEvents;
+    impl Events for NoEvents {
+        fn ended(&self, _: SessionEnded) {}
+        fn sync(&self, _: Vec<String>) {}
+    }
+
+    fn handoff(i: usize) -> (Handoff, OwnedFd, OwnedFd) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let h = Handoff {
+            session_id: format!("session-{i}"),
+            user: "alice".into(),
+            db_service: "demo".into(),
+            db_user: "alice".into(),
+            db_name: "demo".into(),
+            not_after: 0,
+            idle_timeout_ms: 0,
+            client: LegCrypto::Plain,
+            upstream: LegCrypto::Plain,
+        };
+        (h, a.into(), b.into())
+    }
+
+    /// A data plane that answers control's Hello and then never reads again: handoffs fill the
+    /// link's socket buffer, and control must neither freeze its runtime nor hang its callers.
+    #[test]
+    fn a_dataplane_that_stops_reading_never_freezes_control() {
+        let dir = std::env::temp_dir().join(format!("sluice-stuck-dp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dp.sock");
+        let listener = Listener::bind(&path).unwrap();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let fake = std::thread::spawn(move || {
+            let link = listener.accept().unwrap();
+            assert!(matches!(link.recv().unwrap().0, Message::Hello { role: Role::Control, .. }));
+            link.send(&Message::Hello { role: Role::Dataplane, pid: 1 }, &[]).unwrap();
+            // Hold the link (and the listener) without reading until the test is over.
+            let _ = stopped.recv();
+            drop((link, listener));
+        });
+        let client = DataplaneClient::start(path, Arc::new(NoEvents));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client.connected() {
+            assert!(Instant::now() < deadline, "control never connected to the fake dataplane");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // The whole exchange runs on one runtime thread; a send that blocks would stop it, so a
+        // watchdog turns a freeze into a failure instead of a hung test.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let outcome = rt.block_on(async {
+                let ticks = Arc::new(AtomicUsize::new(0));
+                let ticker = tokio::spawn({
+                    let ticks = ticks.clone();
+                    async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            ticks.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                let started = Instant::now();
+                // Several times what the socket buffer holds (about 170 such frames).
+                let tasks: Vec<_> = (0..600)
+                    .map(|i| {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let (h, a, b) = handoff(i);
+                            let t = Instant::now();
+                            (client.handoff(h, a, b).await, t.elapsed())
+                        })
+                    })
+                    .collect();
+                let mut results = Vec::new();
+                for t in tasks {
+                    results.push(t.await.unwrap());
+                }
+                let elapsed = started.elapsed();
+                let t = Instant::now();
+                let stats = client.stats().await;
+                let stats_took = t.elapsed();
+                let end = client.end_session("session-0", EndReason::AdminKill);
+                ticker.abort();
+                (results, elapsed, ticks.load(Ordering::Relaxed), stats, stats_took, end)
+            });
+            let _ = done.send(outcome);
+        });
+        let (results, elapsed, ticks, stats, stats_took, end) =
+            finished.recv_timeout(Duration::from_secs(30)).expect("control froze on a dataplane that stopped reading");
+        let _ = stop.send(());
+        fake.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Nothing was taken (nothing was acknowledged), and each caller got its answer in time.
+        assert!(results.iter().all(|(r, _)| r.is_err()), "a handoff succeeded without an ack");
+        let slowest = results.iter().map(|(_, t)| *t).max().unwrap();
+        assert!(slowest < SEND_DEADLINE + Duration::from_secs(6), "a handoff took {slowest:?}");
+        let stuck = results.iter().filter(|(r, _)| r.as_ref().is_err_and(|e| e.contains("did not read"))).count();
+        assert!(stuck >= 1, "no send hit the deadline: {:?}", &results[results.len() - 3..]);
+        // The runtime kept running meanwhile: the ticker saw most of its 50 ms ticks.
+        let expected = (elapsed.as_millis() / 50) as usize;
+        assert!(ticks * 2 >= expected, "{ticks} ticks in {elapsed:?}");
+        assert!(stats.is_err() && stats_took < SEND_DEADLINE + Duration::from_secs(3), "{stats:?} {stats_took:?}");
+        assert!(end.is_err(), "the link to the stuck dataplane was dropped");
+    }
 }

@@ -197,6 +197,12 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start(dir: &Path) -> Result<Postgres> {
+        Self::start_with(dir, None)
+    }
+
+    /// As [`Postgres::start`], allowing `max_connections` client connections (PostgreSQL's
+    /// default is 100; a test holding hundreds of sessions needs one upstream connection each).
+    pub fn start_with(dir: &Path, max_connections: Option<u32>) -> Result<Postgres> {
         use std::os::unix::process::CommandExt;
         let bin = postgres_bin_dir()?;
         let run_as = unprivileged_user()?;
@@ -233,7 +239,7 @@ impl Postgres {
         // that dies during start-up is started again on another port.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::launch(dir, &data, &bin, run_as.as_ref()) {
+            match Self::launch(dir, &data, &bin, run_as.as_ref(), max_connections) {
                 Ok(pg) => return Ok(pg),
                 Err(e) => last_err = Some(e),
             }
@@ -241,7 +247,13 @@ impl Postgres {
         Err(last_err.unwrap_or_else(|| anyhow!("PostgreSQL did not start")))
     }
 
-    fn launch(dir: &Path, data: &Path, bin: &Path, run_as: Option<&nix::unistd::User>) -> Result<Postgres> {
+    fn launch(
+        dir: &Path,
+        data: &Path,
+        bin: &Path,
+        run_as: Option<&nix::unistd::User>,
+        max_connections: Option<u32>,
+    ) -> Result<Postgres> {
         use std::os::unix::process::CommandExt;
         let port = free_port()?;
         let log_path = dir.join("postgres.log");
@@ -257,6 +269,9 @@ impl Postgres {
             .stdout(Stdio::null())
             .stderr(log)
             .current_dir(dir);
+        if let Some(n) = max_connections {
+            cmd.arg("-c").arg(format!("max_connections={n}"));
+        }
         if let Some(u) = run_as {
             cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
@@ -649,6 +664,17 @@ impl Stack {
     /// As [`Stack::start`]; `dataplane`: `None` for no dataplane process, else its extra
     /// arguments.
     pub fn start_opts(dir: &Path, control_creds: &AwsCreds, dataplane: Option<&[&str]>) -> Result<Stack> {
+        Self::start_sized(dir, control_creds, dataplane, None)
+    }
+
+    /// As [`Stack::start_opts`], with PostgreSQL allowing `max_connections` (see
+    /// [`Postgres::start_with`]).
+    pub fn start_sized(
+        dir: &Path,
+        control_creds: &AwsCreds,
+        dataplane: Option<&[&str]>,
+        max_connections: Option<u32>,
+    ) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pg_dir = if nix::unistd::geteuid().is_root() {
@@ -658,7 +684,7 @@ impl Stack {
         } else {
             dir.join("postgres")
         };
-        let postgres = Postgres::start(&pg_dir)?;
+        let postgres = Postgres::start_with(&pg_dir, max_connections)?;
         std::fs::write(dir.join("postgres-dir"), pg_dir.to_string_lossy().as_bytes())?;
         let db_password = random_secret(12);
         postgres.create_user_and_db("alice", &db_password, "demo")?;

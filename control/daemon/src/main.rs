@@ -226,8 +226,8 @@ fn live_stats(socket: &Path) -> Result<(std::collections::HashMap<String, LiveSt
     }
     let sample = || -> Result<Vec<SessionStats>> {
         link.send(&Message::StatsRequest, &[])?;
-        match link.recv()?.0 {
-            Message::Stats { sessions } => Ok(sessions),
+        match link.recv_reply()? {
+            Message::Stats { sessions, .. } => Ok(sessions),
             other => bail!("unexpected answer from the dataplane: {other:?}"),
         }
     };
@@ -571,8 +571,8 @@ fn main() -> Result<()> {
                 bail!("the peer at {} is not a dataplane", dp.socket.display());
             }
             link.send(&Message::ListSessions, &[])?;
-            match link.recv()?.0 {
-                Message::Sessions { session_ids } if session_ids.contains(&id) => {}
+            match link.recv_reply()? {
+                Message::Sessions { session_ids, .. } if session_ids.contains(&id) => {}
                 Message::Sessions { .. } => bail!("the dataplane holds no session {id:?}"),
                 other => bail!("unexpected answer from the dataplane: {other:?}"),
             }
