@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,11 +51,21 @@ fn file_modes(dir: &Path) -> Vec<(String, u32)> {
     out
 }
 
+/// A child process that is killed when the test lets go of it, panicking or not.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn state_is_private_and_safe_to_open_concurrently() {
     let dir = TestDir::new("private-state").unwrap();
     let control = find_bin("control").unwrap();
-    for round in 0..3 {
+    for round in 0..5 {
         let data = dir.join(format!("data-{round}"));
         let config = dir.join(format!("control-{round}.yaml"));
         std::fs::write(
@@ -70,13 +80,21 @@ fn state_is_private_and_safe_to_open_concurrently() {
         .unwrap();
         // The seed's habit: start the daemon, then at once ask for the status.
         let log = std::fs::File::create(dir.join(format!("control-{round}.log"))).unwrap();
-        let mut daemon = Command::new(&control).arg("--config").arg(&config).arg("start").stderr(log).spawn().unwrap();
+        let mut daemon = KillOnDrop(
+            Command::new(&control)
+                .arg("--config")
+                .arg(&config)
+                .arg("start")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
         let status = Command::new(&control).arg("--config").arg(&config).arg("status").output().unwrap();
         assert!(status.status.success(), "round {round}: status failed: {}", String::from_utf8_lossy(&status.stderr));
         std::thread::sleep(Duration::from_millis(500));
-        let exited = daemon.try_wait().unwrap();
-        let _ = daemon.kill();
-        let _ = daemon.wait();
+        let exited = daemon.0.try_wait().unwrap();
+        drop(daemon);
         assert!(
             exited.is_none(),
             "round {round}: the daemon exited ({exited:?}): {}",

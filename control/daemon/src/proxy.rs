@@ -410,14 +410,22 @@ pub async fn enforce_policy(ctx: Arc<ProxyContext>) {
             continue;
         }
         let (cfg, state, with_dp) = (ctx.cfg.clone(), ctx.state.clone(), dp.is_some());
+        let relaying = !ctx.relayed().is_empty();
         let loaded = tokio::task::spawn_blocking(move || {
-            let view = PolicyView::load(&cfg, &state)?;
             let live = if with_dp { state.live_sessions()? } else { Vec::new() };
-            Ok::<_, crate::state::StateError>((view, live))
+            if live.is_empty() && !relaying {
+                return Ok(None);
+            }
+            Ok::<_, crate::state::StateError>(Some((PolicyView::load(&cfg, &state)?, live)))
         })
         .await;
         let (view, live) = match loaded {
-            Ok(Ok(x)) => x,
+            Ok(Ok(Some(x))) => x,
+            // No live session at all.
+            Ok(Ok(None)) => {
+                asked.clear();
+                continue;
+            }
             Ok(Err(e)) => {
                 warn!(error = %e, "reading the state to enforce policy on live sessions");
                 continue;

@@ -173,6 +173,13 @@ impl State {
             warn(t);
         }
         crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
+        // One opener at a time sets the file up: SQLite answers "database is locked" at once,
+        // without waiting for its busy timeout, to a second connection that switches a fresh
+        // file to WAL or creates tables while the first one does. The lock is released when
+        // `_init` drops, after the schema and migrations.
+        let lock_file = crate::private_fs::open_private_append(&data_dir.join("sluice.db.lock"))?;
+        let _init = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| StateError::Io(e.into()))?;
         let path = data_dir.join("sluice.db");
         // Create the file 0600 before SQLite does (it would use the umask); SQLite gives its
         // -wal and -shm files the database file's mode.
