@@ -306,6 +306,18 @@ impl Harness {
     /// ports and state.
     pub fn restart_control(&mut self, edit: impl FnOnce(&mut sluice_control::config::Config)) -> Result<()> {
         self.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        self.start_control_again(edit)
+    }
+
+    /// Starts control again after the test stopped it (with `edit` applied to its config), and
+    /// waits until it is linked to the dataplane again if there is one.
+    pub fn start_control_again(&mut self, edit: impl FnOnce(&mut sluice_control::config::Config)) -> Result<()> {
+        let log = self.control_log();
+        let links = move || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.matches("connected to the dataplane").count()
+        };
+        let before = links();
         let old = &self.stack.control;
         let mut config = old.config.clone();
         edit(&mut config);
@@ -320,8 +332,7 @@ impl Harness {
         )?;
         if self.stack.dataplane.is_some() {
             wait_until(Duration::from_secs(10), "control reconnects to the dataplane", || {
-                let log = std::fs::read_to_string(self.control_log()).unwrap_or_default();
-                Ok((log.matches("connected to the dataplane").count() >= 2).then_some(()))
+                Ok((links() > before).then_some(()))
             })?;
         }
         Ok(())

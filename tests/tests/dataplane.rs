@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use sluice_control::demo::{AwsCreds, ControlProc};
 use sluice_tests::{client_config_from_pem, runtime, wait_until, Harness};
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -32,21 +31,7 @@ fn sessions_survive_a_control_restart_and_are_audited_by_the_new_control() {
     let v: i32 = rt.block_on(c.client.query_one("select 2 * 21", &[])).unwrap().get(0);
     assert_eq!(v, 42);
 
-    let old = &h.stack.control;
-    let dir = h.stack.dir.join("control");
-    h.stack.control = ControlProc::spawn(
-        old.config_path.clone(),
-        old.config.clone(),
-        old.pg_port,
-        old.api_port,
-        &AwsCreds::demo(),
-        &dir,
-    )
-    .unwrap();
-    wait_until(Duration::from_secs(10), "control reconnects to the dataplane", || {
-        Ok((count_in(&h.control_log(), "connected to the dataplane") >= 2).then_some(()))
-    })
-    .unwrap();
+    h.start_control_again(|_| {}).unwrap();
     // The new control learned the session is still live, so it has not ended it.
     assert!(!h.audit().unwrap().iter().any(|e| e.event == "db.session.end"));
     let rows: i64 =

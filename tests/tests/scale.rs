@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::Signal;
-use sluice_control::demo::{find_bin, AwsCreds, ControlProc};
+use sluice_control::demo::find_bin;
 use sluice_dataplane::handoff::{Message, Role};
 use sluice_tests::{connect, runtime, wait_until, Connected, Harness};
 
@@ -123,21 +123,7 @@ fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
 
     // A new control learns the 400 sessions from one `ListSessions` answer in parts.
     h.stack.control.proc.stop(Signal::SIGKILL);
-    let old = &h.stack.control;
-    let dir = h.stack.dir.join("control");
-    h.stack.control = ControlProc::spawn(
-        old.config_path.clone(),
-        old.config.clone(),
-        old.pg_port,
-        old.api_port,
-        &AwsCreds::demo(),
-        &dir,
-    )
-    .unwrap();
-    wait_until(Duration::from_secs(10), "control reconnects to the dataplane", || {
-        Ok((count_in(&h.control_log(), "connected to the dataplane") >= 2).then_some(()))
-    })
-    .unwrap();
+    h.start_control_again(|_| {}).unwrap();
     // Give a broken answer time to show: the link would fail and reconnect, or sessions missing
     // from the answer would be ended.
     std::thread::sleep(Duration::from_secs(1));
