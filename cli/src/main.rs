@@ -3,6 +3,8 @@
 //! certificate for one database route over a key pair generated here; `db env`/`db config`/
 //! `db connect` hand those files to stock libpq tools. `aws rds-token` prints an RDS IAM token.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};

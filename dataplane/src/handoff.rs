@@ -1,6 +1,6 @@
 //! The control ↔ dataplane handoff protocol, version 1: a sans-IO codec.
 //!
-//! Control and a dataplane worker talk over a Unix stream socket (mode 0600, peers checked with
+//! Control and a dataplane talk over a Unix SOCK_SEQPACKET socket (mode 0600, peers checked with
 //! SO_PEERCRED by the IO layer). Every message is one frame:
 //!
 //! ```text

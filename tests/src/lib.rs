@@ -20,6 +20,8 @@
 //! (`cargo build --workspace --bins`); [`sluice_control::demo::find_bin`] finds them next to the
 //! test executables.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::{Read, Write};

@@ -2,6 +2,8 @@
 //! applies RBAC, mints RDS IAM auth tokens and opens the upstream session; plus its state, CA,
 //! audit log, client API and the demo orchestration. The `control` binary is a thin CLI over this.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod audit;
 pub mod bootstrap;

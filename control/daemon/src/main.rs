@@ -2,6 +2,8 @@
 //! (users, roles, tokens, db resources, status, audit). Admin verbs open the same SQLite state the
 //! daemon uses; the daemon reads it per connection, so changes apply at once.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -7,6 +7,8 @@
 //! is needed, `Ok(Some((value, consumed)))` when a whole packet is there, and an error for input no
 //! conforming peer sends.
 
+#![forbid(unsafe_code)]
+
 use thiserror::Error;
 
 /// Magic "protocol version" of an SSLRequest.

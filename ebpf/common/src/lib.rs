@@ -1,6 +1,7 @@
-//! The `#[repr(C)]` types of Sluice's eBPF maps, shared by the kernel-side programs and the
-//! userspace loader in the data plane (the aya-template layout: one `common` crate, so both sides
-//! agree on every byte). `no_std`, no dependencies: the BPF target builds it too.
+//! The `#[repr(C)]` types of Sluice's eBPF maps as the userspace loader in the data plane reads
+//! them. The kernel-side programs are C (`ebpf/programs/sluice.bpf.c`) and declare the same
+//! layouts in `ebpf/programs/sluice.h`; the size and offset tests below pin the Rust side to it.
+//! `no_std`, no dependencies.
 //!
 //! Maps are keyed by socket cookie (`bpf_get_socket_cookie`, equal to userspace
 //! `getsockopt(SO_COOKIE)`), so the data plane can look up each leg of a session it holds.

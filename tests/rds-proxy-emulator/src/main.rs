@@ -3,6 +3,8 @@
 //! on stdout with one `READY <endpoint>` line (the contract with the code that spawns it) and
 //! runs until SIGINT or SIGTERM.
 
+#![forbid(unsafe_code)]
+
 mod lookup;
 mod proxy;
 mod scram;
