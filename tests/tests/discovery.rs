@@ -41,6 +41,25 @@ fn control_cli(cfg_path: &std::path::Path, moto: &Moto, dir: &std::path::Path, a
     cmd.output().unwrap()
 }
 
+/// Restarts control on `cfg` with AWS pointed at moto, gives alice a role for env=prod
+/// databases too, and logs her in; returns control's config path.
+fn restart_with_discovery(h: &mut Harness, cfg: Config, moto: &Moto) -> std::path::PathBuf {
+    let (pg_port, api_port) = (h.stack.control.pg_port, h.stack.control.api_port);
+    h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    h.stack.control =
+        spawn_control(&h.stack.dir.join("control"), cfg, pg_port, api_port, &AwsCreds::demo(), moto).unwrap();
+    h.state
+        .upsert_role(
+            &role(json!({"kind": "role", "version": "v7", "metadata": {"name": "prod"},
+                "spec": {"allow": {"db_labels": {"env": "prod"}, "db_names": ["demo"], "db_users": ["alice"]}}}))
+            .unwrap(),
+        )
+        .unwrap();
+    h.state.update_user_roles("alice", &["dev".to_owned(), "prod".to_owned()]).unwrap();
+    h.login().unwrap();
+    h.stack.control.config_path.clone()
+}
+
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
@@ -116,22 +135,7 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
         {"labels": {"sluice.dev/origin": "cloud"}}
     ]))
     .unwrap();
-    let (pg_port, api_port) = (h.stack.control.pg_port, h.stack.control.api_port);
-    h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
-    let control_dir = h.stack.dir.join("control");
-    h.stack.control = spawn_control(&control_dir, cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
-    let cfg_path = h.stack.control.config_path.clone();
-
-    // alice may use env=prod databases too.
-    h.state
-        .upsert_role(
-            &role(json!({"kind": "role", "version": "v7", "metadata": {"name": "prod"},
-                "spec": {"allow": {"db_labels": {"env": "prod"}, "db_names": ["demo"], "db_users": ["alice"]}}}))
-            .unwrap(),
-        )
-        .unwrap();
-    h.state.update_user_roles("alice", &["dev".to_owned(), "prod".to_owned()]).unwrap();
-    h.login().unwrap();
+    let cfg_path = restart_with_discovery(&mut h, cfg, &moto);
 
     let db_ls = |h: &Harness| -> serde_json::Value {
         serde_json::from_str(&h.sluice_ok(&["db", "ls", "--format", "json"]).unwrap()).unwrap()
@@ -262,8 +266,10 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
 
     // Discovered resources survive a restart of control (they are in the state).
     let cfg = h.stack.control.config.clone();
+    let (pg_port, api_port) = (h.stack.control.pg_port, h.stack.control.api_port);
     h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
     moto.faults(-1, 403, "AccessDenied").unwrap();
+    let control_dir = h.stack.dir.join("control");
     h.stack.control = spawn_control(&control_dir, cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
     assert_eq!(names(&db_ls(&h)), ["mysqlish", "orders", "orders-reader"]);
     moto.faults(0, 400, "Throttling").unwrap();
@@ -419,20 +425,7 @@ fn same_named_proxies_in_two_regions_and_accounts_get_unique_names() {
     let mut cfg: Config = h.stack.control.config.clone();
     cfg.discovery_service = serde_json::from_value(json!({"poll_interval": "1s", "aws": matchers})).unwrap();
     cfg.db_service.resources = serde_json::from_value(json!([{"labels": {"sluice.dev/origin": "cloud"}}])).unwrap();
-    let (pg_port, api_port) = (h.stack.control.pg_port, h.stack.control.api_port);
-    h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
-    h.stack.control =
-        spawn_control(&h.stack.dir.join("control"), cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
-    let cfg_path = h.stack.control.config_path.clone();
-    h.state
-        .upsert_role(
-            &role(json!({"kind": "role", "version": "v7", "metadata": {"name": "prod"},
-                "spec": {"allow": {"db_labels": {"env": "prod"}, "db_names": ["demo"], "db_users": ["alice"]}}}))
-            .unwrap(),
-        )
-        .unwrap();
-    h.state.update_user_roles("alice", &["dev".to_owned(), "prod".to_owned()]).unwrap();
-    h.login().unwrap();
+    let cfg_path = restart_with_discovery(&mut h, cfg, &moto);
 
     let cloud_names = |h: &Harness| -> Vec<(String, String)> {
         let v: serde_json::Value =
