@@ -390,6 +390,26 @@ pub fn check_output(what: &str, out: &Output) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// How often `needle` occurs in a file (a log); 0 for a missing file.
+pub fn count_in(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path).unwrap_or_default().matches(needle).count()
+}
+
+/// GETs a Prometheus `/metrics` URL (`http://HOST:PORT/metrics`) and returns the whole response,
+/// headers included; fails unless it is a 200.
+pub fn scrape(url: &str) -> Result<String> {
+    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics");
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!("scraping {url}: {}", &text[..text.len().min(500)]);
+    }
+    Ok(text)
+}
+
 /// The value of `name` in an environment list.
 pub fn env_get<'a>(env: &'a [(String, String)], name: &str) -> Result<&'a str> {
     env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).ok_or_else(|| anyhow!("{name} is not set in {env:?}"))

@@ -5,13 +5,9 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use sluice_tests::{client_config_from_pem, runtime, wait_until, Harness};
+use sluice_tests::{client_config_from_pem, count_in, runtime, wait_until, Harness};
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
-
-fn count_in(path: &std::path::Path, needle: &str) -> usize {
-    std::fs::read_to_string(path).unwrap_or_default().matches(needle).count()
-}
 
 #[test]
 fn sessions_survive_a_control_restart_and_are_audited_by_the_new_control() {

@@ -7,14 +7,14 @@
 //! data plane is replaced (`dataplane --take-over`): the session goes on, and the counts, live and
 //! final, still cover every byte since the handoff.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use sluice_tests::{pg_config, raw_connect, read_to_close, runtime, startup_packet, wait_until, Harness};
+use sluice_tests::{pg_config, raw_connect, read_to_close, runtime, scrape, startup_packet, wait_until, Harness};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -51,17 +51,6 @@ impl AsyncWrite for Counted {
     }
 }
 
-fn scrape(url: &str) -> String {
-    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
-
 /// The value of the first series of `name` whose labels include all of `labels`.
 fn series(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
@@ -92,7 +81,7 @@ fn run(mode: &str) {
     raw.write_all(&startup_packet(&[("user", "alice"), ("database", "demo")])).unwrap();
     read_to_close(&mut raw, Duration::from_secs(10)).unwrap();
     let text = wait_until(Duration::from_secs(10), "the refusal is counted", || {
-        let text = scrape(&url);
+        let text = scrape(&url).unwrap();
         Ok(text.contains("sluice_handshake_failures_total{reason=\"plaintext\"} 1\n").then_some(text))
     })
     .unwrap();
@@ -131,7 +120,7 @@ fn run(mode: &str) {
 
     // Quiescent: every byte either side sent has been read by the other.
     let (c_rx, c_tx) = (sent.load(Ordering::SeqCst) - sent0, received.load(Ordering::SeqCst) - received0);
-    let text = scrape(&url);
+    let text = scrape(&url).unwrap();
     let sid_label = format!("session_id=\"{sid}\"");
     let live = |leg: &str, dir: &str| {
         let (l, d) = (format!("leg=\"{leg}\""), format!("direction=\"{dir}\""));
@@ -171,7 +160,7 @@ fn run(mode: &str) {
     assert_eq!(row.get::<_, String>(0).len(), n);
     let c_rx = sent.load(Ordering::SeqCst) - sent0;
     let text = wait_until(Duration::from_secs(15), "live counts from the new data plane", || {
-        let text = scrape(&url);
+        let text = scrape(&url).unwrap();
         let got = series(&text, "sluice_session_bytes", &[&sid_label, "leg=\"client\"", "direction=\"rx\""]);
         Ok((got == Some(c_rx as f64)).then_some(text))
     })
@@ -204,7 +193,7 @@ fn run(mode: &str) {
         let pin_dir = std::path::Path::new(sluice_ebpf::PIN_ROOT).join(&instance);
         assert_eq!(sluice_ebpf::pinned_entries(&pin_dir).unwrap(), 0, "map entries are removed at session end");
     }
-    let text = scrape(&url);
+    let text = scrape(&url).unwrap();
     assert_eq!(series(&text, "sluice_sessions_active", &[]), Some(0.0), "{text}");
     assert!(series(&text, "sluice_bytes_total", &["leg=\"client\"", "direction=\"rx\""]).unwrap() as u64 >= c_rx_final);
     assert!(!text.contains(&sid_label), "ended sessions leave the per-session series");

@@ -6,31 +6,15 @@
 //! sessions still answer queries, and each one's end is audited.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::Signal;
 use sluice_control::demo::find_bin;
 use sluice_dataplane::handoff::{Message, Role};
-use sluice_tests::{connect, runtime, wait_until, Connected, Harness};
+use sluice_tests::{connect, count_in, runtime, scrape, wait_until, Connected, Harness};
 
 const SESSIONS: usize = 400;
-
-fn count_in(path: &std::path::Path, needle: &str) -> usize {
-    std::fs::read_to_string(path).unwrap_or_default().matches(needle).count()
-}
-
-fn scrape(url: &str) -> String {
-    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..text.len().min(500)]);
-    text
-}
 
 /// The session ids with a live `sluice_session_bytes` series.
 fn scraped_sessions(text: &str) -> HashSet<String> {
@@ -113,7 +97,7 @@ fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
 
     // One stats answer for 400 sessions is larger than a frame.
     let url = h.stack.control.metrics_url().expect("the test stack serves metrics");
-    let text = scrape(&url);
+    let text = scrape(&url).unwrap();
     assert!(text.contains(&format!("sluice_sessions_active {SESSIONS}\n")), "{}", &text[..text.len().min(2000)]);
     assert_eq!(scraped_sessions(&text), ids);
     let control = find_bin("control").unwrap();
@@ -130,7 +114,7 @@ fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
     assert_eq!(count_in(&h.control_log(), "dataplane link failed"), 0);
     assert_eq!(count_in(&h.control_log(), "connected to the dataplane"), 2);
     assert!(!h.audit().unwrap().iter().any(|e| e.event == "db.session.end"));
-    assert_eq!(scraped_sessions(&scrape(&url)), ids);
+    assert_eq!(scraped_sessions(&scrape(&url).unwrap()), ids);
     assert_eq!(listed_sessions(&control, &config), ids);
 
     // The sessions still work, through the data plane (control was gone for a while).
@@ -210,7 +194,7 @@ fn a_dataplane_that_stops_reading_does_not_freeze_control() {
     assert_eq!(v, 7);
     assert!(t.elapsed() < Duration::from_secs(10), "a new session took {:?}", t.elapsed());
     let url = h.stack.control.metrics_url().expect("the test stack serves metrics");
-    assert!(scrape(&url).contains("sluice_sessions_started_total"));
+    assert!(scrape(&url).unwrap().contains("sluice_sessions_started_total"));
     assert!(h.control_alive());
     drop(stuck);
 }

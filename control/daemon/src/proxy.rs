@@ -296,7 +296,7 @@ async fn accept_local(ctx: Arc<ProxyContext>, listener: UnixListener, db: String
             }
         };
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
-        // The kernel vouches for the uid, so only the listener's and the uid's totals apply.
+        // The kernel vouches for the uid: no handshake to limit, only the listener's total.
         let mut permit = match ctx.local_limiter.admit(uid.unwrap_or(u32::MAX)) {
             Ok(p) => p,
             Err(hit) => {
