@@ -74,7 +74,13 @@ impl TestDir {
 }
 
 impl Drop for TestDir {
+    /// Removes the directory, unless `SLUICE_KEEP_TEST_DIRS` is set (to read the logs of a
+    /// failed run).
     fn drop(&mut self) {
+        if std::env::var_os("SLUICE_KEEP_TEST_DIRS").is_some() {
+            eprintln!("keeping {}", self.path.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

@@ -12,6 +12,7 @@ use crate::api::{self, ApiContext};
 use crate::audit::AuditLog;
 use crate::config::{split_host_port, Config};
 use crate::iam::TokenMinter;
+use crate::policy::PolicyStore;
 use crate::proxy::{self, ProxyContext};
 use crate::state::State;
 use crate::tls;
@@ -72,7 +73,8 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
     let minter = Arc::new(TokenMinter::new());
     let discovery_task = tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path));
-    let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), audit, minter, pg_tls));
+    let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).context("reading the policy")?);
+    let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), policy, audit, minter, pg_tls));
     if let Some(dp) = &cfg.dataplane {
         let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
         let _ = proxy_ctx.dataplane.set(client);

@@ -8,7 +8,7 @@
 //! registry state to keep or to clean when sessions end, and no dependency is added. The HTTP side
 //! is a minimal responder (one GET per connection), enough for Prometheus and curl.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -197,6 +197,8 @@ impl Metrics {
             "Failed RDS IAM auth token mints.",
             self.token_errors.load(Ordering::Relaxed),
         );
+        let (reads, writes) = crate::state::statements_run();
+        let _ = writeln!(out, "# HELP sluice_state_statements_total SQL statements control ran against its state.\n# TYPE sluice_state_statements_total counter\nsluice_state_statements_total{{kind=\"read\"}} {reads}\nsluice_state_statements_total{{kind=\"write\"}} {writes}");
         if let Some(up) = dataplane_connected {
             let _ = writeln!(out, "# HELP sluice_dataplane_connected Whether control's link to the data plane is up.\n# TYPE sluice_dataplane_connected gauge\nsluice_dataplane_connected {}", u8::from(up));
         }
@@ -321,17 +323,7 @@ async fn live_sessions(ctx: &ProxyContext) -> (Vec<(SessionStats, String, String
             return (Vec::new(), Some(true));
         }
     };
-    let known: HashMap<String, (String, String)> = ctx
-        .state
-        .live_sessions()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(id, _, r)| {
-            let f = &r["fields"];
-            let s = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
-            (id, (s("user"), s("db_service")))
-        })
-        .collect();
+    let known = ctx.handed_sessions();
     let live = stats
         .into_iter()
         .map(|s| {

@@ -26,14 +26,13 @@ use tracing::{info, warn, Instrument};
 
 use crate::audit::{AuditLog, SessionFields, SESSION_END, SESSION_START};
 use crate::ca::{identity_from_cert, Identity};
-use crate::catalog;
 use crate::config::{Config, LocalSocket, LOCAL_SOCKET_PORT};
 use crate::dataplane::{leg_crypto, DataplaneClient, Events};
 use crate::iam::TokenMinter;
 use crate::leg::Leg;
 use crate::limits::{ConnLimiter, ConnPermit, LimitHit};
 use crate::metrics::{counters_json, METRICS};
-use crate::policy::{self, Denial, PolicyView};
+use crate::policy::{self, Denial, PolicyStore};
 use crate::state::State;
 use crate::tls::UpstreamTls;
 use crate::upstream::{self, CancelTarget, UpstreamError, UpstreamStream};
@@ -46,6 +45,11 @@ type ClientStream = Leg<tokio_rustls::server::TlsStream<TcpStream>, UnixStream>;
 pub struct ProxyContext {
     pub cfg: Arc<Config>,
     pub state: Arc<State>,
+    /// What connections are decided from (no SQL per connection).
+    pub policy: Arc<PolicyStore>,
+    /// Sessions the data plane holds, as recorded in `live_sessions` (written through to the
+    /// state for a restarted control, read from here).
+    handed: Mutex<HashMap<String, LiveRecord>>,
     pub audit: Arc<AuditLog>,
     pub minter: Arc<TokenMinter>,
     pub upstream_tls: Arc<UpstreamTls>,
@@ -69,11 +73,14 @@ impl ProxyContext {
     pub fn new(
         cfg: Arc<Config>,
         state: Arc<State>,
+        policy: Arc<PolicyStore>,
         audit: Arc<AuditLog>,
         minter: Arc<TokenMinter>,
         server_tls: Arc<ServerConfig>,
     ) -> Self {
         ProxyContext {
+            policy,
+            handed: Mutex::new(HashMap::new()),
             limiter: ConnLimiter::new(cfg.proxy_service.limits),
             local_limiter: ConnLimiter::new(cfg.proxy_service.limits),
             cfg,
@@ -92,6 +99,15 @@ impl ProxyContext {
 
     fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (Vec<u8>, CancelTarget)>> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handed(&self) -> std::sync::MutexGuard<'_, HashMap<String, LiveRecord>> {
+        self.handed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user and database of each session the data plane holds.
+    pub fn handed_sessions(&self) -> HashMap<String, (String, String)> {
+        self.handed().iter().map(|(id, r)| (id.clone(), (r.fields.user.clone(), r.fields.db_service.clone()))).collect()
     }
 
     fn relayed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relayed>> {
@@ -230,9 +246,9 @@ pub async fn serve_local(ctx: Arc<ProxyContext>, local: LocalSocket) {
     let mut listening: HashMap<String, (PathBuf, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut failed: HashSet<String> = HashSet::new();
     loop {
-        match catalog::databases(&ctx.cfg, &ctx.state) {
-            Ok(dbs) => {
-                let names: HashSet<String> = dbs.into_iter().map(|d| d.name).collect();
+        match ctx.policy.current_async().await {
+            Ok((view, _)) => {
+                let names: HashSet<String> = view.databases.keys().cloned().collect();
                 listening.retain(|name, (path, task)| {
                     let keep = names.contains(name);
                     if !keep {
@@ -409,29 +425,19 @@ pub async fn enforce_policy(ctx: Arc<ProxyContext>) {
             asked.clear();
             continue;
         }
-        let (cfg, state, with_dp) = (ctx.cfg.clone(), ctx.state.clone(), dp.is_some());
-        let relaying = !ctx.relayed().is_empty();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let live = if with_dp { state.live_sessions()? } else { Vec::new() };
-            if live.is_empty() && !relaying {
-                return Ok(None);
-            }
-            Ok::<_, crate::state::StateError>(Some((PolicyView::load(&cfg, &state)?, live)))
-        })
-        .await;
-        let (view, live) = match loaded {
-            Ok(Ok(Some(x))) => x,
-            // No live session at all.
-            Ok(Ok(None)) => {
-                asked.clear();
-                continue;
-            }
-            Ok(Err(e)) => {
-                warn!(error = %e, "reading the state to enforce policy on live sessions");
-                continue;
-            }
+        let live: Vec<(String, SessionFields)> = if dp.is_some() {
+            ctx.handed().iter().map(|(id, r)| (id.clone(), r.fields.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        if live.is_empty() && ctx.relayed().is_empty() {
+            asked.clear();
+            continue;
+        }
+        let view = match ctx.policy.current_async().await {
+            Ok((view, _)) => view,
             Err(e) => {
-                warn!(error = %e, "policy check task failed");
+                warn!(error = %e, "reading the state to enforce policy on live sessions");
                 continue;
             }
         };
@@ -469,15 +475,8 @@ pub async fn enforce_policy(ctx: Arc<ProxyContext>) {
         }
 
         let Some(dp) = dp else { continue };
-        asked.retain(|id| live.iter().any(|(l, _, _)| l == id));
-        for (id, _, record) in live {
-            let fields = match LiveRecord::from_json(&record) {
-                Ok(r) => r.fields,
-                Err(e) => {
-                    warn!(session_id = %id, error = %e, "unreadable live-session record");
-                    continue;
-                }
-            };
+        asked.retain(|id| live.iter().any(|(l, _)| l == id));
+        for (id, fields) in live {
             let Some((reason, why)) = verdict(&fields) else { continue };
             if asked.insert(id.clone()) {
                 info!(session_id = %id, reason = ?reason, why = %why, "ending a session in the dataplane");
@@ -507,15 +506,45 @@ struct Relayed {
 
 /// What control keeps about a session the data plane holds (`live_sessions` in the state), so
 /// a restarted control can audit its end, route its cancels and enforce policy on it.
+/// Its JSON is read back by the next control version: fields are only ever added.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct LiveRecord {
     fields: SessionFields,
+    our_pid: u32,
+    /// How to cancel the upstream query (absent when the upstream sent no key).
+    cancel: Option<CancelRecord>,
+    /// How each leg was carried when handed off: `tls` or `plain`.
+    legs: Legs,
 }
 
-impl LiveRecord {
-    fn from_json(v: &serde_json::Value) -> Result<Self, serde_json::Error> {
-        serde_json::from_value(v.clone())
-    }
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct CancelRecord {
+    /// Hex: the key our client holds.
+    our_secret: String,
+    upstream_pid: u32,
+    /// Hex: the upstream's key.
+    upstream_secret: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Legs {
+    client: String,
+    upstream: String,
+}
+
+/// Why a session from before a restart cannot have its cancels routed.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    #[error("stored cancel key: {0}")]
+    Key(#[from] hex::FromHexError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("database {0:?} is no longer registered")]
+    Deregistered(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("upstream TLS: {0}")]
+    Tls(String),
 }
 
 fn new_session_id() -> String {
@@ -601,7 +630,7 @@ async fn run_session(
         None => ready,
     };
     let Ready { client, upstream, our_pid, not_after } = ready;
-    let legs = json!({ "client": leg_kind(client.is_tls()), "upstream": leg_kind(upstream.is_tls()) });
+    let legs = Legs { client: leg_kind(client.is_tls()).to_owned(), upstream: leg_kind(upstream.is_tls()).to_owned() };
     // Count what each side delivered as it is read, so the totals survive a relay that ends in
     // an error (a client killed mid-transfer still gets an accurate audit record).
     let activity = Arc::new(std::sync::atomic::AtomicU64::new(ctx.epoch.elapsed().as_millis() as u64));
@@ -813,59 +842,31 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
     fields: &mut SessionFields,
 ) -> Result<(u32, UpstreamStream), Refusal> {
     use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
-    let route = identity.route.as_ref().ok_or_else(|| {
-        Refusal::new(
-            DENIED,
-            format!("certificate of {:?} has no database route; run `sluice db login <database>`", identity.user),
-        )
+    if let Some(route) = &identity.route {
+        fields.db_service = route.service.clone();
+    }
+    // The audit record of a refusal names the route that was asked for.
+    if let Ok(asked) = policy::resolve_route(identity, startup) {
+        (fields.db_user, fields.db_name) = (asked.db_user, asked.db_name);
+    }
+    let (view, _) = ctx.policy.current_async().await.map_err(|e| {
+        METRICS.discovery_error();
+        Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind("internal")
     })?;
-    fields.db_service = route.service.clone();
-    let startup_user = startup.user().ok_or_else(|| Refusal::new(DENIED, "startup message has no user"))?;
-    let db_user = if route.db_user.is_empty() { startup_user } else { route.db_user.as_str() };
-    if startup_user != db_user {
-        return Err(Refusal::new(
-            DENIED,
-            format!("database user {startup_user:?} does not match the certificate's {db_user:?}; run `sluice db login {} --db-user {startup_user}`", route.service),
-        ));
-    }
-    let startup_db = startup.database().unwrap_or(db_user);
-    let db_name = if route.db_name.is_empty() { startup_db } else { route.db_name.as_str() };
-    if startup_db != db_name {
-        return Err(Refusal::new(
-            DENIED,
-            format!("database name {startup_db:?} does not match the certificate's {db_name:?}; run `sluice db login {} --db-name {startup_db}`", route.service),
-        ));
-    }
-    fields.db_user = db_user.to_owned();
-    fields.db_name = db_name.to_owned();
-
-    let internal =
-        |e: String| Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind("internal");
-    let view = {
-        let (cfg, state) = (ctx.cfg.clone(), ctx.state.clone());
-        let (user, service) = (identity.user.clone(), route.service.clone());
-        // SQLite blocks: never on the async threads.
-        tokio::task::spawn_blocking(move || PolicyView::load_for(&cfg, &state, &user, &service))
-            .await
-            .map_err(|e| internal(e.to_string()))?
-            .map_err(|e| {
-                METRICS.discovery_error();
-                internal(e.to_string())
-            })?
-    };
-    let decided = view.decide(policy::Route { user: &identity.user, db_service: &route.service, db_user, db_name });
-    let db = decided
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let policy::Decision { database: db, db_user, db_name, roles } = policy::authorize(identity, startup, &view, now)
         .map_err(|d| match d {
-            Denial::UnknownDatabase => Refusal::new(
-                sqlstate::INVALID_CATALOG_NAME,
-                format!("database {:?} is not registered with Sluice", route.service),
-            )
-            .kind("unknown_database"),
-            Denial::UnknownUser => Refusal::new(DENIED, format!("user {:?} does not exist", identity.user)),
-            other => Refusal::new(DENIED, other.to_string()),
-        })?
-        .clone();
-    let roles = view.users.get(&identity.user).map(|u| view.roles_of(u)).unwrap_or_default();
+        Denial::UnknownDatabase => Refusal::new(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database {:?} is not registered with Sluice", fields.db_service),
+        )
+        .kind("unknown_database"),
+        Denial::UnknownUser => Refusal::new(DENIED, format!("user {:?} does not exist", identity.user)),
+        other => Refusal::new(DENIED, other.to_string()),
+    })?;
+    fields.db_user = db_user.clone();
+    fields.db_name = db_name.clone();
+    let (db_user, db_name) = (db_user.as_str(), db_name.as_str());
 
     // Protocol 3.2 is spoken to the client (only cancel keys differ); the upstream gets 3.0.
     let unrecognized: Vec<String> =
@@ -1022,7 +1023,7 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
         Err(e) => return Outcome::Failed(format!("forwarding buffered bytes: {e}"), ready.our_pid),
     }
     let Ready { client, upstream, our_pid, not_after } = ready;
-    let legs = json!({ "client": leg_kind(client.is_tls()), "upstream": leg_kind(upstream.is_tls()) });
+    let legs = Legs { client: leg_kind(client.is_tls()).to_owned(), upstream: leg_kind(upstream.is_tls()).to_owned() };
     let (client_fd, client_leg) = match client_handoff_leg(client) {
         Ok(x) => x,
         Err(e) => return Outcome::Failed(format!("taking the client leg apart: {e}"), our_pid),
@@ -1032,13 +1033,17 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
         Err(e) => return Outcome::Failed(format!("taking the upstream leg apart: {e}"), our_pid),
     };
     // What a restarted control needs to route this session's cancel requests.
-    let cancel = ctx.cancels().get(&our_pid).map(|(ours, t)| {
-        json!({ "our_secret": hex::encode(ours), "upstream_pid": t.pid, "upstream_secret": hex::encode(&t.secret) })
+    let cancel = ctx.cancels().get(&our_pid).map(|(ours, t)| CancelRecord {
+        our_secret: hex::encode(ours),
+        upstream_pid: t.pid,
+        upstream_secret: hex::encode(&t.secret),
     });
-    let record = json!({ "fields": fields, "our_pid": our_pid, "cancel": cancel, "legs": legs });
-    if let Err(e) = ctx.state.insert_live_session(&fields.session_id, &record) {
+    let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs };
+    let stored = serde_json::to_value(&record).map_err(crate::state::StateError::from);
+    if let Err(e) = stored.and_then(|json| ctx.state.insert_live_session(&fields.session_id, &json)) {
         return Outcome::Failed(format!("recording the session: {e}"), our_pid);
     }
+    ctx.handed().insert(fields.session_id.clone(), record);
     let idle = ctx.cfg.idle_timeout();
     let h = sluice_dataplane::handoff::Handoff {
         session_id: fields.session_id.clone(),
@@ -1057,7 +1062,8 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
             Outcome::Done
         }
         Err(e) => {
-            let _ = ctx.state.take_live_session(&fields.session_id);
+            ctx.handed().remove(&fields.session_id);
+            let _ = ctx.state.delete_live_session(&fields.session_id);
             Outcome::Failed(e, our_pid)
         }
     }
@@ -1065,36 +1071,24 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
 
 /// The legs as the dataplane ran them: a TLS leg whose records the kernel protected is `ktls`;
 /// one the userspace record path handled stays `tls`.
-fn with_ktls(legs: &serde_json::Value, ktls: Option<(bool, bool)>) -> serde_json::Value {
-    let mut legs = legs.clone();
-    if let Some((client, upstream)) = ktls {
-        for (name, on) in [("client", client), ("upstream", upstream)] {
-            if on && legs[name] == "tls" {
-                legs[name] = json!("ktls");
-            }
-        }
-    }
-    legs
+fn with_ktls(legs: &Legs, ktls: Option<(bool, bool)>) -> serde_json::Value {
+    let (client, upstream) = ktls.unwrap_or_default();
+    let refine = |leg: &str, on: bool| if on && leg == "tls" { "ktls".to_owned() } else { leg.to_owned() };
+    json!({ "client": refine(&legs.client, client), "upstream": refine(&legs.upstream, upstream) })
 }
 
 impl ProxyContext {
     /// Audits the end of a session the dataplane held.
     fn finish_handed_off(&self, id: &str, ended: Option<&sluice_dataplane::handoff::SessionEnded>) {
-        let record = match self.state.take_live_session(id) {
-            Ok(Some((_, record))) => record,
-            Ok(None) => {
-                warn!(session_id = %id, "end report for a session control does not know");
-                return;
-            }
-            Err(e) => {
-                warn!(session_id = %id, error = %e, "reading a live session");
-                return;
-            }
+        let Some(record) = self.handed().remove(id) else {
+            warn!(session_id = %id, "end report for a session control does not know");
+            return;
         };
-        let fields: SessionFields = serde_json::from_value(record["fields"].clone()).unwrap_or_default();
-        if let Some(pid) = record["our_pid"].as_u64() {
-            self.cancels().remove(&(pid as u32));
+        if let Err(e) = self.state.delete_live_session(id) {
+            warn!(session_id = %id, error = %e, "forgetting a live session");
         }
+        let fields = record.fields;
+        self.cancels().remove(&record.our_pid);
         let extra = match ended {
             Some(e) => json!({
                 "duration_ms": e.duration_ms,
@@ -1102,11 +1096,11 @@ impl ProxyContext {
                 "bytes_to_client": e.bytes_upstream_to_client,
                 "reason": format!("{:?}", e.reason),
                 "data_plane": true,
-                "legs": with_ktls(&record["legs"], e.ktls),
+                "legs": with_ktls(&record.legs, e.ktls),
                 "counters": e.counters.as_ref().map(counters_json),
             }),
             None => {
-                json!({ "error": "the dataplane no longer holds the session", "data_plane": true, "legs": record["legs"] })
+                json!({ "error": "the dataplane no longer holds the session", "data_plane": true, "legs": with_ktls(&record.legs, None) })
             }
         };
         let success = ended.is_some_and(|e| e.reason != sluice_dataplane::handoff::EndReason::Error);
@@ -1120,32 +1114,28 @@ impl ProxyContext {
 
 impl ProxyContext {
     /// Rebuilds the cancel route of a session handed off by an earlier control process.
-    fn restore_cancel(&self, record: &serde_json::Value) -> Result<(), String> {
-        let (Some(our_pid), Some(c)) = (record["our_pid"].as_u64(), record.get("cancel").filter(|c| !c.is_null()))
-        else {
-            return Ok(());
-        };
-        let our_pid = our_pid as u32;
-        if self.cancels().contains_key(&our_pid) {
+    fn restore_cancel(&self, record: &LiveRecord) -> Result<(), RestoreError> {
+        let Some(c) = &record.cancel else { return Ok(()) };
+        if self.cancels().contains_key(&record.our_pid) {
             return Ok(());
         }
-        let hex_field = |k: &str| hex::decode(c[k].as_str().unwrap_or_default()).map_err(|e| format!("{k}: {e}"));
-        let (ours, secret) = (hex_field("our_secret")?, hex_field("upstream_secret")?);
-        let pid = c["upstream_pid"].as_u64().ok_or("no upstream pid")? as u32;
-        let service = record["fields"]["db_service"].as_str().unwrap_or_default();
-        let db = catalog::find(&self.cfg, &self.state, service)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("database {service:?} is no longer registered"))?;
-        let dial = db.spec.dial_target().map_err(|e| e.to_string())?;
-        let name = db.spec.tls_server_name().map_err(|e| e.to_string())?;
-        let server_name = rustls_pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
+        let (ours, secret) = (hex::decode(&c.our_secret)?, hex::decode(&c.upstream_secret)?);
+        let service = &record.fields.db_service;
+        let (view, _) = self.policy.current()?;
+        let db = view.databases.get(service).ok_or_else(|| RestoreError::Deregistered(service.clone()))?;
+        let dial = db.spec.dial_target()?;
+        let name = db.spec.tls_server_name()?;
+        let server_name = rustls_pki_types::ServerName::try_from(name).map_err(|e| RestoreError::Tls(e.to_string()))?;
         let tls = match db.spec.tls.mode {
-            crate::config::TlsMode::VerifyFull => {
-                Some(self.upstream_tls.config(db.spec.tls.ca_cert_file.as_deref()).map_err(|e| e.to_string())?)
-            }
+            crate::config::TlsMode::VerifyFull => Some(
+                self.upstream_tls
+                    .config(db.spec.tls.ca_cert_file.as_deref())
+                    .map_err(|e| RestoreError::Tls(e.to_string()))?,
+            ),
             crate::config::TlsMode::Disable => None,
         };
-        self.cancels().insert(our_pid, (ours, CancelTarget { dial, server_name, tls, pid, secret }));
+        self.cancels()
+            .insert(record.our_pid, (ours, CancelTarget { dial, server_name, tls, pid: c.upstream_pid, secret }));
         Ok(())
     }
 }
@@ -1163,7 +1153,16 @@ impl Events for ProxyContext {
                 return;
             }
         };
-        for (id, _, record) in known {
+        for (id, _, json) in known {
+            let record: LiveRecord = match serde_json::from_value(json) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(session_id = %id, error = %e, "unreadable live-session record; forgetting it");
+                    let _ = self.state.delete_live_session(&id);
+                    continue;
+                }
+            };
+            self.handed().entry(id.clone()).or_insert_with(|| record.clone());
             if !live.contains(&id) {
                 self.finish_handed_off(&id, None);
             } else if let Err(e) = self.restore_cancel(&record) {
@@ -1235,11 +1234,30 @@ mod tests {
 
     #[test]
     fn ktls_flags_refine_tls_legs_only() {
-        let legs = json!({ "client": "tls", "upstream": "plain" });
-        assert_eq!(with_ktls(&legs, None), legs);
-        assert_eq!(with_ktls(&legs, Some((false, false))), legs);
+        let legs = Legs { client: "tls".into(), upstream: "plain".into() };
+        let json = json!({ "client": "tls", "upstream": "plain" });
+        assert_eq!(with_ktls(&legs, None), json);
+        assert_eq!(with_ktls(&legs, Some((false, false))), json);
         assert_eq!(with_ktls(&legs, Some((true, true))), json!({ "client": "ktls", "upstream": "plain" }));
-        let both = json!({ "client": "tls", "upstream": "tls" });
+        let both = Legs { client: "tls".into(), upstream: "tls".into() };
         assert_eq!(with_ktls(&both, Some((false, true))), json!({ "client": "tls", "upstream": "ktls" }));
+    }
+
+    /// A record written by the previous control version (untyped JSON) reads back as a
+    /// [`LiveRecord`], so sessions survive a control upgrade.
+    #[test]
+    fn live_records_of_the_previous_version_read_back() {
+        let old = json!({
+            "fields": { "session_id": "s1", "user": "alice", "db_service": "orders", "db_user": "alice",
+                        "db_name": "app", "client_addr": "127.0.0.1:5" },
+            "our_pid": 42,
+            "cancel": { "our_secret": "00ff", "upstream_pid": 7, "upstream_secret": "0a0b" },
+            "legs": { "client": "tls", "upstream": "plain" },
+        });
+        let r: LiveRecord = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!((r.fields.user.as_str(), r.our_pid, r.legs.upstream.as_str()), ("alice", 42, "plain"));
+        assert_eq!(serde_json::to_value(&r).unwrap(), old);
+        let no_cancel = json!({ "fields": old["fields"], "our_pid": 1, "cancel": null, "legs": old["legs"] });
+        assert!(serde_json::from_value::<LiveRecord>(no_cancel).unwrap().cancel.is_none());
     }
 }

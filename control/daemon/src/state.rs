@@ -1,11 +1,14 @@
 //! Control's durable state in SQLite: users, roles, the CA, join tokens, database resources,
 //! login sessions and the audit log.
 //!
-//! The admin CLI and the daemon open the same file (WAL mode), and the daemon reads users, roles and
-//! resources per connection, so `control users add` or `control roles create` take effect at once
-//! without a reload protocol.
+//! The admin CLI and the daemon open the same file (WAL mode). The daemon decides connections from
+//! an in-memory snapshot ([`crate::policy::PolicyStore`]) and learns that another process (or its
+//! own API) committed by reading the WAL index header ([`State::change_marker`]), not by querying:
+//! `control users add` or `control roles create` take effect for the next connection without a
+//! reload protocol, and a handshake runs no SQL.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -28,6 +31,10 @@ pub enum StateError {
     Corrupt(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("state task failed: {0}")]
+    Task(String),
+    #[error("encoding a record: {0}")]
+    Json(#[from] serde_json::Error),
     #[error("{0} already exists")]
     Exists(String),
     #[error(transparent)]
@@ -82,6 +89,60 @@ const DISCOVERED_TABLE: &str = "CREATE TABLE discovered (
 
 pub struct State {
     conn: Mutex<Connection>,
+    /// SQLite's WAL index (`sluice.db-shm`), whose header changes with every commit.
+    shm: PathBuf,
+    /// Recent commits of this handle's bookkeeping ([`State::write_own`]) as (before, after)
+    /// markers: a policy snapshot older than them is still current.
+    own: Mutex<std::collections::VecDeque<(ChangeMarker, ChangeMarker)>>,
+}
+
+/// How many bookkeeping commits [`State::only_own_commits`] can see past.
+const OWN_COMMITS_KEPT: usize = 1024;
+
+/// Statements this process has run against the state, by kind (every [`State`] in the process
+/// together): the daemon exports them, so a test can check that handshakes run none.
+static STATEMENTS_READ: AtomicU64 = AtomicU64::new(0);
+static STATEMENTS_WRITE: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The statements run on this thread: what one code path ran, whatever other threads do.
+    static STATEMENTS_HERE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// SQLite calls this as each statement starts to run (and at each trigger it fires, which
+/// counts as part of a write).
+fn count_statement(event: rusqlite::trace::TraceEvent<'_>) {
+    let rusqlite::trace::TraceEvent::Stmt(_, sql) = event else { return };
+    STATEMENTS_HERE.with(|n| n.set(n.get() + 1));
+    let head = sql.trim_start().get(..6).unwrap_or_default();
+    if head.eq_ignore_ascii_case("select") || head.eq_ignore_ascii_case("pragma") {
+        STATEMENTS_READ.fetch_add(1, Ordering::Relaxed);
+    } else {
+        STATEMENTS_WRITE.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// (reads, writes): the statements run against the state by this process so far.
+pub fn statements_run() -> (u64, u64) {
+    (STATEMENTS_READ.load(Ordering::Relaxed), STATEMENTS_WRITE.load(Ordering::Relaxed))
+}
+
+/// The statements run against the state on the calling thread so far.
+pub fn statements_run_here() -> u64 {
+    STATEMENTS_HERE.with(|n| n.get())
+}
+
+/// A fingerprint of the last commit to the state, by any process: the WAL index header.
+/// SQLite rewrites it (the change counter, frame count and checksums) at every commit, and
+/// readers do not touch it (<https://www.sqlite.org/walformat.html>, "The WAL-Index Header").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeMarker([u8; 48]);
+
+impl ChangeMarker {
+    /// `iChange`: "incremented with each transaction", in native byte order.
+    fn counter(&self) -> u32 {
+        u32::from_ne_bytes([self.0[8], self.0[9], self.0[10], self.0[11]])
+    }
 }
 
 /// A database found in the cloud, with the AWS resource id that IAM policies name.
@@ -126,6 +187,11 @@ pub struct Lock {
 }
 
 impl Lock {
+    /// Whether the lock still holds at `now` (unix seconds).
+    pub fn active_at(&self, now: i64) -> bool {
+        self.expires_at.is_none_or(|t| t > now)
+    }
+
     pub fn matches(&self, user: &str, db: &str) -> bool {
         self.user.as_deref().is_none_or(|u| u == user) && self.db.as_deref().is_none_or(|d| d == db)
     }
@@ -185,12 +251,63 @@ impl State {
         // -wal and -shm files the database file's mode.
         drop(crate::private_fs::open_private_append(&path)?);
         let mut conn = Connection::open(&path)?;
+        conn.trace_v2(rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT, Some(count_statement));
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(SCHEMA)?;
         migrate_discovered(&mut conn)?;
         crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
-        Ok(State { conn: Mutex::new(conn) })
+        Ok(State { conn: Mutex::new(conn), shm: data_dir.join("sluice.db-shm"), own: Mutex::default() })
+    }
+
+    /// The current [`ChangeMarker`]: one 48-byte read of a file in the page cache, no SQL. `None`
+    /// when it cannot be read (callers then treat the state as changed).
+    pub fn change_marker(&self) -> Option<ChangeMarker> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(&self.shm).ok()?;
+        let mut marker = [0u8; 48];
+        file.read_exact_at(&mut marker, 0).ok()?;
+        Some(ChangeMarker(marker))
+    }
+
+    /// Runs a bookkeeping write (audit rows, live-session records: nothing a policy reads) in
+    /// its own transaction and remembers its commit, so that it does not make policy snapshots
+    /// look stale. The marker is read while the transaction holds SQLite's write lock, and the
+    /// commit is taken as ours alone only if the change counter moved by exactly one.
+    fn write_own<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let before = self.change_marker();
+        let out = f(&tx)?;
+        tx.commit()?;
+        let after = self.change_marker();
+        if let (Some(before), Some(after)) = (before, after) {
+            if after.counter() == before.counter().wrapping_add(1) {
+                let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+                if own.len() == OWN_COMMITS_KEPT {
+                    own.pop_front();
+                }
+                own.push_back((before, after));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether every commit from `from` to `to` was this handle's bookkeeping.
+    pub fn only_own_commits(&self, from: ChangeMarker, to: ChangeMarker) -> bool {
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let mut at = from;
+        // Each step follows one recorded commit; a chain longer than the record is not ours.
+        for _ in 0..=own.len() {
+            if at == to {
+                return true;
+            }
+            match own.iter().find(|(before, _)| *before == at) {
+                Some((_, after)) => at = *after,
+                None => return false,
+            }
+        }
+        false
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -520,7 +637,8 @@ impl State {
     /// `user`, `db_service` and `success` fields.
     pub fn insert_audit(&self, record: &serde_json::Value) -> Result<(), StateError> {
         let text = |k: &str| record.get(k).and_then(serde_json::Value::as_str);
-        self.db().execute(
+        self.write_own(|db| {
+            db.execute(
             "INSERT INTO audit (time, event, session_id, user, db, success, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 text("time").unwrap_or_default(),
@@ -531,7 +649,8 @@ impl State {
                 record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
                 record.to_string()
             ],
-        )?;
+        )
+        })?;
         Ok(())
     }
 
@@ -561,26 +680,19 @@ impl State {
 
     /// Remembers a handed-off session, so its end can be audited even by a restarted control.
     pub fn insert_live_session(&self, id: &str, data: &serde_json::Value) -> Result<(), StateError> {
-        self.db().execute(
-            "INSERT OR REPLACE INTO live_sessions (id, started_at, data) VALUES (?1, ?2, ?3)",
-            params![id, OffsetDateTime::now_utc().unix_timestamp(), data.to_string()],
-        )?;
+        self.write_own(|db| {
+            db.execute(
+                "INSERT OR REPLACE INTO live_sessions (id, started_at, data) VALUES (?1, ?2, ?3)",
+                params![id, OffsetDateTime::now_utc().unix_timestamp(), data.to_string()],
+            )
+        })?;
         Ok(())
     }
 
-    /// Removes and returns a live session's record.
-    pub fn take_live_session(&self, id: &str) -> Result<Option<(i64, serde_json::Value)>, StateError> {
-        let db = self.db();
-        let row: Option<(i64, String)> = db
-            .query_row("SELECT started_at, data FROM live_sessions WHERE id = ?1", params![id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        db.execute("DELETE FROM live_sessions WHERE id = ?1", params![id])?;
-        row.map(|(t, d)| {
-            Ok((t, serde_json::from_str(&d).map_err(|e| StateError::Corrupt(format!("live session: {e}")))?))
-        })
-        .transpose()
+    /// Forgets a live session's record.
+    pub fn delete_live_session(&self, id: &str) -> Result<(), StateError> {
+        self.write_own(|db| db.execute("DELETE FROM live_sessions WHERE id = ?1", params![id]))?;
+        Ok(())
     }
 
     /// Every live session: (id, started_at unix seconds, record).
