@@ -247,7 +247,7 @@ impl Harness {
     pub fn login_demo(&self) -> Result<Vec<(String, String)>> {
         self.login()?;
         self.sluice_ok(&["db", "login", "demo", "--db-user", "alice", "--db-name", "demo"])?;
-        parse_env_exports(&self.sluice_ok(&["db", "env", "demo"])?)
+        Ok(parse_env_exports(&self.sluice_ok(&["db", "env", "demo"])?)?)
     }
 
     /// A client certificate issued directly with control's CA for `identity`, valid from

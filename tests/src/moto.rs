@@ -160,5 +160,5 @@ pub fn start_emulator_for(
     cmd.args(["--name", name, "--region", region, "--proxy-id", proxy_id])
         .args(["--endpoint-port", &endpoint_port.to_string()])
         .args(["--credentials-url", &format!("{}/_sluice/credentials", moto.url())]);
-    Emulator::spawn(dir, port, cmd, false)
+    Ok(Emulator::spawn(dir, port, cmd, false)?)
 }

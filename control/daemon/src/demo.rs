@@ -8,14 +8,55 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use thiserror::Error;
 
+use crate::config::ConfigError;
 use crate::config::{
     AuditConfig, AuthService, AwsSpec, Config, DatabaseSpec, DataplaneConfig, DbService, LocalSocket, MetricsConfig,
     ProxyService, StaticDatabase, TlsMode, TlsSpec,
 };
 use crate::rbac::Role;
-use crate::state::{random_secret, State};
+use crate::state::{random_secret, State, StateError};
+
+/// Why a part of the stack did not start. Each message names the part and, where it has one, its
+/// log file.
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    RawIo(#[from] std::io::Error),
+    /// A process exited or did not become ready in time.
+    #[error("{0}")]
+    Start(String),
+    /// Something the stack needs is not installed or not built.
+    #[error("{0}")]
+    Missing(String),
+    /// A command the stack runs (initdb, psql) failed; `stderr` is its output.
+    #[error("{what}: {stderr}")]
+    Command { what: String, stderr: String },
+    #[error("{0}")]
+    Parse(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("writing the config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error(transparent)]
+    Os(#[from] nix::errno::Errno),
+}
+
+type Result<T, E = DemoError> = std::result::Result<T, E>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
 
 /// Credentials the demo's control signs with and the emulator accepts (AWS's documentation key).
 pub const DEMO_ACCESS_KEY: &str = "AKIDSLUICEDEMO000001";
@@ -38,7 +79,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
-        let child = cmd.spawn().with_context(|| format!("starting {name} ({cmd:?})"))?;
+        let child = cmd.spawn().map_err(io(format!("starting {name} ({cmd:?})")))?;
         Ok(Proc { name: name.to_owned(), child })
     }
 
@@ -112,7 +153,7 @@ pub fn free_port() -> Result<u16> {
             return Ok(port);
         }
     }
-    bail!("no free loopback port between {LOW} and {ephemeral_low}")
+    Err(DemoError::Start(format!("no free loopback port between {LOW} and {ephemeral_low}")))
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -123,11 +164,11 @@ pub fn wait_for_port(port: u16, timeout: Duration, proc: &mut Proc) -> Result<()
             return Ok(());
         }
         if !proc.alive() {
-            bail!("{} exited during start-up", proc.name);
+            return Err(DemoError::Start(format!("{} exited during start-up", proc.name)));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("{} did not listen on port {port} within {timeout:?}", proc.name)
+    Err(DemoError::Start(format!("{} did not listen on port {port} within {timeout:?}", proc.name)))
 }
 
 /// Finds a Sluice binary: `$SLUICE_BIN_DIR`, beside the running executable, or one level up
@@ -145,10 +186,9 @@ pub fn find_bin(name: &str) -> Result<PathBuf> {
             }
         }
     }
-    dirs.iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| anyhow!("cannot find the {name} binary (looked in {dirs:?}); build the workspace first"))
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()).ok_or_else(|| {
+        DemoError::Missing(format!("cannot find the {name} binary (looked in {dirs:?}); build the workspace first"))
+    })
 }
 
 /// The newest installed PostgreSQL server's bin directory (`$SLUICE_PG_BIN` overrides).
@@ -167,10 +207,9 @@ pub fn postgres_bin_dir() -> Result<PathBuf> {
         })
         .collect();
     found.sort();
-    found
-        .pop()
-        .map(|(_, p)| p)
-        .ok_or_else(|| anyhow!("no PostgreSQL server found under /usr/lib/postgresql (apt-get install postgresql)"))
+    found.pop().map(|(_, p)| p).ok_or_else(|| {
+        DemoError::Missing("no PostgreSQL server found under /usr/lib/postgresql (apt-get install postgresql)".into())
+    })
 }
 
 /// PostgreSQL (and pgbouncer) refuse to run as root: pick an unprivileged account when we are root.
@@ -183,7 +222,9 @@ pub fn unprivileged_user() -> Result<Option<nix::unistd::User>> {
             return Ok(Some(u));
         }
     }
-    bail!("running as root, and neither a postgres nor a nobody account exists to run PostgreSQL or pgbouncer")
+    Err(DemoError::Missing(
+        "running as root, and neither a postgres nor a nobody account exists to run PostgreSQL or pgbouncer".into(),
+    ))
 }
 
 /// A throwaway PostgreSQL cluster: superuser `postgres` over its Unix socket (trust), SCRAM
@@ -231,9 +272,10 @@ impl Postgres {
         if let Some(u) = &run_as {
             initdb.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
-        let out = initdb.output().context("running initdb")?;
+        let out = initdb.output().map_err(io("running initdb"))?;
         if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(DemoError::Command { what: "initdb failed".into(), stderr });
         }
         // A port can still be taken between choosing it and the server binding it; a server
         // that dies during start-up is started again on another port.
@@ -244,7 +286,7 @@ impl Postgres {
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow!("PostgreSQL did not start")))
+        Err(last_err.unwrap_or_else(|| DemoError::Start("PostgreSQL did not start".into())))
     }
 
     fn launch(
@@ -281,7 +323,8 @@ impl Postgres {
             lines[lines.len().saturating_sub(5)..].join("\n")
         };
         let mut proc = Proc::spawn("postgres", &mut cmd)?;
-        wait_for_port(port, Duration::from_secs(30), &mut proc).map_err(|e| anyhow!("{e}: {}", log_tail()))?;
+        wait_for_port(port, Duration::from_secs(30), &mut proc)
+            .map_err(|e| DemoError::Start(format!("{e}: {}", log_tail())))?;
         let mut pg = Postgres { port, dir: dir.to_path_buf(), bin: bin.to_path_buf(), proc };
         // The TCP port opens a moment before the server accepts queries.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -289,7 +332,9 @@ impl Postgres {
             match pg.psql("postgres", "select 1") {
                 Ok(_) => return Ok(pg),
                 Err(e) if Instant::now() > deadline => return Err(e),
-                Err(e) if !pg.proc.alive() => bail!("postgres exited during start-up ({e}): {}", log_tail()),
+                Err(e) if !pg.proc.alive() => {
+                    return Err(DemoError::Start(format!("postgres exited during start-up ({e}): {}", log_tail())))
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
@@ -302,9 +347,10 @@ impl Postgres {
             .arg(&self.dir)
             .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
             .output()
-            .context("running psql")?;
+            .map_err(io("running psql"))?;
         if !out.status.success() {
-            bail!("psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(DemoError::Command { what: format!("psql {sql:?}"), stderr });
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
@@ -426,7 +472,7 @@ impl Emulator {
     /// Starts an emulator from [`Emulator::command`] and waits for its READY line.
     pub fn spawn(dir: &Path, port: u16, mut cmd: Command, plaintext: bool) -> Result<Emulator> {
         let mut proc = Proc::spawn("rds-proxy-emulator", &mut cmd)?;
-        let stdout = proc.take_stdout().ok_or_else(|| anyhow!("no emulator stdout"))?;
+        let stdout = proc.take_stdout().ok_or_else(|| DemoError::Start("no emulator stdout".into()))?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
@@ -439,8 +485,14 @@ impl Emulator {
             Ok(Some(Ok(line))) => line
                 .strip_prefix("READY ")
                 .map(str::to_owned)
-                .ok_or_else(|| anyhow!("unexpected emulator output {line:?}"))?,
-            _ => bail!("rds-proxy-emulator did not become ready; see {}", dir.join("emulator.log").display()),
+                .ok_or_else(|| DemoError::Start(format!("unexpected emulator output {line:?}")))?,
+            _ => {
+                let log = dir.join("emulator.log");
+                return Err(DemoError::Start(format!(
+                    "rds-proxy-emulator did not become ready; see {}",
+                    log.display()
+                )));
+            }
         };
         Ok(Emulator { plaintext, port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
     }
@@ -493,10 +545,13 @@ impl DataplaneProc {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
             if !proc.alive() {
-                bail!("dataplane exited during start-up; see {}", dir.join("dataplane.log").display());
+                return Err(DemoError::Start(format!(
+                    "dataplane exited during start-up; see {}",
+                    dir.join("dataplane.log").display()
+                )));
             }
             if Instant::now() > deadline {
-                bail!("dataplane did not create {} within 30 s", socket.display());
+                return Err(DemoError::Start(format!("dataplane did not create {} within 30 s", socket.display())));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -514,10 +569,16 @@ impl DataplaneProc {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.proc.alive() || !self.socket.exists() {
             if !next.alive() {
-                bail!("the successor data plane exited during the takeover; see {}", self.log.display());
+                return Err(DemoError::Start(format!(
+                    "the successor data plane exited during the takeover; see {}",
+                    self.log.display()
+                )));
             }
             if Instant::now() > deadline {
-                bail!("the takeover did not finish within 30 s; see {}", self.log.display());
+                return Err(DemoError::Start(format!(
+                    "the takeover did not finish within 30 s; see {}",
+                    self.log.display()
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -550,7 +611,7 @@ impl ControlProc {
         let local_dir = std::env::temp_dir().join(format!("sluice-sock-{}", random_secret(4)));
         let os_user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
             .map(|u| u.name)
-            .ok_or_else(|| anyhow!("this process's uid has no user name"))?;
+            .ok_or_else(|| DemoError::Missing("this process's uid has no user name".into()))?;
         let config = Config {
             data_dir: dir.join("data"),
             auth_service: AuthService { listen_addr: ([127, 0, 0, 1], api_port).into(), ..Default::default() },
@@ -727,7 +788,10 @@ impl Stack {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("control did not connect to the dataplane; see {}", log.display());
+                return Err(DemoError::Start(format!(
+                    "control did not connect to the dataplane; see {}",
+                    log.display()
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -750,97 +814,6 @@ impl Drop for Stack {
             let _ = std::fs::remove_dir_all(&self.postgres.dir);
         }
     }
-}
-
-/// `control demo --dir DIR`.
-pub fn run_demo(dir: &Path) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    // Take over SIGINT/SIGTERM before starting anything, so a signal at any point runs the
-    // cleanup below (Drop of the stack) instead of killing us with children left behind.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (mut interrupt, mut terminate) = {
-        let _guard = rt.enter();
-        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
-    };
-    let stack = Stack::start(dir, &AwsCreds::demo())?;
-    let state = stack.control.state()?;
-    state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
-    let password = random_secret(8);
-    state.add_user("alice", &password, &["dev".to_owned()])?;
-    let home = stack.dir.join("home");
-    let sluice = find_bin("sluice")?;
-    let api = format!("127.0.0.1:{}", stack.control.api_port);
-    let ca_file = stack.dir.join("control-ca.pem");
-    std::fs::write(&ca_file, state.ensure_ca("sluice")?.cert_pem)?;
-    let run = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&sluice)
-            .args(args)
-            .env("SLUICE_HOME", &home)
-            .env("SLUICE_PASSWORD", &password)
-            .output()
-            .with_context(|| format!("running sluice {args:?}"))?;
-        if !out.status.success() {
-            bail!("sluice {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    run(&["login", "--proxy", &api, "--user", "alice", "--ca-file", &ca_file.to_string_lossy()])?;
-    run(&["db", "login", "demo", "--db-user", "alice", "--db-name", "demo"])?;
-    let env = run(&["db", "env", "demo"])?;
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(stack.dir.join("alice-password"))?;
-        writeln!(f, "{password}")?;
-    }
-    std::fs::write(stack.dir.join("env"), &env)?;
-    let metrics_url = stack.control.metrics_url().unwrap_or_default();
-    std::fs::write(stack.dir.join("metrics-url"), format!("{metrics_url}\n"))?;
-    let d = stack.dir.display();
-    let local = stack.control.config.proxy_service.local_socket.clone().context("the demo serves local sockets")?;
-    std::fs::write(stack.dir.join("local-socket-dir"), local.dir.to_string_lossy().as_bytes())?;
-    println!(
-        "Sluice demo is running.\n\n\
-         \x20 control (PostgreSQL)  localhost:{pg}\n\
-         \x20 control (API)         {api}\n\
-         \x20 RDS Proxy emulator    {endpoint}:{eport} (dialled on 127.0.0.1)\n\
-         \x20 PostgreSQL            127.0.0.1:{pgport}\n\
-         \x20 Metrics (Prometheus)  {metrics_url} (also in {d}/metrics-url)\n\n\
-         Connect as alice (her `sluice login` password is in {d}/alice-password):\n\n\
-         \x20 eval \"$(cat {d}/env)\"; psql\n\n\
-         or with the CLI:\n\n\
-         \x20 export SLUICE_HOME={d}/home\n\
-         \x20 {sluice} db ls\n\
-         \x20 {sluice} db connect demo\n\n\
-         or, from this machine as {os_user} (mapped to alice; no TLS, both legs spliced):\n\n\
-         \x20 psql \"host={local}/{plain} user=alice dbname=demo\"\n\n\
-         Logs are in {d}/control/control.log, {d}/dataplane/dataplane.log and {d}/emulator/emulator.log.\n\
-         Live sessions: {control} --config {d}/control/control.yaml sessions ls\n\
-         Ctrl-C stops everything.",
-        pg = stack.control.pg_port,
-        endpoint = stack.emulator.endpoint,
-        eport = stack.emulator.port,
-        pgport = stack.postgres.port,
-        sluice = sluice.display(),
-        os_user = local.users.keys().next().map(String::as_str).unwrap_or("?"),
-        local = local.dir.display(),
-        plain = DEMO_PLAIN_DB,
-        control = std::env::current_exe().unwrap_or_else(|_| "control".into()).display(),
-    );
-    rt.block_on(async {
-        tokio::select! {
-            _ = interrupt.recv() => {},
-            _ = terminate.recv() => {},
-        }
-    });
-    println!("stopping the demo");
-    drop(stack);
-    Ok(())
 }
 
 /// libpq variables that must not leak from the developer's environment into a client (psql, pgbench) run by a test or benchmark.
@@ -874,7 +847,8 @@ pub fn parse_env_exports(text: &str) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.trim().strip_prefix("export ") else { continue };
-        let (name, value) = rest.split_once('=').ok_or_else(|| anyhow!("malformed export line {line:?}"))?;
+        let (name, value) =
+            rest.split_once('=').ok_or_else(|| DemoError::Parse(format!("malformed export line {line:?}")))?;
         out.push((name.trim().to_owned(), unquote_shell(value.trim())?));
     }
     Ok(out)
@@ -890,10 +864,10 @@ fn unquote_shell(s: &str) -> Result<String> {
                 match chars.next() {
                     Some('\'') => break,
                     Some(c) => out.push(c),
-                    None => bail!("unterminated quote in {s:?}"),
+                    None => return Err(DemoError::Parse(format!("unterminated quote in {s:?}"))),
                 }
             },
-            '\\' => out.push(chars.next().ok_or_else(|| anyhow!("trailing backslash in {s:?}"))?),
+            '\\' => out.push(chars.next().ok_or_else(|| DemoError::Parse(format!("trailing backslash in {s:?}")))?),
             c => out.push(c),
         }
     }

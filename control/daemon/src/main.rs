@@ -1,19 +1,22 @@
 //! `control`: the daemon (`start`), the demo, and admin verbs in the spirit of Teleport's `tctl`
 //! (users, roles, tokens, db resources, status, audit). Admin verbs open the same SQLite state the
-//! daemon uses; the daemon reads it per connection, so changes apply at once.
+//! daemon uses; the daemon sees their commits and reads the state again, so changes apply to the
+//! next connection.
 
 #![forbid(unsafe_code)]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sluice_control::config::{parse_duration, Config, DbResource};
+use sluice_control::demo::{dev_role, find_bin, AwsCreds, Stack, DEMO_PLAIN_DB};
 use sluice_control::rbac::Role;
 use sluice_control::state::{random_secret, State};
-use sluice_control::{bootstrap, catalog, daemon, demo};
+use sluice_control::{bootstrap, catalog, daemon};
 
 #[derive(Parser)]
 #[command(name = "control", version, about = "Sluice control: daemon and admin CLI")]
@@ -292,7 +295,7 @@ fn main() -> Result<()> {
         }
         Cmd::Demo { dir } => {
             sluice_control::init_logging(false);
-            demo::run_demo(&dir)
+            run_demo(&dir)
         }
         Cmd::Status => {
             let cfg = load_config(&cli.config)?;
@@ -625,4 +628,95 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `control demo --dir DIR`: a [`Stack`], alice logged in, until Ctrl-C.
+fn run_demo(dir: &Path) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Take over SIGINT/SIGTERM before starting anything, so a signal at any point runs the
+    // cleanup below (Drop of the stack) instead of killing us with children left behind.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut interrupt, mut terminate) = {
+        let _guard = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    let stack = Stack::start(dir, &AwsCreds::demo())?;
+    let state = stack.control.state()?;
+    state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
+    let password = random_secret(8);
+    state.add_user("alice", &password, &["dev".to_owned()])?;
+    let home = stack.dir.join("home");
+    let sluice = find_bin("sluice")?;
+    let api = format!("127.0.0.1:{}", stack.control.api_port);
+    let ca_file = stack.dir.join("control-ca.pem");
+    std::fs::write(&ca_file, state.ensure_ca("sluice")?.cert_pem)?;
+    let run = |args: &[&str]| -> Result<String> {
+        let out = Command::new(&sluice)
+            .args(args)
+            .env("SLUICE_HOME", &home)
+            .env("SLUICE_PASSWORD", &password)
+            .output()
+            .with_context(|| format!("running sluice {args:?}"))?;
+        if !out.status.success() {
+            bail!("sluice {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    run(&["login", "--proxy", &api, "--user", "alice", "--ca-file", &ca_file.to_string_lossy()])?;
+    run(&["db", "login", "demo", "--db-user", "alice", "--db-name", "demo"])?;
+    let env = run(&["db", "env", "demo"])?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(stack.dir.join("alice-password"))?;
+        writeln!(f, "{password}")?;
+    }
+    std::fs::write(stack.dir.join("env"), &env)?;
+    let metrics_url = stack.control.metrics_url().unwrap_or_default();
+    std::fs::write(stack.dir.join("metrics-url"), format!("{metrics_url}\n"))?;
+    let d = stack.dir.display();
+    let local = stack.control.config.proxy_service.local_socket.clone().context("the demo serves local sockets")?;
+    std::fs::write(stack.dir.join("local-socket-dir"), local.dir.to_string_lossy().as_bytes())?;
+    println!(
+        "Sluice demo is running.\n\n\
+         \x20 control (PostgreSQL)  localhost:{pg}\n\
+         \x20 control (API)         {api}\n\
+         \x20 RDS Proxy emulator    {endpoint}:{eport} (dialled on 127.0.0.1)\n\
+         \x20 PostgreSQL            127.0.0.1:{pgport}\n\
+         \x20 Metrics (Prometheus)  {metrics_url} (also in {d}/metrics-url)\n\n\
+         Connect as alice (her `sluice login` password is in {d}/alice-password):\n\n\
+         \x20 eval \"$(cat {d}/env)\"; psql\n\n\
+         or with the CLI:\n\n\
+         \x20 export SLUICE_HOME={d}/home\n\
+         \x20 {sluice} db ls\n\
+         \x20 {sluice} db connect demo\n\n\
+         or, from this machine as {os_user} (mapped to alice; no TLS, both legs spliced):\n\n\
+         \x20 psql \"host={local}/{plain} user=alice dbname=demo\"\n\n\
+         Logs are in {d}/control/control.log, {d}/dataplane/dataplane.log and {d}/emulator/emulator.log.\n\
+         Live sessions: {control} --config {d}/control/control.yaml sessions ls\n\
+         Ctrl-C stops everything.",
+        pg = stack.control.pg_port,
+        endpoint = stack.emulator.endpoint,
+        eport = stack.emulator.port,
+        pgport = stack.postgres.port,
+        sluice = sluice.display(),
+        os_user = local.users.keys().next().map(String::as_str).unwrap_or("?"),
+        local = local.dir.display(),
+        plain = DEMO_PLAIN_DB,
+        control = std::env::current_exe().unwrap_or_else(|_| "control".into()).display(),
+    );
+    rt.block_on(async {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
+        }
+    });
+    println!("stopping the demo");
+    drop(stack);
+    Ok(())
 }
