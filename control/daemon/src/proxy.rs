@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use rustls::ServerConfig;
 use serde_json::json;
-use sluice_pgwire::{self as pg, encode, sqlstate, ErrorFields, ProtocolVersion, StartupMessage, StartupPacket};
+use sluice_pgwire::negotiation::TLS_HANDSHAKE_RECORD;
+use sluice_pgwire::{
+    self as pg, encode, sqlstate, ErrorFields, Event, NegotiationError, ServerNegotiation, StartupMessage, TlsOffer,
+};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -212,7 +215,9 @@ fn refuse_busy(ctx: &Arc<ProxyContext>, mut tcp: TcpStream, peer: SocketAddr, hi
         let _ = tokio::time::timeout(REFUSAL_TIME, async {
             let mut first = [0u8; 1];
             // A direct-TLS client cannot read a plaintext error: it is just closed.
-            if matches!(tcp.peek(&mut first).await, Ok(1) if first[0] != 0x16) && read_startup(&mut tcp).await.is_ok() {
+            if matches!(tcp.peek(&mut first).await, Ok(1) if first[0] != TLS_HANDSHAKE_RECORD)
+                && next_negotiation_event(&mut tcp, &mut ServerNegotiation::new(TlsOffer::Required)).await.is_ok()
+            {
                 send_error(&mut tcp, &ErrorFields::fatal(sqlstate::TOO_MANY_CONNECTIONS, hit.message())).await;
             }
         })
@@ -335,29 +340,18 @@ async fn local_handshake(
     fields: &mut SessionFields,
 ) -> Result<Option<Ready>, &'static str> {
     use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
-    let startup = loop {
-        match read_startup(&mut stream).await {
-            Ok(Ok(StartupPacket::Startup(m))) => break m,
-            // libpq never asks for encryption on a Unix socket; others may, and get the plain answer.
-            Ok(Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
-                if stream.write_all(b"N").await.is_err() {
-                    return Err("client_gone");
-                }
-            }
-            Ok(Ok(StartupPacket::Cancel(c))) => {
-                handle_cancel(ctx, c).await;
-                return Ok(None);
-            }
-            Ok(Err(e)) => {
-                info!(error = %e, "invalid startup packet");
-                let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
-                send_error(&mut stream, &e).await;
-                return Err("protocol");
-            }
-            Err(e) => {
-                info!(error = %e, "client went away during startup");
-                return Err("client_gone");
-            }
+    // libpq never asks for encryption on a Unix socket; others may, and get the plain answer.
+    let mut neg = ServerNegotiation::new(TlsOffer::None);
+    let startup = match negotiate(&mut stream, &mut neg).await? {
+        Negotiated::Startup(m) => m,
+        Negotiated::Cancel(c) => {
+            handle_cancel(ctx, c).await;
+            return Ok(None);
+        }
+        Negotiated::StartTls => {
+            send_error(&mut stream, &ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "no TLS on a local socket"))
+                .await;
+            return Err("protocol");
         }
     };
     let os_user = uid.and_then(|u| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u)).ok().flatten());
@@ -525,19 +519,80 @@ fn new_session_id() -> String {
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
-/// Reads one untyped startup-phase packet (length-prefixed) without reading past it, so the TLS
-/// handshake that may follow starts on a clean stream.
-async fn read_startup<S: AsyncRead + Unpin>(s: &mut S) -> Result<Result<StartupPacket, pg::WireError>, std::io::Error> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).await?;
-    let n = u32::from_be_bytes(len) as usize;
-    if !(8..=pg::MAX_STARTUP_LEN).contains(&n) {
-        return Ok(Err(pg::WireError::BadLength(n)));
+/// Feeds the client's bytes to the negotiation until it has something to say, reading exactly
+/// what it asks for: nothing past a packet leaves the socket, so a TLS handshake that follows
+/// starts on a clean stream.
+async fn next_negotiation_event<S: AsyncRead + Unpin>(
+    s: &mut S,
+    neg: &mut ServerNegotiation,
+) -> std::io::Result<Result<Event, NegotiationError>> {
+    let mut chunk = Vec::new();
+    loop {
+        match neg.next_event() {
+            Ok(Event::NeedMore(n)) => {
+                chunk.resize(n, 0);
+                s.read_exact(&mut chunk).await?;
+                neg.feed(&chunk);
+            }
+            other => return Ok(other),
+        }
     }
-    let mut packet = vec![0u8; n];
-    packet[..4].copy_from_slice(&len);
-    s.read_exact(&mut packet[4..]).await?;
-    Ok(pg::decode_startup(&packet).and_then(|p| p.map(|(p, _)| p).ok_or(pg::WireError::BadLength(n))))
+}
+
+/// How a stretch of the negotiation ended.
+enum Negotiated {
+    /// Start TLS now (the answer to the SSLRequest was written).
+    StartTls,
+    Cancel(pg::CancelRequest),
+    Startup(StartupMessage),
+}
+
+/// Runs the negotiation on `s`, writing its answers, until it needs TLS or ends. A refusal is
+/// sent to the client and logged before this returns; the error is the handshake-failure label.
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    neg: &mut ServerNegotiation,
+) -> Result<Negotiated, &'static str> {
+    loop {
+        let event = match next_negotiation_event(s, neg).await {
+            Ok(e) => e,
+            Err(e) => {
+                info!(error = %e, "client went away during startup");
+                return Err("client_gone");
+            }
+        };
+        match event {
+            Ok(Event::NeedMore(_)) => {}
+            Ok(Event::Reply(answer)) => {
+                if upstream::write_all_flush(s, &[answer]).await.is_err() {
+                    return Err("client_gone");
+                }
+            }
+            Ok(Event::StartTls { reply }) => {
+                if let Some(answer) = reply {
+                    if upstream::write_all_flush(s, &[answer]).await.is_err() {
+                        return Err("client_gone");
+                    }
+                }
+                return Ok(Negotiated::StartTls);
+            }
+            Ok(Event::Cancel(c)) => return Ok(Negotiated::Cancel(c)),
+            Ok(Event::Startup(m)) => return Ok(Negotiated::Startup(m)),
+            Err(NegotiationError::TlsRequired) => {
+                info!("plaintext startup refused");
+                let e = NegotiationError::TlsRequired
+                    .error_fields()
+                    .with(b'H', "connect with sslmode=verify-full and the certificate from `sluice db login`");
+                send_error(s, &e).await;
+                return Err("plaintext");
+            }
+            Err(e) => {
+                info!(error = %e, "invalid startup packet");
+                send_error(s, &e.error_fields()).await;
+                return Err("protocol");
+            }
+        }
+    }
 }
 
 async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, fields: &ErrorFields) {
@@ -675,52 +730,20 @@ async fn handshake(
     fields: &mut SessionFields,
     permit: &mut ConnPermit<IpAddr>,
 ) -> Result<Option<Ready>, &'static str> {
+    let mut neg = ServerNegotiation::new(TlsOffer::Required);
     // PostgreSQL 17 clients may start TLS directly (sslnegotiation=direct): a TLS record, not a
-    // length-prefixed packet, comes first.
+    // length-prefixed packet, comes first, and it must stay on the socket for the handshake.
     let mut first = [0u8; 1];
-    let direct_tls = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+    let direct_tls = matches!(tcp.peek(&mut first).await, Ok(1) if neg.peeked_first_byte(first[0]).is_some());
     if !direct_tls {
-        loop {
-            let packet = match read_startup(&mut tcp).await {
-                Ok(p) => p,
-                Err(e) => {
-                    info!(error = %e, "client went away before TLS");
-                    return Err("client_gone");
-                }
-            };
-            match packet {
-                Ok(StartupPacket::SslRequest) => {
-                    if tcp.write_all(b"S").await.is_err() {
-                        return Err("client_gone");
-                    }
-                    break;
-                }
-                Ok(StartupPacket::GssEncRequest) => {
-                    if tcp.write_all(b"N").await.is_err() {
-                        return Err("client_gone");
-                    }
-                }
-                Ok(StartupPacket::Cancel(c)) => {
-                    handle_cancel(ctx, c).await;
-                    return Ok(None);
-                }
-                Ok(StartupPacket::Startup(_)) => {
-                    info!("plaintext startup refused");
-                    let e = ErrorFields::fatal(
-                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                        "Sluice requires TLS with a client certificate",
-                    )
-                    .with(b'H', "connect with sslmode=verify-full and the certificate from `sluice db login`");
-                    send_error(&mut tcp, &e).await;
-                    return Err("plaintext");
-                }
-                Err(e) => {
-                    info!(error = %e, "invalid startup packet");
-                    let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
-                    send_error(&mut tcp, &e).await;
-                    return Err("protocol");
-                }
+        match negotiate(&mut tcp, &mut neg).await? {
+            Negotiated::StartTls => {}
+            Negotiated::Cancel(c) => {
+                handle_cancel(ctx, c).await;
+                return Ok(None);
             }
+            // The machine refuses a plaintext StartupMessage where TLS is required.
+            Negotiated::Startup(_) => return Err("plaintext"),
         }
     }
     let mut client = match TlsAcceptor::from(ctx.server_tls.clone()).accept(tcp).await {
@@ -768,26 +791,16 @@ async fn handshake(
     let not_after = crate::ca::not_after(&cert).map(|t| t.unix_timestamp()).unwrap_or(0);
     // A valid client certificate: this connection no longer counts as an unauthenticated one.
     permit.authenticated();
-    let startup = match read_startup(&mut client).await {
-        Ok(Ok(StartupPacket::Startup(m))) => m,
-        Ok(Ok(StartupPacket::Cancel(c))) => {
+    neg.tls_established();
+    let startup = match negotiate(&mut client, &mut neg).await? {
+        Negotiated::Startup(m) => m,
+        Negotiated::Cancel(c) => {
             handle_cancel(ctx, c).await;
             return Ok(None);
         }
-        Ok(Ok(_)) => {
-            let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected encryption request inside TLS");
-            send_error(&mut client, &e).await;
+        Negotiated::StartTls => {
+            send_error(&mut client, &ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "TLS inside TLS")).await;
             return Err("protocol");
-        }
-        Ok(Err(e)) => {
-            info!(error = %e, "invalid startup packet inside TLS");
-            let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {e}"));
-            send_error(&mut client, &e).await;
-            return Err("protocol");
-        }
-        Err(e) => {
-            info!(error = %e, "client went away during startup");
-            return Err("client_gone");
         }
     };
     match authorize_and_connect(ctx, &identity, &startup, &mut client, fields).await {
@@ -868,11 +881,7 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
     let roles = view.users.get(&identity.user).map(|u| view.roles_of(u)).unwrap_or_default();
 
     // Protocol 3.2 is spoken to the client (only cancel keys differ); the upstream gets 3.0.
-    let unrecognized: Vec<String> =
-        startup.params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
-    let client_minor = if startup.version > ProtocolVersion::V3_2 { 2 } else { startup.version.minor };
-    let negotiate = (startup.version > ProtocolVersion::V3_2 || !unrecognized.is_empty())
-        .then(|| encode::negotiate_protocol_version(client_minor, &unrecognized));
+    let protocol = pg::choose_protocol(startup);
     let extra = crate::startup_params::upstream_params(&startup.params, crate::rbac::allows_replication(&roles))
         .map_err(|r| Refusal::new(r.code, r.message).kind("startup_parameter"))?;
 
@@ -881,8 +890,7 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
 
     // Clients get our own cancel key: upstream keys never leave Sluice, and keys of different
     // upstreams cannot collide.
-    let key_len = if client_minor >= 2 { 32 } else { 4 };
-    let mut secret = vec![0u8; key_len];
+    let mut secret = vec![0u8; protocol.cancel_key_len];
     rand::thread_rng().fill_bytes(&mut secret);
     let our_pid = {
         let mut cancels = ctx.cancels();
@@ -899,7 +907,7 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
         pid
     };
     let mut out = Vec::new();
-    if let Some(n) = negotiate {
+    if let Some(n) = protocol.negotiate {
         out.extend(n);
     }
     out.extend(encode::auth_ok());
