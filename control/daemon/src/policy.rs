@@ -394,6 +394,16 @@ mod tests {
     }
 
     #[test]
+    fn refusals_tell_the_user_how_to_get_the_route() {
+        let user = Denial::DbUserMismatch { service: "orders".into(), asked: "root".into(), allowed: "app".into() };
+        assert!(user.to_string().contains("`sluice db login orders --db-user root`"), "{user}");
+        let name = Denial::DbNameMismatch { service: "orders".into(), asked: "x".into(), allowed: "app".into() };
+        assert!(name.to_string().contains("`sluice db login orders --db-name x`"), "{name}");
+        let none = Denial::NoRoute { user: "alice".into() };
+        assert!(none.to_string().contains("`sluice db login <database>`"), "{none}");
+    }
+
+    #[test]
     fn locks_hold_until_they_expire() {
         let mut v = view();
         v.locks.push(Lock {

@@ -1,5 +1,6 @@
 //! The upstream leg: TCP to the RDS Proxy endpoint, SSLRequest, TLS verify-full, StartupMessage,
-//! and the IAM token as the cleartext password. Returns the authenticated stream with the
+//! and the IAM token as the cleartext password, driving `sluice_pgwire::UpstreamStartup` over
+//! the socket. Returns the authenticated stream with the
 //! server's greeting (parameter status, backend key) for control to pass on.
 //!
 //! `tls.mode: disable` (loopback targets only, checked by the config) skips the SSLRequest and
@@ -9,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
-use sluice_pgwire::{self as pg, encode, BackendMessage, ErrorFields, ProtocolVersion};
+pub use sluice_pgwire::Greeting;
+use sluice_pgwire::{encode, ErrorFields, UpstreamEvent, UpstreamStartup, UpstreamStartupError};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -50,12 +52,16 @@ pub enum UpstreamError {
     Io(#[from] std::io::Error),
 }
 
-/// The server's side of a finished startup.
-pub struct Greeting {
-    /// ParameterStatus and NoticeResponse messages, raw, in order.
-    pub messages: Vec<Vec<u8>>,
-    pub backend_key: Option<(u32, Vec<u8>)>,
-    pub ready_status: u8,
+impl UpstreamError {
+    fn from_startup(e: UpstreamStartupError, dial: &(String, u16)) -> Self {
+        match e {
+            UpstreamStartupError::NoTls => UpstreamError::NoTls { addr: format!("{}:{}", dial.0, dial.1) },
+            UpstreamStartupError::Rejected(fields) => UpstreamError::Rejected(fields),
+            UpstreamStartupError::UnsupportedAuth(what) => UpstreamError::UnsupportedAuth(what),
+            UpstreamStartupError::Protocol(what) => UpstreamError::Protocol(what),
+            UpstreamStartupError::Wire(e) => UpstreamError::Protocol(e.to_string()),
+        }
+    }
 }
 
 /// Everything needed to send a CancelRequest to the upstream later.
@@ -76,18 +82,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn cfg_err(db: &Database) -> impl FnOnce(ConfigError) -> UpstreamError + '_ {
     move |source| UpstreamError::Config { db: db.name.clone(), source }
-}
-
-async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), UpstreamError> {
-    let mut header = [0u8; 5];
-    s.read_exact(&mut header).await?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !(4..=pg::MAX_SETUP_MESSAGE_LEN).contains(&len) {
-        return Err(UpstreamError::Protocol(format!("message length {len}")));
-    }
-    let mut body = vec![0u8; len - 4];
-    s.read_exact(&mut body).await?;
-    Ok((header[0], body))
 }
 
 async fn dial_tcp(dial: &(String, u16)) -> Result<TcpStream, UpstreamError> {
@@ -113,19 +107,31 @@ async fn dial(
     }
 }
 
+/// The SSLRequest exchange and the TLS handshake of a connection that only sends a
+/// CancelRequest (a session's startup runs through [`UpstreamStartup`]).
 async fn handshake_tls(
     dial: &(String, u16),
     mut tcp: TcpStream,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<TlsStream<TcpStream>, UpstreamError> {
-    let addr = format!("{}:{}", dial.0, dial.1);
     tcp.write_all(&encode::ssl_request()).await?;
     let mut answer = [0u8; 1];
     tcp.read_exact(&mut answer).await?;
     if answer[0] != b'S' {
-        return Err(UpstreamError::NoTls { addr });
+        return Err(UpstreamError::NoTls { addr: format!("{}:{}", dial.0, dial.1) });
     }
+    connect_tls(dial, tcp, server_name, tls).await
+}
+
+/// The TLS handshake, with the server name checked.
+async fn connect_tls(
+    dial: &(String, u16),
+    tcp: TcpStream,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, UpstreamError> {
+    let addr = format!("{}:{}", dial.0, dial.1);
     TlsConnector::from(tls).connect(server_name, tcp).await.map_err(|e| {
         let mut message = e.to_string();
         if message.contains("NotValidForName") || message.contains("not valid for name") {
@@ -169,51 +175,30 @@ pub async fn connect(
     let target = TokenTarget { host, port, user: db_user.to_owned(), region };
     let token = minter.token(&source, &target).await?;
 
-    let mut s = self::dial(&dial, server_name.clone(), tls.clone()).await?;
     let mut params = vec![("user".to_owned(), db_user.to_owned()), ("database".to_owned(), db_name.to_owned())];
     params.extend(extra_params.iter().cloned());
-    s.write_all(&encode::startup(ProtocolVersion::V3_0, &params)).await?;
-    s.flush().await?;
-
-    let mut greeting = Greeting { messages: Vec::new(), backend_key: None, ready_status: b'I' };
-    let mut authenticated = false;
-    loop {
-        let (tag, body) = read_message(&mut s).await?;
-        let msg = BackendMessage::parse(pg::Message { tag, body: &body })
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-        match msg {
-            BackendMessage::AuthenticationCleartextPassword if !authenticated => {
-                s.write_all(&encode::password(&token)).await?;
-                s.flush().await?;
+    let mut startup = UpstreamStartup::new(tls.is_some(), params, token);
+    let mut s: UpstreamStream = Leg::Plain(dial_tcp(&dial).await?);
+    let mut chunk = Vec::new();
+    let greeting = loop {
+        match startup.next_event() {
+            Ok(UpstreamEvent::Send(bytes)) => write_all_flush(&mut s, &bytes).await?,
+            Ok(UpstreamEvent::NeedMore(n)) => {
+                chunk.resize(n, 0);
+                s.read_exact(&mut chunk).await?;
+                startup.feed(&chunk);
             }
-            BackendMessage::AuthenticationOk => authenticated = true,
-            BackendMessage::AuthenticationMd5Password { .. } => {
-                return Err(UpstreamError::UnsupportedAuth("MD5".into()))
+            Ok(UpstreamEvent::StartTls) => {
+                let (Leg::Plain(tcp), Some(config)) = (s, tls.clone()) else {
+                    return Err(UpstreamError::Protocol("TLS asked for twice".into()));
+                };
+                s = Leg::Tls(connect_tls(&dial, tcp, server_name.clone(), config).await?);
+                startup.tls_established();
             }
-            BackendMessage::AuthenticationSasl { mechanisms } => {
-                return Err(UpstreamError::UnsupportedAuth(format!("SASL ({})", mechanisms.join(", "))))
-            }
-            BackendMessage::AuthenticationOther(code) => {
-                return Err(UpstreamError::UnsupportedAuth(format!("method {code}")))
-            }
-            BackendMessage::ErrorResponse(fields) => return Err(UpstreamError::Rejected(fields)),
-            BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_) if authenticated => {
-                let mut raw = vec![tag];
-                raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-                raw.extend_from_slice(&body);
-                greeting.messages.push(raw);
-            }
-            BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion { .. } => {}
-            BackendMessage::BackendKeyData { pid, secret } if authenticated => {
-                greeting.backend_key = Some((pid, secret))
-            }
-            BackendMessage::ReadyForQuery(status) if authenticated => {
-                greeting.ready_status = status;
-                break;
-            }
-            other => return Err(UpstreamError::Protocol(format!("unexpected {other:?} during startup"))),
+            Ok(UpstreamEvent::Done(greeting)) => break greeting,
+            Err(e) => return Err(UpstreamError::from_startup(e, &dial)),
         }
-    }
+    };
     let (pid, secret) = greeting.backend_key.clone().unwrap_or_default();
     let cancel = CancelTarget { dial, server_name, tls, pid, secret };
     Ok((s, greeting, cancel))

@@ -5,11 +5,21 @@
 //! Like rustls' and quinn-proto's cores, everything here takes byte slices and returns values or
 //! bytes, so it is testable and fuzzable without sockets. Decoders return `Ok(None)` when more input
 //! is needed, `Ok(Some((value, consumed)))` when a whole packet is there, and an error for input no
-//! conforming peer sends.
+//! conforming peer sends. [`Framer`] splits a stream into packets; [`ServerNegotiation`] and
+//! [`UpstreamStartup`] are the two sides of connection setup as state machines that drivers
+//! feed with bytes read from a socket.
 
 #![forbid(unsafe_code)]
 
 use thiserror::Error;
+
+mod framer;
+pub mod negotiation;
+pub mod upstream_startup;
+
+pub use framer::Framer;
+pub use negotiation::{choose_protocol, Event, NegotiationError, ProtocolChoice, ServerNegotiation, TlsOffer};
+pub use upstream_startup::{Greeting, UpstreamEvent, UpstreamStartup, UpstreamStartupError};
 
 /// Magic "protocol version" of an SSLRequest.
 pub const SSL_REQUEST_CODE: u32 = 80_877_103;
@@ -26,7 +36,7 @@ pub const MAX_SETUP_MESSAGE_LEN: usize = 1 << 20;
 pub const MAX_CANCEL_KEY_LEN: usize = 256;
 
 /// Errors for bytes no conforming PostgreSQL peer sends.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("packet length {0} is out of range")]
     BadLength(usize),

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_pgwire::{
-    decode_message, decode_startup, encode, parse_password, sqlstate, BackendMessage, ErrorFields, ProtocolVersion,
-    StartupMessage, StartupPacket, WireError, MAX_SETUP_MESSAGE_LEN, MAX_STARTUP_LEN,
+    decode_message, decode_startup, encode, parse_password, sqlstate, BackendMessage, ErrorFields, Framer,
+    ProtocolVersion, StartupMessage, StartupPacket, WireError, MAX_SETUP_MESSAGE_LEN,
 };
 use thiserror::Error;
 use time::OffsetDateTime;
@@ -336,34 +336,31 @@ async fn reject<S: AsyncWrite + Unpin, T>(
     Ok(None)
 }
 
+/// Reads exactly one packet: no byte past it is taken off the stream.
+async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S, mut framer: Framer) -> Result<Vec<u8>, ConnError> {
+    let mut chunk = Vec::new();
+    loop {
+        if let Some(frame) = framer.next_frame()? {
+            return Ok(frame.to_vec());
+        }
+        chunk.resize(framer.needed(), 0);
+        stream.read_exact(&mut chunk).await?;
+        framer.push(&chunk);
+    }
+}
+
 /// Reads exactly one untyped startup-phase packet, returning it decoded and raw.
 async fn read_startup<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(StartupPacket, Vec<u8>), ConnError> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if !(8..=MAX_STARTUP_LEN).contains(&len) {
-        return Err(WireError::BadLength(len).into());
-    }
-    let mut raw = vec![0u8; len];
-    raw[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    stream.read_exact(&mut raw[4..]).await?;
+    let raw = read_frame(stream, Framer::startup()).await?;
     match decode_startup(&raw)? {
-        Some((packet, used)) if used == len => Ok((packet, raw)),
+        Some((packet, used)) if used == raw.len() => Ok((packet, raw)),
         _ => Err(ConnError::Protocol("truncated startup packet")),
     }
 }
 
 /// Reads exactly one typed message (tag, length, body) during connection setup.
 async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, ConnError> {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !(4..=MAX_SETUP_MESSAGE_LEN).contains(&len) {
-        return Err(WireError::BadLength(len).into());
-    }
-    let mut raw = vec![0u8; len + 1];
-    raw[..5].copy_from_slice(&header);
-    stream.read_exact(&mut raw[5..]).await?;
-    debug!(tag = %char::from(header[0]), len, "setup message");
+    let raw = read_frame(stream, Framer::typed(MAX_SETUP_MESSAGE_LEN)).await?;
+    debug!(tag = ?raw.first().map(|&t| char::from(t)), len = raw.len().saturating_sub(1), "setup message");
     Ok(raw)
 }

@@ -1,0 +1,239 @@
+//! The PostgreSQL listener: TLS with a required client certificate, the startup exchange, RBAC,
+//! the upstream session, cancel routing, and (until the data plane takes sessions over) the relay.
+//!
+//! Identity and route come from the client certificate; the StartupMessage must agree with the
+//! route. Local clients may instead connect in plaintext over a per-database Unix socket, where
+//! the kernel-checked peer uid (mapped to a Sluice user by `proxy_service.local_socket.users`)
+//! is the identity; both legs of such a session can then be spliced as is. Every refusal
+//! reaches the client as an ErrorResponse with an SQLSTATE and a log line, and every failure is
+//! contained to its own connection task.
+//!
+//! By role: `listener` accepts (TCP, local sockets, refusals over a limit), `startup` drives the
+//! client's negotiation and sets the session up, `cancel` routes cancel requests, `handoff`
+//! passes sessions to the data plane, `relay` runs the sessions control keeps and ends those
+//! the policy no longer allows.
+
+mod cancel;
+mod handoff;
+mod listener;
+mod relay;
+mod startup;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use rustls::ServerConfig;
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::dataplane::DataplaneClient;
+use crate::iam::TokenMinter;
+use crate::leg::Leg;
+use crate::limits::ConnLimiter;
+use crate::policy::PolicyStore;
+use crate::state::State;
+use crate::tls::UpstreamTls;
+use crate::upstream::{CancelTarget, UpstreamStream};
+use handoff::LiveRecord;
+use relay::Relayed;
+
+pub use listener::{serve, serve_local};
+pub use relay::enforce_policy;
+
+/// The client leg: mTLS over TCP, or plaintext from a local Unix socket.
+type ClientStream = Leg<tokio_rustls::server::TlsStream<TcpStream>, UnixStream>;
+
+/// Shared by every connection task.
+pub struct ProxyContext {
+    pub cfg: Arc<Config>,
+    pub state: Arc<State>,
+    /// What connections are decided from (no SQL per connection).
+    pub policy: Arc<PolicyStore>,
+    /// Sessions the data plane holds, as recorded in `live_sessions` (written through to the
+    /// state for a restarted control, read from here).
+    handed: Mutex<HashMap<String, LiveRecord>>,
+    pub audit: Arc<AuditLog>,
+    pub minter: Arc<TokenMinter>,
+    pub upstream_tls: Arc<UpstreamTls>,
+    pub server_tls: Arc<ServerConfig>,
+    /// Our cancel keys (given to clients) → where to send the upstream's cancel.
+    cancels: Mutex<HashMap<u32, (Vec<u8>, CancelTarget)>>,
+    /// Set when sessions are handed to a dataplane process.
+    pub dataplane: OnceLock<Arc<DataplaneClient>>,
+    /// Sessions control relays itself, and how to end them.
+    relayed: Mutex<HashMap<String, Relayed>>,
+    /// The zero of relayed sessions' activity clocks.
+    epoch: Instant,
+    limiter: Arc<ConnLimiter<IpAddr>>,
+    /// Local-socket connections, by uid.
+    local_limiter: Arc<ConnLimiter<u32>>,
+    /// Connections being refused for being over a limit.
+    refusing: std::sync::atomic::AtomicUsize,
+}
+
+impl ProxyContext {
+    pub fn new(
+        cfg: Arc<Config>,
+        state: Arc<State>,
+        policy: Arc<PolicyStore>,
+        audit: Arc<AuditLog>,
+        minter: Arc<TokenMinter>,
+        server_tls: Arc<ServerConfig>,
+    ) -> Self {
+        ProxyContext {
+            policy,
+            handed: Mutex::new(HashMap::new()),
+            limiter: ConnLimiter::new(cfg.proxy_service.limits),
+            local_limiter: ConnLimiter::new(cfg.proxy_service.limits),
+            cfg,
+            state,
+            audit,
+            minter,
+            upstream_tls: Arc::new(UpstreamTls::default()),
+            server_tls,
+            cancels: Mutex::new(HashMap::new()),
+            dataplane: OnceLock::new(),
+            relayed: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            refusing: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (Vec<u8>, CancelTarget)>> {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handed(&self) -> std::sync::MutexGuard<'_, HashMap<String, LiveRecord>> {
+        self.handed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user and database of each session the data plane holds.
+    pub fn handed_sessions(&self) -> HashMap<String, (String, String)> {
+        self.handed().iter().map(|(id, r)| (id.clone(), (r.fields.user.clone(), r.fields.db_service.clone()))).collect()
+    }
+
+    fn relayed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relayed>> {
+        self.relayed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn since_activity(&self, activity: &std::sync::atomic::AtomicU64) -> Duration {
+        let last = Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Why a client's setup failed, as the handshake-failure metric labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandshakeFailure {
+    /// The handshake deadline passed.
+    Timeout,
+    /// The client closed or reset the connection.
+    ClientGone,
+    /// A packet no conforming client sends.
+    Protocol,
+    /// A plaintext StartupMessage on the TLS listener.
+    Plaintext,
+    /// The TLS handshake failed.
+    Tls,
+    /// No client certificate, or one without a usable identity.
+    Certificate,
+    CertificateExpired,
+    /// A local client whose OS user maps to no Sluice user.
+    UnmappedOsUser,
+    /// The route or the policy refused the session.
+    Denied,
+    UnknownDatabase,
+    /// Control's own state could not be read.
+    Internal,
+    /// A StartupMessage parameter that is not passed on.
+    StartupParameter,
+    /// No IAM auth token could be minted.
+    Token,
+    /// The upstream answered with an ErrorResponse.
+    UpstreamRejected,
+    /// The upstream asked for an authentication method other than the IAM token.
+    UpstreamAuth,
+    /// The upstream could not be reached (TCP, TLS, protocol).
+    UpstreamUnreachable,
+    /// The data plane did not take the session.
+    Handoff,
+}
+
+impl HandshakeFailure {
+    /// The metric label; dashboards and tests know these strings.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::ClientGone => "client_gone",
+            HandshakeFailure::Protocol => "protocol",
+            HandshakeFailure::Plaintext => "plaintext",
+            HandshakeFailure::Tls => "tls",
+            HandshakeFailure::Certificate => "certificate",
+            HandshakeFailure::CertificateExpired => "certificate_expired",
+            HandshakeFailure::UnmappedOsUser => "unmapped_os_user",
+            HandshakeFailure::Denied => "denied",
+            HandshakeFailure::UnknownDatabase => "unknown_database",
+            HandshakeFailure::Internal => "internal",
+            HandshakeFailure::StartupParameter => "startup_parameter",
+            HandshakeFailure::Token => "token",
+            HandshakeFailure::UpstreamRejected => "upstream_rejected",
+            HandshakeFailure::UpstreamAuth => "upstream_auth",
+            HandshakeFailure::UpstreamUnreachable => "upstream_unreachable",
+            HandshakeFailure::Handoff => "handoff",
+        }
+    }
+}
+
+struct Ready {
+    client: ClientStream,
+    upstream: UpstreamStream,
+    our_pid: u32,
+    /// The client certificate's expiry (unix seconds): the session may not outlive it.
+    not_after: i64,
+}
+
+fn new_session_id() -> String {
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandshakeFailure::*;
+
+    #[test]
+    fn handshake_failure_labels_are_distinct_and_stable() {
+        let all = [
+            Timeout,
+            ClientGone,
+            Protocol,
+            Plaintext,
+            Tls,
+            Certificate,
+            CertificateExpired,
+            UnmappedOsUser,
+            Denied,
+            UnknownDatabase,
+            Internal,
+            StartupParameter,
+            Token,
+            UpstreamRejected,
+            UpstreamAuth,
+            UpstreamUnreachable,
+            Handoff,
+        ];
+        let labels: std::collections::HashSet<_> = all.iter().map(|f| f.label()).collect();
+        assert_eq!(labels.len(), all.len());
+        // Dashboards and the integration tests match on these.
+        assert_eq!(
+            (Tls.label(), ClientGone.label(), CertificateExpired.label()),
+            ("tls", "client_gone", "certificate_expired")
+        );
+    }
+}
