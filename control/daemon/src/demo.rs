@@ -810,7 +810,8 @@ impl Drop for Stack {
         if let Some(local) = &self.control.config.proxy_service.local_socket {
             let _ = std::fs::remove_dir_all(&local.dir);
         }
-        if self.postgres.dir.starts_with(std::env::temp_dir()) {
+        // SLUICE_KEEP_TEST_DIRS keeps PostgreSQL's log for reading after a failed test.
+        if self.postgres.dir.starts_with(std::env::temp_dir()) && std::env::var_os("SLUICE_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.postgres.dir);
         }
     }
