@@ -12,8 +12,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sluice_dataplane::handoff::LegCrypto;
 use sluice_dataplane::relay::{Session, Worker};
+use sluice_handoff::handoff::LegCrypto;
 
 const MB: usize = 1024 * 1024;
 /// Bytes moved per iteration.

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use sluice_dataplane::handoff::EndReason;
 use sluice_dataplane::relay::{RelayOptions, SpliceIssue, Worker};
+use sluice_handoff::handoff::EndReason;
 
 const PLAIN: usize = 1000;
 const TLS: usize = 200;

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::socket::{setsockopt, sockopt::TcpUlp};
-use sluice_dataplane::handoff::{EndReason, LegCrypto};
 use sluice_dataplane::relay::{Report, Worker};
+use sluice_handoff::handoff::{EndReason, LegCrypto};
 
 fn worker() -> (Worker, mpsc::Receiver<Report>) {
     let (tx, rx) = mpsc::channel();

@@ -11,8 +11,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use sluice_dataplane::handoff::{EndReason, LegCrypto};
 use sluice_dataplane::relay::{RelayOptions, Report, SpliceIssue, Worker};
+use sluice_handoff::handoff::{EndReason, LegCrypto};
 
 fn worker() -> (Worker, mpsc::Receiver<Report>) {
     worker_with(RelayOptions::default())

@@ -37,7 +37,7 @@ use crate::policy::{self, Denial, PolicyView};
 use crate::state::State;
 use crate::tls::UpstreamTls;
 use crate::upstream::{self, CancelTarget, UpstreamError, UpstreamStream};
-use sluice_dataplane::handoff::{CounterSource, EndReason, LegCounters, LegCrypto, SessionCounters};
+use sluice_handoff::handoff::{CounterSource, EndReason, LegCounters, LegCrypto, SessionCounters};
 
 /// The client leg: mTLS over TCP, or plaintext from a local Unix socket.
 type ClientStream = Leg<tokio_rustls::server::TlsStream<TcpStream>, UnixStream>;
@@ -1040,7 +1040,7 @@ async fn hand_off(ctx: &ProxyContext, dp: &DataplaneClient, mut ready: Ready, fi
         return Outcome::Failed(format!("recording the session: {e}"), our_pid);
     }
     let idle = ctx.cfg.idle_timeout();
-    let h = sluice_dataplane::handoff::Handoff {
+    let h = sluice_handoff::handoff::Handoff {
         session_id: fields.session_id.clone(),
         user: fields.user.clone(),
         db_service: fields.db_service.clone(),
@@ -1079,7 +1079,7 @@ fn with_ktls(legs: &serde_json::Value, ktls: Option<(bool, bool)>) -> serde_json
 
 impl ProxyContext {
     /// Audits the end of a session the dataplane held.
-    fn finish_handed_off(&self, id: &str, ended: Option<&sluice_dataplane::handoff::SessionEnded>) {
+    fn finish_handed_off(&self, id: &str, ended: Option<&sluice_handoff::handoff::SessionEnded>) {
         let record = match self.state.take_live_session(id) {
             Ok(Some((_, record))) => record,
             Ok(None) => {
@@ -1109,7 +1109,7 @@ impl ProxyContext {
                 json!({ "error": "the dataplane no longer holds the session", "data_plane": true, "legs": record["legs"] })
             }
         };
-        let success = ended.is_some_and(|e| e.reason != sluice_dataplane::handoff::EndReason::Error);
+        let success = ended.is_some_and(|e| e.reason != sluice_handoff::handoff::EndReason::Error);
         if let Some(c) = ended.and_then(|e| e.counters.as_ref()) {
             METRICS.session_ended(c);
         }
@@ -1151,7 +1151,7 @@ impl ProxyContext {
 }
 
 impl Events for ProxyContext {
-    fn ended(&self, e: sluice_dataplane::handoff::SessionEnded) {
+    fn ended(&self, e: sluice_handoff::handoff::SessionEnded) {
         self.finish_handed_off(&e.session_id.clone(), Some(&e));
     }
 

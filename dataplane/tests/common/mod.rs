@@ -15,8 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{
     ClientConfig, ClientConnection, ConnectionTrafficSecrets, ExtractedSecrets, ServerConfig, ServerConnection,
 };
-use sluice_dataplane::handoff::{DirPath, EndReason, LegCrypto};
 use sluice_dataplane::relay::{Report, Session, Worker};
+use sluice_handoff::handoff::{DirPath, EndReason, LegCrypto};
 
 pub const MIB: u64 = 1024 * 1024;
 

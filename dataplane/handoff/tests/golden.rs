@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use sluice_dataplane::handoff::{
+use sluice_handoff::handoff::{
     decode, encode, CounterBaseline, CounterSource, DirPath, DirState, EndReason, Handoff, LegCounters, LegCrypto,
     Message, Resume, Role, SessionCounters, SessionEnded, SessionStats,
 };
