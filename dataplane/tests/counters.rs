@@ -4,7 +4,7 @@
 //! runs) and with the userspace fallback forced; BPF map entries must be gone after the session.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,13 +16,7 @@ use sluice_handoff::handoff::{
     CounterSource, EndReason, Handoff, LegCrypto, Message, Role, SessionCounters, SessionEnded,
 };
 use sluice_handoff::link::Link;
-
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    (a, b)
-}
+use sluice_test_support::tcp_pair;
 
 fn pump(from: &TcpStream, to: &TcpStream, n: usize) {
     let mut w = from.try_clone().unwrap();
