@@ -18,14 +18,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tracing::{error, info, warn};
-
-use crate::counters::SessionCounting;
-use crate::relay::{MovedSession, RelayOptions, Report, Session, Worker};
 use sluice_handoff::handoff::{
     DirPath, EndReason, Handoff, LegCrypto, Message, Resume, Role, SessionEnded, SessionStats,
 };
 use sluice_handoff::link::{Link, LinkError, Listener};
+use tracing::{error, info, warn};
+
+use crate::counters::SessionCounting;
+use crate::relay::{MovedSession, RelayOptions, Report, Session, Worker};
 
 /// End reports kept while no control is connected; beyond this the oldest are dropped (and
 /// logged), so a long control outage cannot grow memory without bound.
