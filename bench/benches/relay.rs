@@ -6,27 +6,19 @@
 //! thread for the loop), so the CPU-seconds-per-GB figure excludes the load generator and sink.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sluice_dataplane::handoff::LegCrypto;
 use sluice_dataplane::relay::{Session, Worker};
+use sluice_handoff::handoff::LegCrypto;
+use sluice_test_support::tcp_pair;
 
 const MB: usize = 1024 * 1024;
 /// Bytes moved per iteration.
 const TRANSFER: usize = 64 * MB;
-
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-    let (b, _) = l.accept().expect("accept");
-    a.set_nodelay(true).expect("nodelay");
-    b.set_nodelay(true).expect("nodelay");
-    (a, b)
-}
 
 /// CPU time (user + system) of this process's threads whose name starts with one of `prefixes`.
 fn threads_cpu(prefixes: &[&str]) -> Duration {

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
-use sluice_control::api::{self, DbCertResponse, DbInfo, LoginResponse, Request};
-use sluice_control::config::split_host_port;
-use sluice_control::iam::{generate_auth_token, CredentialSource, TokenMinter, TokenTarget};
-use sluice_control::private_fs;
+use sluice_api::addr::split_host_port;
+use sluice_api::api::{self, DbCertResponse, DbInfo, LoginResponse, Request};
+use sluice_api::iam::{generate_auth_token, CredentialSource, TokenMinter, TokenTarget};
+use sluice_api::private_fs;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice client: log in and connect to databases through Sluice")]
@@ -167,7 +167,7 @@ fn load_profile(p: &Paths) -> Result<Profile> {
 
 fn tls_for(p: &Paths) -> Result<Arc<rustls::ClientConfig>> {
     let pem = std::fs::read_to_string(p.ca()).context("reading the cluster CA; log in again with --ca-file")?;
-    Ok(sluice_control::tls::client_config_for_ca(&pem)?)
+    Ok(sluice_api::tls::client_config_for_ca(&pem)?)
 }
 
 async fn call<T: serde::de::DeserializeOwned>(p: &Paths, proxy: &str, req: &Request) -> Result<T> {

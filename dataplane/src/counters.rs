@@ -15,7 +15,7 @@ use sluice_ebpf::{socket_cookie, Counters, Options, SockCounters};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::handoff::{CounterBaseline, CounterSource, LegCounters, SessionCounters};
+use sluice_handoff::handoff::{CounterBaseline, CounterSource, LegCounters, SessionCounters};
 
 /// `--counters`: which source to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -37,8 +37,8 @@ use nix::sys::socket::sockopt::{TcpTlsRx, TcpTlsTx, TcpUlp, TlsCryptoInfo};
 use nix::sys::socket::{recvmsg, setsockopt, ControlMessageOwned, MsgFlags, TlsGetRecordType};
 use tracing::{debug, info, warn};
 
-use crate::handoff::LegCrypto;
 use crate::tls_record::{CLOSE_NOTIFY, CONTENT_ALERT, TLS12, TLS13};
+use sluice_handoff::handoff::LegCrypto;
 
 /// Largest plaintext of one TLS record: a buffer this size holds any control record read off a leg.
 pub(crate) const MAX_RECORD_PLAINTEXT: usize = 16384;

@@ -1,7 +1,8 @@
 //! `dataplane`: the process that holds authenticated sessions and relays their bytes. It listens
-//! on a Unix socket for control, which hands it both sockets of each session; it outlives control
-//! restarts, and ends its sessions cleanly on SIGTERM/SIGINT. Started with `--take-over`, it
-//! replaces the data plane running on the same socket without ending its sessions.
+//! on a Unix SOCK_SEQPACKET socket for control, which hands it both sockets of each session; it
+//! outlives control restarts, and ends its sessions cleanly on SIGTERM/SIGINT. Started with
+//! `--take-over`, it replaces the data plane running on the same socket without ending its
+//! sessions.
 
 use std::path::PathBuf;
 
@@ -15,7 +16,7 @@ use sluice_dataplane::server::{Predecessor, Server};
 #[derive(Parser)]
 #[command(name = "dataplane", version, about = "Sluice data plane: io_uring relay workers")]
 struct Cli {
-    /// Unix socket control connects to (created 0600).
+    /// Unix SOCK_SEQPACKET socket control connects to (created 0600).
     #[arg(long)]
     control_socket: PathBuf,
     /// Relay workers, one io_uring each (default: one per core).

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::handoff::{DirState, EndReason, LegCrypto};
+use sluice_handoff::handoff::{DirState, EndReason, LegCrypto};
 
 /// How a worker relays; fixed for the worker's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub struct Session {
 pub const MAX_HELD_BYTES: u64 = 4 * pool::BUF_SIZE as u64;
 
 /// A live session on its way from one worker to another, usually in a successor process (see
-/// [`crate::handoff::Resume`]): [`Worker::export`] gives them, [`Worker::resume`] takes them.
+/// [`sluice_handoff::handoff::Resume`]): [`Worker::export`] gives them, [`Worker::resume`] takes them.
 /// The crypto in `session` has the sequence numbers the ciphers reached.
 pub struct MovedSession {
     pub session: Session,

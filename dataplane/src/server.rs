@@ -18,11 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use sluice_handoff::handoff::{
+    DirPath, EndReason, Handoff, LegCrypto, Message, Resume, Role, SessionEnded, SessionStats,
+};
+use sluice_handoff::link::{Link, LinkError, Listener};
 use tracing::{error, info, warn};
 
 use crate::counters::SessionCounting;
-use crate::handoff::{DirPath, EndReason, Handoff, LegCrypto, Message, Resume, Role, SessionEnded, SessionStats};
-use crate::link::{Link, LinkError, Listener};
 use crate::relay::{MovedSession, RelayOptions, Report, Session, Worker};
 
 /// End reports kept while no control is connected; beyond this the oldest are dropped (and
@@ -175,14 +177,8 @@ pub struct Predecessor {
 impl Predecessor {
     pub fn connect(path: &Path) -> Result<Predecessor, LinkError> {
         let link = Link::connect(path)?;
-        link.send(&Message::Hello { role: Role::Successor, pid: std::process::id() }, &[])?;
-        match link.recv()? {
-            (Message::Hello { role: Role::Dataplane, pid }, _) => Ok(Predecessor { link, pid }),
-            (other, _) => Err(LinkError::Io(std::io::Error::other(format!(
-                "{} answered a successor's Hello with {other:?}",
-                path.display()
-            )))),
-        }
+        let pid = link.hello(Role::Successor)?;
+        Ok(Predecessor { link, pid })
     }
 }
 
@@ -267,14 +263,14 @@ impl Shared {
     }
 
     fn serve(&self, link: Link) {
-        let role = match link.recv() {
-            Ok((Message::Hello { role: role @ (Role::Control | Role::Admin), pid }, _)) => {
+        let role = match link.recv_hello() {
+            Ok((role @ (Role::Control | Role::Admin), pid)) => {
                 info!(peer_pid = pid, ?role, "control connected");
                 role
             }
-            Ok((Message::Hello { role: Role::Successor, pid }, _)) => return self.hand_over(link, pid),
-            Ok((other, _)) => {
-                warn!(?other, "first frame from a peer was not a control Hello; closing");
+            Ok((Role::Successor, pid)) => return self.hand_over(link, pid),
+            Ok((role, pid)) => {
+                warn!(peer_pid = pid, ?role, "a peer introduced itself as neither control nor a successor; closing");
                 return;
             }
             Err(e) => {
@@ -282,7 +278,7 @@ impl Shared {
                 return;
             }
         };
-        if let Err(e) = link.send(&Message::Hello { role: Role::Dataplane, pid: std::process::id() }, &[]) {
+        if let Err(e) = link.answer_hello() {
             warn!(error = %e, "answering control's Hello");
             return;
         }
@@ -472,7 +468,7 @@ impl Shared {
         // Before answering: the successor loads its counters right after our Hello, and must find
         // the programs' links to adopt.
         self.counting.pin_for_successor();
-        if let Err(e) = link.send(&Message::Hello { role: Role::Dataplane, pid: std::process::id() }, &[]) {
+        if let Err(e) = link.answer_hello() {
             error!(error = %e, "answering the successor's Hello; keeping the sessions");
             self.handing_over.store(false, Ordering::SeqCst);
             return;

@@ -4,25 +4,19 @@
 //! runs) and with the userspace fallback forced; BPF map entries must be gone after the session.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_dataplane::counters::{CountersError, Mode, SessionCounting};
-use sluice_dataplane::handoff::{
+use sluice_dataplane::server::Server;
+use sluice_handoff::handoff::{
     CounterSource, EndReason, Handoff, LegCrypto, Message, Role, SessionCounters, SessionEnded,
 };
-use sluice_dataplane::link::Link;
-use sluice_dataplane::server::Server;
-
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    (a, b)
-}
+use sluice_handoff::link::Link;
+use sluice_test_support::tcp_pair;
 
 fn pump(from: &TcpStream, to: &TcpStream, n: usize) {
     let mut w = from.try_clone().unwrap();
@@ -74,8 +68,7 @@ fn run(mode: Mode, name: &str) {
 
     let link = Link::connect(&sock).unwrap();
     link.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    link.send(&Message::Hello { role: Role::Control, pid: std::process::id() }, &[]).unwrap();
-    assert!(matches!(link.recv().unwrap().0, Message::Hello { role: Role::Dataplane, .. }));
+    link.hello(Role::Control).unwrap();
 
     let (client_peer, client_leg) = tcp_pair();
     let (upstream_leg, upstream_peer) = tcp_pair();

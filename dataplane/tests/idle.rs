@@ -13,19 +13,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use sluice_dataplane::handoff::EndReason;
 use sluice_dataplane::relay::{RelayOptions, SpliceIssue, Worker};
+use sluice_handoff::handoff::EndReason;
+use sluice_test_support::io_wq_threads;
 
 const PLAIN: usize = 1000;
 const TLS: usize = 200;
-
-fn io_wq_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.starts_with("iou-wrk"))
-        .count()
-}
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()

@@ -16,22 +16,13 @@ use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::socket::{setsockopt, sockopt::TcpUlp};
-use sluice_dataplane::handoff::{EndReason, LegCrypto};
 use sluice_dataplane::relay::{Report, Worker};
-
-fn worker() -> (Worker, mpsc::Receiver<Report>) {
-    let (tx, rx) = mpsc::channel();
-    (Worker::spawn(0, tx).unwrap(), rx)
-}
-
-fn mb_per_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64()
-}
+use sluice_handoff::handoff::{EndReason, LegCrypto};
+use sluice_test_support::mb_per_s;
 
 fn transfer_size() -> u64 {
     std::env::var("SLUICE_KTLS_TEST_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64) * MIB

@@ -11,12 +11,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use sluice_dataplane::handoff::{EndReason, LegCrypto};
 use sluice_dataplane::relay::{RelayOptions, Report, SpliceIssue, Worker};
-
-fn worker() -> (Worker, mpsc::Receiver<Report>) {
-    worker_with(RelayOptions::default())
-}
+use sluice_handoff::handoff::{EndReason, LegCrypto};
+use sluice_test_support::mb_per_s;
 
 fn worker_with(options: RelayOptions) -> (Worker, mpsc::Receiver<Report>) {
     let (tx, rx) = mpsc::channel();
@@ -24,10 +21,6 @@ fn worker_with(options: RelayOptions) -> (Worker, mpsc::Receiver<Report>) {
 }
 
 const IO_URING_SPLICE: RelayOptions = RelayOptions { ktls: true, splice: SpliceIssue::IoUring };
-
-fn mb_per_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64()
-}
 
 #[test]
 fn plain_large_transfer_both_ways() {

@@ -16,16 +16,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use sluice_dataplane::relay::Worker;
+use sluice_test_support::io_wq_threads;
 
 const WANTED: usize = 10_000;
-
-fn io_wq_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.starts_with("iou-wrk"))
-        .count()
-}
 
 #[test]
 fn many_concurrent_sessions_stay_bounded() {

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{recv_pattern, send_pattern, tcp_pair, tls_client_leg, tls_upstream_leg, KeyKind, Pattern, MIB};
 use sluice_dataplane::counters::Mode;
-use sluice_dataplane::handoff::{CounterSource, EndReason, Handoff, LegCrypto, Message, Role, SessionEnded};
-use sluice_dataplane::link::{Link, LinkError};
+use sluice_handoff::handoff::{CounterSource, EndReason, Handoff, LegCrypto, Message, Role, SessionEnded};
+use sluice_handoff::link::{Link, LinkError};
 
 /// Stops a child data plane (and removes the pin directory) however the test ends.
 struct Dp(Child);
@@ -44,8 +44,7 @@ fn control(sock: &Path) -> Link {
     loop {
         if let Ok(link) = Link::connect(sock) {
             link.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            link.send(&Message::Hello { role: Role::Control, pid: std::process::id() }, &[]).unwrap();
-            if let Ok((Message::Hello { role: Role::Dataplane, .. }, _)) = link.recv() {
+            if link.hello(Role::Control).is_ok() {
                 return link;
             }
         }

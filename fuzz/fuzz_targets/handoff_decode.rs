@@ -7,7 +7,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use sluice_dataplane::handoff::{decode, encode, HandoffError, HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION};
+use sluice_handoff::handoff::{decode, encode, HandoffError, HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION};
 
 /// Tags some message type reads; the fuzzer picks among them more often than among all 65536.
 const KNOWN_TAGS: &[u16] =

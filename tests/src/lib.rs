@@ -44,6 +44,8 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use sluice_control;
+// In the std-only support crate, which the data plane's tests use too.
+pub use sluice_test_support::count_in;
 
 pub mod moto;
 
@@ -394,11 +396,6 @@ pub fn check_output(what: &str, out: &Output) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// How often `needle` occurs in a file (a log); 0 for a missing file.
-pub fn count_in(path: &Path, needle: &str) -> usize {
-    std::fs::read_to_string(path).unwrap_or_default().matches(needle).count()
 }
 
 /// GETs a Prometheus `/metrics` URL (`http://HOST:PORT/metrics`) and returns the whole response,

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::Signal;
 use sluice_control::demo::find_bin;
-use sluice_dataplane::handoff::{Message, Role};
 use sluice_tests::{connect, count_in, runtime, scrape, wait_until, Connected, Harness};
 
 const SESSIONS: usize = 400;
@@ -150,13 +149,13 @@ fn a_dataplane_that_stops_reading_does_not_freeze_control() {
     // Put a data plane that answers Hello and then never reads in the real one's place.
     let dp = h.stack.dataplane.as_mut().expect("the stack runs a dataplane");
     dp.proc.stop(Signal::SIGKILL);
-    let listener = sluice_dataplane::link::Listener::bind(&dp.socket).unwrap();
+    let listener = sluice_handoff::link::Listener::bind(&dp.socket).unwrap();
     std::thread::spawn(move || {
         let mut held = Vec::new();
         while let Ok(link) = listener.accept() {
             if held.is_empty() {
-                let _ = link.recv();
-                let _ = link.send(&Message::Hello { role: Role::Dataplane, pid: std::process::id() }, &[]);
+                let _ = link.recv_hello();
+                let _ = link.answer_hello();
             }
             // Later connections are held unanswered, like a data plane that hangs.
             held.push(link);

@@ -355,7 +355,7 @@ impl DatabaseSpec {
 
     /// Splits the URI into host and port (default 5432).
     pub fn host_port(&self) -> Result<(String, u16), ConfigError> {
-        split_host_port(&self.uri, 5432)
+        Ok(split_host_port(&self.uri, 5432)?)
     }
 
     /// The region: configured, or read from an `*.REGION.rds.amazonaws.com` host.
@@ -373,7 +373,7 @@ impl DatabaseSpec {
     pub fn dial_target(&self) -> Result<(String, u16), ConfigError> {
         let (host, port) = self.host_port()?;
         match &self.connect_addr {
-            Some(addr) => split_host_port(addr, port),
+            Some(addr) => Ok(split_host_port(addr, port)?),
             None => Ok((host, port)),
         }
     }
@@ -386,16 +386,12 @@ impl DatabaseSpec {
     }
 }
 
-pub fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), ConfigError> {
-    let s = s.trim_start_matches("postgres://").trim_start_matches("postgresql://");
-    let s = s.split('/').next().unwrap_or_default();
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() => {
-            let port = p.parse().map_err(|_| ConfigError::Invalid(format!("bad port in {s:?}")))?;
-            Ok((h.trim_matches(['[', ']']).to_owned(), port))
-        }
-        None if !s.is_empty() => Ok((s.to_owned(), default_port)),
-        _ => Err(ConfigError::Invalid(format!("bad address {s:?}"))),
+pub use sluice_api::addr::split_host_port;
+
+/// Inside a configuration, a bad address is a configuration error like any other.
+impl From<sluice_api::addr::AddrError> for ConfigError {
+    fn from(e: sluice_api::addr::AddrError) -> Self {
+        ConfigError::Invalid(e.to_string())
     }
 }
 
@@ -573,12 +569,5 @@ db_service:
         assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43200)));
         assert!(parse_duration("3w").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
-    }
-
-    #[test]
-    fn host_port_forms() {
-        assert_eq!(split_host_port("h.example:6432", 5432).unwrap(), ("h.example".into(), 6432));
-        assert_eq!(split_host_port("h.example", 5432).unwrap(), ("h.example".into(), 5432));
-        assert!(split_host_port("h:notaport", 5432).is_err());
     }
 }

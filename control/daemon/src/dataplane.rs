@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
-use sluice_dataplane::handoff::{EndReason, Handoff, LegCrypto, Message, Reassembly, Role, SessionEnded, SessionStats};
-use sluice_dataplane::link::{Link, LinkError};
+use sluice_handoff::handoff::{EndReason, Handoff, LegCrypto, Message, Reassembly, Role, SessionEnded, SessionStats};
+use sluice_handoff::link::{Link, LinkError};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -116,14 +116,7 @@ impl DataplaneClient {
     fn connect(&self, path: &std::path::Path, generation: u64) -> Result<Link, LinkError> {
         let link = Link::connect(path)?;
         link.set_read_timeout(Some(Duration::from_secs(5)))?;
-        link.send(&Message::Hello { role: Role::Control, pid: std::process::id() }, &[])?;
-        match link.recv()? {
-            (Message::Hello { role: Role::Dataplane, .. }, _) => {}
-            (other, _) => {
-                warn!(?other, "dataplane answered Hello with something else");
-                return Err(LinkError::Closed);
-            }
-        }
+        link.hello(Role::Control)?;
         link.set_read_timeout(None)?;
         let reader = link.try_clone()?;
         // A fresh link's buffer is empty: this cannot block, and it runs on the link thread.
@@ -293,7 +286,7 @@ pub fn leg_crypto(version: u16, cipher_suite: u16, s: ExtractedSecrets) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_dataplane::link::Listener;
+    use sluice_handoff::link::Listener;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct NoEvents;
@@ -329,8 +322,8 @@ mod tests {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let fake = std::thread::spawn(move || {
             let link = listener.accept().unwrap();
-            assert!(matches!(link.recv().unwrap().0, Message::Hello { role: Role::Control, .. }));
-            link.send(&Message::Hello { role: Role::Dataplane, pid: 1 }, &[]).unwrap();
+            assert_eq!(link.recv_hello().unwrap().0, Role::Control);
+            link.answer_hello().unwrap();
             // Hold the link (and the listener) without reading until the test is over.
             let _ = stopped.recv();
             drop((link, listener));

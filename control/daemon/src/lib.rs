@@ -14,12 +14,10 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod discovery;
-pub mod iam;
 pub mod leg;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
-pub mod private_fs;
 pub mod proxy;
 pub mod rbac;
 pub mod startup_params;
@@ -27,6 +25,9 @@ pub mod state;
 pub mod tls;
 pub mod troubleshoot;
 pub mod upstream;
+
+// Shared with the `sluice` CLI; re-exported so control reads them where it always did.
+pub use sluice_api::{iam, private_fs};
 
 /// Sets up `tracing` for a binary: human-readable to stderr, `RUST_LOG` to filter. Control
 /// characters in every field and message are escaped (`\n` and friends), so a user name or

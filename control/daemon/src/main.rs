@@ -221,14 +221,11 @@ struct LiveStats {
 
 /// Asks the dataplane (as an admin peer) for its sessions' counters twice, 500 ms apart.
 fn live_stats(socket: &Path) -> Result<(std::collections::HashMap<String, LiveStats>, &'static str)> {
-    use sluice_dataplane::handoff::{CounterSource, Message, Role, SessionStats};
-    let link = sluice_dataplane::link::Link::connect(socket)
+    use sluice_handoff::handoff::{CounterSource, Message, Role, SessionStats};
+    let link = sluice_handoff::link::Link::connect(socket)
         .with_context(|| format!("connecting to the dataplane at {}", socket.display()))?;
     link.set_read_timeout(Some(Duration::from_secs(5)))?;
-    link.send(&Message::Hello { role: Role::Admin, pid: std::process::id() }, &[])?;
-    if !matches!(link.recv()?.0, Message::Hello { role: Role::Dataplane, .. }) {
-        bail!("the peer at {} is not a dataplane", socket.display());
-    }
+    link.hello(Role::Admin).with_context(|| format!("greeting the dataplane at {}", socket.display()))?;
     let sample = || -> Result<Vec<SessionStats>> {
         link.send(&Message::StatsRequest, &[])?;
         match link.recv_reply()? {
@@ -565,16 +562,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Sessions(SessionsCmd::Kill { id }) => {
-            use sluice_dataplane::handoff::{EndReason, Message, Role};
+            use sluice_handoff::handoff::{EndReason, Message, Role};
             let cfg = load_config(&cli.config)?;
             let dp = cfg.dataplane.as_ref().context("no dataplane is configured (dataplane.socket)")?;
-            let link = sluice_dataplane::link::Link::connect(&dp.socket)
+            let link = sluice_handoff::link::Link::connect(&dp.socket)
                 .with_context(|| format!("connecting to the dataplane at {}", dp.socket.display()))?;
             link.set_read_timeout(Some(Duration::from_secs(5)))?;
-            link.send(&Message::Hello { role: Role::Admin, pid: std::process::id() }, &[])?;
-            if !matches!(link.recv()?.0, Message::Hello { role: Role::Dataplane, .. }) {
-                bail!("the peer at {} is not a dataplane", dp.socket.display());
-            }
+            link.hello(Role::Admin).with_context(|| format!("greeting the dataplane at {}", dp.socket.display()))?;
             link.send(&Message::ListSessions, &[])?;
             match link.recv_reply()? {
                 Message::Sessions { session_ids, .. } if session_ids.contains(&id) => {}

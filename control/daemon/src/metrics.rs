@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_dataplane::handoff::{CounterSource, LegCounters, SessionCounters, SessionStats};
+use sluice_handoff::handoff::{CounterSource, LegCounters, SessionCounters, SessionStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};

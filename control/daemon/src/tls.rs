@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -25,10 +24,7 @@ pub enum TlsError {
     CaFile { path: PathBuf, message: String },
 }
 
-/// One crypto provider for the whole process (ring: builds without cmake or a C++ toolchain).
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+pub use sluice_api::tls::{client_config_for_ca, provider};
 
 /// The PostgreSQL listener: TLS 1.2/1.3, a client certificate chained to `ca_der` is required.
 ///
@@ -160,20 +156,6 @@ pub fn api_server_config(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    Ok(Arc::new(cfg))
-}
-
-/// A client config trusting exactly the PEM CAs in `ca_pem` (the `sluice` CLI talking to control).
-pub fn client_config_for_ca(ca_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| TlsError::CaFile { path: PathBuf::from("<pem>"), message: e.to_string() })?;
-        roots.add(cert)?;
-    }
-    let cfg = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
 

@@ -31,9 +31,9 @@ use super::splice::SpliceDir;
 use super::{
     set_nonblocking, Command, Failure, Leg, MovedSession, Op, Report, Session, SessionBytes, SpliceIssue, Stats, Step,
 };
-use crate::handoff::{DirPath, DirState, EndReason, LegCrypto};
 use crate::ktls;
 use crate::tls_record::{RecordDecrypter, RecordEncrypter, TLS13};
+use sluice_handoff::handoff::{DirPath, DirState, EndReason, LegCrypto};
 
 const RING_ENTRIES: u32 = 4096;
 /// How often idle timeouts, certificate expiry and stuck endings are checked.

@@ -23,12 +23,12 @@ use nix::libc;
 use super::ktls_rx::{read_error, Control, KtlsRx};
 use super::pool::{Pool, BUF_SIZE};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
-use crate::handoff::{DirPath, DirState};
 use crate::ktls::send_close_notify;
 use crate::tls_record::{
     RecordDecrypter, RecordEncrypter, CLOSE_NOTIFY, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
     MAX_PLAINTEXT, MAX_RECORD_LEN,
 };
+use sluice_handoff::handoff::{DirPath, DirState};
 
 const _: () = assert!(BUF_SIZE >= MAX_RECORD_LEN + 64, "a pool buffer must hold a full record and its reseal");
 

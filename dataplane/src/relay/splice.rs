@@ -22,8 +22,8 @@ use nix::libc;
 
 use super::ktls_rx::{read_error, Control, KtlsRx};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
-use crate::handoff::{DirPath, DirState};
 use crate::ktls::{send_close_notify, MAX_RECORD_PLAINTEXT};
+use sluice_handoff::handoff::{DirPath, DirState};
 
 /// Larger pipes mean fewer splices (each an io-wq round trip) per megabyte.
 const PIPE_SIZE: i32 = 256 * 1024;

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc, OnceLock};
@@ -15,8 +15,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{
     ClientConfig, ClientConnection, ConnectionTrafficSecrets, ExtractedSecrets, ServerConfig, ServerConnection,
 };
-use sluice_dataplane::handoff::{DirPath, EndReason, LegCrypto};
 use sluice_dataplane::relay::{Report, Session, Worker};
+use sluice_handoff::handoff::{DirPath, EndReason, LegCrypto};
+pub use sluice_test_support::tcp_pair;
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -146,13 +147,10 @@ pub fn plain_exchange<S: Duplex>(
     writer.join().unwrap()
 }
 
-pub fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    a.set_nodelay(true).unwrap();
-    b.set_nodelay(true).unwrap();
-    (a, b)
+/// A worker with the default options, and where its reports arrive.
+pub fn worker() -> (Worker, mpsc::Receiver<Report>) {
+    let (tx, rx) = mpsc::channel();
+    (Worker::spawn(0, tx).unwrap(), rx)
 }
 
 pub fn session(

@@ -16,7 +16,7 @@ use crate::leg::Leg;
 use crate::metrics::{counters_json, METRICS};
 use crate::state::StateError;
 use crate::upstream::{self, UpstreamStream};
-use sluice_dataplane::handoff::LegCrypto;
+use sluice_handoff::handoff::LegCrypto;
 
 pub(super) enum Outcome {
     /// The dataplane owns the session now.
@@ -160,7 +160,7 @@ pub(super) async fn hand_off(
     }
     ctx.handed().insert(fields.session_id.clone(), record);
     let idle = ctx.cfg.idle_timeout();
-    let h = sluice_dataplane::handoff::Handoff {
+    let h = sluice_handoff::handoff::Handoff {
         session_id: fields.session_id.clone(),
         user: fields.user.clone(),
         db_service: fields.db_service.clone(),
@@ -194,7 +194,7 @@ fn with_ktls(legs: &Legs, ktls: Option<(bool, bool)>) -> serde_json::Value {
 
 impl ProxyContext {
     /// Audits the end of a session the dataplane held.
-    fn finish_handed_off(&self, id: &str, ended: Option<&sluice_dataplane::handoff::SessionEnded>) {
+    fn finish_handed_off(&self, id: &str, ended: Option<&sluice_handoff::handoff::SessionEnded>) {
         let Some(record) = self.handed().remove(id) else {
             warn!(session_id = %id, "end report for a session control does not know");
             return;
@@ -218,7 +218,7 @@ impl ProxyContext {
                 json!({ "error": "the dataplane no longer holds the session", "data_plane": true, "legs": with_ktls(&record.legs, None) })
             }
         };
-        let success = ended.is_some_and(|e| e.reason != sluice_dataplane::handoff::EndReason::Error);
+        let success = ended.is_some_and(|e| e.reason != sluice_handoff::handoff::EndReason::Error);
         if let Some(c) = ended.and_then(|e| e.counters.as_ref()) {
             METRICS.session_ended(c);
         }
@@ -228,7 +228,7 @@ impl ProxyContext {
 }
 
 impl Events for ProxyContext {
-    fn ended(&self, e: sluice_dataplane::handoff::SessionEnded) {
+    fn ended(&self, e: sluice_handoff::handoff::SessionEnded) {
         self.finish_handed_off(&e.session_id.clone(), Some(&e));
     }
 

@@ -15,7 +15,7 @@ use super::{HandshakeFailure, ProxyContext, Ready};
 use crate::audit::{SessionFields, SESSION_END};
 use crate::metrics::{counters_json, METRICS};
 use crate::policy::{self, Denial};
-use sluice_dataplane::handoff::{CounterSource, EndReason, LegCounters, SessionCounters};
+use sluice_handoff::handoff::{CounterSource, EndReason, LegCounters, SessionCounters};
 
 /// Relays (or hands off) a session once its setup finished, and audits its end.
 pub(super) async fn run_session(

@@ -18,7 +18,7 @@ use nix::sys::socket::{
 };
 use thiserror::Error;
 
-use crate::handoff::{self, HandoffError, Message, HEADER_LEN, MAX_PAYLOAD};
+use crate::handoff::{self, HandoffError, Message, Role, HEADER_LEN, MAX_PAYLOAD};
 
 /// Descriptors a single frame may carry (a Handoff carries two, a Resume up to seven).
 const MAX_FDS: usize = 8;
@@ -40,6 +40,9 @@ pub enum LinkError {
     /// A non-blocking send found the socket buffer full (the peer is not reading).
     #[error("the peer is not reading (socket buffer full)")]
     WouldBlock,
+    /// The first frame each way must be a `Hello` (a data plane's, when we introduced ourselves).
+    #[error("expected a Hello, got {0:?}")]
+    NotHello(Box<Message>),
 }
 
 /// One end of a control ↔ dataplane link.
@@ -212,6 +215,32 @@ impl Link {
         }
     }
 
+    /// The client's side of the opening exchange: introduces us as `role` and waits for the data
+    /// plane's `Hello`, whose pid it returns. Anything else first means the peer is not a data
+    /// plane. Blocks for the answer as long as the read timeout allows.
+    pub fn hello(&self, role: Role) -> Result<u32, LinkError> {
+        self.send(&Message::Hello { role, pid: std::process::id() }, &[])?;
+        match self.recv()?.0 {
+            Message::Hello { role: Role::Dataplane, pid } => Ok(pid),
+            other => Err(LinkError::NotHello(Box::new(other))),
+        }
+    }
+
+    /// The data plane's side: reads the peer's `Hello` (its role and pid) without answering,
+    /// so the caller can decide first (a successor must find the counters pinned before it is
+    /// answered); [`Link::answer_hello`] answers.
+    pub fn recv_hello(&self) -> Result<(Role, u32), LinkError> {
+        match self.recv()?.0 {
+            Message::Hello { role, pid } => Ok((role, pid)),
+            other => Err(LinkError::NotHello(Box::new(other))),
+        }
+    }
+
+    /// Answers a peer's `Hello` as a data plane.
+    pub fn answer_hello(&self) -> Result<(), LinkError> {
+        self.send(&Message::Hello { role: Role::Dataplane, pid: std::process::id() }, &[])
+    }
+
     /// Sets a receive timeout (None blocks forever).
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> Result<(), LinkError> {
         let tv = match t {
@@ -231,7 +260,6 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handoff::Role;
 
     fn temp_path(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("sluice-link-{}-{name}", std::process::id()))
@@ -322,6 +350,26 @@ mod tests {
         }
         assert!(sent > 0);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    /// Both sides of the opening exchange, and a peer that answers with something else.
+    #[test]
+    fn hello_exchange_and_a_peer_that_is_not_a_data_plane() {
+        let (a, b) = pair();
+        let server = std::thread::spawn(move || {
+            let got = b.recv_hello().unwrap();
+            b.answer_hello().unwrap();
+            assert!(matches!(b.recv_hello(), Err(LinkError::NotHello(m)) if *m == Message::ListSessions));
+            b.send(&Message::Hello { role: Role::Admin, pid: 9 }, &[]).unwrap();
+            // Kept open: the client's next Hello must not meet a closed socket.
+            (got, b)
+        });
+        assert_eq!(a.hello(Role::Admin).unwrap(), std::process::id());
+        a.send(&Message::ListSessions, &[]).unwrap();
+        // An admin tool answering as an admin is not a data plane.
+        assert!(matches!(a.hello(Role::Control), Err(LinkError::NotHello(m))
+            if *m == Message::Hello { role: Role::Admin, pid: 9 }));
+        assert_eq!(server.join().unwrap().0, (Role::Admin, std::process::id()));
     }
 
     #[test]

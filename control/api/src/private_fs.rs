@@ -74,7 +74,7 @@ mod tests {
 
     #[test]
     fn loose_dirs_and_files_are_tightened_and_reported() {
-        let base = std::env::temp_dir().join(format!("sluice-private-{}", crate::state::random_secret(4)));
+        let base = std::env::temp_dir().join(format!("sluice-private-{}", std::process::id()));
         let dir = base.join("data");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, Permissions::from_mode(0o755)).unwrap();

@@ -1,0 +1,7 @@
+//! The boundary between control and a data plane: the sans-IO frame codec of the handoff protocol
+//! ([`handoff`]) and the Unix SOCK_SEQPACKET link that carries its frames and the sessions'
+//! sockets ([`link`]). Both sides, and the admin commands, depend on this crate alone, so none of
+//! them pulls in the other's runtime.
+
+pub mod handoff;
+pub mod link;
