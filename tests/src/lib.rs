@@ -323,7 +323,7 @@ impl Harness {
         let old = &self.stack.control;
         let mut config = old.config.clone();
         edit(&mut config);
-        std::fs::write(&old.config_path, serde_yaml::to_string(&config)?)?;
+        std::fs::write(&old.config_path, serde_saphyr::to_string(&config)?)?;
         self.stack.control = ControlProc::spawn(
             old.config_path.clone(),
             config,

@@ -111,7 +111,7 @@ mod tests {
             name: "orders".into(),
             description: String::new(),
             labels: [("env".to_owned(), "prod".to_owned())].into_iter().collect(),
-            spec: serde_yaml::from_str(
+            spec: serde_saphyr::from_str(
                 "protocol: postgres\nuri: x.proxy-abcdefghijkl.us-east-1.rds.amazonaws.com:5432",
             )
             .unwrap(),
