@@ -174,14 +174,6 @@ impl TokenMinter {
     /// A token for `target`, reusing one minted for the same credentials while it has more than
     /// five minutes left.
     pub async fn token(&self, source: &CredentialSource, target: &TokenTarget) -> Result<String, IamError> {
-        let token = self.token_inner(source, target).await;
-        if token.is_err() {
-            crate::metrics::METRICS.token_error();
-        }
-        token
-    }
-
-    async fn token_inner(&self, source: &CredentialSource, target: &TokenTarget) -> Result<String, IamError> {
         let creds = self.credentials(source).await?;
         let key = (creds.access_key_id().to_owned(), target.clone());
         let now = SystemTime::now();
