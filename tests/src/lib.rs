@@ -331,7 +331,7 @@ impl Harness {
         let old = &self.stack.control;
         let mut config = old.config.clone();
         edit(&mut config);
-        std::fs::write(&old.config_path, serde_yaml::to_string(&config)?)?;
+        std::fs::write(&old.config_path, serde_saphyr::to_string(&config)?)?;
         self.stack.control = ControlProc::spawn(
             old.config_path.clone(),
             config,
@@ -398,19 +398,53 @@ pub fn check_output(what: &str, out: &Output) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// GETs a Prometheus `/metrics` URL (`http://HOST:PORT/metrics`) and returns the whole response,
-/// headers included; fails unless it is a 200.
-pub fn scrape(url: &str) -> Result<String> {
-    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics");
+/// An HTTP response as [`http_get`] returns it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header lines, names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// GETs `path` from `addr` (`HOST:PORT`) over HTTP/1.1 and reads the response to the end (the
+/// request asks the server to close the connection after it).
+pub fn http_get(addr: &str, path: &str) -> Result<HttpResponse> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    if !text.starts_with("HTTP/1.1 200") {
-        bail!("scraping {url}: {}", &text[..text.len().min(500)]);
+    s.read_to_string(&mut text).with_context(|| format!("reading the answer to GET {path}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no end of headers: {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse { status, headers, body: body.to_owned() })
+}
+
+/// GETs a Prometheus `/metrics` URL (`http://HOST:PORT/metrics`) and returns the body; fails
+/// unless it is a 200.
+pub fn scrape(url: &str) -> Result<String> {
+    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics");
+    let r = http_get(addr, "/metrics")?;
+    if r.status != 200 {
+        bail!("scraping {url}: {} {}", r.status, &r.body[..r.body.len().min(500)]);
     }
-    Ok(text)
+    Ok(r.body)
 }
 
 /// The value of `name` in an environment list.

@@ -62,13 +62,8 @@ fn control_demo_serves_psql_and_stops_cleanly_on_sigterm() {
     assert_eq!(psql_query(&env, "select current_user || '@' || current_database()").unwrap(), "alice@demo");
     // The metrics URL is written beside the env file and answers with Sluice's metrics.
     let url = std::fs::read_to_string(dir.join("metrics-url")).unwrap();
-    let addr = url.trim().strip_prefix("http://").and_then(|u| u.strip_suffix("/metrics")).unwrap().to_owned();
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    std::io::Write::write_all(&mut conn, format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).unwrap();
-    let mut metrics = String::new();
-    std::io::Read::read_to_string(&mut conn, &mut metrics).unwrap();
-    assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("sluice_sessions_started_total"), "{metrics}");
+    let metrics = sluice_tests::scrape(url.trim()).unwrap();
+    assert!(metrics.contains("sluice_sessions_started_total"), "{metrics}");
 
     let pg_dir = std::fs::read_to_string(dir.join("postgres-dir")).unwrap();
     let pidfile = std::path::Path::new(pg_dir.trim()).join("data").join("postmaster.pid");

@@ -5,7 +5,8 @@
 //! BPF counters (as root, as CI runs) and with the userspace fallback forced; BPF map entries must
 //! be gone once the session ends. `control sessions ls` must show the live bytes too. Midway the
 //! data plane is replaced (`dataplane --take-over`): the session goes on, and the counts, live and
-//! final, still cover every byte since the handoff.
+//! final, still cover every byte since the handoff. The same listener answers `/healthz` and
+//! `/readyz`, which follows the data-plane link.
 
 use std::io::Write;
 use std::pin::Pin;
@@ -14,7 +15,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use sluice_tests::{pg_config, raw_connect, read_to_close, runtime, scrape, startup_packet, wait_until, Harness};
+use sluice_tests::{
+    http_get, pg_config, raw_connect, read_to_close, runtime, scrape, startup_packet, wait_until, Harness,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -207,4 +210,108 @@ fn bpf_counters_match_the_client_bytes_in_metrics_and_audit() {
 #[test]
 fn userspace_counters_match_the_client_bytes_in_metrics_and_audit() {
     run("userspace");
+}
+
+/// Checks `text` against the Prometheus text format as a scraper reads it: every sample belongs to
+/// the family its `# TYPE` line opened (histograms: `_bucket`, `_sum`, `_count`), its labels are
+/// `name="value"` pairs, its value a float, and no series appears twice.
+fn check_exposition(text: &str) {
+    let is_name = |n: &str| {
+        !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let mut family: Option<(String, String)> = None;
+    let mut seen = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
+            assert!(is_name(name), "{line:?}");
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line:?}");
+            family = Some((name.to_owned(), kind.to_owned()));
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line:?}");
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
+        assert!(value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value), "bad value in {line:?}");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels {line:?}"))),
+            None => (series, ""),
+        };
+        let (fam, kind) = family.as_ref().unwrap_or_else(|| panic!("sample before any TYPE: {line:?}"));
+        let ok = match kind.as_str() {
+            "histogram" => ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{fam}{s}")),
+            _ => name == fam,
+        };
+        assert!(ok, "{line:?} outside its family {fam} ({kind})");
+        // Labels: name="value" pairs, values with \\, \" and \n escaped.
+        let mut rest = labels;
+        while !rest.is_empty() {
+            let (key, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+            assert!(is_name(key), "bad label name {key:?} in {line:?}");
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((_, '\\')) => assert!(matches!(chars.next(), Some((_, '\\' | '"' | 'n'))), "{line:?}"),
+                    Some((i, '"')) => break i,
+                    Some(_) => {}
+                    None => panic!("unterminated label value in {line:?}"),
+                }
+            };
+            rest = after[end + 1..].strip_prefix(',').unwrap_or(&after[end + 1..]);
+        }
+        assert!(seen.insert(series.to_owned()), "{series} twice");
+    }
+    assert!(family.is_some(), "no metrics at all: {text}");
+}
+
+/// `/healthz` answers while the process runs; `/readyz` only while the data plane it is configured
+/// with is linked; other paths are 404; `/metrics` parses as the text format.
+#[test]
+fn health_and_readiness_follow_the_data_plane() {
+    let mut h = Harness::start_with_dataplane_args("metrics-health", &["--counters", "userspace"]).unwrap();
+    let url = h.stack.control.metrics_url().expect("the test stack serves metrics");
+    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics").to_owned();
+    let health = http_get(&addr, "/healthz").unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ready = wait_until(Duration::from_secs(10), "control is ready", || {
+        let r = http_get(&addr, "/readyz")?;
+        Ok((r.status == 200).then_some(r))
+    })
+    .unwrap();
+    assert_eq!(ready.body, "ready\n");
+    let missing = http_get(&addr, "/metricz").unwrap();
+    assert_eq!(missing.status, 404, "{missing:?}");
+
+    // A session makes the per-session families non-empty for the format check.
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let rt = runtime().unwrap();
+    let connected = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    wait_until(Duration::from_secs(10), "the session is handed to the dataplane", || {
+        Ok(h.state.live_sessions()?.first().map(|s| s.0.clone()))
+    })
+    .unwrap();
+    let m = http_get(&addr, "/metrics").unwrap();
+    assert_eq!(m.status, 200);
+    assert_eq!(m.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"), "{m:?}");
+    check_exposition(&m.body);
+    assert!(m.body.contains("\nsluice_session_bytes{session_id="), "{}", m.body);
+    assert_eq!(series(&m.body, "sluice_dataplane_connected", &[]), Some(1.0), "{}", m.body);
+    rt.block_on(connected.close()).unwrap();
+
+    // Without its data plane control is alive but not ready, and says why.
+    h.stack.dataplane.as_mut().expect("the stack runs a dataplane").proc.stop(nix::sys::signal::Signal::SIGTERM);
+    let not_ready = wait_until(Duration::from_secs(10), "readiness follows the link down", || {
+        let r = http_get(&addr, "/readyz")?;
+        Ok((r.status == 503).then_some(r))
+    })
+    .unwrap();
+    assert!(not_ready.body.starts_with("not ready: no link to the data plane"), "{not_ready:?}");
+    assert_eq!(http_get(&addr, "/healthz").unwrap().status, 200);
+    let text = scrape(&url).unwrap();
+    check_exposition(&text);
+    assert_eq!(series(&text, "sluice_dataplane_connected", &[]), Some(0.0), "{text}");
 }

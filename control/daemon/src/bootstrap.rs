@@ -285,7 +285,7 @@ mod tests {
     use crate::state::Discovered;
 
     fn cfg(yaml: &str) -> Config {
-        serde_yaml::from_str(&format!("data_dir: /x\n{yaml}")).unwrap()
+        serde_saphyr::from_str(&format!("data_dir: /x\n{yaml}")).unwrap()
     }
 
     fn rows(n: usize, source: &str) -> Vec<DiscoveredRow> {
@@ -297,7 +297,7 @@ mod tests {
                     kind: "db".into(),
                     version: "v3".into(),
                     metadata: Metadata { name: format!("p{i}"), description: String::new(), labels: labels.into() },
-                    spec: serde_yaml::from_str("protocol: postgres\nuri: h:5432").unwrap(),
+                    spec: serde_saphyr::from_str("protocol: postgres\nuri: h:5432").unwrap(),
                 };
                 DiscoveredRow {
                     source: source.into(),

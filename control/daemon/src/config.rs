@@ -16,7 +16,7 @@ pub enum ConfigError {
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("parsing {path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse { path: PathBuf, source: Box<serde_saphyr::Error> },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -439,11 +439,17 @@ pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Parses YAML (config, roles) with only `true`/`false` as booleans, as YAML 1.2 and serde_yaml
+/// have it: serde-saphyr would also take YAML 1.1's `yes`/`on`/`off` by default.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Box<serde_saphyr::Error>> {
+    serde_saphyr::from_str_with_options(text, serde_saphyr::options! { strict_booleans: true, null_as_string: true })
+        .map_err(Box::new)
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let cfg: Config =
-            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let cfg: Config = from_yaml(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -544,7 +550,7 @@ db_service:
     - labels: {env: prod}
       aws: {assume_role_arn: "arn:aws:iam::123456789012:role/x"}
 "#;
-        let c: Config = serde_yaml::from_str(y).unwrap();
+        let c: Config = serde_saphyr::from_str(y).unwrap();
         c.validate().unwrap();
         assert_eq!(c.db_service.databases[0].spec.region().as_deref(), Some("us-west-1"));
         assert_eq!(c.proxy_service.handshake_timeout, Duration::from_secs(10));
@@ -552,7 +558,7 @@ db_service:
 
     #[test]
     fn rejects_unknown_fields_and_protocols() {
-        assert!(serde_yaml::from_str::<Config>("data_dir: /x\nbogus: 1\n").is_err());
+        assert!(serde_saphyr::from_str::<Config>("data_dir: /x\nbogus: 1\n").is_err());
         let spec = DatabaseSpec {
             protocol: "mysql".into(),
             uri: "h:1".into(),

@@ -1,17 +1,19 @@
 //! `control start`: opens the state, loads the CA, binds the PostgreSQL and API listeners and
 //! serves until SIGINT/SIGTERM.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{self, ApiContext};
 use crate::audit::AuditLog;
 use crate::config::{split_host_port, Config};
 use crate::iam::TokenMinter;
+use crate::metrics::{LiveSession, Probe};
 use crate::policy::PolicyStore;
 use crate::proxy::{self, ProxyContext};
 use crate::state::State;
@@ -90,14 +92,16 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         tokio::spawn(proxy::enforce_policy(proxy_ctx.clone())),
         tokio::spawn(api::serve(api_ctx, bound.api, api_tls)),
     ];
+    let probe = Arc::new(ProxyProbe { ctx: proxy_ctx.clone(), serving: AtomicBool::new(false) });
     if let Some(l) = bound.metrics {
         info!(metrics = %format!("http://{}/metrics", l.local_addr()?), "serving Prometheus metrics");
-        tasks.push(tokio::spawn(crate::metrics::serve(proxy_ctx.clone(), l)));
+        tasks.push(tokio::spawn(crate::metrics::serve(probe.clone(), l)));
     }
     if let Some(local) = cfg.proxy_service.local_socket.clone() {
         tasks.push(tokio::spawn(proxy::serve_local(proxy_ctx.clone(), local)));
     }
     tasks.push(tokio::spawn(proxy::serve(proxy_ctx, bound.postgres)));
+    probe.serving.store(true, Ordering::Release);
     shutdown_signal().await;
     info!("shutting down");
     for t in tasks {
@@ -105,6 +109,50 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     }
     discovery_task.abort();
     Ok(())
+}
+
+/// What the metrics endpoints read from the proxy: its live sessions and whether it can serve.
+struct ProxyProbe {
+    ctx: Arc<ProxyContext>,
+    /// Set once every listener is served.
+    serving: AtomicBool,
+}
+
+impl Probe for ProxyProbe {
+    async fn live_sessions(&self) -> (Vec<LiveSession>, Option<bool>) {
+        let Some(dp) = self.ctx.dataplane.get() else { return (Vec::new(), None) };
+        if !dp.connected() {
+            return (Vec::new(), Some(false));
+        }
+        let stats = match dp.stats().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "asking the dataplane for live counters");
+                return (Vec::new(), Some(true));
+            }
+        };
+        // The data plane knows sessions by id; control knows their user and database.
+        let known = self.ctx.handed_sessions();
+        let live = stats
+            .into_iter()
+            .map(|stats| {
+                let (user, db) = known.get(&stats.session_id).cloned().unwrap_or_default();
+                LiveSession { stats, user, db }
+            })
+            .collect();
+        (live, Some(true))
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        if !self.serving.load(Ordering::Acquire) {
+            return Err("starting".into());
+        }
+        let Some(dp) = &self.ctx.cfg.dataplane else { return Ok(()) };
+        match self.ctx.dataplane.get() {
+            Some(client) if client.connected() => Ok(()),
+            _ => Err(format!("no link to the data plane at {}", dp.socket.display())),
+        }
+    }
 }
 
 pub async fn shutdown_signal() {

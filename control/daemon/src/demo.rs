@@ -46,7 +46,9 @@ pub enum DemoError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("writing the config: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_saphyr::SerializeError),
+    #[error("reading YAML: {0}")]
+    YamlParse(#[from] Box<serde_saphyr::Error>),
     #[error(transparent)]
     Os(#[from] nix::errno::Errno),
 }
@@ -631,7 +633,7 @@ impl ControlProc {
             metrics: Some(MetricsConfig { listen_addr: ([127, 0, 0, 1], metrics_port).into() }),
         };
         let config_path = dir.join("control.yaml");
-        std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+        std::fs::write(&config_path, serde_saphyr::to_string(&config)?)?;
         Self::spawn(config_path, config, pg_port, api_port, creds, dir)
     }
 
@@ -692,7 +694,7 @@ pub fn dev_role(name: &str, db_names: &[&str], db_users: &[&str]) -> Result<Role
         "kind: role\nversion: v7\nmetadata: {{name: {name}}}\nspec:\n  allow:\n    db_labels: {{env: dev}}\n    db_names: {:?}\n    db_users: {:?}\n",
         db_names, db_users
     );
-    Ok(serde_yaml::from_str(&yaml)?)
+    Ok(crate::config::from_yaml(&yaml)?)
 }
 
 /// The running stack; dropping it stops control, the emulator and PostgreSQL in that order.

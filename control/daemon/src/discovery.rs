@@ -568,7 +568,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn matcher() -> AwsMatcher {
-        serde_yaml::from_str("types: [rdsproxy]\nregions: [us-west-2]\nassume_role_arn: arn:aws:iam::222222222222:role/disc\nexternal_id: ext\n").unwrap()
+        serde_saphyr::from_str("types: [rdsproxy]\nregions: [us-west-2]\nassume_role_arn: arn:aws:iam::222222222222:role/disc\nexternal_id: ext\n").unwrap()
     }
 
     fn proxy() -> ProxyInfo {
@@ -657,13 +657,13 @@ mod tests {
     #[test]
     fn tag_matchers_see_every_label() {
         let mut m = matcher();
-        m.tags = serde_yaml::from_str("{env: prod}").unwrap();
+        m.tags = serde_saphyr::from_str("{env: prod}").unwrap();
         assert!(proxy_database(&m, &proxy()).is_ok());
-        m.tags = serde_yaml::from_str("{env: dev}").unwrap();
+        m.tags = serde_saphyr::from_str("{env: dev}").unwrap();
         assert_eq!(proxy_database(&m, &proxy()).unwrap_err(), Skip::Tags);
-        m.tags = serde_yaml::from_str("{region: us-west-2, engine: POSTGRESQL}").unwrap();
+        m.tags = serde_saphyr::from_str("{region: us-west-2, engine: POSTGRESQL}").unwrap();
         assert!(proxy_database(&m, &proxy()).is_ok());
-        m.tags = serde_yaml::from_str("{endpoint-type: READ_ONLY}").unwrap();
+        m.tags = serde_saphyr::from_str("{endpoint-type: READ_ONLY}").unwrap();
         assert_eq!(proxy_database(&m, &proxy()).unwrap_err(), Skip::Tags);
         assert!(endpoint_database(&m, &proxy(), &endpoint()).is_ok());
         let all = map_region(&m, &[proxy()], &[endpoint()]);

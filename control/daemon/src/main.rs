@@ -272,7 +272,7 @@ fn open_state(cfg: &Config) -> Result<State> {
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    sluice_control::config::from_yaml(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 fn main() -> Result<()> {
@@ -368,7 +368,7 @@ fn main() -> Result<()> {
                 }
                 RolesCmd::Ls => {
                     for r in state.roles()? {
-                        println!("{}", serde_yaml::to_string(&r)?);
+                        println!("{}", serde_saphyr::to_string(&r)?);
                         println!("---");
                     }
                 }
@@ -427,10 +427,10 @@ fn main() -> Result<()> {
                 });
                 resources.push(sluice_control::config::ResourceMatcher { labels, aws });
             }
-            let mut cfg: Config = serde_yaml::from_str(&format!("data_dir: {}", data_dir.display()))?;
+            let mut cfg: Config = sluice_control::config::from_yaml(&format!("data_dir: {}", data_dir.display()))?;
             cfg.db_service.resources = resources;
             cfg.validate()?;
-            let yaml = serde_yaml::to_string(&cfg)?;
+            let yaml = serde_saphyr::to_string(&cfg)?;
             match output {
                 Some(path) => {
                     std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;

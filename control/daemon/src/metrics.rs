@@ -1,25 +1,36 @@
-//! Prometheus metrics: what control counts itself (session setup time, handshake failures by
-//! reason, discovery and token errors, totals of ended sessions) plus, at each scrape, every live
-//! session's counters asked from the data plane (`StatsRequest`), served as the text exposition
-//! format on `metrics.listen_addr` at `/metrics`.
+//! Prometheus metrics and health endpoints: what control counts itself (session setup time,
+//! handshake failures by reason, discovery and token errors, totals of ended sessions) plus, at
+//! each scrape, every live session's counters asked from the data plane (`StatsRequest`), served
+//! over HTTP on `metrics.listen_addr` at `/metrics`, beside `/healthz` and `/readyz`.
 //!
-//! The format is written by hand (a few dozen lines) rather than with `prometheus-client`: the
-//! per-session series are rebuilt from the data plane's answer at every scrape, so there is no
-//! registry state to keep or to clean when sessions end, and no dependency is added. The HTTP side
-//! is a minimal responder (one GET per connection), enough for Prometheus and curl.
+//! Control's own counters live in `prometheus-client` metrics ([`METRICS`]). The per-session
+//! series are rebuilt from the data plane's answer at every scrape by a [`Collector`] in a
+//! registry made for that scrape, so nothing has to be cleaned up when a session ends. What the
+//! endpoints read from the rest of control comes through [`Probe`], so this module does not
+//! depend on the proxy.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use sluice_handoff::handoff::{CounterSource, LegCounters, SessionCounters, SessionStats};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
-
-use crate::proxy::ProxyContext;
+use tracing::warn;
 
 /// Upper bounds (seconds) of the connection-setup histogram: TLS, startup, RBAC, IAM token and
 /// the upstream session together take milliseconds on a LAN, seconds when AWS is slow.
@@ -27,47 +38,11 @@ const SETUP_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 /// Upper bounds (seconds) of the histogram of each ended session's smoothed RTT.
 const RTT_BUCKETS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
-struct Histogram<const N: usize> {
-    bounds: [f64; N],
-    buckets: [AtomicU64; N],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
+const LEGS: [&str; 2] = ["client", "upstream"];
+const DIRECTIONS: [&str; 2] = ["rx", "tx"];
 
-impl<const N: usize> Histogram<N> {
-    const fn new(bounds: [f64; N]) -> Self {
-        Histogram {
-            bounds,
-            buckets: [const { AtomicU64::new(0) }; N],
-            count: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
-        }
-    }
-    fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        // Buckets are cumulative in the format; store them that way.
-        for (b, bound) in self.buckets.iter().zip(self.bounds) {
-            if s <= bound {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, bound) in self.buckets.iter().zip(self.bounds) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", b.load(Ordering::Relaxed));
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-/// Traffic totals of ended sessions: `[client, upstream]` × `[rx, tx]`.
-#[derive(Default)]
+/// Traffic totals: `[client, upstream]` × `[rx, tx]`.
+#[derive(Debug, Default, Clone, Copy)]
 struct Totals {
     bytes: [[u64; 2]; 2],
     packets: [[u64; 2]; 2],
@@ -86,60 +61,82 @@ impl Totals {
     }
 }
 
-/// Control's own counters; one per process ([`METRICS`]).
-pub struct Metrics {
-    sessions_started: AtomicU64,
-    sessions_ended: AtomicU64,
-    /// Sessions control relays itself (no data plane), live now.
-    local_active: AtomicU64,
-    setup: Histogram<12>,
-    end_srtt: Histogram<10>,
-    handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
-    discovery_errors: AtomicU64,
-    token_errors: AtomicU64,
-    ended: Mutex<Option<Totals>>,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
-pub static METRICS: Metrics = Metrics::new();
+/// Control's own counters; one per process ([`METRICS`]). The metric handles share their values
+/// with their clones, which each scrape registers.
+pub struct Metrics {
+    sessions_started: Counter,
+    sessions_ended: Counter,
+    /// Sessions control relays itself (no data plane), live now.
+    local_active: AtomicU64,
+    setup: Histogram,
+    end_srtt: Histogram,
+    handshake_failures: Family<ReasonLabel, Counter>,
+    discovery_errors: Counter,
+    token_errors: Counter,
+    /// Traffic of ended sessions.
+    ended: Mutex<Totals>,
+}
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// A live session as a scrape shows it: the data plane's numbers, with the user and database
+/// from control's state.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    pub stats: SessionStats,
+    pub user: String,
+    pub db: String,
+}
+
+/// What the HTTP endpoints read from the rest of control, at request time.
+pub trait Probe: Send + Sync + 'static {
+    /// The data plane's live sessions, and whether control's link to it is up (`None` when no
+    /// data plane is configured).
+    fn live_sessions(&self) -> impl Future<Output = (Vec<LiveSession>, Option<bool>)> + Send;
+
+    /// `Err(reason)` while control cannot serve sessions.
+    fn readiness(&self) -> Result<(), String>;
 }
 
 impl Metrics {
-    const fn new() -> Self {
+    fn new() -> Self {
         Metrics {
-            sessions_started: AtomicU64::new(0),
-            sessions_ended: AtomicU64::new(0),
+            sessions_started: Counter::default(),
+            sessions_ended: Counter::default(),
             local_active: AtomicU64::new(0),
             setup: Histogram::new(SETUP_BUCKETS),
             end_srtt: Histogram::new(RTT_BUCKETS),
-            handshake_failures: Mutex::new(BTreeMap::new()),
-            discovery_errors: AtomicU64::new(0),
-            token_errors: AtomicU64::new(0),
-            ended: Mutex::new(None),
+            handshake_failures: Family::default(),
+            discovery_errors: Counter::default(),
+            token_errors: Counter::default(),
+            ended: Mutex::new(Totals::default()),
         }
     }
 
     /// A session is ready (client authenticated, upstream session open) after `setup`.
     pub fn session_started(&self, setup: Duration) {
-        self.sessions_started.fetch_add(1, Ordering::Relaxed);
-        self.setup.observe(setup);
+        self.sessions_started.inc();
+        self.setup.observe(setup.as_secs_f64());
     }
 
     /// A client was refused or gave up before its session was ready.
     pub fn handshake_failed(&self, reason: &'static str) {
-        *lock(&self.handshake_failures).entry(reason).or_insert(0) += 1;
+        self.handshake_failures.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Looking the database up in the catalog failed (not: the database is unknown).
     pub fn discovery_error(&self) {
-        self.discovery_errors.fetch_add(1, Ordering::Relaxed);
+        self.discovery_errors.inc();
     }
 
     /// Minting an RDS IAM auth token failed.
     pub fn token_error(&self) {
-        self.token_errors.fetch_add(1, Ordering::Relaxed);
+        self.token_errors.inc();
     }
 
     pub fn local_session(&self, live: bool) {
@@ -152,134 +149,211 @@ impl Metrics {
 
     /// A session ended with these final counters.
     pub fn session_ended(&self, c: &SessionCounters) {
-        self.sessions_ended.fetch_add(1, Ordering::Relaxed);
-        lock(&self.ended).get_or_insert_with(Totals::default).add(c);
+        self.sessions_ended.inc();
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).add(c);
         let srtt = c.client.srtt_us.max(c.upstream.srtt_us);
         if c.source == CounterSource::Bpf && srtt > 0 {
-            self.end_srtt.observe(Duration::from_micros(u64::from(srtt)));
+            self.end_srtt.observe(f64::from(srtt) / 1e6);
         }
     }
 
-    /// The exposition text; `live` are the data plane's live sessions with (user, database).
-    pub fn render(&self, live: &[(SessionStats, String, String)], dataplane_connected: Option<bool>) -> String {
+    /// The exposition text (Prometheus text format 0.0.4); `live` are the data plane's live
+    /// sessions.
+    pub fn render(&self, live: Vec<LiveSession>, dataplane_connected: Option<bool>) -> String {
+        let mut registry = Registry::default();
+        // Counters are registered without `_total` and help texts without their final period:
+        // the registry appends both.
+        registry.register(
+            "sluice_sessions_started",
+            "Sessions set up (authenticated, upstream open)",
+            self.sessions_started.clone(),
+        );
+        registry.register("sluice_sessions_ended", "Sessions ended", self.sessions_ended.clone());
+        registry.register("sluice_connection_setup_seconds", "Time from accept to a ready session", self.setup.clone());
+        registry.register(
+            "sluice_handshake_failures",
+            "Clients refused or lost before their session was ready",
+            self.handshake_failures.clone(),
+        );
+        registry.register("sluice_discovery_errors", "Failed database catalog look-ups", self.discovery_errors.clone());
+        registry.register("sluice_token_errors", "Failed RDS IAM auth token mints", self.token_errors.clone());
+        registry.register(
+            "sluice_session_srtt_seconds",
+            "Smoothed RTT of each ended session (its slower leg)",
+            self.end_srtt.clone(),
+        );
+        let ended = *self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        registry.register_collector(Box::new(LiveSeries {
+            live,
+            dataplane_connected,
+            local_active: self.local_active.load(Ordering::Relaxed),
+            ended,
+        }));
         let mut out = String::with_capacity(4096);
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        let active = self.local_active.load(Ordering::Relaxed) + live.len() as u64;
-        let _ = writeln!(out, "# HELP sluice_sessions_active Sessions being relayed now.\n# TYPE sluice_sessions_active gauge\nsluice_sessions_active {active}");
-        counter(
-            &mut out,
-            "sluice_sessions_started_total",
-            "Sessions set up (authenticated, upstream open).",
-            self.sessions_started.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "sluice_sessions_ended_total",
-            "Sessions ended.",
-            self.sessions_ended.load(Ordering::Relaxed),
-        );
-        self.setup.render(&mut out, "sluice_connection_setup_seconds", "Time from accept to a ready session.");
-        let _ = writeln!(out, "# HELP sluice_handshake_failures_total Clients refused or lost before their session was ready.\n# TYPE sluice_handshake_failures_total counter");
-        for (reason, n) in lock(&self.handshake_failures).iter() {
-            let _ = writeln!(out, "sluice_handshake_failures_total{{reason=\"{reason}\"}} {n}");
+        if let Err(e) = prometheus_text::encode(&mut out, &registry) {
+            // Only a failing writer fails, and a String does not.
+            warn!(error = %e, "encoding metrics");
         }
-        counter(
-            &mut out,
-            "sluice_discovery_errors_total",
-            "Failed database catalog look-ups.",
-            self.discovery_errors.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "sluice_token_errors_total",
-            "Failed RDS IAM auth token mints.",
-            self.token_errors.load(Ordering::Relaxed),
-        );
+        out
+    }
+}
+
+/// The series computed at scrape time: live sessions, their share of the aggregates, the link.
+#[derive(Debug)]
+struct LiveSeries {
+    live: Vec<LiveSession>,
+    dataplane_connected: Option<bool>,
+    local_active: u64,
+    ended: Totals,
+}
+
+/// Writes one family of series: its descriptor, then a sample per label set.
+fn family<'l, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Vec<(&'static str, &'l str)>, M)>,
+) -> fmt::Result {
+    let mut metric = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels.as_slice())?)?;
+    }
+    Ok(())
+}
+
+/// A leg's values of one per-session family, each with its `direction` label if it has one.
+type LegValues<V> = Vec<(Option<&'static str>, V)>;
+
+impl LiveSeries {
+    /// A gauge per live session and leg (and direction, where `value` gives one).
+    fn per_session<V: EncodeGaugeValue + fmt::Debug>(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: fn(&LegCounters) -> LegValues<V>,
+    ) -> fmt::Result {
+        let samples = self.live.iter().flat_map(|s| {
+            s.stats.counters.iter().flat_map(move |c| {
+                LEGS.into_iter().zip([&c.client, &c.upstream]).flat_map(move |(leg, counters)| {
+                    value(counters).into_iter().map(move |(dir, v)| {
+                        let mut labels = vec![
+                            ("session_id", s.stats.session_id.as_str()),
+                            ("user", s.user.as_str()),
+                            ("db", s.db.as_str()),
+                            ("leg", leg),
+                        ];
+                        labels.extend(dir.map(|d| ("direction", d)));
+                        (labels, ConstGauge::new(v))
+                    })
+                })
+            })
+        });
+        family(enc, name, help, MetricType::Gauge, samples)
+    }
+}
+
+impl Collector for LiveSeries {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let active = self.local_active + self.live.len() as u64;
+        family(
+            &mut enc,
+            "sluice_sessions_active",
+            "Sessions being relayed now.",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(active))],
+        )?;
+        if let Some(up) = self.dataplane_connected {
+            family(
+                &mut enc,
+                "sluice_dataplane_connected",
+                "Whether control's link to the data plane is up.",
+                MetricType::Gauge,
+                [(vec![], ConstGauge::new(u64::from(up)))],
+            )?;
+        }
+        if let Some(source) = self.live.iter().find_map(|s| s.stats.counters.map(|c| c.source)) {
+            family(
+                &mut enc,
+                "sluice_counters_source",
+                "Where per-session counters come from (1 on the source in use).",
+                MetricType::Gauge,
+                [(vec![("source", source_name(source))], ConstGauge::new(1u64))],
+            )?;
+        }
+
         let (reads, writes) = crate::state::statements_run();
-        let _ = writeln!(out, "# HELP sluice_state_statements_total SQL statements control ran against its state.\n# TYPE sluice_state_statements_total counter\nsluice_state_statements_total{{kind=\"read\"}} {reads}\nsluice_state_statements_total{{kind=\"write\"}} {writes}");
-        if let Some(up) = dataplane_connected {
-            let _ = writeln!(out, "# HELP sluice_dataplane_connected Whether control's link to the data plane is up.\n# TYPE sluice_dataplane_connected gauge\nsluice_dataplane_connected {}", u8::from(up));
-        }
-        let source = live.iter().find_map(|(s, ..)| s.counters.map(|c| c.source));
-        if let Some(source) = source {
-            let _ = writeln!(out, "# HELP sluice_counters_source Where per-session counters come from (1 on the source in use).\n# TYPE sluice_counters_source gauge\nsluice_counters_source{{source=\"{}\"}} 1", source_name(source));
-        }
+        family(
+            &mut enc,
+            "sluice_state_statements",
+            "SQL statements control ran against its state, by kind.",
+            MetricType::Counter,
+            [(vec![("kind", "read")], ConstCounter::new(reads)), (vec![("kind", "write")], ConstCounter::new(writes))],
+        )?;
 
         // Aggregates: ended sessions plus the live ones so far.
-        let mut totals = Totals::default();
-        if let Some(t) = lock(&self.ended).as_ref() {
-            totals.bytes = t.bytes;
-            totals.packets = t.packets;
-            totals.retransmits = t.retransmits;
+        let mut totals = self.ended;
+        for c in self.live.iter().filter_map(|s| s.stats.counters.as_ref()) {
+            totals.add(c);
         }
-        for (s, ..) in live {
-            if let Some(c) = &s.counters {
-                totals.add(c);
-            }
-        }
-        let _ = writeln!(out, "# HELP sluice_bytes_total TCP payload bytes of all sessions by leg and direction (rx: from the leg's peer).\n# TYPE sluice_bytes_total counter");
-        for (i, leg) in ["client", "upstream"].iter().enumerate() {
-            for (j, dir) in ["rx", "tx"].iter().enumerate() {
-                let _ = writeln!(out, "sluice_bytes_total{{leg=\"{leg}\",direction=\"{dir}\"}} {}", totals.bytes[i][j]);
-            }
-        }
-        let _ = writeln!(out, "# HELP sluice_packets_total TCP segments of all sessions by leg and direction (BPF source only).\n# TYPE sluice_packets_total counter");
-        for (i, leg) in ["client", "upstream"].iter().enumerate() {
-            for (j, dir) in ["rx", "tx"].iter().enumerate() {
-                let _ =
-                    writeln!(out, "sluice_packets_total{{leg=\"{leg}\",direction=\"{dir}\"}} {}", totals.packets[i][j]);
-            }
-        }
-        let _ = writeln!(out, "# HELP sluice_retransmits_total TCP retransmissions of all sessions by leg (BPF source only).\n# TYPE sluice_retransmits_total counter");
-        for (i, leg) in ["client", "upstream"].iter().enumerate() {
-            let _ = writeln!(out, "sluice_retransmits_total{{leg=\"{leg}\"}} {}", totals.retransmits[i]);
-        }
-        self.end_srtt.render(
-            &mut out,
-            "sluice_session_srtt_seconds",
-            "Smoothed RTT of each ended session (its slower leg).",
-        );
-
-        // Per live session.
-        let mut per = |name: &str, kind: &str, help: &str, value: &dyn Fn(&LegCounters) -> Vec<(&'static str, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (s, user, db) in live {
-                let Some(c) = &s.counters else { continue };
-                for (leg, counters) in [("client", &c.client), ("upstream", &c.upstream)] {
-                    for (dir, v) in value(counters) {
-                        let dir = if dir.is_empty() { String::new() } else { format!(",direction=\"{dir}\"") };
-                        let _ = writeln!(
-                            out,
-                            "{name}{{session_id=\"{}\",user=\"{}\",db=\"{}\",leg=\"{leg}\"{dir}}} {v}",
-                            escape(&s.session_id),
-                            escape(user),
-                            escape(db)
-                        );
-                    }
-                }
-            }
+        let by_leg_and_direction = |v: &[[u64; 2]; 2]| {
+            let v = *v;
+            LEGS.iter().enumerate().flat_map(move |(i, leg)| {
+                DIRECTIONS
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, dir)| (vec![("leg", *leg), ("direction", *dir)], ConstCounter::new(v[i][j])))
+            })
         };
-        per(
+        family(
+            &mut enc,
+            "sluice_bytes",
+            "TCP payload bytes of all sessions by leg and direction (rx: from the leg's peer).",
+            MetricType::Counter,
+            by_leg_and_direction(&totals.bytes),
+        )?;
+        family(
+            &mut enc,
+            "sluice_packets",
+            "TCP segments of all sessions by leg and direction (BPF source only).",
+            MetricType::Counter,
+            by_leg_and_direction(&totals.packets),
+        )?;
+        family(
+            &mut enc,
+            "sluice_retransmits",
+            "TCP retransmissions of all sessions by leg (BPF source only).",
+            MetricType::Counter,
+            LEGS.iter().zip(totals.retransmits).map(|(leg, v)| (vec![("leg", *leg)], ConstCounter::new(v))),
+        )?;
+
+        // Per live session and leg; `direction` only where the value has one.
+        self.per_session(
+            &mut enc,
             "sluice_session_bytes",
-            "gauge",
             "A live session's TCP payload bytes so far, by leg and direction.",
-            &|l| vec![("rx", l.rx_bytes as f64), ("tx", l.tx_bytes as f64)],
-        );
-        per("sluice_session_packets", "gauge", "A live session's TCP segments so far (BPF source only).", &|l| {
-            vec![("rx", l.rx_packets as f64), ("tx", l.tx_packets as f64)]
-        });
-        per("sluice_session_rtt_seconds", "gauge", "A live session's smoothed RTT per leg (BPF source only).", &|l| {
-            vec![("", f64::from(l.srtt_us) / 1e6)]
-        });
-        per(
+            |l| vec![(Some("rx"), l.rx_bytes), (Some("tx"), l.tx_bytes)],
+        )?;
+        self.per_session(
+            &mut enc,
+            "sluice_session_packets",
+            "A live session's TCP segments so far (BPF source only).",
+            |l| vec![(Some("rx"), l.rx_packets), (Some("tx"), l.tx_packets)],
+        )?;
+        self.per_session(
+            &mut enc,
+            "sluice_session_rtt_seconds",
+            "A live session's smoothed RTT per leg (BPF source only).",
+            |l| vec![(None, f64::from(l.srtt_us) / 1e6)],
+        )?;
+        self.per_session(
+            &mut enc,
             "sluice_session_retransmits",
-            "gauge",
             "A live session's TCP retransmissions per leg (BPF source only).",
-            &|l| vec![("", f64::from(l.total_retrans))],
-        );
-        out
+            |l| vec![(None, u64::from(l.total_retrans))],
+        )?;
+        Ok(())
     }
 }
 
@@ -305,80 +379,29 @@ pub fn counters_json(c: &SessionCounters) -> serde_json::Value {
     serde_json::json!({ "source": source_name(c.source), "client": leg(&c.client), "upstream": leg(&c.upstream) })
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+async fn metrics<P: Probe>(State(probe): State<Arc<P>>) -> impl IntoResponse {
+    let (live, connected) = probe.live_sessions().await;
+    ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], METRICS.render(live, connected))
 }
 
-/// The live sessions with their user and database (from control's state), or none when no data
-/// plane is connected.
-async fn live_sessions(ctx: &ProxyContext) -> (Vec<(SessionStats, String, String)>, Option<bool>) {
-    let Some(dp) = ctx.dataplane.get() else { return (Vec::new(), None) };
-    if !dp.connected() {
-        return (Vec::new(), Some(false));
+async fn readyz<P: Probe>(State(probe): State<Arc<P>>) -> (StatusCode, String) {
+    match probe.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
-    let stats = match dp.stats().await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "asking the dataplane for live counters");
-            return (Vec::new(), Some(true));
-        }
-    };
-    let known = ctx.handed_sessions();
-    let live = stats
-        .into_iter()
-        .map(|s| {
-            let (user, db) = known.get(&s.session_id).cloned().unwrap_or_default();
-            (s, user, db)
-        })
-        .collect();
-    (live, Some(true))
 }
 
-/// Serves `/metrics` until the task is dropped.
-pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
-    loop {
-        let (mut conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let mut head = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                debug!(%peer, "metrics request incomplete");
-                return;
-            }
-            let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-            let mut parts = line.split(|b| *b == b' ');
-            let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-            let (status, body) = if method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
-                let (live, connected) = live_sessions(&ctx).await;
-                ("200 OK", METRICS.render(&live, connected))
-            } else {
-                ("404 Not Found", "not found; metrics are at /metrics\n".to_owned())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (control can serve
+/// sessions: 503 with the reason otherwise) until the task is dropped.
+pub async fn serve<P: Probe>(probe: Arc<P>, listener: TcpListener) {
+    let app = Router::new()
+        .route("/metrics", get(metrics::<P>))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<P>))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try /metrics, /healthz or /readyz\n") })
+        .with_state(probe);
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!(error = %e, "the metrics server stopped");
     }
 }
 
@@ -396,22 +419,46 @@ mod tests {
             LegCounters { rx_bytes: 10, tx_bytes: 20, rx_packets: 1, tx_packets: 2, srtt_us: 50, total_retrans: 0 };
         let c = SessionCounters { source: CounterSource::Bpf, client: leg, upstream: leg };
         m.session_ended(&c);
-        let live = SessionStats {
+        let stats = SessionStats {
             session_id: "s\"1".into(),
             bytes_client_to_upstream: 5,
             bytes_upstream_to_client: 6,
             duration_ms: 7,
             counters: Some(c),
         };
-        let text = m.render(&[(live, "alice".into(), "demo".into())], Some(true));
+        let text = m.render(vec![LiveSession { stats, user: "alice".into(), db: "demo".into() }], Some(true));
         assert!(text.contains("sluice_sessions_active 1\n"), "{text}");
-        assert!(text.contains("sluice_handshake_failures_total{reason=\"tls\"} 2\n"));
-        assert!(text.contains("sluice_connection_setup_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(text.contains("# HELP sluice_sessions_ended_total Sessions ended.\n"), "{text}");
+        assert!(text.contains("# TYPE sluice_sessions_started_total counter\nsluice_sessions_started_total 1\n"));
+        assert!(text.contains("sluice_handshake_failures_total{reason=\"tls\"} 2\n"), "{text}");
+        assert!(text.contains("sluice_connection_setup_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");
         assert!(text.contains("sluice_connection_setup_seconds_bucket{le=\"0.025\"} 0\n"));
+        assert!(text.contains("sluice_connection_setup_seconds_bucket{le=\"30\"} 1\n"), "{text}");
         assert!(text.contains("sluice_bytes_total{leg=\"client\",direction=\"rx\"} 20\n"), "ended + live: {text}");
+        assert!(text.contains("sluice_retransmits_total{leg=\"upstream\"} 0\n"), "{text}");
+        assert!(text.contains("sluice_session_srtt_seconds_count 1\n"), "{text}");
         assert!(text.contains(
             "sluice_session_bytes{session_id=\"s\\\"1\",user=\"alice\",db=\"demo\",leg=\"upstream\",direction=\"tx\"} 20\n"
-        ));
+        ), "{text}");
+        assert!(
+            text.contains(
+                "sluice_session_rtt_seconds{session_id=\"s\\\"1\",user=\"alice\",db=\"demo\",leg=\"client\"} 0.00005\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("sluice_counters_source{source=\"bpf\"} 1\n"));
+        assert!(text.contains("sluice_dataplane_connected 1\n"));
+    }
+
+    #[test]
+    fn without_a_data_plane_there_are_no_live_series() {
+        let m = Metrics::new();
+        m.local_session(true);
+        let text = m.render(Vec::new(), None);
+        assert!(text.contains("sluice_sessions_active 1\n"), "{text}");
+        assert!(!text.contains("sluice_dataplane_connected"), "{text}");
+        assert!(!text.contains("sluice_counters_source"), "{text}");
+        assert!(text.contains("# TYPE sluice_session_bytes gauge\n"), "{text}");
+        assert!(!text.contains("sluice_session_bytes{"), "{text}");
     }
 }

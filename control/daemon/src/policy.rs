@@ -283,7 +283,7 @@ mod tests {
             name: "orders".into(),
             description: String::new(),
             labels: [("env".to_owned(), "prod".to_owned())].into_iter().collect(),
-            spec: serde_yaml::from_str(
+            spec: serde_saphyr::from_str(
                 "protocol: postgres\nuri: x.proxy-abcdefghijkl.us-east-1.rds.amazonaws.com:5432",
             )
             .unwrap(),
@@ -422,7 +422,7 @@ mod tests {
     #[test]
     fn the_store_rereads_only_after_a_commit_by_anyone() {
         let dir = std::env::temp_dir().join(format!("sluice-policy-{}", crate::state::random_secret(6)));
-        let cfg: Config = serde_yaml::from_str(&format!("data_dir: {}", dir.display())).unwrap();
+        let cfg: Config = crate::config::from_yaml(&format!("data_dir: {}", dir.display())).unwrap();
         let daemon = Arc::new(State::open(&dir).unwrap());
         let admin = State::open(&dir).unwrap();
         let store = PolicyStore::open(Arc::new(cfg), daemon.clone()).unwrap();

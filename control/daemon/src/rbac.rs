@@ -218,7 +218,7 @@ mod tests {
     use super::*;
 
     fn role(y: &str) -> Role {
-        serde_yaml::from_str(y).unwrap()
+        serde_saphyr::from_str(y).unwrap()
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -839,7 +839,7 @@ mod tests {
     fn discovered_reconcile_and_stale() {
         let (s, dir) = temp_state();
         let item = |name: &str, uri: &str| Discovered {
-            resource: serde_yaml::from_str(&format!(
+            resource: serde_saphyr::from_str(&format!(
                 "kind: db\nversion: v3\nmetadata: {{name: {name}}}\nspec: {{protocol: postgres, uri: \"{uri}\"}}"
             ))
             .unwrap(),
@@ -865,7 +865,7 @@ mod tests {
     fn same_named_resources_of_two_sources_are_both_kept() {
         let (s, dir) = temp_state();
         let item = |uid: &str, uri: &str| Discovered {
-            resource: serde_yaml::from_str(&format!(
+            resource: serde_saphyr::from_str(&format!(
                 "kind: db\nversion: v3\nmetadata: {{name: orders}}\nspec: {{protocol: postgres, uri: \"{uri}\"}}"
             ))
             .unwrap(),

@@ -173,8 +173,8 @@ pub async fn connect(
         external_id: db.spec.aws.external_id.clone(),
     };
     let target = TokenTarget { host, port, user: db_user.to_owned(), region };
-    // Counted here, not in the minter: the `sluice` CLI mints tokens too, and has no metrics.
-    let token = minter.token(&source, &target).await.inspect_err(|_| crate::metrics::METRICS.token_error())?;
+    // Failures are counted where they are matched (the proxy's refusal), not here or in the minter.
+    let token = minter.token(&source, &target).await?;
 
     let mut params = vec![("user".to_owned(), db_user.to_owned()), ("database".to_owned(), db_name.to_owned())];
     params.extend(extra_params.iter().cloned());

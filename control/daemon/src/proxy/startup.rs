@@ -65,6 +65,10 @@ impl From<UpstreamError> for Refusal {
                 Refusal { fields: fields.with(b'H', hint), reason, kind: HandshakeFailure::UpstreamRejected }
             }
             UpstreamError::Iam(e) => {
+                // A missing region is found before any mint is tried.
+                if !matches!(e, crate::iam::IamError::NoRegion) {
+                    METRICS.token_error();
+                }
                 let mut r = Refusal::new(
                     sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     format!("Sluice could not create an IAM auth token: {e}"),
