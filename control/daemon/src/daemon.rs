@@ -5,19 +5,48 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiContext};
 use crate::audit::AuditLog;
+use crate::ca::CaError;
 use crate::config::{split_host_port, Config};
 use crate::iam::TokenMinter;
-use crate::metrics::{LiveSession, Probe};
+use crate::metrics::{LiveSession, NotReady, Probe};
 use crate::policy::PolicyStore;
 use crate::proxy::{self, ProxyContext};
-use crate::state::State;
-use crate::tls;
+use crate::state::{State, StateError};
+use crate::tls::{self, TlsError};
+
+/// Why control could not start serving.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("binding the {what} listener {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the state: {0}")]
+    State(#[source] StateError),
+    #[error("loading the CA: {0}")]
+    Ca(#[source] StateError),
+    #[error("issuing control's server certificate: {0}")]
+    ServerCertificate(#[from] CaError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("reading the policy: {0}")]
+    Policy(#[source] StateError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+async fn bind_one(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, DaemonError> {
+    TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind { what, addr, source })
+}
 
 /// Names control's server certificate is valid for.
 fn server_names(cfg: &Config) -> Vec<String> {
@@ -43,19 +72,11 @@ pub struct Bound {
     pub metrics: Option<TcpListener>,
 }
 
-pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
-    let postgres = TcpListener::bind(cfg.proxy_service.postgres_listen_addr)
-        .await
-        .with_context(|| format!("binding postgres listener {}", cfg.proxy_service.postgres_listen_addr))?;
-    let api = TcpListener::bind(cfg.auth_service.listen_addr)
-        .await
-        .with_context(|| format!("binding api listener {}", cfg.auth_service.listen_addr))?;
+pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
+    let postgres = bind_one("postgres", cfg.proxy_service.postgres_listen_addr).await?;
+    let api = bind_one("api", cfg.auth_service.listen_addr).await?;
     let metrics = match &cfg.metrics {
-        Some(m) => Some(
-            TcpListener::bind(m.listen_addr)
-                .await
-                .with_context(|| format!("binding metrics listener {}", m.listen_addr))?,
-        ),
+        Some(m) => Some(bind_one("metrics", m.listen_addr).await?),
         None => None,
     };
     Ok(Bound { postgres, api, metrics })
@@ -63,19 +84,17 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<Bound> {
 
 /// Serves until SIGINT/SIGTERM. With `config_path`, discovery follows changes to the file's
 /// `discovery_service` section.
-pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::PathBuf>) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
-    let state = Arc::new(State::open(&cfg.data_dir).context("opening state")?);
-    let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).context("loading CA")?);
-    let (chain, key) = ca
-        .issue_server(&server_names(&cfg), Duration::from_secs(365 * 86400))
-        .context("issuing control's server certificate")?;
+    let state = Arc::new(State::open(&cfg.data_dir).map_err(DaemonError::State)?);
+    let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).map_err(DaemonError::Ca)?);
+    let (chain, key) = ca.issue_server(&server_names(&cfg), Duration::from_secs(365 * 86400))?;
     let pg_tls = tls::postgres_server_config(&ca.cert_der, chain.clone(), key.clone_key())?;
     let api_tls = tls::api_server_config(chain, key)?;
     let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
     let minter = Arc::new(TokenMinter::new());
     let discovery_task = tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path));
-    let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).context("reading the policy")?);
+    let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).map_err(DaemonError::Policy)?);
     let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), policy, audit, minter, pg_tls));
     if let Some(dp) = &cfg.dataplane {
         let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
@@ -143,14 +162,14 @@ impl Probe for ProxyProbe {
         (live, Some(true))
     }
 
-    fn readiness(&self) -> Result<(), String> {
+    fn readiness(&self) -> Result<(), NotReady> {
         if !self.serving.load(Ordering::Acquire) {
-            return Err("starting".into());
+            return Err(NotReady::Starting);
         }
         let Some(dp) = &self.ctx.cfg.dataplane else { return Ok(()) };
         match self.ctx.dataplane.get() {
             Some(client) if client.connected() => Ok(()),
-            _ => Err(format!("no link to the data plane at {}", dp.socket.display())),
+            _ => Err(NotReady::NoDataplaneLink(dp.socket.clone())),
         }
     }
 }

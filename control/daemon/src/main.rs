@@ -287,7 +287,8 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
                 let bound = daemon::bind(&cfg).await?;
-                daemon::serve(cfg, bound, Some(cli.config.clone())).await
+                daemon::serve(cfg, bound, Some(cli.config.clone())).await?;
+                Ok::<_, anyhow::Error>(())
             })
         }
         Cmd::Demo { dir } => {

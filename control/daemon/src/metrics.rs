@@ -99,8 +99,19 @@ pub trait Probe: Send + Sync + 'static {
     /// data plane is configured).
     fn live_sessions(&self) -> impl Future<Output = (Vec<LiveSession>, Option<bool>)> + Send;
 
-    /// `Err(reason)` while control cannot serve sessions.
-    fn readiness(&self) -> Result<(), String>;
+    /// `Err(reason)` while control cannot serve sessions as configured.
+    fn readiness(&self) -> Result<(), NotReady>;
+}
+
+/// Why `/readyz` answers 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("starting")]
+    Starting,
+    /// A data plane is configured but control has no link to it (control relays sessions itself
+    /// meanwhile: it serves, but not as configured).
+    #[error("no link to the data plane at {}", .0.display())]
+    NoDataplaneLink(std::path::PathBuf),
 }
 
 impl Metrics {
