@@ -22,6 +22,7 @@ use sluice_handoff::handoff::{
     DirPath, EndReason, Handoff, LegCrypto, Message, Resume, Role, SessionEnded, SessionStats,
 };
 use sluice_handoff::link::{Link, LinkError, Listener};
+use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::counters::SessionCounting;
@@ -30,6 +31,56 @@ use crate::relay::{MovedSession, RelayOptions, Report, Session, Worker};
 /// End reports kept while no control is connected; beyond this the oldest are dropped (and
 /// logged), so a long control outage cannot grow memory without bound.
 const MAX_PENDING_REPORTS: usize = 100_000;
+
+/// Why a session handed over by control, or passed on by a predecessor, was not taken. Its text
+/// is the reason in the `HandoffAck` (a string on the wire).
+#[derive(Debug, Error)]
+enum TakeError {
+    #[error("this data plane is passing its sessions to a successor")]
+    HandingOver,
+    #[error("a handoff needs 2 descriptors, got {0}")]
+    HandoffDescriptors(usize),
+    #[error("a resumed session needs {needs} descriptors, got {got}")]
+    ResumeDescriptors { needs: usize, got: usize },
+    /// What the frame names but the descriptors lack: its sockets, pipes or buffered bytes.
+    #[error("a resumed session came without its {0}")]
+    Missing(&'static str),
+    #[error("a resumed session claims {0} buffered bytes")]
+    TooMuchHeld(u64),
+    #[error("reading a resumed session's buffered bytes: {0}")]
+    ReadHeld(#[source] std::io::Error),
+    #[error("{leg} descriptor: {source}")]
+    Fstat {
+        leg: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{0} descriptor is not a socket")]
+    NotASocket(&'static str),
+    #[error("worker {worker}: {source}")]
+    Worker {
+        worker: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a session could not be passed to a successor (it stays here).
+#[derive(Debug, Error)]
+enum PassOnError {
+    #[error("memfd_create: {0}")]
+    Memfd(#[source] nix::Error),
+    #[error("writing the held bytes: {0}")]
+    WriteHeld(#[source] std::io::Error),
+    #[error("{got} descriptors for a frame that names {named}")]
+    Descriptors { got: usize, named: usize },
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("the successor refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer {0:?}")]
+    Unexpected(Box<Message>),
+}
 
 struct Shared {
     workers: Vec<Worker>,
@@ -91,11 +142,16 @@ impl Server {
             match link.recv() {
                 Ok((Message::Resume(r), fds)) => {
                     let session_id = r.handoff.session_id.clone();
-                    let error = shared.resume(*r, fds).err();
-                    match &error {
-                        Some(e) => error!(session_id = %session_id, error = %e, "could not resume a session"),
-                        None => taken += 1,
-                    }
+                    let error = match shared.resume(*r, fds) {
+                        Ok(()) => {
+                            taken += 1;
+                            None
+                        }
+                        Err(e) => {
+                            error!(session_id = %session_id, error = %e, "could not resume a session");
+                            Some(e.to_string())
+                        }
+                    };
                     if let Err(e) = link.send(&Message::HandoffAck { session_id, error }, &[]) {
                         warn!(error = %e, "acknowledging a resumed session");
                     }
@@ -324,10 +380,10 @@ impl Shared {
         let reply = match msg {
             Message::Handoff(h) => {
                 let session_id = h.session_id.clone();
-                let error = self.take(*h, fds).err();
-                if let Some(e) = &error {
+                let error = self.take(*h, fds).err().map(|e| {
                     warn!(session_id = %session_id, error = %e, "refused a handoff");
-                }
+                    e.to_string()
+                });
                 Some(Message::HandoffAck { session_id, error })
             }
             Message::EndSession { session_id, reason } => {
@@ -380,12 +436,12 @@ impl Shared {
         }
     }
 
-    fn take(&self, h: Handoff, fds: Vec<OwnedFd>) -> Result<(), String> {
+    fn take(&self, h: Handoff, fds: Vec<OwnedFd>) -> Result<(), TakeError> {
         if self.handing_over.load(Ordering::SeqCst) {
-            return Err("this data plane is passing its sessions to a successor".into());
+            return Err(TakeError::HandingOver);
         }
         let [client, upstream]: [OwnedFd; 2] =
-            fds.try_into().map_err(|v: Vec<OwnedFd>| format!("a handoff needs 2 descriptors, got {}", v.len()))?;
+            fds.try_into().map_err(|v: Vec<OwnedFd>| TakeError::HandoffDescriptors(v.len()))?;
         check_sockets(&client, &upstream)?;
         // Counting starts before the first byte can move.
         self.counting.register(&h.session_id, client.as_fd(), upstream.as_fd());
@@ -398,45 +454,45 @@ impl Shared {
 
     /// Gives a session to the next worker (round robin) with `give`, keeping its metadata while
     /// it lives; returns the worker's index.
-    fn place(&self, meta: Handoff, give: impl FnOnce(&Worker) -> std::io::Result<()>) -> Result<usize, String> {
+    fn place(&self, meta: Handoff, give: impl FnOnce(&Worker) -> std::io::Result<()>) -> Result<usize, TakeError> {
         let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let id = meta.session_id.clone();
         lock(&self.meta).insert(id.clone(), meta);
-        give(&self.workers[i]).map_err(|e| {
+        give(&self.workers[i]).map_err(|source| {
             self.counting.finish(&id, [[0; 2]; 2]);
             lock(&self.meta).remove(&id);
-            format!("worker {i}: {e}")
+            TakeError::Worker { worker: i, source }
         })?;
         Ok(i)
     }
 
     /// Takes a session a predecessor passed on (see [`Server::take_over`]).
-    fn resume(&self, r: Resume, fds: Vec<OwnedFd>) -> Result<(), String> {
+    fn resume(&self, r: Resume, fds: Vec<OwnedFd>) -> Result<(), TakeError> {
         if fds.len() != r.fd_count() {
-            return Err(format!("a resumed session needs {} descriptors, got {}", r.fd_count(), fds.len()));
+            return Err(TakeError::ResumeDescriptors { needs: r.fd_count(), got: fds.len() });
         }
         let mut fds = fds.into_iter();
         let (Some(client), Some(upstream)) = (fds.next(), fds.next()) else {
-            return Err("a resumed session came without its sockets".into());
+            return Err(TakeError::Missing("sockets"));
         };
         check_sockets(&client, &upstream)?;
         let mut pipes = Vec::new();
         for _ in r.dirs.iter().filter(|d| d.path == DirPath::Splice) {
             let (Some(rd), Some(wr)) = (fds.next(), fds.next()) else {
-                return Err("a resumed session came without its pipes".into());
+                return Err(TakeError::Missing("pipes"));
             };
             pipes.push([rd, wr]);
         }
         // Two record-path directions hold at most an input and an output buffer each; checked
         // before allocating what the frame claims.
         if r.held_bytes() > crate::relay::MAX_HELD_BYTES {
-            return Err(format!("a resumed session claims {} buffered bytes", r.held_bytes()));
+            return Err(TakeError::TooMuchHeld(r.held_bytes()));
         }
         let mut held = vec![0u8; r.held_bytes() as usize];
         if !held.is_empty() {
-            let memfd = fds.next().ok_or("a resumed session came without its buffered bytes")?;
+            let memfd = fds.next().ok_or(TakeError::Missing("buffered bytes"))?;
             std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(memfd), &mut held, 0)
-                .map_err(|e| format!("reading a resumed session's buffered bytes: {e}"))?;
+                .map_err(TakeError::ReadHeld)?;
         }
         self.counting.resume(&r.handoff.session_id, r.baseline, client.as_fd(), upstream.as_fd());
         let (meta, session) = split(r.handoff, client, upstream);
@@ -513,7 +569,7 @@ impl Shared {
         std::process::exit(0);
     }
 
-    fn pass_on(&self, link: &Link, e: MovedSession) -> Result<(), String> {
+    fn pass_on(&self, link: &Link, e: MovedSession) -> Result<(), PassOnError> {
         let MovedSession { session, kernel_tls, age, idle, wire, first_close, dirs, pipes, held } = e;
         let Session { id, client, upstream, client_crypto, upstream_crypto, .. } = session;
         // Always there (kept from the handoff until the report); without it the session still
@@ -545,35 +601,35 @@ impl Shared {
             None
         } else {
             let fd = nix::sys::memfd::memfd_create(c"sluice-held", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .map_err(|err| format!("memfd_create: {err}"))?;
+                .map_err(PassOnError::Memfd)?;
             let file = std::fs::File::from(fd);
-            std::io::Write::write_all(&mut &file, &held).map_err(|err| format!("writing the held bytes: {err}"))?;
+            std::io::Write::write_all(&mut &file, &held).map_err(PassOnError::WriteHeld)?;
             Some(file)
         };
         if let Some(f) = &memfd {
             fds.push(f.as_raw_fd());
         }
         if fds.len() != resume.fd_count() {
-            return Err(format!("{} descriptors for a frame that names {}", fds.len(), resume.fd_count()));
+            return Err(PassOnError::Descriptors { got: fds.len(), named: resume.fd_count() });
         }
-        link.send(&Message::Resume(Box::new(resume)), &fds).map_err(|err| err.to_string())?;
+        link.send(&Message::Resume(Box::new(resume)), &fds)?;
         // Our copies close when this returns; the successor holds its own now.
         match link.recv() {
             Ok((Message::HandoffAck { error: None, .. }, _)) => Ok(()),
-            Ok((Message::HandoffAck { error: Some(err), .. }, _)) => Err(format!("the successor refused: {err}")),
-            Ok((other, _)) => Err(format!("unexpected answer {other:?}")),
-            Err(err) => Err(err.to_string()),
+            Ok((Message::HandoffAck { error: Some(err), .. }, _)) => Err(PassOnError::Refused(err)),
+            Ok((other, _)) => Err(PassOnError::Unexpected(Box::new(other))),
+            Err(err) => Err(err.into()),
         }
     }
 }
 
-fn check_sockets(client: &OwnedFd, upstream: &OwnedFd) -> Result<(), String> {
+fn check_sockets(client: &OwnedFd, upstream: &OwnedFd) -> Result<(), TakeError> {
     for (name, fd) in [("client", client), ("upstream", upstream)] {
-        let st = nix::sys::stat::fstat(fd).map_err(|e| format!("{name} descriptor: {e}"))?;
+        let st = nix::sys::stat::fstat(fd).map_err(|source| TakeError::Fstat { leg: name, source })?;
         if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode).intersection(nix::sys::stat::SFlag::S_IFMT)
             != nix::sys::stat::SFlag::S_IFSOCK
         {
-            return Err(format!("{name} descriptor is not a socket"));
+            return Err(TakeError::NotASocket(name));
         }
     }
     Ok(())
@@ -594,4 +650,22 @@ fn split(h: Handoff, client: OwnedFd, upstream: OwnedFd) -> (Handoff, Session) {
         not_after,
     };
     (Handoff { client: LegCrypto::Plain, upstream: LegCrypto::Plain, ..h }, session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only sockets are taken; the refusal names the leg (its text travels to control as is).
+    #[test]
+    fn descriptors_that_are_not_sockets_are_refused_by_leg() {
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (rd, _wr) = nix::unistd::pipe().unwrap();
+        let sock = OwnedFd::from(sock);
+        assert!(check_sockets(&sock, &sock).is_ok());
+        let refused = check_sockets(&sock, &rd).unwrap_err();
+        assert!(matches!(refused, TakeError::NotASocket("upstream")), "{refused:?}");
+        assert_eq!(refused.to_string(), "upstream descriptor is not a socket");
+        assert_eq!(check_sockets(&rd, &sock).unwrap_err().to_string(), "client descriptor is not a socket");
+    }
 }

@@ -10,23 +10,75 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
+use thiserror::Error;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument};
 
-use crate::ca::{CertAuthority, DbRoute, Identity};
+use crate::ca::{CaError, CertAuthority, DbRoute, Identity};
 use crate::catalog;
 use crate::config::Config;
 use crate::limits::{ConnLimiter, LoginThrottle};
-use crate::rbac::{can_see, check_access, AccessRequest};
-use crate::state::State;
+use crate::rbac::{can_see, check_access, AccessRequest, Denied};
+use crate::state::{State, StateError};
 
 /// Longest request line accepted (a public key PEM is well under this).
 const MAX_REQUEST: u64 = 64 * 1024;
 
 pub use sluice_api::api::{call, ApiError, DbCertResponse, DbInfo, LoginResponse, Request, IO_TIMEOUT};
+
+/// Why a request was not answered. The text is the `error` the client is sent, so refusals about
+/// credentials never say whether the user exists.
+#[derive(Debug, Error)]
+enum RequestError {
+    #[error("bad request: {0}")]
+    BadRequest(#[source] serde_json::Error),
+    #[error("reading request: {0}")]
+    Read(#[source] std::io::Error),
+    #[error(
+        "too many failed logins {}; try again in {} s",
+        if *by_user { "for this user" } else { "from your address" },
+        retry_after.as_secs().max(1)
+    )]
+    Throttled { by_user: bool, retry_after: Duration },
+    #[error("shutting down")]
+    ShuttingDown,
+    /// A wrong password, or a user that does not exist: the client cannot tell which.
+    #[error("invalid user name or password")]
+    BadCredentials,
+    #[error("not logged in or the login expired: run `sluice login`")]
+    NotLoggedIn,
+    /// The login is valid but its user was removed since.
+    #[error("user {0:?} no longer exists")]
+    UserGone(String),
+    #[error("database {0:?} not found")]
+    DbNotFound(String),
+    #[error("--db-user is required")]
+    NoDbUser,
+    /// No role of the user lets it see the database.
+    #[error("access to database {0:?} denied")]
+    DbHidden(String),
+    #[error("access denied: {0}")]
+    AccessDenied(Denied),
+    /// The client's public key or the certificate built over it.
+    #[error(transparent)]
+    Certificate(#[from] CaError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("internal error: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl RequestError {
+    /// Control's own failure rather than the client's request: logged where it is answered.
+    fn is_internal(&self) -> bool {
+        matches!(self, RequestError::State(_) | RequestError::Encode(_) | RequestError::Task(_))
+    }
+}
 
 /// What the server needs to answer requests.
 pub struct ApiContext {
@@ -90,7 +142,7 @@ pub async fn serve(ctx: Arc<ApiContext>, listener: TcpListener, tls: Arc<rustls:
 
 /// Answers one request off the async threads (SQLite and Argon2 block), throttling password
 /// guesses per source and per user.
-async fn answer(ctx: &Arc<ApiContext>, req: Request, peer: SocketAddr) -> Result<Value, String> {
+async fn answer(ctx: &Arc<ApiContext>, req: Request, peer: SocketAddr) -> Result<Value, RequestError> {
     let login_user = match &req {
         Request::Login { user, .. } => Some(user.clone()),
         _ => None,
@@ -98,21 +150,16 @@ async fn answer(ctx: &Arc<ApiContext>, req: Request, peer: SocketAddr) -> Result
     let _hashing = match &login_user {
         Some(user) => {
             if let Err(t) = ctx.throttle.begin(peer.ip(), user, std::time::Instant::now()) {
-                let whom = if t.by_user { "for this user" } else { "from your address" };
                 warn!(user = %user, client = %peer, by_user = t.by_user, "login throttled");
-                return Err(format!(
-                    "too many failed logins {whom}; try again in {} s",
-                    t.retry_after.as_secs().max(1)
-                ));
+                return Err(RequestError::Throttled { by_user: t.by_user, retry_after: t.retry_after });
             }
-            Some(ctx.hashing.acquire().await.map_err(|_| "shutting down".to_owned())?)
+            Some(ctx.hashing.acquire().await.map_err(|_| RequestError::ShuttingDown)?)
         }
         None => None,
     };
     let task_ctx = ctx.clone();
-    let result = tokio::task::spawn_blocking(move || handle(&task_ctx, req, peer))
-        .await
-        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+    let result =
+        tokio::task::spawn_blocking(move || handle(&task_ctx, req, peer)).await.unwrap_or_else(|e| Err(e.into()));
     if let Some(user) = login_user {
         ctx.throttle.finish(peer.ip(), &user, result.is_ok(), std::time::Instant::now());
     }
@@ -129,16 +176,22 @@ async fn serve_one(ctx: &Arc<ApiContext>, acceptor: tokio_rustls::TlsAcceptor, t
     };
     let mut line = String::new();
     let read = BufReader::new((&mut tls).take(MAX_REQUEST)).read_line(&mut line).await;
-    let response = match read {
+    let answered = match read {
         Ok(0) => return,
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match answer(ctx, req, peer).await {
-                Ok(v) => serde_json::json!({ "ok": true, "result": v }),
-                Err(e) => serde_json::json!({ "ok": false, "error": e }),
-            },
-            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+            Ok(req) => answer(ctx, req, peer).await,
+            Err(e) => Err(RequestError::BadRequest(e)),
         },
-        Err(e) => serde_json::json!({ "ok": false, "error": format!("reading request: {e}") }),
+        Err(e) => Err(RequestError::Read(e)),
+    };
+    let response = match answered {
+        Ok(v) => serde_json::json!({ "ok": true, "result": v }),
+        Err(e) => {
+            if e.is_internal() {
+                warn!(error = %e, "api request failed");
+            }
+            serde_json::json!({ "ok": false, "error": e.to_string() })
+        }
     };
     let mut out = response.to_string();
     out.push('\n');
@@ -150,27 +203,22 @@ fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
-fn session_user(state: &State, session: &str) -> Result<(crate::state::User, OffsetDateTime), String> {
-    let (name, expires) = state
-        .web_session(session)
-        .map_err(|e| e.to_string())?
-        .ok_or("not logged in or the login expired: run `sluice login`")?;
-    let user =
-        state.user(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("user {name:?} no longer exists"))?;
+fn session_user(state: &State, session: &str) -> Result<(crate::state::User, OffsetDateTime), RequestError> {
+    let (name, expires) = state.web_session(session)?.ok_or(RequestError::NotLoggedIn)?;
+    let user = state.user(&name)?.ok_or(RequestError::UserGone(name))?;
     Ok((user, expires))
 }
 
-fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, String> {
+fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, RequestError> {
     let state = &ctx.state;
     match req {
         Request::Login { user, password } => {
-            if !state.verify_password(&user, &password).map_err(|e| e.to_string())? {
+            if !state.verify_password(&user, &password)? {
                 warn!(user = %user, client = %peer, "login failed");
-                return Err("invalid user name or password".into());
+                return Err(RequestError::BadCredentials);
             }
-            let u = state.user(&user).map_err(|e| e.to_string())?.ok_or("invalid user name or password")?;
-            let (session, expires) =
-                state.create_web_session(&user, ctx.cfg.auth_service.session_ttl).map_err(|e| e.to_string())?;
+            let u = state.user(&user)?.ok_or(RequestError::BadCredentials)?;
+            let (session, expires) = state.create_web_session(&user, ctx.cfg.auth_service.session_ttl)?;
             info!(user = %user, "user logged in");
             to_json(&LoginResponse {
                 session,
@@ -183,14 +231,13 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Str
             })
         }
         Request::Logout { session } => {
-            state.delete_web_session(&session).map_err(|e| e.to_string())?;
+            state.delete_web_session(&session)?;
             Ok(Value::Null)
         }
         Request::DbList { session } => {
             let (user, _) = session_user(state, &session)?;
-            let roles = state.roles_of(&user).map_err(|e| e.to_string())?;
-            let dbs: Vec<DbInfo> = catalog::databases(&ctx.cfg, state)
-                .map_err(|e| e.to_string())?
+            let roles = state.roles_of(&user)?;
+            let dbs: Vec<DbInfo> = catalog::databases(&ctx.cfg, state)?
                 .into_iter()
                 .filter(|d| can_see(&roles, &d.labels))
                 .map(|d| DbInfo {
@@ -205,29 +252,25 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Str
         }
         Request::DbLogin { session, db, db_user, db_name, public_key_pem } => {
             let (user, expires) = session_user(state, &session)?;
-            let roles = state.roles_of(&user).map_err(|e| e.to_string())?;
-            let d = catalog::find(&ctx.cfg, state, &db)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("database {db:?} not found"))?;
+            let roles = state.roles_of(&user)?;
+            let Some(d) = catalog::find(&ctx.cfg, state, &db)? else { return Err(RequestError::DbNotFound(db)) };
             if db_user.is_empty() {
-                return Err("--db-user is required".into());
+                return Err(RequestError::NoDbUser);
             }
             if db_name.is_empty() {
                 if !can_see(&roles, &d.labels) {
-                    return Err(format!("access to database {db:?} denied"));
+                    return Err(RequestError::DbHidden(db));
                 }
             } else {
                 let req =
                     AccessRequest { db_service: &d.name, labels: &d.labels, db_name: &db_name, db_user: &db_user };
-                check_access(&user.name, &roles, req).map_err(|e| format!("access denied: {e}"))?;
+                check_access(&user.name, &roles, req).map_err(RequestError::AccessDenied)?;
             }
             let identity =
                 Identity { v: 1, user: user.name.clone(), route: Some(DbRoute { service: db, db_user, db_name }) };
             let now = OffsetDateTime::now_utc();
-            let cert_pem = ctx
-                .ca
-                .issue_client(&identity, &public_key_pem, now - time::Duration::minutes(1), expires)
-                .map_err(|e| e.to_string())?;
+            let cert_pem =
+                ctx.ca.issue_client(&identity, &public_key_pem, now - time::Duration::minutes(1), expires)?;
             info!(user = %user.name, db = %d.name, "database certificate issued");
             to_json(&DbCertResponse {
                 cert_pem,
@@ -239,6 +282,28 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Str
     }
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<Value, String> {
-    serde_json::to_value(v).map_err(|e| e.to_string())
+fn to_json<T: Serialize>(v: &T) -> Result<Value, RequestError> {
+    serde_json::to_value(v).map_err(RequestError::Encode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The texts clients (and the `sluice` CLI) see stay as they were.
+    #[test]
+    fn client_facing_texts() {
+        let throttled = |by_user, ms| RequestError::Throttled { by_user, retry_after: Duration::from_millis(ms) };
+        assert_eq!(throttled(true, 300).to_string(), "too many failed logins for this user; try again in 1 s");
+        assert_eq!(throttled(false, 42_000).to_string(), "too many failed logins from your address; try again in 42 s");
+        assert_eq!(RequestError::BadCredentials.to_string(), "invalid user name or password");
+        assert_eq!(RequestError::DbHidden("orders".into()).to_string(), "access to database \"orders\" denied");
+        assert_eq!(
+            RequestError::AccessDenied(Denied("no role allows db user \"bob\"".into())).to_string(),
+            "access denied: no role allows db user \"bob\""
+        );
+        let corrupt = RequestError::from(StateError::Corrupt("roles".into()));
+        assert!(corrupt.is_internal() && !RequestError::NotLoggedIn.is_internal());
+        assert_eq!(corrupt.to_string(), StateError::Corrupt("roles".into()).to_string());
+    }
 }

@@ -498,19 +498,30 @@ fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// Why a duration (a command-line flag or a config value) did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DurationError {
+    #[error("bad duration {0:?}")]
+    Number(String),
+    #[error("bad duration unit in {0:?} (use s, m, h or d)")]
+    Unit(String),
+    #[error("duration {0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses `90s`, `15m`, `12h`, `2d` (or a bare number of seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let n: u64 = num.parse().map_err(|_| DurationError::Number(s.to_owned()))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => return Err(format!("bad duration unit in {s:?} (use s, m, h or d)")),
+        _ => return Err(DurationError::Unit(s.to_owned())),
     };
-    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too large"))
+    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| DurationError::TooLarge(s.to_owned()))
 }
 
 mod duration_str {
@@ -573,7 +584,10 @@ db_service:
     fn durations() {
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43200)));
-        assert!(parse_duration("3w").is_err());
-        assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(parse_duration("3w"), Err(DurationError::Unit("3w".into())));
+        assert_eq!(parse_duration("x"), Err(DurationError::Number("x".into())));
+        // Too many digits for a u64 is a bad number; a product past it is too large.
+        assert_eq!(parse_duration("99999999999999999999d"), Err(DurationError::Number("99999999999999999999d".into())));
+        assert_eq!(parse_duration("9999999999999999d"), Err(DurationError::TooLarge("9999999999999999d".into())));
     }
 }

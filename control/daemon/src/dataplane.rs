@@ -22,10 +22,46 @@ use std::time::{Duration, Instant};
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use sluice_handoff::handoff::{EndReason, Handoff, LegCrypto, Message, Reassembly, Role, SessionEnded, SessionStats};
 use sluice_handoff::link::{Link, LinkError};
+use thiserror::Error;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+/// Each waiting handoff's answer: `None` when taken, else the data plane's reason.
 type Acks = Mutex<HashMap<String, oneshot::Sender<Option<String>>>>;
+
+/// Why a request to the data plane did not go through. Callers fall back or refuse the session;
+/// the text ends up in logs and audit events.
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    /// No link: the data plane is down or restarting.
+    #[error("dataplane is not connected")]
+    NotConnected,
+    /// The data plane stopped reading its link; the link was dropped.
+    #[error("the dataplane did not read the {what} within {SEND_DEADLINE:?}")]
+    Stuck { what: &'static str },
+    #[error("sending the {what} to the dataplane: {source}")]
+    Send {
+        what: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    /// The link broke while the request waited for its answer.
+    #[error("dataplane link closed before it answered")]
+    Closed,
+    #[error("dataplane did not answer within {} s", .0.as_secs())]
+    NoAnswer(Duration),
+    /// The data plane's own reason for not taking a session, as it sent it.
+    #[error("the dataplane refused the session: {0}")]
+    Refused(String),
+}
+
+/// The negotiated TLS cipher has no record layer in the data plane, so the leg cannot be handed
+/// over.
+#[derive(Debug, Error)]
+#[error("negotiated cipher suite {cipher_suite:#06x} has no data-plane support")]
+pub struct UnsupportedCipher {
+    pub cipher_suite: u16,
+}
 
 /// What control does with the dataplane's news.
 pub trait Events: Send + Sync + 'static {
@@ -88,10 +124,8 @@ impl DataplaneClient {
                     logged_down = false;
                     self.read(reader, events);
                     *lock(&self.link) = None;
-                    for (_, ack) in lock(&self.acks).drain() {
-                        let _ = ack.send(Some("dataplane link closed".into()));
-                    }
                     // Dropping the senders tells the waiters the link closed.
+                    lock(&self.acks).clear();
                     lock(&self.stats_waiters).clear();
                     warn!("dataplane link closed; reconnecting");
                     down_since = Some(Instant::now());
@@ -162,13 +196,13 @@ impl DataplaneClient {
         &self,
         what: &'static str,
         mut attempt: impl FnMut(&Link) -> Result<(), LinkError>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DataplaneError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
             let (generation, sent) = {
                 let link = lock(&self.link);
-                let Some((generation, l)) = link.as_ref() else { return Err("dataplane is not connected".into()) };
+                let Some((generation, l)) = link.as_ref() else { return Err(DataplaneError::NotConnected) };
                 (*generation, attempt(l))
             };
             match sent {
@@ -184,9 +218,9 @@ impl DataplaneClient {
                         "the dataplane stopped reading its link; dropping the link"
                     );
                     self.drop_link(generation);
-                    return Err(format!("the dataplane did not read the {what} within {SEND_DEADLINE:?}"));
+                    return Err(DataplaneError::Stuck { what });
                 }
-                Err(e) => return Err(format!("sending the {what} to the dataplane: {e}")),
+                Err(source) => return Err(DataplaneError::Send { what, source }),
             }
         }
     }
@@ -202,7 +236,7 @@ impl DataplaneClient {
     }
 
     /// Hands a session over; `Ok` once the dataplane has taken it.
-    pub async fn handoff(&self, h: Handoff, client: OwnedFd, upstream: OwnedFd) -> Result<(), String> {
+    pub async fn handoff(&self, h: Handoff, client: OwnedFd, upstream: OwnedFd) -> Result<(), DataplaneError> {
         let id = h.session_id.clone();
         let (tx, rx) = oneshot::channel();
         lock(&self.acks).insert(id.clone(), tx);
@@ -215,19 +249,20 @@ impl DataplaneClient {
             lock(&self.acks).remove(&id);
             return Err(e);
         }
-        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+        let within = Duration::from_secs(5);
+        match tokio::time::timeout(within, rx).await {
             Ok(Ok(None)) => Ok(()),
-            Ok(Ok(Some(e))) => Err(e),
-            Ok(Err(_)) => Err("dataplane link closed before it answered".into()),
+            Ok(Ok(Some(reason))) => Err(DataplaneError::Refused(reason)),
+            Ok(Err(_)) => Err(DataplaneError::Closed),
             Err(_) => {
                 lock(&self.acks).remove(&id);
-                Err("dataplane did not answer within 5 s".into())
+                Err(DataplaneError::NoAnswer(within))
             }
         }
     }
 
     /// Every live session's counters so far.
-    pub async fn stats(&self) -> Result<Vec<SessionStats>, String> {
+    pub async fn stats(&self) -> Result<Vec<SessionStats>, DataplaneError> {
         let (tx, rx) = oneshot::channel();
         let mut tx = Some(tx);
         self.send_with("stats request", |l| {
@@ -245,37 +280,34 @@ impl DataplaneClient {
         })
         .await?;
         // A late answer still goes to this (then dropped) waiter, keeping the queue in step.
-        match tokio::time::timeout(Duration::from_secs(2), rx).await {
+        let within = Duration::from_secs(2);
+        match tokio::time::timeout(within, rx).await {
             Ok(Ok(s)) => Ok(s),
-            Ok(Err(_)) => Err("dataplane link closed before it answered".into()),
-            Err(_) => Err("dataplane did not answer within 2 s".into()),
+            Ok(Err(_)) => Err(DataplaneError::Closed),
+            Err(_) => Err(DataplaneError::NoAnswer(within)),
         }
     }
 
     /// Asks the dataplane to end a session (lock, expiry, admin kill). Never blocks: a link whose
     /// buffer is full is an error now, and the caller asks again on its next round.
-    pub fn end_session(&self, id: &str, reason: EndReason) -> Result<(), String> {
+    pub fn end_session(&self, id: &str, reason: EndReason) -> Result<(), DataplaneError> {
         match lock(&self.link).as_ref() {
             Some((_, l)) => l
                 .try_send(&Message::EndSession { session_id: id.to_owned(), reason }, &[])
-                .map_err(|e| format!("sending the end request to the dataplane: {e}")),
-            None => Err("dataplane is not connected".into()),
+                .map_err(|source| DataplaneError::Send { what: "end request", source }),
+            None => Err(DataplaneError::NotConnected),
         }
     }
 }
 
 /// Converts rustls' extracted secrets for one leg into the handoff's form.
-pub fn leg_crypto(version: u16, cipher_suite: u16, s: ExtractedSecrets) -> Result<LegCrypto, String> {
-    fn parts(s: ConnectionTrafficSecrets) -> Result<(Vec<u8>, Vec<u8>), String> {
-        match s {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                Ok((key.as_ref().to_vec(), iv.as_ref().to_vec()))
-            }
-            _ => Err("negotiated cipher has no data-plane support".into()),
-        }
-    }
+pub fn leg_crypto(version: u16, cipher_suite: u16, s: ExtractedSecrets) -> Result<LegCrypto, UnsupportedCipher> {
+    let parts = |s: ConnectionTrafficSecrets| match s {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key.as_ref().to_vec(), iv.as_ref().to_vec())),
+        _ => Err(UnsupportedCipher { cipher_suite }),
+    };
     let (tx_seq, tx) = s.tx;
     let (rx_seq, rx) = s.rx;
     let (tx_key, tx_iv) = parts(tx)?;
@@ -387,12 +419,15 @@ mod tests {
         assert!(results.iter().all(|(r, _)| r.is_err()), "a handoff succeeded without an ack");
         let slowest = results.iter().map(|(_, t)| *t).max().unwrap();
         assert!(slowest < SEND_DEADLINE + Duration::from_secs(6), "a handoff took {slowest:?}");
-        let stuck = results.iter().filter(|(r, _)| r.as_ref().is_err_and(|e| e.contains("did not read"))).count();
+        let stuck = results.iter().filter(|(r, _)| matches!(r, Err(DataplaneError::Stuck { .. }))).count();
         assert!(stuck >= 1, "no send hit the deadline: {:?}", &results[results.len() - 3..]);
         // The runtime kept running meanwhile: the ticker saw most of its 50 ms ticks.
         let expected = (elapsed.as_millis() / 50) as usize;
         assert!(ticks * 2 >= expected, "{ticks} ticks in {elapsed:?}");
         assert!(stats.is_err() && stats_took < SEND_DEADLINE + Duration::from_secs(3), "{stats:?} {stats_took:?}");
-        assert!(end.is_err(), "the link to the stuck dataplane was dropped");
+        assert!(
+            matches!(end, Err(DataplaneError::NotConnected)),
+            "the link to the stuck dataplane was dropped: {end:?}"
+        );
     }
 }

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{ClientStream, ProxyContext, Ready};
 use crate::audit::{SessionFields, SESSION_END};
-use crate::dataplane::{leg_crypto, DataplaneClient, Events};
+use crate::dataplane::{leg_crypto, DataplaneClient, DataplaneError, Events, UnsupportedCipher};
 use crate::leg::Leg;
 use crate::metrics::{counters_json, METRICS};
 use crate::state::StateError;
@@ -34,9 +34,9 @@ pub(super) enum HandoffError {
     TakeApart { leg: &'static str, source: LegError },
     #[error("recording the session: {0}")]
     Record(#[from] StateError),
-    /// The data plane's own answer.
-    #[error("{0}")]
-    Dataplane(String),
+    /// The link failed or the data plane refused the session.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
 }
 
 /// Why a leg's buffered bytes or its TLS state could not be taken.
@@ -47,8 +47,8 @@ pub(super) enum LegError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The traffic secrets have no form the data plane takes.
-    #[error("{0}")]
-    Secrets(String),
+    #[error(transparent)]
+    Secrets(#[from] UnsupportedCipher),
 }
 
 /// Takes the plaintext a TLS connection received but nobody read yet (a client that pipelined
@@ -99,7 +99,7 @@ fn describe_tls(v: Option<rustls::ProtocolVersion>, s: Option<rustls::SupportedC
 /// A TLS leg taken apart for the data plane: its socket and the traffic secrets.
 fn tls_handoff_leg(tcp: TcpStream, conn: rustls::Connection) -> Result<(OwnedFd, LegCrypto), LegError> {
     let (v, s) = describe_tls(conn.protocol_version(), conn.negotiated_cipher_suite());
-    let crypto = leg_crypto(v, s, conn.dangerous_extract_secrets()?).map_err(LegError::Secrets)?;
+    let crypto = leg_crypto(v, s, conn.dangerous_extract_secrets()?)?;
     Ok((OwnedFd::from(tcp.into_std()?), crypto))
 }
 
@@ -179,7 +179,7 @@ pub(super) async fn hand_off(
         Err(e) => {
             ctx.handed().remove(&fields.session_id);
             let _ = ctx.state.delete_live_session(&fields.session_id);
-            Outcome::Failed(HandoffError::Dataplane(e), our_pid)
+            Outcome::Failed(e.into(), our_pid)
         }
     }
 }
