@@ -74,6 +74,13 @@ fn a_killed_dataplane_ends_its_sessions_and_control_takes_new_ones() {
     let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
     let v: i32 = rt.block_on(c.client.query_one("select 1", &[])).unwrap().get(0);
     assert_eq!(v, 1);
+    // The data plane relays as soon as it has the session, maybe before control has read its
+    // acknowledgement: kill it only once control counts the session as handed over, or the end
+    // is audited as a failed handoff instead.
+    wait_until(Duration::from_secs(5), "control to see the handoff acknowledged", || {
+        Ok((count_in(&h.control_log(), "session handed to the dataplane") >= 1).then_some(()))
+    })
+    .unwrap();
     h.stack.dataplane.as_mut().expect("the stack runs a dataplane").proc.stop(Signal::SIGKILL);
 
     // The client sees its connection closed, not a hang.
