@@ -779,3 +779,151 @@ pub fn only_error(bytes: &[u8]) -> Result<BTreeMap<char, String>> {
         ),
     }
 }
+
+/// A `control` process with only an auth service to join, started on its own (no database, no
+/// data plane): the auth server of the cluster tests.
+pub fn start_auth(dir: &Path) -> Result<ControlProc> {
+    Ok(ControlProc::start(&dir.join("auth"), Vec::new(), &AwsCreds::demo(), None)?)
+}
+
+/// Runs `control -c AUTH_CONFIG ARGS...` against the auth server's config.
+pub fn auth_control(auth: &ControlProc, args: &[&str]) -> Result<String> {
+    let out = Command::new(find_bin("control")?).arg("--config").arg(&auth.config_path).args(args).output()?;
+    check_output(&format!("control {args:?}"), &out)
+}
+
+/// A join token from the auth server, as an operator gets it (`control tokens add --type=db`).
+pub fn join_token(auth: &ControlProc, ttl: &str) -> Result<String> {
+    let out = auth_control(auth, &["tokens", "add", "--type=db", "--ttl", ttl, "--format", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    Ok(v["token"].as_str().context("no token in the json")?.to_owned())
+}
+
+/// The CA pin `control status` prints.
+pub fn ca_pin(auth: &ControlProc) -> Result<String> {
+    let out = auth_control(auth, &["status"])?;
+    let line = out.lines().find(|l| l.starts_with("CA pin")).context("no CA pin in control status")?;
+    Ok(line.split_whitespace().last().unwrap_or_default().to_owned())
+}
+
+/// An agent (`control` with `auth_service.enabled: false`), configured as an operator would:
+/// `control db configure create --auth-server ... --token FILE --ca-pin ...`, then given a
+/// free PostgreSQL port.
+pub struct AgentProc {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: sluice_control::config::Config,
+    pub token_file: PathBuf,
+    pub pg_port: u16,
+    pub log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl AgentProc {
+    /// Writes the agent's token file and config under `dir`; starts nothing.
+    pub fn configure(auth: &ControlProc, dir: &Path, token: &str, pin: &str) -> Result<AgentProc> {
+        std::fs::create_dir_all(dir)?;
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{token}\n"))?;
+        let config_path = dir.join("agent.yaml");
+        let out = Command::new(find_bin("control")?)
+            .args(["db", "configure", "create", "--dynamic-resources-labels", "env=dev", "--auth-server"])
+            .arg(auth.config.auth_service.cluster_listen_addr.to_string())
+            .arg("--token")
+            .arg(&token_file)
+            .args(["--ca-pin", pin, "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("-o")
+            .arg(&config_path)
+            .output()?;
+        check_output("control db configure create", &out)?;
+        let mut config: sluice_control::config::Config =
+            sluice_control::config::from_yaml(&std::fs::read_to_string(&config_path)?)?;
+        let pg_port = sluice_control::demo::free_port()?;
+        config.proxy_service.postgres_listen_addr = ([127, 0, 0, 1], pg_port).into();
+        std::fs::write(&config_path, serde_saphyr::to_string(&config)?)?;
+        Ok(AgentProc {
+            dir: dir.to_path_buf(),
+            config_path,
+            config,
+            token_file,
+            pg_port,
+            log: dir.join("agent.log"),
+            child: None,
+        })
+    }
+
+    /// Starts `control start` on the config (stderr appended to [`AgentProc::log`]).
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(find_bin("control")?)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("start")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the PostgreSQL listener accepts connections; fails if the agent exits first.
+    pub fn wait_serving(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().context("not started")?.try_wait()? {
+                bail!("the agent exited ({status}): {}", tail(&self.log, 20));
+            }
+            if TcpStream::connect(("127.0.0.1", self.pg_port)).is_ok() && self.log_text().contains("agent is serving") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent did not serve within {timeout:?}: {}", tail(&self.log, 20))
+    }
+
+    /// Waits for the agent to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("not started")?;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent is still running after {timeout:?}: {}", tail(&self.log, 20))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn identity_dir(&self) -> PathBuf {
+        self.config.data_dir.join("identity")
+    }
+
+    /// Stops the agent (SIGTERM, then SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

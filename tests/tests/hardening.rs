@@ -71,8 +71,9 @@ fn state_is_private_and_safe_to_open_concurrently() {
         std::fs::write(
             &config,
             format!(
-                "data_dir: {}\nauth_service: {{listen_addr: '127.0.0.1:{}'}}\nproxy_service: {{postgres_listen_addr: '127.0.0.1:{}'}}\n",
+                "data_dir: {}\nauth_service: {{listen_addr: '127.0.0.1:{}', cluster_listen_addr: '127.0.0.1:{}'}}\nproxy_service: {{postgres_listen_addr: '127.0.0.1:{}'}}\n",
                 data.display(),
+                free_port().unwrap(),
                 free_port().unwrap(),
                 free_port().unwrap()
             ),

@@ -1,5 +1,6 @@
-//! The audit log: `db.session.start` (success and failure) and `db.session.end`, written to the
-//! SQLite state and appended as JSON lines to a file that log shippers can tail.
+//! The audit log: `db.session.start` (success and failure), `db.session.end` and the cluster's
+//! `cluster.join`, written to the SQLite state and appended as JSON lines to a file that log
+//! shippers can tail.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use crate::state::State;
 
 pub const SESSION_START: &str = "db.session.start";
 pub const SESSION_END: &str = "db.session.end";
+pub const CLUSTER_JOIN: &str = "cluster.join";
 
 pub struct AuditLog {
     state: Arc<State>,
@@ -55,22 +57,37 @@ impl AuditLog {
         if let (Some(obj), Value::Object(more)) = (record.as_object_mut(), extra) {
             obj.extend(more);
         }
-        if let Err(e) = self.state.insert_audit(&record) {
-            tracing::error!(session_id = %s.session_id, error = %e, "writing audit event to state");
+        self.write(&record, &s.session_id);
+    }
+
+    /// Records an event that is about no session (a node joining the cluster): `fields` are
+    /// added to the event name, time and outcome.
+    pub fn emit_event(&self, event: &str, success: bool, fields: Value) {
+        let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
+        let mut record = json!({ "event": event, "time": time, "success": success });
+        if let (Some(obj), Value::Object(more)) = (record.as_object_mut(), fields) {
+            obj.extend(more);
+        }
+        self.write(&record, "");
+    }
+
+    fn write(&self, record: &Value, session_id: &str) {
+        if let Err(e) = self.state.insert_audit(record) {
+            tracing::error!(session_id = %session_id, error = %e, "writing audit event to state");
         }
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if file.is_none() {
             match crate::private_fs::open_private_append(&self.path) {
                 Ok(f) => *file = Some(f),
                 Err(e) => {
-                    tracing::error!(session_id = %s.session_id, path = %self.path.display(), error = %e, "opening audit log");
+                    tracing::error!(session_id = %session_id, path = %self.path.display(), error = %e, "opening audit log");
                     return;
                 }
             }
         }
         if let Some(f) = file.as_mut() {
             if let Err(e) = writeln!(f, "{record}") {
-                tracing::error!(session_id = %s.session_id, error = %e, "appending audit event");
+                tracing::error!(session_id = %session_id, error = %e, "appending audit event");
                 *file = None;
             }
         }

@@ -21,6 +21,10 @@ use time::OffsetDateTime;
 pub const IDENTITY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59_999, 1, 1];
 const IDENTITY_OID_STR: &str = "1.3.6.1.4.1.59999.1.1";
 
+/// Private-arc OID of the extension that holds [`HostIdentity`] (an agent's host certificate).
+pub const HOST_IDENTITY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59_999, 1, 2];
+const HOST_IDENTITY_OID_STR: &str = "1.3.6.1.4.1.59999.1.2";
+
 #[derive(Debug, Error)]
 pub enum CaError {
     #[error("certificate generation: {0}")]
@@ -48,6 +52,21 @@ pub struct Identity {
     pub v: u32,
     pub user: String,
     pub route: Option<DbRoute>,
+}
+
+/// Who holds a host certificate: an agent that joined the cluster. It lives under its own OID,
+/// so a host certificate is no user's certificate (the PostgreSQL listener finds no
+/// [`Identity`] in it) and a user's certificate is no host's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostIdentity {
+    pub v: u32,
+    pub host_id: String,
+    pub node_name: String,
+    /// Small number unique in the cluster (names the agent in cancel keys, from slice S5).
+    pub node_index: u16,
+    /// What the host serves: `db`.
+    pub role: String,
+    pub cluster: String,
 }
 
 /// A CA held in memory: its certificate (PEM and DER) and signing key.
@@ -147,6 +166,54 @@ impl CertAuthority {
     }
 }
 
+impl CertAuthority {
+    /// A host certificate for an agent, over the public key the agent generated (PEM SPKI): the
+    /// agent's private key never leaves it. Valid for serving (its PostgreSQL listener, with
+    /// `names` as SANs) and as a client (towards the auth server).
+    pub fn issue_host(
+        &self,
+        identity: &HostIdentity,
+        public_key_pem: &str,
+        names: &[String],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<String, CaError> {
+        let public_key = SubjectPublicKeyInfo::from_pem(public_key_pem)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => n.clone().try_into().map(SanType::DnsName),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, identity.host_id.clone());
+        dn.push(DnType::OrganizationName, identity.cluster.clone());
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let json = serde_json::to_vec(identity).map_err(|e| CaError::BadIdentity(e.to_string()))?;
+        params.custom_extensions = vec![CustomExtension::from_oid_content(HOST_IDENTITY_OID, der_utf8_string(&json))];
+        let cert = params.signed_by(&public_key, &self.issuer()?)?;
+        Ok(cert.pem())
+    }
+}
+
+/// Reads the host identity out of a (chain-verified) host certificate.
+pub fn host_identity_from_cert(der: &[u8]) -> Result<HostIdentity, CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Parse(e.to_string()))?;
+    let ext =
+        cert.extensions().iter().find(|e| e.oid.to_id_string() == HOST_IDENTITY_OID_STR).ok_or(CaError::NoIdentity)?;
+    let json = parse_der_utf8_string(ext.value).ok_or_else(|| CaError::BadIdentity("not a UTF8String".into()))?;
+    let id: HostIdentity = serde_json::from_slice(json).map_err(|e| CaError::BadIdentity(e.to_string()))?;
+    if id.v != 1 {
+        return Err(CaError::BadIdentity(format!("host identity format v{} is not supported", id.v)));
+    }
+    Ok(id)
+}
+
 /// Encodes bytes (valid UTF-8 JSON) as a DER UTF8String.
 fn der_utf8_string(bytes: &[u8]) -> Vec<u8> {
     let mut out = vec![0x0c];
@@ -232,6 +299,77 @@ mod tests {
         let ca = CertAuthority::generate("test").unwrap();
         let (chain, _) = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(60)).unwrap();
         assert!(matches!(identity_from_cert(&chain[0]), Err(CaError::NoIdentity)));
+    }
+
+    fn host_cert(ca: &CertAuthority) -> (HostIdentity, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let id = HostIdentity {
+            v: 1,
+            host_id: "h-1".into(),
+            node_name: "agent-1".into(),
+            node_index: 1,
+            role: "db".into(),
+            cluster: "test".into(),
+        };
+        let now = OffsetDateTime::now_utc();
+        let pem = ca
+            .issue_host(&id, &key.public_key_pem(), &["127.0.0.1".into()], now, now + time::Duration::hours(1))
+            .unwrap();
+        (id, rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn host_and_user_identities_do_not_cross() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let (id, der) = host_cert(&ca);
+        assert_eq!(host_identity_from_cert(&der).unwrap(), id);
+        // The PostgreSQL listener reads `identity_from_cert`: a host certificate is nobody.
+        assert!(matches!(identity_from_cert(&der), Err(CaError::NoIdentity)));
+        let user_key = KeyPair::generate().unwrap();
+        let user = Identity { v: 1, user: "alice".into(), route: None };
+        let now = OffsetDateTime::now_utc();
+        let pem = ca.issue_client(&user, &user_key.public_key_pem(), now, now + time::Duration::hours(1)).unwrap();
+        let user_der: CertificateDer<'static> =
+            rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
+        assert!(matches!(host_identity_from_cert(&user_der), Err(CaError::NoIdentity)));
+    }
+
+    /// The full check the PostgreSQL listener makes: the chain verifies (same CA), but the
+    /// session is refused for want of a user identity.
+    #[test]
+    fn host_cert_is_refused_as_a_postgres_client_cert() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let (_, der) = host_cert(&ca);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der.clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            crate::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        verifier.verify_client_cert(&der, &[], rustls_pki_types::UnixTime::now()).unwrap();
+        assert!(matches!(identity_from_cert(&der), Err(CaError::NoIdentity)));
+    }
+
+    #[test]
+    fn spki_pin_matches_openssl() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let dir = std::env::temp_dir().join(format!("sluice-pin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = dir.join("ca.pem");
+        std::fs::write(&pem, &ca.cert_pem).unwrap();
+        let script =
+            format!("openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform der | sha256sum", pem.display());
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output();
+        let _ = std::fs::remove_dir_all(&dir);
+        match out {
+            Ok(o) if o.status.success() && !o.stdout.is_empty() => {
+                let hex = String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_owned();
+                assert_eq!(ca.pin().unwrap(), format!("sha256:{hex}"));
+            }
+            _ => eprintln!("openssl not available; pin cross-check skipped"),
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub enum ConfigError {
 pub struct Config {
     /// Where the SQLite state (users, roles, CA, tokens, resources, audit) lives.
     pub data_dir: PathBuf,
-    #[serde(default)]
+    #[serde(default, serialize_with = "serialize_auth_service")]
     pub auth_service: AuthService,
     #[serde(default)]
     pub proxy_service: ProxyService,
@@ -43,6 +43,53 @@ pub struct Config {
     /// Serve Prometheus metrics; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// An agent (`auth_service.enabled: false`) joins the auth server named here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinConfig>,
+}
+
+/// How an agent joins its cluster: the auth server's cluster API, a join token, and the pin of
+/// the cluster CA (`control status` prints it) that the auth server's certificate must chain to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinConfig {
+    /// `host:port` of the auth server's `cluster_listen_addr`.
+    pub auth_server: String,
+    /// File holding the join token (`control tokens add --type=db`); read only for the first join.
+    pub token_file: PathBuf,
+    /// `sha256:<hex>` of the cluster CA's SubjectPublicKeyInfo.
+    pub ca_pin: String,
+    /// The node's name in the cluster; defaults to the host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// Whether `pin` has the form `sha256:<64 lowercase hex digits>`.
+pub fn valid_ca_pin(pin: &str) -> bool {
+    pin.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+/// A disabled auth service is written as `{enabled: false}`: its other settings mean nothing on
+/// an agent, and spelling them out would suggest they do.
+fn serialize_auth_service<S: serde::Serializer>(a: &AuthService, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Disabled {
+        enabled: bool,
+    }
+    if a.enabled {
+        a.serialize(s)
+    } else {
+        Disabled { enabled: false }.serialize(s)
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -70,6 +117,9 @@ fn zero_duration() -> Duration {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthService {
+    /// Off on an agent, which then needs `join`.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
     /// TLS listener for `sluice login` and the other client API calls.
@@ -81,15 +131,24 @@ pub struct AuthService {
     /// Concurrent connections and unfinished requests on the API listener, in all and per source.
     #[serde(default)]
     pub limits: crate::limits::ConnectionLimits,
+    /// HTTPS listener of the cluster API that agents join (and later renew and watch) through.
+    #[serde(default = "default_cluster_addr")]
+    pub cluster_listen_addr: SocketAddr,
+    /// Lifetime of the host certificates issued to agents.
+    #[serde(default = "default_host_cert_ttl", with = "duration_str")]
+    pub host_cert_ttl: Duration,
 }
 
 impl Default for AuthService {
     fn default() -> Self {
         AuthService {
+            enabled: true,
             cluster_name: default_cluster_name(),
             listen_addr: default_auth_addr(),
             session_ttl: default_session_ttl(),
             limits: Default::default(),
+            cluster_listen_addr: default_cluster_addr(),
+            host_cert_ttl: default_host_cert_ttl(),
         }
     }
 }
@@ -97,6 +156,8 @@ impl Default for AuthService {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyService {
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     /// Where PostgreSQL clients connect (TLS with client certificates).
     #[serde(default = "default_pg_addr")]
     pub postgres_listen_addr: SocketAddr,
@@ -142,6 +203,7 @@ pub const LOCAL_SOCKET_PORT: u16 = 5432;
 impl Default for ProxyService {
     fn default() -> Self {
         ProxyService {
+            enabled: true,
             postgres_listen_addr: default_pg_addr(),
             postgres_public_addr: None,
             public_names: Vec::new(),
@@ -159,15 +221,23 @@ impl ProxyService {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DbService {
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     /// Statically configured databases.
     #[serde(default)]
     pub databases: Vec<StaticDatabase>,
     /// Label selectors for dynamic resources (`control db add`) this control serves.
     #[serde(default)]
     pub resources: Vec<ResourceMatcher>,
+}
+
+impl Default for DbService {
+    fn default() -> Self {
+        DbService { enabled: true, databases: Vec::new(), resources: Vec::new() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -466,7 +536,44 @@ impl Config {
         for m in &self.discovery_service.aws {
             m.validate()?;
         }
+        match (&self.join, self.auth_service.enabled) {
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid(
+                    "join is for agents: set auth_service.enabled: false, or remove join".into(),
+                ))
+            }
+            (None, false) => {
+                return Err(ConfigError::Invalid(
+                    "auth_service is disabled, so this is an agent: it needs a join section \
+                     (auth_server, token_file, ca_pin)"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(join) = &self.join {
+            if !(self.proxy_service.enabled && self.db_service.enabled) {
+                return Err(ConfigError::Invalid(
+                    "an agent serves databases: proxy_service and db_service must be enabled".into(),
+                ));
+            }
+            if !valid_ca_pin(&join.ca_pin) {
+                return Err(ConfigError::Invalid(format!(
+                    "join.ca_pin {:?} must be sha256:<64 lowercase hex digits> (as `control status` prints it)",
+                    join.ca_pin
+                )));
+            }
+            split_host_port(&join.auth_server, 3026)?;
+            if !self.discovery_service.aws.is_empty() {
+                return Err(ConfigError::Invalid("discovery_service runs on the auth server, not on an agent".into()));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether this process is an agent: no auth service, identity from joining one.
+    pub fn is_agent(&self) -> bool {
+        !self.auth_service.enabled
     }
 
     /// The idle timeout of every session: `proxy_service.idle_timeout`, else the data plane's.
@@ -487,6 +594,12 @@ fn default_cluster_name() -> String {
 }
 fn default_auth_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 3025))
+}
+fn default_cluster_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3026))
+}
+fn default_host_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 fn default_pg_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 5433))
@@ -578,6 +691,60 @@ db_service:
             connect_addr: None,
         };
         assert!(spec.validate().is_err());
+    }
+
+    const PIN: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn agent_yaml(pin: &str) -> String {
+        format!(
+            "data_dir: /x\nauth_service: {{enabled: false}}\njoin:\n  auth_server: auth.example:3026\n  \
+             token_file: /x/token\n  ca_pin: {pin}\n"
+        )
+    }
+
+    #[test]
+    fn agent_config_parses_and_validates() {
+        let c: Config = from_yaml(&agent_yaml(PIN)).unwrap();
+        c.validate().unwrap();
+        assert!(c.is_agent());
+        assert!(c.proxy_service.enabled && c.db_service.enabled);
+        assert_eq!(c.join.as_ref().unwrap().token_file, PathBuf::from("/x/token"));
+        // Serialized back, it parses to the same agent (defaults stay implicit).
+        let again: Config = from_yaml(&serde_saphyr::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.join, c.join);
+        assert!(!again.auth_service.enabled);
+    }
+
+    #[test]
+    fn existing_configs_are_single_process() {
+        let c: Config = from_yaml("data_dir: /x\n").unwrap();
+        c.validate().unwrap();
+        assert!(!c.is_agent());
+        assert!(c.auth_service.enabled && c.proxy_service.enabled && c.db_service.enabled);
+        assert_eq!(c.auth_service.cluster_listen_addr, SocketAddr::from(([127, 0, 0, 1], 3026)));
+        assert_eq!(c.auth_service.host_cert_ttl, Duration::from_secs(86400));
+        // `enabled: true` is the default and is not written out.
+        assert!(!serde_saphyr::to_string(&c).unwrap().contains("enabled"));
+    }
+
+    #[test]
+    fn agent_validation_refusals() {
+        let no_join: Config = from_yaml("data_dir: /x\nauth_service: {enabled: false}\n").unwrap();
+        assert!(no_join.validate().unwrap_err().to_string().contains("needs a join section"));
+        let join_with_auth: Config = from_yaml(&agent_yaml(PIN).replace("enabled: false", "enabled: true")).unwrap();
+        assert!(join_with_auth.validate().unwrap_err().to_string().contains("auth_service.enabled: false"));
+        for bad in ["sha256:abc", "md5:0123", &PIN.to_uppercase(), &PIN.replace("sha256:", "sha256:x")] {
+            let c: Config = from_yaml(&agent_yaml(&format!("\"{bad}\""))).unwrap();
+            assert!(c.validate().unwrap_err().to_string().contains("ca_pin"), "{bad}");
+        }
+        let no_proxy: Config = from_yaml(&format!("{}proxy_service: {{enabled: false}}\n", agent_yaml(PIN))).unwrap();
+        assert!(no_proxy.validate().unwrap_err().to_string().contains("must be enabled"));
+        let discovery: Config = from_yaml(&format!(
+            "{}discovery_service:\n  aws: [{{types: [rdsproxy], regions: [us-east-1]}}]\n",
+            agent_yaml(PIN)
+        ))
+        .unwrap();
+        assert!(discovery.validate().unwrap_err().to_string().contains("discovery_service"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `control start`: opens the state, loads the CA, binds the PostgreSQL and API listeners and
-//! serves until SIGINT/SIGTERM.
+//! `control start`: opens the state, loads the CA, binds the PostgreSQL, API and cluster
+//! listeners and serves until SIGINT/SIGTERM. An agent (`auth_service.enabled: false`) instead
+//! joins its auth server and serves PostgreSQL only (see [`crate::cluster::agent`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 use crate::api::{self, ApiContext};
 use crate::audit::AuditLog;
 use crate::ca::CaError;
+use crate::cluster::server::ClusterContext;
 use crate::config::{split_host_port, Config};
 use crate::iam::TokenMinter;
 use crate::metrics::{LiveSession, NotReady, Probe};
@@ -40,6 +42,8 @@ pub enum DaemonError {
     Tls(#[from] TlsError),
     #[error("reading the policy: {0}")]
     Policy(#[source] StateError),
+    #[error("joining the cluster: {0}")]
+    Join(#[from] crate::cluster::agent::AgentError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -48,10 +52,14 @@ async fn bind_one(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpL
     TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind { what, addr, source })
 }
 
-/// Names control's server certificate is valid for.
-fn server_names(cfg: &Config) -> Vec<String> {
+/// Names control's server certificate (an agent's host certificate) is valid for.
+pub fn server_names(cfg: &Config) -> Vec<String> {
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
-    for addr in [cfg.proxy_service.postgres_listen_addr, cfg.auth_service.listen_addr] {
+    let mut addrs = vec![cfg.proxy_service.postgres_listen_addr];
+    if cfg.auth_service.enabled {
+        addrs.extend([cfg.auth_service.listen_addr, cfg.auth_service.cluster_listen_addr]);
+    }
+    for addr in addrs {
         if !addr.ip().is_unspecified() {
             names.push(addr.ip().to_string());
         }
@@ -68,23 +76,36 @@ fn server_names(cfg: &Config) -> Vec<String> {
 /// The bound listeners; split from [`serve`] so tests and the demo know the ports before serving.
 pub struct Bound {
     pub postgres: TcpListener,
-    pub api: TcpListener,
+    /// The client API and the cluster API: only where the auth service runs.
+    pub api: Option<TcpListener>,
+    pub cluster: Option<TcpListener>,
     pub metrics: Option<TcpListener>,
 }
 
 pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
     let postgres = bind_one("postgres", cfg.proxy_service.postgres_listen_addr).await?;
-    let api = bind_one("api", cfg.auth_service.listen_addr).await?;
-    let metrics = match &cfg.metrics {
-        Some(m) => Some(bind_one("metrics", m.listen_addr).await?),
-        None => None,
+    let (api, cluster) = if cfg.auth_service.enabled {
+        (
+            Some(bind_one("api", cfg.auth_service.listen_addr).await?),
+            Some(bind_one("cluster", cfg.auth_service.cluster_listen_addr).await?),
+        )
+    } else {
+        (None, None)
     };
-    Ok(Bound { postgres, api, metrics })
+    // Metrics come with the proxy's probe, which an agent does not build yet.
+    let metrics = match &cfg.metrics {
+        Some(m) if !cfg.is_agent() => Some(bind_one("metrics", m.listen_addr).await?),
+        _ => None,
+    };
+    Ok(Bound { postgres, api, cluster, metrics })
 }
 
 /// Serves until SIGINT/SIGTERM. With `config_path`, discovery follows changes to the file's
 /// `discovery_service` section.
 pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::PathBuf>) -> Result<(), DaemonError> {
+    if cfg.is_agent() {
+        return serve_agent(cfg, bound).await;
+    }
     let cfg = Arc::new(cfg);
     let state = Arc::new(State::open(&cfg.data_dir).map_err(DaemonError::State)?);
     let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).map_err(DaemonError::Ca)?);
@@ -92,6 +113,7 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     let pg_tls = tls::postgres_server_config(&ca.cert_der, chain.clone(), key.clone_key())?;
     let api_tls = tls::api_server_config(chain, key)?;
     let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
+    let cluster_ctx = Arc::new(ClusterContext::new(cfg.clone(), state.clone(), ca.clone(), audit.clone()));
     let minter = Arc::new(TokenMinter::new());
     let discovery_task = tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path));
     let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).map_err(DaemonError::Policy)?);
@@ -101,15 +123,20 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         let _ = proxy_ctx.dataplane.set(client);
     }
     let api_ctx = Arc::new(ApiContext::new(cfg.clone(), state, ca));
+    let (Some(api_listener), Some(cluster_listener)) = (bound.api, bound.cluster) else {
+        return Err(DaemonError::Io(std::io::Error::other("the auth service's listeners were not bound")));
+    };
     info!(
         postgres = %bound.postgres.local_addr()?,
-        api = %bound.api.local_addr()?,
+        api = %api_listener.local_addr()?,
+        cluster_api = %cluster_listener.local_addr()?,
         cluster = %cfg.auth_service.cluster_name,
         "control is serving"
     );
     let mut tasks = vec![
         tokio::spawn(proxy::enforce_policy(proxy_ctx.clone())),
-        tokio::spawn(api::serve(api_ctx, bound.api, api_tls)),
+        tokio::spawn(api::serve(api_ctx, api_listener, api_tls.clone())),
+        tokio::spawn(crate::cluster::server::serve(cluster_ctx, cluster_listener, api_tls)),
     ];
     let probe = Arc::new(ProxyProbe { ctx: proxy_ctx.clone(), serving: AtomicBool::new(false) });
     if let Some(l) = bound.metrics {
@@ -127,6 +154,32 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         t.abort();
     }
     discovery_task.abort();
+    Ok(())
+}
+
+/// An agent: no state, no CA, no client API, no discovery. It joins (or loads the identity it
+/// joined with), then serves PostgreSQL with its host certificate.
+async fn serve_agent(cfg: Config, bound: Bound) -> Result<(), DaemonError> {
+    let Some(join) = cfg.join.clone() else {
+        return Err(DaemonError::Io(std::io::Error::other("an agent needs a join section")));
+    };
+    let joined = crate::cluster::agent::ensure_joined(&cfg, &join, server_names(&cfg)).await?;
+    let pg_tls = tls::postgres_server_config(&joined.ca, joined.chain, joined.key)?;
+    if cfg.metrics.is_some() || cfg.proxy_service.local_socket.is_some() {
+        warn!("metrics and local sockets are not served by agents yet");
+    }
+    info!(
+        postgres = %bound.postgres.local_addr()?,
+        host_id = %joined.identity.host_id,
+        node_index = joined.identity.node_index,
+        cluster = %joined.identity.cluster,
+        auth_server = %join.auth_server,
+        "agent is serving"
+    );
+    let task = tokio::spawn(crate::cluster::agent::serve_postgres(Arc::new(cfg), bound.postgres, pg_tls));
+    shutdown_signal().await;
+    info!("shutting down");
+    task.abort();
     Ok(())
 }
 

@@ -609,6 +609,7 @@ impl ControlProc {
         let pg_port = free_port()?;
         let api_port = free_port()?;
         let metrics_port = free_port()?;
+        let cluster_port = free_port()?;
         // Socket paths are limited to 108 bytes; a test directory can be deeper than that.
         let local_dir = std::env::temp_dir().join(format!("sluice-sock-{}", random_secret(4)));
         let os_user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
@@ -616,7 +617,11 @@ impl ControlProc {
             .ok_or_else(|| DemoError::Missing("this process's uid has no user name".into()))?;
         let config = Config {
             data_dir: dir.join("data"),
-            auth_service: AuthService { listen_addr: ([127, 0, 0, 1], api_port).into(), ..Default::default() },
+            auth_service: AuthService {
+                listen_addr: ([127, 0, 0, 1], api_port).into(),
+                cluster_listen_addr: ([127, 0, 0, 1], cluster_port).into(),
+                ..Default::default()
+            },
             proxy_service: ProxyService {
                 postgres_listen_addr: ([127, 0, 0, 1], pg_port).into(),
                 postgres_public_addr: Some(format!("localhost:{pg_port}")),
@@ -626,11 +631,12 @@ impl ControlProc {
                 }),
                 ..Default::default()
             },
-            db_service: DbService { databases, resources: Vec::new() },
+            db_service: DbService { databases, ..Default::default() },
             discovery_service: Default::default(),
             audit: AuditConfig::default(),
             dataplane: dataplane_socket.map(|socket| DataplaneConfig { socket, idle_timeout: Duration::ZERO }),
             metrics: Some(MetricsConfig { listen_addr: ([127, 0, 0, 1], metrics_port).into() }),
+            join: None,
         };
         let config_path = dir.join("control.yaml");
         std::fs::write(&config_path, serde_saphyr::to_string(&config)?)?;

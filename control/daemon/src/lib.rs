@@ -9,6 +9,7 @@ pub mod audit;
 pub mod bootstrap;
 pub mod ca;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

@@ -160,6 +160,15 @@ enum DbConfigureCmd {
         data_dir: PathBuf,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
+        /// Write an agent's config: join the auth server at HOST:PORT (its cluster API)...
+        #[arg(long, requires_all = ["token", "ca_pin"])]
+        auth_server: Option<String>,
+        /// ...with the join token in this file (`control tokens add --type=db`)...
+        #[arg(long, requires_all = ["auth_server", "ca_pin"])]
+        token: Option<PathBuf>,
+        /// ...trusting it only if its CA has this pin (`control status` prints it).
+        #[arg(long, requires_all = ["auth_server", "token"])]
+        ca_pin: Option<String>,
     },
 }
 
@@ -267,6 +276,10 @@ fn load_config(path: &Path) -> Result<Config> {
 }
 
 fn open_state(cfg: &Config) -> Result<State> {
+    // An agent's data dir holds its host identity, never a state (users, the CA key).
+    if cfg.is_agent() {
+        bail!("this is an agent's config (auth_service.enabled: false): run admin commands against the auth server's config");
+    }
     State::open(&cfg.data_dir).with_context(|| format!("opening state in {}", cfg.data_dir.display()))
 }
 
@@ -303,6 +316,7 @@ fn main() -> Result<()> {
             println!("Cluster           {}", cfg.auth_service.cluster_name);
             println!("CA pin            {}", ca.pin()?);
             println!("API address       {}", cfg.auth_service.listen_addr);
+            println!("Cluster API       {}", cfg.auth_service.cluster_listen_addr);
             println!(
                 "PostgreSQL        {} (public {})",
                 cfg.proxy_service.postgres_listen_addr,
@@ -413,6 +427,9 @@ fn main() -> Result<()> {
             external_id,
             data_dir,
             output,
+            auth_server,
+            token,
+            ca_pin,
         })) => {
             let mut resources = Vec::new();
             for spec in &dynamic_resources_labels {
@@ -430,6 +447,11 @@ fn main() -> Result<()> {
             }
             let mut cfg: Config = sluice_control::config::from_yaml(&format!("data_dir: {}", data_dir.display()))?;
             cfg.db_service.resources = resources;
+            if let (Some(auth_server), Some(token_file), Some(ca_pin)) = (auth_server, token, ca_pin) {
+                cfg.auth_service = sluice_control::config::AuthService { enabled: false, ..Default::default() };
+                cfg.join =
+                    Some(sluice_control::config::JoinConfig { auth_server, token_file, ca_pin, node_name: None });
+            }
             cfg.validate()?;
             let yaml = serde_saphyr::to_string(&cfg)?;
             match output {

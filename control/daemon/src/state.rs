@@ -63,6 +63,16 @@ CREATE TABLE IF NOT EXISTS locks (
     expires_at INTEGER,
     created_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    host_id TEXT PRIMARY KEY,
+    node_index INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    joined_at INTEGER NOT NULL,
+    cert_not_after INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL,
@@ -196,6 +206,39 @@ impl Lock {
         self.user.as_deref().is_none_or(|u| u == user) && self.db.as_deref().is_none_or(|d| d == db)
     }
 }
+
+/// What a join token is worth, told apart so that an agent's operator learns which fix applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenCheck {
+    Valid,
+    Unknown,
+    Expired {
+        at: OffsetDateTime,
+    },
+    /// The token exists and is current, but for another kind of join.
+    WrongType {
+        kind: String,
+    },
+}
+
+/// An agent that joined the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub host_id: String,
+    pub node_index: u16,
+    pub name: String,
+    pub role: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub joined_at: i64,
+    pub cert_not_after: i64,
+    pub last_seen: i64,
+}
+
+/// Most agents one cluster numbers (cancel keys give the index 10 bits; 0 is the auth server).
+pub const MAX_NODE_INDEX: u16 = 1023;
+
+/// Expired join tokens are kept this long, so that an agent using one is told it expired.
+const EXPIRED_TOKEN_GRACE: i64 = 24 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct TokenInfo {
@@ -466,6 +509,106 @@ impl State {
             .query_row("SELECT kind FROM tokens WHERE hash = ?1", params![sha256_hex(token)], |r| r.get(0))
             .optional()?;
         Ok(found.as_deref() == Some(kind))
+    }
+
+    /// Checks a join token for a join of `kind`, saying why it is refused. Tokens stay valid
+    /// until they expire (several agents may join with one); rows expired for more than a day
+    /// are purged here.
+    pub fn check_join_token(&self, token: &str, kind: &str) -> Result<TokenCheck, StateError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let db = self.db();
+        db.execute("DELETE FROM tokens WHERE expires_at <= ?1", params![now - EXPIRED_TOKEN_GRACE])?;
+        let found: Option<(String, i64)> = db
+            .query_row("SELECT kind, expires_at FROM tokens WHERE hash = ?1", params![sha256_hex(token)], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        Ok(match found {
+            None => TokenCheck::Unknown,
+            Some((_, exp)) if exp <= now => TokenCheck::Expired {
+                at: OffsetDateTime::from_unix_timestamp(exp).map_err(|e| StateError::Corrupt(e.to_string()))?,
+            },
+            Some((k, _)) if k != kind => TokenCheck::WrongType { kind: k },
+            Some(_) => TokenCheck::Valid,
+        })
+    }
+
+    // ---- cluster nodes ----
+
+    /// Records a joining agent under a new host id and the lowest free node index.
+    pub fn add_node(
+        &self,
+        name: &str,
+        role: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        cert_not_after: OffsetDateTime,
+    ) -> Result<Node, StateError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let host_id = random_secret(16);
+        let labels_json = serde_json::to_string(labels)?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let used: Vec<i64> = tx
+            .prepare("SELECT node_index FROM nodes ORDER BY node_index")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let index = (1..=MAX_NODE_INDEX)
+            .find(|i| used.binary_search(&i64::from(*i)).is_err())
+            .ok_or_else(|| StateError::Invalid(format!("the cluster already has {MAX_NODE_INDEX} agents")))?;
+        tx.execute(
+            "INSERT INTO nodes (host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
+            params![host_id, index, name, role, labels_json, now, cert_not_after.unix_timestamp()],
+        )?;
+        tx.commit()?;
+        Ok(Node {
+            host_id,
+            node_index: index,
+            name: name.to_owned(),
+            role: role.to_owned(),
+            labels: labels.clone(),
+            joined_at: now,
+            cert_not_after: cert_not_after.unix_timestamp(),
+            last_seen: now,
+        })
+    }
+
+    pub fn delete_node(&self, host_id: &str) -> Result<bool, StateError> {
+        Ok(self.db().execute("DELETE FROM nodes WHERE host_id = ?1", params![host_id])? > 0)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<Node>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen
+             FROM nodes ORDER BY node_index",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (host_id, index, name, role, labels, joined_at, cert_not_after, last_seen) = row?;
+            Ok(Node {
+                host_id,
+                node_index: u16::try_from(index).map_err(|e| StateError::Corrupt(e.to_string()))?,
+                name,
+                role,
+                labels: serde_json::from_str(&labels)?,
+                joined_at,
+                cert_not_after,
+                last_seen,
+            })
+        })
+        .collect()
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, StateError> {
@@ -832,6 +975,45 @@ mod tests {
         assert!(s.check_token(&t, "db").unwrap());
         assert!(!s.check_token(&t, "node").unwrap());
         assert!(!s.check_token("nope", "db").unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn join_tokens_tell_why_they_are_refused() {
+        let (s, dir) = temp_state();
+        let (db, _) = s.add_token("db", std::time::Duration::from_secs(60)).unwrap();
+        let (node, _) = s.add_token("node", std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(s.check_join_token(&db, "db").unwrap(), TokenCheck::Valid);
+        // Multi-use until it expires.
+        assert_eq!(s.check_join_token(&db, "db").unwrap(), TokenCheck::Valid);
+        assert_eq!(s.check_join_token("nope", "db").unwrap(), TokenCheck::Unknown);
+        assert_eq!(s.check_join_token(&node, "db").unwrap(), TokenCheck::WrongType { kind: "node".into() });
+        let (old, expires) = s.add_token("db", std::time::Duration::ZERO).unwrap();
+        assert_eq!(
+            s.check_join_token(&old, "db").unwrap(),
+            TokenCheck::Expired { at: expires.replace_nanosecond(0).unwrap() }
+        );
+        // Long expired: gone.
+        s.db().execute("UPDATE tokens SET expires_at = expires_at - 2 * 86400 WHERE kind = 'db'", []).unwrap();
+        assert_eq!(s.check_join_token(&old, "db").unwrap(), TokenCheck::Unknown);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn nodes_get_the_lowest_free_index() {
+        let (s, dir) = temp_state();
+        let labels: std::collections::BTreeMap<String, String> = [("env".to_owned(), "dev".to_owned())].into();
+        let na = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let a = s.add_node("a", "db", &labels, na).unwrap();
+        let b = s.add_node("b", "db", &labels, na).unwrap();
+        assert_eq!((a.node_index, b.node_index), (1, 2));
+        assert_ne!(a.host_id, b.host_id);
+        assert!(s.delete_node(&a.host_id).unwrap());
+        let c = s.add_node("c", "db", &Default::default(), na).unwrap();
+        assert_eq!(c.node_index, 1);
+        let names: Vec<String> = s.nodes().unwrap().into_iter().map(|n| n.name).collect();
+        assert_eq!(names, ["c", "b"]);
+        assert_eq!(s.nodes().unwrap()[1].labels, labels);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1,0 +1,488 @@
+//! The agent side of the cluster: a process with `auth_service.enabled: false` joins the auth
+//! server named in `join` once (a token, and the pin of the cluster CA that the auth server's
+//! certificate must chain to), keeps the host identity it gets in `data_dir/identity/`, and
+//! serves PostgreSQL with its host certificate. It opens no `sluice.db`: users, password hashes
+//! and the CA key stay on the auth server.
+//!
+//! Until the agent follows the auth server's policy (a later slice), every session is refused
+//! with a message that says so.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde::{Deserialize, Serialize};
+use sluice_pgwire::{encode, ErrorFields, Event, ServerNegotiation, TlsOffer};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use super::{ErrorBody, JoinRequest, JoinResponse, DB_KIND};
+use crate::ca::spki_pin;
+use crate::config::{split_host_port, Config, JoinConfig};
+use crate::private_fs;
+
+/// How long one join may take, connection and answer together.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer read from the auth server.
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// What every connection to an agent is told until it serves from the auth server's policy.
+pub const NO_POLICY: &str = "this agent has no policy from the auth server yet";
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("no identity in {dir} yet, and the join token file {token_file} cannot be read: {source}")]
+    TokenFile { dir: PathBuf, token_file: PathBuf, source: std::io::Error },
+    #[error("join token file {0} is empty")]
+    EmptyToken(PathBuf),
+    #[error("bad auth_server {0:?}: {1}")]
+    AuthServer(String, String),
+    #[error("connecting to the auth server {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    /// The auth server's CA is not the pinned one: someone else may be answering.
+    #[error("{0}")]
+    PinMismatch(String),
+    #[error("TLS to the auth server {addr}: {source}")]
+    Tls { addr: String, source: std::io::Error },
+    #[error("HTTP to the auth server: {0}")]
+    Http(String),
+    #[error("the auth server refused the join: {message}")]
+    Refused { code: String, message: String },
+    #[error("the auth server answered HTTP {status}: {body}")]
+    Unexpected { status: u16, body: String },
+    #[error("joining the auth server {0} timed out")]
+    Timeout(String),
+    #[error("generating the host key: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("the identity in {dir} is unusable: {reason} (remove the directory to join again)")]
+    BadIdentity { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    Tls2(#[from] crate::tls::TlsError),
+}
+
+/// `identity/identity.json`: who this agent is in the cluster, and where it joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityFile {
+    pub host_id: String,
+    pub node_index: u16,
+    pub node_name: String,
+    pub cluster: String,
+    pub auth_server: String,
+    pub ca_pin: String,
+}
+
+/// The agent's identity, loaded: host certificate chain (leaf, CA), key and the cluster CA.
+pub struct Joined {
+    pub identity: IdentityFile,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub ca: CertificateDer<'static>,
+}
+
+pub fn identity_dir(cfg: &Config) -> PathBuf {
+    cfg.data_dir.join("identity")
+}
+
+/// Loads the identity from `data_dir/identity/`, joining first if there is none.
+pub async fn ensure_joined(cfg: &Config, join: &JoinConfig, dns_names: Vec<String>) -> Result<Joined, AgentError> {
+    let dir = identity_dir(cfg);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AgentError::Io { path, source }
+    };
+    private_fs::private_dir(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
+    private_fs::private_dir(&dir).map_err(io(&dir))?;
+    if dir.join("identity.json").exists() {
+        let joined = load(&dir)?;
+        if joined.identity.ca_pin != join.ca_pin {
+            return Err(AgentError::BadIdentity {
+                dir,
+                reason: format!(
+                    "it was issued under CA {}, but the config pins {}",
+                    joined.identity.ca_pin, join.ca_pin
+                ),
+            });
+        }
+        info!(host_id = %joined.identity.host_id, node_index = joined.identity.node_index, "using the agent identity");
+        return Ok(joined);
+    }
+    let token = std::fs::read_to_string(&join.token_file).map_err(|source| AgentError::TokenFile {
+        dir: dir.clone(),
+        token_file: join.token_file.clone(),
+        source,
+    })?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AgentError::EmptyToken(join.token_file.clone()));
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let node_name = join.node_name.clone().unwrap_or_else(default_node_name);
+    let labels = cfg.db_service.resources.iter().flat_map(|m| m.labels.clone()).collect();
+    let req = JoinRequest {
+        token: token.to_owned(),
+        kind: DB_KIND.to_owned(),
+        node_name: node_name.clone(),
+        public_key_pem: key.public_key_pem(),
+        dns_names,
+        labels,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    info!(auth_server = %join.auth_server, node = %node_name, "joining the cluster");
+    let resp = tokio::time::timeout(JOIN_TIMEOUT, call_join(join, &req))
+        .await
+        .map_err(|_| AgentError::Timeout(join.auth_server.clone()))??;
+    let ca_pem = resp.ca_pems.first().cloned().ok_or_else(|| AgentError::Http("the answer has no CA".into()))?;
+    let identity = IdentityFile {
+        host_id: resp.host_id,
+        node_index: resp.node_index,
+        node_name,
+        cluster: resp.cluster,
+        auth_server: join.auth_server.clone(),
+        ca_pin: join.ca_pin.clone(),
+    };
+    let chain_pem = format!("{}{}", ensure_newline(&resp.cert_pem), ensure_newline(&ca_pem));
+    let identity_json = serde_json::to_vec_pretty(&identity).map_err(|e| AgentError::Http(e.to_string()))?;
+    // identity.json last: its presence says the other files are complete.
+    for (name, contents) in [
+        ("host.key", key.serialize_pem().into_bytes()),
+        ("host.crt", chain_pem.into_bytes()),
+        ("ca.pem", ca_pem.into_bytes()),
+        ("identity.json", identity_json),
+    ] {
+        write_atomic(&dir.join(name), &contents)?;
+    }
+    info!(host_id = %identity.host_id, node_index = identity.node_index, expires = %resp.expires, "joined the cluster");
+    load(&dir)
+}
+
+fn ensure_newline(pem: &str) -> String {
+    if pem.ends_with('\n') {
+        pem.to_owned()
+    } else {
+        format!("{pem}\n")
+    }
+}
+
+/// Writes a 0600 file through a temporary name, so a crash leaves the old file or the new one.
+fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), AgentError> {
+    let tmp = path.with_extension("tmp");
+    private_fs::write_private(&tmp, contents).map_err(|source| AgentError::Io { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| AgentError::Io { path: path.to_path_buf(), source })
+}
+
+fn load(dir: &Path) -> Result<Joined, AgentError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|source| AgentError::Io { path, source })
+    };
+    let bad = |reason: String| AgentError::BadIdentity { dir: dir.to_path_buf(), reason };
+    let identity: IdentityFile =
+        serde_json::from_slice(&read("identity.json")?).map_err(|e| bad(format!("identity.json: {e}")))?;
+    let chain = CertificateDer::pem_slice_iter(&read("host.crt")?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("host.crt: {e}")))?;
+    if chain.is_empty() {
+        return Err(bad("host.crt holds no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read("host.key")?).map_err(|e| bad(format!("host.key: {e}")))?;
+    let ca = CertificateDer::from_pem_slice(&read("ca.pem")?).map_err(|e| bad(format!("ca.pem: {e}")))?;
+    let pin = spki_pin(&ca).map_err(|e| bad(format!("ca.pem: {e}")))?;
+    if pin != identity.ca_pin {
+        return Err(bad(format!("ca.pem is {pin}, not the {} it was joined under", identity.ca_pin)));
+    }
+    Ok(Joined { identity, chain, key, ca })
+}
+
+/// The host name, made a valid node name; `agent` if there is none.
+fn default_node_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .take(128)
+        .collect();
+    if name.is_empty() {
+        "agent".to_owned()
+    } else {
+        name
+    }
+}
+
+/// One `POST /v1/join` over TLS checked by [`PinVerifier`].
+async fn call_join(join: &JoinConfig, req: &JoinRequest) -> Result<JoinResponse, AgentError> {
+    let addr = join.auth_server.clone();
+    let (host, port) = split_host_port(&addr, 3026).map_err(|e| AgentError::AuthServer(addr.clone(), e.to_string()))?;
+    let server_name =
+        ServerName::try_from(host.clone()).map_err(|e| AgentError::AuthServer(addr.clone(), e.to_string()))?;
+    let verifier = Arc::new(PinVerifier::new(join.ca_pin.clone()));
+    let tls = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(crate::tls::TlsError::from)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
+    let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(server_name, tcp).await {
+        Ok(s) => s,
+        Err(source) => {
+            return Err(match verifier.mismatch() {
+                Some(message) => AgentError::PinMismatch(message),
+                None => AgentError::Tls { addr, source },
+            })
+        }
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| AgentError::Http(e.to_string()))?;
+    let driver = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            warn!(error = %e, "auth server connection failed");
+        }
+    });
+    let body = serde_json::to_vec(req).map_err(|e| AgentError::Http(e.to_string()))?;
+    let request = http::Request::post("/v1/join")
+        .header(http::header::HOST, addr.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from(body))
+        .map_err(|e| AgentError::Http(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(|e| AgentError::Http(e.to_string()))?;
+    let status = response.status();
+    let bytes = axum::body::to_bytes(axum::body::Body::new(response.into_body()), MAX_RESPONSE)
+        .await
+        .map_err(|e| AgentError::Http(e.to_string()))?;
+    driver.abort();
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| AgentError::Http(format!("bad join answer: {e}")));
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(e) => Err(AgentError::Refused { code: e.error.code, message: e.error.message }),
+        Err(_) => Err(AgentError::Unexpected {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+        }),
+    }
+}
+
+/// Trusts the auth server's certificate only if its chain ends in a CA whose SPKI pin is the
+/// configured one, and the leaf verifies against that CA: one round trip, no unverified first
+/// dial to fetch the CA.
+#[derive(Debug)]
+pub struct PinVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+    /// The pin the server presented, when it was not ours (for a clear error).
+    mismatch: Mutex<Option<String>>,
+}
+
+impl PinVerifier {
+    pub fn new(pin: String) -> Self {
+        PinVerifier { pin, provider: crate::tls::provider(), mismatch: Mutex::new(None) }
+    }
+
+    /// Why the last verification failed on the pin, if it did.
+    pub fn mismatch(&self) -> Option<String> {
+        self.mismatch.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .last()
+            .ok_or_else(|| rustls::Error::General("the auth server sent no CA certificate with its own".into()))?;
+        let presented = spki_pin(ca).map_err(|e| rustls::Error::General(format!("auth server CA: {e}")))?;
+        let same: bool = subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), self.pin.as_bytes()).into();
+        if !same {
+            let message = format!("auth server CA is {presented}, but the config pins {}", self.pin);
+            *self.mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+            return Err(rustls::Error::General(message));
+        }
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Serves the PostgreSQL listener with the host certificate (client certificates must chain to
+/// the cluster CA), refusing every session: the agent has no policy to decide with yet.
+pub async fn serve_postgres(cfg: Arc<Config>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limiter = crate::limits::ConnLimiter::new(cfg.proxy_service.limits);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "postgres accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limiter.admit(peer.ip()) else { continue };
+        let acceptor = acceptor.clone();
+        let deadline = cfg.proxy_service.handshake_timeout;
+        tokio::spawn(async move {
+            if tokio::time::timeout(deadline, refuse(acceptor, tcp)).await.is_err() {
+                info!(client = %peer, "handshake timed out");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// One connection: the PostgreSQL negotiation and TLS as on any Sluice listener, then the
+/// refusal (SQLSTATE 57P03, "cannot connect now") instead of a session.
+async fn refuse(acceptor: tokio_rustls::TlsAcceptor, mut tcp: TcpStream) {
+    let mut neg = ServerNegotiation::new(TlsOffer::Required);
+    let mut first = [0u8; 1];
+    let direct_tls = matches!(tcp.peek(&mut first).await, Ok(1) if neg.peeked_first_byte(first[0]).is_some());
+    if !direct_tls && !matches!(negotiate(&mut tcp, &mut neg).await, Some(Step::StartTls)) {
+        return;
+    }
+    let mut tls = match acceptor.accept(tcp).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!(error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    neg.tls_established();
+    if let Some(Step::Startup) = negotiate(&mut tls, &mut neg).await {
+        info!("session refused: no policy yet");
+        let fields = ErrorFields::fatal(CANNOT_CONNECT_NOW, NO_POLICY)
+            .with(b'H', "the agent serves sessions once it follows the auth server's policy");
+        send_error(&mut tls, &fields).await;
+    }
+}
+
+/// SQLSTATE 57P03: the server is up but cannot take connections yet.
+const CANNOT_CONNECT_NOW: &str = "57P03";
+
+enum Step {
+    StartTls,
+    Startup,
+}
+
+/// Drives the negotiation to its next stop; `None` when the connection is over (a cancel
+/// request, which an agent has nothing to route to yet, or an error the client was told).
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, neg: &mut ServerNegotiation) -> Option<Step> {
+    let mut chunk = Vec::new();
+    loop {
+        match neg.next_event() {
+            Ok(Event::NeedMore(n)) => {
+                chunk.resize(n, 0);
+                s.read_exact(&mut chunk).await.ok()?;
+                neg.feed(&chunk);
+            }
+            Ok(Event::Reply(answer)) => {
+                s.write_all(&[answer]).await.ok()?;
+                s.flush().await.ok()?;
+            }
+            Ok(Event::StartTls { reply }) => {
+                if let Some(answer) = reply {
+                    s.write_all(&[answer]).await.ok()?;
+                    s.flush().await.ok()?;
+                }
+                return Some(Step::StartTls);
+            }
+            Ok(Event::Cancel(_)) => return None,
+            Ok(Event::Startup(_)) => return Some(Step::Startup),
+            Err(e) => {
+                send_error(s, &e.error_fields()).await;
+                return None;
+            }
+        }
+    }
+}
+
+async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, fields: &ErrorFields) {
+    let _ = s.write_all(&encode::error_response(fields)).await;
+    let _ = s.flush().await;
+    let _ = s.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::CertAuthority;
+
+    fn verify(verifier: &PinVerifier, chain: &[CertificateDer<'static>]) -> Result<ServerCertVerified, rustls::Error> {
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+    }
+
+    #[test]
+    fn pin_verifier_accepts_only_the_pinned_ca() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let (chain, _) = ca.issue_server(&["127.0.0.1".into()], Duration::from_secs(60)).unwrap();
+        verify(&PinVerifier::new(ca.pin().unwrap()), &chain).unwrap();
+
+        let other = CertAuthority::generate("test").unwrap();
+        let v = PinVerifier::new(other.pin().unwrap());
+        let err = verify(&v, &chain).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "auth server CA is {}, but the config pins {}",
+                ca.pin().unwrap(),
+                other.pin().unwrap()
+            )),
+            "{err}"
+        );
+        assert!(v.mismatch().is_some());
+
+        // A leaf from another CA, sent with the pinned CA: the pin matches, the signature does not.
+        let (foreign, _) = other.issue_server(&["127.0.0.1".into()], Duration::from_secs(60)).unwrap();
+        let spliced = vec![foreign[0].clone(), ca.cert_der.clone()];
+        assert!(verify(&PinVerifier::new(ca.pin().unwrap()), &spliced).is_err());
+        // The pinned CA but the wrong name.
+        let name = ServerName::try_from("auth.example").unwrap();
+        assert!(PinVerifier::new(ca.pin().unwrap())
+            .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+            .is_err());
+        // No CA sent at all.
+        assert!(verify(&PinVerifier::new(ca.pin().unwrap()), &chain[..1]).is_err());
+    }
+}

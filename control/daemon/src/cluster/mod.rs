@@ -1,0 +1,63 @@
+//! The cluster: an auth server (the process with `auth_service` enabled) and the agents that join
+//! it with a token and a CA pin. The messages of the cluster API are here, shared by the server
+//! (on the auth server) and the agent side; both speak HTTPS with JSON bodies.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub mod agent;
+pub mod server;
+
+/// `POST /v1/join`: an agent asks for a host certificate over a key pair it generated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub token: String,
+    /// What the agent joins as: `db`.
+    pub kind: String,
+    pub node_name: String,
+    /// The agent's public key (PEM SubjectPublicKeyInfo); its private key never leaves it.
+    pub public_key_pem: String,
+    /// Names and IPs the agent's PostgreSQL listener is reached at (the certificate's SANs).
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// The answer to a join: the agent's identity in the cluster and its host certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub host_id: String,
+    pub node_index: u16,
+    pub cluster: String,
+    /// The host certificate (leaf only).
+    pub cert_pem: String,
+    /// The cluster CA(s): what PostgreSQL client certificates and the auth server chain to.
+    pub ca_pems: Vec<String>,
+    /// RFC 3339.
+    pub expires: String,
+    /// RFC 3339: when the agent should renew (two thirds of the lifetime).
+    pub renew_after: String,
+}
+
+/// A refusal: `{"error": {"code": .., "message": ..}}`; the message is shown to the operator as is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// The join token kind an agent serving databases uses.
+pub const DB_KIND: &str = "db";
+
+/// Most SAN entries a join may ask for.
+pub const MAX_DNS_NAMES: usize = 64;

@@ -1,0 +1,324 @@
+//! The cluster API on the auth server (`auth_service.cluster_listen_addr`): HTTPS with JSON
+//! bodies, served by axum over our own TLS accept loop (rustls with the ring provider, the same
+//! CA as every other listener). For now it answers `POST /v1/join` only: an agent with a valid
+//! join token gets a host certificate over the key pair it generated.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::State as Extract;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{ErrorBody, ErrorDetail, JoinRequest, JoinResponse, DB_KIND, MAX_DNS_NAMES};
+use crate::audit::{AuditLog, CLUSTER_JOIN};
+use crate::ca::{CaError, CertAuthority, HostIdentity};
+use crate::config::{validate_name, Config};
+use crate::limits::{ConnLimiter, ConnPermit, LoginThrottle};
+use crate::state::{State, StateError, TokenCheck};
+
+/// A client must finish its TLS handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the handlers need.
+pub struct ClusterContext {
+    pub cfg: Arc<Config>,
+    pub state: Arc<State>,
+    pub ca: Arc<CertAuthority>,
+    pub audit: Arc<AuditLog>,
+    /// Failed joins per source: a join token is a secret worth guessing.
+    throttle: LoginThrottle,
+}
+
+impl ClusterContext {
+    pub fn new(cfg: Arc<Config>, state: Arc<State>, ca: Arc<CertAuthority>, audit: Arc<AuditLog>) -> Self {
+        ClusterContext { cfg, state, ca, audit, throttle: LoginThrottle::default() }
+    }
+}
+
+/// Why a join was refused; [`JoinError::code`] and the text are what the agent is told.
+#[derive(Debug, thiserror::Error)]
+enum JoinError {
+    #[error("join token not found (create one with `control tokens add --type=db`)")]
+    TokenUnknown,
+    #[error("join token expired at {}", .0.format(&Rfc3339).unwrap_or_default())]
+    TokenExpired(OffsetDateTime),
+    #[error("join token is of type {0:?}; this agent joins as {1:?}")]
+    TokenWrongType(String, String),
+    #[error("too many failed joins from your address; try again in {} s", .0.as_secs().max(1))]
+    Throttled(Duration),
+    #[error("bad join request: {0}")]
+    BadRequest(String),
+    #[error("bad public key or name in the join request: {0}")]
+    Certificate(#[from] CaError),
+    #[error("internal error: {0}")]
+    State(#[from] StateError),
+    #[error("internal error: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl JoinError {
+    fn code(&self) -> &'static str {
+        match self {
+            JoinError::TokenUnknown => "token_unknown",
+            JoinError::TokenExpired(_) => "token_expired",
+            JoinError::TokenWrongType(..) => "token_wrong_type",
+            JoinError::Throttled(_) => "throttled",
+            JoinError::BadRequest(_) | JoinError::Certificate(_) => "bad_request",
+            JoinError::State(_) | JoinError::Task(_) => "internal",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            JoinError::TokenUnknown | JoinError::TokenExpired(_) | JoinError::TokenWrongType(..) => {
+                StatusCode::FORBIDDEN
+            }
+            JoinError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+            JoinError::BadRequest(_) | JoinError::Certificate(_) => StatusCode::BAD_REQUEST,
+            JoinError::State(_) | JoinError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for JoinError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code().to_owned(), message: self.to_string() } };
+        json_response(self.status(), &body)
+    }
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_string(body) {
+        Ok(text) => (status, [(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The client's address, as the accept loop saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// Serves the cluster API on `listener` until the task is aborted.
+pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cluster API listener has no address");
+            return;
+        }
+    };
+    let limiter = ConnLimiter::new(ctx.cfg.auth_service.limits);
+    let (tx, rx) = mpsc::channel(64);
+    let accept = tokio::spawn(accept_tls(listener, tls, limiter, tx));
+    let app = Router::new().route("/v1/join", post(join)).with_state(ctx);
+    let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<PeerAddr>()).await;
+    if let Err(e) = served {
+        warn!(error = %e, "cluster API stopped");
+    }
+    accept.abort();
+}
+
+/// Accepts TCP connections and runs their TLS handshakes concurrently (a slow client holds up
+/// nobody else), handing finished ones to axum.
+async fn accept_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limiter: Arc<ConnLimiter<IpAddr>>,
+    tx: mpsc::Sender<(TlsConn, SocketAddr)>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "cluster API accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = match limiter.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(hit) => {
+                info!(client = %peer, reason = hit.label(), "cluster API connection refused");
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send((TlsConn { tls, _permit: permit }, peer)).await;
+                }
+                Ok(Err(e)) => info!(client = %peer, error = %e, "cluster API TLS handshake failed"),
+                Err(_) => info!(client = %peer, "cluster API TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Connections whose TLS handshake finished, for `axum::serve`.
+pub struct TlsListener {
+    rx: mpsc::Receiver<(TlsConn, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsConn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The accept loop ended (aborted with the server): nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// A TLS connection that holds its place under the listener's limits while it lives.
+pub struct TlsConn {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    _permit: ConnPermit<IpAddr>,
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+/// `POST /v1/join`.
+async fn join(
+    Extract(ctx): Extract<Arc<ClusterContext>>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    body: Bytes,
+) -> Response {
+    // Failures count per source; the "user" of the throttle is the source too, so that failures
+    // from elsewhere cannot lock a good agent out.
+    let key = peer.ip().to_string();
+    if let Err(t) = ctx.throttle.begin(peer.ip(), &key, Instant::now()) {
+        warn!(client = %peer, "join throttled");
+        return JoinError::Throttled(t.retry_after).into_response();
+    }
+    let req: Result<JoinRequest, _> = serde_json::from_slice(&body);
+    let node_name = req.as_ref().map(|r| r.node_name.clone()).unwrap_or_default();
+    let result = match req {
+        Ok(req) => {
+            let task_ctx = ctx.clone();
+            tokio::task::spawn_blocking(move || admit(&task_ctx, req)).await.unwrap_or_else(|e| Err(e.into()))
+        }
+        Err(e) => Err(JoinError::BadRequest(e.to_string())),
+    };
+    ctx.throttle.finish(peer.ip(), &key, result.is_ok(), Instant::now());
+    match result {
+        Ok(resp) => {
+            info!(client = %peer, node = %node_name, host_id = %resp.host_id, node_index = resp.node_index, "agent joined");
+            ctx.audit.emit_event(
+                CLUSTER_JOIN,
+                true,
+                json!({ "client_addr": peer.to_string(), "node_name": node_name, "host_id": resp.host_id,
+                        "node_index": resp.node_index, "role": DB_KIND }),
+            );
+            json_response(StatusCode::OK, &resp)
+        }
+        Err(e) => {
+            warn!(client = %peer, node = %node_name, code = e.code(), error = %e, "join refused");
+            ctx.audit.emit_event(
+                CLUSTER_JOIN,
+                false,
+                json!({ "client_addr": peer.to_string(), "node_name": node_name, "code": e.code(),
+                        "error": e.to_string() }),
+            );
+            e.into_response()
+        }
+    }
+}
+
+/// Checks the token and issues the host certificate (blocking: SQLite and signing).
+fn admit(ctx: &ClusterContext, req: JoinRequest) -> Result<JoinResponse, JoinError> {
+    match ctx.state.check_join_token(&req.token, &req.kind)? {
+        TokenCheck::Valid => {}
+        TokenCheck::Unknown => return Err(JoinError::TokenUnknown),
+        TokenCheck::Expired { at } => return Err(JoinError::TokenExpired(at)),
+        TokenCheck::WrongType { kind } => return Err(JoinError::TokenWrongType(kind, req.kind)),
+    }
+    if req.kind != DB_KIND {
+        return Err(JoinError::BadRequest(format!("agents join as {DB_KIND:?}, not {:?}", req.kind)));
+    }
+    validate_name(&req.node_name).map_err(|e| JoinError::BadRequest(e.to_string()))?;
+    if req.dns_names.len() > MAX_DNS_NAMES {
+        return Err(JoinError::BadRequest(format!("more than {MAX_DNS_NAMES} dns_names")));
+    }
+    // Refuse a bad key before a node index is taken for it.
+    rcgen::SubjectPublicKeyInfo::from_pem(&req.public_key_pem).map_err(CaError::from)?;
+    let now = OffsetDateTime::now_utc();
+    let not_before = now - time::Duration::minutes(5);
+    let ttl = ctx.cfg.auth_service.host_cert_ttl;
+    let not_after = now + ttl;
+    let node = ctx.state.add_node(&req.node_name, DB_KIND, &req.labels, not_after)?;
+    let cluster = ctx.cfg.auth_service.cluster_name.clone();
+    let identity = HostIdentity {
+        v: 1,
+        host_id: node.host_id.clone(),
+        node_name: node.name.clone(),
+        node_index: node.node_index,
+        role: DB_KIND.to_owned(),
+        cluster: cluster.clone(),
+    };
+    let cert_pem = match ctx.ca.issue_host(&identity, &req.public_key_pem, &req.dns_names, not_before, not_after) {
+        Ok(pem) => pem,
+        Err(e) => {
+            // Give the index back: nothing holds it.
+            let _ = ctx.state.delete_node(&node.host_id);
+            return Err(e.into());
+        }
+    };
+    let renew_after = now + ttl.mul_f64(2.0 / 3.0);
+    Ok(JoinResponse {
+        host_id: node.host_id,
+        node_index: node.node_index,
+        cluster,
+        cert_pem,
+        ca_pems: vec![ctx.ca.cert_pem.clone()],
+        expires: not_after.format(&Rfc3339).unwrap_or_default(),
+        renew_after: renew_after.format(&Rfc3339).unwrap_or_default(),
+    })
+}
