@@ -321,7 +321,13 @@ impl ServerCertVerifier for PinVerifier {
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        let verified = inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        // Agents' host certificates come from the same CA and may name any address the agent
+        // asked for: one must never pass for the auth server.
+        if crate::ca::host_identity_from_cert(end_entity).is_ok() {
+            return Err(rustls::Error::General("the auth server presented an agent's host certificate".into()));
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -482,6 +488,23 @@ mod tests {
         assert!(PinVerifier::new(ca.pin().unwrap())
             .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
             .is_err());
+        // An agent's host certificate, from the pinned CA and valid for the name.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let host = crate::ca::HostIdentity {
+            v: 1,
+            host_id: "h".into(),
+            node_name: "rogue".into(),
+            node_index: 1,
+            role: "db".into(),
+            cluster: "test".into(),
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let pem = ca
+            .issue_host(&host, &key.public_key_pem(), &["127.0.0.1".into()], now, now + time::Duration::hours(1))
+            .unwrap();
+        let leaf = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let err = verify(&PinVerifier::new(ca.pin().unwrap()), &[leaf, ca.cert_der.clone()]).unwrap_err();
+        assert!(err.to_string().contains("host certificate"), "{err}");
         // No CA sent at all.
         assert!(verify(&PinVerifier::new(ca.pin().unwrap()), &chain[..1]).is_err());
     }
