@@ -828,7 +828,13 @@ impl AgentProc {
         let config_path = dir.join("agent.yaml");
         let out = Command::new(find_bin("control")?)
             .args(["db", "configure", "create", "--dynamic-resources-labels", "env=dev", "--auth-server"])
-            .arg(auth.config.auth_service.cluster_listen_addr.to_string())
+            .arg(
+                auth.config
+                    .auth_service
+                    .cluster_listen_addr
+                    .context("the auth server has no cluster listener")?
+                    .to_string(),
+            )
             .arg("--token")
             .arg(&token_file)
             .args(["--ca-pin", pin, "--data-dir"])

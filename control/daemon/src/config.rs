@@ -131,9 +131,10 @@ pub struct AuthService {
     /// Concurrent connections and unfinished requests on the API listener, in all and per source.
     #[serde(default)]
     pub limits: crate::limits::ConnectionLimits,
-    /// HTTPS listener of the cluster API that agents join (and later renew and watch) through.
-    #[serde(default = "default_cluster_addr")]
-    pub cluster_listen_addr: SocketAddr,
+    /// HTTPS listener of the cluster API that agents join (and later renew and watch) through;
+    /// off unless set (3026 by convention), so a single-process Sluice opens no port it does not use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_listen_addr: Option<SocketAddr>,
     /// Lifetime of the host certificates issued to agents.
     #[serde(default = "default_host_cert_ttl", with = "duration_str")]
     pub host_cert_ttl: Duration,
@@ -147,7 +148,7 @@ impl Default for AuthService {
             listen_addr: default_auth_addr(),
             session_ttl: default_session_ttl(),
             limits: Default::default(),
-            cluster_listen_addr: default_cluster_addr(),
+            cluster_listen_addr: None,
             host_cert_ttl: default_host_cert_ttl(),
         }
     }
@@ -595,9 +596,6 @@ fn default_cluster_name() -> String {
 fn default_auth_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 3025))
 }
-fn default_cluster_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 3026))
-}
 fn default_host_cert_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
@@ -721,7 +719,7 @@ db_service:
         c.validate().unwrap();
         assert!(!c.is_agent());
         assert!(c.auth_service.enabled && c.proxy_service.enabled && c.db_service.enabled);
-        assert_eq!(c.auth_service.cluster_listen_addr, SocketAddr::from(([127, 0, 0, 1], 3026)));
+        assert_eq!(c.auth_service.cluster_listen_addr, None, "the cluster API is opt-in");
         assert_eq!(c.auth_service.host_cert_ttl, Duration::from_secs(86400));
         // `enabled: true` is the default and is not written out.
         assert!(!serde_saphyr::to_string(&c).unwrap().contains("enabled"));

@@ -57,7 +57,8 @@ pub fn server_names(cfg: &Config) -> Vec<String> {
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
     let mut addrs = vec![cfg.proxy_service.postgres_listen_addr];
     if cfg.auth_service.enabled {
-        addrs.extend([cfg.auth_service.listen_addr, cfg.auth_service.cluster_listen_addr]);
+        addrs.push(cfg.auth_service.listen_addr);
+        addrs.extend(cfg.auth_service.cluster_listen_addr);
     }
     for addr in addrs {
         if !addr.ip().is_unspecified() {
@@ -87,7 +88,10 @@ pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
     let (api, cluster) = if cfg.auth_service.enabled {
         (
             Some(bind_one("api", cfg.auth_service.listen_addr).await?),
-            Some(bind_one("cluster", cfg.auth_service.cluster_listen_addr).await?),
+            match cfg.auth_service.cluster_listen_addr {
+                Some(addr) => Some(bind_one("cluster", addr).await?),
+                None => None,
+            },
         )
     } else {
         (None, None)

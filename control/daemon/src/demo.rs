@@ -619,7 +619,7 @@ impl ControlProc {
             data_dir: dir.join("data"),
             auth_service: AuthService {
                 listen_addr: ([127, 0, 0, 1], api_port).into(),
-                cluster_listen_addr: ([127, 0, 0, 1], cluster_port).into(),
+                cluster_listen_addr: Some(([127, 0, 0, 1], cluster_port).into()),
                 ..Default::default()
             },
             proxy_service: ProxyService {

@@ -316,7 +316,10 @@ fn main() -> Result<()> {
             println!("Cluster           {}", cfg.auth_service.cluster_name);
             println!("CA pin            {}", ca.pin()?);
             println!("API address       {}", cfg.auth_service.listen_addr);
-            println!("Cluster API       {}", cfg.auth_service.cluster_listen_addr);
+            match cfg.auth_service.cluster_listen_addr {
+                Some(addr) => println!("Cluster API       {addr}"),
+                None => println!("Cluster API       off (set auth_service.cluster_listen_addr for agents to join)"),
+            }
             println!(
                 "PostgreSQL        {} (public {})",
                 cfg.proxy_service.postgres_listen_addr,
