@@ -123,13 +123,7 @@ impl CertAuthority {
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => n.clone().try_into().map(SanType::DnsName),
-            })
-            .collect::<Result<_, _>>()?;
+        params.subject_alt_names = subject_alt_names(names)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "sluice".into()));
         params.distinguished_name = dn;
@@ -166,6 +160,17 @@ impl CertAuthority {
     }
 }
 
+/// SANs for server names: IP addresses as such, anything else as a DNS name.
+fn subject_alt_names(names: &[String]) -> Result<Vec<SanType>, rcgen::Error> {
+    names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => n.clone().try_into().map(SanType::DnsName),
+        })
+        .collect()
+}
+
 impl CertAuthority {
     /// A host certificate for an agent, over the public key the agent generated (PEM SPKI): the
     /// agent's private key never leaves it. Valid for serving (its PostgreSQL listener, with
@@ -180,13 +185,7 @@ impl CertAuthority {
     ) -> Result<String, CaError> {
         let public_key = SubjectPublicKeyInfo::from_pem(public_key_pem)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => n.clone().try_into().map(SanType::DnsName),
-            })
-            .collect::<Result<_, _>>()?;
+        params.subject_alt_names = subject_alt_names(names)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, identity.host_id.clone());
         dn.push(DnType::OrganizationName, identity.cluster.clone());
