@@ -114,7 +114,9 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     let state = Arc::new(State::open(&cfg.data_dir).map_err(DaemonError::State)?);
     let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).map_err(DaemonError::Ca)?);
     let (chain, key) = ca.issue_server(&server_names(&cfg), Duration::from_secs(365 * 86400))?;
-    let pg_tls = tls::postgres_server_config(&ca.cert_der, chain.clone(), key.clone_key())?;
+    let cert = tls::ReloadableCert::new(chain.clone(), key.clone_key())?;
+    let pg_tls = tls::postgres_server_config(&ca.cert_der, cert.clone())?;
+    let cluster_tls = tls::cluster_server_config(&ca.cert_der, cert)?;
     let api_tls = tls::api_server_config(chain, key)?;
     let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
     let cluster_ctx = Arc::new(ClusterContext::new(cfg.clone(), state.clone(), ca.clone(), audit.clone()));
@@ -139,8 +141,8 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     );
     let mut tasks = vec![
         tokio::spawn(proxy::enforce_policy(proxy_ctx.clone())),
-        tokio::spawn(api::serve(api_ctx, api_listener, api_tls.clone())),
-        tokio::spawn(crate::cluster::server::serve(cluster_ctx, cluster_listener, api_tls)),
+        tokio::spawn(api::serve(api_ctx, api_listener, api_tls)),
+        tokio::spawn(crate::cluster::server::serve(cluster_ctx, cluster_listener, cluster_tls)),
     ];
     let probe = Arc::new(ProxyProbe { ctx: proxy_ctx.clone(), serving: AtomicBool::new(false) });
     if let Some(l) = bound.metrics {
@@ -168,7 +170,8 @@ async fn serve_agent(cfg: Config, bound: Bound) -> Result<(), DaemonError> {
         return Err(DaemonError::Io(std::io::Error::other("an agent needs a join section")));
     };
     let joined = crate::cluster::agent::ensure_joined(&cfg, &join, server_names(&cfg)).await?;
-    let pg_tls = tls::postgres_server_config(&joined.ca, joined.chain, joined.key)?;
+    let cert = tls::ReloadableCert::new(joined.chain, joined.key)?;
+    let pg_tls = tls::postgres_server_config(&joined.ca, cert)?;
     if cfg.metrics.is_some() || cfg.proxy_service.local_socket.is_some() {
         warn!("metrics and local sockets are not served by agents yet");
     }

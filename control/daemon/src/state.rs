@@ -573,6 +573,11 @@ impl State {
         })
     }
 
+    /// The node with this host id, if it is still registered.
+    pub fn node(&self, host_id: &str) -> Result<Option<Node>, StateError> {
+        Ok(self.nodes()?.into_iter().find(|n| n.host_id == host_id))
+    }
+
     pub fn delete_node(&self, host_id: &str) -> Result<bool, StateError> {
         Ok(self.db().execute("DELETE FROM nodes WHERE host_id = ?1", params![host_id])? > 0)
     }

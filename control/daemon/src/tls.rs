@@ -1,12 +1,17 @@
-//! rustls configurations for control's three TLS roles: the PostgreSQL listener (client certificate
-//! required, from Sluice's CA), the client API listener (server-only), and the upstream leg to RDS
-//! Proxy (verify-full against the system roots plus an optional per-database CA).
+//! rustls configurations for control's TLS roles: the PostgreSQL listener (client certificate
+//! required, from Sluice's CA), the client API listener (server-only), the cluster API (agents
+//! present host certificates; joining ones present none), and the upstream leg to RDS Proxy
+//! (verify-full against the system roots plus an optional per-database CA). An agent's host
+//! certificate is a [`ReloadableCert`], renewed in place while listeners and clients use it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -35,8 +40,7 @@ pub use sluice_api::tls::{client_config_for_ca, provider};
 /// PostgreSQL error, SQLSTATE 28000, that says so, instead of a bare TLS alert).
 pub fn postgres_server_config(
     ca_der: &CertificateDer<'static>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    cert: Arc<ReloadableCert>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca_der.clone())?;
@@ -46,7 +50,7 @@ pub fn postgres_server_config(
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(ExpiryDeferringVerifier { inner }))
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(cert);
     // libpq 17 requires ALPN "postgresql" for direct TLS (sslnegotiation=direct).
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     // The dataplane continues the session from the traffic secrets.
@@ -157,6 +161,75 @@ pub fn api_server_config(
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     Ok(Arc::new(cfg))
+}
+
+/// The cluster API on the auth server: a client certificate is asked for but optional, since a
+/// joining agent has none yet; handlers other than the join refuse a request without an agent's
+/// host certificate.
+pub fn cluster_server_config(
+    ca_der: &CertificateDer<'static>,
+    cert: Arc<ReloadableCert>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca_der.clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    Ok(Arc::new(cfg))
+}
+
+/// A certificate chain and key that can be replaced while servers present it and clients
+/// authenticate with it: an agent's host certificate, renewed before it expires. Handshakes
+/// already under way keep the one they started with.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadableCert {
+    pub fn new(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(ReloadableCert { current: RwLock::new(certified(chain, key)?) }))
+    }
+
+    /// Presents `chain` from the next handshake on.
+    pub fn replace(&self, chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<(), TlsError> {
+        let next = certified(chain, key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn certified(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<CertifiedKey>, TlsError> {
+    let signer = provider().key_provider.load_private_key(key)?;
+    let certified = CertifiedKey::new(chain, signer);
+    // A key that does not match the leaf would fail every handshake; refuse it here instead.
+    certified.keys_match()?;
+    Ok(Arc::new(certified))
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl ResolvesClientCert for ReloadableCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Upstream client configs, one per extra CA file, built once: loading the system roots reads

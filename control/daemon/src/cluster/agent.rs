@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
@@ -23,15 +23,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use super::{ErrorBody, JoinRequest, JoinResponse, DB_KIND};
+use super::client::AuthClient;
+use super::{JoinRequest, JoinResponse, DB_KIND};
 use crate::ca::spki_pin;
-use crate::config::{split_host_port, Config, JoinConfig};
+use crate::config::{Config, JoinConfig};
 use crate::private_fs;
 
 /// How long one join may take, connection and answer together.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest answer read from the auth server.
-const MAX_RESPONSE: usize = 1 << 20;
 
 /// What every connection to an agent is told until it serves from the auth server's policy.
 pub const NO_POLICY: &str = "this agent has no policy from the auth server yet";
@@ -55,8 +54,8 @@ pub enum AgentError {
     Tls { addr: String, source: std::io::Error },
     #[error("HTTP to the auth server: {0}")]
     Http(String),
-    #[error("the auth server refused the join: {message}")]
-    Refused { code: String, message: String },
+    #[error("the auth server refused {}: {message}", if call == "/v1/join" { "the join" } else { call.as_str() })]
+    Refused { call: String, code: String, message: String },
     #[error("the auth server answered HTTP {status}: {body}")]
     Unexpected { status: u16, body: String },
     #[error("joining the auth server {0} timed out")]
@@ -218,61 +217,9 @@ fn default_node_name() -> String {
     }
 }
 
-/// One `POST /v1/join` over TLS checked by [`PinVerifier`].
+/// One `POST /v1/join`, before the agent has a certificate to present.
 async fn call_join(join: &JoinConfig, req: &JoinRequest) -> Result<JoinResponse, AgentError> {
-    let addr = join.auth_server.clone();
-    let (host, port) = split_host_port(&addr, 3026).map_err(|e| AgentError::AuthServer(addr.clone(), e.to_string()))?;
-    let server_name =
-        ServerName::try_from(host.clone()).map_err(|e| AgentError::AuthServer(addr.clone(), e.to_string()))?;
-    let verifier = Arc::new(PinVerifier::new(join.ca_pin.clone()));
-    let tls = ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(crate::tls::TlsError::from)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
-    let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(server_name, tcp).await {
-        Ok(s) => s,
-        Err(source) => {
-            return Err(match verifier.mismatch() {
-                Some(message) => AgentError::PinMismatch(message),
-                None => AgentError::Tls { addr, source },
-            })
-        }
-    };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| AgentError::Http(e.to_string()))?;
-    let driver = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            warn!(error = %e, "auth server connection failed");
-        }
-    });
-    let body = serde_json::to_vec(req).map_err(|e| AgentError::Http(e.to_string()))?;
-    let request = http::Request::post("/v1/join")
-        .header(http::header::HOST, addr.as_str())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(axum::body::Body::from(body))
-        .map_err(|e| AgentError::Http(e.to_string()))?;
-    let response = sender.send_request(request).await.map_err(|e| AgentError::Http(e.to_string()))?;
-    let status = response.status();
-    let bytes = axum::body::to_bytes(axum::body::Body::new(response.into_body()), MAX_RESPONSE)
-        .await
-        .map_err(|e| AgentError::Http(e.to_string()))?;
-    driver.abort();
-    if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| AgentError::Http(format!("bad join answer: {e}")));
-    }
-    match serde_json::from_slice::<ErrorBody>(&bytes) {
-        Ok(e) => Err(AgentError::Refused { code: e.error.code, message: e.error.message }),
-        Err(_) => Err(AgentError::Unexpected {
-            status: status.as_u16(),
-            body: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
-        }),
-    }
+    AuthClient::new(&join.auth_server, &join.ca_pin, None)?.post_json("/v1/join", req, JOIN_TIMEOUT).await
 }
 
 /// Trusts the auth server's certificate only if its chain ends in a CA whose SPKI pin is the

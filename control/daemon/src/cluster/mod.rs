@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod agent;
+pub mod client;
 pub mod server;
 
 /// `POST /v1/join`: an agent asks for a host certificate over a key pair it generated.

@@ -109,13 +109,74 @@ fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response 
     }
 }
 
-/// The client's address, as the accept loop saw it.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
+/// The client of one connection: its address as the accept loop saw it, and the agent its
+/// certificate names, if it presented one (checked against the cluster CA in the handshake).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub host: Option<HostIdentity>,
+}
 
-impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerAddr {
+impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
+        let host = stream
+            .io()
+            .tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| crate::ca::host_identity_from_cert(leaf).ok());
+        Peer { addr: *stream.remote_addr(), host }
+    }
+}
+
+/// The agent a request comes from: its host certificate verified in the TLS handshake, for
+/// this cluster, and the node still registered (`control nodes rm` cuts it off). Anything else
+/// gets 401 or 403 with a JSON error.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity(pub HostIdentity);
+
+impl axum::extract::FromRequestParts<Arc<ClusterContext>> for AgentIdentity {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        ctx: &Arc<ClusterContext>,
+    ) -> Result<Self, Self::Rejection> {
+        let refuse = |status: StatusCode, code: &str, message: String| {
+            json_response(status, &ErrorBody { error: ErrorDetail { code: code.to_owned(), message } })
+        };
+        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<Peer>>().cloned() else {
+            return Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no connection info".into()));
+        };
+        let Some(host) = peer.host else {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "no_host_certificate",
+                "this call needs an agent's host certificate".into(),
+            ));
+        };
+        if host.cluster != ctx.cfg.auth_service.cluster_name {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "wrong_cluster",
+                format!("the host certificate is for cluster {:?}", host.cluster),
+            ));
+        }
+        let state = ctx.state.clone();
+        let id = host.host_id.clone();
+        let known = tokio::task::spawn_blocking(move || state.node(&id)).await;
+        match known {
+            Ok(Ok(Some(_))) => Ok(AgentIdentity(host)),
+            Ok(Ok(None)) => Err(refuse(
+                StatusCode::FORBIDDEN,
+                "node_removed",
+                format!("node {} was removed from the cluster; join again with a new token", host.host_id),
+            )),
+            Ok(Err(e)) => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+            Err(e) => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+        }
     }
 }
 
@@ -132,7 +193,7 @@ pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rus
     let (tx, rx) = mpsc::channel(64);
     let accept = tokio::spawn(accept_tls(listener, tls, limiter, tx));
     let app = Router::new().route("/v1/join", post(join)).with_state(ctx);
-    let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<PeerAddr>()).await;
+    let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<Peer>()).await;
     if let Err(e) = served {
         warn!(error = %e, "cluster API stopped");
     }
@@ -228,7 +289,7 @@ impl AsyncWrite for TlsConn {
 /// `POST /v1/join`.
 async fn join(
     Extract(ctx): Extract<Arc<ClusterContext>>,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    ConnectInfo(Peer { addr: peer, .. }): ConnectInfo<Peer>,
     body: Bytes,
 ) -> Response {
     // Failures count per source; the "user" of the throttle is the source too, so that failures
