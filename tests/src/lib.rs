@@ -817,6 +817,8 @@ pub struct AgentProc {
     pub pg_port: u16,
     pub log: PathBuf,
     child: Option<std::process::Child>,
+    /// The agent's own data plane, if [`AgentProc::with_dataplane`] started one.
+    pub dataplane: Option<sluice_control::demo::DataplaneProc>,
 }
 
 impl AgentProc {
@@ -856,19 +858,42 @@ impl AgentProc {
             pg_port,
             log: dir.join("agent.log"),
             child: None,
+            dataplane: None,
         })
+    }
+
+    /// Writes [`AgentProc::config`] back to the agent's config file (before [`AgentProc::start`]).
+    pub fn save_config(&self) -> Result<()> {
+        std::fs::write(&self.config_path, serde_saphyr::to_string(&self.config)?)?;
+        Ok(())
+    }
+
+    /// Gives the agent a data plane process of its own, as each agent host runs.
+    pub fn with_dataplane(&mut self) -> Result<()> {
+        let dp = sluice_control::demo::DataplaneProc::start(&self.dir.join("dataplane"))?;
+        self.config.dataplane =
+            Some(sluice_control::config::DataplaneConfig { socket: dp.socket.clone(), idle_timeout: Duration::ZERO });
+        self.dataplane = Some(dp);
+        self.save_config()
+    }
+
+    /// Serves the agent's metrics on a free port; their URL.
+    pub fn with_metrics(&mut self) -> Result<String> {
+        let port = sluice_control::demo::free_port()?;
+        self.config.metrics =
+            Some(sluice_control::config::MetricsConfig { listen_addr: ([127, 0, 0, 1], port).into() });
+        self.save_config()?;
+        Ok(format!("http://127.0.0.1:{port}/metrics"))
     }
 
     /// Starts `control start` on the config (stderr appended to [`AgentProc::log`]).
     pub fn start(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(find_bin("control")?)
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("start")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let mut cmd = Command::new(find_bin("control")?);
+        // The agent mints IAM tokens with its own AWS identity (here the emulator's demo one).
+        AwsCreds::demo().apply(&mut cmd);
+        let child =
+            cmd.arg("--config").arg(&self.config_path).arg("start").stdout(Stdio::null()).stderr(log).spawn()?;
         self.child = Some(child);
         Ok(())
     }
@@ -886,6 +911,21 @@ impl AgentProc {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("the agent did not serve within {timeout:?}: {}", tail(&self.log, 20))
+    }
+
+    /// Waits until the agent follows the auth server's policy (its first snapshot arrived).
+    pub fn wait_following(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().context("not started")?.try_wait()? {
+                bail!("the agent exited ({status}): {}", tail(&self.log, 20));
+            }
+            if self.log_text().contains("following the auth server's policy") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the agent did not get the auth server's policy within {timeout:?}: {}", tail(&self.log, 20))
     }
 
     /// Waits for the agent to exit on its own; its exit status.

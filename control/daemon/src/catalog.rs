@@ -1,12 +1,14 @@
 //! The databases this control serves: static ones from the config plus the dynamic `kind: db`
 //! resources that match a `db_service.resources` selector (whose `aws` block may override the
 //! resource's role settings), and the resources discovery found in the cloud (matched the same way,
-//! under the unique names `discovery::served_names` gives them).
+//! under the unique names `discovery::served_names` gives them). An agent builds the same list
+//! from its own static databases and what the auth server shares ([`merge_shared`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use crate::cluster::SharedDb;
 use crate::config::{Config, DatabaseSpec};
 use crate::rbac::{labels_match, LabelValues};
 use crate::state::{State, StateError};
@@ -45,10 +47,8 @@ fn apply_override(spec: &mut DatabaseSpec, matcher: &crate::config::ResourceMatc
     }
 }
 
-/// Every database served, static first; a dynamic resource never shadows a static one.
-pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateError> {
-    let mut out: Vec<Database> = cfg
-        .db_service
+fn static_databases(cfg: &Config) -> Vec<Database> {
+    cfg.db_service
         .databases
         .iter()
         .map(|d| Database {
@@ -59,7 +59,36 @@ pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateErro
             origin: "static",
             stale: None,
         })
-        .collect();
+        .collect()
+}
+
+/// An agent's databases: its static ones, then those the auth server shared that one of its
+/// `db_service.resources` selectors matches (with that selector's AWS overrides).
+pub fn merge_shared<'a>(cfg: &Config, shared: impl IntoIterator<Item = &'a SharedDb>) -> Vec<Database> {
+    let mut out = static_databases(cfg);
+    for db in shared {
+        let res = &db.resource;
+        if out.iter().any(|d| d.name == res.metadata.name) {
+            continue;
+        }
+        let Some(matcher) = matcher_for(cfg, &res.metadata.labels) else { continue };
+        let mut spec = res.spec.clone();
+        apply_override(&mut spec, matcher);
+        out.push(Database {
+            name: res.metadata.name.clone(),
+            description: res.metadata.description.clone(),
+            labels: res.metadata.labels.clone(),
+            spec,
+            origin: if db.origin == "cloud" { "cloud" } else { "dynamic" },
+            stale: db.stale.clone(),
+        });
+    }
+    out
+}
+
+/// Every database served, static first; a dynamic resource never shadows a static one.
+pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateError> {
+    let mut out: Vec<Database> = static_databases(cfg);
     let dynamic = state.databases()?;
     // Every static and dynamic name, served or not, so that a selector change does not rename
     // discovered databases.

@@ -233,11 +233,20 @@ pub struct DbService {
     /// Label selectors for dynamic resources (`control db add`) this control serves.
     #[serde(default)]
     pub resources: Vec<ResourceMatcher>,
+    /// An agent admits new sessions from its cached policy for this long after it last heard
+    /// from the auth server; live sessions are never ended for it.
+    #[serde(default = "default_max_policy_staleness", with = "duration_str")]
+    pub max_policy_staleness: Duration,
 }
 
 impl Default for DbService {
     fn default() -> Self {
-        DbService { enabled: true, databases: Vec::new(), resources: Vec::new() }
+        DbService {
+            enabled: true,
+            databases: Vec::new(),
+            resources: Vec::new(),
+            max_policy_staleness: default_max_policy_staleness(),
+        }
     }
 }
 
@@ -595,6 +604,9 @@ fn default_cluster_name() -> String {
 }
 fn default_auth_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 3025))
+}
+fn default_max_policy_staleness() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_host_cert_ttl() -> Duration {
     Duration::from_secs(24 * 3600)

@@ -1,6 +1,6 @@
 //! `control start`: opens the state, loads the CA, binds the PostgreSQL, API and cluster
 //! listeners and serves until SIGINT/SIGTERM. An agent (`auth_service.enabled: false`) instead
-//! joins its auth server and serves PostgreSQL only (see [`crate::cluster::agent`]).
+//! joins its auth server, follows its policy and serves PostgreSQL (see [`crate::cluster`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,10 @@ use tracing::{info, warn};
 use crate::api::{self, ApiContext};
 use crate::audit::AuditLog;
 use crate::ca::CaError;
+use crate::cluster::client::AuthClient;
+use crate::cluster::hub::Hub;
 use crate::cluster::server::ClusterContext;
+use crate::cluster::ClusterView;
 use crate::config::{split_host_port, Config};
 use crate::iam::TokenMinter;
 use crate::metrics::{LiveSession, NotReady, Probe};
@@ -96,10 +99,9 @@ pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
     } else {
         (None, None)
     };
-    // Metrics come with the proxy's probe, which an agent does not build yet.
     let metrics = match &cfg.metrics {
-        Some(m) if !cfg.is_agent() => Some(bind_one("metrics", m.listen_addr).await?),
-        _ => None,
+        Some(m) => Some(bind_one("metrics", m.listen_addr).await?),
+        None => None,
     };
     Ok(Bound { postgres, api, cluster, metrics })
 }
@@ -107,43 +109,19 @@ pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
 /// Serves until SIGINT/SIGTERM. With `config_path`, discovery follows changes to the file's
 /// `discovery_service` section.
 pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::PathBuf>) -> Result<(), DaemonError> {
-    if cfg.is_agent() {
-        return serve_agent(cfg, bound).await;
-    }
     let cfg = Arc::new(cfg);
-    let state = Arc::new(State::open(&cfg.data_dir).map_err(DaemonError::State)?);
-    let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).map_err(DaemonError::Ca)?);
-    let (chain, key) = ca.issue_server(&server_names(&cfg), Duration::from_secs(365 * 86400))?;
-    let cert = tls::ReloadableCert::new(chain.clone(), key.clone_key())?;
-    let pg_tls = tls::postgres_server_config(&ca.cert_der, cert.clone())?;
-    let cluster_tls = tls::cluster_server_config(&ca.cert_der, cert)?;
-    let api_tls = tls::api_server_config(chain, key)?;
-    let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
-    let cluster_ctx = Arc::new(ClusterContext::new(cfg.clone(), state.clone(), ca.clone(), audit.clone()));
-    let minter = Arc::new(TokenMinter::new());
-    let discovery_task = tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path));
-    let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).map_err(DaemonError::Policy)?);
-    let proxy_ctx = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), policy, audit, minter, pg_tls));
+    let mut tasks = Vec::new();
+    let proxy_ctx = if cfg.is_agent() {
+        start_agent(&cfg, &bound, &mut tasks).await?
+    } else {
+        let postgres = bound.postgres.local_addr()?;
+        start_auth(&cfg, postgres, bound.api, bound.cluster, config_path, &mut tasks)?
+    };
     if let Some(dp) = &cfg.dataplane {
         let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
         let _ = proxy_ctx.dataplane.set(client);
     }
-    let api_ctx = Arc::new(ApiContext::new(cfg.clone(), state, ca));
-    let (Some(api_listener), Some(cluster_listener)) = (bound.api, bound.cluster) else {
-        return Err(DaemonError::Io(std::io::Error::other("the auth service's listeners were not bound")));
-    };
-    info!(
-        postgres = %bound.postgres.local_addr()?,
-        api = %api_listener.local_addr()?,
-        cluster_api = %cluster_listener.local_addr()?,
-        cluster = %cfg.auth_service.cluster_name,
-        "control is serving"
-    );
-    let mut tasks = vec![
-        tokio::spawn(proxy::enforce_policy(proxy_ctx.clone())),
-        tokio::spawn(api::serve(api_ctx, api_listener, api_tls)),
-        tokio::spawn(crate::cluster::server::serve(cluster_ctx, cluster_listener, cluster_tls)),
-    ];
+    tasks.push(tokio::spawn(proxy::enforce_policy(proxy_ctx.clone())));
     let probe = Arc::new(ProxyProbe { ctx: proxy_ctx.clone(), serving: AtomicBool::new(false) });
     if let Some(l) = bound.metrics {
         info!(metrics = %format!("http://{}/metrics", l.local_addr()?), "serving Prometheus metrics");
@@ -159,22 +137,72 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     for t in tasks {
         t.abort();
     }
-    discovery_task.abort();
     Ok(())
 }
 
-/// An agent: no state, no CA, no client API, no discovery. It joins (or loads the identity it
-/// joined with), then serves PostgreSQL with its host certificate.
-async fn serve_agent(cfg: Config, bound: Bound) -> Result<(), DaemonError> {
+/// The auth server (and, in one process, the proxy and database services): the state, the
+/// CA, the client and cluster APIs, discovery, and the policy read from the state.
+fn start_auth(
+    cfg: &Arc<Config>,
+    postgres: std::net::SocketAddr,
+    api_listener: Option<TcpListener>,
+    cluster_listener: Option<TcpListener>,
+    config_path: Option<std::path::PathBuf>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Arc<ProxyContext>, DaemonError> {
+    let state = Arc::new(State::open(&cfg.data_dir).map_err(DaemonError::State)?);
+    let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).map_err(DaemonError::Ca)?);
+    let (chain, key) = ca.issue_server(&server_names(cfg), Duration::from_secs(365 * 86400))?;
+    let cert = tls::ReloadableCert::new(chain.clone(), key.clone_key())?;
+    let pg_tls = tls::postgres_server_config(&ca.cert_der, cert.clone())?;
+    let cluster_tls = tls::cluster_server_config(&ca.cert_der, cert)?;
+    let api_tls = tls::api_server_config(chain, key)?;
+    let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
+    let minter = Arc::new(TokenMinter::new());
+    tasks.push(tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path)));
+    let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).map_err(DaemonError::Policy)?);
+    let Some(api_listener) = api_listener else {
+        return Err(DaemonError::Io(std::io::Error::other("the auth service's listener was not bound")));
+    };
+    info!(
+        postgres = %postgres,
+        api = %api_listener.local_addr()?,
+        cluster_api = ?cluster_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        cluster = %cfg.auth_service.cluster_name,
+        "control is serving"
+    );
+    if let Some(listener) = cluster_listener {
+        let view = ClusterView::load(cfg, &state).map_err(DaemonError::Policy)?;
+        let hub = Hub::new(view);
+        tasks.push(tokio::spawn(hub.clone().run(cfg.clone(), state.clone(), policy.clone())));
+        let cluster_ctx = Arc::new(ClusterContext::new(cfg.clone(), state.clone(), ca.clone(), audit.clone(), hub));
+        tasks.push(tokio::spawn(crate::cluster::server::serve(cluster_ctx, listener, cluster_tls)));
+    }
+    let api_ctx = Arc::new(ApiContext::new(cfg.clone(), state.clone(), ca));
+    tasks.push(tokio::spawn(api::serve(api_ctx, api_listener, api_tls)));
+    Ok(Arc::new(ProxyContext::new(cfg.clone(), state, policy, audit, minter, pg_tls)))
+}
+
+/// An agent: no cluster state, no CA key, no client API, no discovery. It joins (or loads the
+/// identity it joined with), follows the auth server's policy, and serves PostgreSQL with its
+/// host certificate, minting IAM tokens with its own AWS identity. Its own `agent.db` keeps
+/// only its live sessions and audit events.
+async fn start_agent(
+    cfg: &Arc<Config>,
+    bound: &Bound,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Arc<ProxyContext>, DaemonError> {
     let Some(join) = cfg.join.clone() else {
         return Err(DaemonError::Io(std::io::Error::other("an agent needs a join section")));
     };
-    let joined = crate::cluster::agent::ensure_joined(&cfg, &join, server_names(&cfg)).await?;
+    let joined = crate::cluster::agent::ensure_joined(cfg, &join, server_names(cfg)).await?;
     let cert = tls::ReloadableCert::new(joined.chain, joined.key)?;
-    let pg_tls = tls::postgres_server_config(&joined.ca, cert)?;
-    if cfg.metrics.is_some() || cfg.proxy_service.local_socket.is_some() {
-        warn!("metrics and local sockets are not served by agents yet");
-    }
+    let pg_tls = tls::postgres_server_config(&joined.ca, cert.clone())?;
+    let state = Arc::new(State::open_agent(&cfg.data_dir).map_err(DaemonError::State)?);
+    let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
+    let policy = Arc::new(PolicyStore::feed(cfg.db_service.max_policy_staleness));
+    let client = AuthClient::new(&join.auth_server, &join.ca_pin, Some(cert))?;
+    tasks.push(tokio::spawn(crate::cluster::watch::follow(client, cfg.clone(), policy.clone())));
     info!(
         postgres = %bound.postgres.local_addr()?,
         host_id = %joined.identity.host_id,
@@ -183,11 +211,8 @@ async fn serve_agent(cfg: Config, bound: Bound) -> Result<(), DaemonError> {
         auth_server = %join.auth_server,
         "agent is serving"
     );
-    let task = tokio::spawn(crate::cluster::agent::serve_postgres(Arc::new(cfg), bound.postgres, pg_tls));
-    shutdown_signal().await;
-    info!("shutting down");
-    task.abort();
-    Ok(())
+    let minter = Arc::new(TokenMinter::new());
+    Ok(Arc::new(ProxyContext::new(cfg.clone(), state, policy, audit, minter, pg_tls)))
 }
 
 /// What the metrics endpoints read from the proxy: its live sessions and whether it can serve.

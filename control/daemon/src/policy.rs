@@ -5,11 +5,13 @@
 //!
 //! The inputs are a snapshot in memory ([`PolicyStore`]): databases (static, dynamic and
 //! discovered), users, roles and locks, read from the state in one go and read again only when
-//! the state changed, so a handshake runs no SQL. (The cluster's agents will feed the same
-//! snapshot from the auth server's watch.)
+//! the state changed, so a handshake runs no SQL. A cluster's agents have no state: their
+//! snapshot is fed by the auth server's watch stream ([`PolicyStore::feed`]) and admits new
+//! sessions only while it is no older than `db_service.max_policy_staleness`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use sluice_pgwire::StartupMessage;
 
@@ -140,6 +142,27 @@ pub fn authorize(
     Ok(Decision { database, db_user, db_name, roles })
 }
 
+/// Why there is no snapshot to decide a new session from.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// An agent that has not yet received the auth server's policy.
+    #[error("this agent has no policy from the auth server yet")]
+    NoPolicyYet,
+    /// An agent that has not heard from the auth server for too long.
+    #[error("auth server unreachable for {} s; policy older than db_service.max_policy_staleness ({} s)", .age.as_secs(), .max.as_secs())]
+    Stale { age: Duration, max: Duration },
+}
+
+impl PolicyError {
+    /// Whether a client may get in by trying again later (the agent's link to auth), as
+    /// opposed to a fault of this process.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, PolicyError::NoPolicyYet | PolicyError::Stale { .. })
+    }
+}
+
 /// The state a decision reads.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyView {
@@ -158,6 +181,20 @@ impl PolicyView {
             roles: state.roles()?.into_iter().map(|r| (r.metadata.name.clone(), r)).collect(),
             locks: state.active_locks()?,
         })
+    }
+
+    /// The view an agent decides from: what the auth server sent, with the agent's own static
+    /// databases and its selectors' AWS overrides applied ([`catalog::merge_shared`]).
+    pub fn from_cluster(cfg: &Config, view: &crate::cluster::ClusterView) -> Self {
+        PolicyView {
+            databases: catalog::merge_shared(cfg, view.databases.values())
+                .into_iter()
+                .map(|d| (d.name.clone(), d))
+                .collect(),
+            users: view.users.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            roles: view.roles.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            locks: view.locks.values().cloned().collect(),
+        }
     }
 
     /// The roles `user` holds that exist (a role deleted after assignment grants nothing).
@@ -192,11 +229,26 @@ impl PolicyView {
 /// verb, the API, discovery) makes it read the state again, so the next connection sees the
 /// change, as when every connection queried SQLite, without any query while nothing changes.
 pub struct PolicyStore {
-    cfg: Arc<Config>,
-    state: Arc<State>,
+    source: Source,
     current: RwLock<Snapshot>,
     /// Held while reading the state, so a change seen by many connections at once is read once.
     reading: Mutex<()>,
+}
+
+/// Where snapshots come from.
+enum Source {
+    /// Read from the state when its change marker moves.
+    State { cfg: Arc<Config>, state: Arc<State> },
+    /// Replaced by the agent's watch of the auth server.
+    Feed(Mutex<Feed>),
+}
+
+struct Feed {
+    /// Set by the first snapshot received.
+    has_policy: bool,
+    /// When the auth server was last heard from (any line of the watch stream).
+    last_contact: Instant,
+    max_staleness: Duration,
 }
 
 #[derive(Clone)]
@@ -214,26 +266,77 @@ impl PolicyStore {
         let marker = state.change_marker();
         let view = Arc::new(PolicyView::load(&cfg, &state)?);
         Ok(PolicyStore {
-            cfg,
-            state,
+            source: Source::State { cfg, state },
             current: RwLock::new(Snapshot { view, marker, generation: 1 }),
             reading: Mutex::new(()),
         })
+    }
+
+    /// An agent's store: empty until [`PolicyStore::replace`] gives it the auth server's policy.
+    /// New sessions are refused while it is empty or older than `max_staleness`; live ones are
+    /// still decided from the last snapshot ([`PolicyStore::last`]).
+    pub fn feed(max_staleness: Duration) -> Self {
+        PolicyStore {
+            source: Source::Feed(Mutex::new(Feed { has_policy: false, last_contact: Instant::now(), max_staleness })),
+            current: RwLock::new(Snapshot { view: Arc::new(PolicyView::default()), marker: None, generation: 0 }),
+            reading: Mutex::new(()),
+        }
+    }
+
+    /// Installs a snapshot received from the auth server (agents).
+    pub fn replace(&self, view: PolicyView) {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        cur.view = Arc::new(view);
+        cur.generation += 1;
+        drop(cur);
+        if let Source::Feed(feed) = &self.source {
+            let mut feed = feed.lock().unwrap_or_else(|p| p.into_inner());
+            feed.has_policy = true;
+            feed.last_contact = Instant::now();
+        }
+    }
+
+    /// Notes that the auth server was heard from, changes or not (agents).
+    pub fn touch(&self) {
+        if let Source::Feed(feed) = &self.source {
+            feed.lock().unwrap_or_else(|p| p.into_inner()).last_contact = Instant::now();
+        }
+    }
+
+    /// For an agent: how long since the auth server was last heard from, and the limit; `None`
+    /// where the policy comes from the state.
+    pub fn staleness(&self) -> Option<(Duration, Duration)> {
+        match &self.source {
+            Source::Feed(feed) => {
+                let feed = feed.lock().unwrap_or_else(|p| p.into_inner());
+                Some((feed.last_contact.elapsed(), feed.max_staleness))
+            }
+            Source::State { .. } => None,
+        }
+    }
+
+    /// The last snapshot, however old (live sessions are decided from it while an agent cannot
+    /// reach the auth server).
+    pub fn last(&self) -> (Arc<PolicyView>, u64) {
+        let snap = self.snapshot();
+        (snap.view, snap.generation)
     }
 
     fn snapshot(&self) -> Snapshot {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The snapshot if the state has not changed since it was read (no SQL), else `None`.
+    /// The snapshot if the state has not changed since it was read (no SQL), else `None`. An
+    /// agent's snapshot is always as fresh as it gets.
     pub fn fresh(&self) -> Option<(Arc<PolicyView>, u64)> {
         let snap = self.snapshot();
-        let (now, then) = (self.state.change_marker()?, snap.marker?);
+        let Source::State { state, .. } = &self.source else { return Some((snap.view, snap.generation)) };
+        let (now, then) = (state.change_marker()?, snap.marker?);
         if now == then {
             return Some((snap.view, snap.generation));
         }
         // This process's own audit and session records do not change the policy.
-        if !self.state.only_own_commits(then, now) {
+        if !state.only_own_commits(then, now) {
             return None;
         }
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
@@ -243,8 +346,23 @@ impl PolicyStore {
         Some((snap.view, snap.generation))
     }
 
-    /// The current snapshot, read again first if the state changed (blocking: SQLite then).
-    pub fn current(&self) -> Result<(Arc<PolicyView>, u64), StateError> {
+    /// The snapshot to admit a new session with: read again first if the state changed
+    /// (blocking: SQLite then); on an agent, refused while there is none or it is too old.
+    pub fn current(&self) -> Result<(Arc<PolicyView>, u64), PolicyError> {
+        let (cfg, state) = match &self.source {
+            Source::State { cfg, state } => (cfg, state),
+            Source::Feed(feed) => {
+                let feed = feed.lock().unwrap_or_else(|p| p.into_inner());
+                if !feed.has_policy {
+                    return Err(PolicyError::NoPolicyYet);
+                }
+                let age = feed.last_contact.elapsed();
+                if age > feed.max_staleness {
+                    return Err(PolicyError::Stale { age, max: feed.max_staleness });
+                }
+                return Ok(self.last());
+            }
+        };
         if let Some(fresh) = self.fresh() {
             return Ok(fresh);
         }
@@ -254,8 +372,8 @@ impl PolicyStore {
             return Ok(fresh);
         }
         // The marker first: a commit during the read shows as a change at the next check.
-        let marker = self.state.change_marker();
-        let view = Arc::new(PolicyView::load(&self.cfg, &self.state)?);
+        let marker = state.change_marker();
+        let view = Arc::new(PolicyView::load(cfg, state)?);
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         let generation = cur.generation + 1;
         *cur = Snapshot { view: view.clone(), marker, generation };
@@ -264,12 +382,25 @@ impl PolicyStore {
     }
 
     /// As [`PolicyStore::current`], off the async threads when the state must be read.
-    pub async fn current_async(self: &Arc<Self>) -> Result<(Arc<PolicyView>, u64), StateError> {
+    pub async fn current_async(self: &Arc<Self>) -> Result<(Arc<PolicyView>, u64), PolicyError> {
+        if matches!(self.source, Source::Feed(_)) {
+            return self.current();
+        }
         if let Some(fresh) = self.fresh() {
             return Ok(fresh);
         }
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.current()).await.map_err(|e| StateError::Task(e.to_string()))?
+    }
+
+    /// The snapshot live sessions are decided from: as [`PolicyStore::current_async`], except
+    /// that an agent cut off from the auth server keeps deciding from its last snapshot (it
+    /// knows of no change, so it ends no session on its own).
+    pub async fn for_live_sessions(self: &Arc<Self>) -> Result<(Arc<PolicyView>, u64), PolicyError> {
+        match self.current_async().await {
+            Err(PolicyError::Stale { .. }) => Ok(self.last()),
+            other => other,
+        }
     }
 }
 

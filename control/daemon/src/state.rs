@@ -177,7 +177,7 @@ pub struct DiscoveredRow {
     pub stale: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct User {
     pub name: String,
     pub roles: Vec<String>,
@@ -185,7 +185,7 @@ pub struct User {
 
 /// A Teleport-style lock: sessions of `user` (any, if unset) to `db` (any, if unset) are refused
 /// and live ones are ended, until it is removed or expires.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lock {
     pub id: String,
     pub user: Option<String>,
@@ -275,6 +275,17 @@ impl State {
     /// operator left looser, with a warning. Safe against concurrent openers (the daemon and
     /// admin verbs started at once).
     pub fn open(data_dir: &Path) -> Result<Self, StateError> {
+        Self::open_file(data_dir, "sluice.db")
+    }
+
+    /// An agent's own store, `agent.db`: the same schema, but it only ever holds what the agent
+    /// itself records (its live sessions and its audit events). Users, password hashes, roles,
+    /// tokens and the CA live on the auth server and are never written here.
+    pub fn open_agent(data_dir: &Path) -> Result<Self, StateError> {
+        Self::open_file(data_dir, "agent.db")
+    }
+
+    fn open_file(data_dir: &Path, file: &str) -> Result<Self, StateError> {
         let warn = |t: crate::private_fs::Tightened| {
             tracing::warn!(path = %t.path.display(), was = %format!("{:o}", t.was), "state was readable by other users; tightened");
         };
@@ -286,10 +297,10 @@ impl State {
         // without waiting for its busy timeout, to a second connection that switches a fresh
         // file to WAL or creates tables while the first one does. The lock is released when
         // `_init` drops, after the schema and migrations.
-        let lock_file = crate::private_fs::open_private_append(&data_dir.join("sluice.db.lock"))?;
+        let lock_file = crate::private_fs::open_private_append(&data_dir.join(format!("{file}.lock")))?;
         let _init = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| StateError::Io(e.into()))?;
-        let path = data_dir.join("sluice.db");
+        let path = data_dir.join(file);
         // Create the file 0600 before SQLite does (it would use the umask); SQLite gives its
         // -wal and -shm files the database file's mode.
         drop(crate::private_fs::open_private_append(&path)?);
@@ -300,7 +311,7 @@ impl State {
         conn.execute_batch(SCHEMA)?;
         migrate_discovered(&mut conn)?;
         crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
-        Ok(State { conn: Mutex::new(conn), shm: data_dir.join("sluice.db-shm"), own: Mutex::default() })
+        Ok(State { conn: Mutex::new(conn), shm: data_dir.join(format!("{file}-shm")), own: Mutex::default() })
     }
 
     /// The current [`ChangeMarker`]: one 48-byte read of a file in the page cache, no SQL. `None`

@@ -505,6 +505,8 @@ pub mod sqlstate {
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    /// The server is up but cannot take sessions now (an agent without a usable policy).
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
 }
 
 #[cfg(test)]

@@ -1,11 +1,9 @@
 //! The agent side of the cluster: a process with `auth_service.enabled: false` joins the auth
 //! server named in `join` once (a token, and the pin of the cluster CA that the auth server's
 //! certificate must chain to), keeps the host identity it gets in `data_dir/identity/`, and
-//! serves PostgreSQL with its host certificate. It opens no `sluice.db`: users, password hashes
-//! and the CA key stay on the auth server.
-//!
-//! Until the agent follows the auth server's policy (a later slice), every session is refused
-//! with a message that says so.
+//! serves PostgreSQL with its host certificate, deciding from the policy it follows
+//! ([`super::watch`]). It opens no `sluice.db`: users, password hashes and the CA key stay on
+//! the auth server.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,11 +15,8 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
-use sluice_pgwire::{encode, ErrorFields, Event, ServerNegotiation, TlsOffer};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::client::AuthClient;
 use super::{JoinRequest, JoinResponse, DB_KIND};
@@ -31,9 +26,6 @@ use crate::private_fs;
 
 /// How long one join may take, connection and answer together.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What every connection to an agent is told until it serves from the auth server's policy.
-pub const NO_POLICY: &str = "this agent has no policy from the auth server yet";
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -298,103 +290,6 @@ impl ServerCertVerifier for PinVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// Serves the PostgreSQL listener with the host certificate (client certificates must chain to
-/// the cluster CA), refusing every session: the agent has no policy to decide with yet.
-pub async fn serve_postgres(cfg: Arc<Config>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let limiter = crate::limits::ConnLimiter::new(cfg.proxy_service.limits);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "postgres accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = limiter.admit(peer.ip()) else { continue };
-        let acceptor = acceptor.clone();
-        let deadline = cfg.proxy_service.handshake_timeout;
-        tokio::spawn(async move {
-            if tokio::time::timeout(deadline, refuse(acceptor, tcp)).await.is_err() {
-                info!(client = %peer, "handshake timed out");
-            }
-            drop(permit);
-        });
-    }
-}
-
-/// One connection: the PostgreSQL negotiation and TLS as on any Sluice listener, then the
-/// refusal (SQLSTATE 57P03, "cannot connect now") instead of a session.
-async fn refuse(acceptor: tokio_rustls::TlsAcceptor, mut tcp: TcpStream) {
-    let mut neg = ServerNegotiation::new(TlsOffer::Required);
-    let mut first = [0u8; 1];
-    let direct_tls = matches!(tcp.peek(&mut first).await, Ok(1) if neg.peeked_first_byte(first[0]).is_some());
-    if !direct_tls && !matches!(negotiate(&mut tcp, &mut neg).await, Some(Step::StartTls)) {
-        return;
-    }
-    let mut tls = match acceptor.accept(tcp).await {
-        Ok(s) => s,
-        Err(e) => {
-            info!(error = %e, "TLS handshake failed");
-            return;
-        }
-    };
-    neg.tls_established();
-    if let Some(Step::Startup) = negotiate(&mut tls, &mut neg).await {
-        info!("session refused: no policy yet");
-        let fields = ErrorFields::fatal(CANNOT_CONNECT_NOW, NO_POLICY)
-            .with(b'H', "the agent serves sessions once it follows the auth server's policy");
-        send_error(&mut tls, &fields).await;
-    }
-}
-
-/// SQLSTATE 57P03: the server is up but cannot take connections yet.
-const CANNOT_CONNECT_NOW: &str = "57P03";
-
-enum Step {
-    StartTls,
-    Startup,
-}
-
-/// Drives the negotiation to its next stop; `None` when the connection is over (a cancel
-/// request, which an agent has nothing to route to yet, or an error the client was told).
-async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, neg: &mut ServerNegotiation) -> Option<Step> {
-    let mut chunk = Vec::new();
-    loop {
-        match neg.next_event() {
-            Ok(Event::NeedMore(n)) => {
-                chunk.resize(n, 0);
-                s.read_exact(&mut chunk).await.ok()?;
-                neg.feed(&chunk);
-            }
-            Ok(Event::Reply(answer)) => {
-                s.write_all(&[answer]).await.ok()?;
-                s.flush().await.ok()?;
-            }
-            Ok(Event::StartTls { reply }) => {
-                if let Some(answer) = reply {
-                    s.write_all(&[answer]).await.ok()?;
-                    s.flush().await.ok()?;
-                }
-                return Some(Step::StartTls);
-            }
-            Ok(Event::Cancel(_)) => return None,
-            Ok(Event::Startup(_)) => return Some(Step::Startup),
-            Err(e) => {
-                send_error(s, &e.error_fields()).await;
-                return None;
-            }
-        }
-    }
-}
-
-async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, fields: &ErrorFields) {
-    let _ = s.write_all(&encode::error_response(fields)).await;
-    let _ = s.flush().await;
-    let _ = s.shutdown().await;
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! The cluster: an auth server (the process with `auth_service` enabled) and the agents that join
-//! it with a token and a CA pin. The messages of the cluster API are here, shared by the server
-//! (on the auth server) and the agent side; both speak HTTPS with JSON bodies.
+//! it with a token and a CA pin. The messages of the cluster API are here and in [`view`],
+//! shared by the server (on the auth server) and the agent side; both speak HTTPS with JSON
+//! bodies. By role: `server` answers the API on the auth server and `hub` feeds its watch
+//! streams; `agent` joins, `client` calls the API and `watch` follows the stream into the
+//! agent's policy snapshot.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 pub mod agent;
 pub mod client;
+pub mod hub;
 pub mod server;
+pub mod view;
+pub mod watch;
 
 /// `POST /v1/join`: an agent asks for a host certificate over a key pair it generated.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,3 +68,5 @@ pub const DB_KIND: &str = "db";
 
 /// Most SAN entries a join may ask for.
 pub const MAX_DNS_NAMES: usize = 64;
+
+pub use view::{ClusterView, SharedDb, WatchEvent, WatchItem, WatchKind, WatchRequest};

@@ -1,7 +1,9 @@
 //! The cluster API on the auth server (`auth_service.cluster_listen_addr`): HTTPS with JSON
 //! bodies, served by axum over our own TLS accept loop (rustls with the ring provider, the same
-//! CA as every other listener). For now it answers `POST /v1/join` only: an agent with a valid
-//! join token gets a host certificate over the key pair it generated.
+//! CA as every other listener). `POST /v1/join` needs no client certificate: an agent with a
+//! valid join token gets a host certificate over the key pair it generated. Every other call
+//! needs that host certificate ([`AgentIdentity`]): `POST /v1/watch` streams the policy the
+//! agent decides from, as NDJSON lines fed by the [`Hub`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -24,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::hub::Hub;
+use super::view::{Change, ClusterView, StreamFilter, WatchEvent, WatchRequest};
 use super::{ErrorBody, ErrorDetail, JoinRequest, JoinResponse, DB_KIND, MAX_DNS_NAMES};
 use crate::audit::{AuditLog, CLUSTER_JOIN};
 use crate::ca::{CaError, CertAuthority, HostIdentity};
@@ -40,15 +44,27 @@ pub struct ClusterContext {
     pub state: Arc<State>,
     pub ca: Arc<CertAuthority>,
     pub audit: Arc<AuditLog>,
+    /// What the watch streams send.
+    pub hub: Arc<Hub>,
     /// Failed joins per source: a join token is a secret worth guessing.
     throttle: LoginThrottle,
 }
 
 impl ClusterContext {
-    pub fn new(cfg: Arc<Config>, state: Arc<State>, ca: Arc<CertAuthority>, audit: Arc<AuditLog>) -> Self {
-        ClusterContext { cfg, state, ca, audit, throttle: LoginThrottle::default() }
+    pub fn new(
+        cfg: Arc<Config>,
+        state: Arc<State>,
+        ca: Arc<CertAuthority>,
+        audit: Arc<AuditLog>,
+        hub: Arc<Hub>,
+    ) -> Self {
+        ClusterContext { cfg, state, ca, audit, hub, throttle: LoginThrottle::default() }
     }
 }
+
+/// How often a watch stream says it is alive when nothing changes; agents give up on a stream
+/// after [`super::watch::SILENCE_LIMIT`] without a line.
+pub const PING_EVERY: Duration = Duration::from_secs(2);
 
 /// Why a join was refused; [`JoinError::code`] and the text are what the agent is told.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +208,7 @@ pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rus
     let limiter = ConnLimiter::new(ctx.cfg.auth_service.limits);
     let (tx, rx) = mpsc::channel(64);
     let accept = tokio::spawn(accept_tls(listener, tls, limiter, tx));
-    let app = Router::new().route("/v1/join", post(join)).with_state(ctx);
+    let app = Router::new().route("/v1/join", post(join)).route("/v1/watch", post(watch)).with_state(ctx);
     let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<Peer>()).await;
     if let Err(e) = served {
         warn!(error = %e, "cluster API stopped");
@@ -382,4 +398,113 @@ fn admit(ctx: &ClusterContext, req: JoinRequest) -> Result<JoinResponse, JoinErr
         expires: not_after.format(&Rfc3339).unwrap_or_default(),
         renew_after: renew_after.format(&Rfc3339).unwrap_or_default(),
     })
+}
+
+/// `POST /v1/watch`: the policy this agent decides from, as NDJSON: the snapshot, then each
+/// change, and a ping every [`PING_EVERY`].
+async fn watch(
+    Extract(ctx): Extract<Arc<ClusterContext>>,
+    AgentIdentity(host): AgentIdentity,
+    body: Bytes,
+) -> Response {
+    let req: WatchRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let detail = ErrorDetail { code: "bad_request".into(), message: format!("bad watch request: {e}") };
+            return json_response(StatusCode::BAD_REQUEST, &ErrorBody { error: detail });
+        }
+    };
+    let sub = ctx.hub.subscribe();
+    let (filter, first) = StreamFilter::start(req.selectors, &sub.view);
+    info!(host_id = %host.host_id, node = %host.node_name, rev = sub.rev, databases = first.databases.len(), "agent is watching");
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(stream_changes(tx, sub.rev, first, filter, sub.changes, host));
+    match axum::http::Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(axum::body::Body::new(LineBody { rx }))
+    {
+        Ok(r) => r,
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn ndjson(event: &WatchEvent) -> Option<Bytes> {
+    match serde_json::to_vec(event) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            Some(Bytes::from(line))
+        }
+        Err(e) => {
+            warn!(error = %e, "encoding a watch event");
+            None
+        }
+    }
+}
+
+/// Feeds one stream until the agent goes away or falls too far behind.
+async fn stream_changes(
+    tx: mpsc::Sender<Bytes>,
+    rev: u64,
+    first: ClusterView,
+    mut filter: StreamFilter,
+    mut changes: tokio::sync::broadcast::Receiver<Arc<(u64, Change)>>,
+    host: HostIdentity,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(init) = ndjson(&WatchEvent::Init { rev, view: first }) else { return };
+    if tx.send(init).await.is_err() {
+        return;
+    }
+    let mut last = rev;
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        let line = tokio::select! {
+            change = changes.recv() => match change {
+                Ok(change) => {
+                    let (at, change) = &*change;
+                    if *at <= last {
+                        continue;
+                    }
+                    last = *at;
+                    match filter.pass(change) {
+                        Some(out) => ndjson(&out.at(*at)),
+                        None => continue,
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    warn!(host_id = %host.host_id, missed, "watch stream fell behind; closing it (the agent starts over)");
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            _ = ping.tick() => ndjson(&WatchEvent::Ping { rev: last }),
+            _ = tx.closed() => {
+                info!(host_id = %host.host_id, node = %host.node_name, "agent stopped watching");
+                return;
+            }
+        };
+        let Some(line) = line else { continue };
+        if tx.send(line).await.is_err() {
+            info!(host_id = %host.host_id, node = %host.node_name, "agent stopped watching");
+            return;
+        }
+    }
+}
+
+/// A response body fed line by line from a channel; it ends when the sender is dropped.
+struct LineBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for LineBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|line| line.map(|l| Ok(hyper::body::Frame::data(l))))
+    }
 }

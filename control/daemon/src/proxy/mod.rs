@@ -149,6 +149,8 @@ pub(crate) enum HandshakeFailure {
     UnknownDatabase,
     /// Control's own state could not be read.
     Internal,
+    /// An agent without a current policy from the auth server.
+    PolicyUnavailable,
     /// A StartupMessage parameter that is not passed on.
     StartupParameter,
     /// No IAM auth token could be minted.
@@ -178,6 +180,7 @@ impl HandshakeFailure {
             HandshakeFailure::Denied => "denied",
             HandshakeFailure::UnknownDatabase => "unknown_database",
             HandshakeFailure::Internal => "internal",
+            HandshakeFailure::PolicyUnavailable => "policy_unavailable",
             HandshakeFailure::StartupParameter => "startup_parameter",
             HandshakeFailure::Token => "token",
             HandshakeFailure::UpstreamRejected => "upstream_rejected",
@@ -221,6 +224,7 @@ mod tests {
             Denied,
             UnknownDatabase,
             Internal,
+            PolicyUnavailable,
             StartupParameter,
             Token,
             UpstreamRejected,

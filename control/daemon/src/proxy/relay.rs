@@ -136,7 +136,7 @@ pub async fn enforce_policy(ctx: Arc<ProxyContext>) {
             asked.clear();
             continue;
         }
-        let view = match ctx.policy.current_async().await {
+        let view = match ctx.policy.for_live_sessions().await {
             Ok((view, _)) => view,
             Err(e) => {
                 warn!(error = %e, "reading the state to enforce policy on live sessions");

@@ -365,6 +365,10 @@ struct Authorized {
 /// decided from the in-memory snapshot (read again first only if the state changed).
 async fn authorize(ctx: &ProxyContext, identity: &Identity, startup: &StartupMessage) -> Result<Authorized, Refusal> {
     let (view, _) = ctx.policy.current_async().await.map_err(|e| {
+        if e.is_unavailable() {
+            info!(error = %e, "session refused: no usable policy");
+            return Refusal::new(sqlstate::CANNOT_CONNECT_NOW, e.to_string()).kind(HandshakeFailure::PolicyUnavailable);
+        }
         METRICS.discovery_error();
         Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind(HandshakeFailure::Internal)
     })?;

@@ -1,0 +1,139 @@
+//! The auth server's side of the watch streams: one [`Hub`] holds the current [`ClusterView`]
+//! and a revision, and broadcasts each change to every stream. It notices changes the way the
+//! policy snapshot does (the state's change marker, no SQL while nothing changes): whenever
+//! the auth server's [`PolicyStore`] takes a new snapshot, the hub reads the view again and
+//! publishes the difference.
+//!
+//! A stream subscribes and takes the snapshot under one lock, so it misses no change made
+//! between the two and gets none twice (Teleport's watchers wait for `OpInit` for the same
+//! reason). A stream that falls too far behind is closed; its agent reconnects and starts over.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use super::view::{Change, ClusterView};
+use crate::config::Config;
+use crate::policy::PolicyStore;
+use crate::state::State;
+
+/// How often the hub looks for a new policy snapshot: well inside the second a revocation
+/// has to reach every agent.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Changes buffered per stream before a slow one is dropped.
+const BACKLOG: usize = 4096;
+
+pub struct Hub {
+    inner: Mutex<Published>,
+    tx: broadcast::Sender<Arc<(u64, Change)>>,
+}
+
+struct Published {
+    rev: u64,
+    view: Arc<ClusterView>,
+}
+
+/// What a new stream starts from.
+pub struct Subscription {
+    pub rev: u64,
+    pub view: Arc<ClusterView>,
+    pub changes: broadcast::Receiver<Arc<(u64, Change)>>,
+}
+
+impl Hub {
+    pub fn new(view: ClusterView) -> Arc<Hub> {
+        let (tx, _) = broadcast::channel(BACKLOG);
+        Arc::new(Hub { inner: Mutex::new(Published { rev: 1, view: Arc::new(view) }), tx })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Published> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current view and every change after it.
+    pub fn subscribe(&self) -> Subscription {
+        let published = self.inner();
+        Subscription { rev: published.rev, view: published.view.clone(), changes: self.tx.subscribe() }
+    }
+
+    /// Makes `next` the current view, sending what changed; returns how many changes.
+    pub fn publish(&self, next: ClusterView) -> usize {
+        let mut published = self.inner();
+        let changes = published.view.diff(&next);
+        for change in &changes {
+            published.rev += 1;
+            // No receiver is not an error: no agent is watching.
+            let _ = self.tx.send(Arc::new((published.rev, change.clone())));
+        }
+        published.view = Arc::new(next);
+        changes.len()
+    }
+
+    pub fn rev(&self) -> u64 {
+        self.inner().rev
+    }
+
+    /// Follows the auth server's policy snapshot, publishing each change, until aborted.
+    pub async fn run(self: Arc<Self>, cfg: Arc<Config>, state: Arc<State>, policy: Arc<PolicyStore>) {
+        let mut seen = None;
+        loop {
+            tokio::time::sleep(POLL).await;
+            let generation = match policy.current_async().await {
+                Ok((_, g)) => g,
+                Err(e) => {
+                    warn!(error = %e, "reading the state for the agents' watch");
+                    continue;
+                }
+            };
+            if seen == Some(generation) {
+                continue;
+            }
+            let (cfg2, state2) = (cfg.clone(), state.clone());
+            match tokio::task::spawn_blocking(move || ClusterView::load(&cfg2, &state2)).await {
+                Ok(Ok(view)) => {
+                    seen = Some(generation);
+                    let n = self.publish(view);
+                    if n > 0 {
+                        info!(changes = n, rev = self.rev(), "policy change sent to agents");
+                    } else {
+                        debug!(generation, "policy snapshot without changes for agents");
+                    }
+                }
+                Ok(Err(e)) => warn!(error = %e, "reading the state for the agents' watch"),
+                Err(e) => warn!(error = %e, "reading the state for the agents' watch"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::User;
+
+    #[test]
+    fn a_subscriber_gets_every_change_after_its_snapshot_once() {
+        let hub = Hub::new(ClusterView::default());
+        let mut v = ClusterView::default();
+        v.users.insert("alice".into(), User { name: "alice".into(), roles: vec![] });
+        hub.publish(v.clone());
+        let mut sub = hub.subscribe();
+        assert_eq!(sub.rev, 2);
+        assert_eq!(*sub.view, v);
+        v.users.insert("bob".into(), User { name: "bob".into(), roles: vec![] });
+        v.users.remove("alice");
+        assert_eq!(hub.publish(v.clone()), 2);
+        let mut got = (*sub.view).clone();
+        let mut revs = Vec::new();
+        while let Ok(change) = sub.changes.try_recv() {
+            revs.push(change.0);
+            got.apply(change.1.clone());
+        }
+        assert_eq!(revs, [3, 4]);
+        assert_eq!(got, v);
+        assert_eq!(hub.publish(v), 0, "an unchanged view sends nothing");
+    }
+}

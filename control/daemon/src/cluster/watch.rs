@@ -1,0 +1,168 @@
+//! The agent's side of the watch stream: it asks the auth server for the policy of the
+//! databases its selectors name, applies the snapshot and each change to its [`ClusterView`],
+//! and installs the result in the agent's [`PolicyStore`], where the next handshake and the
+//! live-session enforcer see it. A stream that breaks or goes quiet for [`SILENCE_LIMIT`] is
+//! opened again (with backoff); every line, pings included, counts as contact with the auth
+//! server for `max_policy_staleness`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::client::AuthClient;
+use super::view::{Change, ClusterView, WatchEvent, WatchRequest};
+use crate::config::Config;
+use crate::policy::{PolicyStore, PolicyView};
+
+/// No line for this long (three missed pings) and the stream is taken for dead.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(6);
+/// Longest line accepted (a snapshot of a large cluster is one line).
+const MAX_LINE: usize = 64 << 20;
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Call(#[from] super::agent::AgentError),
+    #[error("the auth server sent nothing for {} s", SILENCE_LIMIT.as_secs())]
+    Silent,
+    #[error("the auth server ended the stream")]
+    Ended,
+    #[error("bad line in the watch stream: {0}")]
+    BadLine(String),
+    #[error("a change arrived before the snapshot")]
+    NoSnapshot,
+}
+
+/// What the stream has built so far.
+struct Following {
+    view: Option<ClusterView>,
+    rev: u64,
+}
+
+impl Following {
+    /// Applies one line; whether the view changed.
+    fn apply(&mut self, event: WatchEvent) -> Result<bool, WatchError> {
+        match event {
+            WatchEvent::Init { rev, view } => {
+                self.rev = rev;
+                self.view = Some(view);
+                Ok(true)
+            }
+            WatchEvent::Ping { .. } => Ok(false),
+            WatchEvent::Put { rev, item } => self.change(rev, Change::Put(item)),
+            WatchEvent::Delete { rev, kind, name } => self.change(rev, Change::Delete(kind, name)),
+        }
+    }
+
+    fn change(&mut self, rev: u64, change: Change) -> Result<bool, WatchError> {
+        let view = self.view.as_mut().ok_or(WatchError::NoSnapshot)?;
+        if rev <= self.rev {
+            return Ok(false);
+        }
+        self.rev = rev;
+        view.apply(change);
+        Ok(true)
+    }
+}
+
+/// Follows the auth server until aborted, reconnecting as needed.
+pub async fn follow(client: AuthClient, cfg: Arc<Config>, policy: Arc<PolicyStore>) {
+    let req = WatchRequest { selectors: cfg.db_service.resources.iter().map(|m| m.labels.clone()).collect() };
+    let mut retry = FIRST_RETRY;
+    loop {
+        let started = std::time::Instant::now();
+        let err = follow_once(&client, &req, &cfg, &policy).await;
+        if started.elapsed() > Duration::from_secs(30) {
+            retry = FIRST_RETRY;
+        }
+        match policy.staleness() {
+            Some((age, max)) => warn!(
+                auth_server = %client.addr(),
+                error = %err,
+                policy_age_s = age.as_secs(),
+                max_policy_staleness_s = max.as_secs(),
+                "lost the auth server's watch; admitting new sessions from the cached policy until it is {} s old",
+                max.as_secs()
+            ),
+            None => warn!(auth_server = %client.addr(), error = %err, "lost the auth server's watch"),
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(MAX_RETRY);
+    }
+}
+
+/// One stream, until it fails.
+async fn follow_once(client: &AuthClient, req: &WatchRequest, cfg: &Config, policy: &PolicyStore) -> WatchError {
+    let mut stream = match client.post("/v1/watch", req).await {
+        Ok(s) => s,
+        Err(e) => return e.into(),
+    };
+    let mut following = Following { view: None, rev: 0 };
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let chunk = match tokio::time::timeout(SILENCE_LIMIT, stream.chunk()).await {
+            Err(_) => return WatchError::Silent,
+            Ok(Err(e)) => return e.into(),
+            Ok(Ok(None)) => return WatchError::Ended,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        buf.extend_from_slice(&chunk);
+        let mut changed = false;
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let event: WatchEvent = match serde_json::from_slice(&line[..end]) {
+                Ok(e) => e,
+                Err(e) => return WatchError::BadLine(e.to_string()),
+            };
+            let first = matches!(event, WatchEvent::Init { .. });
+            match following.apply(event) {
+                Ok(c) => changed |= c,
+                Err(e) => return e,
+            }
+            if first {
+                if let Some(view) = &following.view {
+                    info!(
+                        rev = following.rev,
+                        users = view.users.len(),
+                        roles = view.roles.len(),
+                        locks = view.locks.len(),
+                        databases = view.databases.len(),
+                        "following the auth server's policy"
+                    );
+                }
+            }
+        }
+        if buf.len() > MAX_LINE {
+            return WatchError::BadLine(format!("a line longer than {MAX_LINE} bytes"));
+        }
+        match (&following.view, changed) {
+            (Some(view), true) => policy.replace(PolicyView::from_cluster(cfg, view)),
+            _ => policy.touch(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::view::{WatchItem, WatchKind};
+    use crate::state::User;
+
+    #[test]
+    fn changes_apply_in_order_after_the_snapshot_only() {
+        let mut f = Following { view: None, rev: 0 };
+        let alice = User { name: "alice".into(), roles: vec!["dev".into()] };
+        let put = |rev| WatchEvent::Put { rev, item: WatchItem::User(alice.clone()) };
+        assert!(matches!(f.apply(put(2)), Err(WatchError::NoSnapshot)));
+        assert!(f.apply(WatchEvent::Init { rev: 1, view: ClusterView::default() }).unwrap());
+        assert!(!f.apply(WatchEvent::Ping { rev: 1 }).unwrap());
+        assert!(f.apply(put(2)).unwrap());
+        assert!(!f.apply(put(2)).unwrap(), "a change seen before is not applied again");
+        assert!(f.apply(WatchEvent::Delete { rev: 5, kind: WatchKind::User, name: "alice".into() }).unwrap());
+        assert!(f.view.as_ref().unwrap().users.is_empty());
+        assert_eq!(f.rev, 5);
+    }
+}
