@@ -1,7 +1,10 @@
 //! The audit log: `db.session.start` (success and failure), `db.session.end` and the cluster's
 //! `cluster.join`, written to the SQLite state and appended as JSON lines to a file that log
-//! shippers can tail.
+//! shippers can tail. Every event has a random `event_id`. An agent's events also wait in its
+//! [`Spool`] until the auth server has stored them; the auth server stores each `event_id` once,
+//! so an upload retried after a lost answer adds nothing.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -10,7 +13,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::state::State;
+use crate::state::{State, StateError};
 
 pub const SESSION_START: &str = "db.session.start";
 pub const SESSION_END: &str = "db.session.end";
@@ -20,6 +23,49 @@ pub struct AuditLog {
     state: Arc<State>,
     file: Mutex<Option<std::fs::File>>,
     path: PathBuf,
+    /// On agents: events the auth server has not stored yet.
+    spool: Option<Arc<Spool>>,
+}
+
+/// An agent's audit events not yet stored by the auth server, oldest first: kept in `agent.db`
+/// (they survive a restart) and mirrored here, so that uploading them reads no SQL.
+#[derive(Default)]
+pub struct Spool {
+    pending: Mutex<VecDeque<(i64, Value)>>,
+    /// Signalled when an event is added.
+    pub added: tokio::sync::Notify,
+}
+
+impl Spool {
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<(i64, Value)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The oldest `n` events, left in the spool.
+    pub fn peek(&self, n: usize) -> Vec<(i64, Value)> {
+        self.pending().iter().take(n).cloned().collect()
+    }
+
+    /// Forgets events up to row `id` (the auth server stored them).
+    pub fn drop_through(&self, id: i64) {
+        let mut pending = self.pending();
+        while pending.front().is_some_and(|(row, _)| *row <= id) {
+            pending.pop_front();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A fresh event id: 16 random bytes, hex.
+pub fn new_event_id() -> String {
+    crate::state::random_secret(16)
 }
 
 /// Fields every session event carries.
@@ -35,7 +81,39 @@ pub struct SessionFields {
 
 impl AuditLog {
     pub fn new(state: Arc<State>, path: PathBuf) -> Self {
-        AuditLog { state, file: Mutex::new(None), path }
+        AuditLog { state, file: Mutex::new(None), path, spool: None }
+    }
+
+    /// An agent's log: every event is also spooled for the auth server, starting with those an
+    /// earlier run left in `state` (blocking: one read).
+    pub fn spooling(state: Arc<State>, path: PathBuf) -> Result<Self, StateError> {
+        let spool = Spool::default();
+        spool.pending().extend(state.audit_spool(usize::MAX >> 1)?);
+        Ok(AuditLog { state, file: Mutex::new(None), path, spool: Some(Arc::new(spool)) })
+    }
+
+    pub fn spool(&self) -> Option<Arc<Spool>> {
+        self.spool.clone()
+    }
+
+    /// The state the events are stored in.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Stores events an agent uploaded (auth server): each new `event_id` once, in the state and
+    /// the JSON file; returns (stored, already there).
+    pub fn ingest(&self, records: &[Value]) -> Result<(usize, usize), StateError> {
+        let stored = self.state.insert_audit_batch(records)?;
+        let mut new = 0;
+        for (record, row) in records.iter().zip(&stored) {
+            if row.is_some() {
+                new += 1;
+                let sid = record.get("sid").and_then(Value::as_str).unwrap_or_default();
+                self.append_file(record, sid);
+            }
+        }
+        Ok((new, records.len() - new))
     }
 
     /// Records an event. Failures to write are logged, never fatal to the session: losing the
@@ -44,6 +122,7 @@ impl AuditLog {
         let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
         let mut record = json!({
             "event": event,
+            "event_id": new_event_id(),
             "time": time,
             "success": success,
             "sid": s.session_id,
@@ -64,7 +143,7 @@ impl AuditLog {
     /// added to the event name, time and outcome.
     pub fn emit_event(&self, event: &str, success: bool, fields: Value) {
         let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
-        let mut record = json!({ "event": event, "time": time, "success": success });
+        let mut record = json!({ "event": event, "event_id": new_event_id(), "time": time, "success": success });
         if let (Some(obj), Value::Object(more)) = (record.as_object_mut(), fields) {
             obj.extend(more);
         }
@@ -72,9 +151,20 @@ impl AuditLog {
     }
 
     fn write(&self, record: &Value, session_id: &str) {
-        if let Err(e) = self.state.insert_audit(record) {
-            tracing::error!(session_id = %session_id, error = %e, "writing audit event to state");
+        match self.state.insert_audit(record) {
+            Ok(Some(row)) => {
+                if let Some(spool) = &self.spool {
+                    spool.pending().push_back((row, record.clone()));
+                    spool.added.notify_one();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(session_id = %session_id, error = %e, "writing audit event to state"),
         }
+        self.append_file(record, session_id);
+    }
+
+    fn append_file(&self, record: &Value, session_id: &str) {
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if file.is_none() {
             match crate::private_fs::open_private_append(&self.path) {
@@ -91,5 +181,62 @@ impl AuditLog {
                 *file = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_state(tag: &str) -> (PathBuf, Arc<State>) {
+        let dir = std::env::temp_dir().join(format!("sluice-audit-{tag}-{}", crate::state::random_secret(6)));
+        let state = Arc::new(State::open(&dir).unwrap());
+        (dir, state)
+    }
+
+    #[test]
+    fn an_event_delivered_twice_is_stored_once() {
+        let (dir, state) = temp_state("ingest");
+        let log = AuditLog::new(state.clone(), dir.join("audit.log"));
+        let events: Vec<Value> = (0..3)
+            .map(|i| json!({ "event": SESSION_START, "event_id": new_event_id(), "sid": format!("s{i}"), "success": true }))
+            .collect();
+        assert_eq!(log.ingest(&events).unwrap(), (3, 0));
+        assert_eq!(log.ingest(&events).unwrap(), (0, 3));
+        let mut more = events.clone();
+        more.push(json!({ "event": SESSION_END, "event_id": new_event_id(), "success": true }));
+        assert_eq!(log.ingest(&more).unwrap(), (1, 3));
+        assert_eq!(state.audit_events(100).unwrap().len(), 4);
+        // The JSON file holds each event once too.
+        assert_eq!(std::fs::read_to_string(dir.join("audit.log")).unwrap().lines().count(), 4);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_spool_survives_a_restart_and_empties_on_delivery() {
+        let (dir, state) = temp_state("spool");
+        let log = AuditLog::spooling(state.clone(), dir.join("audit.log")).unwrap();
+        let fields = SessionFields { session_id: "s1".into(), ..Default::default() };
+        log.emit(SESSION_START, &fields, true, json!({}));
+        log.emit(SESSION_END, &fields, true, json!({}));
+        let spool = log.spool().unwrap();
+        assert_eq!(spool.len(), 2);
+        let first = spool.peek(1);
+        assert_eq!(first[0].1["event"], SESSION_START);
+        assert!(first[0].1["event_id"].as_str().is_some_and(|id| id.len() == 32));
+
+        // A restarted agent finds both; delivering the first leaves the second.
+        drop(log);
+        let again = AuditLog::spooling(state.clone(), dir.join("audit.log")).unwrap();
+        let spool = again.spool().unwrap();
+        assert_eq!(
+            spool.peek(10).iter().map(|(_, e)| e["event"].clone()).collect::<Vec<_>>(),
+            [SESSION_START, SESSION_END]
+        );
+        state.delete_audit_through(first[0].0).unwrap();
+        spool.drop_through(first[0].0);
+        assert_eq!(spool.len(), 1);
+        assert_eq!(state.audit_spool(10).unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

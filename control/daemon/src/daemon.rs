@@ -199,10 +199,11 @@ async fn start_agent(
     let cert = tls::ReloadableCert::new(joined.chain, joined.key)?;
     let pg_tls = tls::postgres_server_config(&joined.ca, cert.clone())?;
     let state = Arc::new(State::open_agent(&cfg.data_dir).map_err(DaemonError::State)?);
-    let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
+    let audit = Arc::new(AuditLog::spooling(state.clone(), cfg.audit_json_file()).map_err(DaemonError::State)?);
     let policy = Arc::new(PolicyStore::feed(cfg.db_service.max_policy_staleness));
     let client = AuthClient::new(&join.auth_server, &join.ca_pin, Some(cert))?;
-    tasks.push(tokio::spawn(crate::cluster::watch::follow(client, cfg.clone(), policy.clone())));
+    tasks.push(tokio::spawn(crate::cluster::watch::follow(client.clone(), cfg.clone(), policy.clone())));
+    tasks.push(tokio::spawn(crate::cluster::audit_upload::upload(client, audit.clone())));
     info!(
         postgres = %bound.postgres.local_addr()?,
         host_id = %joined.identity.host_id,
@@ -251,11 +252,26 @@ impl Probe for ProxyProbe {
         if !self.serving.load(Ordering::Acquire) {
             return Err(NotReady::Starting);
         }
+        if let Err(e) = self.ctx.policy.check_feed() {
+            return Err(NotReady::NoPolicy(e.to_string()));
+        }
         let Some(dp) = &self.ctx.cfg.dataplane else { return Ok(()) };
         match self.ctx.dataplane.get() {
             Some(client) if client.connected() => Ok(()),
             _ => Err(NotReady::NoDataplaneLink(dp.socket.clone())),
         }
+    }
+
+    fn degraded(&self) -> Option<String> {
+        let age = self.ctx.policy.check_feed().ok().flatten()?;
+        let (_, max) = self.ctx.policy.staleness()?;
+        (age > crate::cluster::watch::SILENCE_LIMIT).then(|| {
+            format!(
+                "auth server not heard from for {} s; admitting new sessions from the cached policy until it is {} s old (db_service.max_policy_staleness)",
+                age.as_secs(),
+                max.as_secs()
+            )
+        })
     }
 }
 

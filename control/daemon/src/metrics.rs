@@ -101,6 +101,12 @@ pub trait Probe: Send + Sync + 'static {
 
     /// `Err(reason)` while control cannot serve sessions as configured.
     fn readiness(&self) -> Result<(), NotReady>;
+
+    /// Why control serves, but not as it should (an agent admitting sessions from a cached
+    /// policy while the auth server is unreachable).
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Why `/readyz` answers 503.
@@ -112,6 +118,9 @@ pub enum NotReady {
     /// meanwhile: it serves, but not as configured).
     #[error("no link to the data plane at {}", .0.display())]
     NoDataplaneLink(std::path::PathBuf),
+    /// An agent without a usable policy from the auth server.
+    #[error("{0}")]
+    NoPolicy(String),
 }
 
 impl Metrics {
@@ -397,7 +406,10 @@ async fn metrics<P: Probe>(State(probe): State<Arc<P>>) -> impl IntoResponse {
 
 async fn readyz<P: Probe>(State(probe): State<Arc<P>>) -> (StatusCode, String) {
     match probe.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => match probe.degraded() {
+            Some(why) => (StatusCode::OK, format!("ready (degraded: {why})\n")),
+            None => (StatusCode::OK, "ready\n".to_owned()),
+        },
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
 }

@@ -315,6 +315,21 @@ impl PolicyStore {
         }
     }
 
+    /// Whether an agent can admit new sessions now: the age of its policy (time since the auth
+    /// server was last heard from) if so. `Ok(None)` where the policy comes from the state.
+    pub fn check_feed(&self) -> Result<Option<Duration>, PolicyError> {
+        let Source::Feed(feed) = &self.source else { return Ok(None) };
+        let feed = feed.lock().unwrap_or_else(|p| p.into_inner());
+        if !feed.has_policy {
+            return Err(PolicyError::NoPolicyYet);
+        }
+        let age = feed.last_contact.elapsed();
+        if age > feed.max_staleness {
+            return Err(PolicyError::Stale { age, max: feed.max_staleness });
+        }
+        Ok(Some(age))
+    }
+
     /// The last snapshot, however old (live sessions are decided from it while an agent cannot
     /// reach the auth server).
     pub fn last(&self) -> (Arc<PolicyView>, u64) {
@@ -351,15 +366,8 @@ impl PolicyStore {
     pub fn current(&self) -> Result<(Arc<PolicyView>, u64), PolicyError> {
         let (cfg, state) = match &self.source {
             Source::State { cfg, state } => (cfg, state),
-            Source::Feed(feed) => {
-                let feed = feed.lock().unwrap_or_else(|p| p.into_inner());
-                if !feed.has_policy {
-                    return Err(PolicyError::NoPolicyYet);
-                }
-                let age = feed.last_contact.elapsed();
-                if age > feed.max_staleness {
-                    return Err(PolicyError::Stale { age, max: feed.max_staleness });
-                }
+            Source::Feed(_) => {
+                self.check_feed()?;
                 return Ok(self.last());
             }
         };

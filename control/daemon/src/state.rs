@@ -310,6 +310,7 @@ impl State {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(SCHEMA)?;
         migrate_discovered(&mut conn)?;
+        migrate_audit(&mut conn)?;
         crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
         Ok(State { conn: Mutex::new(conn), shm: data_dir.join(format!("{file}-shm")), own: Mutex::default() })
     }
@@ -793,24 +794,55 @@ impl State {
     // ---- audit ----
 
     /// Stores an audit record; the indexed columns are taken from its `time`, `event`, `sid`,
-    /// `user`, `db_service` and `success` fields.
-    pub fn insert_audit(&self, record: &serde_json::Value) -> Result<(), StateError> {
-        let text = |k: &str| record.get(k).and_then(serde_json::Value::as_str);
+    /// `user`, `db_service`, `success` and `event_id` fields. Returns the row id, or `None` when
+    /// an event with the same `event_id` is already stored.
+    pub fn insert_audit(&self, record: &serde_json::Value) -> Result<Option<i64>, StateError> {
+        Ok(self.insert_audit_batch(std::slice::from_ref(record))?.into_iter().next().flatten())
+    }
+
+    /// Stores several audit records in one transaction; for each, its row id or `None` if it
+    /// was a duplicate (by `event_id`).
+    pub fn insert_audit_batch(&self, records: &[serde_json::Value]) -> Result<Vec<Option<i64>>, StateError> {
         self.write_own(|db| {
-            db.execute(
-            "INSERT INTO audit (time, event, session_id, user, db, success, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                text("time").unwrap_or_default(),
-                text("event").unwrap_or_default(),
-                text("sid"),
-                text("user"),
-                text("db_service"),
-                record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
-                record.to_string()
-            ],
-        )
-        })?;
-        Ok(())
+            let mut stmt = db.prepare(
+                "INSERT OR IGNORE INTO audit (time, event, session_id, user, db, success, data, event_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            records
+                .iter()
+                .map(|record| {
+                    let text = |k: &str| record.get(k).and_then(serde_json::Value::as_str);
+                    let n = stmt.execute(params![
+                        text("time").unwrap_or_default(),
+                        text("event").unwrap_or_default(),
+                        text("sid"),
+                        text("user"),
+                        text("db_service"),
+                        record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
+                        record.to_string(),
+                        text("event_id"),
+                    ])?;
+                    Ok((n == 1).then(|| db.last_insert_rowid()))
+                })
+                .collect()
+        })
+    }
+
+    /// The oldest `limit` audit rows as (row id, record): an agent's spool, still to upload.
+    pub fn audit_spool(&self, limit: usize) -> Result<Vec<(i64, serde_json::Value)>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT id, data FROM audit ORDER BY id LIMIT ?1")?;
+        let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (id, data) = row?;
+            Ok((id, serde_json::from_str(&data)?))
+        })
+        .collect()
+    }
+
+    /// Drops audit rows up to `id`, once the auth server has stored them (an agent's spool).
+    pub fn delete_audit_through(&self, id: i64) -> Result<usize, StateError> {
+        self.write_own(|db| db.execute("DELETE FROM audit WHERE id <= ?1", params![id]))
     }
 
     pub fn audit_events(&self, limit: usize) -> Result<Vec<AuditRow>, StateError> {
@@ -931,6 +963,22 @@ impl State {
 /// Creates the `discovered` table, or moves one keyed by name (before rows were keyed by AWS
 /// identity) to the current layout. Old rows get a `legacy:` identity that the next good fetch of
 /// their source replaces; until then they are served as before (and kept, stale, if fetches fail).
+/// Gives audit rows an `event_id`, unique where set, so that an event delivered twice (an
+/// agent's upload retried after a lost answer) is stored once.
+fn migrate_audit(conn: &mut Connection) -> Result<(), StateError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let has: bool =
+        tx.query_row("SELECT coalesce(sum(name = 'event_id'), 0) FROM pragma_table_info('audit')", [], |r| r.get(0))?;
+    if !has {
+        tx.execute_batch("ALTER TABLE audit ADD COLUMN event_id TEXT;")?;
+    }
+    tx.execute_batch(
+        "CREATE UNIQUE INDEX IF NOT EXISTS audit_event_id ON audit (event_id) WHERE event_id IS NOT NULL;",
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 fn migrate_discovered(conn: &mut Connection) -> Result<(), StateError> {
     // Immediate: the CLI and the daemon may open the same file at once.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

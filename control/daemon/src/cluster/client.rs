@@ -21,6 +21,8 @@ use super::ErrorBody;
 use crate::config::split_host_port;
 use crate::tls::ReloadableCert;
 
+/// Connecting, the TLS handshake and the answer's head together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest JSON answer read from the auth server.
 const MAX_RESPONSE: usize = 4 << 20;
 
@@ -113,6 +115,13 @@ impl AuthClient {
     /// POSTs `req` as JSON; a success's body is left to the caller to read as it arrives, any
     /// other answer becomes an error (the auth server's own message when it sent one).
     pub async fn post<Q: Serialize>(&self, path: &str, req: &Q) -> Result<Streaming, AgentError> {
+        // A stopped or black-holed auth server must not hold the caller forever.
+        tokio::time::timeout(CONNECT_TIMEOUT, self.post_inner(path, req))
+            .await
+            .map_err(|_| AgentError::Timeout(self.addr.clone()))?
+    }
+
+    async fn post_inner<Q: Serialize>(&self, path: &str, req: &Q) -> Result<Streaming, AgentError> {
         let (host, port) =
             split_host_port(&self.addr, 3026).map_err(|e| AgentError::AuthServer(self.addr.clone(), e.to_string()))?;
         let server_name =

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod agent;
+pub mod audit_upload;
 pub mod client;
 pub mod hub;
 pub mod server;
@@ -70,3 +71,21 @@ pub const DB_KIND: &str = "db";
 pub const MAX_DNS_NAMES: usize = 64;
 
 pub use view::{ClusterView, SharedDb, WatchEvent, WatchItem, WatchKind, WatchRequest};
+
+/// `POST /v1/audit`: audit events an agent recorded, each with its `event_id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditUpload {
+    pub events: Vec<serde_json::Value>,
+}
+
+/// The answer to an upload: how many events were new, and how many were already stored (sent
+/// before, their answer lost).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditStored {
+    pub stored: usize,
+    pub duplicates: usize,
+}
+
+/// Most events in one upload.
+pub const MAX_AUDIT_BATCH: usize = 1000;

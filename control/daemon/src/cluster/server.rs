@@ -28,7 +28,10 @@ use tracing::{info, warn};
 
 use super::hub::Hub;
 use super::view::{Change, ClusterView, StreamFilter, WatchEvent, WatchRequest};
-use super::{ErrorBody, ErrorDetail, JoinRequest, JoinResponse, DB_KIND, MAX_DNS_NAMES};
+use super::{
+    AuditStored, AuditUpload, ErrorBody, ErrorDetail, JoinRequest, JoinResponse, DB_KIND, MAX_AUDIT_BATCH,
+    MAX_DNS_NAMES,
+};
 use crate::audit::{AuditLog, CLUSTER_JOIN};
 use crate::ca::{CaError, CertAuthority, HostIdentity};
 use crate::config::{validate_name, Config};
@@ -208,7 +211,11 @@ pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rus
     let limiter = ConnLimiter::new(ctx.cfg.auth_service.limits);
     let (tx, rx) = mpsc::channel(64);
     let accept = tokio::spawn(accept_tls(listener, tls, limiter, tx));
-    let app = Router::new().route("/v1/join", post(join)).route("/v1/watch", post(watch)).with_state(ctx);
+    let app = Router::new()
+        .route("/v1/join", post(join))
+        .route("/v1/watch", post(watch))
+        .route("/v1/audit", post(audit_upload))
+        .with_state(ctx);
     let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<Peer>()).await;
     if let Err(e) = served {
         warn!(error = %e, "cluster API stopped");
@@ -506,5 +513,57 @@ impl hyper::body::Body for LineBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         self.rx.poll_recv(cx).map(|line| line.map(|l| Ok(hyper::body::Frame::data(l))))
+    }
+}
+
+fn bad_request(message: String) -> Response {
+    json_response(StatusCode::BAD_REQUEST, &ErrorBody { error: ErrorDetail { code: "bad_request".into(), message } })
+}
+
+/// Checks one uploaded event and stamps it with the agent it came from (from the certificate,
+/// so that no agent can record events as another).
+fn stamp(mut event: serde_json::Value, host: &HostIdentity) -> Result<serde_json::Value, String> {
+    let obj = event.as_object_mut().ok_or("an event is not a JSON object")?;
+    let id = obj.get("event_id").and_then(|v| v.as_str()).ok_or("an event has no event_id")?;
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("an event_id is not 32 hex digits".into());
+    }
+    if !obj.get("event").is_some_and(|v| v.is_string()) {
+        return Err("an event has no event name".into());
+    }
+    obj.insert("agent".into(), json!({ "host_id": host.host_id, "node": host.node_name }));
+    Ok(event)
+}
+
+/// `POST /v1/audit`: stores an agent's audit events, each `event_id` once.
+async fn audit_upload(
+    Extract(ctx): Extract<Arc<ClusterContext>>,
+    AgentIdentity(host): AgentIdentity,
+    body: Bytes,
+) -> Response {
+    let upload: AuditUpload = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => return bad_request(format!("bad audit upload: {e}")),
+    };
+    if upload.events.len() > MAX_AUDIT_BATCH {
+        return bad_request(format!("more than {MAX_AUDIT_BATCH} events in one upload"));
+    }
+    let events: Result<Vec<_>, _> = upload.events.into_iter().map(|e| stamp(e, &host)).collect();
+    let events = match events {
+        Ok(e) => e,
+        Err(why) => return bad_request(why),
+    };
+    let audit = ctx.audit.clone();
+    match tokio::task::spawn_blocking(move || audit.ingest(&events)).await {
+        Ok(Ok((stored, duplicates))) => {
+            info!(host_id = %host.host_id, node = %host.node_name, stored, duplicates, "audit events from an agent");
+            json_response(StatusCode::OK, &AuditStored { stored, duplicates })
+        }
+        Ok(Err(e)) => {
+            warn!(host_id = %host.host_id, error = %e, "storing an agent's audit events");
+            let detail = ErrorDetail { code: "internal".into(), message: format!("storing the events: {e}") };
+            json_response(StatusCode::INTERNAL_SERVER_ERROR, &ErrorBody { error: detail })
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -372,6 +372,16 @@ async fn authorize(ctx: &ProxyContext, identity: &Identity, startup: &StartupMes
         METRICS.discovery_error();
         Refusal::new(sqlstate::INTERNAL_ERROR, format!("Sluice state error: {e}")).kind(HandshakeFailure::Internal)
     })?;
+    if let Ok(Some(age)) = ctx.policy.check_feed() {
+        if age > crate::cluster::watch::SILENCE_LIMIT {
+            let max = ctx.policy.staleness().map(|(_, m)| m.as_secs()).unwrap_or_default();
+            info!(
+                policy_age_s = age.as_secs(),
+                max_policy_staleness_s = max,
+                "admitting from the cached policy: the auth server is unreachable"
+            );
+        }
+    }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let decision = policy::authorize(identity, startup, &view, now).map_err(|d| match d {
         Denial::UnknownDatabase => Refusal::new(
