@@ -236,6 +236,7 @@ db_service:
       env: dev
       team: db
     aws: null
+  heartbeat_interval: 10s
 audit:
   json_file: null
 join:

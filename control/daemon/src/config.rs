@@ -233,12 +233,24 @@ pub struct DbService {
     /// Label selectors for dynamic resources (`control db add`) this control serves.
     #[serde(default)]
     pub resources: Vec<ResourceMatcher>,
+    /// How often an agent reports to its auth server; it counts as offline after 1.5 times this.
+    #[serde(default = "default_heartbeat_interval", with = "duration_str")]
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for DbService {
     fn default() -> Self {
-        DbService { enabled: true, databases: Vec::new(), resources: Vec::new() }
+        DbService {
+            enabled: true,
+            databases: Vec::new(),
+            resources: Vec::new(),
+            heartbeat_interval: default_heartbeat_interval(),
+        }
     }
+}
+
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -537,6 +549,14 @@ impl Config {
         for m in &self.discovery_service.aws {
             m.validate()?;
         }
+        if self.db_service.heartbeat_interval.is_zero()
+            || self.db_service.heartbeat_interval > crate::cluster::heartbeat::MAX_INTERVAL
+        {
+            return Err(ConfigError::Invalid(format!(
+                "db_service.heartbeat_interval must be between 1s and {}s",
+                crate::cluster::heartbeat::MAX_INTERVAL.as_secs()
+            )));
+        }
         match (&self.join, self.auth_service.enabled) {
             (Some(_), true) => {
                 return Err(ConfigError::Invalid(
@@ -743,6 +763,20 @@ db_service:
         ))
         .unwrap();
         assert!(discovery.validate().unwrap_err().to_string().contains("discovery_service"));
+    }
+
+    #[test]
+    fn heartbeat_interval_defaults_and_is_checked() {
+        let c: Config = from_yaml(&agent_yaml(PIN)).unwrap();
+        assert_eq!(c.db_service.heartbeat_interval, Duration::from_secs(10));
+        let fast: Config = from_yaml(&format!("{}db_service: {{heartbeat_interval: 1s}}\n", agent_yaml(PIN))).unwrap();
+        fast.validate().unwrap();
+        assert_eq!(fast.db_service.heartbeat_interval, Duration::from_secs(1));
+        for bad in ["0s", "2h"] {
+            let c: Config =
+                from_yaml(&format!("{}db_service: {{heartbeat_interval: {bad}}}\n", agent_yaml(PIN))).unwrap();
+            assert!(c.validate().unwrap_err().to_string().contains("heartbeat_interval"), "{bad}");
+        }
     }
 
     #[test]

@@ -171,7 +171,19 @@ async fn serve_agent(cfg: Config, bound: Bound) -> Result<(), DaemonError> {
     };
     let joined = crate::cluster::agent::ensure_joined(&cfg, &join, server_names(&cfg)).await?;
     let cert = tls::ReloadableCert::new(joined.chain, joined.key)?;
-    let pg_tls = tls::postgres_server_config(&joined.ca, cert)?;
+    let pg_tls = tls::postgres_server_config(&joined.ca, cert.clone())?;
+    // One certificate for the listener and the calls to the auth server, renewed in place.
+    let client = crate::cluster::client::AuthClient::new(&join.auth_server, &join.ca_pin, Some(cert.clone()))?;
+    let renewal = tokio::spawn(crate::cluster::renew::run(
+        client.clone(),
+        cert,
+        crate::cluster::agent::identity_dir(&cfg),
+        server_names(&cfg),
+    ));
+    let public_addr = cfg.proxy_service.public_addr();
+    let heartbeats = tokio::spawn(crate::cluster::heartbeat::run(client, cfg.db_service.heartbeat_interval, move || {
+        crate::cluster::HeartbeatReport { postgres_addr: public_addr.clone(), databases: Vec::new(), sessions: 0 }
+    }));
     if cfg.metrics.is_some() || cfg.proxy_service.local_socket.is_some() {
         warn!("metrics and local sockets are not served by agents yet");
     }
@@ -187,6 +199,8 @@ async fn serve_agent(cfg: Config, bound: Bound) -> Result<(), DaemonError> {
     shutdown_signal().await;
     info!("shutting down");
     task.abort();
+    renewal.abort();
+    heartbeats.abort();
     Ok(())
 }
 

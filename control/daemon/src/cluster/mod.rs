@@ -62,3 +62,46 @@ pub const DB_KIND: &str = "db";
 
 /// Most SAN entries a join may ask for.
 pub const MAX_DNS_NAMES: usize = 64;
+
+pub mod heartbeat;
+pub mod renew;
+
+/// `POST /v1/renew`: an agent asks for a new host certificate over a new key pair, authenticated
+/// by its current one (no token). The answer is a [`JoinResponse`] for the same host id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub public_key_pem: String,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+}
+
+/// `POST /v1/heartbeat`: what an agent serves, every `db_service.heartbeat_interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// Where PostgreSQL clients reach this agent (`proxy_service.public_addr()`).
+    pub postgres_addr: String,
+    /// The databases it serves.
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// Its live sessions.
+    #[serde(default)]
+    pub sessions: u32,
+    #[serde(default)]
+    pub version: String,
+    /// How often it heartbeats: the auth server calls it offline after 1.5 times this.
+    pub interval_ms: u64,
+}
+
+/// The answer to a heartbeat: nothing yet (`{}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatResponse {}
+
+/// What the daemon reports in each heartbeat; the heartbeat task adds the version and interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeartbeatReport {
+    pub postgres_addr: String,
+    pub databases: Vec<String>,
+    pub sessions: u32,
+}

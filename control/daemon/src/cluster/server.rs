@@ -1,7 +1,8 @@
 //! The cluster API on the auth server (`auth_service.cluster_listen_addr`): HTTPS with JSON
 //! bodies, served by axum over our own TLS accept loop (rustls with the ring provider, the same
-//! CA as every other listener). For now it answers `POST /v1/join` only: an agent with a valid
-//! join token gets a host certificate over the key pair it generated.
+//! CA as every other listener). `POST /v1/join`: an agent with a valid join token gets a host
+//! certificate over the key pair it generated; calls made with that certificate
+//! ([`AgentIdentity`]) renew it and report heartbeats (`cluster::renew`, `cluster::heartbeat`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -102,7 +103,7 @@ impl IntoResponse for JoinError {
     }
 }
 
-fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+pub(super) fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
     match serde_json::to_string(body) {
         Ok(text) => (status, [(header::CONTENT_TYPE, "application/json")], text).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -192,7 +193,11 @@ pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rus
     let limiter = ConnLimiter::new(ctx.cfg.auth_service.limits);
     let (tx, rx) = mpsc::channel(64);
     let accept = tokio::spawn(accept_tls(listener, tls, limiter, tx));
-    let app = Router::new().route("/v1/join", post(join)).with_state(ctx);
+    let app = Router::new()
+        .route("/v1/join", post(join))
+        .route("/v1/renew", post(super::renew::handle))
+        .route("/v1/heartbeat", post(super::heartbeat::handle))
+        .with_state(ctx);
     let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<Peer>()).await;
     if let Err(e) = served {
         warn!(error = %e, "cluster API stopped");
@@ -350,10 +355,8 @@ fn admit(ctx: &ClusterContext, req: JoinRequest) -> Result<JoinResponse, JoinErr
     }
     // Refuse a bad key before a node index is taken for it.
     rcgen::SubjectPublicKeyInfo::from_pem(&req.public_key_pem).map_err(CaError::from)?;
-    let now = OffsetDateTime::now_utc();
-    let not_before = now - time::Duration::minutes(5);
-    let ttl = ctx.cfg.auth_service.host_cert_ttl;
-    let not_after = now + ttl;
+    let (not_before, not_after) =
+        super::renew::host_cert_validity(OffsetDateTime::now_utc(), ctx.cfg.auth_service.host_cert_ttl);
     let node = ctx.state.add_node(&req.node_name, DB_KIND, &req.labels, not_after)?;
     let cluster = ctx.cfg.auth_service.cluster_name.clone();
     let identity = HostIdentity {
@@ -372,7 +375,7 @@ fn admit(ctx: &ClusterContext, req: JoinRequest) -> Result<JoinResponse, JoinErr
             return Err(e.into());
         }
     };
-    let renew_after = now + ttl.mul_f64(2.0 / 3.0);
+    let renew_after = super::renew::renew_at(not_before, not_after);
     Ok(JoinResponse {
         host_id: node.host_id,
         node_index: node.node_index,
