@@ -181,9 +181,10 @@ async fn serve_agent(cfg: Config, bound: Bound) -> Result<(), DaemonError> {
         server_names(&cfg),
     ));
     let public_addr = cfg.proxy_service.public_addr();
-    let heartbeats = tokio::spawn(crate::cluster::heartbeat::run(client, cfg.db_service.heartbeat_interval, move || {
-        crate::cluster::HeartbeatReport { postgres_addr: public_addr.clone(), databases: Vec::new(), sessions: 0 }
-    }));
+    let heartbeats =
+        tokio::spawn(crate::cluster::heartbeat::run(client, cfg.db_service.heartbeat_interval, move || {
+            crate::cluster::HeartbeatReport { postgres_addr: public_addr.clone(), databases: Vec::new(), sessions: 0 }
+        }));
     if cfg.metrics.is_some() || cfg.proxy_service.local_socket.is_some() {
         warn!("metrics and local sockets are not served by agents yet");
     }

@@ -734,7 +734,8 @@ fn print_nodes(nodes: &[sluice_control::state::Node], format: &str) -> Result<()
             let now_s = now.div_euclid(1000);
             for n in nodes {
                 let hb = n.heartbeat.as_ref();
-                let databases = hb.map(|h| h.databases.join(",")).filter(|d| !d.is_empty()).unwrap_or_else(|| "-".into());
+                let databases =
+                    hb.map(|h| h.databases.join(",")).filter(|d| !d.is_empty()).unwrap_or_else(|| "-".into());
                 let seen = hb.map(|h| h.at_ms.div_euclid(1000)).unwrap_or(n.last_seen);
                 let expires = n.cert_not_after - now_s;
                 println!(

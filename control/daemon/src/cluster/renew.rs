@@ -291,7 +291,11 @@ async fn renew_once(
         _ => return Err(bad("the certificate is for another node".into())),
     }
     // The chain keeps the CA the agent trusts; rotating it is not supported yet.
-    let trusted_ca = current.cert.last().filter(|_| current.cert.len() > 1).ok_or_else(|| bad("no CA in the current chain".into()))?;
+    let trusted_ca = current
+        .cert
+        .last()
+        .filter(|_| current.cert.len() > 1)
+        .ok_or_else(|| bad("no CA in the current chain".into()))?;
     let ca_pem = resp
         .ca_pems
         .iter()
