@@ -180,6 +180,12 @@ fn cluster_calls_need_an_agents_host_certificate() -> Result<()> {
     agent.start()?;
     agent.wait_serving(START)?;
     let ca_pem = std::fs::read_to_string(agent.identity_dir().join("ca.pem"))?;
+    // The agent's own first heartbeat lands, then it stops: the calls below speak for it, with
+    // its certificate, and nothing overwrites what they report.
+    wait_until(Duration::from_secs(10), "the agent's first heartbeat", || {
+        Ok(nodes(&auth)?.first().is_some_and(|n| n["status"] == "healthy").then_some(()))
+    })?;
+    agent.stop();
     let beat = serde_json::json!({
         "postgres_addr": "127.0.0.1:1", "databases": [], "sessions": 0, "version": "test", "interval_ms": 60_000
     });
@@ -207,6 +213,9 @@ fn cluster_calls_need_an_agents_host_certificate() -> Result<()> {
     // A malformed one is refused and changes nothing.
     let (status, _) = cluster_post(&auth, &ca_pem, Some(&host), "/v1/heartbeat", &serde_json::json!({"x": 1}))?;
     assert_eq!(status, 400);
+    let zero = serde_json::json!({ "postgres_addr": "127.0.0.1:2", "interval_ms": 0 });
+    assert_eq!(cluster_post(&auth, &ca_pem, Some(&host), "/v1/heartbeat", &zero)?.0, 400);
+    assert_eq!(nodes(&auth)?[0]["postgres_addr"], "127.0.0.1:1");
     Ok(())
 }
 

@@ -394,6 +394,46 @@ mod tests {
         assert_eq!(b.next_delay(), Duration::from_secs(2));
     }
 
+    /// An agent whose certificate expired and whose auth server is unreachable keeps trying;
+    /// nothing it has is touched meanwhile.
+    #[tokio::test]
+    async fn failures_never_end_the_renewal_task() {
+        let ca = crate::ca::CertAuthority::generate("test").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let host = HostIdentity {
+            v: 1,
+            host_id: "h".into(),
+            node_name: "a".into(),
+            node_index: 1,
+            role: "db".into(),
+            cluster: "test".into(),
+        };
+        let now = OffsetDateTime::now_utc();
+        let pem = ca
+            .issue_host(
+                &host,
+                &key.public_key_pem(),
+                &["127.0.0.1".into()],
+                now - time::Duration::hours(2),
+                now - time::Duration::hours(1),
+            )
+            .unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(pem.as_bytes()).unwrap(), ca.cert_der.clone()];
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let cert = ReloadableCert::new(chain.clone(), key_der).unwrap();
+        // Nothing listens on port 1.
+        let client = AuthClient::new("127.0.0.1:1", &ca.pin().unwrap(), Some(cert.clone())).unwrap();
+        let dir = temp_dir();
+        let task = tokio::spawn(run(client, cert.clone(), dir.clone(), vec!["127.0.0.1".into()]));
+        // The first attempt at once, the second 2 s later.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!task.is_finished(), "the renewal task ended");
+        task.abort();
+        assert_eq!(cert.current().cert, chain, "the certificate changed");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "files were written");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     fn temp_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sluice-renew-{}", crate::state::random_secret(6)));
         std::fs::create_dir_all(&dir).unwrap();
