@@ -786,6 +786,24 @@ pub fn start_auth(dir: &Path) -> Result<ControlProc> {
     Ok(ControlProc::start(&dir.join("auth"), Vec::new(), &AwsCreds::demo(), None)?)
 }
 
+/// [`start_auth`] with `edit` applied to the auth server's config (e.g. a short
+/// `host_cert_ttl`): started once to write its config, then again on the edited one.
+pub fn start_auth_with(dir: &Path, edit: impl FnOnce(&mut sluice_control::config::Config)) -> Result<ControlProc> {
+    let mut auth = start_auth(dir)?;
+    auth.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    let mut config = auth.config.clone();
+    edit(&mut config);
+    std::fs::write(&auth.config_path, serde_saphyr::to_string(&config)?)?;
+    Ok(ControlProc::spawn(
+        auth.config_path.clone(),
+        config,
+        auth.pg_port,
+        auth.api_port,
+        &AwsCreds::demo(),
+        &dir.join("auth"),
+    )?)
+}
+
 /// Runs `control -c AUTH_CONFIG ARGS...` against the auth server's config.
 pub fn auth_control(auth: &ControlProc, args: &[&str]) -> Result<String> {
     let out = Command::new(find_bin("control")?).arg("--config").arg(&auth.config_path).args(args).output()?;
@@ -868,6 +886,12 @@ impl AgentProc {
         Ok(())
     }
 
+    /// Applies `edit` to the agent's config and writes it (before [`AgentProc::start`]).
+    pub fn edit_config(&mut self, edit: impl FnOnce(&mut sluice_control::config::Config)) -> Result<()> {
+        edit(&mut self.config);
+        self.save_config()
+    }
+
     /// Gives the agent a data plane process of its own, as each agent host runs.
     pub fn with_dataplane(&mut self) -> Result<()> {
         let dp = sluice_control::demo::DataplaneProc::start(&self.dir.join("dataplane"))?;
@@ -884,6 +908,15 @@ impl AgentProc {
             Some(sluice_control::config::MetricsConfig { listen_addr: ([127, 0, 0, 1], port).into() });
         self.save_config()?;
         Ok(format!("http://127.0.0.1:{port}/metrics"))
+    }
+
+    /// Kills the agent with SIGKILL: no goodbye to anyone.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// Starts `control start` on the config (stderr appended to [`AgentProc::log`]).

@@ -238,6 +238,7 @@ db_service:
       team: db
     aws: null
   max_policy_staleness: 600s
+  heartbeat_interval: 10s
 audit:
   json_file: null
 join:

@@ -266,6 +266,11 @@ pub fn not_after(der: &[u8]) -> Result<OffsetDateTime, CaError> {
     Ok(cert.validity().not_after.to_datetime())
 }
 
+pub fn not_before(der: &[u8]) -> Result<OffsetDateTime, CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Parse(e.to_string()))?;
+    Ok(cert.validity().not_before.to_datetime())
+}
+
 /// `sha256:<hex>` of a certificate's SubjectPublicKeyInfo, as Teleport's CA pins are.
 pub fn spki_pin(der: &[u8]) -> Result<String, CaError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CaError::Parse(e.to_string()))?;

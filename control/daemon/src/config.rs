@@ -237,6 +237,9 @@ pub struct DbService {
     /// from the auth server; live sessions are never ended for it.
     #[serde(default = "default_max_policy_staleness", with = "duration_str")]
     pub max_policy_staleness: Duration,
+    /// How often an agent reports to its auth server; it counts as offline after 1.5 times this.
+    #[serde(default = "default_heartbeat_interval", with = "duration_str")]
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for DbService {
@@ -246,8 +249,13 @@ impl Default for DbService {
             databases: Vec::new(),
             resources: Vec::new(),
             max_policy_staleness: default_max_policy_staleness(),
+            heartbeat_interval: default_heartbeat_interval(),
         }
     }
+}
+
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -546,6 +554,14 @@ impl Config {
         for m in &self.discovery_service.aws {
             m.validate()?;
         }
+        if self.db_service.heartbeat_interval.is_zero()
+            || self.db_service.heartbeat_interval > crate::cluster::heartbeat::MAX_INTERVAL
+        {
+            return Err(ConfigError::Invalid(format!(
+                "db_service.heartbeat_interval must be between 1s and {}s",
+                crate::cluster::heartbeat::MAX_INTERVAL.as_secs()
+            )));
+        }
         match (&self.join, self.auth_service.enabled) {
             (Some(_), true) => {
                 return Err(ConfigError::Invalid(
@@ -755,6 +771,20 @@ db_service:
         ))
         .unwrap();
         assert!(discovery.validate().unwrap_err().to_string().contains("discovery_service"));
+    }
+
+    #[test]
+    fn heartbeat_interval_defaults_and_is_checked() {
+        let c: Config = from_yaml(&agent_yaml(PIN)).unwrap();
+        assert_eq!(c.db_service.heartbeat_interval, Duration::from_secs(10));
+        let fast: Config = from_yaml(&format!("{}db_service: {{heartbeat_interval: 1s}}\n", agent_yaml(PIN))).unwrap();
+        fast.validate().unwrap();
+        assert_eq!(fast.db_service.heartbeat_interval, Duration::from_secs(1));
+        for bad in ["0s", "2h"] {
+            let c: Config =
+                from_yaml(&format!("{}db_service: {{heartbeat_interval: {bad}}}\n", agent_yaml(PIN))).unwrap();
+            assert!(c.validate().unwrap_err().to_string().contains("heartbeat_interval"), "{bad}");
+        }
     }
 
     #[test]

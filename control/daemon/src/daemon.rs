@@ -201,9 +201,16 @@ async fn start_agent(
     let state = Arc::new(State::open_agent(&cfg.data_dir).map_err(DaemonError::State)?);
     let audit = Arc::new(AuditLog::spooling(state.clone(), cfg.audit_json_file()).map_err(DaemonError::State)?);
     let policy = Arc::new(PolicyStore::feed(cfg.db_service.max_policy_staleness));
-    let client = AuthClient::new(&join.auth_server, &join.ca_pin, Some(cert))?;
+    // One certificate for the listener and the calls to the auth server, renewed in place.
+    let client = AuthClient::new(&join.auth_server, &join.ca_pin, Some(cert.clone()))?;
     tasks.push(tokio::spawn(crate::cluster::watch::follow(client.clone(), cfg.clone(), policy.clone())));
-    tasks.push(tokio::spawn(crate::cluster::audit_upload::upload(client, audit.clone())));
+    tasks.push(tokio::spawn(crate::cluster::audit_upload::upload(client.clone(), audit.clone())));
+    tasks.push(tokio::spawn(crate::cluster::renew::run(
+        client.clone(),
+        cert,
+        crate::cluster::agent::identity_dir(cfg),
+        server_names(cfg),
+    )));
     info!(
         postgres = %bound.postgres.local_addr()?,
         host_id = %joined.identity.host_id,
@@ -213,7 +220,15 @@ async fn start_agent(
         "agent is serving"
     );
     let minter = Arc::new(TokenMinter::new());
-    Ok(Arc::new(ProxyContext::new(cfg.clone(), state, policy, audit, minter, pg_tls)))
+    let ctx = Arc::new(ProxyContext::new(cfg.clone(), state, policy, audit, minter, pg_tls));
+    let (public_addr, report_ctx) = (cfg.proxy_service.public_addr(), ctx.clone());
+    let report = move || crate::cluster::HeartbeatReport {
+        postgres_addr: public_addr.clone(),
+        databases: report_ctx.policy.last().0.databases.keys().cloned().collect(),
+        sessions: u32::try_from(report_ctx.session_count()).unwrap_or(u32::MAX),
+    };
+    tasks.push(tokio::spawn(crate::cluster::heartbeat::run(client, cfg.db_service.heartbeat_interval, report)));
+    Ok(ctx)
 }
 
 /// What the metrics endpoints read from the proxy: its live sessions and whether it can serve.

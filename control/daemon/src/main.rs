@@ -60,6 +60,9 @@ enum Cmd {
     /// Teleport-style locks: refuse new sessions and end live ones of a user or database.
     #[command(subcommand)]
     Locks(LocksCmd),
+    /// The agents that joined the cluster.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
     /// Recent audit events as JSON lines.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -114,6 +117,20 @@ enum TokensCmd {
         format: String,
     },
     Ls,
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    /// Agents with their address, databases, sessions, last heartbeat and health.
+    Ls {
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Removes an agent: its host certificate is refused from then on (it must join again).
+    Rm {
+        /// Host ID, or node name if only one node has it.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -639,6 +656,34 @@ fn main() -> Result<()> {
             println!("lock {id} removed");
             Ok(())
         }
+        Cmd::Nodes(NodesCmd::Ls { format }) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            print_nodes(&state.nodes()?, &format)
+        }
+        Cmd::Nodes(NodesCmd::Rm { node }) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            let nodes = state.nodes()?;
+            let found: Vec<_> = match nodes.iter().find(|n| n.host_id == node) {
+                Some(n) => vec![n],
+                None => nodes.iter().filter(|n| n.name == node).collect(),
+            };
+            match found.as_slice() {
+                [] => bail!("no node with host ID or name {node:?} (see `control nodes ls`)"),
+                [n] => {
+                    if !state.delete_node(&n.host_id)? {
+                        bail!("node {} was removed meanwhile", n.host_id);
+                    }
+                    println!("node {:?} (host ID {}) removed", n.name, n.host_id);
+                }
+                many => {
+                    let ids: Vec<&str> = many.iter().map(|n| n.host_id.as_str()).collect();
+                    bail!("{} nodes are named {node:?}; remove one by host ID: {}", many.len(), ids.join(", "))
+                }
+            }
+            Ok(())
+        }
         Cmd::Audit { limit } => {
             let cfg = load_config(&cli.config)?;
             let state = open_state(&cfg)?;
@@ -647,6 +692,83 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `control nodes ls`: a table, or JSON (one array) for scripts.
+fn print_nodes(nodes: &[sluice_control::state::Node], format: &str) -> Result<()> {
+    use sluice_control::cluster::heartbeat::{now_ms, status_of};
+    let now = now_ms();
+    match format {
+        "json" => {
+            let rows: Vec<serde_json::Value> = nodes
+                .iter()
+                .map(|n| {
+                    let hb = n.heartbeat.as_ref();
+                    serde_json::json!({
+                        "host_id": n.host_id,
+                        "name": n.name,
+                        "node_index": n.node_index,
+                        "role": n.role,
+                        "labels": n.labels,
+                        "postgres_addr": hb.map(|h| h.postgres_addr.as_str()),
+                        "databases": hb.map(|h| h.databases.clone()).unwrap_or_default(),
+                        "sessions": hb.map(|h| h.sessions).unwrap_or_default(),
+                        "version": hb.map(|h| h.version.as_str()),
+                        "heartbeat_interval_ms": hb.map(|h| h.interval_ms),
+                        "last_heartbeat_ms": hb.map(|h| h.at_ms),
+                        "joined_at": n.joined_at,
+                        "last_seen": n.last_seen,
+                        "cert_not_after": n.cert_not_after,
+                        "status": status_of(n, now).as_str(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(rows));
+        }
+        "text" => {
+            println!(
+                "{:<32} {:<20} {:>5} {:<22} {:<24} {:>8} {:<10} {:<14} Status",
+                "Host ID", "Name", "Index", "Address", "Databases", "Sessions", "Last seen", "Cert expires"
+            );
+            let now_s = now.div_euclid(1000);
+            for n in nodes {
+                let hb = n.heartbeat.as_ref();
+                let databases =
+                    hb.map(|h| h.databases.join(",")).filter(|d| !d.is_empty()).unwrap_or_else(|| "-".into());
+                let seen = hb.map(|h| h.at_ms.div_euclid(1000)).unwrap_or(n.last_seen);
+                let expires = n.cert_not_after - now_s;
+                println!(
+                    "{:<32} {:<20} {:>5} {:<22} {:<24} {:>8} {:<10} {:<14} {}",
+                    n.host_id,
+                    n.name,
+                    n.node_index,
+                    hb.map(|h| h.postgres_addr.as_str()).unwrap_or("-"),
+                    databases,
+                    hb.map(|h| h.sessions.to_string()).unwrap_or_else(|| "-".into()),
+                    format!("{} ago", short_duration(now_s - seen)),
+                    if expires >= 0 {
+                        format!("in {}", short_duration(expires))
+                    } else {
+                        format!("expired {} ago", short_duration(-expires))
+                    },
+                    status_of(n, now).as_str()
+                );
+            }
+        }
+        other => bail!("unknown format {other:?} (text or json)"),
+    }
+    Ok(())
+}
+
+/// `42s`, `5m`, `3h`, `2d`: the largest whole unit.
+fn short_duration(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
     }
 }
 

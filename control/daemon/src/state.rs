@@ -232,6 +232,20 @@ pub struct Node {
     pub joined_at: i64,
     pub cert_not_after: i64,
     pub last_seen: i64,
+    /// The last heartbeat; `None` until the agent sends one.
+    pub heartbeat: Option<NodeHeartbeat>,
+}
+
+/// What an agent said in its last heartbeat, and when (unix milliseconds: health is judged
+/// against intervals of a second or so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHeartbeat {
+    pub postgres_addr: String,
+    pub databases: Vec<String>,
+    pub sessions: u32,
+    pub version: String,
+    pub interval_ms: u64,
+    pub at_ms: i64,
 }
 
 /// Most agents one cluster numbers (cancel keys give the index 10 bits; 0 is the auth server).
@@ -311,6 +325,7 @@ impl State {
         conn.execute_batch(SCHEMA)?;
         migrate_discovered(&mut conn)?;
         migrate_audit(&mut conn)?;
+        migrate_nodes(&mut conn)?;
         crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
         Ok(State { conn: Mutex::new(conn), shm: data_dir.join(format!("{file}-shm")), own: Mutex::default() })
     }
@@ -582,7 +597,46 @@ impl State {
             joined_at: now,
             cert_not_after: cert_not_after.unix_timestamp(),
             last_seen: now,
+            heartbeat: None,
         })
+    }
+
+    /// Stores an agent's heartbeat; `false` if the node is no longer registered. Bookkeeping
+    /// ([`State::write_own`]): a heartbeat does not make the policy snapshot stale.
+    pub fn record_heartbeat(&self, host_id: &str, hb: &NodeHeartbeat) -> Result<bool, StateError> {
+        let databases = serde_json::to_string(&hb.databases)?;
+        let interval = i64::try_from(hb.interval_ms).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let changed = self.write_own(|db| {
+            db.execute(
+                "UPDATE nodes SET hb_postgres_addr = ?2, hb_databases = ?3, hb_sessions = ?4, hb_version = ?5,
+                     hb_interval_ms = ?6, hb_at_ms = ?7, last_seen = ?8
+                 WHERE host_id = ?1",
+                params![
+                    host_id,
+                    hb.postgres_addr,
+                    databases,
+                    hb.sessions,
+                    hb.version,
+                    interval,
+                    hb.at_ms,
+                    hb.at_ms.div_euclid(1000)
+                ],
+            )
+        })?;
+        Ok(changed > 0)
+    }
+
+    /// Records a renewed host certificate's expiry; `false` if the node is no longer registered.
+    /// Bookkeeping, as heartbeats are.
+    pub fn record_renewal(&self, host_id: &str, cert_not_after: OffsetDateTime) -> Result<bool, StateError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let changed = self.write_own(|db| {
+            db.execute(
+                "UPDATE nodes SET cert_not_after = ?2, last_seen = ?3 WHERE host_id = ?1",
+                params![host_id, cert_not_after.unix_timestamp(), now],
+            )
+        })?;
+        Ok(changed > 0)
     }
 
     /// The node with this host id, if it is still registered.
@@ -597,23 +651,50 @@ impl State {
     pub fn nodes(&self) -> Result<Vec<Node>, StateError> {
         let db = self.db();
         let mut stmt = db.prepare(
-            "SELECT host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen
+            "SELECT host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen,
+                    hb_postgres_addr, hb_databases, hb_sessions, hb_version, hb_interval_ms, hb_at_ms
              FROM nodes ORDER BY node_index",
         )?;
         let rows = stmt.query_map([], |r| {
+            let heartbeat = match (r.get::<_, Option<i64>>(12)?, r.get::<_, Option<i64>>(13)?) {
+                (Some(interval), Some(at)) => Some((
+                    r.get::<_, Option<String>>(8)?.unwrap_or_default(),
+                    r.get::<_, Option<String>>(9)?.unwrap_or_else(|| "[]".into()),
+                    r.get::<_, Option<i64>>(10)?.unwrap_or_default(),
+                    r.get::<_, Option<String>>(11)?.unwrap_or_default(),
+                    interval,
+                    at,
+                )),
+                _ => None,
+            };
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, i64>(7)?,
+                (
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                ),
+                heartbeat,
             ))
         })?;
         rows.map(|row| {
-            let (host_id, index, name, role, labels, joined_at, cert_not_after, last_seen) = row?;
+            let ((host_id, index, name, role, labels, joined_at, cert_not_after, last_seen), heartbeat) = row?;
+            let corrupt = |e: std::num::TryFromIntError| StateError::Corrupt(e.to_string());
+            let heartbeat = match heartbeat {
+                Some((postgres_addr, databases, sessions, version, interval, at_ms)) => Some(NodeHeartbeat {
+                    postgres_addr,
+                    databases: serde_json::from_str(&databases)?,
+                    sessions: u32::try_from(sessions).map_err(corrupt)?,
+                    version,
+                    interval_ms: u64::try_from(interval).map_err(corrupt)?,
+                    at_ms,
+                }),
+                None => None,
+            };
             Ok(Node {
                 host_id,
                 node_index: u16::try_from(index).map_err(|e| StateError::Corrupt(e.to_string()))?,
@@ -623,6 +704,7 @@ impl State {
                 joined_at,
                 cert_not_after,
                 last_seen,
+                heartbeat,
             })
         })
         .collect()
@@ -1003,6 +1085,33 @@ fn migrate_discovered(conn: &mut Connection) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The heartbeat columns of `nodes` (nullable: a node that never heartbeated has none), added
+/// to a table created before heartbeats existed.
+const NODE_HEARTBEAT_COLUMNS: [(&str, &str); 6] = [
+    ("hb_postgres_addr", "TEXT"),
+    ("hb_databases", "TEXT"),
+    ("hb_sessions", "INTEGER"),
+    ("hb_version", "TEXT"),
+    ("hb_interval_ms", "INTEGER"),
+    ("hb_at_ms", "INTEGER"),
+];
+
+fn migrate_nodes(conn: &mut Connection) -> Result<(), StateError> {
+    // Immediate: the CLI and the daemon may open the same file at once.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let present: Vec<String> = tx
+        .prepare("SELECT name FROM pragma_table_info('nodes')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (column, kind) in NODE_HEARTBEAT_COLUMNS {
+        if !present.iter().any(|p| p == column) {
+            tx.execute_batch(&format!("ALTER TABLE nodes ADD COLUMN {column} {kind};"))?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 fn hash_password(password: &str) -> Result<String, StateError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
@@ -1166,6 +1275,45 @@ mod tests {
         // Opening again (the table is current now) changes nothing.
         let s = State::open(&dir).unwrap();
         assert_eq!(s.discovered().unwrap()[0].item.uid, "arn:aws:rds:r:1:db-proxy:prx-1");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn nodes_from_before_heartbeats_keep_working() {
+        let dir = std::env::temp_dir().join(format!("sluice-state-{}", random_secret(6)));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            // The S1 layout, with a joined node.
+            let conn = Connection::open(dir.join("sluice.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE nodes (host_id TEXT PRIMARY KEY, node_index INTEGER NOT NULL UNIQUE,
+                     name TEXT NOT NULL, role TEXT NOT NULL, labels TEXT NOT NULL, joined_at INTEGER NOT NULL,
+                     cert_not_after INTEGER NOT NULL, last_seen INTEGER NOT NULL);
+                 INSERT INTO nodes VALUES ('h1', 1, 'a', 'db', '{}', 10, 20, 10);",
+            )
+            .unwrap();
+        }
+        let s = State::open(&dir).unwrap();
+        let nodes = s.nodes().unwrap();
+        assert_eq!((nodes.len(), nodes[0].host_id.as_str(), nodes[0].heartbeat.clone()), (1, "h1", None));
+        let hb = NodeHeartbeat {
+            postgres_addr: "10.0.0.1:5433".into(),
+            databases: vec!["orders".into()],
+            sessions: 3,
+            version: "0.1.0".into(),
+            interval_ms: 10_000,
+            at_ms: 1_700_000_000_123,
+        };
+        assert!(s.record_heartbeat("h1", &hb).unwrap());
+        assert!(!s.record_heartbeat("gone", &hb).unwrap(), "an unknown node was updated");
+        let na = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        assert!(s.record_renewal("h1", na).unwrap());
+        assert!(!s.record_renewal("gone", na).unwrap());
+        drop(s);
+        // Opening again (the table is current now) changes nothing.
+        let node = State::open(&dir).unwrap().node("h1").unwrap().unwrap();
+        assert_eq!(node.heartbeat, Some(hb));
+        assert_eq!((node.last_seen >= 1_700_000_000, node.cert_not_after), (true, 1_800_000_000));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

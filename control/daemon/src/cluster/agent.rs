@@ -171,6 +171,7 @@ fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), AgentError> {
 }
 
 fn load(dir: &Path) -> Result<Joined, AgentError> {
+    super::renew::finish_interrupted(dir)?;
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read(&path).map_err(|source| AgentError::Io { path, source })

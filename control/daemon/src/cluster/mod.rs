@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 pub mod agent;
 pub mod audit_upload;
 pub mod client;
+pub mod heartbeat;
 pub mod hub;
+pub mod renew;
 pub mod server;
 pub mod view;
 pub mod watch;
@@ -89,3 +91,42 @@ pub struct AuditStored {
 
 /// Most events in one upload.
 pub const MAX_AUDIT_BATCH: usize = 1000;
+/// `POST /v1/renew`: an agent asks for a new host certificate over a new key pair, authenticated
+/// by its current one (no token). The answer is a [`JoinResponse`] for the same host id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub public_key_pem: String,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+}
+
+/// `POST /v1/heartbeat`: what an agent serves, every `db_service.heartbeat_interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// Where PostgreSQL clients reach this agent (`proxy_service.public_addr()`).
+    pub postgres_addr: String,
+    /// The databases it serves.
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// Its live sessions.
+    #[serde(default)]
+    pub sessions: u32,
+    #[serde(default)]
+    pub version: String,
+    /// How often it heartbeats: the auth server calls it offline after 1.5 times this.
+    pub interval_ms: u64,
+}
+
+/// The answer to a heartbeat: nothing yet (`{}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatResponse {}
+
+/// What the daemon reports in each heartbeat; the heartbeat task adds the version and interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeartbeatReport {
+    pub postgres_addr: String,
+    pub databases: Vec<String>,
+    pub sessions: u32,
+}

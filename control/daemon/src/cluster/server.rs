@@ -2,8 +2,9 @@
 //! bodies, served by axum over our own TLS accept loop (rustls with the ring provider, the same
 //! CA as every other listener). `POST /v1/join` needs no client certificate: an agent with a
 //! valid join token gets a host certificate over the key pair it generated. Every other call
-//! needs that host certificate ([`AgentIdentity`]): `POST /v1/watch` streams the policy the
-//! agent decides from, as NDJSON lines fed by the [`Hub`].
+//! needs that host certificate ([`AgentIdentity`]): `POST /v1/renew` and `/v1/heartbeat`
+//! (`cluster::renew`, `cluster::heartbeat`), `POST /v1/audit`, and `POST /v1/watch`, which
+//! streams the policy the agent decides from as NDJSON lines fed by the [`Hub`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -121,7 +122,7 @@ impl IntoResponse for JoinError {
     }
 }
 
-fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+pub(super) fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
     match serde_json::to_string(body) {
         Ok(text) => (status, [(header::CONTENT_TYPE, "application/json")], text).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -215,6 +216,8 @@ pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rus
         .route("/v1/join", post(join))
         .route("/v1/watch", post(watch))
         .route("/v1/audit", post(audit_upload))
+        .route("/v1/renew", post(super::renew::handle))
+        .route("/v1/heartbeat", post(super::heartbeat::handle))
         .with_state(ctx);
     let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<Peer>()).await;
     if let Err(e) = served {
@@ -373,10 +376,8 @@ fn admit(ctx: &ClusterContext, req: JoinRequest) -> Result<JoinResponse, JoinErr
     }
     // Refuse a bad key before a node index is taken for it.
     rcgen::SubjectPublicKeyInfo::from_pem(&req.public_key_pem).map_err(CaError::from)?;
-    let now = OffsetDateTime::now_utc();
-    let not_before = now - time::Duration::minutes(5);
-    let ttl = ctx.cfg.auth_service.host_cert_ttl;
-    let not_after = now + ttl;
+    let (not_before, not_after) =
+        super::renew::host_cert_validity(OffsetDateTime::now_utc(), ctx.cfg.auth_service.host_cert_ttl);
     let node = ctx.state.add_node(&req.node_name, DB_KIND, &req.labels, not_after)?;
     let cluster = ctx.cfg.auth_service.cluster_name.clone();
     let identity = HostIdentity {
@@ -395,7 +396,7 @@ fn admit(ctx: &ClusterContext, req: JoinRequest) -> Result<JoinResponse, JoinErr
             return Err(e.into());
         }
     };
-    let renew_after = now + ttl.mul_f64(2.0 / 3.0);
+    let renew_after = super::renew::renew_at(not_before, not_after);
     Ok(JoinResponse {
         host_id: node.host_id,
         node_index: node.node_index,

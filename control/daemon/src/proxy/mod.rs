@@ -116,6 +116,11 @@ impl ProxyContext {
         self.handed().iter().map(|(id, r)| (id.clone(), (r.fields.user.clone(), r.fields.db_service.clone()))).collect()
     }
 
+    /// Live sessions, in the data plane or relayed here.
+    pub fn session_count(&self) -> usize {
+        self.handed().len() + self.relayed().len()
+    }
+
     fn relayed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relayed>> {
         self.relayed.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,0 +1,262 @@
+//! Heartbeats: every `db_service.heartbeat_interval` an agent tells the auth server where it
+//! serves PostgreSQL, which databases and how many sessions ([`run`]); the auth server keeps the
+//! last one per node (`POST /v1/heartbeat`, [`handle`]) as bookkeeping that leaves the policy
+//! snapshot alone, and judges a node's health from its age ([`node_status`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State as Extract;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tracing::{debug, info, warn};
+
+use super::client::AuthClient;
+use super::server::{json_response, AgentIdentity, ClusterContext};
+use super::{ErrorBody, ErrorDetail, HeartbeatReport, HeartbeatRequest, HeartbeatResponse};
+use crate::state::{Node, NodeHeartbeat};
+
+/// Longest interval an agent may announce (and so the longest a dead one can look healthy).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Most database names one heartbeat may list, and the longest name or address in it.
+const MAX_DATABASES: usize = 10_000;
+const MAX_FIELD: usize = 512;
+
+/// Slack for scheduling and the network on top of 1.5 intervals before a node counts as offline.
+const SLACK_MS: u64 = 1000;
+
+/// How long one heartbeat call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A node's health as `control nodes ls` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Joined, and not heartbeated yet.
+    Joined,
+    /// Its last heartbeat is at most 1.5 of its intervals old (plus a second of slack).
+    Healthy,
+    /// Its heartbeats stopped.
+    Offline,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Joined => "joined",
+            NodeStatus::Healthy => "healthy",
+            NodeStatus::Offline => "offline",
+        }
+    }
+}
+
+/// The health rule: a node is healthy while its last heartbeat (at `at_ms`, announcing
+/// `interval_ms`) is no older than 1.5 intervals plus [`SLACK_MS`] at `now_ms`: one missed
+/// heartbeat is forgiven only as far as half an interval. All times are unix milliseconds.
+pub fn node_status(last: Option<(i64, u64)>, now_ms: i64) -> NodeStatus {
+    let Some((at_ms, interval_ms)) = last else { return NodeStatus::Joined };
+    let allowed = interval_ms.saturating_mul(3) / 2 + SLACK_MS;
+    let age = now_ms.saturating_sub(at_ms);
+    // A heartbeat from the future (clock steps) counts as fresh.
+    if age <= 0 || u64::try_from(age).unwrap_or(u64::MAX) <= allowed {
+        NodeStatus::Healthy
+    } else {
+        NodeStatus::Offline
+    }
+}
+
+/// [`node_status`] of a stored node.
+pub fn status_of(node: &Node, now_ms: i64) -> NodeStatus {
+    node_status(node.heartbeat.as_ref().map(|h| (h.at_ms, h.interval_ms)), now_ms)
+}
+
+pub fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+// ---- the auth server ----
+
+fn refuse(status: StatusCode, code: &str, message: String) -> Response {
+    json_response(status, &ErrorBody { error: ErrorDetail { code: code.to_owned(), message } })
+}
+
+/// Checks a heartbeat's fields; the reason it is refused, if it is.
+fn check(req: &HeartbeatRequest) -> Result<(), String> {
+    let max_ms = u64::try_from(MAX_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+    if req.interval_ms == 0 || req.interval_ms > max_ms {
+        return Err(format!("interval_ms must be between 1 and {}", MAX_INTERVAL.as_millis()));
+    }
+    if req.databases.len() > MAX_DATABASES {
+        return Err(format!("more than {MAX_DATABASES} databases"));
+    }
+    let mut fields = std::iter::once(&req.postgres_addr).chain([&req.version]).chain(&req.databases);
+    if let Some(field) = fields.find(|f| f.len() > MAX_FIELD) {
+        let head: String = field.chars().take(32).collect();
+        return Err(format!("a field is longer than {MAX_FIELD} bytes: {head:?}..."));
+    }
+    Ok(())
+}
+
+/// `POST /v1/heartbeat`.
+pub async fn handle(
+    Extract(ctx): Extract<Arc<ClusterContext>>,
+    AgentIdentity(host): AgentIdentity,
+    body: Bytes,
+) -> Response {
+    let req: HeartbeatRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("bad heartbeat: {e}")),
+    };
+    if let Err(why) = check(&req) {
+        return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("bad heartbeat: {why}"));
+    }
+    let hb = NodeHeartbeat {
+        postgres_addr: req.postgres_addr,
+        databases: req.databases,
+        sessions: req.sessions,
+        version: req.version,
+        interval_ms: req.interval_ms,
+        at_ms: now_ms(),
+    };
+    let state = ctx.state.clone();
+    let id = host.host_id.clone();
+    match tokio::task::spawn_blocking(move || state.record_heartbeat(&id, &hb)).await {
+        Ok(Ok(true)) => {
+            debug!(host_id = %host.host_id, "heartbeat");
+            json_response(StatusCode::OK, &HeartbeatResponse {})
+        }
+        // Removed after the identity was checked.
+        Ok(Ok(false)) => refuse(
+            StatusCode::FORBIDDEN,
+            "node_removed",
+            format!("node {} was removed from the cluster; join again with a new token", host.host_id),
+        ),
+        Ok(Err(e)) => {
+            warn!(host_id = %host.host_id, error = %e, "storing a heartbeat");
+            refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        }
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+// ---- the agent ----
+
+/// Sends a heartbeat every `interval`, the first at once, for as long as the agent runs; what
+/// it reports comes from `report` at each beat. A failure is logged (once per distinct reason,
+/// and again every minute while it lasts) and the beats go on.
+pub async fn run<F>(client: AuthClient, interval: Duration, report: F)
+where
+    F: Fn() -> HeartbeatReport + Send + Sync + 'static,
+{
+    let interval = interval.max(Duration::from_millis(1));
+    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing: Option<(String, tokio::time::Instant)> = None;
+    loop {
+        ticks.tick().await;
+        let HeartbeatReport { postgres_addr, databases, sessions } = report();
+        let req = HeartbeatRequest {
+            postgres_addr,
+            databases,
+            sessions,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            interval_ms,
+        };
+        let timeout = CALL_TIMEOUT.min(interval.max(Duration::from_secs(2)));
+        match client.post_json::<_, HeartbeatResponse>("/v1/heartbeat", &req, timeout).await {
+            Ok(_) => {
+                if failing.take().is_some() {
+                    info!(auth_server = %client.addr(), "heartbeats are accepted again");
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let repeat = failing
+                    .as_ref()
+                    .is_some_and(|(last, at)| *last == reason && at.elapsed() < Duration::from_secs(60));
+                if !repeat {
+                    warn!(
+                        auth_server = %client.addr(),
+                        error = %reason,
+                        code = super::renew::refusal_code(&e).unwrap_or("-"),
+                        "heartbeat failed"
+                    );
+                    failing = Some((reason, tokio::time::Instant::now()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_the_announced_interval() {
+        let now = 1_700_000_000_000;
+        assert_eq!(node_status(None, now), NodeStatus::Joined);
+        // 1 s interval: healthy up to 2.5 s, offline after.
+        assert_eq!(node_status(Some((now - 2500, 1000)), now), NodeStatus::Healthy);
+        assert_eq!(node_status(Some((now - 2501, 1000)), now), NodeStatus::Offline);
+        // 10 s interval: 16 s.
+        assert_eq!(node_status(Some((now - 16_000, 10_000)), now), NodeStatus::Healthy);
+        assert_eq!(node_status(Some((now - 16_001, 10_000)), now), NodeStatus::Offline);
+        assert_eq!(node_status(Some((now + 5000, 1000)), now), NodeStatus::Healthy, "clock step");
+        assert_eq!(node_status(Some((0, u64::MAX)), now), NodeStatus::Healthy, "no overflow");
+        assert_eq!(NodeStatus::Offline.as_str(), "offline");
+    }
+
+    #[test]
+    fn heartbeats_are_checked() {
+        let ok = HeartbeatRequest {
+            postgres_addr: "10.0.0.1:5433".into(),
+            databases: vec!["orders".into()],
+            sessions: 0,
+            version: "0.1.0".into(),
+            interval_ms: 10_000,
+        };
+        assert_eq!(check(&ok), Ok(()));
+        assert!(check(&HeartbeatRequest { interval_ms: 0, ..ok.clone() }).is_err());
+        assert!(check(&HeartbeatRequest { interval_ms: 3_600_001, ..ok.clone() }).is_err());
+        assert!(check(&HeartbeatRequest { databases: vec!["x".repeat(513)], ..ok.clone() }).is_err());
+        assert!(check(&HeartbeatRequest { postgres_addr: "é".repeat(300), ..ok }).is_err());
+    }
+
+    /// Heartbeats and renewals, written through the daemon's own handle, leave its policy
+    /// snapshot current: a cluster of agents heartbeating must not make every handshake re-read
+    /// the state.
+    #[test]
+    fn heartbeats_do_not_make_the_policy_stale() {
+        use crate::policy::PolicyStore;
+        use crate::state::State;
+        let dir = std::env::temp_dir().join(format!("sluice-hb-{}", crate::state::random_secret(6)));
+        let cfg: crate::config::Config = crate::config::from_yaml(&format!("data_dir: {}", dir.display())).unwrap();
+        let daemon = Arc::new(State::open(&dir).unwrap());
+        let node = daemon.add_node("a", "db", &Default::default(), OffsetDateTime::now_utc()).unwrap();
+        let store = PolicyStore::open(Arc::new(cfg), daemon.clone()).unwrap();
+        let (_, generation) = store.current().unwrap();
+        let hb = NodeHeartbeat {
+            postgres_addr: "127.0.0.1:5433".into(),
+            databases: Vec::new(),
+            sessions: 0,
+            version: String::new(),
+            interval_ms: 1000,
+            at_ms: now_ms(),
+        };
+        for _ in 0..5 {
+            assert!(daemon.record_heartbeat(&node.host_id, &hb).unwrap());
+        }
+        assert!(daemon.record_renewal(&node.host_id, OffsetDateTime::now_utc()).unwrap());
+        assert_eq!(store.fresh().map(|(_, g)| g), Some(generation), "a heartbeat made the snapshot stale");
+        // A change to the policy through the same handle still shows (the check can fail).
+        daemon.add_lock(Some("alice"), None, "", None).unwrap();
+        assert!(store.fresh().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
