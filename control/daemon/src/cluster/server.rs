@@ -568,3 +568,39 @@ async fn audit_upload(
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostIdentity {
+        HostIdentity {
+            v: 1,
+            host_id: "h1".into(),
+            node_name: "agent-a".into(),
+            node_index: 1,
+            role: DB_KIND.into(),
+            cluster: "sluice".into(),
+        }
+    }
+
+    #[test]
+    fn uploaded_events_are_checked_and_stamped_with_their_agent() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let ok = stamp(json!({ "event": "db.session.start", "event_id": id }), &host()).unwrap();
+        assert_eq!(ok["agent"], json!({ "host_id": "h1", "node": "agent-a" }));
+        // An agent cannot record events as another.
+        let forged = json!({ "event": "x", "event_id": id, "agent": { "host_id": "h2", "node": "b" } });
+        assert_eq!(stamp(forged, &host()).unwrap()["agent"]["host_id"], "h1");
+        for bad in [
+            json!("text"),
+            json!({ "event": "x" }),
+            json!({ "event": "x", "event_id": "short" }),
+            json!({ "event": "x", "event_id": "0123456789abcdef0123456789abcdeg" }),
+            json!({ "event_id": id }),
+            json!({ "event": 7, "event_id": id }),
+        ] {
+            assert!(stamp(bad.clone(), &host()).is_err(), "{bad}");
+        }
+    }
+}

@@ -36,6 +36,35 @@ pub enum WatchError {
     NoSnapshot,
 }
 
+/// Splits the stream's bytes into events, however they are chunked (sans-IO).
+#[derive(Default)]
+pub struct LineDecoder {
+    buf: Vec<u8>,
+}
+
+impl LineDecoder {
+    /// Takes the next chunk; the complete lines in it as events. A line that is not an event,
+    /// or longer than [`MAX_LINE`], is an error: the stream cannot be trusted past it.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<WatchEvent>, WatchError> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        let mut start = 0;
+        while let Some(len) = self.buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &self.buf[start..start + len];
+            start += len + 1;
+            if line.len() > MAX_LINE {
+                return Err(WatchError::BadLine(format!("a line longer than {MAX_LINE} bytes")));
+            }
+            events.push(serde_json::from_slice(line).map_err(|e| WatchError::BadLine(e.to_string()))?);
+        }
+        self.buf.drain(..start);
+        if self.buf.len() > MAX_LINE {
+            return Err(WatchError::BadLine(format!("a line longer than {MAX_LINE} bytes")));
+        }
+        Ok(events)
+    }
+}
+
 /// What the stream has built so far.
 struct Following {
     view: Option<ClusterView>,
@@ -101,7 +130,7 @@ async fn follow_once(client: &AuthClient, req: &WatchRequest, cfg: &Config, poli
         Err(e) => return e.into(),
     };
     let mut following = Following { view: None, rev: 0 };
-    let mut buf: Vec<u8> = Vec::new();
+    let mut lines = LineDecoder::default();
     loop {
         let chunk = match tokio::time::timeout(SILENCE_LIMIT, stream.chunk()).await {
             Err(_) => return WatchError::Silent,
@@ -109,14 +138,12 @@ async fn follow_once(client: &AuthClient, req: &WatchRequest, cfg: &Config, poli
             Ok(Ok(None)) => return WatchError::Ended,
             Ok(Ok(Some(chunk))) => chunk,
         };
-        buf.extend_from_slice(&chunk);
+        let events = match lines.feed(&chunk) {
+            Ok(events) => events,
+            Err(e) => return e,
+        };
         let mut changed = false;
-        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            let event: WatchEvent = match serde_json::from_slice(&line[..end]) {
-                Ok(e) => e,
-                Err(e) => return WatchError::BadLine(e.to_string()),
-            };
+        for event in events {
             let first = matches!(event, WatchEvent::Init { .. });
             match following.apply(event) {
                 Ok(c) => changed |= c,
@@ -135,9 +162,6 @@ async fn follow_once(client: &AuthClient, req: &WatchRequest, cfg: &Config, poli
                 }
             }
         }
-        if buf.len() > MAX_LINE {
-            return WatchError::BadLine(format!("a line longer than {MAX_LINE} bytes"));
-        }
         match (&following.view, changed) {
             (Some(view), true) => policy.replace(PolicyView::from_cluster(cfg, view)),
             _ => policy.touch(),
@@ -150,6 +174,58 @@ mod tests {
     use super::*;
     use crate::cluster::view::{WatchItem, WatchKind};
     use crate::state::User;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<WatchEvent> {
+        let mut view = ClusterView::default();
+        view.users.insert("alice".into(), User { name: "alice".into(), roles: vec!["dev".into()] });
+        vec![
+            WatchEvent::Init { rev: 1, view },
+            WatchEvent::Put { rev: 2, item: WatchItem::User(User { name: "bob".into(), roles: vec![] }) },
+            WatchEvent::Ping { rev: 2 },
+            WatchEvent::Delete { rev: 3, kind: WatchKind::User, name: "alice".into() },
+        ]
+    }
+
+    proptest! {
+        /// However the stream is cut into chunks, the same events come out.
+        #[test]
+        fn chunking_does_not_matter(cuts in proptest::collection::vec(0usize..400, 0..12)) {
+            let events = sample();
+            let mut bytes = Vec::new();
+            for e in &events {
+                bytes.extend(serde_json::to_vec(e).unwrap());
+                bytes.push(b'\n');
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut dec = LineDecoder::default();
+            let (mut got, mut at) = (Vec::new(), 0);
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                got.extend(dec.feed(&bytes[at..cut]).unwrap());
+                at = cut;
+            }
+            prop_assert_eq!(got, events);
+        }
+
+        /// Garbage is an error or nothing yet, never a panic; and what the decoder accepts the
+        /// follower applies without panicking.
+        #[test]
+        fn garbage_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let mut dec = LineDecoder::default();
+            let mut f = Following { view: None, rev: 0 };
+            for c in chunks {
+                match dec.feed(&c) {
+                    Ok(events) => {
+                        for e in events {
+                            let _ = f.apply(e);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
 
     #[test]
     fn changes_apply_in_order_after_the_snapshot_only() {
