@@ -176,7 +176,12 @@ impl AuditLog {
             }
         }
         if let Some(f) = file.as_mut() {
-            if let Err(e) = writeln!(f, "{record}") {
+            // One write(2) per line: formatting straight into the file issued one per fragment
+            // (hundreds per event), and an O_APPEND line written whole never interleaves with
+            // another writer's.
+            let mut line = record.to_string();
+            line.push('\n');
+            if let Err(e) = f.write_all(line.as_bytes()) {
                 tracing::error!(session_id = %session_id, error = %e, "appending audit event");
                 *file = None;
             }
