@@ -780,6 +780,22 @@ pub fn only_error(bytes: &[u8]) -> Result<BTreeMap<char, String>> {
     }
 }
 
+/// A dynamic database (`kind: db`, as `control db add` takes it) reaching the stack's demo
+/// database through the emulator, with `labels`: what the cluster tests' agents serve.
+pub fn shared_db(h: &Harness, name: &str, labels: &[(&str, &str)]) -> Result<sluice_control::config::DbResource> {
+    let spec = h.stack.control.config.db_service.databases.first().context("the stack has no database")?.spec.clone();
+    Ok(sluice_control::config::DbResource {
+        kind: "db".into(),
+        version: "v3".into(),
+        metadata: sluice_control::config::Metadata {
+            name: name.into(),
+            description: String::new(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        },
+        spec,
+    })
+}
+
 /// A `control` process with only an auth service to join, started on its own (no database, no
 /// data plane): the auth server of the cluster tests.
 pub fn start_auth(dir: &Path) -> Result<ControlProc> {

@@ -13,25 +13,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sluice_control::cluster::client::AuthClient;
 use sluice_control::cluster::{AuditStored, AuditUpload};
-use sluice_control::config::{DbResource, Metadata};
 use sluice_control::tls::ReloadableCert;
-use sluice_tests::{ca_pin, connect, http_get, join_token, wait_until, AgentProc, ClientCert, Harness};
+use sluice_tests::{ca_pin, connect, http_get, join_token, shared_db, wait_until, AgentProc, ClientCert, Harness};
 
 const START: Duration = Duration::from_secs(30);
 const MAX_STALENESS: Duration = Duration::from_secs(8);
-
-fn shared_db(h: &Harness, name: &str) -> DbResource {
-    DbResource {
-        kind: "db".into(),
-        version: "v3".into(),
-        metadata: Metadata {
-            name: name.into(),
-            description: String::new(),
-            labels: [("env".to_owned(), "dev".to_owned())].into_iter().collect(),
-        },
-        spec: h.stack.control.config.db_service.databases[0].spec.clone(),
-    }
-}
 
 async fn one_session(port: u16, h: &Harness, cert: &ClientCert) -> Result<i32> {
     let c = connect(port, "alice", "demo", h.tls(Some(cert))?).await?;
@@ -65,7 +51,7 @@ fn auth_event_counts(h: &Harness) -> Result<BTreeMap<String, usize>> {
 #[test]
 fn sessions_survive_the_auth_servers_absence_and_audit_arrives_once() -> Result<()> {
     let h = Harness::start("cluster-outage")?;
-    h.state.upsert_database(&shared_db(&h, "orders"))?;
+    h.state.upsert_database(&shared_db(&h, "orders", &[("env", "dev")])?)?;
     let token = join_token(&h.stack.control, "1h")?;
     let pin = ca_pin(&h.stack.control)?;
     let mut agent = AgentProc::configure(&h.stack.control, &h.dir.join("agent"), &token, &pin)?;

@@ -8,25 +8,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use sluice_control::config::{DbResource, Metadata};
 use sluice_control::state::State;
-use sluice_tests::{ca_pin, connect, join_token, scrape, wait_until, AgentProc, ClientCert, Harness};
+use sluice_tests::{ca_pin, connect, join_token, scrape, shared_db, wait_until, AgentProc, ClientCert, Harness};
 
 const START: Duration = Duration::from_secs(30);
-
-/// A dynamic database like the stack's demo database (the emulator's endpoint), labelled `env`.
-fn shared_db(h: &Harness, name: &str, env: &str) -> DbResource {
-    DbResource {
-        kind: "db".into(),
-        version: "v3".into(),
-        metadata: Metadata {
-            name: name.into(),
-            description: String::new(),
-            labels: [("env".to_owned(), env.to_owned())].into_iter().collect(),
-        },
-        spec: h.stack.control.config.db_service.databases[0].spec.clone(),
-    }
-}
 
 /// The agent's `sluice_state_statements_total{kind="read"}`.
 fn state_reads(url: &str) -> Result<u64> {
@@ -72,8 +57,8 @@ async fn ended_after(port: u16, h: &Harness, cert: &ClientCert, revoke: impl FnO
 #[test]
 fn an_agent_serves_from_the_auth_servers_policy_and_follows_its_changes() -> Result<()> {
     let h = Harness::start("cluster-serve")?;
-    h.state.upsert_database(&shared_db(&h, "orders", "dev"))?;
-    h.state.upsert_database(&shared_db(&h, "billing", "prod"))?;
+    h.state.upsert_database(&shared_db(&h, "orders", &[("env", "dev")])?)?;
+    h.state.upsert_database(&shared_db(&h, "billing", &[("env", "prod")])?)?;
     let token = join_token(&h.stack.control, "1h")?;
     let pin = ca_pin(&h.stack.control)?;
     let mut agent = AgentProc::configure(&h.stack.control, &h.dir.join("agent"), &token, &pin)?;

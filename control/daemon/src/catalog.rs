@@ -62,8 +62,9 @@ fn static_databases(cfg: &Config) -> Vec<Database> {
         .collect()
 }
 
-/// An agent's databases: its static ones, then those the auth server shared that one of its
-/// `db_service.resources` selectors matches (with that selector's AWS overrides).
+/// The databases a process serves: its static ones, then those of `shared` (its own state's, or
+/// what the auth server sent an agent) that one of its `db_service.resources` selectors matches,
+/// with that selector's AWS overrides.
 pub fn merge_shared<'a>(cfg: &Config, shared: impl IntoIterator<Item = &'a SharedDb>) -> Vec<Database> {
     let mut out = static_databases(cfg);
     for db in shared {
@@ -86,48 +87,34 @@ pub fn merge_shared<'a>(cfg: &Config, shared: impl IntoIterator<Item = &'a Share
     out
 }
 
-/// Every database served, static first; a dynamic resource never shadows a static one.
-pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateError> {
-    let mut out: Vec<Database> = static_databases(cfg);
+/// The dynamic resources (`control db add`), then the discovered ones under the names they are
+/// served by (unique against every static and dynamic name, served or not, so that a selector
+/// change does not rename them): what an auth server shares with its agents.
+pub fn shared_databases(cfg: &Config, state: &State) -> Result<Vec<SharedDb>, StateError> {
     let dynamic = state.databases()?;
-    // Every static and dynamic name, served or not, so that a selector change does not rename
-    // discovered databases.
-    let taken: BTreeSet<String> =
-        out.iter().map(|d| d.name.clone()).chain(dynamic.iter().map(|r| r.metadata.name.clone())).collect();
-    for res in dynamic {
-        if out.iter().any(|d| d.name == res.metadata.name) {
-            continue;
-        }
-        let Some(matcher) = matcher_for(cfg, &res.metadata.labels) else { continue };
-        let mut spec = res.spec.clone();
-        apply_override(&mut spec, matcher);
-        out.push(Database {
-            name: res.metadata.name.clone(),
-            description: res.metadata.description.clone(),
-            labels: res.metadata.labels.clone(),
-            spec,
-            origin: "dynamic",
-            stale: None,
-        });
-    }
+    let taken: BTreeSet<String> = cfg
+        .db_service
+        .databases
+        .iter()
+        .map(|d| d.name.clone())
+        .chain(dynamic.iter().map(|r| r.metadata.name.clone()))
+        .collect();
+    let mut out: Vec<SharedDb> =
+        dynamic.into_iter().map(|resource| SharedDb { resource, origin: "dynamic".into(), stale: None }).collect();
     let discovered = state.discovered()?;
     let names = crate::discovery::served_names(&discovered, &taken);
     for (row, name) in discovered.into_iter().zip(names) {
         let Some(name) = name else { continue };
-        let res = row.item.resource;
-        let Some(matcher) = matcher_for(cfg, &res.metadata.labels) else { continue };
-        let mut spec = res.spec;
-        apply_override(&mut spec, matcher);
-        out.push(Database {
-            name,
-            description: res.metadata.description,
-            labels: res.metadata.labels,
-            spec,
-            origin: "cloud",
-            stale: row.stale,
-        });
+        let mut resource = row.item.resource;
+        resource.metadata.name = name;
+        out.push(SharedDb { resource, origin: "cloud".into(), stale: row.stale });
     }
     Ok(out)
+}
+
+/// Every database served, static first; a dynamic resource never shadows a static one.
+pub fn databases(cfg: &Config, state: &State) -> Result<Vec<Database>, StateError> {
+    Ok(merge_shared(cfg, &shared_databases(cfg, state)?))
 }
 
 pub fn find(cfg: &Config, state: &State, name: &str) -> Result<Option<Database>, StateError> {

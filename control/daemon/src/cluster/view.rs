@@ -110,27 +110,10 @@ impl ClusterView {
     /// Reads what agents are sent (blocking: SQLite). Discovered databases get the names this
     /// auth server serves them under, so that every process calls a database the same.
     pub fn load(cfg: &Config, state: &State) -> Result<Self, StateError> {
-        let dynamic = state.databases()?;
-        let mut databases = BTreeMap::new();
-        for res in &dynamic {
-            let db = SharedDb { resource: res.clone(), origin: "dynamic".into(), stale: None };
-            databases.insert(res.metadata.name.clone(), db);
-        }
-        let taken: BTreeSet<String> = cfg
-            .db_service
-            .databases
-            .iter()
-            .map(|d| d.name.clone())
-            .chain(dynamic.iter().map(|r| r.metadata.name.clone()))
+        let databases = crate::catalog::shared_databases(cfg, state)?
+            .into_iter()
+            .map(|db| (db.resource.metadata.name.clone(), db))
             .collect();
-        let discovered = state.discovered()?;
-        let names = crate::discovery::served_names(&discovered, &taken);
-        for (row, name) in discovered.into_iter().zip(names) {
-            let Some(name) = name else { continue };
-            let mut resource = row.item.resource;
-            resource.metadata.name = name.clone();
-            databases.insert(name, SharedDb { resource, origin: "cloud".into(), stale: row.stale });
-        }
         Ok(ClusterView {
             users: state.users()?.into_iter().map(|u| (u.name.clone(), u)).collect(),
             roles: state.roles()?.into_iter().map(|r| (r.metadata.name.clone(), r)).collect(),
