@@ -14,7 +14,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sluice_control::cluster::client::AuthClient;
 use sluice_control::cluster::{AuditStored, AuditUpload};
 use sluice_control::tls::ReloadableCert;
-use sluice_tests::{ca_pin, connect, http_get, join_token, shared_db, wait_until, AgentProc, ClientCert, Harness};
+use sluice_tests::{
+    auth_control, ca_pin, connect, http_get, join_token, shared_db, wait_until, AgentProc, ClientCert, Harness,
+};
 
 const START: Duration = Duration::from_secs(30);
 const MAX_STALENESS: Duration = Duration::from_secs(8);
@@ -143,5 +145,17 @@ fn sessions_survive_the_auth_servers_absence_and_audit_arrives_once() -> Result<
         rt.block_on(client.post_json("/v1/audit", &AuditUpload { events: again.clone() }, Duration::from_secs(10)))?;
     assert_eq!((answer.stored, answer.duplicates), (0, again.len()));
     assert_eq!(auth_event_counts(&h)?, counts, "a second delivery changed the audit log");
+
+    // A removed node's watch is closed and cannot be reopened: its cached policy ages out.
+    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(identity.join("identity.json"))?)?;
+    let host_id = identity["host_id"].as_str().context("no host_id")?;
+    auth_control(&h.stack.control, &["nodes", "rm", host_id])?;
+    let removed = std::time::Instant::now();
+    let refused = wait_until(MAX_STALENESS + Duration::from_secs(10), "the removed agent to refuse sessions", || {
+        Ok(rt.block_on(one_session(agent.pg_port, &h, &cert)).err().map(|e| format!("{e:#}")))
+    })?;
+    eprintln!("[cluster-outage] removed agent refuses sessions {:?} after `nodes rm`", removed.elapsed());
+    assert!(refused.contains("max_policy_staleness"), "{refused}");
+    assert!(agent.log_text().contains("node_removed"), "the agent was not told why");
     Ok(())
 }

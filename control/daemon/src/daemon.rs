@@ -16,7 +16,6 @@ use crate::ca::CaError;
 use crate::cluster::client::AuthClient;
 use crate::cluster::hub::Hub;
 use crate::cluster::server::ClusterContext;
-use crate::cluster::ClusterView;
 use crate::config::{split_host_port, Config};
 use crate::iam::TokenMinter;
 use crate::metrics::{LiveSession, NotReady, Probe};
@@ -172,8 +171,7 @@ fn start_auth(
         "control is serving"
     );
     if let Some(listener) = cluster_listener {
-        let view = ClusterView::load(cfg, &state).map_err(DaemonError::Policy)?;
-        let hub = Hub::new(view);
+        let hub = Hub::load(cfg, &state).map_err(DaemonError::Policy)?;
         tasks.push(tokio::spawn(hub.clone().run(cfg.clone(), state.clone(), policy.clone())));
         let cluster_ctx = Arc::new(ClusterContext::new(cfg.clone(), state.clone(), ca.clone(), audit.clone(), hub));
         tasks.push(tokio::spawn(crate::cluster::server::serve(cluster_ctx, listener, cluster_tls)));

@@ -8,7 +8,9 @@
 //! between the two and gets none twice (Teleport's watchers wait for `OpInit` for the same
 //! reason). A stream that falls too far behind is closed; its agent reconnects and starts over.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -29,6 +31,17 @@ const BACKLOG: usize = 4096;
 pub struct Hub {
     inner: Mutex<Published>,
     tx: broadcast::Sender<Arc<(u64, Change)>>,
+    /// Loads of the state begun so far; a stream compares it with the load that produced
+    /// [`Hub::registered`], so that only a load begun after the stream opened can end it.
+    loads_begun: AtomicU64,
+    registered: RwLock<Registered>,
+}
+
+/// The agents registered in the state, as of one load.
+#[derive(Default)]
+struct Registered {
+    load: u64,
+    host_ids: HashSet<String>,
 }
 
 struct Published {
@@ -46,7 +59,43 @@ pub struct Subscription {
 impl Hub {
     pub fn new(view: ClusterView) -> Arc<Hub> {
         let (tx, _) = broadcast::channel(BACKLOG);
-        Arc::new(Hub { inner: Mutex::new(Published { rev: 1, view: Arc::new(view) }), tx })
+        Arc::new(Hub {
+            inner: Mutex::new(Published { rev: 1, view: Arc::new(view) }),
+            tx,
+            loads_begun: AtomicU64::new(0),
+            registered: RwLock::new(Registered::default()),
+        })
+    }
+
+    /// The hub for the state as it is now (blocking: SQLite).
+    pub fn load(cfg: &Config, state: &State) -> Result<Arc<Hub>, crate::state::StateError> {
+        let hub = Hub::new(ClusterView::load(cfg, state)?);
+        let load = hub.begin_load();
+        hub.set_registered(load, state.nodes()?.into_iter().map(|n| n.host_id).collect());
+        Ok(hub)
+    }
+
+    fn begin_load(&self) -> u64 {
+        self.loads_begun.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn set_registered(&self, load: u64, host_ids: HashSet<String>) {
+        let mut r = self.registered.write().unwrap_or_else(|p| p.into_inner());
+        if load > r.load {
+            *r = Registered { load, host_ids };
+        }
+    }
+
+    /// A mark to give [`Hub::removed`]: taken when a stream opens.
+    pub fn mark(&self) -> u64 {
+        self.loads_begun.load(Ordering::Acquire)
+    }
+
+    /// Whether a load of the state begun after `mark` found no node `host_id` (`control nodes
+    /// rm`): its watch stream must end, so that the agent stops following the cluster's policy.
+    pub fn removed(&self, host_id: &str, mark: u64) -> bool {
+        let r = self.registered.read().unwrap_or_else(|p| p.into_inner());
+        r.load > mark && !r.host_ids.contains(host_id)
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Published> {
@@ -92,9 +141,15 @@ impl Hub {
                 continue;
             }
             let (cfg2, state2) = (cfg.clone(), state.clone());
-            match tokio::task::spawn_blocking(move || ClusterView::load(&cfg2, &state2)).await {
-                Ok(Ok(view)) => {
+            let load = self.begin_load();
+            let read = move || -> Result<_, crate::state::StateError> {
+                let hosts: HashSet<String> = state2.nodes()?.into_iter().map(|n| n.host_id).collect();
+                Ok((ClusterView::load(&cfg2, &state2)?, hosts))
+            };
+            match tokio::task::spawn_blocking(read).await {
+                Ok(Ok((view, hosts))) => {
                     seen = Some(generation);
+                    self.set_registered(load, hosts);
                     let n = self.publish(view);
                     if n > 0 {
                         info!(changes = n, rev = self.rev(), "policy change sent to agents");
@@ -135,5 +190,24 @@ mod tests {
         assert_eq!(revs, [3, 4]);
         assert_eq!(got, v);
         assert_eq!(hub.publish(v), 0, "an unchanged view sends nothing");
+    }
+
+    #[test]
+    fn only_a_load_begun_after_a_stream_opened_can_end_it() {
+        let hub = Hub::new(ClusterView::default());
+        let first = hub.begin_load();
+        let mark = hub.mark();
+        // A load begun before the stream opened, finishing after, without the new node.
+        hub.set_registered(first, HashSet::new());
+        assert!(!hub.removed("h1", mark));
+        let next = hub.begin_load();
+        hub.set_registered(next, ["h1".to_owned()].into_iter().collect());
+        assert!(!hub.removed("h1", mark));
+        let after_rm = hub.begin_load();
+        hub.set_registered(after_rm, HashSet::new());
+        assert!(hub.removed("h1", mark));
+        // An older load finishing late changes nothing.
+        hub.set_registered(next, ["h1".to_owned()].into_iter().collect());
+        assert!(hub.removed("h1", mark));
     }
 }

@@ -422,11 +422,13 @@ async fn watch(
             return json_response(StatusCode::BAD_REQUEST, &ErrorBody { error: detail });
         }
     };
+    let mark = ctx.hub.mark();
     let sub = ctx.hub.subscribe();
     let (filter, first) = StreamFilter::start(req.selectors, &sub.view);
     info!(host_id = %host.host_id, node = %host.node_name, rev = sub.rev, databases = first.databases.len(), "agent is watching");
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(stream_changes(tx, sub.rev, first, filter, sub.changes, host));
+    let stream = WatchStream { hub: ctx.hub.clone(), mark, host, filter, changes: sub.changes };
+    tokio::spawn(stream.run(tx, sub.rev, first));
     match axum::http::Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(axum::body::Body::new(LineBody { rx }))
@@ -449,53 +451,64 @@ fn ndjson(event: &WatchEvent) -> Option<Bytes> {
     }
 }
 
-/// Feeds one stream until the agent goes away or falls too far behind.
-async fn stream_changes(
-    tx: mpsc::Sender<Bytes>,
-    rev: u64,
-    first: ClusterView,
-    mut filter: StreamFilter,
-    mut changes: tokio::sync::broadcast::Receiver<Arc<(u64, Change)>>,
+/// One agent's watch stream.
+struct WatchStream {
+    hub: Arc<Hub>,
+    /// [`Hub::mark`] when the stream opened.
+    mark: u64,
     host: HostIdentity,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    let Some(init) = ndjson(&WatchEvent::Init { rev, view: first }) else { return };
-    if tx.send(init).await.is_err() {
-        return;
-    }
-    let mut last = rev;
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.tick().await;
-    loop {
-        let line = tokio::select! {
-            change = changes.recv() => match change {
-                Ok(change) => {
-                    let (at, change) = &*change;
-                    if *at <= last {
-                        continue;
+    filter: StreamFilter,
+    changes: tokio::sync::broadcast::Receiver<Arc<(u64, Change)>>,
+}
+
+impl WatchStream {
+    /// Feeds the stream, from `first` at `rev`, until the agent goes away, falls too far behind, or
+    /// is removed from the cluster.
+    async fn run(self, tx: mpsc::Sender<Bytes>, rev: u64, first: ClusterView) {
+        use tokio::sync::broadcast::error::RecvError;
+        let WatchStream { hub, mark, host, mut filter, mut changes } = self;
+        let Some(init) = ndjson(&WatchEvent::Init { rev, view: first }) else { return };
+        if tx.send(init).await.is_err() {
+            return;
+        }
+        let mut last = rev;
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            let line = tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(change) => {
+                        let (at, change) = &*change;
+                        if *at <= last {
+                            continue;
+                        }
+                        last = *at;
+                        match filter.pass(change) {
+                            Some(out) => ndjson(&out.at(*at)),
+                            None => continue,
+                        }
                     }
-                    last = *at;
-                    match filter.pass(change) {
-                        Some(out) => ndjson(&out.at(*at)),
-                        None => continue,
+                    Err(RecvError::Lagged(missed)) => {
+                        warn!(host_id = %host.host_id, missed, "watch stream fell behind; closing it (the agent starts over)");
+                        return;
                     }
-                }
-                Err(RecvError::Lagged(missed)) => {
-                    warn!(host_id = %host.host_id, missed, "watch stream fell behind; closing it (the agent starts over)");
+                    Err(RecvError::Closed) => return,
+                },
+                _ = ping.tick() => ndjson(&WatchEvent::Ping { rev: last }),
+                _ = tx.closed() => {
+                    info!(host_id = %host.host_id, node = %host.node_name, "agent stopped watching");
                     return;
                 }
-                Err(RecvError::Closed) => return,
-            },
-            _ = ping.tick() => ndjson(&WatchEvent::Ping { rev: last }),
-            _ = tx.closed() => {
+            };
+            if hub.removed(&host.host_id, mark) {
+                warn!(host_id = %host.host_id, node = %host.node_name, "node removed from the cluster; closing its watch");
+                return;
+            }
+            let Some(line) = line else { continue };
+            if tx.send(line).await.is_err() {
                 info!(host_id = %host.host_id, node = %host.node_name, "agent stopped watching");
                 return;
             }
-        };
-        let Some(line) = line else { continue };
-        if tx.send(line).await.is_err() {
-            info!(host_id = %host.host_id, node = %host.node_name, "agent stopped watching");
-            return;
         }
     }
 }
