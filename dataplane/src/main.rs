@@ -12,6 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 use sluice_dataplane::counters::{Mode, SessionCounting};
 use sluice_dataplane::relay::{RelayOptions, SpliceIssue};
 use sluice_dataplane::server::{Predecessor, Server};
+use sluice_handoff::link::LinkError;
 
 #[derive(Parser)]
 #[command(name = "dataplane", version, about = "Sluice data plane: io_uring relay workers")]
@@ -49,6 +50,11 @@ struct Cli {
     /// restart without ending them), then serve the socket in its place; it exits.
     #[arg(long)]
     take_over: bool,
+    /// As --take-over when a data plane answers on --control-socket, else start afresh: what a
+    /// service manager runs, so that starting a new instance is an upgrade when one is running
+    /// and a plain start when none is.
+    #[arg(long, conflicts_with = "take_over")]
+    take_over_if_running: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -74,14 +80,30 @@ fn main() -> Result<()> {
     stop.thread_block().context("blocking signals")?;
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let instance = cli.instance.clone().unwrap_or_else(|| instance_name(&cli.control_socket));
-    let predecessor = match cli.take_over {
-        true => {
-            let p = Predecessor::connect(&cli.control_socket)
-                .with_context(|| format!("--take-over: no data plane answers on {}", cli.control_socket.display()))?;
-            tracing::info!(predecessor_pid = p.pid, "taking over the running data plane's sessions");
-            Some(p)
+    let predecessor = if cli.take_over {
+        let p = Predecessor::connect(&cli.control_socket)
+            .with_context(|| format!("--take-over: no data plane answers on {}", cli.control_socket.display()))?;
+        tracing::info!(predecessor_pid = p.pid, "taking over the running data plane's sessions");
+        Some(p)
+    } else if cli.take_over_if_running {
+        match Predecessor::connect(&cli.control_socket) {
+            Ok(p) => {
+                tracing::info!(predecessor_pid = p.pid, "taking over the running data plane's sessions");
+                Some(p)
+            }
+            // No socket, or a socket nobody listens on (left by a data plane that died).
+            Err(LinkError::Sys(nix::Error::ENOENT | nix::Error::ECONNREFUSED)) => {
+                tracing::info!("no data plane is running on the socket; starting afresh");
+                None
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("asking the data plane on {} for its sessions", cli.control_socket.display())
+                })
+            }
         }
-        false => None,
+    } else {
+        None
     };
     let counting = SessionCounting::start_opts(cli.counters, &instance, cli.bpf_cgroup.clone(), predecessor.is_some())?;
     let options = RelayOptions {

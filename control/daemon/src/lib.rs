@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod discovery;
+pub mod install;
 pub mod leg;
 pub mod limits;
 pub mod metrics;

@@ -63,6 +63,9 @@ enum Cmd {
     /// The agents that joined the cluster.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Install Sluice as a service.
+    #[command(subcommand)]
+    Install(InstallCmd),
     /// Recent audit events as JSON lines.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -117,6 +120,22 @@ enum TokensCmd {
         format: String,
     },
     Ls,
+}
+
+#[derive(Subcommand)]
+enum InstallCmd {
+    /// systemd units for control and its data plane, made from the config (--config): printed,
+    /// or written to --output DIR (e.g. /etc/systemd/system).
+    Systemd {
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Where `control` and `dataplane` are installed (default: this control's directory).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The cgroup v2 mount (default: /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -305,6 +324,75 @@ fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     sluice_control::config::from_yaml(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// `control install systemd`.
+fn install_systemd(
+    config: &Path,
+    output: Option<PathBuf>,
+    bin_dir: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
+) -> Result<()> {
+    use sluice_control::install;
+    let cfg = load_config(config)?;
+    let absolute = |p: &Path| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
+    let bin_dir = match bin_dir {
+        Some(d) => absolute(&d)?,
+        None => std::env::current_exe()?.parent().context("this binary has no directory")?.to_path_buf(),
+    };
+    let mut writable = Vec::new();
+    if let Some(local) = &cfg.proxy_service.local_socket {
+        writable.push(absolute(&local.dir)?);
+    }
+    if let Some(dir) = absolute(&cfg.audit_json_file())?.parent() {
+        writable.push(dir.to_path_buf());
+    }
+    let mut ports = vec![cfg.proxy_service.postgres_listen_addr.port()];
+    if cfg.auth_service.enabled {
+        ports.push(cfg.auth_service.listen_addr.port());
+        ports.extend(cfg.auth_service.cluster_listen_addr.map(|a| a.port()));
+    }
+    ports.extend(cfg.metrics.as_ref().map(|m| m.listen_addr.port()));
+    let options = install::UnitOptions {
+        control_bin: bin_dir.join("control"),
+        dataplane_bin: bin_dir.join("dataplane"),
+        config_path: absolute(config)?,
+        data_dir: absolute(&cfg.data_dir)?,
+        dataplane_socket: cfg.dataplane.as_ref().map(|d| absolute(&d.socket)).transpose()?,
+        writable,
+        cgroup_root: cgroup_root.unwrap_or_else(install::cgroup_root),
+        privileged_port: ports.iter().any(|p| *p < 1024),
+    };
+    let units = install::systemd_units(&options)?;
+    let Some(dir) = output else {
+        for (name, text) in &units {
+            println!("# ---- {name}\n{text}");
+        }
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in &units {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if cfg.dataplane.is_none() {
+        println!("(no data plane unit: the config has no dataplane section; control relays sessions itself)");
+    }
+    println!(
+        "Next: systemctl daemon-reload && systemctl enable --now {}{}",
+        if cfg.dataplane.is_some() { "sluice-dataplane@boot.service " } else { "" },
+        install::CONTROL_UNIT
+    );
+    if cfg.dataplane.is_some() {
+        println!(
+            "Upgrade without ending sessions: install the new binaries, then \
+             `systemctl start sluice-dataplane@$(date +%s).service` (it takes the sessions over; the old instance exits) \
+             and `systemctl restart {}`.",
+            install::CONTROL_UNIT
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Start { .. } | Cmd::Demo { .. }) {
@@ -320,6 +408,9 @@ fn main() -> Result<()> {
                 daemon::serve(cfg, bound, Some(cli.config.clone())).await?;
                 Ok::<_, anyhow::Error>(())
             })
+        }
+        Cmd::Install(InstallCmd::Systemd { output, bin_dir, cgroup_root }) => {
+            install_systemd(&cli.config, output, bin_dir, cgroup_root)
         }
         Cmd::Demo { dir } => {
             sluice_control::init_logging(false);
