@@ -1,7 +1,8 @@
 //! `sluice`: the user CLI, modelled on `tsh`. `login` authenticates against control's API and keeps
 //! a profile under `$SLUICE_HOME` (default `~/.sluice`); `db login` fetches a short-lived client
 //! certificate for one database route over a key pair generated here; `db env`/`db config`/
-//! `db connect` hand those files to stock libpq tools. `aws rds-token` prints an RDS IAM token.
+//! `db connect` hand those files to stock libpq tools; `proxy db --tunnel` serves them to clients
+//! that cannot use a certificate. `aws rds-token` prints an RDS IAM token.
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,8 @@ use sluice_api::addr::split_host_port;
 use sluice_api::api::{self, DbCertResponse, DbInfo, LoginResponse, Request};
 use sluice_api::iam::{generate_auth_token, CredentialSource, TokenMinter, TokenTarget};
 use sluice_api::private_fs;
+
+mod tunnel;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice client: log in and connect to databases through Sluice")]
@@ -44,8 +47,29 @@ enum Cmd {
     Status,
     #[command(subcommand)]
     Db(DbCmd),
+    /// Local proxies for clients that cannot present a certificate.
+    #[command(subcommand)]
+    Proxy(ProxyCmd),
     #[command(subcommand)]
     Aws(AwsCmd),
+}
+
+#[derive(Subcommand)]
+enum ProxyCmd {
+    /// A local plaintext listener (127.0.0.1, no password) that opens sessions to a database
+    /// through Sluice with your certificate, for GUI tools and drivers (`sluice db login` first).
+    Db {
+        name: String,
+        /// Required: the tunnel mode is the only one (as `tsh proxy db --tunnel`).
+        #[arg(long)]
+        tunnel: bool,
+        /// Port on 127.0.0.1 (default: any free one, printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Listen on this Unix socket (0600) instead of TCP.
+        #[arg(long, conflicts_with = "port")]
+        socket: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,6 +164,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     private_fs::write_private(path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
+#[derive(Clone)]
 struct Paths {
     home: PathBuf,
 }
@@ -363,6 +388,16 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("running psql: {err}");
             }
         },
+        Cmd::Proxy(ProxyCmd::Db { name, tunnel, port, socket }) => {
+            if !tunnel {
+                bail!("only the tunnel mode exists: add --tunnel");
+            }
+            let listen = match socket {
+                Some(path) => tunnel::Listen::Unix(path),
+                None => tunnel::Listen::Tcp(port),
+            };
+            tunnel::run(p.clone(), name, listen).await?;
+        }
         Cmd::Aws(AwsCmd::RdsToken { host, port, user, region, assume_role_arn, external_id }) => {
             let source = CredentialSource { region: region.clone(), assume_role_arn, external_id };
             let creds = TokenMinter::new().credentials(&source).await?;
