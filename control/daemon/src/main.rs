@@ -89,7 +89,10 @@ enum UsersCmd {
         #[arg(long, value_delimiter = ',')]
         set_roles: Vec<String>,
     },
-    Ls,
+    Ls {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     Rm {
         name: String,
     },
@@ -102,7 +105,11 @@ enum RolesCmd {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
-    Ls,
+    /// The roles (text: YAML documents, as `roles create` takes them).
+    Ls {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     Rm {
         name: String,
     },
@@ -119,7 +126,47 @@ enum TokensCmd {
         #[arg(long, default_value = "text")]
         format: String,
     },
-    Ls,
+    /// Join tokens (their kind and expiry; the secret is shown only when created).
+    Ls {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+/// How a list is printed: a table for people, JSON (one array) for scripts.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn print_json<T: serde::Serialize>(rows: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(rows)?);
+    Ok(())
+}
+
+/// Unix seconds as RFC 3339 (UTC).
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// How long until (or since) `unix`, for people: "in 59m", "3h ago".
+fn relative(unix: i64) -> String {
+    let delta = unix - time::OffsetDateTime::now_utc().unix_timestamp();
+    let span = |s: i64| match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    };
+    if delta >= 0 {
+        format!("in {}", span(delta))
+    } else {
+        format!("{} ago", span(-delta))
+    }
 }
 
 #[derive(Subcommand)]
@@ -233,7 +280,10 @@ enum LocksCmd {
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
     },
-    Ls,
+    Ls {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     Rm {
         id: String,
     },
@@ -247,7 +297,10 @@ enum DbCmd {
         file: PathBuf,
     },
     /// The databases this control serves (static, matching dynamic and discovered ones).
-    Ls,
+    Ls {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     #[command(subcommand)]
     Configure(DbConfigureCmd),
     Rm {
@@ -469,9 +522,13 @@ fn main() -> Result<()> {
                     state.update_user_roles(&name, &set_roles)?;
                     println!("User {name:?} now has roles {set_roles:?}.");
                 }
-                UsersCmd::Ls => {
+                UsersCmd::Ls { format } => {
+                    let users = state.users()?;
+                    if format == Format::Json {
+                        return print_json(&users);
+                    }
                     println!("{:<24} Roles", "User");
-                    for u in state.users()? {
+                    for u in users {
                         println!("{:<24} {}", u.name, u.roles.join(","));
                     }
                 }
@@ -492,8 +549,12 @@ fn main() -> Result<()> {
                     state.upsert_role(&role)?;
                     println!("role {:?} has been created", role.metadata.name);
                 }
-                RolesCmd::Ls => {
-                    for r in state.roles()? {
+                RolesCmd::Ls { format } => {
+                    let roles = state.roles()?;
+                    if format == Format::Json {
+                        return print_json(&roles);
+                    }
+                    for r in roles {
                         println!("{}", serde_saphyr::to_string(&r)?);
                         println!("---");
                     }
@@ -523,10 +584,19 @@ fn main() -> Result<()> {
                         other => bail!("unknown format {other:?} (text or json)"),
                     }
                 }
-                TokensCmd::Ls => {
-                    println!("{:<6} Expires (unix)", "Type");
-                    for t in state.tokens()? {
-                        println!("{:<6} {}", t.kind, t.expires_at.unix_timestamp());
+                TokensCmd::Ls { format } => {
+                    let tokens = state.tokens()?;
+                    if format == Format::Json {
+                        let rows: Vec<_> = tokens
+                            .iter()
+                            .map(|t| serde_json::json!({ "type": t.kind, "expires": rfc3339(t.expires_at.unix_timestamp()) }))
+                            .collect();
+                        return print_json(&rows);
+                    }
+                    println!("{:<6} {:<26} In", "Type", "Expires");
+                    for t in tokens {
+                        let at = t.expires_at.unix_timestamp();
+                        println!("{:<6} {:<26} {}", t.kind, rfc3339(at), relative(at));
                     }
                 }
             }
@@ -627,9 +697,13 @@ fn main() -> Result<()> {
                     state.upsert_database(&db)?;
                     println!("db {:?} has been created", db.metadata.name);
                 }
-                DbCmd::Ls => {
+                DbCmd::Ls { format } => {
+                    let dbs = catalog::databases(&cfg, &state)?;
+                    if format == Format::Json {
+                        return print_json(&dbs);
+                    }
                     println!("{:<28} {:<8} {:<60} Labels", "Name", "Origin", "URI");
-                    for d in catalog::databases(&cfg, &state)? {
+                    for d in dbs {
                         let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         let stale = d.stale.as_ref().map(|why| format!(" [stale: {why}]")).unwrap_or_default();
                         println!("{:<28} {:<8} {:<60} {}{stale}", d.name, d.origin, d.spec.uri, labels.join(","));
@@ -720,15 +794,26 @@ fn main() -> Result<()> {
             println!("lock {} created", lock.id);
             Ok(())
         }
-        Cmd::Locks(LocksCmd::Ls) => {
+        Cmd::Locks(LocksCmd::Ls { format }) => {
             let cfg = load_config(&cli.config)?;
             let state = open_state(&cfg)?;
-            println!("{:<10} {:<16} {:<20} {:<22} Message", "ID", "User", "Database", "Expires (unix)");
-            for l in state.active_locks()? {
-                let expires = l.expires_at.map(|t| t.to_string()).unwrap_or_else(|| "never".into());
+            let locks = state.active_locks()?;
+            if format == Format::Json {
+                let rows: Vec<_> = locks
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({ "id": l.id, "user": l.user, "db": l.db, "message": l.message,
+                            "expires": l.expires_at.map(rfc3339), "created": rfc3339(l.created_at) })
+                    })
+                    .collect();
+                return print_json(&rows);
+            }
+            println!("{:<10} {:<16} {:<20} {:<26} Message", "ID", "User", "Database", "Expires");
+            for l in locks {
+                let expires = l.expires_at.map(rfc3339).unwrap_or_else(|| "never".into());
                 let any = || "*".to_owned();
                 println!(
-                    "{:<10} {:<16} {:<20} {:<22} {}",
+                    "{:<10} {:<16} {:<20} {:<26} {}",
                     l.id,
                     l.user.unwrap_or_else(any),
                     l.db.unwrap_or_else(any),
@@ -952,4 +1037,19 @@ fn run_demo(dir: &Path) -> Result<()> {
     println!("stopping the demo");
     drop(stack);
     Ok(())
+}
+
+#[cfg(test)]
+mod list_tests {
+    use super::*;
+
+    #[test]
+    fn list_times_read_as_dates_and_spans() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_764_547_200), "2025-12-01T00:00:00Z");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert_eq!(relative(now + 3600 + 30), "in 60m");
+        assert_eq!(relative(now - 3 * 86_400), "3d ago");
+        assert!(relative(now + 30).starts_with("in "));
+    }
 }
