@@ -24,14 +24,14 @@ impl Drop for Tunnel {
     }
 }
 
-/// Starts the tunnel; its port, from the line it prints.
-fn start_tunnel(h: &Harness, db: &str) -> Result<(Tunnel, u16)> {
+/// Starts the tunnel (its stderr to `log`); its port, from the line it prints.
+fn start_tunnel(h: &Harness, db: &str, log: &std::path::Path) -> Result<(Tunnel, u16)> {
     let mut child = Command::new(find_bin("sluice")?)
         .args(["proxy", "db", "--tunnel", db])
         .env("SLUICE_HOME", &h.home)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(log)?)
         .spawn()?;
     let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
     let mut line = String::new();
@@ -42,14 +42,9 @@ fn start_tunnel(h: &Harness, db: &str) -> Result<(Tunnel, u16)> {
     Ok((tunnel, port))
 }
 
-#[test]
-fn plaintext_clients_reach_the_database_through_the_tunnel() -> Result<()> {
-    let h = Harness::start("tunnel")?;
-    h.login_demo()?;
-    let (_tunnel, port) = start_tunnel(&h, "demo")?;
-
-    // psql with no certificate, no TLS, no password.
-    let env: Vec<(String, String)> = [
+/// psql's environment for the tunnel: plaintext, no password.
+fn tunnel_env(port: u16) -> Vec<(String, String)> {
+    [
         ("PGHOST", "127.0.0.1".to_owned()),
         ("PGPORT", port.to_string()),
         ("PGUSER", "alice".to_owned()),
@@ -58,7 +53,37 @@ fn plaintext_clients_reach_the_database_through_the_tunnel() -> Result<()> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    .collect()
+}
+
+/// With `auth_service.db_cert_ttl` shorter than the login, the tunnel fetches a new database
+/// certificate when the one it has is about to expire, and sessions go on opening.
+#[test]
+fn the_tunnel_renews_the_certificate_within_the_login() -> Result<()> {
+    let mut h = Harness::start("tunnel-renew")?;
+    h.restart_control(|c| c.auth_service.db_cert_ttl = Some(Duration::from_secs(3)))?;
+    h.login_demo()?;
+    let first = std::fs::read_to_string(h.home.join("db/demo.crt"))?;
+    let log = h.dir.join("tunnel.log");
+    let (_tunnel, port) = start_tunnel(&h, "demo", &log)?;
+    assert_eq!(psql_query(&tunnel_env(port), "select 1")?.trim(), "1");
+    // Past the first certificate's expiry (and the one fetched for that session).
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(psql_query(&tunnel_env(port), "select 2")?.trim(), "2");
+    let renewals = std::fs::read_to_string(&log)?.matches("fetched a new certificate").count();
+    assert!(renewals >= 2, "{}", std::fs::read_to_string(&log)?);
+    assert_ne!(std::fs::read_to_string(h.home.join("db/demo.crt"))?, first, "the certificate file was not replaced");
+    Ok(())
+}
+
+#[test]
+fn plaintext_clients_reach_the_database_through_the_tunnel() -> Result<()> {
+    let h = Harness::start("tunnel")?;
+    h.login_demo()?;
+    let (_tunnel, port) = start_tunnel(&h, "demo", &h.dir.join("tunnel.log"))?;
+
+    // psql with no certificate, no TLS, no password.
+    let env = tunnel_env(port);
     assert_eq!(psql_query(&env, "select 40 + 2")?.trim(), "42");
     // libpq's default sslmode=prefer asks for TLS first and takes the `N`.
     let prefer: Vec<(String, String)> = env.iter().filter(|(k, _)| k != "PGSSLMODE").cloned().collect();

@@ -269,6 +269,11 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
             let identity =
                 Identity { v: 1, user: user.name.clone(), route: Some(DbRoute { service: db, db_user, db_name }) };
             let now = OffsetDateTime::now_utc();
+            // Within the login, and no longer than auth_service.db_cert_ttl where set.
+            let expires = match ctx.cfg.auth_service.db_cert_ttl {
+                Some(ttl) => expires.min(now + ttl),
+                None => expires,
+            };
             let cert_pem =
                 ctx.ca.issue_client(&identity, &public_key_pem, now - time::Duration::minutes(1), expires)?;
             info!(user = %user.name, db = %d.name, "database certificate issued");

@@ -128,6 +128,10 @@ pub struct AuthService {
     /// How long a `sluice login` lasts (and so the database certificates issued under it).
     #[serde(default = "default_session_ttl", with = "duration_str")]
     pub session_ttl: Duration,
+    /// Database certificates last this long at most, within the login (`sluice proxy db --tunnel`
+    /// fetches new ones as they expire); unset, as long as the login.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "option_duration_str")]
+    pub db_cert_ttl: Option<Duration>,
     /// Concurrent connections and unfinished requests on the API listener, in all and per source.
     #[serde(default)]
     pub limits: crate::limits::ConnectionLimits,
@@ -147,6 +151,7 @@ impl Default for AuthService {
             cluster_name: default_cluster_name(),
             listen_addr: default_auth_addr(),
             session_ttl: default_session_ttl(),
+            db_cert_ttl: None,
             limits: Default::default(),
             cluster_listen_addr: None,
             host_cert_ttl: default_host_cert_ttl(),
@@ -674,6 +679,25 @@ mod duration_str {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod option_duration_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) => super::parse_duration(&s).map(Some).map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
     }
 }
 
