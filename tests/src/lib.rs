@@ -421,6 +421,41 @@ pub fn http_get(addr: &str, path: &str) -> Result<HttpResponse> {
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text).with_context(|| format!("reading the answer to GET {path}"))?;
+    parse_http_response(&text)
+}
+
+/// One HTTP/1.1 exchange over TLS trusting `ca_pem` (`Connection: close`): the web console's
+/// tests. `headers` are sent as given (e.g. a `Cookie`).
+pub fn https_request(
+    addr: &str,
+    ca_pem: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<HttpResponse> {
+    let tls = client_config_from_pem(ca_pem, None)?;
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).to_owned();
+    let conn = rustls::ClientConnection::new(Arc::new(tls), rustls_pki_types::ServerName::try_from(host)?)?;
+    let tcp = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    s.flush()?;
+    let mut raw = Vec::new();
+    // A server that closes without close_notify still sent a whole answer (Content-Length).
+    let _ = s.read_to_end(&mut raw);
+    parse_http_response(&String::from_utf8_lossy(&raw))
+}
+
+fn parse_http_response(text: &str) -> Result<HttpResponse> {
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no end of headers: {text:?}"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();

@@ -139,6 +139,9 @@ pub struct AuthService {
     /// off unless set (3026 by convention), so a single-process Sluice opens no port it does not use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_listen_addr: Option<SocketAddr>,
+    /// HTTPS listener of the web console (off unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_listen_addr: Option<SocketAddr>,
     /// Lifetime of the host certificates issued to agents.
     #[serde(default = "default_host_cert_ttl", with = "duration_str")]
     pub host_cert_ttl: Duration,
@@ -154,6 +157,7 @@ impl Default for AuthService {
             db_cert_ttl: None,
             limits: Default::default(),
             cluster_listen_addr: None,
+            web_listen_addr: None,
             host_cert_ttl: default_host_cert_ttl(),
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::api::{self, ApiContext};
 use crate::audit::AuditLog;
@@ -82,27 +82,33 @@ pub struct Bound {
     /// The client API and the cluster API: only where the auth service runs.
     pub api: Option<TcpListener>,
     pub cluster: Option<TcpListener>,
+    /// The web console: only where the auth service runs, when configured.
+    pub web: Option<TcpListener>,
     pub metrics: Option<TcpListener>,
 }
 
 pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
     let postgres = bind_one("postgres", cfg.proxy_service.postgres_listen_addr).await?;
-    let (api, cluster) = if cfg.auth_service.enabled {
+    let (api, cluster, web) = if cfg.auth_service.enabled {
         (
             Some(bind_one("api", cfg.auth_service.listen_addr).await?),
             match cfg.auth_service.cluster_listen_addr {
                 Some(addr) => Some(bind_one("cluster", addr).await?),
                 None => None,
             },
+            match cfg.auth_service.web_listen_addr {
+                Some(addr) => Some(bind_one("web console", addr).await?),
+                None => None,
+            },
         )
     } else {
-        (None, None)
+        (None, None, None)
     };
     let metrics = match &cfg.metrics {
         Some(m) => Some(bind_one("metrics", m.listen_addr).await?),
         None => None,
     };
-    Ok(Bound { postgres, api, cluster, metrics })
+    Ok(Bound { postgres, api, cluster, web, metrics })
 }
 
 /// Serves until SIGINT/SIGTERM. With `config_path`, discovery follows changes to the file's
@@ -114,7 +120,8 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
         start_agent(&cfg, &bound, &mut tasks).await?
     } else {
         let postgres = bound.postgres.local_addr()?;
-        start_auth(&cfg, postgres, bound.api, bound.cluster, config_path, &mut tasks)?
+        let listeners = AuthListeners { api: bound.api, cluster: bound.cluster, web: bound.web };
+        start_auth(&cfg, postgres, listeners, config_path, &mut tasks)?
     };
     if let Some(dp) = &cfg.dataplane {
         let client = crate::dataplane::DataplaneClient::start(dp.socket.clone(), proxy_ctx.clone());
@@ -141,11 +148,17 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
 
 /// The auth server (and, in one process, the proxy and database services): the state, the
 /// CA, the client and cluster APIs, discovery, and the policy read from the state.
+/// The auth service's listeners, as bound.
+struct AuthListeners {
+    api: Option<TcpListener>,
+    cluster: Option<TcpListener>,
+    web: Option<TcpListener>,
+}
+
 fn start_auth(
     cfg: &Arc<Config>,
     postgres: std::net::SocketAddr,
-    api_listener: Option<TcpListener>,
-    cluster_listener: Option<TcpListener>,
+    listeners: AuthListeners,
     config_path: Option<std::path::PathBuf>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<Arc<ProxyContext>, DaemonError> {
@@ -160,6 +173,7 @@ fn start_auth(
     let minter = Arc::new(TokenMinter::new());
     tasks.push(tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path)));
     let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).map_err(DaemonError::Policy)?);
+    let AuthListeners { api: api_listener, cluster: cluster_listener, web: web_listener } = listeners;
     let Some(api_listener) = api_listener else {
         return Err(DaemonError::Io(std::io::Error::other("the auth service's listener was not bound")));
     };
@@ -167,6 +181,7 @@ fn start_auth(
         postgres = %postgres,
         api = %api_listener.local_addr()?,
         cluster_api = ?cluster_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        web_console = ?web_listener.as_ref().and_then(|l| l.local_addr().ok()),
         cluster = %cfg.auth_service.cluster_name,
         "control is serving"
     );
@@ -177,8 +192,13 @@ fn start_auth(
         tasks.push(tokio::spawn(crate::cluster::server::serve(cluster_ctx, listener, cluster_tls)));
     }
     let api_ctx = Arc::new(ApiContext::new(cfg.clone(), state.clone(), ca));
-    tasks.push(tokio::spawn(api::serve(api_ctx, api_listener, api_tls)));
-    Ok(Arc::new(ProxyContext::new(cfg.clone(), state, policy, audit, minter, pg_tls)))
+    tasks.push(tokio::spawn(api::serve(api_ctx, api_listener, api_tls.clone())));
+    let proxy = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), policy, audit.clone(), minter, pg_tls));
+    if let Some(listener) = web_listener {
+        let web = Arc::new(crate::web::WebContext::new(cfg.clone(), state, proxy.clone(), audit));
+        tasks.push(tokio::spawn(crate::web::serve(web, listener, api_tls)));
+    }
+    Ok(proxy)
 }
 
 /// An agent: no cluster state, no CA key, no client API, no discovery. It joins (or loads the
@@ -238,27 +258,7 @@ struct ProxyProbe {
 
 impl Probe for ProxyProbe {
     async fn live_sessions(&self) -> (Vec<LiveSession>, Option<bool>) {
-        let Some(dp) = self.ctx.dataplane.get() else { return (Vec::new(), None) };
-        if !dp.connected() {
-            return (Vec::new(), Some(false));
-        }
-        let stats = match dp.stats().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "asking the dataplane for live counters");
-                return (Vec::new(), Some(true));
-            }
-        };
-        // The data plane knows sessions by id; control knows their user and database.
-        let known = self.ctx.handed_sessions();
-        let live = stats
-            .into_iter()
-            .map(|stats| {
-                let (user, db) = known.get(&stats.session_id).cloned().unwrap_or_default();
-                LiveSession { stats, user, db }
-            })
-            .collect();
-        (live, Some(true))
+        self.ctx.live_stats().await
     }
 
     fn readiness(&self) -> Result<(), NotReady> {

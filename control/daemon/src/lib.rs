@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod discovery;
+pub mod https;
 pub mod install;
 pub mod leg;
 pub mod limits;
@@ -27,6 +28,7 @@ pub mod state;
 pub mod tls;
 pub mod troubleshoot;
 pub mod upstream;
+pub mod web;
 
 // Shared with the `sluice` CLI; re-exported so control reads them where it always did.
 pub use sluice_api::{iam, private_fs};

@@ -46,6 +46,10 @@ pub struct RoleSpec {
     /// What sessions of this role may ask for beyond a plain connection.
     #[serde(default, skip_serializing_if = "DbOptions::is_default")]
     pub db_options: DbOptions,
+    /// Holders administer Sluice in the web console: watch and end live sessions, manage locks,
+    /// read the audit log.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]

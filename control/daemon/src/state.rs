@@ -260,6 +260,18 @@ pub struct TokenInfo {
     pub expires_at: OffsetDateTime,
 }
 
+/// What [`State::audit_query`] selects; `None` matches anything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub user: Option<String>,
+    pub db: Option<String>,
+    pub event: Option<String>,
+    /// RFC 3339 (or a prefix of one, such as a date): rows at or after it.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub limit: usize,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AuditRow {
     pub id: i64,
@@ -925,6 +937,36 @@ impl State {
     /// Drops audit rows up to `id`, once the auth server has stored them (an agent's spool).
     pub fn delete_audit_through(&self, id: i64) -> Result<usize, StateError> {
         self.write_own(|db| db.execute("DELETE FROM audit WHERE id <= ?1", params![id]))
+    }
+
+    /// The newest audit rows matching `filter`, oldest first. Times compare as RFC 3339 text
+    /// (every row's `time` is UTC with a `Z`), so a date alone (`2026-12-01`) works as a bound.
+    pub fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT id, time, event, session_id, user, db, success, data FROM audit
+             WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR db = ?2) AND (?3 IS NULL OR event = ?3)
+               AND (?4 IS NULL OR time >= ?4) AND (?5 IS NULL OR time <= ?5)
+             ORDER BY id DESC LIMIT ?6",
+        )?;
+        let rows = stmt.query_map(
+            params![filter.user, filter.db, filter.event, filter.since, filter.until, filter.limit as i64],
+            |r| {
+                Ok(AuditRow {
+                    id: r.get(0)?,
+                    time: r.get(1)?,
+                    event: r.get(2)?,
+                    session_id: r.get(3)?,
+                    user: r.get(4)?,
+                    db: r.get(5)?,
+                    success: r.get(6)?,
+                    data: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or(serde_json::Value::Null),
+                })
+            },
+        )?;
+        let mut out: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
     }
 
     pub fn audit_events(&self, limit: usize) -> Result<Vec<AuditRow>, StateError> {

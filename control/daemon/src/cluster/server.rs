@@ -6,7 +6,7 @@
 //! (`cluster::renew`, `cluster::heartbeat`), `POST /v1/audit`, and `POST /v1/watch`, which
 //! streams the policy the agent decides from as NDJSON lines fed by the [`Hub`].
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -22,8 +22,7 @@ use axum::Router;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -36,11 +35,9 @@ use super::{
 use crate::audit::{AuditLog, CLUSTER_JOIN};
 use crate::ca::{CaError, CertAuthority, HostIdentity};
 use crate::config::{validate_name, Config};
-use crate::limits::{ConnLimiter, ConnPermit, LoginThrottle};
+use crate::https::TlsListener;
+use crate::limits::{ConnLimiter, LoginThrottle};
 use crate::state::{State, StateError, TokenCheck};
-
-/// A client must finish its TLS handshake within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers need.
 pub struct ClusterContext {
@@ -141,9 +138,6 @@ impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
         let host = stream
             .io()
-            .tls
-            .get_ref()
-            .1
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(|leaf| crate::ca::host_identity_from_cert(leaf).ok());
@@ -210,8 +204,7 @@ pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rus
         }
     };
     let limiter = ConnLimiter::new(ctx.cfg.auth_service.limits);
-    let (tx, rx) = mpsc::channel(64);
-    let accept = tokio::spawn(accept_tls(listener, tls, limiter, tx));
+    let (incoming, accept) = TlsListener::start(listener, local, tls, limiter, "cluster API");
     let app = Router::new()
         .route("/v1/join", post(join))
         .route("/v1/watch", post(watch))
@@ -219,97 +212,11 @@ pub async fn serve(ctx: Arc<ClusterContext>, listener: TcpListener, tls: Arc<rus
         .route("/v1/renew", post(super::renew::handle))
         .route("/v1/heartbeat", post(super::heartbeat::handle))
         .with_state(ctx);
-    let served = axum::serve(TlsListener { rx, local }, app.into_make_service_with_connect_info::<Peer>()).await;
+    let served = axum::serve(incoming, app.into_make_service_with_connect_info::<Peer>()).await;
     if let Err(e) = served {
         warn!(error = %e, "cluster API stopped");
     }
     accept.abort();
-}
-
-/// Accepts TCP connections and runs their TLS handshakes concurrently (a slow client holds up
-/// nobody else), handing finished ones to axum.
-async fn accept_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    limiter: Arc<ConnLimiter<IpAddr>>,
-    tx: mpsc::Sender<(TlsConn, SocketAddr)>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "cluster API accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let permit = match limiter.admit(peer.ip()) {
-            Ok(p) => p,
-            Err(hit) => {
-                info!(client = %peer, reason = hit.label(), "cluster API connection refused");
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let _ = tx.send((TlsConn { tls, _permit: permit }, peer)).await;
-                }
-                Ok(Err(e)) => info!(client = %peer, error = %e, "cluster API TLS handshake failed"),
-                Err(_) => info!(client = %peer, "cluster API TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-/// Connections whose TLS handshake finished, for `axum::serve`.
-pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsConn, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConn;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept loop ended (aborted with the server): nothing more will come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// A TLS connection that holds its place under the listener's limits while it lives.
-pub struct TlsConn {
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
-    _permit: ConnPermit<IpAddr>,
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
-    }
 }
 
 /// `POST /v1/join`.

@@ -116,6 +116,32 @@ impl ProxyContext {
         self.handed().iter().map(|(id, r)| (id.clone(), (r.fields.user.clone(), r.fields.db_service.clone()))).collect()
     }
 
+    /// The data plane's live sessions with their counters and who holds them, and whether
+    /// control's link to it is up (`None` when no data plane is configured).
+    pub async fn live_stats(&self) -> (Vec<crate::metrics::LiveSession>, Option<bool>) {
+        let Some(dp) = self.dataplane.get() else { return (Vec::new(), None) };
+        if !dp.connected() {
+            return (Vec::new(), Some(false));
+        }
+        let stats = match dp.stats().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "asking the dataplane for live counters");
+                return (Vec::new(), Some(true));
+            }
+        };
+        // The data plane knows sessions by id; control knows their user and database.
+        let known = self.handed_sessions();
+        let live = stats
+            .into_iter()
+            .map(|stats| {
+                let (user, db) = known.get(&stats.session_id).cloned().unwrap_or_default();
+                crate::metrics::LiveSession { stats, user, db }
+            })
+            .collect();
+        (live, Some(true))
+    }
+
     /// Live sessions, in the data plane or relayed here.
     pub fn session_count(&self) -> usize {
         self.handed().len() + self.relayed().len()
