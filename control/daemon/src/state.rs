@@ -73,6 +73,19 @@ CREATE TABLE IF NOT EXISTS nodes (
     cert_not_after INTEGER NOT NULL,
     last_seen INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS node_sessions (
+    host_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (host_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS node_sessions_by_id ON node_sessions (session_id);
+CREATE TABLE IF NOT EXISTS session_kills (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL,
@@ -246,6 +259,15 @@ pub struct NodeHeartbeat {
     pub version: String,
     pub interval_ms: u64,
     pub at_ms: i64,
+}
+
+/// A live session an agent reported in its last heartbeat.
+#[derive(Debug, Clone)]
+pub struct NodeSession {
+    pub host_id: String,
+    /// Unix seconds.
+    pub started_at: i64,
+    pub fields: crate::audit::SessionFields,
 }
 
 /// Most agents one cluster numbers (cancel keys give the index 10 bits; 0 is the auth server).
@@ -645,7 +667,81 @@ impl State {
     }
 
     pub fn delete_node(&self, host_id: &str) -> Result<bool, StateError> {
-        Ok(self.db().execute("DELETE FROM nodes WHERE host_id = ?1", params![host_id])? > 0)
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let removed = tx.execute("DELETE FROM nodes WHERE host_id = ?1", params![host_id])? > 0;
+        tx.execute("DELETE FROM node_sessions WHERE host_id = ?1", params![host_id])?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Replaces the sessions an agent reported with those of its latest heartbeat, as
+    /// (started_at unix seconds, fields). Bookkeeping, as heartbeats are.
+    pub fn replace_node_sessions(
+        &self,
+        host_id: &str,
+        sessions: &[(i64, crate::audit::SessionFields)],
+    ) -> Result<(), StateError> {
+        let rows: Vec<(String, i64, String)> = sessions
+            .iter()
+            .map(|(started, f)| Ok((f.session_id.clone(), *started, serde_json::to_string(f)?)))
+            .collect::<Result<_, StateError>>()?;
+        self.write_own(|db| {
+            db.execute("DELETE FROM node_sessions WHERE host_id = ?1", params![host_id])?;
+            let mut insert = db.prepare(
+                "INSERT OR REPLACE INTO node_sessions (host_id, session_id, started_at, data) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (id, started, data) in &rows {
+                insert.execute(params![host_id, id, started, data])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every session the registered agents reported, by agent and start time.
+    pub fn node_sessions(&self) -> Result<Vec<NodeSession>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT s.host_id, s.started_at, s.data FROM node_sessions s JOIN nodes n ON n.host_id = s.host_id
+             ORDER BY n.node_index, s.started_at, s.session_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        rows.map(|row| {
+            let (host_id, started_at, data) = row?;
+            let fields = serde_json::from_str(&data).map_err(|e| StateError::Corrupt(format!("node session: {e}")))?;
+            Ok(NodeSession { host_id, started_at, fields })
+        })
+        .collect()
+    }
+
+    /// Asks every agent to end a session (`control sessions kill` on the auth server): an
+    /// ordinary commit, so that the daemon's hub notices it and tells the agents. The request's id.
+    pub fn add_session_kill(&self, session_id: &str) -> Result<i64, StateError> {
+        let db = self.db();
+        db.execute(
+            "INSERT INTO session_kills (session_id, created_at) VALUES (?1, ?2)",
+            params![session_id, OffsetDateTime::now_utc().unix_timestamp()],
+        )?;
+        Ok(db.last_insert_rowid())
+    }
+
+    /// Kill requests after the one with id `after`, oldest first, as (id, session id).
+    pub fn session_kills_after(&self, after: i64) -> Result<Vec<(i64, String)>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT id, session_id FROM session_kills WHERE id > ?1 ORDER BY id")?;
+        let rows = stmt.query_map(params![after], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The id of the latest kill request (0 if none).
+    pub fn last_session_kill(&self) -> Result<i64, StateError> {
+        Ok(self.db().query_row("SELECT coalesce(max(id), 0) FROM session_kills", [], |r| r.get(0))?)
+    }
+
+    /// Forgets kill requests made more than `age` ago (bookkeeping: they were sent already).
+    pub fn prune_session_kills(&self, age: std::time::Duration) -> Result<usize, StateError> {
+        let cutoff = OffsetDateTime::now_utc().unix_timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        self.write_own(|db| db.execute("DELETE FROM session_kills WHERE created_at < ?1", params![cutoff]))
     }
 
     pub fn nodes(&self) -> Result<Vec<Node>, StateError> {
@@ -1187,6 +1283,37 @@ mod tests {
         let names: Vec<String> = s.nodes().unwrap().into_iter().map(|n| n.name).collect();
         assert_eq!(names, ["c", "b"]);
         assert_eq!(s.nodes().unwrap()[1].labels, labels);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn agents_sessions_are_replaced_per_heartbeat_and_kills_are_numbered() {
+        let (s, dir) = temp_state();
+        let na = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let a = s.add_node("a", "db", &Default::default(), na).unwrap();
+        let b = s.add_node("b", "db", &Default::default(), na).unwrap();
+        let f = |id: &str| crate::audit::SessionFields {
+            session_id: id.into(),
+            user: "alice".into(),
+            ..Default::default()
+        };
+        s.replace_node_sessions(&a.host_id, &[(10, f("s1")), (11, f("s2"))]).unwrap();
+        s.replace_node_sessions(&b.host_id, &[(12, f("s3"))]).unwrap();
+        s.replace_node_sessions(&a.host_id, &[(11, f("s2"))]).unwrap();
+        let listed: Vec<(String, String, i64)> =
+            s.node_sessions().unwrap().into_iter().map(|n| (n.host_id, n.fields.session_id, n.started_at)).collect();
+        assert_eq!(listed, [(a.host_id.clone(), "s2".into(), 11), (b.host_id.clone(), "s3".into(), 12)]);
+        // A removed agent's sessions go with it.
+        s.delete_node(&b.host_id).unwrap();
+        assert_eq!(s.node_sessions().unwrap().len(), 1);
+
+        assert_eq!(s.last_session_kill().unwrap(), 0);
+        let k1 = s.add_session_kill("s2").unwrap();
+        let k2 = s.add_session_kill("s9").unwrap();
+        assert!(k2 > k1);
+        assert_eq!(s.session_kills_after(k1).unwrap(), [(k2, "s9".to_owned())]);
+        assert_eq!(s.last_session_kill().unwrap(), k2);
+        assert_eq!(s.prune_session_kills(std::time::Duration::from_secs(60)).unwrap(), 0, "fresh requests stay");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
