@@ -3,7 +3,9 @@
 //! plane, heartbeating every second) serve the same dynamic database. `control sessions ls` on
 //! the auth server lists the sessions of both with their agent; `control sessions kill` ends
 //! one on agent B within a second and leaves the one on agent A alone; a lock on the auth server
-//! ends the sessions on both agents within a second.
+//! ends the sessions on both agents within a second. An agent that heartbeats only every 30 s
+//! still reports a session's start and end at once, and ends a session it relays itself (no
+//! data plane) on the auth server's request.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,14 +33,27 @@ fn shared_db(h: &Harness, name: &str, env: &str) -> DbResource {
 
 /// An agent named `name` with its own data plane, heartbeating every second, serving.
 fn start_agent(h: &Harness, name: &str, token: &str, pin: &str) -> Result<AgentProc> {
+    start_agent_with(h, name, token, pin, Duration::from_secs(1), true)
+}
+
+fn start_agent_with(
+    h: &Harness,
+    name: &str,
+    token: &str,
+    pin: &str,
+    heartbeat: Duration,
+    dataplane: bool,
+) -> Result<AgentProc> {
     let mut agent = AgentProc::configure(&h.stack.control, &h.dir.join(name), token, pin)?;
     agent.edit_config(|c| {
-        c.db_service.heartbeat_interval = Duration::from_secs(1);
+        c.db_service.heartbeat_interval = heartbeat;
         if let Some(join) = c.join.as_mut() {
             join.node_name = Some(name.to_owned());
         }
     })?;
-    agent.with_dataplane()?;
+    if dataplane {
+        agent.with_dataplane()?;
+    }
     agent.start()?;
     agent.wait_serving(START)?;
     agent.wait_following(START)?;
@@ -173,5 +188,59 @@ fn the_auth_server_lists_and_ends_sessions_on_its_agents() -> Result<()> {
         eprintln!("[cluster-sessions] the session on agent {agent} ended {took:?} after the lock");
         assert!(took < Duration::from_secs(1), "the session on agent {agent} ended {took:?} after the lock");
     }
+    Ok(())
+}
+
+/// Heartbeats every 30 s, but session starts and ends are reported at once; a session the agent
+/// relays itself (no data plane) ends on `sessions kill` too.
+#[test]
+fn session_changes_are_reported_at_once_and_relayed_sessions_can_be_killed() -> Result<()> {
+    let h = Harness::start("cluster-sessions-relayed")?;
+    h.state.upsert_database(&shared_db(&h, "orders", "dev"))?;
+    let token = join_token(&h.stack.control, "1h")?;
+    let pin = ca_pin(&h.stack.control)?;
+    let c = start_agent_with(&h, "agent-c", &token, &pin, Duration::from_secs(30), false)?;
+    // The first heartbeat goes out at start; the next periodic one only 30 s later.
+    wait_until(Duration::from_secs(10), "agent-c's first heartbeat", || {
+        Ok(h.state.nodes()?.into_iter().any(|n| n.name == "agent-c" && n.heartbeat.is_some()).then_some(()))
+    })?;
+    let rt = sluice_tests::runtime()?;
+    let cert = h.issue_cert("alice", "orders", "alice", "demo")?;
+    let on_c = rt.block_on(session(c.pg_port, &h, &cert))?;
+    let rows =
+        wait_until(Duration::from_secs(5), "the session in `sessions ls` long before the next heartbeat", || {
+            let rows = listed(&h)?;
+            Ok(rows.iter().any(|(_, node)| node == "agent-c").then_some(rows))
+        })?;
+    let sid = rows.into_iter().find(|(_, node)| node == "agent-c").map(|(id, _)| id).context("no session")?;
+
+    let config = h.stack.control.config_path.clone();
+    let control = sluice_control::demo::find_bin("control")?;
+    let (ended, kill) = rt.block_on(async {
+        let kill = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let at = Instant::now();
+            let out = tokio::process::Command::new(&control)
+                .arg("--config")
+                .arg(&config)
+                .args(["sessions", "kill", &sid])
+                .output()
+                .await?;
+            Ok::<_, anyhow::Error>((at, out))
+        };
+        tokio::join!(sleep_until_ended(&on_c), kill)
+    });
+    let (asked_at, out) = kill?;
+    // The CLI returns once a heartbeat no longer lists the session: sent when it ended.
+    assert!(out.status.success(), "sessions kill failed: {}", String::from_utf8_lossy(&out.stderr));
+    let took = ended?.saturating_duration_since(asked_at);
+    eprintln!("[cluster-sessions] the relayed session on agent C ended {took:?} after `sessions kill`");
+    assert!(took < Duration::from_secs(1), "the session on agent C ended {took:?} after the kill");
+    assert!(asked_at.elapsed() < Duration::from_secs(5), "sessions kill waited for a periodic heartbeat");
+    let end = wait_until(Duration::from_secs(20), "the end of C's session in the auth server's audit", || {
+        Ok(h.audit()?.into_iter().find(|e| e.event == "db.session.end" && e.session_id.as_deref() == Some(&sid)))
+    })?;
+    assert_eq!(end.data["reason"], "AdminKill", "{end:?}");
+    assert_eq!(end.data["data_plane"], false, "{end:?}");
     Ok(())
 }
