@@ -616,8 +616,8 @@ fn main() -> Result<()> {
             let cfg = load_config(&cli.config)?;
             if cfg.auth_service.enabled {
                 let state = open_state(&cfg)?;
-                if let Some(s) = state.node_sessions()?.into_iter().find(|s| s.fields.session_id == id) {
-                    return kill_on_agent(&state, &id, &s.host_id);
+                if let Some(host_id) = state.node_holding_session(&id)? {
+                    return kill_on_agent(&state, &id, &host_id);
                 }
             }
             let dp = cfg.dataplane.as_ref().with_context(|| {
@@ -754,8 +754,7 @@ fn kill_on_agent(state: &State, id: &str, host_id: &str) -> Result<()> {
     state.add_session_kill(id)?;
     let deadline = std::time::Instant::now() + AGENT_KILL_WAIT;
     loop {
-        let listed = state.node_sessions()?.iter().any(|s| s.host_id == host_id && s.fields.session_id == id);
-        if !listed {
+        if state.node_holding_session(id)?.as_deref() != Some(host_id) {
             println!("session {id} on agent {} has ended", node.name);
             return Ok(());
         }

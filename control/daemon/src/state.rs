@@ -714,6 +714,19 @@ impl State {
         .collect()
     }
 
+    /// The registered agent whose last heartbeat lists this session, if any.
+    pub fn node_holding_session(&self, session_id: &str) -> Result<Option<String>, StateError> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT s.host_id FROM node_sessions s JOIN nodes n ON n.host_id = s.host_id
+                 WHERE s.session_id = ?1 ORDER BY n.node_index LIMIT 1",
+                params![session_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Asks every agent to end a session (`control sessions kill` on the auth server): an
     /// ordinary commit, so that the daemon's hub notices it and tells the agents. The request's id.
     pub fn add_session_kill(&self, session_id: &str) -> Result<i64, StateError> {
@@ -1303,8 +1316,11 @@ mod tests {
         let listed: Vec<(String, String, i64)> =
             s.node_sessions().unwrap().into_iter().map(|n| (n.host_id, n.fields.session_id, n.started_at)).collect();
         assert_eq!(listed, [(a.host_id.clone(), "s2".into(), 11), (b.host_id.clone(), "s3".into(), 12)]);
+        assert_eq!(s.node_holding_session("s3").unwrap(), Some(b.host_id.clone()));
+        assert_eq!(s.node_holding_session("s1").unwrap(), None, "gone from a's last heartbeat");
         // A removed agent's sessions go with it.
         s.delete_node(&b.host_id).unwrap();
+        assert_eq!(s.node_holding_session("s3").unwrap(), None);
         assert_eq!(s.node_sessions().unwrap().len(), 1);
 
         assert_eq!(s.last_session_kill().unwrap(), 0);
