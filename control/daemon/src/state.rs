@@ -98,6 +98,44 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 "#;
 
+/// A descriptor of `path` (SQLite's WAL index) that stays open for the life of the process.
+///
+/// SQLite's unix VFS locks the WAL index with POSIX advisory locks, and the kernel drops all of
+/// a process's locks on a file when the process closes *any* descriptor of it. Opening and
+/// closing the file for each read of the marker silently released the connection's WAL write
+/// lock in the middle of its transactions (another process could then write the WAL at the
+/// same time: commits were lost) and its read locks. So each file (by inode: a WAL index
+/// deleted with the last connection and created again is a new file) is opened once and never
+/// closed.
+fn held_open(path: &Path) -> Option<std::sync::Arc<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    type Held = std::collections::HashMap<(u64, u64), std::sync::Arc<std::fs::File>>;
+    static HELD: Mutex<Option<Held>> = Mutex::new(None);
+    let meta = std::fs::metadata(path).ok()?;
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let held = held.get_or_insert_with(Default::default);
+    if let Some(file) = held.get(&(meta.dev(), meta.ino())) {
+        return Some(file.clone());
+    }
+    let file = std::fs::File::open(path).ok()?;
+    // The file may have been replaced between the two looks: key it by what was opened, and
+    // never drop a descriptor (a second one of a file already held is kept too).
+    let opened = match file.metadata() {
+        Ok(m) => m,
+        Err(_) => {
+            std::mem::forget(file);
+            return None;
+        }
+    };
+    match held.entry((opened.dev(), opened.ino())) {
+        std::collections::hash_map::Entry::Occupied(e) => {
+            std::mem::forget(file);
+            Some(e.get().clone())
+        }
+        std::collections::hash_map::Entry::Vacant(e) => Some(e.insert(std::sync::Arc::new(file)).clone()),
+    }
+}
+
 /// Created by [`migrate_discovered`], which also moves the older layout keyed by name.
 const DISCOVERED_TABLE: &str = "CREATE TABLE discovered (
     source TEXT NOT NULL,
@@ -338,8 +376,12 @@ impl State {
             .map_err(|(_, e)| StateError::Io(e.into()))?;
         let path = data_dir.join(file);
         // Create the file 0600 before SQLite does (it would use the umask); SQLite gives its
-        // -wal and -shm files the database file's mode.
-        drop(crate::private_fs::open_private_append(&path)?);
+        // -wal and -shm files the database file's mode. Only if it is missing: closing a
+        // descriptor of a database another connection in this process has open would drop that
+        // connection's locks (see [`held_open`]).
+        if !path.exists() {
+            drop(crate::private_fs::open_private_append(&path)?);
+        }
         let mut conn = Connection::open(&path)?;
         conn.trace_v2(rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT, Some(count_statement));
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -356,7 +398,7 @@ impl State {
     /// when it cannot be read (callers then treat the state as changed).
     pub fn change_marker(&self) -> Option<ChangeMarker> {
         use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(&self.shm).ok()?;
+        let file = held_open(&self.shm)?;
         let mut marker = [0u8; 48];
         file.read_exact_at(&mut marker, 0).ok()?;
         Some(ChangeMarker(marker))
@@ -1479,6 +1521,55 @@ mod tests {
         s.db().execute("UPDATE locks SET expires_at = 1 WHERE id = ?1", params![db_lock.id]).unwrap();
         let left: Vec<String> = s.active_locks().unwrap().into_iter().map(|l| l.id).collect();
         assert_eq!(left, vec![both.id]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The other process of [`commits_from_another_process_are_never_lost`]: adds and removes
+    /// locks in `SLUICE_STATE_PEER_DIR` (run as this test binary filtered to this test; without
+    /// the variable it does nothing).
+    #[test]
+    fn peer_process_writer() {
+        let Some(dir) = std::env::var_os("SLUICE_STATE_PEER_DIR") else { return };
+        let s = State::open(std::path::Path::new(&dir)).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        while std::time::Instant::now() < until {
+            let lock = s.add_lock(Some("alice"), None, "", None).unwrap();
+            assert!(s.delete_lock(&lock.id).unwrap());
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    /// While this process commits bookkeeping (reading the change marker inside its
+    /// transactions) another process commits policy changes: none of either is lost, and each
+    /// of the other's shows as a change. Reading the marker used to close a descriptor of the
+    /// WAL index, which dropped SQLite's locks on it (POSIX locks are per process), so two
+    /// processes wrote the WAL at once and commits vanished.
+    #[test]
+    fn commits_from_another_process_are_never_lost() {
+        let (s, dir) = temp_state();
+        let node = s.add_node("a", "db", &Default::default(), OffsetDateTime::now_utc()).unwrap();
+        let mut peer = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "state::tests::peer_process_writer", "--test-threads=1"])
+            .env("SLUICE_STATE_PEER_DIR", &dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut n = 0i64;
+        while peer.try_wait().unwrap().is_none() {
+            let f = crate::audit::SessionFields { session_id: format!("s{n}"), ..Default::default() };
+            s.replace_node_sessions(&node.host_id, &[(n, f)]).unwrap();
+            n += 1;
+            // Leave the other process room: SQLite's busy wait is not fair to a writer in a loop.
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        let out = peer.wait_with_output().unwrap();
+        assert!(out.status.success(), "the peer process failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(n > 0);
+        assert_eq!(s.active_locks().unwrap(), Vec::new(), "a lock removal from the other process was lost");
+        let (last,): (i64,) = (s.node_sessions().unwrap()[0].started_at,);
+        assert_eq!(last, n - 1, "a bookkeeping commit was lost");
+        let ok: String = s.db().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(ok, "ok");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
