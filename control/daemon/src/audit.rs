@@ -69,7 +69,7 @@ pub fn new_event_id() -> String {
 }
 
 /// Fields every session event carries.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionFields {
     pub session_id: String,
     pub user: String,

@@ -221,7 +221,6 @@ async fn start_agent(
     let policy = Arc::new(PolicyStore::feed(cfg.db_service.max_policy_staleness));
     // One certificate for the listener and the calls to the auth server, renewed in place.
     let client = AuthClient::new(&join.auth_server, &join.ca_pin, Some(cert.clone()))?;
-    tasks.push(tokio::spawn(crate::cluster::watch::follow(client.clone(), cfg.clone(), policy.clone())));
     tasks.push(tokio::spawn(crate::cluster::audit_upload::upload(client.clone(), audit.clone())));
     tasks.push(tokio::spawn(crate::cluster::renew::run(
         client.clone(),
@@ -238,14 +237,28 @@ async fn start_agent(
         "agent is serving"
     );
     let minter = Arc::new(TokenMinter::new());
-    let ctx = Arc::new(ProxyContext::new(cfg.clone(), state, policy, audit, minter, pg_tls));
+    let ctx = Arc::new(ProxyContext::new(cfg.clone(), state, policy.clone(), audit, minter, pg_tls));
+    // Weak: the watch task must not keep the proxy context alive.
+    let kill_ctx = Arc::downgrade(&ctx);
+    let kill: crate::cluster::watch::KillSession = Arc::new(move |id: &str| {
+        if let Some(ctx) = kill_ctx.upgrade() {
+            ctx.kill_session(id);
+        }
+    });
+    tasks.push(tokio::spawn(crate::cluster::watch::follow(client.clone(), cfg.clone(), policy, kill)));
     let (public_addr, report_ctx) = (cfg.proxy_service.public_addr(), ctx.clone());
     let report = move || crate::cluster::HeartbeatReport {
         postgres_addr: public_addr.clone(),
         databases: report_ctx.policy.last().0.databases.keys().cloned().collect(),
         sessions: u32::try_from(report_ctx.session_count()).unwrap_or(u32::MAX),
+        live: report_ctx.live_sessions(crate::cluster::MAX_REPORTED_SESSIONS),
     };
-    tasks.push(tokio::spawn(crate::cluster::heartbeat::run(client, cfg.db_service.heartbeat_interval, report)));
+    tasks.push(tokio::spawn(crate::cluster::heartbeat::run(
+        client,
+        cfg.db_service.heartbeat_interval,
+        ctx.sessions_changed.clone(),
+        report,
+    )));
     Ok(ctx)
 }
 

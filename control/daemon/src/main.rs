@@ -257,9 +257,11 @@ enum DbConfigureCmd {
 
 #[derive(Subcommand)]
 enum SessionsCmd {
-    /// Sessions the dataplane holds.
+    /// Live sessions: those the dataplane holds here and, on an auth server, those its agents
+    /// reported (the Node column names the agent).
     Ls,
-    /// End a session now (the dataplane closes both legs within a second).
+    /// End a session now (the dataplane closes both legs within a second); on an auth server,
+    /// also a session an agent reported, waiting up to 5 s for the agent to report it ended.
     Kill { id: String },
 }
 
@@ -732,7 +734,7 @@ fn main() -> Result<()> {
                 None => (Default::default(), "-"),
             };
             println!(
-                "{:<36} {:<12} {:<16} {:<12} {:<12} {:<14} {:>14} {:>14} {:>12} {:>12} {:>8}",
+                "{:<36} {:<12} {:<16} {:<12} {:<12} {:<14} {:>14} {:>14} {:>12} {:>12} {:>8} Node",
                 "ID",
                 "User",
                 "Database",
@@ -759,20 +761,33 @@ fn main() -> Result<()> {
                     None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
                 };
                 println!(
-                    "{id:<36} {:<12} {:<16} {:<12} {:<12} {started:<14} {bytes_in:>14} {bytes_out:>14} {rate_in:>12} {rate_out:>12} {rtt:>8}",
+                    "{id:<36} {:<12} {:<16} {:<12} {:<12} {started:<14} {bytes_in:>14} {bytes_out:>14} {rate_in:>12} {rate_out:>12} {rtt:>8} -",
                     s("user"),
                     s("db_service"),
                     s("db_user"),
                     s("db_name")
                 );
             }
+            // On an auth server: the sessions its agents reported in their last heartbeats.
+            let offline = print_agent_sessions(&state)?;
             println!("(bytes: TCP payload of the client leg, counted by {source})");
+            if offline > 0 {
+                println!("({offline} session(s) on offline agents: as of their last heartbeat)");
+            }
             Ok(())
         }
         Cmd::Sessions(SessionsCmd::Kill { id }) => {
             use sluice_handoff::handoff::{EndReason, Message, Role};
             let cfg = load_config(&cli.config)?;
-            let dp = cfg.dataplane.as_ref().context("no dataplane is configured (dataplane.socket)")?;
+            if cfg.auth_service.enabled {
+                let state = open_state(&cfg)?;
+                if let Some(host_id) = state.node_holding_session(&id)? {
+                    return kill_on_agent(&state, &id, &host_id);
+                }
+            }
+            let dp = cfg.dataplane.as_ref().with_context(|| {
+                format!("no agent reported a session {id:?}, and no dataplane is configured here (dataplane.socket)")
+            })?;
             let link = sluice_handoff::link::Link::connect(&dp.socket)
                 .with_context(|| format!("connecting to the dataplane at {}", dp.socket.display()))?;
             link.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -868,6 +883,66 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// How long `control sessions kill` waits for an agent to report a session gone.
+const AGENT_KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// The rows of `control sessions ls` for the sessions agents reported; how many of them are on
+/// offline agents (listed as of their last heartbeat).
+fn print_agent_sessions(state: &State) -> Result<usize> {
+    use sluice_control::cluster::heartbeat::{now_ms, status_of, NodeStatus};
+    let nodes: std::collections::HashMap<String, sluice_control::state::Node> =
+        state.nodes()?.into_iter().map(|n| (n.host_id.clone(), n)).collect();
+    let now = now_ms();
+    let mut offline = 0;
+    for s in state.node_sessions()? {
+        let Some(node) = nodes.get(&s.host_id) else { continue };
+        let where_ = match status_of(node, now) {
+            NodeStatus::Offline => {
+                offline += 1;
+                let seen = node.heartbeat.as_ref().map(|h| h.at_ms).unwrap_or(node.last_seen * 1000);
+                format!("{} (offline, last heartbeat {} ago)", node.name, short_duration((now - seen).div_euclid(1000)))
+            }
+            _ => node.name.clone(),
+        };
+        let f = &s.fields;
+        println!(
+            "{:<36} {:<12} {:<16} {:<12} {:<12} {:<14} {:>14} {:>14} {:>12} {:>12} {:>8} {where_}",
+            f.session_id, f.user, f.db_service, f.db_user, f.db_name, s.started_at, "-", "-", "-", "-", "-"
+        );
+    }
+    Ok(offline)
+}
+
+/// `control sessions kill` for a session an agent reported: a kill request the running auth
+/// server sends to every agent, then a wait until that agent's heartbeats no longer list it.
+fn kill_on_agent(state: &State, id: &str, host_id: &str) -> Result<()> {
+    use sluice_control::cluster::heartbeat::{now_ms, status_of, NodeStatus};
+    let node = state.node(host_id)?.with_context(|| format!("agent {host_id} was removed"))?;
+    if status_of(&node, now_ms()) == NodeStatus::Offline {
+        eprintln!(
+            "warning: agent {} ({host_id}) is offline; it learns of the request only if it is still connected",
+            node.name
+        );
+    }
+    state.add_session_kill(id)?;
+    let deadline = std::time::Instant::now() + AGENT_KILL_WAIT;
+    loop {
+        if state.node_holding_session(id)?.as_deref() != Some(host_id) {
+            println!("session {id} on agent {} has ended", node.name);
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "asked agent {} ({host_id}) to end session {id}, but its heartbeats still list it after {} s: \
+                 is the auth server running (`control start`), and the agent connected to it (`control nodes ls`)?",
+                node.name,
+                AGENT_KILL_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

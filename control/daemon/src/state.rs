@@ -73,6 +73,19 @@ CREATE TABLE IF NOT EXISTS nodes (
     cert_not_after INTEGER NOT NULL,
     last_seen INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS node_sessions (
+    host_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (host_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS node_sessions_by_id ON node_sessions (session_id);
+CREATE TABLE IF NOT EXISTS session_kills (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL,
@@ -84,6 +97,44 @@ CREATE TABLE IF NOT EXISTS audit (
     data TEXT NOT NULL
 );
 "#;
+
+/// A descriptor of `path` (SQLite's WAL index) that stays open for the life of the process.
+///
+/// SQLite's unix VFS locks the WAL index with POSIX advisory locks, and the kernel drops all of
+/// a process's locks on a file when the process closes *any* descriptor of it. Opening and
+/// closing the file for each read of the marker silently released the connection's WAL write
+/// lock in the middle of its transactions (another process could then write the WAL at the
+/// same time: commits were lost) and its read locks. So each file (by inode: a WAL index
+/// deleted with the last connection and created again is a new file) is opened once and never
+/// closed.
+fn held_open(path: &Path) -> Option<std::sync::Arc<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    type Held = std::collections::HashMap<(u64, u64), std::sync::Arc<std::fs::File>>;
+    static HELD: Mutex<Option<Held>> = Mutex::new(None);
+    let meta = std::fs::metadata(path).ok()?;
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let held = held.get_or_insert_with(Default::default);
+    if let Some(file) = held.get(&(meta.dev(), meta.ino())) {
+        return Some(file.clone());
+    }
+    let file = std::fs::File::open(path).ok()?;
+    // The file may have been replaced between the two looks: key it by what was opened, and
+    // never drop a descriptor (a second one of a file already held is kept too).
+    let opened = match file.metadata() {
+        Ok(m) => m,
+        Err(_) => {
+            std::mem::forget(file);
+            return None;
+        }
+    };
+    match held.entry((opened.dev(), opened.ino())) {
+        std::collections::hash_map::Entry::Occupied(e) => {
+            std::mem::forget(file);
+            Some(e.get().clone())
+        }
+        std::collections::hash_map::Entry::Vacant(e) => Some(e.insert(std::sync::Arc::new(file)).clone()),
+    }
+}
 
 /// Created by [`migrate_discovered`], which also moves the older layout keyed by name.
 const DISCOVERED_TABLE: &str = "CREATE TABLE discovered (
@@ -248,6 +299,15 @@ pub struct NodeHeartbeat {
     pub at_ms: i64,
 }
 
+/// A live session an agent reported in its last heartbeat.
+#[derive(Debug, Clone)]
+pub struct NodeSession {
+    pub host_id: String,
+    /// Unix seconds.
+    pub started_at: i64,
+    pub fields: crate::audit::SessionFields,
+}
+
 /// Most agents one cluster numbers (cancel keys give the index 10 bits; 0 is the auth server).
 pub const MAX_NODE_INDEX: u16 = 1023;
 
@@ -328,8 +388,12 @@ impl State {
             .map_err(|(_, e)| StateError::Io(e.into()))?;
         let path = data_dir.join(file);
         // Create the file 0600 before SQLite does (it would use the umask); SQLite gives its
-        // -wal and -shm files the database file's mode.
-        drop(crate::private_fs::open_private_append(&path)?);
+        // -wal and -shm files the database file's mode. Only if it is missing: closing a
+        // descriptor of a database another connection in this process has open would drop that
+        // connection's locks (see [`held_open`]).
+        if !path.exists() {
+            drop(crate::private_fs::open_private_append(&path)?);
+        }
         let mut conn = Connection::open(&path)?;
         conn.trace_v2(rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT, Some(count_statement));
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -346,7 +410,7 @@ impl State {
     /// when it cannot be read (callers then treat the state as changed).
     pub fn change_marker(&self) -> Option<ChangeMarker> {
         use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(&self.shm).ok()?;
+        let file = held_open(&self.shm)?;
         let mut marker = [0u8; 48];
         file.read_exact_at(&mut marker, 0).ok()?;
         Some(ChangeMarker(marker))
@@ -657,7 +721,94 @@ impl State {
     }
 
     pub fn delete_node(&self, host_id: &str) -> Result<bool, StateError> {
-        Ok(self.db().execute("DELETE FROM nodes WHERE host_id = ?1", params![host_id])? > 0)
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let removed = tx.execute("DELETE FROM nodes WHERE host_id = ?1", params![host_id])? > 0;
+        tx.execute("DELETE FROM node_sessions WHERE host_id = ?1", params![host_id])?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Replaces the sessions an agent reported with those of its latest heartbeat, as
+    /// (started_at unix seconds, fields). Bookkeeping, as heartbeats are.
+    pub fn replace_node_sessions(
+        &self,
+        host_id: &str,
+        sessions: &[(i64, crate::audit::SessionFields)],
+    ) -> Result<(), StateError> {
+        let rows: Vec<(String, i64, String)> = sessions
+            .iter()
+            .map(|(started, f)| Ok((f.session_id.clone(), *started, serde_json::to_string(f)?)))
+            .collect::<Result<_, StateError>>()?;
+        self.write_own(|db| {
+            db.execute("DELETE FROM node_sessions WHERE host_id = ?1", params![host_id])?;
+            let mut insert = db.prepare(
+                "INSERT OR REPLACE INTO node_sessions (host_id, session_id, started_at, data) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (id, started, data) in &rows {
+                insert.execute(params![host_id, id, started, data])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every session the registered agents reported, by agent and start time.
+    pub fn node_sessions(&self) -> Result<Vec<NodeSession>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT s.host_id, s.started_at, s.data FROM node_sessions s JOIN nodes n ON n.host_id = s.host_id
+             ORDER BY n.node_index, s.started_at, s.session_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        rows.map(|row| {
+            let (host_id, started_at, data) = row?;
+            let fields = serde_json::from_str(&data).map_err(|e| StateError::Corrupt(format!("node session: {e}")))?;
+            Ok(NodeSession { host_id, started_at, fields })
+        })
+        .collect()
+    }
+
+    /// The registered agent whose last heartbeat lists this session, if any.
+    pub fn node_holding_session(&self, session_id: &str) -> Result<Option<String>, StateError> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT s.host_id FROM node_sessions s JOIN nodes n ON n.host_id = s.host_id
+                 WHERE s.session_id = ?1 ORDER BY n.node_index LIMIT 1",
+                params![session_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Asks every agent to end a session (`control sessions kill` on the auth server): an
+    /// ordinary commit, so that the daemon's hub notices it and tells the agents. The request's id.
+    pub fn add_session_kill(&self, session_id: &str) -> Result<i64, StateError> {
+        let db = self.db();
+        db.execute(
+            "INSERT INTO session_kills (session_id, created_at) VALUES (?1, ?2)",
+            params![session_id, OffsetDateTime::now_utc().unix_timestamp()],
+        )?;
+        Ok(db.last_insert_rowid())
+    }
+
+    /// Kill requests after the one with id `after`, oldest first, as (id, session id).
+    pub fn session_kills_after(&self, after: i64) -> Result<Vec<(i64, String)>, StateError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT id, session_id FROM session_kills WHERE id > ?1 ORDER BY id")?;
+        let rows = stmt.query_map(params![after], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The id of the latest kill request (0 if none).
+    pub fn last_session_kill(&self) -> Result<i64, StateError> {
+        Ok(self.db().query_row("SELECT coalesce(max(id), 0) FROM session_kills", [], |r| r.get(0))?)
+    }
+
+    /// Forgets kill requests made more than `age` ago (bookkeeping: they were sent already).
+    pub fn prune_session_kills(&self, age: std::time::Duration) -> Result<usize, StateError> {
+        let cutoff = OffsetDateTime::now_utc().unix_timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        self.write_own(|db| db.execute("DELETE FROM session_kills WHERE created_at < ?1", params![cutoff]))
     }
 
     pub fn nodes(&self) -> Result<Vec<Node>, StateError> {
@@ -1233,6 +1384,40 @@ mod tests {
     }
 
     #[test]
+    fn agents_sessions_are_replaced_per_heartbeat_and_kills_are_numbered() {
+        let (s, dir) = temp_state();
+        let na = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let a = s.add_node("a", "db", &Default::default(), na).unwrap();
+        let b = s.add_node("b", "db", &Default::default(), na).unwrap();
+        let f = |id: &str| crate::audit::SessionFields {
+            session_id: id.into(),
+            user: "alice".into(),
+            ..Default::default()
+        };
+        s.replace_node_sessions(&a.host_id, &[(10, f("s1")), (11, f("s2"))]).unwrap();
+        s.replace_node_sessions(&b.host_id, &[(12, f("s3"))]).unwrap();
+        s.replace_node_sessions(&a.host_id, &[(11, f("s2"))]).unwrap();
+        let listed: Vec<(String, String, i64)> =
+            s.node_sessions().unwrap().into_iter().map(|n| (n.host_id, n.fields.session_id, n.started_at)).collect();
+        assert_eq!(listed, [(a.host_id.clone(), "s2".into(), 11), (b.host_id.clone(), "s3".into(), 12)]);
+        assert_eq!(s.node_holding_session("s3").unwrap(), Some(b.host_id.clone()));
+        assert_eq!(s.node_holding_session("s1").unwrap(), None, "gone from a's last heartbeat");
+        // A removed agent's sessions go with it.
+        s.delete_node(&b.host_id).unwrap();
+        assert_eq!(s.node_holding_session("s3").unwrap(), None);
+        assert_eq!(s.node_sessions().unwrap().len(), 1);
+
+        assert_eq!(s.last_session_kill().unwrap(), 0);
+        let k1 = s.add_session_kill("s2").unwrap();
+        let k2 = s.add_session_kill("s9").unwrap();
+        assert!(k2 > k1);
+        assert_eq!(s.session_kills_after(k1).unwrap(), [(k2, "s9".to_owned())]);
+        assert_eq!(s.last_session_kill().unwrap(), k2);
+        assert_eq!(s.prune_session_kills(std::time::Duration::from_secs(60)).unwrap(), 0, "fresh requests stay");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn discovered_reconcile_and_stale() {
         let (s, dir) = temp_state();
         let item = |name: &str, uri: &str| Discovered {
@@ -1378,6 +1563,55 @@ mod tests {
         s.db().execute("UPDATE locks SET expires_at = 1 WHERE id = ?1", params![db_lock.id]).unwrap();
         let left: Vec<String> = s.active_locks().unwrap().into_iter().map(|l| l.id).collect();
         assert_eq!(left, vec![both.id]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The other process of [`commits_from_another_process_are_never_lost`]: adds and removes
+    /// locks in `SLUICE_STATE_PEER_DIR` (run as this test binary filtered to this test; without
+    /// the variable it does nothing).
+    #[test]
+    fn peer_process_writer() {
+        let Some(dir) = std::env::var_os("SLUICE_STATE_PEER_DIR") else { return };
+        let s = State::open(std::path::Path::new(&dir)).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        while std::time::Instant::now() < until {
+            let lock = s.add_lock(Some("alice"), None, "", None).unwrap();
+            assert!(s.delete_lock(&lock.id).unwrap());
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    /// While this process commits bookkeeping (reading the change marker inside its
+    /// transactions) another process commits policy changes: none of either is lost, and each
+    /// of the other's shows as a change. Reading the marker used to close a descriptor of the
+    /// WAL index, which dropped SQLite's locks on it (POSIX locks are per process), so two
+    /// processes wrote the WAL at once and commits vanished.
+    #[test]
+    fn commits_from_another_process_are_never_lost() {
+        let (s, dir) = temp_state();
+        let node = s.add_node("a", "db", &Default::default(), OffsetDateTime::now_utc()).unwrap();
+        let mut peer = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "state::tests::peer_process_writer", "--test-threads=1"])
+            .env("SLUICE_STATE_PEER_DIR", &dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut n = 0i64;
+        while peer.try_wait().unwrap().is_none() {
+            let f = crate::audit::SessionFields { session_id: format!("s{n}"), ..Default::default() };
+            s.replace_node_sessions(&node.host_id, &[(n, f)]).unwrap();
+            n += 1;
+            // Leave the other process room: SQLite's busy wait is not fair to a writer in a loop.
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        let out = peer.wait_with_output().unwrap();
+        assert!(out.status.success(), "the peer process failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(n > 0);
+        assert_eq!(s.active_locks().unwrap(), Vec::new(), "a lock removal from the other process was lost");
+        let (last,): (i64,) = (s.node_sessions().unwrap()[0].started_at,);
+        assert_eq!(last, n - 1, "a bookkeeping commit was lost");
+        let ok: String = s.db().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(ok, "ok");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

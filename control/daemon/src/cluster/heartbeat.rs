@@ -1,7 +1,8 @@
-//! Heartbeats: every `db_service.heartbeat_interval` an agent tells the auth server where it
-//! serves PostgreSQL, which databases and how many sessions ([`run`]); the auth server keeps the
-//! last one per node (`POST /v1/heartbeat`, [`handle`]) as bookkeeping that leaves the policy
-//! snapshot alone, and judges a node's health from its age ([`node_status`]).
+//! Heartbeats: every `db_service.heartbeat_interval`, and at once when a session starts or
+//! ends, an agent tells the auth server where it serves PostgreSQL, which databases and which
+//! live sessions ([`run`]); the auth server keeps the last one per node (`POST /v1/heartbeat`,
+//! [`handle`]) as bookkeeping that leaves the policy snapshot alone, and judges a node's health
+//! from its age ([`node_status`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::client::AuthClient;
 use super::server::{json_response, AgentIdentity, ClusterContext};
-use super::{ErrorBody, ErrorDetail, HeartbeatReport, HeartbeatRequest, HeartbeatResponse};
+use super::{ErrorBody, ErrorDetail, HeartbeatReport, HeartbeatRequest, HeartbeatResponse, MAX_REPORTED_SESSIONS};
 use crate::state::{Node, NodeHeartbeat};
 
 /// Longest interval an agent may announce (and so the longest a dead one can look healthy).
@@ -31,6 +32,10 @@ const SLACK_MS: u64 = 1000;
 
 /// How long one heartbeat call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shortest gap between two heartbeats sent because sessions started or ended: a burst of
+/// connections costs the auth server a few writes a second, not one per session.
+pub const MIN_GAP: Duration = Duration::from_millis(200);
 
 /// A node's health as `control nodes ls` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,7 +98,15 @@ fn check(req: &HeartbeatRequest) -> Result<(), String> {
     if req.databases.len() > MAX_DATABASES {
         return Err(format!("more than {MAX_DATABASES} databases"));
     }
-    let mut fields = std::iter::once(&req.postgres_addr).chain([&req.version]).chain(&req.databases);
+    if req.live.len() > MAX_REPORTED_SESSIONS {
+        return Err(format!("more than {MAX_REPORTED_SESSIONS} sessions listed"));
+    }
+    let session_fields = req.live.iter().flat_map(|s| {
+        let f = &s.fields;
+        [&f.session_id, &f.user, &f.db_service, &f.db_user, &f.db_name, &f.client_addr]
+    });
+    let mut fields =
+        std::iter::once(&req.postgres_addr).chain([&req.version]).chain(&req.databases).chain(session_fields);
     if let Some(field) = fields.find(|f| f.len() > MAX_FIELD) {
         let head: String = field.chars().take(32).collect();
         return Err(format!("a field is longer than {MAX_FIELD} bytes: {head:?}..."));
@@ -114,6 +127,7 @@ pub async fn handle(
     if let Err(why) = check(&req) {
         return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("bad heartbeat: {why}"));
     }
+    let live: Vec<_> = req.live.into_iter().map(|s| (s.started_at, s.fields)).collect();
     let hb = NodeHeartbeat {
         postgres_addr: req.postgres_addr,
         databases: req.databases,
@@ -124,7 +138,14 @@ pub async fn handle(
     };
     let state = ctx.state.clone();
     let id = host.host_id.clone();
-    match tokio::task::spawn_blocking(move || state.record_heartbeat(&id, &hb)).await {
+    let stored = tokio::task::spawn_blocking(move || {
+        let known = state.record_heartbeat(&id, &hb)?;
+        if known {
+            state.replace_node_sessions(&id, &live)?;
+        }
+        Ok::<_, crate::state::StateError>(known)
+    });
+    match stored.await {
         Ok(Ok(true)) => {
             debug!(host_id = %host.host_id, "heartbeat");
             json_response(StatusCode::OK, &HeartbeatResponse {})
@@ -145,10 +166,11 @@ pub async fn handle(
 
 // ---- the agent ----
 
-/// Sends a heartbeat every `interval`, the first at once, for as long as the agent runs; what
-/// it reports comes from `report` at each beat. A failure is logged (once per distinct reason,
-/// and again every minute while it lasts) and the beats go on.
-pub async fn run<F>(client: AuthClient, interval: Duration, report: F)
+/// Sends a heartbeat every `interval`, the first at once, for as long as the agent runs, and
+/// one out of turn (at most every [`MIN_GAP`]) whenever `changed` is notified (a session
+/// started or ended); what it reports comes from `report` at each beat. A failure is logged
+/// (once per distinct reason, and again every minute while it lasts) and the beats go on.
+pub async fn run<F>(client: AuthClient, interval: Duration, changed: Arc<tokio::sync::Notify>, report: F)
 where
     F: Fn() -> HeartbeatReport + Send + Sync + 'static,
 {
@@ -157,13 +179,25 @@ where
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: Option<(String, tokio::time::Instant)> = None;
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
-        ticks.tick().await;
-        let HeartbeatReport { postgres_addr, databases, sessions } = report();
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = changed.notified() => {
+                // Changes within the gap ride on one beat: the report is taken after the wait.
+                if let Some(last) = last_sent {
+                    tokio::time::sleep_until(last + MIN_GAP).await;
+                }
+                ticks.reset();
+            }
+        }
+        last_sent = Some(tokio::time::Instant::now());
+        let HeartbeatReport { postgres_addr, databases, sessions, live } = report();
         let req = HeartbeatRequest {
             postgres_addr,
             databases,
             sessions,
+            live,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             interval_ms,
         };
@@ -218,10 +252,19 @@ mod tests {
             postgres_addr: "10.0.0.1:5433".into(),
             databases: vec!["orders".into()],
             sessions: 0,
+            live: Vec::new(),
             version: "0.1.0".into(),
             interval_ms: 10_000,
         };
         assert_eq!(check(&ok), Ok(()));
+        let session = |id: &str| super::super::ReportedSession {
+            fields: crate::audit::SessionFields { session_id: id.into(), ..Default::default() },
+            started_at: 0,
+        };
+        assert_eq!(check(&HeartbeatRequest { live: vec![session("s1")], ..ok.clone() }), Ok(()));
+        assert!(check(&HeartbeatRequest { live: vec![session(&"s".repeat(513))], ..ok.clone() }).is_err());
+        let too_many = vec![session("s"); MAX_REPORTED_SESSIONS + 1];
+        assert!(check(&HeartbeatRequest { live: too_many, ..ok.clone() }).is_err());
         assert!(check(&HeartbeatRequest { interval_ms: 0, ..ok.clone() }).is_err());
         assert!(check(&HeartbeatRequest { interval_ms: 3_600_001, ..ok.clone() }).is_err());
         assert!(check(&HeartbeatRequest { databases: vec!["x".repeat(513)], ..ok.clone() }).is_err());

@@ -2,7 +2,8 @@
 //! and a revision, and broadcasts each change to every stream. It notices changes the way the
 //! policy snapshot does (the state's change marker, no SQL while nothing changes): whenever
 //! the auth server's [`PolicyStore`] takes a new snapshot, the hub reads the view again and
-//! publishes the difference.
+//! publishes the difference. It also reads the kill requests `control sessions kill` left in
+//! `session_kills` then, and sends each to every agent (requests a minute old are dropped).
 //!
 //! A stream subscribes and takes the snapshot under one lock, so it misses no change made
 //! between the two and gets none twice (Teleport's watchers wait for `OpInit` for the same
@@ -27,6 +28,10 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Changes buffered per stream before a slow one is dropped.
 const BACKLOG: usize = 4096;
+
+/// How long a kill request is kept after it was sent: long enough for a CLI to see it, not
+/// long enough to grow.
+const KILL_KEPT: Duration = Duration::from_secs(60);
 
 pub struct Hub {
     inner: Mutex<Published>,
@@ -121,6 +126,15 @@ impl Hub {
         changes.len()
     }
 
+    /// Sends a kill request for each session to every stream, after the changes sent so far.
+    pub fn publish_kills(&self, session_ids: &[String]) {
+        let mut published = self.inner();
+        for id in session_ids {
+            published.rev += 1;
+            let _ = self.tx.send(Arc::new((published.rev, Change::KillSession(id.clone()))));
+        }
+    }
+
     pub fn rev(&self) -> u64 {
         self.inner().rev
     }
@@ -128,6 +142,19 @@ impl Hub {
     /// Follows the auth server's policy snapshot, publishing each change, until aborted.
     pub async fn run(self: Arc<Self>, cfg: Arc<Config>, state: Arc<State>, policy: Arc<PolicyStore>) {
         let mut seen = None;
+        // Requests made before this process started are not sent again.
+        let state2 = state.clone();
+        let mut kills_seen = match tokio::task::spawn_blocking(move || state2.last_session_kill()).await {
+            Ok(Ok(id)) => id,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading the session kill requests");
+                0
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the session kill requests");
+                0
+            }
+        };
         loop {
             tokio::time::sleep(POLL).await;
             let generation = match policy.current_async().await {
@@ -140,6 +167,7 @@ impl Hub {
             if seen == Some(generation) {
                 continue;
             }
+            kills_seen = self.send_kills(&state, kills_seen).await;
             let (cfg2, state2) = (cfg.clone(), state.clone());
             let load = self.begin_load();
             let read = move || -> Result<_, crate::state::StateError> {
@@ -161,6 +189,37 @@ impl Hub {
                 Err(e) => warn!(error = %e, "reading the state for the agents' watch"),
             }
         }
+    }
+}
+
+impl Hub {
+    /// Sends the kill requests after `after`; the last one sent.
+    async fn send_kills(&self, state: &Arc<State>, after: i64) -> i64 {
+        let state = state.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let kills = state.session_kills_after(after)?;
+            state.prune_session_kills(KILL_KEPT)?;
+            Ok::<_, crate::state::StateError>(kills)
+        });
+        let kills = match read.await {
+            Ok(Ok(k)) => k,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading the session kill requests");
+                return after;
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the session kill requests");
+                return after;
+            }
+        };
+        let Some((last, _)) = kills.last() else { return after };
+        let last = *last;
+        let ids: Vec<String> = kills.into_iter().map(|(_, id)| id).collect();
+        for id in &ids {
+            info!(session_id = %id, "asking the agents to end a session");
+        }
+        self.publish_kills(&ids);
+        last
     }
 }
 
@@ -189,7 +248,12 @@ mod tests {
         }
         assert_eq!(revs, [3, 4]);
         assert_eq!(got, v);
-        assert_eq!(hub.publish(v), 0, "an unchanged view sends nothing");
+        assert_eq!(hub.publish(v.clone()), 0, "an unchanged view sends nothing");
+        // Kill requests follow in order, and leave the view alone.
+        hub.publish_kills(&["s1".into()]);
+        let kill = sub.changes.try_recv().unwrap();
+        assert_eq!(*kill, (5, Change::KillSession("s1".into())));
+        assert_eq!(*hub.subscribe().view, v);
     }
 
     #[test]

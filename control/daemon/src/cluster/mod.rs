@@ -110,14 +110,30 @@ pub struct HeartbeatRequest {
     /// The databases it serves.
     #[serde(default)]
     pub databases: Vec<String>,
-    /// Its live sessions.
+    /// How many live sessions it holds (all of them, even past [`MAX_REPORTED_SESSIONS`]).
     #[serde(default)]
     pub sessions: u32,
+    /// Its live sessions, at most [`MAX_REPORTED_SESSIONS`] of them: what `control sessions ls`
+    /// shows and `control sessions kill` finds on the auth server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub live: Vec<ReportedSession>,
     #[serde(default)]
     pub version: String,
     /// How often it heartbeats: the auth server calls it offline after 1.5 times this.
     pub interval_ms: u64,
 }
+
+/// One live session of an agent, as its heartbeat reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedSession {
+    #[serde(flatten)]
+    pub fields: crate::audit::SessionFields,
+    /// Unix seconds.
+    pub started_at: i64,
+}
+
+/// Most sessions one heartbeat lists; the count in `sessions` stays exact beyond it.
+pub const MAX_REPORTED_SESSIONS: usize = 10_000;
 
 /// The answer to a heartbeat: nothing yet (`{}`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -129,4 +145,6 @@ pub struct HeartbeatReport {
     pub postgres_addr: String,
     pub databases: Vec<String>,
     pub sessions: u32,
+    /// At most [`MAX_REPORTED_SESSIONS`].
+    pub live: Vec<ReportedSession>,
 }

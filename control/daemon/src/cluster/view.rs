@@ -1,7 +1,7 @@
 //! What the auth server shares with its agents over the watch stream: the users (names and
 //! roles, never password hashes), roles, locks and the dynamic and discovered databases, as a
 //! [`ClusterView`]; and the stream's events, a snapshot (`init`) and then one `put` or `delete`
-//! per changed item. Pure: loading from the state, diffing two views, filtering by an agent's
+//! per changed item, and `kill_session` requests, which are not part of the view. Pure: loading from the state, diffing two views, filtering by an agent's
 //! selectors and applying events are all here, without I/O but [`ClusterView::load`].
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,10 +64,27 @@ pub enum WatchItem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WatchEvent {
-    Init { rev: u64, view: ClusterView },
-    Put { rev: u64, item: WatchItem },
-    Delete { rev: u64, kind: WatchKind, name: String },
-    Ping { rev: u64 },
+    Init {
+        rev: u64,
+        view: ClusterView,
+    },
+    Put {
+        rev: u64,
+        item: WatchItem,
+    },
+    Delete {
+        rev: u64,
+        kind: WatchKind,
+        name: String,
+    },
+    /// `control sessions kill` on the auth server: whichever agent holds the session ends it.
+    KillSession {
+        rev: u64,
+        session_id: String,
+    },
+    Ping {
+        rev: u64,
+    },
 }
 
 impl WatchEvent {
@@ -76,16 +93,19 @@ impl WatchEvent {
             WatchEvent::Init { rev, .. }
             | WatchEvent::Put { rev, .. }
             | WatchEvent::Delete { rev, .. }
+            | WatchEvent::KillSession { rev, .. }
             | WatchEvent::Ping { rev } => *rev,
         }
     }
 }
 
-/// A change between two views, before it gets a revision.
+/// A change between two views, before it gets a revision; or a kill request, which travels
+/// the same stream in order but changes no view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Put(WatchItem),
     Delete(WatchKind, String),
+    KillSession(String),
 }
 
 impl Change {
@@ -93,6 +113,7 @@ impl Change {
         match self {
             Change::Put(item) => WatchEvent::Put { rev, item },
             Change::Delete(kind, name) => WatchEvent::Delete { rev, kind, name },
+            Change::KillSession(session_id) => WatchEvent::KillSession { rev, session_id },
         }
     }
 }
@@ -166,6 +187,7 @@ impl ClusterView {
             Change::Delete(WatchKind::Db, name) => {
                 self.databases.remove(&name);
             }
+            Change::KillSession(_) => {}
         }
     }
 }
@@ -271,7 +293,8 @@ mod tests {
             WatchEvent::Init { rev: 3, view: view(&[user("alice", &["dev"])], &[db("orders", "prod")]) },
             WatchEvent::Put { rev: 4, item: WatchItem::User(user("bob", &[])) },
             WatchEvent::Delete { rev: 5, kind: WatchKind::Db, name: "orders".into() },
-            WatchEvent::Ping { rev: 5 },
+            WatchEvent::KillSession { rev: 6, session_id: "s1".into() },
+            WatchEvent::Ping { rev: 6 },
         ];
         for e in events {
             let line = serde_json::to_string(&e).unwrap();
@@ -281,6 +304,8 @@ mod tests {
         let line =
             serde_json::to_string(&WatchEvent::Delete { rev: 1, kind: WatchKind::Lock, name: "l".into() }).unwrap();
         assert_eq!(line, r#"{"op":"delete","rev":1,"kind":"lock","name":"l"}"#);
+        let line = serde_json::to_string(&WatchEvent::KillSession { rev: 2, session_id: "s1".into() }).unwrap();
+        assert_eq!(line, r#"{"op":"kill_session","rev":2,"session_id":"s1"}"#);
     }
 
     #[test]
@@ -304,9 +329,11 @@ mod tests {
             filter.pass(&Change::Delete(WatchKind::Db, "b".into())),
             Some(Change::Delete(WatchKind::Db, "b".into()))
         );
-        // Users, roles and locks go to every agent.
+        // Users, roles, locks and kill requests go to every agent.
         let u = Change::Put(WatchItem::User(user("alice", &[])));
         assert_eq!(filter.pass(&u), Some(u));
+        let kill = Change::KillSession("s1".into());
+        assert_eq!(filter.pass(&kill), Some(kill));
         assert!(selected(&[BTreeMap::new()], &BTreeMap::new()), "an empty selector selects everything");
         assert!(!selected(&[], &BTreeMap::new()), "no selector selects nothing");
     }

@@ -1,7 +1,8 @@
 //! The agent's side of the watch stream: it asks the auth server for the policy of the
 //! databases its selectors name, applies the snapshot and each change to its [`ClusterView`],
 //! and installs the result in the agent's [`PolicyStore`], where the next handshake and the
-//! live-session enforcer see it. A stream that breaks or goes quiet for [`SILENCE_LIMIT`] is
+//! live-session enforcer see it. A `kill_session` line is handed to the agent's proxy, which
+//! ends the session if it holds it. A stream that breaks or goes quiet for [`SILENCE_LIMIT`] is
 //! opened again (with backoff); every line, pings included, counts as contact with the auth
 //! server for `max_policy_staleness`.
 
@@ -72,9 +73,19 @@ struct Following {
 }
 
 impl Following {
-    /// Applies one line; whether the view changed.
-    fn apply(&mut self, event: WatchEvent) -> Result<bool, WatchError> {
+    /// Applies one line; whether the view changed. Kill requests not seen before go to `kills`.
+    fn apply(&mut self, event: WatchEvent, kills: &mut Vec<String>) -> Result<bool, WatchError> {
         match event {
+            WatchEvent::KillSession { rev, session_id } => {
+                if self.view.is_none() {
+                    return Err(WatchError::NoSnapshot);
+                }
+                if rev > self.rev {
+                    self.rev = rev;
+                    kills.push(session_id);
+                }
+                Ok(false)
+            }
             WatchEvent::Init { rev, view } => {
                 self.rev = rev;
                 self.view = Some(view);
@@ -97,13 +108,16 @@ impl Following {
     }
 }
 
+/// What the agent does with a kill request: end the session if it holds it.
+pub type KillSession = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Follows the auth server until aborted, reconnecting as needed.
-pub async fn follow(client: AuthClient, cfg: Arc<Config>, policy: Arc<PolicyStore>) {
+pub async fn follow(client: AuthClient, cfg: Arc<Config>, policy: Arc<PolicyStore>, kill: KillSession) {
     let req = WatchRequest { selectors: cfg.db_service.resources.iter().map(|m| m.labels.clone()).collect() };
     let mut retry = FIRST_RETRY;
     loop {
         let started = std::time::Instant::now();
-        let err = follow_once(&client, &req, &cfg, &policy).await;
+        let err = follow_once(&client, &req, &cfg, &policy, &kill).await;
         if started.elapsed() > Duration::from_secs(30) {
             retry = FIRST_RETRY;
         }
@@ -124,7 +138,13 @@ pub async fn follow(client: AuthClient, cfg: Arc<Config>, policy: Arc<PolicyStor
 }
 
 /// One stream, until it fails.
-async fn follow_once(client: &AuthClient, req: &WatchRequest, cfg: &Config, policy: &PolicyStore) -> WatchError {
+async fn follow_once(
+    client: &AuthClient,
+    req: &WatchRequest,
+    cfg: &Config,
+    policy: &PolicyStore,
+    kill: &KillSession,
+) -> WatchError {
     let mut stream = match client.post("/v1/watch", req).await {
         Ok(s) => s,
         Err(e) => return e.into(),
@@ -143,9 +163,10 @@ async fn follow_once(client: &AuthClient, req: &WatchRequest, cfg: &Config, poli
             Err(e) => return e,
         };
         let mut changed = false;
+        let mut kills = Vec::new();
         for event in events {
             let first = matches!(event, WatchEvent::Init { .. });
-            match following.apply(event) {
+            match following.apply(event, &mut kills) {
                 Ok(c) => changed |= c,
                 Err(e) => return e,
             }
@@ -165,6 +186,9 @@ async fn follow_once(client: &AuthClient, req: &WatchRequest, cfg: &Config, poli
         match (&following.view, changed) {
             (Some(view), true) => policy.replace(PolicyView::from_cluster(cfg, view)),
             _ => policy.touch(),
+        }
+        for id in kills {
+            kill(&id);
         }
     }
 }
@@ -218,7 +242,7 @@ mod tests {
                 match dec.feed(&c) {
                     Ok(events) => {
                         for e in events {
-                            let _ = f.apply(e);
+                            let _ = f.apply(e, &mut Vec::new());
                         }
                     }
                     Err(_) => break,
@@ -230,15 +254,24 @@ mod tests {
     #[test]
     fn changes_apply_in_order_after_the_snapshot_only() {
         let mut f = Following { view: None, rev: 0 };
+        let mut kills = Vec::new();
         let alice = User { name: "alice".into(), roles: vec!["dev".into()] };
         let put = |rev| WatchEvent::Put { rev, item: WatchItem::User(alice.clone()) };
-        assert!(matches!(f.apply(put(2)), Err(WatchError::NoSnapshot)));
-        assert!(f.apply(WatchEvent::Init { rev: 1, view: ClusterView::default() }).unwrap());
-        assert!(!f.apply(WatchEvent::Ping { rev: 1 }).unwrap());
-        assert!(f.apply(put(2)).unwrap());
-        assert!(!f.apply(put(2)).unwrap(), "a change seen before is not applied again");
-        assert!(f.apply(WatchEvent::Delete { rev: 5, kind: WatchKind::User, name: "alice".into() }).unwrap());
+        assert!(matches!(f.apply(put(2), &mut kills), Err(WatchError::NoSnapshot)));
+        assert!(f.apply(WatchEvent::Init { rev: 1, view: ClusterView::default() }, &mut kills).unwrap());
+        assert!(!f.apply(WatchEvent::Ping { rev: 1 }, &mut kills).unwrap());
+        assert!(f.apply(put(2), &mut kills).unwrap());
+        assert!(!f.apply(put(2), &mut kills).unwrap(), "a change seen before is not applied again");
+        assert!(f
+            .apply(WatchEvent::Delete { rev: 5, kind: WatchKind::User, name: "alice".into() }, &mut kills)
+            .unwrap());
         assert!(f.view.as_ref().unwrap().users.is_empty());
         assert_eq!(f.rev, 5);
+        // A kill request changes no view, and one seen before is not acted on again.
+        let kill = |rev| WatchEvent::KillSession { rev, session_id: "s1".into() };
+        assert!(!f.apply(kill(6), &mut kills).unwrap());
+        assert!(!f.apply(kill(6), &mut kills).unwrap());
+        assert_eq!(kills, ["s1"]);
+        assert_eq!(f.rev, 6);
     }
 }

@@ -153,12 +153,14 @@ pub(super) async fn hand_off(
         upstream_pid: t.pid,
         upstream_secret: hex::encode(&t.secret),
     });
-    let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs };
+    let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs, started_at };
     let stored = serde_json::to_value(&record).map_err(StateError::from);
     if let Err(e) = stored.and_then(|json| ctx.state.insert_live_session(&fields.session_id, &json)) {
         return Outcome::Failed(e.into(), our_pid);
     }
     ctx.handed().insert(fields.session_id.clone(), record);
+    ctx.sessions_changed();
     let idle = ctx.cfg.idle_timeout();
     let h = sluice_handoff::handoff::Handoff {
         session_id: fields.session_id.clone(),
@@ -178,6 +180,7 @@ pub(super) async fn hand_off(
         }
         Err(e) => {
             ctx.handed().remove(&fields.session_id);
+            ctx.sessions_changed();
             let _ = ctx.state.delete_live_session(&fields.session_id);
             Outcome::Failed(e.into(), our_pid)
         }
@@ -199,6 +202,7 @@ impl ProxyContext {
             warn!(session_id = %id, "end report for a session control does not know");
             return;
         };
+        self.sessions_changed();
         if let Err(e) = self.state.delete_live_session(id) {
             warn!(session_id = %id, error = %e, "forgetting a live session");
         }
@@ -240,8 +244,11 @@ impl Events for ProxyContext {
                 return;
             }
         };
-        for (id, _, json) in known {
-            let record: LiveRecord = match serde_json::from_value(json) {
+        if !known.is_empty() {
+            self.sessions_changed();
+        }
+        for (id, started_at, json) in known {
+            let mut record: LiveRecord = match serde_json::from_value(json) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(session_id = %id, error = %e, "unreadable live-session record; forgetting it");
@@ -249,6 +256,9 @@ impl Events for ProxyContext {
                     continue;
                 }
             };
+            if record.started_at == 0 {
+                record.started_at = started_at;
+            }
             self.handed().entry(id.clone()).or_insert_with(|| record.clone());
             if !live.contains(&id) {
                 self.finish_handed_off(&id, None);
@@ -270,6 +280,14 @@ pub(super) struct LiveRecord {
     pub(super) cancel: Option<CancelRecord>,
     /// How each leg was carried when handed off: `tls` or `plain`.
     pub(super) legs: Legs,
+    /// When it started (unix seconds); 0 in records of earlier versions, which the
+    /// `live_sessions` row's own time stands in for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) started_at: i64,
+}
+
+fn is_zero(t: &i64) -> bool {
+    *t == 0
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

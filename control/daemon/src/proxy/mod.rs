@@ -73,6 +73,9 @@ pub struct ProxyContext {
     local_limiter: Arc<ConnLimiter<u32>>,
     /// Connections being refused for being over a limit.
     refusing: std::sync::atomic::AtomicUsize,
+    /// Notified when a session starts or ends: an agent heartbeats at once, so that the auth
+    /// server's `control sessions ls` and `sessions kill` see the change.
+    pub sessions_changed: Arc<tokio::sync::Notify>,
 }
 
 impl ProxyContext {
@@ -100,6 +103,7 @@ impl ProxyContext {
             relayed: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             refusing: std::sync::atomic::AtomicUsize::new(0),
+            sessions_changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -145,6 +149,28 @@ impl ProxyContext {
     /// Live sessions, in the data plane or relayed here.
     pub fn session_count(&self) -> usize {
         self.handed().len() + self.relayed().len()
+    }
+
+    /// Up to `max` live sessions (in the data plane or relayed here), oldest first, as the
+    /// heartbeat reports them.
+    pub fn live_sessions(&self, max: usize) -> Vec<crate::cluster::ReportedSession> {
+        use crate::cluster::ReportedSession;
+        let mut out: Vec<ReportedSession> = self
+            .handed()
+            .values()
+            .map(|r| ReportedSession { fields: r.fields.clone(), started_at: r.started_at })
+            .chain(
+                self.relayed().values().map(|r| ReportedSession { fields: r.fields.clone(), started_at: r.started_at }),
+            )
+            .collect();
+        out.sort_by(|a, b| (a.started_at, &a.fields.session_id).cmp(&(b.started_at, &b.fields.session_id)));
+        out.truncate(max);
+        out
+    }
+
+    /// A session started or ended.
+    fn sessions_changed(&self) {
+        self.sessions_changed.notify_one();
     }
 
     fn relayed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relayed>> {

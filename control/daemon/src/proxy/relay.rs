@@ -62,14 +62,17 @@ pub(super) async fn run_session(
     let mut client = CountingReader::new(client, ctx.epoch, activity.clone());
     let mut upstream = CountingReader::new(upstream, ctx.epoch, activity.clone());
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
-    let relayed = Relayed { fields: fields.clone(), end: end_tx, not_after, activity };
+    let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let relayed = Relayed { fields: fields.clone(), end: end_tx, not_after, activity, started_at };
     ctx.relayed().insert(fields.session_id.clone(), relayed);
+    ctx.sessions_changed();
     METRICS.local_session(true);
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024) => r.map(|_| None),
         Ok(reason) = end_rx => Ok(Some(reason)),
     };
     ctx.relayed().remove(&fields.session_id);
+    ctx.sessions_changed();
     METRICS.local_session(false);
     ctx.cancels().remove(&our_pid);
     let (to_upstream, to_client) = (client.read, upstream.read);
@@ -197,13 +200,42 @@ const POLICY_POLL: Duration = Duration::from_millis(250);
 
 /// A session control relays itself.
 pub(super) struct Relayed {
-    fields: SessionFields,
+    pub(super) fields: SessionFields,
     /// Stops the relay.
     end: tokio::sync::oneshot::Sender<EndReason>,
     /// The client certificate's expiry (unix seconds; 0 for local clients, who have none).
     not_after: i64,
     /// Milliseconds after `ProxyContext::epoch` of the last byte relayed either way.
     activity: Arc<std::sync::atomic::AtomicU64>,
+    /// Unix seconds.
+    pub(super) started_at: i64,
+}
+
+impl ProxyContext {
+    /// Ends a live session on an administrator's request (`control sessions kill` on the auth
+    /// server, sent to every agent): the data plane's through EndSession, a relayed one by
+    /// stopping its relay. Its end is audited as any other, with the reason `AdminKill`.
+    /// Whether this process held it.
+    pub fn kill_session(&self, id: &str) -> bool {
+        if let Some(r) = self.relayed().remove(id) {
+            info!(session_id = %id, "ending a session control relays, as an administrator asked");
+            let _ = r.end.send(EndReason::AdminKill);
+            return true;
+        }
+        if !self.handed().contains_key(id) {
+            return false;
+        }
+        match self.dataplane.get().filter(|d| d.connected()) {
+            Some(dp) => {
+                info!(session_id = %id, "ending a session in the dataplane, as an administrator asked");
+                if let Err(e) = dp.end_session(id, EndReason::AdminKill) {
+                    warn!(session_id = %id, error = %e, "asking the dataplane to end a session");
+                }
+            }
+            None => warn!(session_id = %id, "cannot end a session: the dataplane is not connected"),
+        }
+        true
+    }
 }
 
 /// Passes I/O through, counts the bytes read from the inner stream and stamps when the last
