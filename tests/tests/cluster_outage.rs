@@ -144,7 +144,12 @@ fn sessions_survive_the_auth_servers_absence_and_audit_arrives_once() -> Result<
     let answer: AuditStored =
         rt.block_on(client.post_json("/v1/audit", &AuditUpload { events: again.clone() }, Duration::from_secs(10)))?;
     assert_eq!((answer.stored, answer.duplicates), (0, again.len()));
-    assert_eq!(auth_event_counts(&h)?, counts, "a second delivery changed the audit log");
+    // (Other events may arrive meanwhile: the agent keeps uploading its own.)
+    let after = auth_event_counts(&h)?;
+    for e in &again {
+        let id = e["event_id"].as_str().unwrap_or_default();
+        assert_eq!(after.get(id), Some(&1), "event {id} stored again by a second delivery");
+    }
 
     // A removed node's watch is closed and cannot be reopened: its cached policy ages out.
     let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(identity.join("identity.json"))?)?;
