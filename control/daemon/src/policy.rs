@@ -170,6 +170,9 @@ pub struct PolicyView {
     pub users: HashMap<String, User>,
     pub roles: HashMap<String, Role>,
     pub locks: Vec<Lock>,
+    /// Where each agent that heartbeated serves PostgreSQL, by node index: a cancel request
+    /// for a key another agent gave out is sent there.
+    pub nodes: HashMap<u16, String>,
 }
 
 impl PolicyView {
@@ -180,6 +183,11 @@ impl PolicyView {
             users: state.users()?.into_iter().map(|u| (u.name.clone(), u)).collect(),
             roles: state.roles()?.into_iter().map(|r| (r.metadata.name.clone(), r)).collect(),
             locks: state.active_locks()?,
+            nodes: state
+                .nodes()?
+                .into_iter()
+                .filter_map(|n| n.heartbeat.map(|hb| (n.node_index, hb.postgres_addr)))
+                .collect(),
         })
     }
 
@@ -194,6 +202,7 @@ impl PolicyView {
             users: view.users.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             roles: view.roles.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             locks: view.locks.values().cloned().collect(),
+            nodes: view.nodes.values().map(|n| (n.node_index, n.postgres_addr.clone())).collect(),
         }
     }
 
@@ -449,6 +458,7 @@ mod tests {
                 .collect(),
             roles: [("dev".to_owned(), role)].into_iter().collect(),
             locks: Vec::new(),
+            nodes: HashMap::new(),
         }
     }
 

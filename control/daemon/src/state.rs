@@ -677,12 +677,15 @@ impl State {
         })
     }
 
-    /// Stores an agent's heartbeat; `false` if the node is no longer registered. Bookkeeping
-    /// ([`State::write_own`]): a heartbeat does not make the policy snapshot stale.
+    /// Stores an agent's heartbeat; `false` if the node is no longer registered. When only the
+    /// time and the session count changed this is bookkeeping ([`State::write_own`]): a cluster
+    /// of agents heartbeating must not make every policy snapshot stale. A new address or list
+    /// of databases is a normal commit, so the auth server's snapshot and the agents' watch
+    /// (cancel forwarding, `sluice db ls`) see it.
     pub fn record_heartbeat(&self, host_id: &str, hb: &NodeHeartbeat) -> Result<bool, StateError> {
         let databases = serde_json::to_string(&hb.databases)?;
         let interval = i64::try_from(hb.interval_ms).map_err(|e| StateError::Invalid(e.to_string()))?;
-        let changed = self.write_own(|db| {
+        let update = |db: &Connection| {
             db.execute(
                 "UPDATE nodes SET hb_postgres_addr = ?2, hb_databases = ?3, hb_sessions = ?4, hb_version = ?5,
                      hb_interval_ms = ?6, hb_at_ms = ?7, last_seen = ?8
@@ -698,7 +701,17 @@ impl State {
                     hb.at_ms.div_euclid(1000)
                 ],
             )
-        })?;
+        };
+        let stored: Option<(Option<String>, Option<String>)> = self
+            .db()
+            .query_row("SELECT hb_postgres_addr, hb_databases FROM nodes WHERE host_id = ?1", params![host_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((addr, dbs)) = stored else { return Ok(false) };
+        let same = addr.as_deref() == Some(hb.postgres_addr.as_str()) && dbs.as_deref() == Some(databases.as_str());
+        // An agent heartbeats one call at a time, so the row does not change in between.
+        let changed = if same { self.write_own(update)? } else { update(&self.db())? };
         Ok(changed > 0)
     }
 

@@ -128,9 +128,14 @@ pub async fn handle(
         return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("bad heartbeat: {why}"));
     }
     let live: Vec<_> = req.live.into_iter().map(|s| (s.started_at, s.fields)).collect();
+    // In a stable order, so that the same list is stored the same (a changed list is a change
+    // the agents are told of).
+    let mut databases = req.databases;
+    databases.sort();
+    databases.dedup();
     let hb = NodeHeartbeat {
         postgres_addr: req.postgres_addr,
-        databases: req.databases,
+        databases,
         sessions: req.sessions,
         version: req.version,
         interval_ms: req.interval_ms,
@@ -272,34 +277,56 @@ mod tests {
     }
 
     /// Heartbeats and renewals, written through the daemon's own handle, leave its policy
-    /// snapshot current: a cluster of agents heartbeating must not make every handshake re-read
-    /// the state.
+    /// snapshot current while only their time and session count change: a cluster of agents
+    /// heartbeating must not make every handshake re-read the state. A new address or list of
+    /// databases is a change that the snapshot (and so the agents' watch) sees.
     #[test]
-    fn heartbeats_do_not_make_the_policy_stale() {
+    fn only_heartbeats_that_change_what_a_node_serves_make_the_policy_stale() {
+        use crate::cluster::ClusterView;
         use crate::policy::PolicyStore;
         use crate::state::State;
         let dir = std::env::temp_dir().join(format!("sluice-hb-{}", crate::state::random_secret(6)));
         let cfg: crate::config::Config = crate::config::from_yaml(&format!("data_dir: {}", dir.display())).unwrap();
         let daemon = Arc::new(State::open(&dir).unwrap());
         let node = daemon.add_node("a", "db", &Default::default(), OffsetDateTime::now_utc()).unwrap();
-        let store = PolicyStore::open(Arc::new(cfg), daemon.clone()).unwrap();
-        let (_, generation) = store.current().unwrap();
-        let hb = NodeHeartbeat {
+        let store = PolicyStore::open(Arc::new(cfg.clone()), daemon.clone()).unwrap();
+        assert!(ClusterView::load(&cfg, &daemon).unwrap().nodes.is_empty(), "a node that never heartbeated");
+        let mut hb = NodeHeartbeat {
             postgres_addr: "127.0.0.1:5433".into(),
-            databases: Vec::new(),
+            databases: vec!["orders".into()],
             sessions: 0,
             version: String::new(),
             interval_ms: 1000,
             at_ms: now_ms(),
         };
-        for _ in 0..5 {
+        // The first heartbeat says where the node serves: a change.
+        let (_, before) = store.current().unwrap();
+        assert!(daemon.record_heartbeat(&node.host_id, &hb).unwrap());
+        assert!(store.fresh().is_none(), "the first heartbeat went unseen");
+        let (view, generation) = store.current().unwrap();
+        assert!(generation > before);
+        assert_eq!(view.nodes.get(&node.node_index).map(String::as_str), Some("127.0.0.1:5433"));
+        let shared = ClusterView::load(&cfg, &daemon).unwrap();
+        assert_eq!(shared.nodes[&node.host_id].databases, ["orders"]);
+
+        for i in 0..5 {
+            hb.sessions = i;
+            hb.at_ms += 1000;
             assert!(daemon.record_heartbeat(&node.host_id, &hb).unwrap());
         }
         assert!(daemon.record_renewal(&node.host_id, OffsetDateTime::now_utc()).unwrap());
         assert_eq!(store.fresh().map(|(_, g)| g), Some(generation), "a heartbeat made the snapshot stale");
-        // A change to the policy through the same handle still shows (the check can fail).
-        daemon.add_lock(Some("alice"), None, "", None).unwrap();
-        assert!(store.fresh().is_none());
+
+        hb.databases.push("billing".into());
+        assert!(daemon.record_heartbeat(&node.host_id, &hb).unwrap());
+        assert!(store.fresh().is_none(), "a new list of databases went unseen");
+        store.current().unwrap();
+        hb.postgres_addr = "127.0.0.1:6433".into();
+        assert!(daemon.record_heartbeat(&node.host_id, &hb).unwrap());
+        assert!(store.fresh().is_none(), "a new address went unseen");
+        let (view, _) = store.current().unwrap();
+        assert_eq!(view.nodes.get(&node.node_index).map(String::as_str), Some("127.0.0.1:6433"));
+        assert!(!daemon.record_heartbeat("gone", &hb).unwrap(), "an unknown node was updated");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -72,7 +72,7 @@ pub const DB_KIND: &str = "db";
 /// Most SAN entries a join may ask for.
 pub const MAX_DNS_NAMES: usize = 64;
 
-pub use view::{ClusterView, SharedDb, WatchEvent, WatchItem, WatchKind, WatchRequest};
+pub use view::{ClusterView, NodeEntry, SharedDb, WatchEvent, WatchItem, WatchKind, WatchRequest};
 
 /// `POST /v1/audit`: audit events an agent recorded, each with its `event_id`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! What the auth server shares with its agents over the watch stream: the users (names and
-//! roles, never password hashes), roles, locks and the dynamic and discovered databases, as a
+//! roles, never password hashes), roles, locks, the dynamic and discovered databases and the
+//! agents that heartbeated (where they serve, for cancel forwarding), as a
 //! [`ClusterView`]; and the stream's events, a snapshot (`init`) and then one `put` or `delete`
 //! per changed item, and `kill_session` requests, which are not part of the view. Pure: loading from the state, diffing two views, filtering by an agent's
 //! selectors and applying events are all here, without I/O but [`ClusterView::load`].
@@ -31,13 +32,28 @@ pub struct SharedDb {
     pub stale: Option<String>,
 }
 
-/// Everything an agent decides from, keyed by name (locks by id).
+/// An agent as the others see it: where it serves PostgreSQL and what, as its last heartbeat
+/// said. No health: that is a matter of time, judged where it is needed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub host_id: String,
+    /// The top bits of the cancel keys it hands out.
+    pub node_index: u16,
+    pub name: String,
+    pub postgres_addr: String,
+    pub databases: Vec<String>,
+}
+
+/// Everything an agent decides from, keyed by name (locks by id, nodes by host id).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
     pub users: BTreeMap<String, User>,
     pub roles: BTreeMap<String, Role>,
     pub locks: BTreeMap<String, Lock>,
     pub databases: BTreeMap<String, SharedDb>,
+    /// Agents that heartbeated at least once (an auth server from before nodes sends none).
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeEntry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +63,7 @@ pub enum WatchKind {
     Role,
     Lock,
     Db,
+    Node,
 }
 
 /// One changed item.
@@ -57,6 +74,7 @@ pub enum WatchItem {
     Role(Box<Role>),
     Lock(Lock),
     Db(Box<SharedDb>),
+    Node(NodeEntry),
 }
 
 /// One line of the watch stream (NDJSON). `rev` grows by one per change; `ping` repeats the
@@ -140,6 +158,21 @@ impl ClusterView {
             roles: state.roles()?.into_iter().map(|r| (r.metadata.name.clone(), r)).collect(),
             locks: state.active_locks()?.into_iter().map(|l| (l.id.clone(), l)).collect(),
             databases,
+            nodes: state
+                .nodes()?
+                .into_iter()
+                .filter_map(|n| {
+                    let hb = n.heartbeat?;
+                    let entry = NodeEntry {
+                        host_id: n.host_id.clone(),
+                        node_index: n.node_index,
+                        name: n.name,
+                        postgres_addr: hb.postgres_addr,
+                        databases: hb.databases,
+                    };
+                    Some((n.host_id, entry))
+                })
+                .collect(),
         })
     }
 
@@ -157,6 +190,7 @@ impl ClusterView {
         diff_map(&self.roles, &next.roles, WatchKind::Role, |r| WatchItem::Role(Box::new(r)), &mut out);
         diff_map(&self.locks, &next.locks, WatchKind::Lock, WatchItem::Lock, &mut out);
         diff_map(&self.databases, &next.databases, WatchKind::Db, |d| WatchItem::Db(Box::new(d)), &mut out);
+        diff_map(&self.nodes, &next.nodes, WatchKind::Node, WatchItem::Node, &mut out);
         out
     }
 
@@ -175,6 +209,9 @@ impl ClusterView {
             Change::Put(WatchItem::Db(d)) => {
                 self.databases.insert(d.resource.metadata.name.clone(), *d);
             }
+            Change::Put(WatchItem::Node(n)) => {
+                self.nodes.insert(n.host_id.clone(), n);
+            }
             Change::Delete(WatchKind::User, name) => {
                 self.users.remove(&name);
             }
@@ -186,6 +223,9 @@ impl ClusterView {
             }
             Change::Delete(WatchKind::Db, name) => {
                 self.databases.remove(&name);
+            }
+            Change::Delete(WatchKind::Node, name) => {
+                self.nodes.remove(&name);
             }
             Change::KillSession(_) => {}
         }
@@ -285,6 +325,47 @@ mod tests {
         }
         assert_eq!(applied, b);
         assert!(b.diff(&b).is_empty());
+    }
+
+    fn node(host_id: &str, index: u16, addr: &str) -> NodeEntry {
+        NodeEntry {
+            host_id: host_id.into(),
+            node_index: index,
+            name: format!("agent-{index}"),
+            postgres_addr: addr.into(),
+            databases: vec!["orders".into()],
+        }
+    }
+
+    #[test]
+    fn nodes_are_diffed_and_applied_like_the_rest() {
+        let mut a = view(&[], &[]);
+        a.nodes.insert("h1".into(), node("h1", 1, "10.0.0.1:5433"));
+        a.nodes.insert("h2".into(), node("h2", 2, "10.0.0.2:5433"));
+        let mut b = a.clone();
+        b.nodes.insert("h1".into(), node("h1", 1, "10.0.0.9:5433"));
+        b.nodes.remove("h2");
+        b.nodes.insert("h3".into(), node("h3", 3, "10.0.0.3:5433"));
+        let changes = a.diff(&b);
+        assert_eq!(changes.len(), 3, "{changes:?}");
+        assert!(changes.contains(&Change::Delete(WatchKind::Node, "h2".into())));
+        let mut applied = a.clone();
+        for c in changes {
+            applied.apply(c);
+        }
+        assert_eq!(applied, b);
+        // Nodes go to every agent, whatever its selectors (any of them may get a cancel request
+        // for a session on another).
+        let (mut filter, first) = StreamFilter::start(Vec::new(), &b);
+        assert_eq!(first.nodes.len(), 2);
+        let put = Change::Put(WatchItem::Node(node("h4", 4, "10.0.0.4:5433")));
+        assert_eq!(filter.pass(&put), Some(put));
+        // A snapshot from an auth server without nodes still reads.
+        let old: ClusterView = serde_json::from_str(r#"{"users":{},"roles":{},"locks":{},"databases":{}}"#).unwrap();
+        assert!(old.nodes.is_empty());
+        let line =
+            serde_json::to_string(&WatchEvent::Delete { rev: 2, kind: WatchKind::Node, name: "h1".into() }).unwrap();
+        assert_eq!(line, r#"{"op":"delete","rev":2,"kind":"node","name":"h1"}"#);
     }
 
     #[test]

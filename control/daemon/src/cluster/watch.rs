@@ -178,6 +178,7 @@ async fn follow_once(
                         roles = view.roles.len(),
                         locks = view.locks.len(),
                         databases = view.databases.len(),
+                        nodes = view.nodes.len(),
                         "following the auth server's policy"
                     );
                 }
