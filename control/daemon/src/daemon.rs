@@ -237,7 +237,10 @@ async fn start_agent(
         "agent is serving"
     );
     let minter = Arc::new(TokenMinter::new());
-    let ctx = Arc::new(ProxyContext::new(cfg.clone(), state, policy.clone(), audit, minter, pg_tls));
+    let ctx = Arc::new(
+        ProxyContext::new(cfg.clone(), state, policy.clone(), audit, minter, pg_tls)
+            .with_node_index(joined.identity.node_index),
+    );
     // Weak: the watch task must not keep the proxy context alive.
     let kill_ctx = Arc::downgrade(&ctx);
     let kill: crate::cluster::watch::KillSession = Arc::new(move |id: &str| {

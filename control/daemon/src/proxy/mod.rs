@@ -62,6 +62,9 @@ pub struct ProxyContext {
     pub server_tls: Arc<ServerConfig>,
     /// Our cancel keys (given to clients) → where to send the upstream's cancel.
     cancels: Mutex<HashMap<u32, (Vec<u8>, CancelTarget)>>,
+    /// This process's node index (0 where the auth service runs): the top bits of its cancel
+    /// keys, so that another agent can pass a cancel request on to it.
+    node_index: u16,
     /// Set when sessions are handed to a dataplane process.
     pub dataplane: OnceLock<Arc<DataplaneClient>>,
     /// Sessions control relays itself, and how to end them.
@@ -99,12 +102,19 @@ impl ProxyContext {
             upstream_tls: Arc::new(UpstreamTls::default()),
             server_tls,
             cancels: Mutex::new(HashMap::new()),
+            node_index: 0,
             dataplane: OnceLock::new(),
             relayed: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             refusing: std::sync::atomic::AtomicUsize::new(0),
             sessions_changed: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// An agent's context: its cancel keys carry its node index.
+    pub fn with_node_index(mut self, node_index: u16) -> Self {
+        self.node_index = node_index;
+        self
     }
 
     fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (Vec<u8>, CancelTarget)>> {
