@@ -143,6 +143,10 @@ struct DbProfile {
     db_user: String,
     db_name: String,
     expires: String,
+    /// Where the database was served when the certificate was issued: used when the auth
+    /// server cannot be asked for where it is served now.
+    #[serde(default)]
+    endpoints: Vec<String>,
 }
 
 fn home() -> Result<PathBuf> {
@@ -239,22 +243,61 @@ async fn db_login(p: &Paths, name: &str, db_user: &str, db_name: &str) -> Result
     write_private(&p.db_file(name, "key"), key.serialize_pem().as_bytes())?;
     write_private(&p.db_file(name, "crt"), resp.cert_pem.as_bytes())?;
     write_private(&p.ca(), resp.ca_pem.as_bytes())?;
-    let meta = DbProfile { db_user: db_user.to_owned(), db_name: db_name.to_owned(), expires: resp.expires.clone() };
+    let meta = DbProfile {
+        db_user: db_user.to_owned(),
+        db_name: db_name.to_owned(),
+        expires: resp.expires.clone(),
+        endpoints: resp.postgres_endpoints.clone(),
+    };
     write_private(&p.db_file(name, "json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
     println!("Logged into database {name} as {db_user} (valid until {}).", resp.expires);
     Ok(())
 }
 
+/// Where to connect to a database: the endpoints the auth server lists now (the agents serving
+/// it are healthy), else those it listed at `db login`, else the login's PostgreSQL address.
+async fn db_endpoints(p: &Paths, profile: &Profile, name: &str, meta: &DbProfile) -> Vec<String> {
+    let listed: Result<Vec<DbInfo>> =
+        call(p, &profile.proxy, &Request::DbList { session: profile.session.clone() }).await;
+    let endpoints = match listed {
+        Ok(dbs) => dbs.into_iter().find(|d| d.name == name).map(|d| d.endpoints).unwrap_or_default(),
+        Err(e) => {
+            eprintln!(
+                "note: could not ask {} where {name} is served ({e:#}); using what `sluice db login` saw",
+                profile.proxy
+            );
+            meta.endpoints.clone()
+        }
+    };
+    if endpoints.is_empty() {
+        vec![profile.postgres_public_addr.clone()]
+    } else {
+        endpoints
+    }
+}
+
+/// libpq's host and port lists for `endpoints`, in random order: libpq tries them in turn
+/// (multi-host), so clients spread over the agents and move on past one that is down.
+fn host_lists(endpoints: &[String]) -> Result<(String, String)> {
+    use rand::seq::SliceRandom;
+    let mut pairs =
+        endpoints.iter().map(|e| split_host_port(e, 5433).map_err(anyhow::Error::from)).collect::<Result<Vec<_>>>()?;
+    pairs.shuffle(&mut rand::thread_rng());
+    let hosts = pairs.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>().join(",");
+    let ports = pairs.iter().map(|(_, p)| p.to_string()).collect::<Vec<_>>().join(",");
+    Ok((hosts, ports))
+}
+
 /// libpq environment for a logged-in database.
-fn db_env(p: &Paths, name: &str) -> Result<Vec<(&'static str, String)>> {
+async fn db_env(p: &Paths, name: &str) -> Result<Vec<(&'static str, String)>> {
     let profile = load_profile(p)?;
     let meta_text = std::fs::read_to_string(p.db_file(name, "json"))
         .map_err(|_| anyhow!("not logged into database {name:?}: run `sluice db login {name} --db-user USER`"))?;
     let meta: DbProfile = serde_json::from_str(&meta_text)?;
-    let (host, port) = split_host_port(&profile.postgres_public_addr, 5433)?;
+    let (host, port) = host_lists(&db_endpoints(p, &profile, name, &meta).await)?;
     let mut env = vec![
         ("PGHOST", host),
-        ("PGPORT", port.to_string()),
+        ("PGPORT", port),
         ("PGSSLMODE", "verify-full".to_owned()),
         ("PGSSLROOTCERT", p.ca().display().to_string()),
         ("PGSSLCERT", p.db_file(name, "crt").display().to_string()),
@@ -279,10 +322,10 @@ fn print_table(dbs: &[DbInfo]) {
     let labels = |l: &BTreeMap<String, String>| l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let w_name = dbs.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
     let w_desc = dbs.iter().map(|d| d.description.len()).max().unwrap_or(0).max(11);
-    println!("{:<w_name$} {:<w_desc$} Labels", "Name", "Description");
-    println!("{} {} {}", "-".repeat(w_name), "-".repeat(w_desc), "-".repeat(6));
+    println!("{:<w_name$} {:<w_desc$} Agents Labels", "Name", "Description");
+    println!("{} {} {} {}", "-".repeat(w_name), "-".repeat(w_desc), "-".repeat(6), "-".repeat(6));
     for d in dbs {
-        println!("{:<w_name$} {:<w_desc$} {}", d.name, d.description, labels(&d.labels));
+        println!("{:<w_name$} {:<w_desc$} {:<6} {}", d.name, d.description, d.agents, labels(&d.labels));
     }
 }
 
@@ -349,12 +392,12 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("Logged out of database {name}.");
             }
             DbCmd::Env { name } => {
-                for (k, v) in db_env(&p, &name)? {
+                for (k, v) in db_env(&p, &name).await? {
                     println!("export {k}={}", shell_quote(&v));
                 }
             }
             DbCmd::Config { name } => {
-                let env = db_env(&p, &name)?;
+                let env = db_env(&p, &name).await?;
                 let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap_or_default();
                 println!("Name:      {name}");
                 println!("Host:      {}", get("PGHOST"));
@@ -380,7 +423,7 @@ async fn run(cli: Cli) -> Result<()> {
                 if let Some(u) = &db_user {
                     db_login(&p, &name, u, db_name.as_deref().unwrap_or("")).await?;
                 }
-                let env = db_env(&p, &name)?;
+                let env = db_env(&p, &name).await?;
                 use std::os::unix::process::CommandExt;
                 let mut cmd = std::process::Command::new("psql");
                 cmd.args(psql_args).envs(env);

@@ -51,8 +51,8 @@ struct Shared {
     upstream: Mutex<Arc<Upstream>>,
 }
 
-fn load(paths: &Paths, name: &str) -> Result<Upstream> {
-    let env = db_env(paths, name)?;
+async fn load(paths: &Paths, name: &str) -> Result<Upstream> {
+    let env = db_env(paths, name).await?;
     let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap_or_default();
     // libpq's multi-host form: PGHOST=a,b PGPORT=p,q (one port for all, or one each).
     let hosts: Vec<String> = get("PGHOST").split(',').map(str::to_owned).collect();
@@ -95,7 +95,7 @@ impl Shared {
         db_login(&self.paths, &self.name, &up.db_user, &up.db_name)
             .await
             .context("the database certificate expired and a new one could not be fetched (run `sluice login`)")?;
-        *up = Arc::new(load(&self.paths, &self.name)?);
+        *up = Arc::new(load(&self.paths, &self.name).await?);
         eprintln!("fetched a new certificate for {} (valid until {})", self.name, up.expires);
         Ok(up.clone())
     }
@@ -103,7 +103,7 @@ impl Shared {
 
 /// Runs the tunnel until interrupted.
 pub async fn run(paths: Paths, name: String, listen: Listen) -> Result<()> {
-    let upstream = load(&paths, &name)?;
+    let upstream = load(&paths, &name).await?;
     let user = upstream.db_user.clone();
     let dbname = if upstream.db_name.is_empty() { user.clone() } else { upstream.db_name.clone() };
     let shared = Arc::new(Shared { paths, name: name.clone(), upstream: Mutex::new(Arc::new(upstream)) });

@@ -44,6 +44,15 @@ pub struct DbInfo {
     pub protocol: String,
     pub uri: String,
     pub labels: BTreeMap<String, String>,
+    /// How many healthy agents serve it.
+    #[serde(default)]
+    pub agents: u32,
+    /// Where clients connect to it (HOST:PORT, any one will do): the healthy agents serving it
+    /// and the auth server's own proxy if it serves it too; only the configured
+    /// `proxy_service.postgres_public_addr` (a load balancer) where there is one. Empty from
+    /// servers before clusters (use the login's `postgres_public_addr`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +61,9 @@ pub struct DbCertResponse {
     pub ca_pem: String,
     pub expires: String,
     pub postgres_public_addr: String,
+    /// The database's [`DbInfo::endpoints`] when the certificate was issued.
+    #[serde(default)]
+    pub postgres_endpoints: Vec<String>,
 }
 
 #[derive(Debug, Error)]

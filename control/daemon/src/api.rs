@@ -4,6 +4,7 @@
 //! short-lived database certificates for a key pair it generated itself (the private key never
 //! leaves the user's machine).
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +19,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument};
 
 use crate::ca::{CaError, CertAuthority, DbRoute, Identity};
-use crate::catalog;
+use crate::catalog::{self, Database};
+use crate::cluster::heartbeat::{now_ms, status_of, NodeStatus};
 use crate::config::Config;
 use crate::limits::{ConnLimiter, LoginThrottle};
 use crate::rbac::{can_see, check_access, AccessRequest, Denied};
-use crate::state::{State, StateError};
+use crate::state::{Node, State, StateError};
 
 /// Longest request line accepted (a public key PEM is well under this).
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -237,15 +239,17 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
         Request::DbList { session } => {
             let (user, _) = session_user(state, &session)?;
             let roles = state.roles_of(&user)?;
-            let dbs: Vec<DbInfo> = catalog::databases(&ctx.cfg, state)?
+            let dbs: Vec<DbInfo> = cluster_databases(&ctx.cfg, state, now_ms())?
                 .into_iter()
-                .filter(|d| can_see(&roles, &d.labels))
-                .map(|d| DbInfo {
+                .filter(|(d, _)| can_see(&roles, &d.labels))
+                .map(|(d, served)| DbInfo {
                     name: d.name,
                     description: d.description,
                     protocol: d.spec.protocol,
                     uri: d.spec.uri,
                     labels: d.labels,
+                    agents: served.agents,
+                    endpoints: served.endpoints,
                 })
                 .collect();
             to_json(&dbs)
@@ -253,7 +257,8 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
         Request::DbLogin { session, db, db_user, db_name, public_key_pem } => {
             let (user, expires) = session_user(state, &session)?;
             let roles = state.roles_of(&user)?;
-            let Some(d) = catalog::find(&ctx.cfg, state, &db)? else { return Err(RequestError::DbNotFound(db)) };
+            let found = cluster_databases(&ctx.cfg, state, now_ms())?.into_iter().find(|(d, _)| d.name == db);
+            let Some((d, served)) = found else { return Err(RequestError::DbNotFound(db)) };
             if db_user.is_empty() {
                 return Err(RequestError::NoDbUser);
             }
@@ -282,9 +287,75 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
                 ca_pem: ctx.ca.cert_pem.clone(),
                 expires: rfc3339(expires),
                 postgres_public_addr: ctx.cfg.proxy_service.public_addr(),
+                postgres_endpoints: served.endpoints,
             })
         }
     }
+}
+
+/// Where a database is served in the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Served {
+    /// Healthy agents serving it.
+    agents: u32,
+    /// [`DbInfo::endpoints`].
+    endpoints: Vec<String>,
+}
+
+/// The databases users can connect to, and where: those this process serves itself, and the
+/// shared ones (dynamic, discovered) that an agent said it serves in its last heartbeat, healthy
+/// or not (so that a database whose agents are all down still shows, with none). Blocking:
+/// SQLite.
+fn cluster_databases(cfg: &Config, state: &State, now_ms: i64) -> Result<Vec<(Database, Served)>, StateError> {
+    let own = catalog::databases(cfg, state)?;
+    let nodes = state.nodes()?;
+    let shared = catalog::shared_databases(cfg, state)?;
+    let reported: BTreeSet<&str> = nodes
+        .iter()
+        .filter_map(|n| n.heartbeat.as_ref())
+        .flat_map(|hb| hb.databases.iter().map(String::as_str))
+        .collect();
+    let own_names: BTreeSet<String> = own.iter().map(|d| d.name.clone()).collect();
+    let agents_only = shared
+        .iter()
+        .filter(|db| {
+            let name = db.resource.metadata.name.as_str();
+            reported.contains(name) && !own_names.contains(name)
+        })
+        .map(catalog::shared)
+        .collect::<Vec<_>>();
+    let listed = own.into_iter().map(|d| (true, d)).chain(agents_only.into_iter().map(|d| (false, d)));
+    Ok(listed
+        .map(|(served_here, d)| {
+            let served = served_at(cfg, &nodes, &d.name, served_here, now_ms);
+            (d, served)
+        })
+        .collect())
+}
+
+/// Who serves `name`: the healthy agents that say so (by node index) and this process if
+/// `served_here`; a configured public address (a load balancer in front of them) replaces the
+/// list.
+fn served_at(cfg: &Config, nodes: &[Node], name: &str, served_here: bool, now_ms: i64) -> Served {
+    let agents: Vec<&str> = nodes
+        .iter()
+        .filter(|n| status_of(n, now_ms) == NodeStatus::Healthy)
+        .filter_map(|n| n.heartbeat.as_ref())
+        .filter(|hb| hb.databases.iter().any(|d| d == name))
+        .map(|hb| hb.postgres_addr.as_str())
+        .collect();
+    let count = u32::try_from(agents.len()).unwrap_or(u32::MAX);
+    let endpoints = match &cfg.proxy_service.postgres_public_addr {
+        Some(public) => vec![public.clone()],
+        None => {
+            let here = (served_here && cfg.proxy_service.enabled).then(|| cfg.proxy_service.public_addr());
+            let mut all: Vec<String> = here.into_iter().chain(agents.iter().map(|a| a.to_string())).collect();
+            let mut seen = BTreeSet::new();
+            all.retain(|a| seen.insert(a.clone()));
+            all
+        }
+    };
+    Served { agents: count, endpoints }
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Value, RequestError> {
@@ -294,6 +365,49 @@ fn to_json<T: Serialize>(v: &T) -> Result<Value, RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(index: u16, addr: &str, dbs: &[&str], at_ms: Option<i64>) -> Node {
+        Node {
+            host_id: format!("h{index}"),
+            node_index: index,
+            name: format!("agent-{index}"),
+            role: "db".into(),
+            labels: Default::default(),
+            joined_at: 0,
+            cert_not_after: 0,
+            last_seen: 0,
+            heartbeat: at_ms.map(|at_ms| crate::state::NodeHeartbeat {
+                postgres_addr: addr.into(),
+                databases: dbs.iter().map(|d| d.to_string()).collect(),
+                sessions: 0,
+                version: String::new(),
+                interval_ms: 1000,
+                at_ms,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_database_is_reached_through_its_healthy_agents_unless_a_public_address_is_set() {
+        let now = 1_700_000_000_000;
+        let nodes = vec![
+            node(1, "10.0.0.1:5433", &["orders"], Some(now - 500)),
+            node(2, "10.0.0.2:5433", &["orders", "billing"], Some(now)),
+            // Offline, and never heartbeated.
+            node(3, "10.0.0.3:5433", &["orders"], Some(now - 10_000)),
+            node(4, "", &[], None),
+        ];
+        let mut cfg: Config = crate::config::from_yaml("data_dir: /nonexistent").unwrap();
+        cfg.proxy_service.postgres_listen_addr = ([127, 0, 0, 1], 6000).into();
+        let served = served_at(&cfg, &nodes, "orders", false, now);
+        assert_eq!(served, Served { agents: 2, endpoints: vec!["10.0.0.1:5433".into(), "10.0.0.2:5433".into()] });
+        let served = served_at(&cfg, &nodes, "billing", true, now);
+        assert_eq!(served, Served { agents: 1, endpoints: vec!["127.0.0.1:6000".into(), "10.0.0.2:5433".into()] });
+        assert_eq!(served_at(&cfg, &nodes, "other", false, now), Served::default());
+        cfg.proxy_service.postgres_public_addr = Some("lb.example:5433".into());
+        let served = served_at(&cfg, &nodes, "orders", false, now);
+        assert_eq!(served, Served { agents: 2, endpoints: vec!["lb.example:5433".into()] });
+    }
 
     /// The texts clients (and the `sluice` CLI) see stay as they were.
     #[test]

@@ -87,6 +87,20 @@ pub fn merge_shared<'a>(cfg: &Config, shared: impl IntoIterator<Item = &'a Share
     out
 }
 
+/// A database the auth server shares with its agents, as it is listed to users: the resource
+/// as stored (an agent's selector may override only its AWS settings).
+pub fn shared(db: &SharedDb) -> Database {
+    let res = &db.resource;
+    Database {
+        name: res.metadata.name.clone(),
+        description: res.metadata.description.clone(),
+        labels: res.metadata.labels.clone(),
+        spec: res.spec.clone(),
+        origin: if db.origin == "cloud" { "cloud" } else { "dynamic" },
+        stale: db.stale.clone(),
+    }
+}
+
 /// The dynamic resources (`control db add`), then the discovered ones under the names they are
 /// served by (unique against every static and dynamic name, served or not, so that a selector
 /// change does not rename them): what an auth server shares with its agents.
