@@ -12,8 +12,9 @@
 //! * [`parse_env_exports`] and [`psql`]: `sluice db env` output as environment variables for psql;
 //! * [`client_config_from_files`], [`client_config_from_pem`] and [`connect`]: tokio-postgres with a
 //!   client certificate;
-//! * [`startup_packet`], [`ssl_request`], [`cancel_request`], [`read_to_close`], [`backend_messages`] and
-//!   [`error_fields`]: the PostgreSQL wire protocol by hand, for malformed-input tests;
+//! * [`startup_packet`], [`ssl_request`], [`cancel_request`], [`read_to_close`], [`backend_messages`],
+//!   [`error_fields`] and [`RawSession`]: the PostgreSQL wire protocol by hand, for malformed-input
+//!   and cancel tests;
 //! * [`wait_until`] and [`runtime`].
 //!
 //! The binaries (`control`, `sluice`, `rds-proxy-emulator`) must have been built first
@@ -801,6 +802,86 @@ pub fn error_fields(body: &[u8]) -> Result<BTreeMap<char, String>> {
         out.insert(kind as char, String::from_utf8_lossy(&after[..nul]).into_owned());
         rest = &after[nul + 1..];
     }
+}
+
+/// A session opened by hand over TLS, with the cancel key Sluice gave it (tokio-postgres keeps
+/// its key to itself).
+pub struct RawSession {
+    pub stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    pub pid: u32,
+    pub secret: u32,
+}
+
+impl RawSession {
+    /// SSLRequest, TLS with `tls` (the server verified as 127.0.0.1), a protocol 3.0 startup as
+    /// `user` to `db`, then everything up to ReadyForQuery.
+    pub fn open(port: u16, tls: ClientConfig, user: &str, db: &str) -> Result<RawSession> {
+        let mut sock = raw_connect(port, Duration::from_secs(10))?;
+        sock.write_all(&ssl_request())?;
+        let mut answer = [0u8; 1];
+        sock.read_exact(&mut answer)?;
+        if answer[0] != b'S' {
+            bail!("the SSLRequest was answered {:?}", answer[0] as char);
+        }
+        let conn = rustls::ClientConnection::new(Arc::new(tls), "127.0.0.1".try_into()?)?;
+        let mut stream = rustls::StreamOwned::new(conn, sock);
+        stream.write_all(&startup_packet(&[("user", user), ("database", db)]))?;
+        stream.flush()?;
+        let mut key = None;
+        loop {
+            let (tag, body) = read_message(&mut stream)?;
+            match tag {
+                b'K' if body.len() == 8 => {
+                    let word = |i: usize| u32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]]);
+                    key = Some((word(0), word(4)));
+                }
+                b'E' => bail!("the session was refused: {:?}", error_fields(&body)?),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        let (pid, secret) = key.context("no BackendKeyData")?;
+        Ok(RawSession { stream, pid, secret })
+    }
+
+    /// Sends a simple Query.
+    pub fn send_query(&mut self, sql: &str) -> Result<()> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        let mut msg = vec![b'Q'];
+        msg.extend_from_slice(&u32::try_from(body.len() + 4)?.to_be_bytes());
+        msg.extend(body);
+        self.stream.write_all(&msg)?;
+        Ok(self.stream.flush()?)
+    }
+
+    /// Reads the answer to a query up to ReadyForQuery: the error's fields, if it failed.
+    pub fn finish_query(&mut self, timeout: Duration) -> Result<Option<BTreeMap<char, String>>> {
+        self.stream.sock.set_read_timeout(Some(timeout))?;
+        let mut error = None;
+        loop {
+            let (tag, body) =
+                read_message(&mut self.stream).with_context(|| format!("no answer to the query within {timeout:?}"))?;
+            match tag {
+                b'E' => error = Some(error_fields(&body)?),
+                b'Z' => return Ok(error),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Reads one backend message (tag, body).
+pub fn read_message(r: &mut impl Read) -> Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if !(4..=1 << 24).contains(&len) {
+        bail!("message {:?} claims length {len}", head[0] as char);
+    }
+    let mut body = vec![0u8; len - 4];
+    r.read_exact(&mut body)?;
+    Ok((head[0], body))
 }
 
 /// The single ErrorResponse a refused raw connection received, as fields.
