@@ -10,28 +10,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sluice_control::config::{DbResource, Metadata};
 use sluice_tests::{
-    ca_pin, cancel_request, env_get, join_token, parse_env_exports, psql_query, raw_connect, read_to_close, wait_until,
-    write_lenient, AgentProc, Harness, RawSession,
+    ca_pin, cancel_request, env_get, join_token, parse_env_exports, psql_query, raw_connect, read_to_close, shared_db,
+    wait_until, write_lenient, AgentProc, Harness, RawSession,
 };
 
 const START: Duration = Duration::from_secs(30);
 const SLEEP: &str = "select pg_sleep(30)";
-
-/// A dynamic database like the stack's demo database (the emulator's endpoint), labelled `env`.
-fn shared_db(h: &Harness, name: &str, env: &str) -> DbResource {
-    DbResource {
-        kind: "db".into(),
-        version: "v3".into(),
-        metadata: Metadata {
-            name: name.into(),
-            description: String::new(),
-            labels: [("env".to_owned(), env.to_owned())].into_iter().collect(),
-        },
-        spec: h.stack.control.config.db_service.databases[0].spec.clone(),
-    }
-}
 
 /// An agent serving env=dev databases through its own data plane, heartbeating every second.
 fn start_agent(h: &Harness, name: &str, token: &str, pin: &str) -> Result<AgentProc> {
@@ -93,7 +78,7 @@ fn send_cancel(port: u16, pid: u32, secret: u32) -> Result<()> {
 #[test]
 fn two_agents_serve_one_database() -> Result<()> {
     let mut h = Harness::start("cluster-agents")?;
-    h.state.upsert_database(&shared_db(&h, "orders", "dev"))?;
+    h.state.upsert_database(&shared_db(&h, "orders", &[("env", "dev")])?)?;
     let token = join_token(&h.stack.control, "1h")?;
     let pin = ca_pin(&h.stack.control)?;
     let mut a = start_agent(&h, "agent-a", &token, &pin)?;
