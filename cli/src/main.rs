@@ -466,3 +466,22 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_becomes_a_host_with_its_port() {
+        let endpoints: Vec<String> = ["10.0.0.1:5433", "10.0.0.2:6433", "db.example"].map(String::from).to_vec();
+        for _ in 0..20 {
+            let (hosts, ports) = host_lists(&endpoints).unwrap();
+            let pairs: BTreeMap<&str, &str> = hosts.split(',').zip(ports.split(',')).collect();
+            let want: BTreeMap<&str, &str> =
+                [("10.0.0.1", "5433"), ("10.0.0.2", "6433"), ("db.example", "5433")].into_iter().collect();
+            assert_eq!(pairs, want, "{hosts} {ports}");
+        }
+        assert_eq!(host_lists(&["127.0.0.1:7000".to_owned()]).unwrap(), ("127.0.0.1".into(), "7000".into()));
+        assert!(host_lists(&["127.0.0.1:notaport".to_owned()]).is_err());
+    }
+}
