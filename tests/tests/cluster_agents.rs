@@ -3,7 +3,7 @@
 //! every second) serve the dynamic database `orders`. `sluice db ls` counts the healthy agents
 //! of a database and `sluice db env` gives libpq all of them (multi-host), unless the auth
 //! server's PostgreSQL address is configured (a load balancer); a CancelRequest that reaches
-//! the wrong agent is passed on to the one holding the session; with an agent killed, `db ls`
+//! the wrong agent (or the auth server) is passed on to the one holding the session; with an agent killed, `db ls`
 //! counts one and psql reaches the other, even with the old two-host environment.
 
 use std::collections::BTreeSet;
@@ -137,9 +137,17 @@ fn two_agents_serve_one_database() -> Result<()> {
     assert!(took < Duration::from_secs(5), "cancel took {took:?}");
     let passed_on = a.log_text().matches("cancel request passed on to its agent").count();
     assert_eq!(passed_on, 2, "agent A's log: {}", sluice_tests::tail(&a.log, 20));
-    // The session goes on.
+    // The session goes on (after the postmaster's second signal to the cancelled backend,
+    // which would cancel the next query; see cancel.rs). The auth server (node index 0) passes
+    // cancel requests on too.
+    std::thread::sleep(Duration::from_millis(300));
     session.send_query("select 1")?;
     assert_eq!(session.finish_query(Duration::from_secs(10))?, None);
+    session.send_query(SLEEP)?;
+    wait_until(Duration::from_secs(20), "pg_sleep running", || Ok((running(&h, SLEEP)? == 1).then_some(())))?;
+    send_cancel(h.pg_port(), session.pid, session.secret)?;
+    let error = session.finish_query(Duration::from_secs(10))?.context("pg_sleep(30) finished without an error")?;
+    assert_eq!(error.get(&'C').map(String::as_str), Some("57014"), "{error:?}");
 
     // Agent A dies: within a few heartbeats the auth server counts one agent, a fresh
     // environment names B only, and the old one still connects (libpq moves past A).
