@@ -349,6 +349,25 @@ impl Harness {
         Ok(())
     }
 
+    /// Makes alice an admin of the web console (role `admin`, `spec.admin: true`), restarts
+    /// control serving it on a free port (with `edit` applied to the config too) and waits for
+    /// it; its address.
+    pub fn enable_web_console(&mut self, edit: impl FnOnce(&mut sluice_control::config::Config)) -> Result<String> {
+        let admin = serde_json::json!({"kind": "role", "version": "v7", "metadata": {"name": "admin"}, "spec": {"admin": true}});
+        self.state.upsert_role(&role(admin)?)?;
+        self.state.update_user_roles("alice", &["dev".to_owned(), "admin".to_owned()])?;
+        let port = sluice_control::demo::free_port()?;
+        self.restart_control(|c| {
+            c.auth_service.web_listen_addr = Some(([127, 0, 0, 1], port).into());
+            edit(c);
+        })?;
+        let addr = format!("127.0.0.1:{port}");
+        wait_until(Duration::from_secs(10), "the web console", || {
+            Ok(https_request(&addr, &self.ca_pem, "GET", "/login", &[], b"").ok())
+        })?;
+        Ok(addr)
+    }
+
     /// Runs an admin verb (`control --config … ARGS`); fails unless it succeeds; returns stdout.
     pub fn control_ok(&self, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(find_bin("control")?);

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use sluice_control::demo::free_port;
-use sluice_tests::{https_request, role, shared_db, wait_until, Harness, HttpResponse};
+use sluice_tests::{https_request, shared_db, wait_until, Harness, HttpResponse};
 
 struct Console {
     addr: String,
@@ -53,21 +52,13 @@ fn csrf(page: &str) -> Result<String> {
 #[test]
 fn the_console_serves_users_and_admins() -> Result<()> {
     let mut h = Harness::start("web-console")?;
-    h.state.upsert_role(&role(
-        json!({"kind": "role", "version": "v7", "metadata": {"name": "admin"}, "spec": {"admin": true}}),
-    )?)?;
-    h.state.update_user_roles("alice", &["dev".to_owned(), "admin".to_owned()])?;
     h.state.add_user("bob", "bob-password", &["dev".to_owned()])?;
     let mut escaped = shared_db(&h, "evil", &[("env", "dev")])?;
     escaped.metadata.description = "<script>alert(1)</script>".into();
     h.state.upsert_database(&escaped)?;
-    let port = free_port()?;
-    h.restart_control(|c| {
-        c.auth_service.web_listen_addr = Some(([127, 0, 0, 1], port).into());
-        c.db_service.resources = vec![serde_json::from_value(json!({"labels": {"env": "dev"}})).unwrap()];
-    })?;
-    let web = Console { addr: format!("127.0.0.1:{port}"), ca: h.ca_pem.clone() };
-    wait_until(Duration::from_secs(10), "the web console", || Ok(web.get("/login", None).ok()))?;
+    let resources = vec![serde_json::from_value(json!({"labels": {"env": "dev"}}))?];
+    let addr = h.enable_web_console(|c| c.db_service.resources = resources)?;
+    let web = Console { addr, ca: h.ca_pem.clone() };
 
     // Not logged in: to the login page; a wrong password is refused without saying which part.
     assert_eq!(web.get("/", None)?.status, 303);

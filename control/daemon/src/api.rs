@@ -295,18 +295,22 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
 
 /// Where a database is served in the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Served {
+pub(crate) struct Served {
     /// Healthy agents serving it.
-    agents: u32,
+    pub agents: u32,
     /// [`DbInfo::endpoints`].
-    endpoints: Vec<String>,
+    pub endpoints: Vec<String>,
 }
 
 /// The databases users can connect to, and where: those this process serves itself, and the
 /// shared ones (dynamic, discovered) that an agent said it serves in its last heartbeat, healthy
 /// or not (so that a database whose agents are all down still shows, with none). Blocking:
 /// SQLite.
-fn cluster_databases(cfg: &Config, state: &State, now_ms: i64) -> Result<Vec<(Database, Served)>, StateError> {
+pub(crate) fn cluster_databases(
+    cfg: &Config,
+    state: &State,
+    now_ms: i64,
+) -> Result<Vec<(Database, Served)>, StateError> {
     let own = catalog::databases(cfg, state)?;
     let nodes = state.nodes()?;
     let shared = catalog::shared_databases(cfg, state)?;

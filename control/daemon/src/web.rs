@@ -31,7 +31,6 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::audit::AuditLog;
-use crate::catalog;
 use crate::config::Config;
 use crate::https::TlsListener;
 use crate::limits::{ConnLimiter, LoginThrottle};
@@ -341,7 +340,11 @@ async fn databases_page(Extract(ctx): Extract<Arc<WebContext>>, headers: HeaderM
     let (cfg, state, user) = (ctx.cfg.clone(), ctx.state.clone(), v.user.clone());
     let dbs = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
         let roles = state.roles_of(&user)?;
-        Ok(catalog::databases(&cfg, &state)?.into_iter().filter(|d| can_see(&roles, &d.labels)).collect::<Vec<_>>())
+        // What `sluice db ls` lists: this server's databases and those only its agents serve.
+        Ok(crate::api::cluster_databases(&cfg, &state, now_ms())?
+            .into_iter()
+            .filter(|(d, _)| can_see(&roles, &d.labels))
+            .collect::<Vec<_>>())
     })
     .await;
     let dbs = match dbs {
@@ -354,17 +357,20 @@ async fn databases_page(Extract(ctx): Extract<Arc<WebContext>>, headers: HeaderM
         "<p>Log in once: <code class=\"copy\">sluice login --proxy {api} --user {} --ca-file ca.pem</code></p>",
         esc(&v.user.name)
     );
-    body.push_str("<table id=\"databases\"><tr><th>Name</th><th>Description</th><th>Labels</th><th>Connect</th></tr>");
-    for d in &dbs {
+    body.push_str(
+        "<table id=\"databases\"><tr><th>Name</th><th>Description</th><th>Labels</th><th>Agents</th><th>Connect</th></tr>",
+    );
+    for (d, served) in &dbs {
         let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{}={}", esc(k), esc(v))).collect();
         let _ = write!(
             body,
-            "<tr data-db=\"{name}\"><td>{name}</td><td>{desc}</td><td>{labels}</td><td>\
+            "<tr data-db=\"{name}\"><td>{name}</td><td>{desc}</td><td>{labels}</td><td>{agents}</td><td>\
              <code class=\"copy\">sluice db login {name} --db-user DB_USER --db-name DB_NAME</code><br>\
              <code class=\"copy\">sluice db connect {name}</code></td></tr>",
             name = esc(&d.name),
             desc = esc(&d.description),
             labels = labels.join(", "),
+            agents = served.agents,
         );
     }
     body.push_str("</table>");
@@ -618,7 +624,7 @@ document.querySelectorAll("code.copy").forEach(function (c) {
 var table = document.getElementById("sessions");
 if (table) {
   var last = {};
-  var fmt = function (n) { return n < 1024 ? n + " B" : n < 1048576 ? (n / 1024).toFixed(1) + " KiB" : (n / 1048576).toFixed(1) + " MiB"; };
+  var fmt = function (n) { return n < 1024 ? Math.round(n) + " B" : n < 1048576 ? (n / 1024).toFixed(1) + " KiB" : (n / 1048576).toFixed(1) + " MiB"; };
   var cell = function (tr, text) { var td = document.createElement("td"); td.textContent = text; tr.appendChild(td); return td; };
   var tick = function () {
     fetch("/api/sessions", { credentials: "same-origin" }).then(function (r) { return r.json(); }).then(function (d) {
