@@ -21,6 +21,7 @@ fn lists_come_as_tables_with_dates_or_as_json() -> Result<()> {
     assert!(users.iter().any(|u| u["name"] == "alice" && u["roles"][0] == "dev"), "{users:?}");
     let roles = json(&h, &["roles", "ls"])?;
     assert!(roles.iter().any(|r| r["metadata"]["name"] == "dev"), "{roles:?}");
+    assert!(json(&h, &["sessions", "ls"])?.is_empty(), "no session is live yet");
     let dbs = json(&h, &["db", "ls"])?;
     assert!(dbs.iter().any(|d| d["name"] == "demo"), "{dbs:?}");
 

@@ -259,7 +259,10 @@ enum DbConfigureCmd {
 enum SessionsCmd {
     /// Live sessions: those the dataplane holds here and, on an auth server, those its agents
     /// reported (the Node column names the agent).
-    Ls,
+    Ls {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     /// End a session now (the dataplane closes both legs within a second); on an auth server,
     /// also a session an agent reported, waiting up to 5 s for the agent to report it ended.
     Kill { id: String },
@@ -311,6 +314,7 @@ enum DbCmd {
 }
 
 /// One live session's client-leg traffic and its rates over the sampling interval.
+#[derive(Clone)]
 struct LiveStats {
     bytes_in: u64,
     bytes_out: u64,
@@ -719,7 +723,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Sessions(SessionsCmd::Ls) => {
+        Cmd::Sessions(SessionsCmd::Ls { format }) => {
             let cfg = load_config(&cli.config)?;
             let state = open_state(&cfg)?;
             // Live counters come from the dataplane: two samples half a second apart give rates.
@@ -733,24 +737,45 @@ fn main() -> Result<()> {
                 },
                 None => (Default::default(), "-"),
             };
+            let mut rows: Vec<SessionRow> = state
+                .live_sessions()?
+                .into_iter()
+                .map(|(id, started, record)| {
+                    let f = &record["fields"];
+                    let s = |k: &str| f[k].as_str().unwrap_or("").to_owned();
+                    SessionRow {
+                        live: stats.get(&id).cloned(),
+                        user: s("user"),
+                        db: s("db_service"),
+                        db_user: s("db_user"),
+                        db_name: s("db_name"),
+                        started,
+                        node: None,
+                        id,
+                    }
+                })
+                .collect();
+            // On an auth server: the sessions its agents reported in their last heartbeats.
+            let offline = agent_sessions(&state, &mut rows)?;
+            if format == Format::Json {
+                return print_json(&rows.iter().map(SessionRow::json).collect::<Vec<_>>());
+            }
             println!(
-                "{:<36} {:<12} {:<16} {:<12} {:<12} {:<14} {:>14} {:>14} {:>12} {:>12} {:>8} Node",
+                "{:<36} {:<12} {:<16} {:<12} {:<12} {:<20} {:>14} {:>14} {:>12} {:>12} {:>8} Node",
                 "ID",
                 "User",
                 "Database",
                 "DB user",
                 "DB name",
-                "Started (unix)",
+                "Started",
                 "Client→DB B",
                 "DB→Client B",
                 "In B/s",
                 "Out B/s",
                 "RTT µs"
             );
-            for (id, started, record) in state.live_sessions()? {
-                let f = &record["fields"];
-                let s = |k: &str| f[k].as_str().unwrap_or("").to_owned();
-                let (bytes_in, bytes_out, rate_in, rate_out, rtt) = match stats.get(&id) {
+            for r in &rows {
+                let (bytes_in, bytes_out, rate_in, rate_out, rtt) = match &r.live {
                     Some(l) => (
                         l.bytes_in.to_string(),
                         l.bytes_out.to_string(),
@@ -761,15 +786,16 @@ fn main() -> Result<()> {
                     None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
                 };
                 println!(
-                    "{id:<36} {:<12} {:<16} {:<12} {:<12} {started:<14} {bytes_in:>14} {bytes_out:>14} {rate_in:>12} {rate_out:>12} {rtt:>8} -",
-                    s("user"),
-                    s("db_service"),
-                    s("db_user"),
-                    s("db_name")
+                    "{:<36} {:<12} {:<16} {:<12} {:<12} {:<20} {bytes_in:>14} {bytes_out:>14} {rate_in:>12} {rate_out:>12} {rtt:>8} {}",
+                    r.id,
+                    r.user,
+                    r.db,
+                    r.db_user,
+                    r.db_name,
+                    rfc3339(r.started),
+                    r.node.as_deref().unwrap_or("-")
                 );
             }
-            // On an auth server: the sessions its agents reported in their last heartbeats.
-            let offline = print_agent_sessions(&state)?;
             println!("(bytes: TCP payload of the client leg, counted by {source})");
             if offline > 0 {
                 println!("({offline} session(s) on offline agents: as of their last heartbeat)");
@@ -891,7 +917,7 @@ const AGENT_KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// The rows of `control sessions ls` for the sessions agents reported; how many of them are on
 /// offline agents (listed as of their last heartbeat).
-fn print_agent_sessions(state: &State) -> Result<usize> {
+fn agent_sessions(state: &State, rows: &mut Vec<SessionRow>) -> Result<usize> {
     use sluice_control::cluster::heartbeat::{now_ms, status_of, NodeStatus};
     let nodes: std::collections::HashMap<String, sluice_control::state::Node> =
         state.nodes()?.into_iter().map(|n| (n.host_id.clone(), n)).collect();
@@ -907,13 +933,46 @@ fn print_agent_sessions(state: &State) -> Result<usize> {
             }
             _ => node.name.clone(),
         };
-        let f = &s.fields;
-        println!(
-            "{:<36} {:<12} {:<16} {:<12} {:<12} {:<14} {:>14} {:>14} {:>12} {:>12} {:>8} {where_}",
-            f.session_id, f.user, f.db_service, f.db_user, f.db_name, s.started_at, "-", "-", "-", "-", "-"
-        );
+        let f = s.fields;
+        rows.push(SessionRow {
+            id: f.session_id,
+            user: f.user,
+            db: f.db_service,
+            db_user: f.db_user,
+            db_name: f.db_name,
+            started: s.started_at,
+            live: None,
+            node: Some(where_),
+        });
     }
     Ok(offline)
+}
+
+/// One row of `control sessions ls`.
+struct SessionRow {
+    id: String,
+    user: String,
+    db: String,
+    db_user: String,
+    db_name: String,
+    /// Unix seconds.
+    started: i64,
+    live: Option<LiveStats>,
+    /// The agent holding it; `None` for this process's own.
+    node: Option<String>,
+}
+
+impl SessionRow {
+    fn json(&self) -> serde_json::Value {
+        let live = self.live.as_ref();
+        serde_json::json!({
+            "session_id": self.id, "user": self.user, "db": self.db, "db_user": self.db_user,
+            "db_name": self.db_name, "started": rfc3339(self.started), "node": self.node,
+            "bytes_in": live.map(|l| l.bytes_in), "bytes_out": live.map(|l| l.bytes_out),
+            "rate_in": live.map(|l| l.rate_in), "rate_out": live.map(|l| l.rate_out),
+            "rtt_us": live.and_then(|l| l.rtt_us),
+        })
+    }
 }
 
 /// `control sessions kill` for a session an agent reported: a kill request the running auth
