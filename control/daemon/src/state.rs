@@ -1134,25 +1134,7 @@ impl State {
     }
 
     pub fn audit_events(&self, limit: usize) -> Result<Vec<AuditRow>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT id, time, event, session_id, user, db, success, data FROM audit ORDER BY id DESC LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
-            Ok(AuditRow {
-                id: r.get(0)?,
-                time: r.get(1)?,
-                event: r.get(2)?,
-                session_id: r.get(3)?,
-                user: r.get(4)?,
-                db: r.get(5)?,
-                success: r.get(6)?,
-                data: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or(serde_json::Value::Null),
-            })
-        })?;
-        let mut out: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
-        out.reverse();
-        Ok(out)
+        self.audit_query(&AuditFilter { limit, ..AuditFilter::default() })
     }
 
     // ---- sessions held by the data plane ----

@@ -191,6 +191,21 @@ fn csrf_refused() -> Response {
     (StatusCode::FORBIDDEN, "bad or missing CSRF token").into_response()
 }
 
+/// An admin's form: the viewer (an admin) and the fields, the CSRF token checked; else the
+/// response that refuses it.
+async fn admin_form(
+    ctx: &Arc<WebContext>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Viewer, BTreeMap<String, String>), Box<Response>> {
+    let v = admin(ctx, headers).await.map_err(Box::new)?;
+    let fields = form(body);
+    if !csrf_ok(&v, &fields) {
+        return Err(Box::new(csrf_refused()));
+    }
+    Ok((v, fields))
+}
+
 fn to_login() -> Response {
     redirect("/login")
 }
@@ -427,14 +442,10 @@ fn now_ms() -> i64 {
 }
 
 async fn end_session(Extract(ctx): Extract<Arc<WebContext>>, headers: HeaderMap, body: Bytes) -> Response {
-    let v = match admin(&ctx, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
+    let (v, fields) = match admin_form(&ctx, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    let fields = form(&body);
-    if !csrf_ok(&v, &fields) {
-        return csrf_refused();
-    }
     let id = fields.get("id").cloned().unwrap_or_default();
     let Some(dp) = ctx.proxy.dataplane.get() else {
         return (StatusCode::CONFLICT, "no data plane holds sessions here").into_response();
@@ -491,14 +502,10 @@ async fn locks_page(Extract(ctx): Extract<Arc<WebContext>>, headers: HeaderMap) 
 }
 
 async fn add_lock(Extract(ctx): Extract<Arc<WebContext>>, headers: HeaderMap, body: Bytes) -> Response {
-    let v = match admin(&ctx, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
+    let (v, fields) = match admin_form(&ctx, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    let fields = form(&body);
-    if !csrf_ok(&v, &fields) {
-        return csrf_refused();
-    }
     let field = |k: &str| fields.get(k).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
     let ttl = match field("ttl").map(|t| crate::config::parse_duration(&t)) {
         Some(Ok(d)) => Some(d),
@@ -526,14 +533,10 @@ async fn add_lock(Extract(ctx): Extract<Arc<WebContext>>, headers: HeaderMap, bo
 }
 
 async fn remove_lock(Extract(ctx): Extract<Arc<WebContext>>, headers: HeaderMap, body: Bytes) -> Response {
-    let v = match admin(&ctx, &headers).await {
-        Ok(v) => v,
-        Err(r) => return r,
+    let (v, fields) = match admin_form(&ctx, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    let fields = form(&body);
-    if !csrf_ok(&v, &fields) {
-        return csrf_refused();
-    }
     let id = fields.get("id").cloned().unwrap_or_default();
     let state = ctx.state.clone();
     let lock = id.clone();
