@@ -78,7 +78,7 @@ fn listed(h: &Harness) -> Result<Vec<(String, String)>> {
         .filter(|l| !l.starts_with('('))
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            Some((cols.first()?.to_string(), cols.get(11)?.to_string()))
+            Some((cols.first()?.to_string(), cols.get(12)?.to_string()))
         })
         .collect())
 }

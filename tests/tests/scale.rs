@@ -35,8 +35,8 @@ fn listed_sessions(control: &std::path::Path, config: &std::path::Path) -> HashS
         .skip(1)
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            // id user db db_user db_name started bytes_in …: only rows with live counts.
-            (cols.len() > 7 && cols[6].parse::<u64>().is_ok()).then(|| cols[0].to_owned())
+            // id user db db_user db_name started age bytes_in …: only rows with live counts.
+            (cols.len() > 8 && cols[7].parse::<u64>().is_ok()).then(|| cols[0].to_owned())
         })
         .collect()
 }

@@ -1,16 +1,18 @@
 //! The web console in headless Chromium (Debian's `chromium` and `chromium-driver`, driven over
-//! WebDriver): log in, see the database, start a session and watch its byte counter grow on the
-//! live sessions page, end it with the button, and find the kill in the audit log. With
+//! WebDriver): log in, see the database, start a psql session and watch its byte counter grow on
+//! the live sessions page, end it with the button, and find the kill in the audit log. With
 //! `SLUICE_SCREENSHOTS=DIR` the pages are saved there as PNG (the README's pictures).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fantoccini::{Client, ClientBuilder, Locator};
 use sluice_control::demo::free_port;
-use sluice_tests::{wait_until, Harness};
+use sluice_tests::{psql_cmd, wait_until, Harness};
 
 /// Chromium and its driver, which must be there under CI=true (scripts/setup installs them).
 fn browser() -> Option<(PathBuf, PathBuf)> {
@@ -28,6 +30,36 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// psql reading statements from a pipe.
+struct Psql<'a> {
+    stdin: &'a Mutex<ChildStdin>,
+    child: Mutex<Child>,
+    log: PathBuf,
+}
+
+impl Psql<'_> {
+    fn send(&self, sql: &str) -> Result<()> {
+        let mut stdin = self.stdin.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        writeln!(stdin, "{sql}")?;
+        Ok(stdin.flush()?)
+    }
+
+    /// `Some` once psql has exited.
+    fn exited(&self) -> Result<Option<()>> {
+        let mut child = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        Ok(child.try_wait()?.map(|_| ()))
+    }
+}
+
+impl Drop for Psql<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.child.lock() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -82,8 +114,14 @@ fn a_browser_logs_in_watches_a_session_and_ends_it() -> Result<()> {
     wait_until(Duration::from_secs(20), "chromedriver", || Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok()))?;
     let profile = h.dir.join("chromium-profile");
     let rt = sluice_tests::runtime()?;
-    let cert = h.issue_cert("alice", "demo", "alice", "demo")?;
-    let session = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A psql session fed from a pipe, as `eval "$(sluice db env demo)"; psql` would run it.
+    let env = h.login_demo()?;
+    let psql_log = h.dir.join("psql.log");
+    let mut psql =
+        psql_cmd(&env).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(std::fs::File::create(&psql_log)?).spawn()?;
+    let stdin = Mutex::new(psql.stdin.take().context("no stdin")?);
+    let session = Psql { stdin: &stdin, child: Mutex::new(psql), log: psql_log };
+    session.send("select 1;")?;
     let result = rt.block_on(async {
         let mut caps = serde_json::Map::new();
         caps.insert(
@@ -108,13 +146,7 @@ fn a_browser_logs_in_watches_a_session_and_ends_it() -> Result<()> {
     result
 }
 
-async fn drive(
-    c: &Client,
-    web: &str,
-    h: &Harness,
-    session: &sluice_tests::Connected,
-    shots: Option<&Path>,
-) -> Result<()> {
+async fn drive(c: &Client, web: &str, h: &Harness, session: &Psql<'_>, shots: Option<&Path>) -> Result<()> {
     // Log in.
     c.goto(&format!("https://{web}/login")).await?;
     shot(c, shots, "console-login.png").await?;
@@ -135,7 +167,7 @@ async fn drive(
         Ok(text_of(c, &format!("{row} .bytes-out")).await.ok())
     })
     .await?;
-    session.client.simple_query("select repeat('x', 2000000)").await?;
+    session.send("select repeat('x', 2000000);")?;
     let grown = eventually(Duration::from_secs(10), "the byte counter to grow", || async {
         Ok(text_of(c, &format!("{row} .bytes-out")).await.ok().filter(|t| *t != first))
     })
@@ -146,10 +178,11 @@ async fn drive(
 
     // End it with the button.
     c.find(Locator::Css(&format!("{row} button.end"))).await?.click().await?;
-    eventually(Duration::from_secs(5), "the session to end", || async {
-        Ok(session.client.simple_query("select 1").await.is_err().then_some(()))
-    })
-    .await?;
+    // psql finds its connection gone at the next statement.
+    let _ = session.send("select 1;");
+    eventually(Duration::from_secs(5), "psql to lose its session", || async { session.exited() }).await?;
+    let said = std::fs::read_to_string(&session.log)?;
+    assert!(said.contains("connection"), "psql said: {said}");
     eventually(Duration::from_secs(10), "the sessions table to empty", || async {
         Ok(c.find_all(Locator::Css(row)).await.ok().filter(|rows| rows.is_empty()).map(|_| ()))
     })

@@ -610,6 +610,7 @@ impl ControlProc {
         let api_port = free_port()?;
         let metrics_port = free_port()?;
         let cluster_port = free_port()?;
+        let web_port = free_port()?;
         // Socket paths are limited to 108 bytes; a test directory can be deeper than that.
         let local_dir = std::env::temp_dir().join(format!("sluice-sock-{}", random_secret(4)));
         let os_user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
@@ -620,6 +621,7 @@ impl ControlProc {
             auth_service: AuthService {
                 listen_addr: ([127, 0, 0, 1], api_port).into(),
                 cluster_listen_addr: Some(([127, 0, 0, 1], cluster_port).into()),
+                web_listen_addr: Some(([127, 0, 0, 1], web_port).into()),
                 ..Default::default()
             },
             proxy_service: ProxyService {

@@ -156,16 +156,10 @@ fn rfc3339(unix: i64) -> String {
 /// How long until (or since) `unix`, for people: "in 59m", "3h ago".
 fn relative(unix: i64) -> String {
     let delta = unix - time::OffsetDateTime::now_utc().unix_timestamp();
-    let span = |s: i64| match s {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    };
     if delta >= 0 {
-        format!("in {}", span(delta))
+        format!("in {}", short_duration(delta))
     } else {
-        format!("{} ago", span(-delta))
+        format!("{} ago", short_duration(-delta))
     }
 }
 
@@ -760,6 +754,7 @@ fn main() -> Result<()> {
             if format == Format::Json {
                 return print_json(&rows.iter().map(SessionRow::json).collect::<Vec<_>>());
             }
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             println!(
                 "{:<36} {:<12} {:<16} {:<12} {:<12} {:<20} {:>14} {:>14} {:>12} {:>12} {:>8} Node",
                 "ID",
@@ -786,13 +781,14 @@ fn main() -> Result<()> {
                     None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
                 };
                 println!(
-                    "{:<36} {:<12} {:<16} {:<12} {:<12} {:<20} {bytes_in:>14} {bytes_out:>14} {rate_in:>12} {rate_out:>12} {rtt:>8} {}",
+                    "{:<36} {:<12} {:<16} {:<12} {:<12} {:<20} {:>6} {bytes_in:>14} {bytes_out:>14} {rate_in:>12} {rate_out:>12} {rtt:>8} {}",
                     r.id,
                     r.user,
                     r.db,
                     r.db_user,
                     r.db_name,
                     rfc3339(r.started),
+                    short_duration(now - r.started),
                     r.node.as_deref().unwrap_or("-")
                 );
             }
@@ -1095,8 +1091,12 @@ fn run_demo(dir: &Path) -> Result<()> {
     let stack = Stack::start(dir, &AwsCreds::demo())?;
     let state = stack.control.state()?;
     state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
+    // alice also administers the web console (live sessions, locks, audit).
+    let admin: Role =
+        sluice_control::config::from_yaml("kind: role\nversion: v7\nmetadata: {name: admin}\nspec: {admin: true}\n")?;
+    state.upsert_role(&admin)?;
     let password = random_secret(8);
-    state.add_user("alice", &password, &["dev".to_owned()])?;
+    state.add_user("alice", &password, &["dev".to_owned(), "admin".to_owned()])?;
     let home = stack.dir.join("home");
     let sluice = find_bin("sluice")?;
     let api = format!("127.0.0.1:{}", stack.control.api_port);
@@ -1140,7 +1140,8 @@ fn run_demo(dir: &Path) -> Result<()> {
          \x20 control (API)         {api}\n\
          \x20 RDS Proxy emulator    {endpoint}:{eport} (dialled on 127.0.0.1)\n\
          \x20 PostgreSQL            127.0.0.1:{pgport}\n\
-         \x20 Metrics (Prometheus)  {metrics_url} (also in {d}/metrics-url)\n\n\
+         \x20 Metrics (Prometheus)  {metrics_url} (also in {d}/metrics-url)\n\
+         \x20 Web console           {web} (alice; your browser does not know Sluice's CA)\n\n\
          Connect as alice (her `sluice login` password is in {d}/alice-password):\n\n\
          \x20 eval \"$(cat {d}/env)\"; psql\n\n\
          or with the CLI:\n\n\
@@ -1153,6 +1154,7 @@ fn run_demo(dir: &Path) -> Result<()> {
          Live sessions: {control} --config {d}/control/control.yaml sessions ls\n\
          Ctrl-C stops everything.",
         pg = stack.control.pg_port,
+        web = stack.control.config.auth_service.web_listen_addr.map(|a| format!("https://{a}/")).unwrap_or_default(),
         endpoint = stack.emulator.endpoint,
         eport = stack.emulator.port,
         pgport = stack.postgres.port,
@@ -1182,7 +1184,7 @@ mod list_tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_764_547_200), "2025-12-01T00:00:00Z");
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        assert_eq!(relative(now + 3600 + 30), "in 60m");
+        assert_eq!(relative(now + 3600 + 30), "in 1h");
         assert_eq!(relative(now - 3 * 86_400), "3d ago");
         assert!(relative(now + 30).starts_with("in "));
     }
