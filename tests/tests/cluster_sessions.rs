@@ -11,25 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sluice_control::config::{DbResource, Metadata};
 use sluice_control::state::State;
-use sluice_tests::{ca_pin, connect, join_token, wait_until, AgentProc, ClientCert, Connected, Harness};
+use sluice_tests::{ca_pin, connect, join_token, shared_db, wait_until, AgentProc, ClientCert, Connected, Harness};
 
 const START: Duration = Duration::from_secs(30);
-
-/// A dynamic database like the stack's demo database (the emulator's endpoint), labelled `env`.
-fn shared_db(h: &Harness, name: &str, env: &str) -> DbResource {
-    DbResource {
-        kind: "db".into(),
-        version: "v3".into(),
-        metadata: Metadata {
-            name: name.into(),
-            description: String::new(),
-            labels: [("env".to_owned(), env.to_owned())].into_iter().collect(),
-        },
-        spec: h.stack.control.config.db_service.databases[0].spec.clone(),
-    }
-}
 
 /// An agent named `name` with its own data plane, heartbeating every second, serving.
 fn start_agent(h: &Harness, name: &str, token: &str, pin: &str) -> Result<AgentProc> {
@@ -99,10 +84,38 @@ async fn sleep_until_ended(c: &Connected) -> Result<Instant> {
     }
 }
 
+/// Runs `select pg_sleep(30)` on `on` while `control sessions kill ID` runs on the auth server
+/// 300 ms in: when the query failed, when the command was started, and its output.
+fn kill_while_sleeping(
+    rt: &tokio::runtime::Runtime,
+    h: &Harness,
+    on: &Connected,
+    id: &str,
+) -> Result<(Instant, Instant, std::process::Output)> {
+    let config = h.stack.control.config_path.clone();
+    let control = sluice_control::demo::find_bin("control")?;
+    let (ended, kill) = rt.block_on(async {
+        let kill = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let at = Instant::now();
+            let out = tokio::process::Command::new(&control)
+                .arg("--config")
+                .arg(&config)
+                .args(["sessions", "kill", id])
+                .output()
+                .await?;
+            Ok::<_, anyhow::Error>((at, out))
+        };
+        tokio::join!(sleep_until_ended(on), kill)
+    });
+    let (asked_at, out) = kill?;
+    Ok((ended?, asked_at, out))
+}
+
 #[test]
 fn the_auth_server_lists_and_ends_sessions_on_its_agents() -> Result<()> {
     let h = Harness::start("cluster-sessions")?;
-    h.state.upsert_database(&shared_db(&h, "orders", "dev"))?;
+    h.state.upsert_database(&shared_db(&h, "orders", &[("env", "dev")])?)?;
     let token = join_token(&h.stack.control, "1h")?;
     let pin = ca_pin(&h.stack.control)?;
     let a = start_agent(&h, "agent-a", &token, &pin)?;
@@ -124,27 +137,11 @@ fn the_auth_server_lists_and_ends_sessions_on_its_agents() -> Result<()> {
     assert_eq!((node_of(&sid_a).as_str(), node_of(&sid_b).as_str()), ("agent-a", "agent-b"), "{rows:?}");
 
     // (b) Killing B's session on the auth server ends it within a second; A's goes on.
-    let config = h.stack.control.config_path.clone();
-    let control = sluice_control::demo::find_bin("control")?;
-    let (ended, kill) = rt.block_on(async {
-        let kill = async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let at = Instant::now();
-            let out = tokio::process::Command::new(&control)
-                .arg("--config")
-                .arg(&config)
-                .args(["sessions", "kill", &sid_b])
-                .output()
-                .await?;
-            Ok::<_, anyhow::Error>((at, out))
-        };
-        tokio::join!(sleep_until_ended(&on_b), kill)
-    });
-    let (asked_at, out) = kill?;
+    let (ended, asked_at, out) = kill_while_sleeping(&rt, &h, &on_b, &sid_b)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "sessions kill failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("agent-b") && stdout.contains("ended"), "{stdout}");
-    let took = ended?.saturating_duration_since(asked_at);
+    let took = ended.saturating_duration_since(asked_at);
     eprintln!("[cluster-sessions] the session on agent B ended {took:?} after `sessions kill`");
     assert!(took < Duration::from_secs(1), "the session on agent B ended {took:?} after the kill");
     let v: i32 = rt.block_on(on_a.client.query_one("select 8", &[]))?.get(0);
@@ -158,6 +155,7 @@ fn the_auth_server_lists_and_ends_sessions_on_its_agents() -> Result<()> {
     })?;
     assert_eq!(end.data["reason"], "AdminKill", "{end:?}");
     // An id no agent reported is an error.
+    let (config, control) = (h.stack.control.config_path.clone(), sluice_control::demo::find_bin("control")?);
     let out = std::process::Command::new(&control)
         .arg("--config")
         .arg(&config)
@@ -196,7 +194,7 @@ fn the_auth_server_lists_and_ends_sessions_on_its_agents() -> Result<()> {
 #[test]
 fn session_changes_are_reported_at_once_and_relayed_sessions_can_be_killed() -> Result<()> {
     let h = Harness::start("cluster-sessions-relayed")?;
-    h.state.upsert_database(&shared_db(&h, "orders", "dev"))?;
+    h.state.upsert_database(&shared_db(&h, "orders", &[("env", "dev")])?)?;
     let token = join_token(&h.stack.control, "1h")?;
     let pin = ca_pin(&h.stack.control)?;
     let c = start_agent_with(&h, "agent-c", &token, &pin, Duration::from_secs(30), false)?;
@@ -214,26 +212,10 @@ fn session_changes_are_reported_at_once_and_relayed_sessions_can_be_killed() -> 
         })?;
     let sid = rows.into_iter().find(|(_, node)| node == "agent-c").map(|(id, _)| id).context("no session")?;
 
-    let config = h.stack.control.config_path.clone();
-    let control = sluice_control::demo::find_bin("control")?;
-    let (ended, kill) = rt.block_on(async {
-        let kill = async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let at = Instant::now();
-            let out = tokio::process::Command::new(&control)
-                .arg("--config")
-                .arg(&config)
-                .args(["sessions", "kill", &sid])
-                .output()
-                .await?;
-            Ok::<_, anyhow::Error>((at, out))
-        };
-        tokio::join!(sleep_until_ended(&on_c), kill)
-    });
-    let (asked_at, out) = kill?;
+    let (ended, asked_at, out) = kill_while_sleeping(&rt, &h, &on_c, &sid)?;
     // The CLI returns once a heartbeat no longer lists the session: sent when it ended.
     assert!(out.status.success(), "sessions kill failed: {}", String::from_utf8_lossy(&out.stderr));
-    let took = ended?.saturating_duration_since(asked_at);
+    let took = ended.saturating_duration_since(asked_at);
     eprintln!("[cluster-sessions] the relayed session on agent C ended {took:?} after `sessions kill`");
     assert!(took < Duration::from_secs(1), "the session on agent C ended {took:?} after the kill");
     assert!(asked_at.elapsed() < Duration::from_secs(5), "sessions kill waited for a periodic heartbeat");
