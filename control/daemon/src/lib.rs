@@ -17,6 +17,7 @@ pub mod demo;
 pub mod discovery;
 pub mod https;
 pub mod install;
+pub mod kek;
 pub mod leg;
 pub mod limits;
 pub mod metrics;
