@@ -63,11 +63,16 @@ impl Moto {
     }
 
     fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+        self.request_with(method, path, "Content-Type: application/json\r\n", body)
+    }
+
+    /// `headers`: complete header lines, each ending in CRLF.
+    fn request_with(&self, method: &str, path: &str, headers: &str, body: &str) -> Result<(u16, serde_json::Value)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(
             s,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}Content-Length: {}\r\n\r\n{body}",
             body.len()
         )?;
         let mut text = String::new();
@@ -88,6 +93,21 @@ impl Moto {
 
     pub fn get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
         self.request("GET", path, "")
+    }
+
+    /// Creates a symmetric KMS key in `region` and returns its ARN. moto checks no signature:
+    /// the Authorization header's credential scope only routes the call to KMS in `region`.
+    pub fn kms_create_key(&self, region: &str) -> Result<String> {
+        let headers = format!(
+            "Content-Type: application/x-amz-json-1.1\r\nX-Amz-Target: TrentService.CreateKey\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/{region}/kms/aws4_request, \
+             SignedHeaders=host, Signature=0\r\n"
+        );
+        let (status, v) = self.request_with("POST", "/", &headers, "{}")?;
+        if status != 200 {
+            bail!("moto CreateKey answered {status}: {v}");
+        }
+        v["KeyMetadata"]["Arn"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no key ARN in {v}"))
     }
 
     /// The next `count` RDS calls (-1: all, until `count` 0) fail with `status`/`code`.

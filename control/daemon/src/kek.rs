@@ -254,9 +254,10 @@ fn open_envelope(
 ) -> Result<Zeroizing<Vec<u8>>, KekError> {
     match envelope.first() {
         Some(&ENVELOPE_V1) => {}
-        Some(v) => return Err(KekError::Authentication(format!(
-            "the envelope's version byte is {v:#04x}, not {ENVELOPE_V1:#04x} (corrupt, or written by a newer Sluice)"
-        ))),
+        Some(v) => {
+            let why = format!("the envelope's version byte is {v:#04x}, not {ENVELOPE_V1:#04x} (corrupt, or newer)");
+            return Err(KekError::Authentication(why));
+        }
         None => return Err(KekError::Authentication("the envelope is empty".into())),
     }
     open_raw(dek, &envelope_aad(cluster, ca), &envelope[1..]).ok_or_else(|| {

@@ -71,6 +71,26 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// The shared state's storage.
+    #[command(subcommand)]
+    Storage(StorageCmd),
+}
+
+#[derive(Subcommand)]
+enum StorageCmd {
+    /// The key-encryption key (KEK) under which the CA keys are stored.
+    #[command(subcommand)]
+    Kek(KekCmd),
+}
+
+#[derive(Subcommand)]
+enum KekCmd {
+    /// Write a new random KEK (32 bytes as hex) to a new file, mode 0600, and print its id.
+    Generate {
+        /// The file to create; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -895,6 +915,17 @@ fn main() -> Result<()> {
                     bail!("{} nodes are named {node:?}; remove one by host ID: {}", many.len(), ids.join(", "))
                 }
             }
+            Ok(())
+        }
+        Cmd::Storage(StorageCmd::Kek(KekCmd::Generate { out })) => {
+            let kek = sluice_control::kek::generate_file(&out)?;
+            println!("{}", kek.id());
+            eprintln!(
+                "Wrote KEK {} to {} (mode 0600). Copy it to every auth node as a 0600 file and keep a copy \
+                 offline: losing every KEK loses the CA.",
+                kek.id(),
+                out.display()
+            );
             Ok(())
         }
         Cmd::Audit { limit } => {
