@@ -33,11 +33,18 @@ pub fn moto_available() -> bool {
 impl Moto {
     /// Starts the wrapper; `page_size` forces small DescribeDBProxies/Endpoints pages.
     pub fn start(dir: &Path, page_size: usize) -> Result<Moto> {
+        Moto::start_with_env(dir, page_size, &[])
+    }
+
+    /// As [`Moto::start`], with extra environment for moto (e.g. `INITIAL_NO_AUTH_ACTION_COUNT`:
+    /// after that many unauthenticated AWS calls, moto checks every signature and IAM policy).
+    pub fn start_with_env(dir: &Path, page_size: usize, env: &[(&str, &str)]) -> Result<Moto> {
         std::fs::create_dir_all(dir)?;
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support").join("moto_server.py");
         let mut cmd = Command::new("python3");
         cmd.arg(&script)
             .env("SLUICE_MOTO_PAGE_SIZE", page_size.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("moto.log"))?);
         let mut proc = Proc::spawn("moto", &mut cmd)?;
@@ -68,6 +75,11 @@ impl Moto {
 
     /// `headers`: complete header lines, each ending in CRLF.
     fn request_with(&self, method: &str, path: &str, headers: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+        let (status, body) = self.raw_request(method, path, headers, body)?;
+        Ok((status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)))
+    }
+
+    fn raw_request(&self, method: &str, path: &str, headers: &str, body: &str) -> Result<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(
@@ -79,7 +91,69 @@ impl Moto {
         s.read_to_string(&mut text)?;
         let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed answer {text:?}"))?;
         let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok((status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null)))
+        Ok((status, body.to_owned()))
+    }
+
+    /// An unsigned AWS call (moto checks no signature unless started with
+    /// `INITIAL_NO_AUTH_ACTION_COUNT`, and not for that many calls): the Authorization header's
+    /// credential scope only routes it to `service` in `region`. Fails unless moto answers 200.
+    pub fn aws_call(&self, service: &str, region: &str, extra_headers: &str, body: &str) -> Result<String> {
+        let headers = format!(
+            "{extra_headers}Authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/{region}/{service}/aws4_request, \
+             SignedHeaders=host, Signature=0\r\n"
+        );
+        let (status, text) = self.raw_request("POST", "/", &headers, body)?;
+        if status != 200 {
+            bail!("moto {service} call answered {status}: {text}");
+        }
+        Ok(text)
+    }
+
+    /// An IAM or STS query-protocol call (`Action=…&Version=…` and `params`); the XML answer.
+    pub fn aws_query(&self, service: &str, params: &[(&str, &str)]) -> Result<String> {
+        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish();
+        self.aws_call(service, "us-east-1", "Content-Type: application/x-www-form-urlencoded\r\n", &body)
+    }
+
+    /// Gives role `role` (see `/_sluice/role`) an inline policy and assumes it: the temporary
+    /// credentials (with a session token).
+    pub fn role_credentials(&self, role: &str, policy: &serde_json::Value) -> Result<AwsCreds> {
+        let arn = self.admin("/_sluice/role", serde_json::json!({ "name": role }))?["arn"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no role ARN"))?
+            .to_owned();
+        let policy = policy.to_string();
+        self.aws_query(
+            "iam",
+            &[
+                ("Action", "PutRolePolicy"),
+                ("Version", "2010-05-08"),
+                ("RoleName", role),
+                ("PolicyName", "sluice-test"),
+                ("PolicyDocument", &policy),
+            ],
+        )?;
+        let xml = self.aws_query(
+            "sts",
+            &[
+                ("Action", "AssumeRole"),
+                ("Version", "2011-06-15"),
+                ("RoleArn", &arn),
+                ("RoleSessionName", "sluice-test"),
+            ],
+        )?;
+        let field = |name: &str| {
+            let open = format!("<{name}>");
+            xml.split_once(&open)
+                .and_then(|(_, rest)| rest.split_once(&format!("</{name}>")))
+                .map(|(v, _)| v.to_owned())
+                .ok_or_else(|| anyhow!("no {name} in the AssumeRole answer {xml}"))
+        };
+        Ok(AwsCreds {
+            access_key: field("AccessKeyId")?,
+            secret_key: field("SecretAccessKey")?,
+            session_token: Some(field("SessionToken")?),
+        })
     }
 
     /// POSTs to a `/_sluice/` test endpoint and fails unless it answers 200.
@@ -95,18 +169,11 @@ impl Moto {
         self.request("GET", path, "")
     }
 
-    /// Creates a symmetric KMS key in `region` and returns its ARN. moto checks no signature:
-    /// the Authorization header's credential scope only routes the call to KMS in `region`.
+    /// Creates a symmetric KMS key in `region` and returns its ARN.
     pub fn kms_create_key(&self, region: &str) -> Result<String> {
-        let headers = format!(
-            "Content-Type: application/x-amz-json-1.1\r\nX-Amz-Target: TrentService.CreateKey\r\n\
-             Authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/{region}/kms/aws4_request, \
-             SignedHeaders=host, Signature=0\r\n"
-        );
-        let (status, v) = self.request_with("POST", "/", &headers, "{}")?;
-        if status != 200 {
-            bail!("moto CreateKey answered {status}: {v}");
-        }
+        let headers = "Content-Type: application/x-amz-json-1.1\r\nX-Amz-Target: TrentService.CreateKey\r\n";
+        let text = self.aws_call("kms", region, headers, "{}")?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
         v["KeyMetadata"]["Arn"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no key ARN in {v}"))
     }
 

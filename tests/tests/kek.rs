@@ -1,14 +1,14 @@
 //! CA keys under a KEK (issue 12, design c7) against real parts: `control storage kek generate`
-//! (the binary), and an AWS KMS KEK against moto's KMS (Encrypt/Decrypt signed with SigV4, the
-//! encryption context binding a wrap to its cluster and CA), rotation file → KMS → file by
-//! re-wrapping, and the blocking API called from a runtime worker, a blocking thread and a plain
-//! thread.
+//! (the binary), and an AWS KMS KEK against moto's KMS with authentication on (Encrypt/Decrypt
+//! signed with SigV4 by assumed-role credentials, which moto checks; the encryption context
+//! binding a wrap to its cluster and CA), rotation file → KMS → file by re-wrapping, and the
+//! blocking API called from a runtime worker, a blocking thread and a plain thread.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use sluice_tests::moto::{moto_available, Moto};
-use sluice_tests::sluice_control::demo::{find_bin, DEMO_ACCESS_KEY, DEMO_SECRET_KEY};
+use sluice_tests::sluice_control::demo::find_bin;
 use sluice_tests::sluice_control::kek::{self, Kek, KekConfig, KekError, KeyRing, KmsConfig, SealedKey, Wrap};
 use sluice_tests::TestDir;
 
@@ -67,20 +67,26 @@ fn kms_kek_against_moto() {
         return;
     }
     let dir = TestDir::new("kek-kms").unwrap();
-    let moto = Moto::start(&dir.join("moto"), 100).unwrap();
+    // Four setup calls go unchecked (PutRolePolicy, AssumeRole, two CreateKey); from then on
+    // moto checks every SigV4 signature, the session token and the role's IAM policy.
+    let moto = Moto::start_with_env(&dir.join("moto"), 100, &[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]).unwrap();
+    let policy = serde_json::json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": "*"}]});
+    let creds = moto.role_credentials("sluice-kek", &policy).unwrap();
+    let arn = moto.kms_create_key("us-east-1").unwrap();
+    let other_arn = moto.kms_create_key("us-east-1").unwrap();
     // The default credential chain, limited to these variables (the only test in this binary
     // that reads AWS variables, so setting them here races with nothing).
-    std::env::set_var("AWS_ACCESS_KEY_ID", DEMO_ACCESS_KEY);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", DEMO_SECRET_KEY);
+    std::env::set_var("AWS_ACCESS_KEY_ID", &creds.access_key);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &creds.secret_key);
+    std::env::set_var("AWS_SESSION_TOKEN", creds.session_token.as_deref().unwrap());
     std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
     std::env::set_var("AWS_CONFIG_FILE", dir.join("no-aws-config"));
     std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-aws-credentials"));
-    for v in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS"] {
+    for v in ["AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS"] {
         std::env::remove_var(v);
     }
 
-    let arn = moto.kms_create_key("us-east-1").unwrap();
-    let other_arn = moto.kms_create_key("us-east-1").unwrap();
     let kms_ring = KeyRing::load(&kms_config(&moto, &arn), &[]).unwrap();
     assert_eq!(kms_ring.ids(), vec![format!("kms:{arn}")]);
 
@@ -106,6 +112,12 @@ fn kms_kek_against_moto() {
     bad.envelope[20] ^= 1;
     let e = kms_ring.open("c1", "db", &bad).unwrap_err().to_string();
     assert!(e.starts_with("CA key failed authentication"), "{e}");
+
+    // moto does check the signature: a wrong secret is refused.
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "wrong-secret");
+    let e = kms_ring.open("c1", "db", &sealed).unwrap_err();
+    assert!(matches!(&e, KekError::Kms(m) if m.contains("Signature")), "{e}");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &creds.secret_key);
 
     // Another KMS key has no wrap: refused, listing the ids.
     let other_ring = KeyRing::load(&kms_config(&moto, &other_arn), &[]).unwrap();
