@@ -116,7 +116,11 @@ impl fmt::Debug for Kek {
 impl Kek {
     /// A file KEK from its bytes; its id is derived from them.
     pub fn from_key(key: [u8; KEY_LEN]) -> Kek {
-        let key = Zeroizing::new(key);
+        Kek::from_secret(Zeroizing::new(key))
+    }
+
+    /// As [`Kek::from_key`], without a copy of the key left behind.
+    pub fn from_secret(key: Zeroizing<[u8; KEY_LEN]>) -> Kek {
         let mut h = Sha256::new();
         h.update(b"sluice-kek-id");
         h.update(key.as_slice());
@@ -342,7 +346,7 @@ pub fn load_file(path: &Path) -> Result<Kek, KekError> {
         return Err(err(format!("is larger than {MAX_KEK_FILE} bytes: not a KEK file")));
     }
     let key = parse_key_text(&text).map_err(err)?;
-    Ok(Kek::from_key(*key))
+    Ok(Kek::from_secret(key))
 }
 
 /// Creates a new KEK file at `path` (0600 from its creation; refused if anything exists there)
@@ -361,7 +365,7 @@ pub fn generate_file(path: &Path) -> Result<Kek, KekError> {
     let mut text = Zeroizing::new(hex::encode(key.as_slice()).into_bytes());
     text.push(b'\n');
     file.write_all(&text).and_then(|_| file.sync_all()).map_err(|e| err(e.to_string()))?;
-    Ok(Kek::from_key(*key))
+    Ok(Kek::from_secret(key))
 }
 
 #[cfg(test)]
