@@ -145,6 +145,90 @@ pub struct AuthService {
     /// Lifetime of the host certificates issued to agents.
     #[serde(default = "default_host_cert_ttl", with = "duration_str")]
     pub host_cert_ttl: Duration,
+    /// Where the cluster's state lives: embedded SQLite in `data_dir` (the default), or a
+    /// PostgreSQL that several auth nodes share.
+    #[serde(default, skip_serializing_if = "StorageConfig::is_default")]
+    pub storage: StorageConfig,
+}
+
+/// `auth_service.storage`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    Sqlite {
+        /// Seals the CA key in `sluice.db` (it is plaintext in a 0600 file otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kek: Option<crate::kek::KekConfig>,
+        /// Keys still accepted while a rotation moves to `kek`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        previous_keks: Vec<crate::kek::KekConfig>,
+    },
+    Postgres(PostgresStorage),
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig::Sqlite { kek: None, previous_keks: Vec::new() }
+    }
+}
+
+impl StorageConfig {
+    fn is_default(&self) -> bool {
+        *self == StorageConfig::default()
+    }
+
+    /// `sqlite` or `postgres`, as configured.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StorageConfig::Sqlite { .. } => "sqlite",
+            StorageConfig::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The configured key-encryption keys: the current one first, then those kept for a rotation.
+    pub fn keks(&self) -> (Option<&crate::kek::KekConfig>, &[crate::kek::KekConfig]) {
+        match self {
+            StorageConfig::Sqlite { kek, previous_keks } => (kek.as_ref(), previous_keks),
+            StorageConfig::Postgres(p) => (Some(&p.kek), &p.previous_keks),
+        }
+    }
+}
+
+/// `auth_service.storage` with `type: postgres`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresStorage {
+    /// libpq-style: `host=… port=… dbname=… user=… sslmode=verify-full sslrootcert=…`; no password.
+    pub conn_string: String,
+    /// A file holding the password, read at each new connection (so it can be rotated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Log in with an RDS IAM auth token instead of a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_iam: Option<crate::pgconn::PgAwsIam>,
+    /// Connections this node keeps to the database at most.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Seals the CA key: required, since the database is shared and backed up elsewhere.
+    pub kek: crate::kek::KekConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_keks: Vec<crate::kek::KekConfig>,
+}
+
+impl PostgresStorage {
+    /// The connection settings, as the connection layer takes them.
+    pub fn connection(&self) -> crate::pgconn::PgStorage {
+        crate::pgconn::PgStorage {
+            conn_string: self.conn_string.clone(),
+            password_file: self.password_file.clone(),
+            aws_iam: self.aws_iam.clone(),
+            pool_size: self.pool_size,
+        }
+    }
+}
+
+fn default_pool_size() -> usize {
+    10
 }
 
 impl Default for AuthService {
@@ -159,6 +243,7 @@ impl Default for AuthService {
             cluster_listen_addr: None,
             web_listen_addr: None,
             host_cert_ttl: default_host_cert_ttl(),
+            storage: StorageConfig::default(),
         }
     }
 }

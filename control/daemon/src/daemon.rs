@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{self, ApiContext};
 use crate::audit::AuditLog;
@@ -162,7 +162,8 @@ fn start_auth(
     config_path: Option<std::path::PathBuf>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<Arc<ProxyContext>, DaemonError> {
-    let state = Arc::new(State::open(&cfg.data_dir).map_err(DaemonError::State)?);
+    let state = Arc::new(State::open_configured(cfg, crate::state::OpenMode::Serve).map_err(DaemonError::State)?);
+    tasks.push(tokio::spawn(janitor(state.clone())));
     let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).map_err(DaemonError::Ca)?);
     let (chain, key) = ca.issue_server(&server_names(cfg), Duration::from_secs(365 * 86400))?;
     let cert = tls::ReloadableCert::new(chain.clone(), key.clone_key())?;
@@ -199,6 +200,25 @@ fn start_auth(
         tasks.push(tokio::spawn(crate::web::serve(web, listener, api_tls)));
     }
     Ok(proxy)
+}
+
+/// Removes expired tokens, login sessions and locks every 30 s (±20 %, so that several auth
+/// nodes on one store spread out; running at once they only repeat each other's work).
+async fn janitor(state: Arc<State>) {
+    loop {
+        let jitter = rand::random::<f64>() * 0.4 + 0.8;
+        tokio::time::sleep(Duration::from_secs_f64(30.0 * jitter)).await;
+        let state = state.clone();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match tokio::task::spawn_blocking(move || state.janitor_pass(now)).await {
+            Ok(Ok(n)) if n != Default::default() => {
+                info!(tokens = n.tokens, web_sessions = n.web_sessions, locks = n.locks, "expired rows removed")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "janitor pass failed"),
+            Err(e) => warn!(error = %e, "janitor task failed"),
+        }
+    }
 }
 
 /// An agent: no cluster state, no CA key, no client API, no discovery. It joins (or loads the

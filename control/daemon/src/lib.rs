@@ -21,6 +21,7 @@ pub mod kek;
 pub mod leg;
 pub mod limits;
 pub mod metrics;
+pub mod pgconn;
 pub mod policy;
 pub mod proxy;
 pub mod rbac;

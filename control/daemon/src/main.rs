@@ -389,7 +389,8 @@ fn open_state(cfg: &Config) -> Result<State> {
     if cfg.is_agent() {
         bail!("this is an agent's config (auth_service.enabled: false): run admin commands against the auth server's config");
     }
-    State::open(&cfg.data_dir).with_context(|| format!("opening state in {}", cfg.data_dir.display()))
+    State::open_configured(cfg, sluice_control::state::OpenMode::Admin)
+        .with_context(|| format!("opening the state ({} in {})", cfg.auth_service.storage.kind(), cfg.data_dir.display()))
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

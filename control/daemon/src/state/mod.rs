@@ -1,20 +1,25 @@
-//! Control's durable state in SQLite: users, roles, the CA, join tokens, database resources,
-//! login sessions and the audit log.
+//! Control's durable state: users, roles, the CA, join tokens, database resources, login
+//! sessions, agents and the audit log, in embedded SQLite (the default) or in a PostgreSQL that
+//! several auth nodes share.
 //!
-//! The admin CLI and the daemon open the same file (WAL mode). The daemon decides connections from
-//! an in-memory snapshot ([`crate::policy::PolicyStore`]) and learns that another process (or its
-//! own API) committed by reading the WAL index header ([`State::change_marker`]), not by querying:
-//! `control users add` or `control roles create` take effect for the next connection without a
-//! reload protocol, and a handshake runs no SQL.
+//! [`State`] is the one interface; statements are written once ([`sql`]) and run on either
+//! backend. The admin CLI and the daemon open the same store. The daemon decides connections from
+//! an in-memory snapshot ([`crate::policy::PolicyStore`]) and learns that anyone committed a
+//! policy change from a marker read without SQL ([`State::change_marker`]: SQLite's WAL index
+//! header, or the PostgreSQL change feed's revision): `control users add` or `control roles
+//! create` take effect for the next connection without a reload protocol, and a handshake runs
+//! no SQL.
 
-use std::path::{Path, PathBuf};
+pub mod pg;
+pub mod sql;
+pub mod sqlite;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use rand::RngCore;
-use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use time::OffsetDateTime;
@@ -22,6 +27,7 @@ use time::OffsetDateTime;
 use crate::ca::{CaError, CertAuthority};
 use crate::config::DbResource;
 use crate::rbac::Role;
+use sql::{vals, Conn};
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -45,120 +51,17 @@ pub enum StateError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Invalid(String),
+    /// A uniqueness violation: another writer got there first.
+    #[error("conflicting write: {0}")]
+    Conflict(String),
+    #[error("storage PostgreSQL: {0}")]
+    Postgres(String),
+    /// The shared store cannot be reached (down, or every pooled connection busy too long).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("CA key encryption: {0}")]
+    Kek(String),
 }
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS cert_authorities (name TEXT PRIMARY KEY, cert_pem TEXT NOT NULL, key_pem TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, roles TEXT NOT NULL, created_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS roles (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, kind TEXT NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS databases (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS live_sessions (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, data TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS locks (
-    id TEXT PRIMARY KEY,
-    user TEXT,
-    db TEXT,
-    message TEXT NOT NULL,
-    expires_at INTEGER,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    host_id TEXT PRIMARY KEY,
-    node_index INTEGER NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    joined_at INTEGER NOT NULL,
-    cert_not_after INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS node_sessions (
-    host_id TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    started_at INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (host_id, session_id)
-);
-CREATE INDEX IF NOT EXISTS node_sessions_by_id ON node_sessions (session_id);
-CREATE TABLE IF NOT EXISTS session_kills (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_id TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time TEXT NOT NULL,
-    event TEXT NOT NULL,
-    session_id TEXT,
-    user TEXT,
-    db TEXT,
-    success INTEGER NOT NULL,
-    data TEXT NOT NULL
-);
-"#;
-
-/// A descriptor of `path` (SQLite's WAL index) that stays open for the life of the process.
-///
-/// SQLite's unix VFS locks the WAL index with POSIX advisory locks, and the kernel drops all of
-/// a process's locks on a file when the process closes *any* descriptor of it. Opening and
-/// closing the file for each read of the marker silently released the connection's WAL write
-/// lock in the middle of its transactions (another process could then write the WAL at the
-/// same time: commits were lost) and its read locks. So each file (by inode: a WAL index
-/// deleted with the last connection and created again is a new file) is opened once and never
-/// closed.
-fn held_open(path: &Path) -> Option<std::sync::Arc<std::fs::File>> {
-    use std::os::unix::fs::MetadataExt;
-    type Held = std::collections::HashMap<(u64, u64), std::sync::Arc<std::fs::File>>;
-    static HELD: Mutex<Option<Held>> = Mutex::new(None);
-    let meta = std::fs::metadata(path).ok()?;
-    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    let held = held.get_or_insert_with(Default::default);
-    if let Some(file) = held.get(&(meta.dev(), meta.ino())) {
-        return Some(file.clone());
-    }
-    let file = std::fs::File::open(path).ok()?;
-    // The file may have been replaced between the two looks: key it by what was opened, and
-    // never drop a descriptor (a second one of a file already held is kept too).
-    let opened = match file.metadata() {
-        Ok(m) => m,
-        Err(_) => {
-            std::mem::forget(file);
-            return None;
-        }
-    };
-    match held.entry((opened.dev(), opened.ino())) {
-        std::collections::hash_map::Entry::Occupied(e) => {
-            std::mem::forget(file);
-            Some(e.get().clone())
-        }
-        std::collections::hash_map::Entry::Vacant(e) => Some(e.insert(std::sync::Arc::new(file)).clone()),
-    }
-}
-
-/// Created by [`migrate_discovered`], which also moves the older layout keyed by name.
-const DISCOVERED_TABLE: &str = "CREATE TABLE discovered (
-    source TEXT NOT NULL,
-    uid TEXT NOT NULL,
-    name TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    aws_resource_id TEXT NOT NULL,
-    stale TEXT,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (source, uid)
-);";
-
-pub struct State {
-    conn: Mutex<Connection>,
-    /// SQLite's WAL index (`sluice.db-shm`), whose header changes with every commit.
-    shm: PathBuf,
-    /// Recent commits of this handle's bookkeeping ([`State::write_own`]) as (before, after)
-    /// markers: a policy snapshot older than them is still current.
-    own: Mutex<std::collections::VecDeque<(ChangeMarker, ChangeMarker)>>,
-}
-
-/// How many bookkeeping commits [`State::only_own_commits`] can see past.
-const OWN_COMMITS_KEPT: usize = 1024;
 
 /// Statements this process has run against the state, by kind (every [`State`] in the process
 /// together): the daemon exports them, so a test can check that handshakes run none.
@@ -170,10 +73,9 @@ thread_local! {
     static STATEMENTS_HERE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// SQLite calls this as each statement starts to run (and at each trigger it fires, which
+/// Counts a statement as it starts to run (SQLite also reports each trigger it fires, which
 /// counts as part of a write).
-fn count_statement(event: rusqlite::trace::TraceEvent<'_>) {
-    let rusqlite::trace::TraceEvent::Stmt(_, sql) = event else { return };
+fn count_statement(sql: &str) {
     STATEMENTS_HERE.with(|n| n.set(n.get() + 1));
     let head = sql.trim_start().get(..6).unwrap_or_default();
     if head.eq_ignore_ascii_case("select") || head.eq_ignore_ascii_case("pragma") {
@@ -193,17 +95,22 @@ pub fn statements_run_here() -> u64 {
     STATEMENTS_HERE.with(|n| n.get())
 }
 
-/// A fingerprint of the last commit to the state, by any process: the WAL index header.
-/// SQLite rewrites it (the change counter, frame count and checksums) at every commit, and
-/// readers do not touch it (<https://www.sqlite.org/walformat.html>, "The WAL-Index Header").
+/// A fingerprint of the last policy commit to the state, by any process, read without SQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChangeMarker([u8; 48]);
+pub enum ChangeMarker {
+    /// SQLite's WAL index header, which SQLite rewrites (the change counter, frame count and
+    /// checksums) at every commit and readers do not touch
+    /// (<https://www.sqlite.org/walformat.html>, "The WAL-Index Header").
+    Wal([u8; 48]),
+    /// The PostgreSQL store's policy revision, as the change feed last saw it.
+    Rev(u64),
+}
 
-impl ChangeMarker {
-    /// `iChange`: "incremented with each transaction", in native byte order.
-    fn counter(&self) -> u32 {
-        u32::from_ne_bytes([self.0[8], self.0[9], self.0[10], self.0[11]])
-    }
+/// Why a store is opened: a serving daemon follows the change feed; an admin verb does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    Serve,
+    Admin,
 }
 
 /// A database found in the cloud, with the AWS resource id that IAM policies name.
@@ -355,135 +262,219 @@ pub fn random_secret(bytes: usize) -> String {
     hex::encode(b)
 }
 
+pub struct State {
+    store: Store,
+    /// This node's own records next to a shared store (`node.db`): the sessions its data plane
+    /// holds are nobody else's business, and must survive the shared store's outage.
+    local: Option<Box<sqlite::Sqlite>>,
+    /// The key-encryption keys that seal the CA key, when configured.
+    keys: Option<crate::kek::KeyRing>,
+}
+
+/// Where the shared state lives.
+enum Store {
+    Sqlite(sqlite::Sqlite),
+    Pg(pg::Pg),
+}
+
 impl State {
-    /// Opens (creating if needed) the state in `data_dir`. The directory is made 0700 and every
-    /// file in it 0600 (the CA key is in `sluice.db`), tightening what an earlier start or an
-    /// operator left looser, with a warning. Safe against concurrent openers (the daemon and
-    /// admin verbs started at once).
+    /// Opens (creating if needed) the embedded state in `data_dir` (`sluice.db`). The directory
+    /// is made 0700 and every file in it 0600 (the CA key is in `sluice.db`), tightening what an
+    /// earlier start or an operator left looser, with a warning. Safe against concurrent openers
+    /// (the daemon and admin verbs started at once).
     pub fn open(data_dir: &Path) -> Result<Self, StateError> {
-        Self::open_file(data_dir, "sluice.db")
+        Ok(State { store: Store::Sqlite(sqlite::Sqlite::open(data_dir, "sluice.db")?), local: None, keys: None })
     }
 
     /// An agent's own store, `agent.db`: the same schema, but it only ever holds what the agent
     /// itself records (its live sessions and its audit events). Users, password hashes, roles,
     /// tokens and the CA live on the auth server and are never written here.
     pub fn open_agent(data_dir: &Path) -> Result<Self, StateError> {
-        Self::open_file(data_dir, "agent.db")
+        Ok(State { store: Store::Sqlite(sqlite::Sqlite::open(data_dir, "agent.db")?), local: None, keys: None })
     }
 
-    fn open_file(data_dir: &Path, file: &str) -> Result<Self, StateError> {
-        let warn = |t: crate::private_fs::Tightened| {
-            tracing::warn!(path = %t.path.display(), was = %format!("{:o}", t.was), "state was readable by other users; tightened");
-        };
-        if let Some(t) = crate::private_fs::private_dir(data_dir)? {
-            warn(t);
-        }
-        crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
-        // One opener at a time sets the file up: SQLite answers "database is locked" at once,
-        // without waiting for its busy timeout, to a second connection that switches a fresh
-        // file to WAL or creates tables while the first one does. The lock is released when
-        // `_init` drops, after the schema and migrations.
-        let lock_file = crate::private_fs::open_private_append(&data_dir.join(format!("{file}.lock")))?;
-        let _init = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| StateError::Io(e.into()))?;
-        let path = data_dir.join(file);
-        // Create the file 0600 before SQLite does (it would use the umask); SQLite gives its
-        // -wal and -shm files the database file's mode. Only if it is missing: closing a
-        // descriptor of a database another connection in this process has open would drop that
-        // connection's locks (see [`held_open`]).
-        if !path.exists() {
-            drop(crate::private_fs::open_private_append(&path)?);
-        }
-        let mut conn = Connection::open(&path)?;
-        conn.trace_v2(rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT, Some(count_statement));
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.execute_batch(SCHEMA)?;
-        migrate_discovered(&mut conn)?;
-        migrate_audit(&mut conn)?;
-        migrate_nodes(&mut conn)?;
-        crate::private_fs::private_files_in(data_dir)?.into_iter().for_each(warn);
-        Ok(State { conn: Mutex::new(conn), shm: data_dir.join(format!("{file}-shm")), own: Mutex::default() })
-    }
-
-    /// The current [`ChangeMarker`]: one 48-byte read of a file in the page cache, no SQL. `None`
-    /// when it cannot be read (callers then treat the state as changed).
-    pub fn change_marker(&self) -> Option<ChangeMarker> {
-        use std::os::unix::fs::FileExt;
-        let file = held_open(&self.shm)?;
-        let mut marker = [0u8; 48];
-        file.read_exact_at(&mut marker, 0).ok()?;
-        Some(ChangeMarker(marker))
-    }
-
-    /// Runs a bookkeeping write (audit rows, live-session records: nothing a policy reads) in
-    /// its own transaction and remembers its commit, so that it does not make policy snapshots
-    /// look stale. The marker is read while the transaction holds SQLite's write lock, and the
-    /// commit is taken as ours alone only if the change counter moved by exactly one.
-    fn write_own<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let before = self.change_marker();
-        let out = f(&tx)?;
-        tx.commit()?;
-        let after = self.change_marker();
-        if let (Some(before), Some(after)) = (before, after) {
-            if after.counter() == before.counter().wrapping_add(1) {
-                let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
-                if own.len() == OWN_COMMITS_KEPT {
-                    own.pop_front();
-                }
-                own.push_back((before, after));
+    /// Opens the auth service's configured storage: the embedded file by default, or the shared
+    /// PostgreSQL (with this node's own `node.db` for what only this process records: the
+    /// sessions its data plane holds). `mode` says whether this process serves (it then follows
+    /// the change feed) or runs one admin verb.
+    pub fn open_configured(cfg: &crate::config::Config, mode: OpenMode) -> Result<Self, StateError> {
+        let storage = &cfg.auth_service.storage;
+        let keys = key_ring(storage)?;
+        match storage {
+            crate::config::StorageConfig::Sqlite { .. } => {
+                let mut state = Self::open(&cfg.data_dir)?;
+                state.keys = keys;
+                Ok(state)
+            }
+            crate::config::StorageConfig::Postgres(pg_cfg) => {
+                let local = Box::new(sqlite::Sqlite::open(&cfg.data_dir, "node.db")?);
+                let pg = pg::Pg::open(pg_cfg, mode)?;
+                Ok(State { store: Store::Pg(pg), local: Some(local), keys })
             }
         }
-        Ok(out)
+    }
+
+    /// Which backend holds the shared state (for `control status` and logs).
+    pub fn backend(&self) -> &'static str {
+        match self.store {
+            Store::Sqlite(_) => "sqlite",
+            Store::Pg(_) => "postgres",
+        }
+    }
+
+    /// Runs `f` on a connection, each statement committed on its own.
+    fn run<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T, StateError>) -> Result<T, StateError> {
+        match &self.store {
+            Store::Sqlite(s) => s.run(f),
+            Store::Pg(p) => p.run(false, f),
+        }
+    }
+
+    /// Runs `f` in one transaction.
+    fn tx<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T, StateError>) -> Result<T, StateError> {
+        match &self.store {
+            Store::Sqlite(s) => s.tx(f),
+            Store::Pg(p) => p.run(true, f),
+        }
+    }
+
+    /// Runs bookkeeping (nothing a policy reads) in one transaction that does not make policy
+    /// snapshots stale: SQLite remembers the commit as this handle's own; on PostgreSQL only
+    /// policy tables move the change feed at all.
+    fn own<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T, StateError>) -> Result<T, StateError> {
+        match &self.store {
+            Store::Sqlite(s) => s.write_own(f),
+            Store::Pg(p) => p.run(true, f),
+        }
+    }
+
+    /// As [`State::own`], on this node's own store (live sessions).
+    fn local_own<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T, StateError>) -> Result<T, StateError> {
+        match &self.local {
+            Some(l) => l.write_own(f),
+            None => self.own(f),
+        }
+    }
+
+    fn local_run<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T, StateError>) -> Result<T, StateError> {
+        match &self.local {
+            Some(l) => l.run(f),
+            None => self.run(f),
+        }
+    }
+
+    /// The current [`ChangeMarker`], read without SQL: SQLite's WAL index header, or the
+    /// PostgreSQL change feed's last revision. `None` when it cannot be read (callers then treat
+    /// the state as changed).
+    pub fn change_marker(&self) -> Option<ChangeMarker> {
+        match &self.store {
+            Store::Sqlite(s) => s.change_marker(),
+            Store::Pg(p) => p.change_marker(),
+        }
     }
 
     /// Whether every commit from `from` to `to` was this handle's bookkeeping.
     pub fn only_own_commits(&self, from: ChangeMarker, to: ChangeMarker) -> bool {
-        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
-        let mut at = from;
-        // Each step follows one recorded commit; a chain longer than the record is not ours.
-        for _ in 0..=own.len() {
-            if at == to {
-                return true;
-            }
-            match own.iter().find(|(before, _)| *before == at) {
-                Some((_, after)) => at = *after,
-                None => return false,
-            }
+        match (&self.store, from, to) {
+            (Store::Sqlite(s), ChangeMarker::Wal(a), ChangeMarker::Wal(b)) => s.only_own_commits(a, b),
+            (_, a, b) => a == b,
         }
-        false
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (each call is one statement or
-        // transaction), so a poisoned lock is safe to keep using.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Loads the cluster CA, creating it on first use. Several processes may get here at once
-    /// on a fresh data dir (`control start` and `control status`): the first insert wins and
-    /// everyone loads the stored CA.
+    /// Loads the cluster CA, creating it on first use. Several processes (or auth nodes) may get
+    /// here at once on a fresh store: the first insert wins and everyone loads the stored CA.
+    /// With a key-encryption key configured the private key is stored only sealed under it (a
+    /// plaintext key left by an earlier start is sealed in place).
     pub fn ensure_ca(&self, cluster: &str) -> Result<CertAuthority, StateError> {
-        let load = |db: &Connection| -> Result<Option<CertAuthority>, StateError> {
-            let row: Option<(String, String)> = db
-                .query_row("SELECT cert_pem, key_pem FROM cert_authorities WHERE name = 'db'", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()?;
-            Ok(row.map(|(cert, key)| CertAuthority::from_pem(&cert, &key)).transpose()?)
-        };
-        let db = self.db();
-        if let Some(ca) = load(&db)? {
+        if let Some(ca) = self.load_ca(cluster)? {
             return Ok(ca);
         }
         let ca = CertAuthority::generate(cluster)?;
-        db.execute(
-            "INSERT OR IGNORE INTO cert_authorities (name, cert_pem, key_pem) VALUES ('db', ?1, ?2)",
-            params![ca.cert_pem, ca.key_pem()],
-        )?;
-        load(&db)?.ok_or_else(|| StateError::Corrupt("the CA vanished right after it was stored".into()))
+        let (key_pem, envelope, wraps) = match &self.keys {
+            Some(keys) => {
+                let sealed = keys.seal(cluster, CA_NAME, ca.key_pem().as_bytes())?;
+                (String::new(), Some(sealed.envelope.clone()), Some(serde_json::to_string(&sealed.wraps)?))
+            }
+            None => (ca.key_pem().to_string(), None, None),
+        };
+        self.run(|c| {
+            c.exec(
+                "INSERT INTO cert_authorities (name, cert_pem, key_pem, key_envelope, key_wraps)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING",
+                vals![CA_NAME, ca.cert_pem.as_str(), key_pem, envelope, wraps],
+            )
+        })?;
+        self.load_ca(cluster)?.ok_or_else(|| StateError::Corrupt("the CA vanished right after it was stored".into()))
+    }
+
+    fn load_ca(&self, cluster: &str) -> Result<Option<CertAuthority>, StateError> {
+        let row = self.run(|c| {
+            c.query_opt(
+                "SELECT cert_pem, key_pem, key_envelope, key_wraps FROM cert_authorities WHERE name = ?1",
+                vals![CA_NAME],
+            )
+        })?;
+        let Some(row) = row else { return Ok(None) };
+        let cert: String = row.get(0)?;
+        let key_pem: String = row.get(1)?;
+        let envelope: Option<Vec<u8>> = row.get(2)?;
+        let wraps: Option<String> = row.get(3)?;
+        match (envelope, wraps) {
+            (Some(envelope), Some(wraps)) => {
+                let keys = self.keys.as_ref().ok_or_else(|| {
+                    StateError::Kek("the CA key is sealed under a key-encryption key, and none is configured (auth_service.storage.kek)".into())
+                })?;
+                let sealed = crate::kek::SealedKey { envelope, wraps: serde_json::from_str(&wraps)? };
+                let pem = keys.open(cluster, CA_NAME, &sealed)?;
+                let pem = std::str::from_utf8(&pem).map_err(|_| StateError::Kek("the CA key is not PEM text".into()))?;
+                Ok(Some(CertAuthority::from_pem(&cert, pem)?))
+            }
+            _ => {
+                let ca = CertAuthority::from_pem(&cert, &key_pem)?;
+                if let Some(keys) = &self.keys {
+                    // Seal a key stored before a KEK was configured, and drop the plaintext.
+                    let sealed = keys.seal(cluster, CA_NAME, key_pem.as_bytes())?;
+                    let wraps = serde_json::to_string(&sealed.wraps)?;
+                    self.run(|c| {
+                        c.exec(
+                            "UPDATE cert_authorities SET key_pem = '', key_envelope = ?2, key_wraps = ?3
+                             WHERE name = ?1 AND key_envelope IS NULL",
+                            vals![CA_NAME, sealed.envelope.clone(), wraps],
+                        )
+                    })?;
+                    tracing::info!("sealed the stored CA key under the configured key-encryption key");
+                }
+                Ok(Some(ca))
+            }
+        }
+    }
+
+    /// The stored CA row as it is at rest: (cert, plaintext key or "", envelope, wraps JSON), for
+    /// KEK rotation and export.
+    pub fn ca_row(&self) -> Result<Option<CaRow>, StateError> {
+        let row = self.run(|c| {
+            c.query_opt(
+                "SELECT cert_pem, key_pem, key_envelope, key_wraps FROM cert_authorities WHERE name = ?1",
+                vals![CA_NAME],
+            )
+        })?;
+        row.map(|r| Ok(CaRow { cert_pem: r.get(0)?, key_pem: r.get(1)?, key_envelope: r.get(2)?, key_wraps: r.get(3)? }))
+            .transpose()
+    }
+
+    /// Replaces the CA key's wraps (KEK rotation): the envelope itself is unchanged.
+    pub fn set_ca_wraps(&self, wraps: &[crate::kek::Wrap]) -> Result<(), StateError> {
+        let json = serde_json::to_string(wraps)?;
+        let n = self.run(|c| {
+            c.exec(
+                "UPDATE cert_authorities SET key_wraps = ?2 WHERE name = ?1 AND key_envelope IS NOT NULL",
+                vals![CA_NAME, json],
+            )
+        })?;
+        if n == 0 {
+            return Err(StateError::NotFound("a sealed CA key".into()));
+        }
+        Ok(())
     }
 
     // ---- users ----
@@ -492,10 +483,13 @@ impl State {
         crate::config::validate_name(name).map_err(|e| StateError::Corrupt(e.to_string()))?;
         let hash = hash_password(password)?;
         let roles_json = serde_json::to_string(roles).map_err(|e| StateError::Corrupt(e.to_string()))?;
-        let n = self.db().execute(
-            "INSERT OR IGNORE INTO users (name, password_hash, roles, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![name, hash, roles_json, OffsetDateTime::now_utc().unix_timestamp()],
-        )?;
+        let n = self.run(|c| {
+            c.exec(
+                "INSERT INTO users (name, password_hash, roles, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO NOTHING",
+                vals![name, hash, roles_json, OffsetDateTime::now_utc().unix_timestamp()],
+            )
+        })?;
         if n == 0 {
             return Err(StateError::Exists(format!("user {name:?}")));
         }
@@ -504,7 +498,7 @@ impl State {
 
     pub fn update_user_roles(&self, name: &str, roles: &[String]) -> Result<(), StateError> {
         let roles_json = serde_json::to_string(roles).map_err(|e| StateError::Corrupt(e.to_string()))?;
-        let n = self.db().execute("UPDATE users SET roles = ?2 WHERE name = ?1", params![name, roles_json])?;
+        let n = self.run(|c| c.exec("UPDATE users SET roles = ?2 WHERE name = ?1", vals![name, roles_json]))?;
         if n == 0 {
             return Err(StateError::NotFound(format!("user {name:?}")));
         }
@@ -512,9 +506,11 @@ impl State {
     }
 
     pub fn delete_user(&self, name: &str) -> Result<(), StateError> {
-        let db = self.db();
-        let n = db.execute("DELETE FROM users WHERE name = ?1", params![name])?;
-        db.execute("DELETE FROM web_sessions WHERE user = ?1", params![name])?;
+        let n = self.tx(|c| {
+            let n = c.exec("DELETE FROM users WHERE name = ?1", vals![name])?;
+            c.exec("DELETE FROM web_sessions WHERE \"user\" = ?1", vals![name])?;
+            Ok(n)
+        })?;
         if n == 0 {
             return Err(StateError::NotFound(format!("user {name:?}")));
         }
@@ -522,9 +518,9 @@ impl State {
     }
 
     pub fn user(&self, name: &str) -> Result<Option<User>, StateError> {
-        let row: Option<String> =
-            self.db().query_row("SELECT roles FROM users WHERE name = ?1", params![name], |r| r.get(0)).optional()?;
-        row.map(|roles| {
+        let row = self.run(|c| c.query_opt("SELECT roles FROM users WHERE name = ?1", vals![name]))?;
+        row.map(|r| {
+            let roles: String = r.get(0)?;
             let roles =
                 serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
             Ok(User { name: name.to_owned(), roles })
@@ -533,29 +529,26 @@ impl State {
     }
 
     pub fn users(&self) -> Result<Vec<User>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT name, roles FROM users ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        rows.map(|row| {
-            let (name, roles) = row?;
-            let roles =
-                serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
-            Ok(User { name, roles })
-        })
-        .collect()
+        let rows = self.run(|c| c.query("SELECT name, roles FROM users ORDER BY name", vals![]))?;
+        rows.iter()
+            .map(|r| {
+                let (name, roles): (String, String) = (r.get(0)?, r.get(1)?);
+                let roles =
+                    serde_json::from_str(&roles).map_err(|e| StateError::Corrupt(format!("roles of {name}: {e}")))?;
+                Ok(User { name, roles })
+            })
+            .collect()
     }
 
     /// Checks a password; `Ok(false)` for an unknown user or a wrong password alike.
     pub fn verify_password(&self, name: &str, password: &str) -> Result<bool, StateError> {
-        let hash: Option<String> = self
-            .db()
-            .query_row("SELECT password_hash FROM users WHERE name = ?1", params![name], |r| r.get(0))
-            .optional()?;
-        let Some(hash) = hash else {
+        let row = self.run(|c| c.query_opt("SELECT password_hash FROM users WHERE name = ?1", vals![name]))?;
+        let Some(row) = row else {
             // Spend the same effort as for a real user, so timing does not reveal which users exist.
             let _ = hash_password(password);
             return Ok(false);
         };
+        let hash: String = row.get(0)?;
         let parsed = PasswordHash::new(&hash).map_err(|e| StateError::Corrupt(e.to_string()))?;
         Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
     }
@@ -564,25 +557,27 @@ impl State {
 
     pub fn upsert_role(&self, role: &Role) -> Result<(), StateError> {
         let spec = serde_json::to_string(role).map_err(|e| StateError::Corrupt(e.to_string()))?;
-        self.db().execute(
-            "INSERT INTO roles (name, spec) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec",
-            params![role.metadata.name, spec],
-        )?;
+        self.run(|c| {
+            c.exec(
+                "INSERT INTO roles (name, spec) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                vals![role.metadata.name.as_str(), spec],
+            )
+        })?;
         Ok(())
     }
 
     pub fn delete_role(&self, name: &str) -> Result<(), StateError> {
-        if self.db().execute("DELETE FROM roles WHERE name = ?1", params![name])? == 0 {
+        if self.run(|c| c.exec("DELETE FROM roles WHERE name = ?1", vals![name]))? == 0 {
             return Err(StateError::NotFound(format!("role {name:?}")));
         }
         Ok(())
     }
 
     pub fn roles(&self) -> Result<Vec<Role>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT spec FROM roles ORDER BY name")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        rows.map(|spec| serde_json::from_str(&spec?).map_err(|e| StateError::Corrupt(format!("role: {e}")))).collect()
+        let rows = self.run(|c| c.query("SELECT spec FROM roles ORDER BY name", vals![]))?;
+        rows.iter()
+            .map(|r| serde_json::from_str(&r.get::<String>(0)?).map_err(|e| StateError::Corrupt(format!("role: {e}"))))
+            .collect()
     }
 
     /// The roles of `user` that exist (a role deleted after assignment grants nothing).
@@ -596,38 +591,32 @@ impl State {
         let token = random_secret(16);
         let now = OffsetDateTime::now_utc();
         let expires = now + ttl;
-        self.db().execute(
-            "INSERT INTO tokens (hash, kind, expires_at, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![sha256_hex(&token), kind, expires.unix_timestamp(), now.unix_timestamp()],
-        )?;
+        self.run(|c| {
+            c.exec(
+                "INSERT INTO tokens (hash, kind, expires_at, created_at) VALUES (?1, ?2, ?3, ?4)",
+                vals![sha256_hex(&token), kind, expires.unix_timestamp(), now.unix_timestamp()],
+            )
+        })?;
         Ok((token, expires))
     }
 
-    /// Checks a join token of `kind`; expired tokens are removed and refused.
+    /// Checks a join token of `kind`; expired tokens are refused (and removed later by the
+    /// janitor: a read never deletes, so several auth nodes can check at once).
     pub fn check_token(&self, token: &str, kind: &str) -> Result<bool, StateError> {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let db = self.db();
-        db.execute("DELETE FROM tokens WHERE expires_at <= ?1", params![now])?;
-        let found: Option<String> = db
-            .query_row("SELECT kind FROM tokens WHERE hash = ?1", params![sha256_hex(token)], |r| r.get(0))
-            .optional()?;
-        Ok(found.as_deref() == Some(kind))
+        Ok(self.check_join_token(token, kind)? == TokenCheck::Valid)
     }
 
     /// Checks a join token for a join of `kind`, saying why it is refused. Tokens stay valid
     /// until they expire (several agents may join with one); rows expired for more than a day
-    /// are purged here.
+    /// are purged by [`State::janitor_pass`].
     pub fn check_join_token(&self, token: &str, kind: &str) -> Result<TokenCheck, StateError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let db = self.db();
-        db.execute("DELETE FROM tokens WHERE expires_at <= ?1", params![now - EXPIRED_TOKEN_GRACE])?;
-        let found: Option<(String, i64)> = db
-            .query_row("SELECT kind, expires_at FROM tokens WHERE hash = ?1", params![sha256_hex(token)], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
+        let row = self
+            .run(|c| c.query_opt("SELECT kind, expires_at FROM tokens WHERE hash = ?1", vals![sha256_hex(token)]))?;
+        let found = row.map(|r| Ok::<_, StateError>((r.get::<String>(0)?, r.get::<i64>(1)?))).transpose()?;
         Ok(match found {
             None => TokenCheck::Unknown,
+            Some((_, exp)) if exp <= now - EXPIRED_TOKEN_GRACE => TokenCheck::Unknown,
             Some((_, exp)) if exp <= now => TokenCheck::Expired {
                 at: OffsetDateTime::from_unix_timestamp(exp).map_err(|e| StateError::Corrupt(e.to_string()))?,
             },
@@ -638,7 +627,9 @@ impl State {
 
     // ---- cluster nodes ----
 
-    /// Records a joining agent under a new host id and the lowest free node index.
+    /// Records a joining agent under a new host id and the lowest free node index. Two auth
+    /// nodes may pick the same free index at once: the unique index refuses the second, which
+    /// looks again.
     pub fn add_node(
         &self,
         name: &str,
@@ -649,21 +640,29 @@ impl State {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let host_id = random_secret(16);
         let labels_json = serde_json::to_string(labels)?;
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let used: Vec<i64> = tx
-            .prepare("SELECT node_index FROM nodes ORDER BY node_index")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let index = (1..=MAX_NODE_INDEX)
-            .find(|i| used.binary_search(&i64::from(*i)).is_err())
-            .ok_or_else(|| StateError::Invalid(format!("the cluster already has {MAX_NODE_INDEX} agents")))?;
-        tx.execute(
-            "INSERT INTO nodes (host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
-            params![host_id, index, name, role, labels_json, now, cert_not_after.unix_timestamp()],
-        )?;
-        tx.commit()?;
+        let mut tries = 0;
+        let index = loop {
+            let attempt = self.tx(|c| {
+                let used: Vec<i64> = c
+                    .query("SELECT node_index FROM nodes ORDER BY node_index", vals![])?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect::<Result<_, _>>()?;
+                let index = (1..=MAX_NODE_INDEX)
+                    .find(|i| used.binary_search(&i64::from(*i)).is_err())
+                    .ok_or_else(|| StateError::Invalid(format!("the cluster already has {MAX_NODE_INDEX} agents")))?;
+                c.exec(
+                    "INSERT INTO nodes (host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
+                    vals![host_id.as_str(), index, name, role, labels_json.as_str(), now, cert_not_after.unix_timestamp()],
+                )?;
+                Ok(index)
+            });
+            match attempt {
+                Err(StateError::Conflict(_)) if tries < 5 => tries += 1,
+                other => break other?,
+            }
+        };
         Ok(Node {
             host_id,
             node_index: index,
@@ -678,40 +677,38 @@ impl State {
     }
 
     /// Stores an agent's heartbeat; `false` if the node is no longer registered. When only the
-    /// time and the session count changed this is bookkeeping ([`State::write_own`]): a cluster
-    /// of agents heartbeating must not make every policy snapshot stale. A new address or list
-    /// of databases is a normal commit, so the auth server's snapshot and the agents' watch
+    /// time and the session count changed this is bookkeeping ([`State::own`]): a cluster of
+    /// agents heartbeating must not make every policy snapshot stale. A new address or list of
+    /// databases is a normal commit, so the auth server's snapshot and the agents' watch
     /// (cancel forwarding, `sluice db ls`) see it.
     pub fn record_heartbeat(&self, host_id: &str, hb: &NodeHeartbeat) -> Result<bool, StateError> {
         let databases = serde_json::to_string(&hb.databases)?;
         let interval = i64::try_from(hb.interval_ms).map_err(|e| StateError::Invalid(e.to_string()))?;
-        let update = |db: &Connection| {
-            db.execute(
+        let update = |c: &mut dyn Conn| {
+            c.exec(
                 "UPDATE nodes SET hb_postgres_addr = ?2, hb_databases = ?3, hb_sessions = ?4, hb_version = ?5,
                      hb_interval_ms = ?6, hb_at_ms = ?7, last_seen = ?8
                  WHERE host_id = ?1",
-                params![
+                vals![
                     host_id,
-                    hb.postgres_addr,
-                    databases,
+                    hb.postgres_addr.as_str(),
+                    databases.as_str(),
                     hb.sessions,
-                    hb.version,
+                    hb.version.as_str(),
                     interval,
                     hb.at_ms,
                     hb.at_ms.div_euclid(1000)
                 ],
             )
         };
-        let stored: Option<(Option<String>, Option<String>)> = self
-            .db()
-            .query_row("SELECT hb_postgres_addr, hb_databases FROM nodes WHERE host_id = ?1", params![host_id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        let Some((addr, dbs)) = stored else { return Ok(false) };
+        let stored = self.run(|c| {
+            c.query_opt("SELECT hb_postgres_addr, hb_databases FROM nodes WHERE host_id = ?1", vals![host_id])
+        })?;
+        let Some(stored) = stored else { return Ok(false) };
+        let (addr, dbs): (Option<String>, Option<String>) = (stored.get(0)?, stored.get(1)?);
         let same = addr.as_deref() == Some(hb.postgres_addr.as_str()) && dbs.as_deref() == Some(databases.as_str());
         // An agent heartbeats one call at a time, so the row does not change in between.
-        let changed = if same { self.write_own(update)? } else { update(&self.db())? };
+        let changed = if same { self.own(update)? } else { self.run(update)? };
         Ok(changed > 0)
     }
 
@@ -719,27 +716,27 @@ impl State {
     /// Bookkeeping, as heartbeats are.
     pub fn record_renewal(&self, host_id: &str, cert_not_after: OffsetDateTime) -> Result<bool, StateError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let changed = self.write_own(|db| {
-            db.execute(
+        let changed = self.own(|c| {
+            c.exec(
                 "UPDATE nodes SET cert_not_after = ?2, last_seen = ?3 WHERE host_id = ?1",
-                params![host_id, cert_not_after.unix_timestamp(), now],
+                vals![host_id, cert_not_after.unix_timestamp(), now],
             )
         })?;
         Ok(changed > 0)
     }
 
-    /// The node with this host id, if it is still registered.
+    /// The node with this host id, if it is still registered (every agent call asks: one row).
     pub fn node(&self, host_id: &str) -> Result<Option<Node>, StateError> {
-        Ok(self.nodes()?.into_iter().find(|n| n.host_id == host_id))
+        let rows = self.run(|c| c.query(&format!("{NODE_SELECT} WHERE host_id = ?1"), vals![host_id]))?;
+        rows.iter().map(node_from_row).next().transpose()
     }
 
     pub fn delete_node(&self, host_id: &str) -> Result<bool, StateError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let removed = tx.execute("DELETE FROM nodes WHERE host_id = ?1", params![host_id])? > 0;
-        tx.execute("DELETE FROM node_sessions WHERE host_id = ?1", params![host_id])?;
-        tx.commit()?;
-        Ok(removed)
+        self.tx(|c| {
+            let removed = c.exec("DELETE FROM nodes WHERE host_id = ?1", vals![host_id])? > 0;
+            c.exec("DELETE FROM node_sessions WHERE host_id = ?1", vals![host_id])?;
+            Ok(removed)
+        })
     }
 
     /// Replaces the sessions an agent reported with those of its latest heartbeat, as
@@ -753,13 +750,14 @@ impl State {
             .iter()
             .map(|(started, f)| Ok((f.session_id.clone(), *started, serde_json::to_string(f)?)))
             .collect::<Result<_, StateError>>()?;
-        self.write_own(|db| {
-            db.execute("DELETE FROM node_sessions WHERE host_id = ?1", params![host_id])?;
-            let mut insert = db.prepare(
-                "INSERT OR REPLACE INTO node_sessions (host_id, session_id, started_at, data) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+        self.own(|c| {
+            c.exec("DELETE FROM node_sessions WHERE host_id = ?1", vals![host_id])?;
             for (id, started, data) in &rows {
-                insert.execute(params![host_id, id, started, data])?;
+                c.exec(
+                    "INSERT INTO node_sessions (host_id, session_id, started_at, data) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (host_id, session_id) DO UPDATE SET started_at = excluded.started_at, data = excluded.data",
+                    vals![host_id, id, *started, data],
+                )?;
             }
             Ok(())
         })
@@ -767,163 +765,110 @@ impl State {
 
     /// Every session the registered agents reported, by agent and start time.
     pub fn node_sessions(&self) -> Result<Vec<NodeSession>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT s.host_id, s.started_at, s.data FROM node_sessions s JOIN nodes n ON n.host_id = s.host_id
-             ORDER BY n.node_index, s.started_at, s.session_id",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
-        rows.map(|row| {
-            let (host_id, started_at, data) = row?;
-            let fields = serde_json::from_str(&data).map_err(|e| StateError::Corrupt(format!("node session: {e}")))?;
-            Ok(NodeSession { host_id, started_at, fields })
-        })
-        .collect()
+        let rows = self.run(|c| {
+            c.query(
+                "SELECT s.host_id, s.started_at, s.data FROM node_sessions s JOIN nodes n ON n.host_id = s.host_id
+                 ORDER BY n.node_index, s.started_at, s.session_id",
+                vals![],
+            )
+        })?;
+        rows.iter()
+            .map(|r| {
+                let (host_id, started_at, data): (String, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                let fields =
+                    serde_json::from_str(&data).map_err(|e| StateError::Corrupt(format!("node session: {e}")))?;
+                Ok(NodeSession { host_id, started_at, fields })
+            })
+            .collect()
     }
 
     /// The registered agent whose last heartbeat lists this session, if any.
     pub fn node_holding_session(&self, session_id: &str) -> Result<Option<String>, StateError> {
-        Ok(self
-            .db()
-            .query_row(
+        let row = self.run(|c| {
+            c.query_opt(
                 "SELECT s.host_id FROM node_sessions s JOIN nodes n ON n.host_id = s.host_id
                  WHERE s.session_id = ?1 ORDER BY n.node_index LIMIT 1",
-                params![session_id],
-                |r| r.get(0),
+                vals![session_id],
             )
-            .optional()?)
+        })?;
+        row.map(|r| r.get(0)).transpose()
     }
 
     /// Asks every agent to end a session (`control sessions kill` on the auth server): an
     /// ordinary commit, so that the daemon's hub notices it and tells the agents. The request's id.
     pub fn add_session_kill(&self, session_id: &str) -> Result<i64, StateError> {
-        let db = self.db();
-        db.execute(
-            "INSERT INTO session_kills (session_id, created_at) VALUES (?1, ?2)",
-            params![session_id, OffsetDateTime::now_utc().unix_timestamp()],
-        )?;
-        Ok(db.last_insert_rowid())
+        self.run(|c| {
+            c.query_one(
+                "INSERT INTO session_kills (session_id, created_at) VALUES (?1, ?2) RETURNING id",
+                vals![session_id, OffsetDateTime::now_utc().unix_timestamp()],
+            )?
+            .get(0)
+        })
     }
 
     /// Kill requests after the one with id `after`, oldest first, as (id, session id).
     pub fn session_kills_after(&self, after: i64) -> Result<Vec<(i64, String)>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT id, session_id FROM session_kills WHERE id > ?1 ORDER BY id")?;
-        let rows = stmt.query_map(params![after], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows =
+            self.run(|c| c.query("SELECT id, session_id FROM session_kills WHERE id > ?1 ORDER BY id", vals![after]))?;
+        rows.iter().map(|r| Ok((r.get(0)?, r.get(1)?))).collect()
     }
 
     /// The id of the latest kill request (0 if none).
     pub fn last_session_kill(&self) -> Result<i64, StateError> {
-        Ok(self.db().query_row("SELECT coalesce(max(id), 0) FROM session_kills", [], |r| r.get(0))?)
+        self.run(|c| c.query_one("SELECT coalesce(max(id), 0) FROM session_kills", vals![])?.get(0))
     }
 
     /// Forgets kill requests made more than `age` ago (bookkeeping: they were sent already).
     pub fn prune_session_kills(&self, age: std::time::Duration) -> Result<usize, StateError> {
         let cutoff = OffsetDateTime::now_utc().unix_timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
-        self.write_own(|db| db.execute("DELETE FROM session_kills WHERE created_at < ?1", params![cutoff]))
+        self.own(|c| c.exec("DELETE FROM session_kills WHERE created_at < ?1", vals![cutoff]))
     }
 
     pub fn nodes(&self) -> Result<Vec<Node>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen,
-                    hb_postgres_addr, hb_databases, hb_sessions, hb_version, hb_interval_ms, hb_at_ms
-             FROM nodes ORDER BY node_index",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let heartbeat = match (r.get::<_, Option<i64>>(12)?, r.get::<_, Option<i64>>(13)?) {
-                (Some(interval), Some(at)) => Some((
-                    r.get::<_, Option<String>>(8)?.unwrap_or_default(),
-                    r.get::<_, Option<String>>(9)?.unwrap_or_else(|| "[]".into()),
-                    r.get::<_, Option<i64>>(10)?.unwrap_or_default(),
-                    r.get::<_, Option<String>>(11)?.unwrap_or_default(),
-                    interval,
-                    at,
-                )),
-                _ => None,
-            };
-            Ok((
-                (
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, i64>(7)?,
-                ),
-                heartbeat,
-            ))
-        })?;
-        rows.map(|row| {
-            let ((host_id, index, name, role, labels, joined_at, cert_not_after, last_seen), heartbeat) = row?;
-            let corrupt = |e: std::num::TryFromIntError| StateError::Corrupt(e.to_string());
-            let heartbeat = match heartbeat {
-                Some((postgres_addr, databases, sessions, version, interval, at_ms)) => Some(NodeHeartbeat {
-                    postgres_addr,
-                    databases: serde_json::from_str(&databases)?,
-                    sessions: u32::try_from(sessions).map_err(corrupt)?,
-                    version,
-                    interval_ms: u64::try_from(interval).map_err(corrupt)?,
-                    at_ms,
-                }),
-                None => None,
-            };
-            Ok(Node {
-                host_id,
-                node_index: u16::try_from(index).map_err(|e| StateError::Corrupt(e.to_string()))?,
-                name,
-                role,
-                labels: serde_json::from_str(&labels)?,
-                joined_at,
-                cert_not_after,
-                last_seen,
-                heartbeat,
-            })
-        })
-        .collect()
+        let rows = self.run(|c| c.query(&format!("{NODE_SELECT} ORDER BY node_index"), vals![]))?;
+        rows.iter().map(node_from_row).collect()
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT kind, expires_at FROM tokens WHERE expires_at > ?1 ORDER BY expires_at")?;
-        let rows = stmt.query_map(params![OffsetDateTime::now_utc().unix_timestamp()], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-        })?;
-        rows.map(|row| {
-            let (kind, exp) = row?;
-            let expires_at =
-                OffsetDateTime::from_unix_timestamp(exp).map_err(|e| StateError::Corrupt(e.to_string()))?;
-            Ok(TokenInfo { kind, expires_at })
-        })
-        .collect()
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let rows = self
+            .run(|c| c.query("SELECT kind, expires_at FROM tokens WHERE expires_at > ?1 ORDER BY expires_at", vals![now]))?;
+        rows.iter()
+            .map(|r| {
+                let (kind, exp): (String, i64) = (r.get(0)?, r.get(1)?);
+                let expires_at =
+                    OffsetDateTime::from_unix_timestamp(exp).map_err(|e| StateError::Corrupt(e.to_string()))?;
+                Ok(TokenInfo { kind, expires_at })
+            })
+            .collect()
     }
 
     // ---- database resources ----
 
     pub fn upsert_database(&self, db: &DbResource) -> Result<(), StateError> {
         let spec = serde_json::to_string(db).map_err(|e| StateError::Corrupt(e.to_string()))?;
-        self.db().execute(
-            "INSERT INTO databases (name, spec) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec",
-            params![db.metadata.name, spec],
-        )?;
+        self.run(|c| {
+            c.exec(
+                "INSERT INTO databases (name, spec) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                vals![db.metadata.name.as_str(), spec],
+            )
+        })?;
         Ok(())
     }
 
     pub fn delete_database(&self, name: &str) -> Result<(), StateError> {
-        if self.db().execute("DELETE FROM databases WHERE name = ?1", params![name])? == 0 {
+        if self.run(|c| c.exec("DELETE FROM databases WHERE name = ?1", vals![name]))? == 0 {
             return Err(StateError::NotFound(format!("database {name:?}")));
         }
         Ok(())
     }
 
     pub fn databases(&self) -> Result<Vec<DbResource>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT spec FROM databases ORDER BY name")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        rows.map(|spec| serde_json::from_str(&spec?).map_err(|e| StateError::Corrupt(format!("database: {e}"))))
+        let rows = self.run(|c| c.query("SELECT spec FROM databases ORDER BY name", vals![]))?;
+        rows.iter()
+            .map(|r| {
+                serde_json::from_str(&r.get::<String>(0)?).map_err(|e| StateError::Corrupt(format!("database: {e}")))
+            })
             .collect()
     }
 
@@ -932,83 +877,89 @@ impl State {
     /// Makes `items` the whole set found by `source` (one matcher and region): adds, updates and
     /// deletes, and clears any stale mark. Returns (added, updated, removed). Rows are keyed by
     /// (source, AWS identity), so sources finding same-named resources never overwrite each other.
+    /// Rows that did not change are not written, so a poll that found nothing new changes nothing
+    /// that policy snapshots (or the PostgreSQL change feed) watch.
     pub fn replace_discovered(&self, source: &str, items: &[Discovered]) -> Result<(usize, usize, usize), StateError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let existing: Vec<(String, String)> = {
-            let mut stmt = tx.prepare("SELECT uid, spec FROM discovered WHERE source = ?1")?;
-            let rows = stmt.query_map(params![source], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let (mut added, mut updated, mut removed) = (0, 0, 0);
-        for (uid, _) in &existing {
-            if !items.iter().any(|d| &d.uid == uid) {
-                tx.execute("DELETE FROM discovered WHERE source = ?1 AND uid = ?2", params![source, uid])?;
-                removed += 1;
+        let specs: Vec<String> = items
+            .iter()
+            .map(|d| serde_json::to_string(&d.resource).map_err(|e| StateError::Corrupt(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        self.tx(|c| {
+            let existing: Vec<(String, String)> = c
+                .query("SELECT uid, spec FROM discovered WHERE source = ?1", vals![source])?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect::<Result<_, StateError>>()?;
+            let (mut added, mut updated, mut removed) = (0, 0, 0);
+            for (uid, _) in &existing {
+                if !items.iter().any(|d| &d.uid == uid) {
+                    c.exec("DELETE FROM discovered WHERE source = ?1 AND uid = ?2", vals![source, uid])?;
+                    removed += 1;
+                }
             }
-        }
-        for d in items {
-            let spec = serde_json::to_string(&d.resource).map_err(|e| StateError::Corrupt(e.to_string()))?;
-            match existing.iter().find(|(u, _)| u == &d.uid) {
-                None => added += 1,
-                Some((_, old)) if old != &spec => updated += 1,
-                Some(_) => {}
+            for (d, spec) in items.iter().zip(&specs) {
+                match existing.iter().find(|(u, _)| u == &d.uid) {
+                    None => added += 1,
+                    Some((_, old)) if old != spec => updated += 1,
+                    Some(_) => {}
+                }
+                c.exec(
+                    "INSERT INTO discovered (source, uid, name, spec, aws_resource_id, stale, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)
+                     ON CONFLICT (source, uid) DO UPDATE SET name = excluded.name, spec = excluded.spec,
+                     aws_resource_id = excluded.aws_resource_id, stale = NULL, updated_at = excluded.updated_at
+                     WHERE discovered.spec IS DISTINCT FROM excluded.spec OR discovered.name IS DISTINCT FROM excluded.name
+                        OR discovered.aws_resource_id IS DISTINCT FROM excluded.aws_resource_id
+                        OR discovered.stale IS NOT NULL",
+                    vals![source, d.uid.as_str(), d.resource.metadata.name.as_str(), spec.as_str(), d.aws_resource_id.as_str(), now],
+                )?;
             }
-            tx.execute(
-                "INSERT INTO discovered (source, uid, name, spec, aws_resource_id, stale, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)
-                 ON CONFLICT(source, uid) DO UPDATE SET name = excluded.name, spec = excluded.spec,
-                 aws_resource_id = excluded.aws_resource_id, stale = NULL, updated_at = excluded.updated_at",
-                params![source, d.uid, d.resource.metadata.name, spec, d.aws_resource_id, now],
-            )?;
-        }
-        tx.commit()?;
-        Ok((added, updated, removed))
+            Ok((added, updated, removed))
+        })
     }
 
     /// A fetch for `source` failed: keep what it found last, marked stale with the reason.
     pub fn mark_discovered_stale(&self, source: &str, reason: &str) -> Result<usize, StateError> {
-        Ok(self.db().execute("UPDATE discovered SET stale = ?2 WHERE source = ?1", params![source, reason])?)
+        self.run(|c| {
+            c.exec(
+                "UPDATE discovered SET stale = ?2 WHERE source = ?1 AND stale IS DISTINCT FROM ?2",
+                vals![source, reason],
+            )
+        })
     }
 
     /// Drops resources whose source is no longer configured (a matcher or region was removed).
     pub fn prune_discovered(&self, keep_sources: &[String]) -> Result<usize, StateError> {
-        let db = self.db();
-        let mut removed = 0;
-        let sources: Vec<String> = {
-            let mut stmt = db.prepare("SELECT DISTINCT source FROM discovered")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        for s in sources.iter().filter(|s| !keep_sources.contains(s)) {
-            removed += db.execute("DELETE FROM discovered WHERE source = ?1", params![s])?;
-        }
-        Ok(removed)
+        self.run(|c| {
+            let sources: Vec<String> = c
+                .query("SELECT DISTINCT source FROM discovered", vals![])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect::<Result<_, _>>()?;
+            let mut removed = 0;
+            for s in sources.iter().filter(|s| !keep_sources.contains(s)) {
+                removed += c.exec("DELETE FROM discovered WHERE source = ?1", vals![s])?;
+            }
+            Ok(removed)
+        })
     }
 
     /// Every discovered row, under its AWS name (see `discovery::served_names` for the names
     /// they are served under).
     pub fn discovered(&self) -> Result<Vec<DiscoveredRow>, StateError> {
-        let db = self.db();
-        let mut stmt =
-            db.prepare("SELECT source, uid, spec, aws_resource_id, stale FROM discovered ORDER BY name, source, uid")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-            ))
+        let rows = self.run(|c| {
+            c.query("SELECT source, uid, spec, aws_resource_id, stale FROM discovered ORDER BY name, source, uid", vals![])
         })?;
-        rows.map(|row| {
-            let (source, uid, spec, aws_resource_id, stale) = row?;
-            let resource =
-                serde_json::from_str(&spec).map_err(|e| StateError::Corrupt(format!("discovered database: {e}")))?;
-            Ok(DiscoveredRow { source, item: Discovered { resource, aws_resource_id, uid }, stale })
-        })
-        .collect()
+        rows.iter()
+            .map(|r| {
+                let (source, uid, spec, aws_resource_id, stale): (String, String, String, String, Option<String>) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+                let resource = serde_json::from_str(&spec)
+                    .map_err(|e| StateError::Corrupt(format!("discovered database: {e}")))?;
+                Ok(DiscoveredRow { source, item: Discovered { resource, aws_resource_id, uid }, stale })
+            })
+            .collect()
     }
 
     // ---- login sessions ----
@@ -1020,32 +971,33 @@ impl State {
     ) -> Result<(String, OffsetDateTime), StateError> {
         let token = random_secret(32);
         let expires = OffsetDateTime::now_utc() + ttl;
-        self.db().execute(
-            "INSERT INTO web_sessions (hash, user, expires_at) VALUES (?1, ?2, ?3)",
-            params![sha256_hex(&token), user, expires.unix_timestamp()],
-        )?;
+        self.run(|c| {
+            c.exec(
+                "INSERT INTO web_sessions (hash, \"user\", expires_at) VALUES (?1, ?2, ?3)",
+                vals![sha256_hex(&token), user, expires.unix_timestamp()],
+            )
+        })?;
         Ok((token, expires))
     }
 
     /// The user and expiry of a live login session.
     pub fn web_session(&self, token: &str) -> Result<Option<(String, OffsetDateTime)>, StateError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let row: Option<(String, i64)> = self
-            .db()
-            .query_row(
-                "SELECT user, expires_at FROM web_sessions WHERE hash = ?1 AND expires_at > ?2",
-                params![sha256_hex(token), now],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+        let row = self.run(|c| {
+            c.query_opt(
+                "SELECT \"user\", expires_at FROM web_sessions WHERE hash = ?1 AND expires_at > ?2",
+                vals![sha256_hex(token), now],
             )
-            .optional()?;
-        row.map(|(u, e)| {
+        })?;
+        row.map(|r| {
+            let (u, e): (String, i64) = (r.get(0)?, r.get(1)?);
             Ok((u, OffsetDateTime::from_unix_timestamp(e).map_err(|e| StateError::Corrupt(e.to_string()))?))
         })
         .transpose()
     }
 
     pub fn delete_web_session(&self, token: &str) -> Result<(), StateError> {
-        self.db().execute("DELETE FROM web_sessions WHERE hash = ?1", params![sha256_hex(token)])?;
+        self.run(|c| c.exec("DELETE FROM web_sessions WHERE hash = ?1", vals![sha256_hex(token)]))?;
         Ok(())
     }
 
@@ -1059,28 +1011,29 @@ impl State {
     }
 
     /// Stores several audit records in one transaction; for each, its row id or `None` if it
-    /// was a duplicate (by `event_id`).
+    /// was a duplicate (by `event_id`). On PostgreSQL a batch retried through another auth node
+    /// while the first is still committing waits on the unique index, then stores nothing twice.
     pub fn insert_audit_batch(&self, records: &[serde_json::Value]) -> Result<Vec<Option<i64>>, StateError> {
-        self.write_own(|db| {
-            let mut stmt = db.prepare(
-                "INSERT OR IGNORE INTO audit (time, event, session_id, user, db, success, data, event_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
+        self.own(|c| {
             records
                 .iter()
                 .map(|record| {
                     let text = |k: &str| record.get(k).and_then(serde_json::Value::as_str);
-                    let n = stmt.execute(params![
-                        text("time").unwrap_or_default(),
-                        text("event").unwrap_or_default(),
-                        text("sid"),
-                        text("user"),
-                        text("db_service"),
-                        record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
-                        record.to_string(),
-                        text("event_id"),
-                    ])?;
-                    Ok((n == 1).then(|| db.last_insert_rowid()))
+                    let row = c.query_opt(
+                        "INSERT INTO audit (time, event, session_id, \"user\", db, success, data, event_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING id",
+                        vals![
+                            text("time").unwrap_or_default(),
+                            text("event").unwrap_or_default(),
+                            text("sid"),
+                            text("user"),
+                            text("db_service"),
+                            record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
+                            record.to_string(),
+                            text("event_id"),
+                        ],
+                    )?;
+                    row.map(|r| r.get(0)).transpose()
                 })
                 .collect()
         })
@@ -1088,34 +1041,30 @@ impl State {
 
     /// The oldest `limit` audit rows as (row id, record): an agent's spool, still to upload.
     pub fn audit_spool(&self, limit: usize) -> Result<Vec<(i64, serde_json::Value)>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT id, data FROM audit ORDER BY id LIMIT ?1")?;
-        let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-        rows.map(|row| {
-            let (id, data) = row?;
-            Ok((id, serde_json::from_str(&data)?))
-        })
-        .collect()
+        let rows = self.run(|c| c.query("SELECT id, data FROM audit ORDER BY id LIMIT ?1", vals![limit as i64]))?;
+        rows.iter().map(|r| Ok((r.get(0)?, serde_json::from_str(&r.get::<String>(1)?)?))).collect()
     }
 
     /// Drops audit rows up to `id`, once the auth server has stored them (an agent's spool).
     pub fn delete_audit_through(&self, id: i64) -> Result<usize, StateError> {
-        self.write_own(|db| db.execute("DELETE FROM audit WHERE id <= ?1", params![id]))
+        self.own(|c| c.exec("DELETE FROM audit WHERE id <= ?1", vals![id]))
     }
 
     /// The newest audit rows matching `filter`, oldest first. Times compare as RFC 3339 text
     /// (every row's `time` is UTC with a `Z`), so a date alone (`2026-12-01`) works as a bound.
     pub fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT id, time, event, session_id, user, db, success, data FROM audit
-             WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR db = ?2) AND (?3 IS NULL OR event = ?3)
-               AND (?4 IS NULL OR time >= ?4) AND (?5 IS NULL OR time <= ?5)
-             ORDER BY id DESC LIMIT ?6",
-        )?;
-        let rows = stmt.query_map(
-            params![filter.user, filter.db, filter.event, filter.since, filter.until, filter.limit as i64],
-            |r| {
+        let rows = self.run(|c| {
+            c.query(
+                "SELECT id, time, event, session_id, \"user\", db, success, data FROM audit
+                 WHERE (?1 IS NULL OR \"user\" = ?1) AND (?2 IS NULL OR db = ?2) AND (?3 IS NULL OR event = ?3)
+                   AND (?4 IS NULL OR time >= ?4) AND (?5 IS NULL OR time <= ?5)
+                 ORDER BY id DESC LIMIT ?6",
+                vals![&filter.user, &filter.db, &filter.event, &filter.since, &filter.until, filter.limit as i64],
+            )
+        })?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
                 Ok(AuditRow {
                     id: r.get(0)?,
                     time: r.get(1)?,
@@ -1124,11 +1073,10 @@ impl State {
                     user: r.get(4)?,
                     db: r.get(5)?,
                     success: r.get(6)?,
-                    data: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or(serde_json::Value::Null),
+                    data: serde_json::from_str(&r.get::<String>(7)?).unwrap_or(serde_json::Value::Null),
                 })
-            },
-        )?;
-        let mut out: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
+            })
+            .collect::<Result<Vec<_>, StateError>>()?;
         out.reverse();
         Ok(out)
     }
@@ -1137,14 +1085,15 @@ impl State {
         self.audit_query(&AuditFilter { limit, ..AuditFilter::default() })
     }
 
-    // ---- sessions held by the data plane ----
+    // ---- sessions held by the data plane (this node's own store) ----
 
     /// Remembers a handed-off session, so its end can be audited even by a restarted control.
     pub fn insert_live_session(&self, id: &str, data: &serde_json::Value) -> Result<(), StateError> {
-        self.write_own(|db| {
-            db.execute(
-                "INSERT OR REPLACE INTO live_sessions (id, started_at, data) VALUES (?1, ?2, ?3)",
-                params![id, OffsetDateTime::now_utc().unix_timestamp(), data.to_string()],
+        self.local_own(|c| {
+            c.exec(
+                "INSERT INTO live_sessions (id, started_at, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at, data = excluded.data",
+                vals![id, OffsetDateTime::now_utc().unix_timestamp(), data.to_string()],
             )
         })?;
         Ok(())
@@ -1152,20 +1101,20 @@ impl State {
 
     /// Forgets a live session's record.
     pub fn delete_live_session(&self, id: &str) -> Result<(), StateError> {
-        self.write_own(|db| db.execute("DELETE FROM live_sessions WHERE id = ?1", params![id]))?;
+        self.local_own(|c| c.exec("DELETE FROM live_sessions WHERE id = ?1", vals![id]))?;
         Ok(())
     }
 
     /// Every live session: (id, started_at unix seconds, record).
     pub fn live_sessions(&self) -> Result<Vec<(String, i64, serde_json::Value)>, StateError> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT id, started_at, data FROM live_sessions ORDER BY started_at")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
-        rows.map(|row| {
-            let (id, t, d) = row?;
-            Ok((id, t, serde_json::from_str(&d).map_err(|e| StateError::Corrupt(format!("live session: {e}")))?))
-        })
-        .collect()
+        let rows =
+            self.local_run(|c| c.query("SELECT id, started_at, data FROM live_sessions ORDER BY started_at", vals![]))?;
+        rows.iter()
+            .map(|r| {
+                let (id, t, d): (String, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                Ok((id, t, serde_json::from_str(&d).map_err(|e| StateError::Corrupt(format!("live session: {e}")))?))
+            })
+            .collect()
     }
 
     /// Adds a lock; at least one of `user` and `db` must be set (a lock on everything is a typo,
@@ -1189,115 +1138,146 @@ impl State {
             expires_at: ttl.map(|t| now + t.as_secs() as i64),
             created_at: now,
         };
-        self.db().execute(
-            "INSERT INTO locks (id, user, db, message, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![lock.id, lock.user, lock.db, lock.message, lock.expires_at, lock.created_at],
-        )?;
+        self.run(|c| {
+            c.exec(
+                "INSERT INTO locks (id, \"user\", db, message, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                vals![lock.id.as_str(), &lock.user, &lock.db, lock.message.as_str(), &lock.expires_at, lock.created_at],
+            )
+        })?;
         Ok(lock)
     }
 
     /// Removes a lock; false if there was none with that id.
     pub fn delete_lock(&self, id: &str) -> Result<bool, StateError> {
-        Ok(self.db().execute("DELETE FROM locks WHERE id = ?1", params![id])? > 0)
+        Ok(self.run(|c| c.exec("DELETE FROM locks WHERE id = ?1", vals![id]))? > 0)
     }
 
-    /// Locks in force now (expired ones are dropped as they are found).
+    /// Locks in force now. Expired ones are left to [`State::janitor_pass`]: a read never
+    /// deletes (on a shared store every node reads at once).
     pub fn active_locks(&self) -> Result<Vec<Lock>, StateError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let db = self.db();
-        db.execute("DELETE FROM locks WHERE expires_at IS NOT NULL AND expires_at <= ?1", params![now])?;
-        let mut stmt =
-            db.prepare("SELECT id, user, db, message, expires_at, created_at FROM locks ORDER BY created_at, id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Lock {
-                id: r.get(0)?,
-                user: r.get(1)?,
-                db: r.get(2)?,
-                message: r.get(3)?,
-                expires_at: r.get(4)?,
-                created_at: r.get(5)?,
-            })
+        let rows = self.run(|c| {
+            c.query(
+                "SELECT id, \"user\", db, message, expires_at, created_at FROM locks
+                 WHERE expires_at IS NULL OR expires_at > ?1 ORDER BY created_at, id",
+                vals![now],
+            )
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rows.iter()
+            .map(|r| {
+                Ok(Lock {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    db: r.get(2)?,
+                    message: r.get(3)?,
+                    expires_at: r.get(4)?,
+                    created_at: r.get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes what has expired: join tokens a day past expiry (until then an agent using one
+    /// is told it expired), login sessions, locks. Each table in small batches, so a pass
+    /// never holds many rows locked; several nodes running it at once only repeat each
+    /// other's work. Returns how many rows went.
+    pub fn janitor_pass(&self, now: i64) -> Result<JanitorCounts, StateError> {
+        const BATCH: i64 = 1000;
+        let sweep = |table: &str, key: &str, cond: &str, at: i64| -> Result<usize, StateError> {
+            let sql = format!(
+                "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {cond} LIMIT ?2{lock})",
+                lock = if matches!(self.store, Store::Pg(_)) { " FOR UPDATE SKIP LOCKED" } else { "" }
+            );
+            let mut total = 0;
+            loop {
+                let n = self.own(|c| c.exec(&sql, vals![at, BATCH]))?;
+                total += n;
+                if (n as i64) < BATCH {
+                    return Ok(total);
+                }
+            }
+        };
+        Ok(JanitorCounts {
+            tokens: sweep("tokens", "hash", "expires_at <= ?1", now - EXPIRED_TOKEN_GRACE)?,
+            web_sessions: sweep("web_sessions", "hash", "expires_at <= ?1", now)?,
+            // A policy change (on SQLite an ordinary commit; on PostgreSQL it moves the feed):
+            // harmless, the lock had stopped matching already.
+            locks: sweep("locks", "id", "expires_at IS NOT NULL AND expires_at <= ?1", now)?,
+        })
     }
 
     pub fn counts(&self) -> Result<(i64, i64, i64), StateError> {
-        let db = self.db();
-        let users = db.query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
-        let roles = db.query_row("SELECT count(*) FROM roles", [], |r| r.get(0))?;
-        let dbs = db.query_row("SELECT count(*) FROM databases", [], |r| r.get(0))?;
-        Ok((users, roles, dbs))
+        self.run(|c| {
+            let r = c.query_one(
+                "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM roles), (SELECT count(*) FROM databases)",
+                vals![],
+            )?;
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
     }
 }
 
-/// Creates the `discovered` table, or moves one keyed by name (before rows were keyed by AWS
-/// identity) to the current layout. Old rows get a `legacy:` identity that the next good fetch of
-/// their source replaces; until then they are served as before (and kept, stale, if fetches fail).
-/// Gives audit rows an `event_id`, unique where set, so that an event delivered twice (an
-/// agent's upload retried after a lost answer) is stored once.
-fn migrate_audit(conn: &mut Connection) -> Result<(), StateError> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let has: bool =
-        tx.query_row("SELECT coalesce(sum(name = 'event_id'), 0) FROM pragma_table_info('audit')", [], |r| r.get(0))?;
-    if !has {
-        tx.execute_batch("ALTER TABLE audit ADD COLUMN event_id TEXT;")?;
-    }
-    tx.execute_batch(
-        "CREATE UNIQUE INDEX IF NOT EXISTS audit_event_id ON audit (event_id) WHERE event_id IS NOT NULL;",
-    )?;
-    tx.commit()?;
-    Ok(())
+/// The configured key-encryption keys, loaded (a KMS key is only described here; it is called
+/// when the CA key is opened).
+fn key_ring(storage: &crate::config::StorageConfig) -> Result<Option<crate::kek::KeyRing>, StateError> {
+    let (kek, previous) = storage.keks();
+    Ok(kek.map(|k| crate::kek::KeyRing::load(k, previous)).transpose()?)
 }
 
-fn migrate_discovered(conn: &mut Connection) -> Result<(), StateError> {
-    // Immediate: the CLI and the daemon may open the same file at once.
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (columns, has_uid): (i64, bool) = tx.query_row(
-        "SELECT count(*), coalesce(sum(name = 'uid'), 0) FROM pragma_table_info('discovered')",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    if columns == 0 {
-        tx.execute_batch(DISCOVERED_TABLE)?;
-    } else if !has_uid {
-        tx.execute_batch("ALTER TABLE discovered RENAME TO discovered_by_name;")?;
-        tx.execute_batch(DISCOVERED_TABLE)?;
-        tx.execute_batch(
-            "INSERT INTO discovered (source, uid, name, spec, aws_resource_id, stale, updated_at)
-                 SELECT source, 'legacy:' || name, name, spec, aws_resource_id, stale, updated_at
-                 FROM discovered_by_name;
-             DROP TABLE discovered_by_name;",
-        )?;
+impl From<crate::kek::KekError> for StateError {
+    fn from(e: crate::kek::KekError) -> Self {
+        StateError::Kek(e.to_string())
     }
-    tx.commit()?;
-    Ok(())
 }
 
-/// The heartbeat columns of `nodes` (nullable: a node that never heartbeated has none), added
-/// to a table created before heartbeats existed.
-const NODE_HEARTBEAT_COLUMNS: [(&str, &str); 6] = [
-    ("hb_postgres_addr", "TEXT"),
-    ("hb_databases", "TEXT"),
-    ("hb_sessions", "INTEGER"),
-    ("hb_version", "TEXT"),
-    ("hb_interval_ms", "INTEGER"),
-    ("hb_at_ms", "INTEGER"),
-];
+/// What one [`State::janitor_pass`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JanitorCounts {
+    pub tokens: usize,
+    pub web_sessions: usize,
+    pub locks: usize,
+}
 
-fn migrate_nodes(conn: &mut Connection) -> Result<(), StateError> {
-    // Immediate: the CLI and the daemon may open the same file at once.
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let present: Vec<String> = tx
-        .prepare("SELECT name FROM pragma_table_info('nodes')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for (column, kind) in NODE_HEARTBEAT_COLUMNS {
-        if !present.iter().any(|p| p == column) {
-            tx.execute_batch(&format!("ALTER TABLE nodes ADD COLUMN {column} {kind};"))?;
-        }
-    }
-    tx.commit()?;
-    Ok(())
+/// The CA row at rest.
+#[derive(Debug, Clone)]
+pub struct CaRow {
+    pub cert_pem: String,
+    /// The plaintext PKCS#8 key, or empty when it is sealed.
+    pub key_pem: String,
+    pub key_envelope: Option<Vec<u8>>,
+    pub key_wraps: Option<String>,
+}
+
+/// The name of the one CA row.
+const CA_NAME: &str = "db";
+
+const NODE_SELECT: &str = "SELECT host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen,
+        hb_postgres_addr, hb_databases, hb_sessions, hb_version, hb_interval_ms, hb_at_ms FROM nodes";
+
+fn node_from_row(r: &sql::Row) -> Result<Node, StateError> {
+    let corrupt = |e: std::num::TryFromIntError| StateError::Corrupt(e.to_string());
+    let heartbeat = match (r.get::<Option<i64>>(12)?, r.get::<Option<i64>>(13)?) {
+        (Some(interval), Some(at_ms)) => Some(NodeHeartbeat {
+            postgres_addr: r.get::<Option<String>>(8)?.unwrap_or_default(),
+            databases: serde_json::from_str(&r.get::<Option<String>>(9)?.unwrap_or_else(|| "[]".into()))?,
+            sessions: u32::try_from(r.get::<Option<i64>>(10)?.unwrap_or_default()).map_err(corrupt)?,
+            version: r.get::<Option<String>>(11)?.unwrap_or_default(),
+            interval_ms: u64::try_from(interval).map_err(corrupt)?,
+            at_ms,
+        }),
+        _ => None,
+    };
+    Ok(Node {
+        host_id: r.get(0)?,
+        node_index: u16::try_from(r.get::<i64>(1)?).map_err(corrupt)?,
+        name: r.get(2)?,
+        role: r.get(3)?,
+        labels: serde_json::from_str(&r.get::<String>(4)?)?,
+        joined_at: r.get(5)?,
+        cert_not_after: r.get(6)?,
+        last_seen: r.get(7)?,
+        heartbeat,
+    })
 }
 
 fn hash_password(password: &str) -> Result<String, StateError> {
@@ -1311,6 +1291,7 @@ fn hash_password(password: &str) -> Result<String, StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::{params, Connection};
 
     fn temp_state() -> (State, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("sluice-state-{}", random_secret(6)));
@@ -1354,9 +1335,14 @@ mod tests {
             s.check_join_token(&old, "db").unwrap(),
             TokenCheck::Expired { at: expires.replace_nanosecond(0).unwrap() }
         );
-        // Long expired: gone.
-        s.db().execute("UPDATE tokens SET expires_at = expires_at - 2 * 86400 WHERE kind = 'db'", []).unwrap();
+        // Long expired: unknown, and the janitor removes it (and only it).
+        s.run(|c| c.exec("UPDATE tokens SET expires_at = expires_at - 2 * 86400 WHERE hash = ?1", vals![sha256_hex(&old)]))
+            .unwrap();
         assert_eq!(s.check_join_token(&old, "db").unwrap(), TokenCheck::Unknown);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert_eq!(s.janitor_pass(now).unwrap(), JanitorCounts { tokens: 1, web_sessions: 0, locks: 0 });
+        assert_eq!(s.janitor_pass(now).unwrap(), JanitorCounts::default());
+        assert_eq!(s.check_join_token(&db, "db").unwrap(), TokenCheck::Valid);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1554,10 +1540,15 @@ mod tests {
         assert_eq!(s.active_locks().unwrap().len(), 3);
         assert!(s.delete_lock(&user_lock.id).unwrap());
         assert!(!s.delete_lock(&user_lock.id).unwrap());
-        // An expired lock disappears on the next read.
-        s.db().execute("UPDATE locks SET expires_at = 1 WHERE id = ?1", params![db_lock.id]).unwrap();
+        // An expired lock stops counting at once; the janitor removes its row.
+        s.run(|c| c.exec("UPDATE locks SET expires_at = 1 WHERE id = ?1", vals![db_lock.id.as_str()])).unwrap();
         let left: Vec<String> = s.active_locks().unwrap().into_iter().map(|l| l.id).collect();
-        assert_eq!(left, vec![both.id]);
+        assert_eq!(left, vec![both.id.clone()]);
+        let rows = |s: &State| s.run(|c| c.query_one("SELECT count(*) FROM locks", vals![])?.get::<i64>(0)).unwrap();
+        assert_eq!(rows(&s), 2);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert_eq!(s.janitor_pass(now).unwrap().locks, 1);
+        assert_eq!(rows(&s), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1605,7 +1596,7 @@ mod tests {
         assert_eq!(s.active_locks().unwrap(), Vec::new(), "a lock removal from the other process was lost");
         let (last,): (i64,) = (s.node_sessions().unwrap()[0].started_at,);
         assert_eq!(last, n - 1, "a bookkeeping commit was lost");
-        let ok: String = s.db().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        let ok: String = s.run(|c| c.query_one("PRAGMA integrity_check", vals![])?.get(0)).unwrap();
         assert_eq!(ok, "ok");
         std::fs::remove_dir_all(dir).unwrap();
     }
