@@ -32,7 +32,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -975,6 +975,11 @@ pub fn ca_pin(auth: &ControlProc) -> Result<String> {
     Ok(line.split_whitespace().last().unwrap_or_default().to_owned())
 }
 
+/// The auth server's cluster API address, as agents are told it.
+pub fn cluster_addr(auth: &ControlProc) -> Result<String> {
+    Ok(auth.config.auth_service.cluster_listen_addr.context("the auth server has no cluster listener")?.to_string())
+}
+
 /// An agent (`control` with `auth_service.enabled: false`), configured as an operator would:
 /// `control db configure create --auth-server ... --token FILE --ca-pin ...`, then given a
 /// free PostgreSQL port.
@@ -993,19 +998,31 @@ pub struct AgentProc {
 impl AgentProc {
     /// Writes the agent's token file and config under `dir`; starts nothing.
     pub fn configure(auth: &ControlProc, dir: &Path, token: &str, pin: &str) -> Result<AgentProc> {
+        Self::configure_with_auth_servers(&[cluster_addr(auth)?], dir, token, pin)
+    }
+
+    /// [`AgentProc::configure`] for an agent that knows several auth servers (tried in this
+    /// order), given as an operator would: `--auth-server A --auth-server B,C`.
+    pub fn configure_with_auth_servers(
+        auth_servers: &[String],
+        dir: &Path,
+        token: &str,
+        pin: &str,
+    ) -> Result<AgentProc> {
         std::fs::create_dir_all(dir)?;
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("{token}\n"))?;
         let config_path = dir.join("agent.yaml");
-        let out = Command::new(find_bin("control")?)
-            .args(["db", "configure", "create", "--dynamic-resources-labels", "env=dev", "--auth-server"])
-            .arg(
-                auth.config
-                    .auth_service
-                    .cluster_listen_addr
-                    .context("the auth server has no cluster listener")?
-                    .to_string(),
-            )
+        let mut cmd = Command::new(find_bin("control")?);
+        cmd.args(["db", "configure", "create", "--dynamic-resources-labels", "env=dev"]);
+        // The first flag alone, the rest as a comma list: both forms reach the config.
+        if let Some((first, rest)) = auth_servers.split_first() {
+            cmd.args(["--auth-server", first]);
+            if !rest.is_empty() {
+                cmd.args(["--auth-server", &rest.join(",")]);
+            }
+        }
+        let out = cmd
             .arg("--token")
             .arg(&token_file)
             .args(["--ca-pin", pin, "--data-dir"])
@@ -1016,6 +1033,8 @@ impl AgentProc {
         check_output("control db configure create", &out)?;
         let mut config: sluice_control::config::Config =
             sluice_control::config::from_yaml(&std::fs::read_to_string(&config_path)?)?;
+        let written = config.join.as_ref().map(|j| j.auth_servers.as_slice()).unwrap_or_default();
+        ensure!(written == auth_servers, "the config names auth servers {written:?}, not {auth_servers:?}");
         let pg_port = sluice_control::demo::free_port()?;
         config.proxy_service.postgres_listen_addr = ([127, 0, 0, 1], pg_port).into();
         std::fs::write(&config_path, serde_saphyr::to_string(&config)?)?;

@@ -16,8 +16,8 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sluice_control::ca::{host_identity_from_cert, identity_from_cert, CaError, CertAuthority, Identity};
 use sluice_control::demo::find_bin;
 use sluice_tests::{
-    ca_pin, client_config_from_pem, join_token, only_error, raw_connect, ssl_request, start_auth, startup_packet,
-    AgentProc, ClientCert, TestDir,
+    ca_pin, check_output, client_config_from_pem, join_token, only_error, raw_connect, ssl_request, start_auth,
+    startup_packet, AgentProc, ClientCert, TestDir,
 };
 use time::OffsetDateTime;
 
@@ -242,7 +242,8 @@ db_service:
 audit:
   json_file: null
 join:
-  auth_server: auth.example.com:3026
+  auth_servers:
+  - auth.example.com:3026
   token_file: /etc/sluice/join-token
   ca_pin: {pin}
 "
@@ -265,6 +266,28 @@ join:
         .output()?;
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("ca_pin"));
+
+    // Several auth servers: the flag repeated, or a comma list, in the order given.
+    let several = Command::new(find_bin("control")?)
+        .args(["db", "configure", "create", "--dynamic-resources-labels", "env=dev"])
+        .args(["--auth-server", "a.example:3026", "--auth-server", "b.example:3026,c.example:4026"])
+        .args(["--token", "/t", "--ca-pin", &pin])
+        .output()?;
+    let yaml = check_output("configure create with several auth servers", &several)?;
+    let cfg: sluice_control::config::Config = sluice_control::config::from_yaml(&yaml)?;
+    let join = cfg.join.context("no join section")?;
+    assert_eq!(join.auth_servers, ["a.example:3026", "b.example:3026", "c.example:4026"]);
+    // Each is checked when the config is written.
+    let bad = Command::new(find_bin("control")?)
+        .args(["db", "configure", "create", "--dynamic-resources-labels", "env=dev"])
+        .args(["--auth-server", "a.example:3026,b.example:port", "--token", "/t", "--ca-pin", &pin])
+        .output()?;
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("b.example:port"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     Ok(())
 }
 

@@ -141,7 +141,7 @@ fn sessions_survive_the_auth_servers_absence_and_audit_arrives_once() -> Result<
     let chain = CertificateDer::pem_file_iter(identity.join("host.crt"))?.collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_file(identity.join("host.key"))?;
     let client = AuthClient::new(
-        &agent.config.join.as_ref().context("no join section")?.auth_server,
+        &agent.config.join.as_ref().context("no join section")?.auth_servers,
         &pin,
         Some(ReloadableCert::new(chain, key)?),
     )?;

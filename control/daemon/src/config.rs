@@ -53,8 +53,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinConfig {
-    /// `host:port` of the auth server's `cluster_listen_addr`.
-    pub auth_server: String,
+    /// `host:port` of each auth server's `cluster_listen_addr`: the agent uses the first that
+    /// answers and moves to another when it fails. An old `auth_server: host:port` is read as
+    /// a one-element list (setting both is a duplicate field).
+    #[serde(alias = "auth_server", deserialize_with = "one_or_many")]
+    pub auth_servers: Vec<String>,
     /// File holding the join token (`control tokens add --type=db`); read only for the first join.
     pub token_file: PathBuf,
     /// `sha256:<hex>` of the cluster CA's SubjectPublicKeyInfo.
@@ -62,6 +65,28 @@ pub struct JoinConfig {
     /// The node's name in the cluster; defaults to the host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+}
+
+/// A list that may also be written as one string (`auth_server: x` before `auth_servers`).
+pub(crate) fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a host:port or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_owned()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Visitor)
 }
 
 /// Whether `pin` has the form `sha256:<64 lowercase hex digits>`.
@@ -665,7 +690,7 @@ impl Config {
             (None, false) => {
                 return Err(ConfigError::Invalid(
                     "auth_service is disabled, so this is an agent: it needs a join section \
-                     (auth_server, token_file, ca_pin)"
+                     (auth_servers, token_file, ca_pin)"
                         .into(),
                 ))
             }
@@ -683,7 +708,13 @@ impl Config {
                     join.ca_pin
                 )));
             }
-            split_host_port(&join.auth_server, 3026)?;
+            if join.auth_servers.is_empty() {
+                return Err(ConfigError::Invalid("join.auth_servers names no auth server".into()));
+            }
+            for addr in &join.auth_servers {
+                split_host_port(addr, 3026)
+                    .map_err(|e| ConfigError::Invalid(format!("join.auth_servers: {addr:?}: {e}")))?;
+            }
             if !self.discovery_service.aws.is_empty() {
                 return Err(ConfigError::Invalid("discovery_service runs on the auth server, not on an agent".into()));
             }
@@ -884,6 +915,34 @@ db_service:
         ))
         .unwrap();
         assert!(discovery.validate().unwrap_err().to_string().contains("discovery_service"));
+    }
+
+    #[test]
+    fn auth_servers_are_a_list_and_the_old_single_address_still_reads() {
+        let old: Config = from_yaml(&agent_yaml(PIN)).unwrap();
+        old.validate().unwrap();
+        assert_eq!(old.join.as_ref().unwrap().auth_servers, ["auth.example:3026"]);
+        // Written back as the list.
+        let text = serde_saphyr::to_string(&old).unwrap();
+        assert!(text.contains("auth_servers") && !text.contains("auth_server:"), "{text}");
+
+        let list =
+            agent_yaml(PIN).replace("auth_server: auth.example:3026", "auth_servers: [a.example:3026, '[::1]:4000']");
+        let c: Config = from_yaml(&list).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.join.as_ref().unwrap().auth_servers, ["a.example:3026", "[::1]:4000"]);
+        let again: Config = from_yaml(&serde_saphyr::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.join, c.join);
+
+        let both = agent_yaml(PIN).replace("  auth_server:", "  auth_servers: [b.example:3026]\n  auth_server:");
+        assert!(from_yaml::<Config>(&both).is_err(), "auth_server and auth_servers both set");
+        let empty = agent_yaml(PIN).replace("auth_server: auth.example:3026", "auth_servers: []");
+        let c: Config = from_yaml(&empty).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("names no auth server"));
+        let bad = agent_yaml(PIN).replace("auth_server: auth.example:3026", "auth_servers: [a.example:3026, 'b:x']");
+        let c: Config = from_yaml(&bad).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("join.auth_servers") && err.contains("b:x"), "{err}");
     }
 
     #[test]

@@ -240,7 +240,7 @@ async fn start_agent(
     let audit = Arc::new(AuditLog::spooling(state.clone(), cfg.audit_json_file()).map_err(DaemonError::State)?);
     let policy = Arc::new(PolicyStore::feed(cfg.db_service.max_policy_staleness));
     // One certificate for the listener and the calls to the auth server, renewed in place.
-    let client = AuthClient::new(&join.auth_server, &join.ca_pin, Some(cert.clone()))?;
+    let client = AuthClient::new(&join.auth_servers, &join.ca_pin, Some(cert.clone()))?;
     tasks.push(tokio::spawn(crate::cluster::audit_upload::upload(client.clone(), audit.clone())));
     tasks.push(tokio::spawn(crate::cluster::renew::run(
         client.clone(),
@@ -253,7 +253,7 @@ async fn start_agent(
         host_id = %joined.identity.host_id,
         node_index = joined.identity.node_index,
         cluster = %joined.identity.cluster,
-        auth_server = %join.auth_server,
+        auth_servers = %join.auth_servers.join(","),
         "agent is serving"
     );
     let minter = Arc::new(TokenMinter::new());

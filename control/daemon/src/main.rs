@@ -257,9 +257,10 @@ enum DbConfigureCmd {
         data_dir: PathBuf,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
-        /// Write an agent's config: join the auth server at HOST:PORT (its cluster API)...
-        #[arg(long, requires_all = ["token", "ca_pin"])]
-        auth_server: Option<String>,
+        /// Write an agent's config: join the auth server at HOST:PORT (its cluster API; repeat
+        /// the flag or give a comma list for several auth servers, tried in order)...
+        #[arg(long, value_delimiter = ',', requires_all = ["token", "ca_pin"])]
+        auth_server: Vec<String>,
         /// ...with the join token in this file (`control tokens add --type=db`)...
         #[arg(long, requires_all = ["auth_server", "ca_pin"])]
         token: Option<PathBuf>,
@@ -649,10 +650,15 @@ fn main() -> Result<()> {
             }
             let mut cfg: Config = sluice_control::config::from_yaml(&format!("data_dir: {}", data_dir.display()))?;
             cfg.db_service.resources = resources;
-            if let (Some(auth_server), Some(token_file), Some(ca_pin)) = (auth_server, token, ca_pin) {
+            if let (false, Some(token_file), Some(ca_pin)) = (auth_server.is_empty(), token, ca_pin) {
                 cfg.auth_service = sluice_control::config::AuthService { enabled: false, ..Default::default() };
-                cfg.join =
-                    Some(sluice_control::config::JoinConfig { auth_server, token_file, ca_pin, node_name: None });
+                let auth_servers = auth_server.into_iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty());
+                cfg.join = Some(sluice_control::config::JoinConfig {
+                    auth_servers: auth_servers.collect(),
+                    token_file,
+                    ca_pin,
+                    node_name: None,
+                });
             }
             cfg.validate()?;
             let yaml = serde_saphyr::to_string(&cfg)?;

@@ -80,6 +80,8 @@ pub struct Metrics {
     token_errors: Counter,
     /// Traffic of ended sessions.
     ended: Mutex<Totals>,
+    /// On an agent: the auth server whose watch stream it follows now.
+    auth_server: Mutex<Option<String>>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -135,6 +137,7 @@ impl Metrics {
             discovery_errors: Counter::default(),
             token_errors: Counter::default(),
             ended: Mutex::new(Totals::default()),
+            auth_server: Mutex::new(None),
         }
     }
 
@@ -165,6 +168,11 @@ impl Metrics {
         } else {
             self.local_active.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// An agent follows the auth server at `addr` now (`None`: none, its stream was lost).
+    pub fn following(&self, addr: Option<&str>) {
+        *self.auth_server.lock().unwrap_or_else(|p| p.into_inner()) = addr.map(str::to_owned);
     }
 
     /// A session ended with these final counters.
@@ -208,6 +216,7 @@ impl Metrics {
             dataplane_connected,
             local_active: self.local_active.load(Ordering::Relaxed),
             ended,
+            auth_server: self.auth_server.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }));
         let mut out = String::with_capacity(4096);
         if let Err(e) = prometheus_text::encode(&mut out, &registry) {
@@ -225,6 +234,7 @@ struct LiveSeries {
     dataplane_connected: Option<bool>,
     local_active: u64,
     ended: Totals,
+    auth_server: Option<String>,
 }
 
 /// Writes one family of series: its descriptor, then a sample per label set.
@@ -300,6 +310,15 @@ impl Collector for LiveSeries {
                 "Where per-session counters come from (1 on the source in use).",
                 MetricType::Gauge,
                 [(vec![("source", source_name(source))], ConstGauge::new(1u64))],
+            )?;
+        }
+        if let Some(addr) = &self.auth_server {
+            family(
+                &mut enc,
+                "sluice_agent_auth_server",
+                "The auth server whose policy this agent follows now (1 on its address).",
+                MetricType::Gauge,
+                [(vec![("addr", addr.as_str())], ConstGauge::new(1u64))],
             )?;
         }
 
@@ -431,6 +450,17 @@ pub async fn serve<P: Probe>(probe: Arc<P>, listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_the_auth_server_an_agent_follows() {
+        let m = Metrics::new();
+        assert!(!m.render(Vec::new(), None).contains("sluice_agent_auth_server"));
+        m.following(Some("10.0.0.2:3026"));
+        let text = m.render(Vec::new(), None);
+        assert!(text.contains("sluice_agent_auth_server{addr=\"10.0.0.2:3026\"} 1\n"), "{text}");
+        m.following(None);
+        assert!(!m.render(Vec::new(), None).contains("sluice_agent_auth_server"), "a lost stream still shown");
+    }
 
     #[test]
     fn renders_live_and_ended_sessions() {

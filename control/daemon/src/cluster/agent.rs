@@ -47,7 +47,7 @@ pub enum AgentError {
     #[error("HTTP to the auth server: {0}")]
     Http(String),
     #[error("the auth server refused {}: {message}", if call == "/v1/join" { "the join" } else { call.as_str() })]
-    Refused { call: String, code: String, message: String },
+    Refused { call: String, status: u16, code: String, message: String },
     #[error("the auth server answered HTTP {status}: {body}")]
     Unexpected { status: u16, body: String },
     #[error("joining the auth server {0} timed out")]
@@ -67,7 +67,10 @@ pub struct IdentityFile {
     pub node_index: u16,
     pub node_name: String,
     pub cluster: String,
-    pub auth_server: String,
+    /// The config's auth servers at the join (an identity from before several were supported
+    /// holds one `auth_server`).
+    #[serde(alias = "auth_server", deserialize_with = "crate::config::one_or_many")]
+    pub auth_servers: Vec<String>,
     pub ca_pin: String,
 }
 
@@ -127,17 +130,18 @@ pub async fn ensure_joined(cfg: &Config, join: &JoinConfig, dns_names: Vec<Strin
         labels,
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    info!(auth_server = %join.auth_server, node = %node_name, "joining the cluster");
+    let auth_servers = join.auth_servers.join(",");
+    info!(auth_servers = %auth_servers, node = %node_name, "joining the cluster");
     let resp = tokio::time::timeout(JOIN_TIMEOUT, call_join(join, &req))
         .await
-        .map_err(|_| AgentError::Timeout(join.auth_server.clone()))??;
+        .map_err(|_| AgentError::Timeout(auth_servers))??;
     let ca_pem = resp.ca_pems.first().cloned().ok_or_else(|| AgentError::Http("the answer has no CA".into()))?;
     let identity = IdentityFile {
         host_id: resp.host_id,
         node_index: resp.node_index,
         node_name,
         cluster: resp.cluster,
-        auth_server: join.auth_server.clone(),
+        auth_servers: join.auth_servers.clone(),
         ca_pin: join.ca_pin.clone(),
     };
     let chain_pem = format!("{}{}", ensure_newline(&resp.cert_pem), ensure_newline(&ca_pem));
@@ -210,9 +214,10 @@ fn default_node_name() -> String {
     }
 }
 
-/// One `POST /v1/join`, before the agent has a certificate to present.
+/// One `POST /v1/join`, before the agent has a certificate to present: the auth servers in
+/// order until one answers.
 async fn call_join(join: &JoinConfig, req: &JoinRequest) -> Result<JoinResponse, AgentError> {
-    AuthClient::new(&join.auth_server, &join.ca_pin, None)?.post_json("/v1/join", req, JOIN_TIMEOUT).await
+    AuthClient::new(&join.auth_servers, &join.ca_pin, None)?.post_json("/v1/join", req, JOIN_TIMEOUT).await
 }
 
 /// Trusts the auth server's certificate only if its chain ends in a CA whose SPKI pin is the
@@ -222,18 +227,19 @@ async fn call_join(join: &JoinConfig, req: &JoinRequest) -> Result<JoinResponse,
 pub struct PinVerifier {
     pin: String,
     provider: Arc<CryptoProvider>,
-    /// The pin the server presented, when it was not ours (for a clear error).
-    mismatch: Mutex<Option<String>>,
+    /// Why the pin did not match, by the server name dialled (one client dials several auth
+    /// servers, and each error must name its own).
+    mismatch: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl PinVerifier {
     pub fn new(pin: String) -> Self {
-        PinVerifier { pin, provider: crate::tls::provider(), mismatch: Mutex::new(None) }
+        PinVerifier { pin, provider: crate::tls::provider(), mismatch: Mutex::new(Default::default()) }
     }
 
-    /// Why the last verification failed on the pin, if it did.
-    pub fn mismatch(&self) -> Option<String> {
-        self.mismatch.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Why the last verification of `server_name` failed on the pin, if it did.
+    pub fn mismatch(&self, server_name: &str) -> Option<String> {
+        self.mismatch.lock().unwrap_or_else(|p| p.into_inner()).get(server_name).cloned()
     }
 }
 
@@ -251,11 +257,14 @@ impl ServerCertVerifier for PinVerifier {
             .ok_or_else(|| rustls::Error::General("the auth server sent no CA certificate with its own".into()))?;
         let presented = spki_pin(ca).map_err(|e| rustls::Error::General(format!("auth server CA: {e}")))?;
         let same: bool = subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), self.pin.as_bytes()).into();
+        let mut mismatch = self.mismatch.lock().unwrap_or_else(|p| p.into_inner());
         if !same {
             let message = format!("auth server CA is {presented}, but the config pins {}", self.pin);
-            *self.mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+            mismatch.insert(server_name.to_str().into_owned(), message.clone());
             return Err(rustls::Error::General(message));
         }
+        mismatch.remove(server_name.to_str().as_ref());
+        drop(mismatch);
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
@@ -304,6 +313,17 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_from_before_several_auth_servers_still_loads() {
+        let old = r#"{"host_id": "h", "node_index": 3, "node_name": "a", "cluster": "c",
+            "auth_server": "auth.example:3026", "ca_pin": "sha256:00"}"#;
+        let id: IdentityFile = serde_json::from_str(old).unwrap();
+        assert_eq!(id.auth_servers, ["auth.example:3026"]);
+        let new = serde_json::to_string(&id).unwrap();
+        assert!(new.contains(r#""auth_servers":["auth.example:3026"]"#), "{new}");
+        assert_eq!(serde_json::from_str::<IdentityFile>(&new).unwrap(), id);
+    }
+
+    #[test]
     fn pin_verifier_accepts_only_the_pinned_ca() {
         let ca = CertAuthority::generate("test").unwrap();
         let (chain, _) = ca.issue_server(&["127.0.0.1".into()], Duration::from_secs(60)).unwrap();
@@ -320,7 +340,8 @@ mod tests {
             )),
             "{err}"
         );
-        assert!(v.mismatch().is_some());
+        assert!(v.mismatch("127.0.0.1").is_some());
+        assert!(v.mismatch("auth.example").is_none(), "a mismatch is kept by the name dialled");
 
         // A leaf from another CA, sent with the pinned CA: the pin matches, the signature does not.
         let (foreign, _) = other.issue_server(&["127.0.0.1".into()], Duration::from_secs(60)).unwrap();

@@ -422,7 +422,7 @@ mod tests {
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let cert = ReloadableCert::new(chain.clone(), key_der).unwrap();
         // Nothing listens on port 1.
-        let client = AuthClient::new("127.0.0.1:1", &ca.pin().unwrap(), Some(cert.clone())).unwrap();
+        let client = AuthClient::new(&["127.0.0.1:1".into()], &ca.pin().unwrap(), Some(cert.clone())).unwrap();
         let dir = temp_dir();
         let task = tokio::spawn(run(client, cert.clone(), dir.clone(), vec!["127.0.0.1".into()]));
         // The first attempt at once, the second 2 s later.

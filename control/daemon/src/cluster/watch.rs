@@ -3,15 +3,18 @@
 //! and installs the result in the agent's [`PolicyStore`], where the next handshake and the
 //! live-session enforcer see it. A `kill_session` line is handed to the agent's proxy, which
 //! ends the session if it holds it. A stream that breaks or goes quiet for [`SILENCE_LIMIT`] is
-//! opened again (with backoff); every line, pings included, counts as contact with the auth
-//! server for `max_policy_staleness`.
+//! opened again; every line, pings included, counts as contact with the auth server for
+//! `max_policy_staleness`. With several auth servers, a lost stream is opened at once on the next
+//! one while some remain untried, and only a whole round of failures backs off. Every stream
+//! starts with a full snapshot, and the policy store keeps the last view meanwhile, so moving to
+//! another auth server ends no session.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::client::AuthClient;
+use super::client::{fails_over, AuthClient};
 use super::view::{Change, ClusterView, WatchEvent, WatchRequest};
 use crate::config::Config;
 use crate::policy::{PolicyStore, PolicyView};
@@ -22,6 +25,8 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(6);
 const MAX_LINE: usize = 64 << 20;
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(10);
+/// A stream that lived this long was healthy: the next failure starts a new round.
+const HEALTHY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -111,44 +116,118 @@ impl Following {
 /// What the agent does with a kill request: end the session if it holds it.
 pub type KillSession = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Follows the auth server until aborted, reconnecting as needed.
+/// What to do after a stream ended: which addresses this round has used, and when to back off.
+#[derive(Debug)]
+struct Rounds {
+    tried: Vec<bool>,
+    retry: Duration,
+}
+
+impl Rounds {
+    fn new(addrs: usize) -> Self {
+        Rounds { tried: vec![false; addrs.max(1)], retry: FIRST_RETRY }
+    }
+
+    /// A stream on address `served` (`None`: the call found no address to answer, having tried
+    /// them all, or was refused) ended after `lived`, with an error that another auth server
+    /// may not have (`fails_over`). `None`: reconnect at once, to the next address; else how
+    /// long to wait (before jitter).
+    fn ended(&mut self, served: Option<usize>, lived: Duration, fails_over: bool) -> Option<Duration> {
+        if lived > HEALTHY {
+            self.tried.fill(false);
+            self.retry = FIRST_RETRY;
+        }
+        if let (Some(i), true) = (served, fails_over) {
+            if let Some(t) = self.tried.get_mut(i) {
+                *t = true;
+            }
+            if self.tried.iter().any(|t| !t) {
+                return None;
+            }
+        }
+        self.tried.fill(false);
+        let wait = self.retry;
+        self.retry = (self.retry * 2).min(MAX_RETRY);
+        Some(wait)
+    }
+}
+
+/// `d` moved by up to ±20 % (`r` in [0, 1)), so that agents that lost the same auth server do not
+/// all come back in step.
+fn jittered(d: Duration, r: f64) -> Duration {
+    d.mul_f64(0.8 + 0.4 * r.clamp(0.0, 1.0))
+}
+
+/// Follows the auth servers until aborted, reconnecting as needed.
 pub async fn follow(client: AuthClient, cfg: Arc<Config>, policy: Arc<PolicyStore>, kill: KillSession) {
     let req = WatchRequest { selectors: cfg.db_service.resources.iter().map(|m| m.labels.clone()).collect() };
-    let mut retry = FIRST_RETRY;
+    let mut rounds = Rounds::new(client.addrs().len());
     loop {
         let started = std::time::Instant::now();
-        let err = follow_once(&client, &req, &cfg, &policy, &kill).await;
-        if started.elapsed() > Duration::from_secs(30) {
-            retry = FIRST_RETRY;
-        }
+        let (err, served) = follow_once(&client, &req, &cfg, &policy, &kill).await;
+        crate::metrics::METRICS.following(None);
+        let failover = match &err {
+            WatchError::Call(e) => fails_over(e),
+            _ => true,
+        };
+        // The call that found no auth server tried them all; its error names the last one.
+        let auth_server = match served {
+            Some(i) => client.addrs().get(i).to_owned(),
+            None => (0..client.addrs().len()).map(|i| client.addrs().get(i)).collect::<Vec<_>>().join(","),
+        };
         match policy.staleness() {
             Some((age, max)) => warn!(
-                auth_server = %client.addr(),
+                auth_server = %auth_server,
                 error = %err,
                 policy_age_s = age.as_secs(),
                 max_policy_staleness_s = max.as_secs(),
                 "lost the auth server's watch; admitting new sessions from the cached policy until it is {} s old",
                 max.as_secs()
             ),
-            None => warn!(auth_server = %client.addr(), error = %err, "lost the auth server's watch"),
+            None => warn!(auth_server = %auth_server, error = %err, "lost the auth server's watch"),
         }
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(MAX_RETRY);
+        match rounds.ended(served, started.elapsed(), failover) {
+            None => {
+                if let Some(i) = served {
+                    // Calls in flight may have moved on already; only one move is made.
+                    if let Some(next) = client.addrs().failed(i) {
+                        warn!(
+                            from = %auth_server,
+                            to = %client.addrs().get(next),
+                            why = %err,
+                            "moving to another auth server"
+                        );
+                    }
+                }
+            }
+            Some(wait) => tokio::time::sleep(jittered(wait, rand::random::<f64>())).await,
+        }
     }
 }
 
-/// One stream, until it fails.
+/// One stream, until it fails: why, and the address that served it (if one answered).
 async fn follow_once(
     client: &AuthClient,
     req: &WatchRequest,
     cfg: &Config,
     policy: &PolicyStore,
     kill: &KillSession,
-) -> WatchError {
-    let mut stream = match client.post("/v1/watch", req).await {
+) -> (WatchError, Option<usize>) {
+    let stream = match client.post("/v1/watch", req).await {
         Ok(s) => s,
-        Err(e) => return e.into(),
+        Err(e) => return (e.into(), None),
     };
+    let served = stream.index();
+    (stream_events(stream, cfg, policy, kill).await, Some(served))
+}
+
+/// Applies a stream's lines until it fails.
+async fn stream_events(
+    mut stream: super::client::Streaming,
+    cfg: &Config,
+    policy: &PolicyStore,
+    kill: &KillSession,
+) -> WatchError {
     let mut following = Following { view: None, rev: 0 };
     let mut lines = LineDecoder::default();
     loop {
@@ -172,7 +251,9 @@ async fn follow_once(
             }
             if first {
                 if let Some(view) = &following.view {
+                    crate::metrics::METRICS.following(Some(stream.addr()));
                     info!(
+                        auth_server = %stream.addr(),
                         rev = following.rev,
                         users = view.users.len(),
                         roles = view.roles.len(),
@@ -250,6 +331,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_lost_stream_moves_on_at_once_and_backs_off_only_after_a_round() {
+        let quick = Duration::from_secs(1);
+        let mut r = Rounds::new(3);
+        // Stream on 0 lost: 1 and 2 are untried, so no wait.
+        assert_eq!(r.ended(Some(0), quick, true), None);
+        assert_eq!(r.ended(Some(1), quick, true), None);
+        // The last one of the round: back off, and the waits grow.
+        assert_eq!(r.ended(Some(2), quick, true), Some(FIRST_RETRY));
+        assert_eq!(r.ended(Some(0), quick, true), None, "a new round starts after the wait");
+        // The watch call itself found no auth server (it tried them all): back off.
+        assert_eq!(r.ended(None, quick, true), Some(FIRST_RETRY * 2));
+        // A refusal is the same everywhere: back off rather than ask the next one.
+        assert_eq!(r.ended(Some(0), quick, false), Some(FIRST_RETRY * 4));
+        for _ in 0..10 {
+            r.ended(None, quick, true);
+        }
+        assert_eq!(r.ended(None, quick, true), Some(MAX_RETRY));
+        // A stream that lived long was healthy: its loss starts afresh.
+        assert_eq!(r.ended(Some(1), HEALTHY + quick, true), None);
+        assert_eq!(r.ended(None, quick, true), Some(FIRST_RETRY));
+        // One auth server: every loss waits, as before there were several.
+        let mut one = Rounds::new(1);
+        assert_eq!(one.ended(Some(0), quick, true), Some(FIRST_RETRY));
+        assert_eq!(one.ended(Some(0), quick, true), Some(FIRST_RETRY * 2));
+    }
+
+    #[test]
+    fn waits_are_jittered_by_a_fifth() {
+        let d = Duration::from_secs(10);
+        assert_eq!(jittered(d, 0.0), Duration::from_secs(8));
+        assert_eq!(jittered(d, 0.5), d);
+        assert!(jittered(d, 0.999_999) < Duration::from_secs(12));
+        assert_eq!(jittered(d, 7.0), Duration::from_secs(12), "clamped");
     }
 
     #[test]
