@@ -20,6 +20,7 @@ pub mod install;
 pub mod leg;
 pub mod limits;
 pub mod metrics;
+pub mod pgconn;
 pub mod policy;
 pub mod proxy;
 pub mod rbac;
