@@ -229,6 +229,16 @@ pub fn unprivileged_user() -> Result<Option<nix::unistd::User>> {
     ))
 }
 
+/// How [`Postgres::start_opts`] starts a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct PgOpts {
+    /// `max_connections` (PostgreSQL's default is 100).
+    pub max_connections: Option<u32>,
+    /// Serve TLS on the TCP port with this certificate chain and key (PEM files; copied into
+    /// the cluster's directory).
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
 /// A throwaway PostgreSQL cluster: superuser `postgres` over its Unix socket (trust), SCRAM
 /// passwords over TCP on 127.0.0.1.
 pub struct Postgres {
@@ -246,6 +256,11 @@ impl Postgres {
     /// As [`Postgres::start`], allowing `max_connections` client connections (PostgreSQL's
     /// default is 100; a test holding hundreds of sessions needs one upstream connection each).
     pub fn start_with(dir: &Path, max_connections: Option<u32>) -> Result<Postgres> {
+        Self::start_opts(dir, PgOpts { max_connections, tls: None })
+    }
+
+    /// As [`Postgres::start`], with the options in `opts` (TLS on the TCP port, more connections).
+    pub fn start_opts(dir: &Path, opts: PgOpts) -> Result<Postgres> {
         use std::os::unix::process::CommandExt;
         let bin = postgres_bin_dir()?;
         let run_as = unprivileged_user()?;
@@ -253,6 +268,34 @@ impl Postgres {
         std::fs::create_dir_all(dir)?;
         if let Some(u) = &run_as {
             std::os::unix::fs::chown(dir, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
+        }
+        // PostgreSQL refuses a key file that is not private to its own account; copies inside
+        // `dir` can be given both whatever the caller's files are.
+        let mut server_args = Vec::new();
+        if let Some((cert, key)) = &opts.tls {
+            let (cert_copy, key_copy) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::copy(cert, &cert_copy).map_err(io(format!("copying {}", cert.display())))?;
+            std::fs::copy(key, &key_copy).map_err(io(format!("copying {}", key.display())))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key_copy, std::fs::Permissions::from_mode(0o600))?;
+            }
+            if let Some(u) = &run_as {
+                for f in [&cert_copy, &key_copy] {
+                    std::os::unix::fs::chown(f, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
+                }
+            }
+            server_args.extend([
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", cert_copy.display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", key_copy.display()),
+            ]);
+        }
+        if let Some(n) = opts.max_connections {
+            server_args.extend(["-c".to_owned(), format!("max_connections={n}")]);
         }
         let data = dir.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
@@ -283,7 +326,7 @@ impl Postgres {
         // that dies during start-up is started again on another port.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::launch(dir, &data, &bin, run_as.as_ref(), max_connections) {
+            match Self::launch(dir, &data, &bin, run_as.as_ref(), &server_args) {
                 Ok(pg) => return Ok(pg),
                 Err(e) => last_err = Some(e),
             }
@@ -296,7 +339,7 @@ impl Postgres {
         data: &Path,
         bin: &Path,
         run_as: Option<&nix::unistd::User>,
-        max_connections: Option<u32>,
+        server_args: &[String],
     ) -> Result<Postgres> {
         use std::os::unix::process::CommandExt;
         let port = free_port()?;
@@ -312,10 +355,8 @@ impl Postgres {
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(log)
-            .current_dir(dir);
-        if let Some(n) = max_connections {
-            cmd.arg("-c").arg(format!("max_connections={n}"));
-        }
+            .current_dir(dir)
+            .args(server_args);
         if let Some(u) = run_as {
             cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
