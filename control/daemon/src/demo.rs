@@ -383,6 +383,11 @@ impl Postgres {
         }
     }
 
+    /// The directory of this PostgreSQL's programs (`pg_dump`, `psql`, …).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// Runs SQL as the superuser over the Unix socket; returns unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
         let out = Command::new(self.bin.join("psql"))

@@ -659,7 +659,11 @@ impl State {
                 Ok(index)
             });
             match attempt {
-                Err(StateError::Conflict(_)) if tries < 5 => tries += 1,
+                Err(StateError::Conflict(_)) if tries < 50 => {
+                    tries += 1;
+                    // Spread the racers out, so one of them wins the next round.
+                    std::thread::sleep(std::time::Duration::from_millis(rand::random::<u64>() % 10 + 1));
+                }
                 other => break other?,
             }
         };
@@ -1056,8 +1060,9 @@ impl State {
         let rows = self.run(|c| {
             c.query(
                 "SELECT id, time, event, session_id, \"user\", db, success, data FROM audit
-                 WHERE (?1 IS NULL OR \"user\" = ?1) AND (?2 IS NULL OR db = ?2) AND (?3 IS NULL OR event = ?3)
-                   AND (?4 IS NULL OR time >= ?4) AND (?5 IS NULL OR time <= ?5)
+                 WHERE (CAST(?1 AS TEXT) IS NULL OR \"user\" = ?1) AND (CAST(?2 AS TEXT) IS NULL OR db = ?2)
+                   AND (CAST(?3 AS TEXT) IS NULL OR event = ?3)
+                   AND (CAST(?4 AS TEXT) IS NULL OR time >= ?4) AND (CAST(?5 AS TEXT) IS NULL OR time <= ?5)
                  ORDER BY id DESC LIMIT ?6",
                 vals![&filter.user, &filter.db, &filter.event, &filter.since, &filter.until, filter.limit as i64],
             )

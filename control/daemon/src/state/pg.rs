@@ -434,11 +434,12 @@ impl Conn for PgConn {
 
 fn pg_error(e: tokio_postgres::Error) -> StateError {
     use tokio_postgres::error::SqlState;
+    let text = e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string());
     match e.code() {
-        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StateError::Conflict(e.to_string()),
-        Some(_) => StateError::Postgres(e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string())),
-        None if e.is_closed() => StateError::Unavailable(e.to_string()),
-        None => StateError::Unavailable(e.to_string()),
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StateError::Conflict(text),
+        Some(_) => StateError::Postgres(text),
+        // No SQLSTATE: the connection broke or never came up.
+        None => StateError::Unavailable(text),
     }
 }
 
