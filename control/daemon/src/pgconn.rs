@@ -543,10 +543,11 @@ impl PgConnector {
         if !set("keepalives_idle") {
             config.keepalives_idle(DEFAULT_KEEPALIVES_IDLE);
         }
+        let direct = config.get_ssl_negotiation() == tokio_postgres::config::SslNegotiation::Direct;
         let (tls, roots) = match &parsed.tls {
             PgTls::UnixSocket => (None, String::new()),
-            PgTls::System => (Some(tls_connector(system_roots()?)?), "system".to_owned()),
-            PgTls::RootCertFile(path) => (Some(tls_connector(file_roots(path)?)?), path.display().to_string()),
+            PgTls::System => (Some(tls_connector(system_roots()?, direct)?), "system".to_owned()),
+            PgTls::RootCertFile(path) => (Some(tls_connector(file_roots(path)?, direct)?), path.display().to_string()),
         };
         let unix = parsed.tls == PgTls::UnixSocket;
         let credential = match (&storage.password_file, &storage.aws_iam) {
@@ -773,11 +774,15 @@ fn rds_region(host: &str) -> Option<String> {
         .then(|| labels[n - 4].to_owned())
 }
 
-fn tls_connector(roots: RootCertStore) -> Result<MakeRustlsConnect, PgConnError> {
-    let cfg = ClientConfig::builder_with_provider(crate::tls::provider())
+fn tls_connector(roots: RootCertStore, direct: bool) -> Result<MakeRustlsConnect, PgConnError> {
+    let mut cfg = ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    if direct {
+        // PostgreSQL 17 accepts direct TLS (sslnegotiation=direct) only with this ALPN.
+        cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
     Ok(MakeRustlsConnect::new(cfg))
 }
 
@@ -1003,6 +1008,16 @@ mod tests {
         let zero = PgStorage { pool_size: 0, ..with_pw };
         assert!(PgConnector::new(&zero).unwrap_err().to_string().contains("pool_size"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_connector_can_be_shared_and_its_futures_spawned() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>(_: &T) {}
+        send_sync::<PgConnector>();
+        let c = PgConnector::new(&storage("host=/run/pg user=sluice")).unwrap();
+        send(&c.connect());
+        send(&c.connect_listening());
     }
 
     #[test]
