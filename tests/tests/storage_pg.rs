@@ -190,3 +190,97 @@ fn one_ca_sealed_under_the_kek() {
     let e = s.ensure_ca("sluice").err().expect("a foreign KEK opened the CA key").to_string();
     assert!(e.contains("wrapped for [file:"), "{e}");
 }
+
+fn control(config: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(sluice_control::demo::find_bin("control").unwrap())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "control {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A control that started on embedded SQLite moves to PostgreSQL with `control storage export`
+/// and `import`: the same users, roles and databases, the same CA (a certificate issued before
+/// the move still connects), the old password still logs in, the CA key ends up sealed under
+/// the KEK, and a lock placed with the admin CLI (another process, writing PostgreSQL) ends a
+/// live session through the daemon's change feed within a second.
+#[test]
+fn a_sqlite_control_moves_to_postgres() {
+    use sluice_control::config::{PostgresStorage, StorageConfig};
+    let mut h = sluice_tests::Harness::start("storage-move").unwrap();
+    let rt = sluice_tests::runtime().unwrap();
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    rt.block_on(c.close()).unwrap();
+    let sqlite_config = h.stack.control.config_path.clone();
+    let lists = |config: &std::path::Path| {
+        ["users", "roles", "db"].map(|what| control(config, &[what, "ls", "--format", "json"]))
+    };
+    let before = lists(&sqlite_config);
+    let export = h.dir.join("state.ndjson");
+    control(&sqlite_config, &["storage", "export", "--out", export.to_str().unwrap()]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&export).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let pg = StoragePg::start(&h.dir.join("storage")).unwrap();
+    let kek = h.dir.join("kek");
+    sluice_control::kek::generate_file(&kek).unwrap();
+    let storage = StorageConfig::Postgres(PostgresStorage {
+        conn_string: pg.conn_string.clone(),
+        password_file: Some(pg.password_file.clone()),
+        aws_iam: None,
+        pool_size: 4,
+        kek: sluice_control::kek::KekConfig { file: Some(kek.clone()), aws_kms: None },
+        previous_keks: Vec::new(),
+    });
+    h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    let mut pg_cfg = h.stack.control.config.clone();
+    pg_cfg.auth_service.storage = storage.clone();
+    let pg_config = h.dir.join("control-pg.yaml");
+    std::fs::write(&pg_config, serde_saphyr::to_string(&pg_cfg).unwrap()).unwrap();
+    // A truncated file is refused and leaves the target empty (so the real import can follow).
+    let text = std::fs::read_to_string(&export).unwrap();
+    let cut = h.dir.join("cut.ndjson");
+    std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+    let out = std::process::Command::new(sluice_control::demo::find_bin("control").unwrap())
+        .args(["--config", pg_config.to_str().unwrap(), "storage", "import", "--in", cut.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a truncated export was imported");
+    control(&pg_config, &["storage", "import", "--in", export.to_str().unwrap()]);
+    h.start_control_again(|cfg| cfg.auth_service.storage = storage).unwrap();
+    assert_eq!(lists(&h.stack.control.config_path), before, "users, roles or databases changed in the move");
+
+    // The same CA: a certificate from before the move connects; the password still logs in.
+    let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    let v: i32 = rt.block_on(c.client.query_one("select 7", &[])).unwrap().get(0);
+    assert_eq!(v, 7);
+    h.login_demo().unwrap();
+
+    // The key is sealed at rest.
+    let dump = std::process::Command::new(pg.pg.bin().join("pg_dump"))
+        .args(["--data-only", "-h", &pg.pg.dir.display().to_string(), "-p", &pg.pg.port.to_string()])
+        .args(["-U", "postgres", "sluice"])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("cert_authorities") && !dump.contains("PRIVATE KEY"), "the CA key is not sealed");
+
+    // A lock through the admin CLI ends the live session.
+    let (query, elapsed) = rt.block_on(async {
+        let sleep = c.client.simple_query("select pg_sleep(30)");
+        let lock = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            control(&h.stack.control.config_path, &["locks", "add", "--user", "alice", "--message", "moved"]);
+            Instant::now()
+        };
+        let (r, at) = tokio::join!(sleep, lock);
+        (r, at.elapsed())
+    });
+    assert!(query.is_err(), "the session outlived the lock");
+    eprintln!("[storage-move] session ended {elapsed:?} after the lock (PostgreSQL storage)");
+    assert!(elapsed < Duration::from_secs(1), "the session ended {elapsed:?} after the lock");
+}

@@ -81,6 +81,20 @@ enum StorageCmd {
     /// The key-encryption key (KEK) under which the CA keys are stored.
     #[command(subcommand)]
     Kek(KekCmd),
+    /// Write the whole state (users, roles, the CA, databases, locks, tokens, agents, discovered
+    /// resources) to a file, mode 0600, to import into another backend.
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+        /// Include the audit log.
+        #[arg(long)]
+        include_audit: bool,
+    },
+    /// Load an export into this config's storage, which must be empty (e.g. a new PostgreSQL).
+    Import {
+        #[arg(long = "in")]
+        input: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -392,6 +406,10 @@ fn open_state(cfg: &Config) -> Result<State> {
     }
     State::open_configured(cfg, sluice_control::state::OpenMode::Admin)
         .with_context(|| format!("opening the state ({} in {})", cfg.auth_service.storage.kind(), cfg.data_dir.display()))
+}
+
+fn format_counts(counts: &sluice_control::state::export::Counts) -> String {
+    counts.iter().map(|(t, n)| format!("{n} {t}")).collect::<Vec<_>>().join(", ")
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -922,6 +940,28 @@ fn main() -> Result<()> {
                     bail!("{} nodes are named {node:?}; remove one by host ID: {}", many.len(), ids.join(", "))
                 }
             }
+            Ok(())
+        }
+        Cmd::Storage(StorageCmd::Export { out, include_audit }) => {
+            let state = open_state(&load_config(&cli.config)?)?;
+            let file = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&out)
+            }
+            .with_context(|| format!("creating {} (it must not exist)", out.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let counts = state.export(&mut w, include_audit)?;
+            eprintln!("exported from {} to {}: {}", state.backend(), out.display(), format_counts(&counts));
+            Ok(())
+        }
+        Cmd::Storage(StorageCmd::Import { input }) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            let file = std::fs::File::open(&input).with_context(|| format!("opening {}", input.display()))?;
+            let counts = state.import(&mut std::io::BufReader::new(file))?;
+            // Seals a plaintext CA key under this storage's KEK, if one is configured.
+            state.ensure_ca(&cfg.auth_service.cluster_name)?;
+            eprintln!("imported into {}: {}", state.backend(), format_counts(&counts));
             Ok(())
         }
         Cmd::Storage(StorageCmd::Kek(KekCmd::Generate { out })) => {

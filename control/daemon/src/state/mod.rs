@@ -10,6 +10,7 @@
 //! create` take effect for the next connection without a reload protocol, and a handshake runs
 //! no SQL.
 
+pub mod export;
 pub mod pg;
 pub mod sql;
 pub mod sqlite;
