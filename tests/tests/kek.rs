@@ -172,3 +172,62 @@ fn kms_kek_against_moto() {
     let e = ring.open("c1", "db", &sealed).unwrap_err();
     assert!(matches!(e, KekError::Kms(_)), "{e}");
 }
+
+/// `control storage kek rotate/retire/ls` on a sealed embedded state: a rotation with
+/// `--keep-old` keeps nodes on the old KEK working while others move; after `retire` the old KEK
+/// opens nothing and says which KEKs would; a plain rotation leaves only the new wrap; the CA
+/// (its pin) never changes.
+#[test]
+fn kek_rotation_with_the_cli() {
+    let dir = TestDir::new("kek-rotate").unwrap();
+    let keys: Vec<_> = (1..=3)
+        .map(|i| {
+            let path = dir.join(format!("kek{i}"));
+            let id = kek::generate_file(&path).unwrap().id().to_owned();
+            (path, id)
+        })
+        .collect();
+    let config_for = |k: usize| {
+        let path = dir.join(format!("control-{k}.yaml"));
+        let yaml = format!(
+            "data_dir: {}\nauth_service:\n  storage:\n    type: sqlite\n    kek: {{file: {}}}\n",
+            dir.join("data").display(),
+            keys[k].0.display()
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let run = |config: &std::path::Path, args: &[&str]| {
+        let out = Command::new(find_bin("control").unwrap()).arg("--config").arg(config).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let ok = |config: &std::path::Path, args: &[&str]| {
+        let (ok, text) = run(config, args);
+        assert!(ok, "control {args:?}: {text}");
+        text
+    };
+    let pin = |config: &std::path::Path| {
+        ok(config, &["status"]).lines().find(|l| l.starts_with("CA pin")).unwrap().to_owned()
+    };
+    let (c1, c2, c3) = (config_for(0), config_for(1), config_for(2));
+    let first = pin(&c1);
+    assert_eq!(ok(&c1, &["storage", "kek", "ls"]).trim(), keys[0].1);
+    // The sealed key is not in the file.
+    let db = std::fs::read(dir.join("data").join("sluice.db")).unwrap();
+    assert!(!String::from_utf8_lossy(&db).contains("PRIVATE KEY"), "the CA key is stored in plaintext");
+
+    ok(&c1, &["storage", "kek", "rotate", "--to-file", keys[1].0.to_str().unwrap(), "--keep-old"]);
+    assert_eq!(pin(&c1), first, "a node still on the old KEK stopped working");
+    assert_eq!(pin(&c2), first, "a node on the new KEK cannot open the CA key");
+    ok(&c2, &["storage", "kek", "retire", &keys[0].1]);
+    let (opened, text) = run(&c1, &["status"]);
+    assert!(!opened, "the retired KEK still opens the CA key");
+    assert!(text.contains(&format!("wrapped for [{}]", keys[1].1)), "{text}");
+    let (retired, text) = run(&c2, &["storage", "kek", "retire", &keys[1].1]);
+    assert!(!retired && text.contains("only KEK"), "the last wrap was retired: {text}");
+
+    ok(&c2, &["storage", "kek", "rotate", "--to-file", keys[2].0.to_str().unwrap()]);
+    assert_eq!(ok(&c3, &["storage", "kek", "ls"]).trim(), keys[2].1);
+    assert!(!run(&c2, &["status"]).0, "a replaced KEK still opens the CA key");
+    assert_eq!(pin(&c3), first);
+}

@@ -105,6 +105,26 @@ enum KekCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Wrap the CA key for another KEK, in one step and without re-encrypting it: the current
+    /// KEK's wrap goes unless --keep-old (for a rolling change of the nodes' configs).
+    Rotate {
+        /// A KEK file (`control storage kek generate`).
+        #[arg(long, conflicts_with = "to_kms", required_unless_present = "to_kms")]
+        to_file: Option<PathBuf>,
+        /// An AWS KMS key ARN.
+        #[arg(long)]
+        to_kms: Option<String>,
+        /// Keep the existing wraps, so nodes still configured with the old KEK keep working.
+        #[arg(long)]
+        keep_old: bool,
+    },
+    /// Remove a wrap kept with --keep-old, once no node uses its KEK.
+    Retire {
+        /// The KEK id (`file:…` or `kms:…`).
+        id: String,
+    },
+    /// List the KEKs the CA key is wrapped for.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -406,6 +426,16 @@ fn open_state(cfg: &Config) -> Result<State> {
     }
     State::open_configured(cfg, sluice_control::state::OpenMode::Admin)
         .with_context(|| format!("opening the state ({} in {})", cfg.auth_service.storage.kind(), cfg.data_dir.display()))
+}
+
+/// The CA key as stored, which must be sealed for the KEK verbs.
+fn sealed_ca_key(state: &State) -> Result<sluice_control::kek::SealedKey> {
+    let row = state.ca_row()?.context("the state has no CA yet: start control once")?;
+    let envelope = row.key_envelope.context(
+        "the CA key is stored in plaintext: set auth_service.storage.kek and run any control command to seal it",
+    )?;
+    let wraps = serde_json::from_str(row.key_wraps.as_deref().unwrap_or("[]")).context("the CA key's wraps")?;
+    Ok(sluice_control::kek::SealedKey { envelope, wraps })
 }
 
 fn format_counts(counts: &sluice_control::state::export::Counts) -> String {
@@ -962,6 +992,50 @@ fn main() -> Result<()> {
             // Seals a plaintext CA key under this storage's KEK, if one is configured.
             state.ensure_ca(&cfg.auth_service.cluster_name)?;
             eprintln!("imported into {}: {}", state.backend(), format_counts(&counts));
+            Ok(())
+        }
+        Cmd::Storage(StorageCmd::Kek(KekCmd::Rotate { to_file, to_kms, keep_old })) => {
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            let sealed = sealed_ca_key(&state)?;
+            let (kek, previous) = cfg.auth_service.storage.keks();
+            let ring = sluice_control::kek::KeyRing::load(
+                kek.context("this config has no auth_service.storage.kek to open the CA key with")?,
+                previous,
+            )?;
+            let to = sluice_control::kek::Kek::load(&sluice_control::kek::KekConfig {
+                file: to_file,
+                aws_kms: to_kms.map(|key_id| sluice_control::kek::KmsConfig { key_id, region: None, endpoint_url: None }),
+            })?;
+            let wrap = ring.rewrap(&cfg.auth_service.cluster_name, sluice_control::state::CA_NAME, &sealed, &to)?;
+            let mut wraps: Vec<_> =
+                if keep_old { sealed.wraps.into_iter().filter(|w| w.kek_id != wrap.kek_id).collect() } else { Vec::new() };
+            wraps.push(wrap);
+            state.set_ca_wraps(&wraps)?;
+            let ids: Vec<&str> = wraps.iter().map(|w| w.kek_id.as_str()).collect();
+            println!("the CA key is wrapped for {}", ids.join(", "));
+            eprintln!("Now set auth_service.storage.kek to {} on every auth node.", to.id());
+            Ok(())
+        }
+        Cmd::Storage(StorageCmd::Kek(KekCmd::Retire { id })) => {
+            let state = open_state(&load_config(&cli.config)?)?;
+            let sealed = sealed_ca_key(&state)?;
+            if !sealed.wraps.iter().any(|w| w.kek_id == id) {
+                bail!("the CA key has no wrap for {id}");
+            }
+            let left: Vec<_> = sealed.wraps.into_iter().filter(|w| w.kek_id != id).collect();
+            if left.is_empty() {
+                bail!("{id} is the CA key's only KEK: rotate to another one first");
+            }
+            state.set_ca_wraps(&left)?;
+            println!("retired {id}; the CA key is wrapped for {}", left.iter().map(|w| w.kek_id.as_str()).collect::<Vec<_>>().join(", "));
+            Ok(())
+        }
+        Cmd::Storage(StorageCmd::Kek(KekCmd::Ls)) => {
+            let state = open_state(&load_config(&cli.config)?)?;
+            for w in sealed_ca_key(&state)?.wraps {
+                println!("{}", w.kek_id);
+            }
             Ok(())
         }
         Cmd::Storage(StorageCmd::Kek(KekCmd::Generate { out })) => {

@@ -1254,8 +1254,8 @@ pub struct CaRow {
     pub key_wraps: Option<String>,
 }
 
-/// The name of the one CA row.
-const CA_NAME: &str = "db";
+/// The name of the one CA row (and of the CA in its key's encryption context).
+pub const CA_NAME: &str = "db";
 
 const NODE_SELECT: &str = "SELECT host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen,
         hb_postgres_addr, hb_databases, hb_sessions, hb_version, hb_interval_ms, hb_at_ms FROM nodes";
