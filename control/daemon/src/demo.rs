@@ -863,6 +863,12 @@ impl Drop for Stack {
         self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.plain_emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.postgres.stop();
+        // The private directory made under /tmp for a root run (see `start_sized`) is the
+        // stack's alone; every test left one behind (tens of MB each).
+        let ours = self.postgres.dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("sluice-pg-"));
+        if ours && self.postgres.dir.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_dir_all(&self.postgres.dir);
+        }
         if let Some(local) = &self.control.config.proxy_service.local_socket {
             let _ = std::fs::remove_dir_all(&local.dir);
         }
