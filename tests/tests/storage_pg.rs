@@ -283,4 +283,24 @@ fn a_sqlite_control_moves_to_postgres() {
     assert!(query.is_err(), "the session outlived the lock");
     eprintln!("[storage-move] session ended {elapsed:?} after the lock (PostgreSQL storage)");
     assert!(elapsed < Duration::from_secs(1), "the session ended {elapsed:?} after the lock");
+
+    // The node's audit events reach the shared store through its own spool (node.db), in order,
+    // and leave the spool once stored.
+    let shared = State::open_configured(&pg_cfg, OpenMode::Admin).unwrap();
+    let events = |s: &State| {
+        s.audit_query(&sluice_control::state::AuditFilter { user: Some("alice".into()), limit: 1000, ..Default::default() })
+            .unwrap()
+    };
+    wait_for("the session's end stored in PostgreSQL", Duration::from_secs(10), || {
+        events(&shared).iter().any(|e| e.event == "db.session.end")
+    });
+    let session = events(&shared).into_iter().rev().find(|e| e.event == "db.session.end").unwrap().session_id;
+    let kinds: Vec<String> =
+        events(&shared).into_iter().filter(|e| e.session_id == session).map(|e| e.event).collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("db.session.start"), "{kinds:?}");
+    assert_eq!(kinds.last().map(String::as_str), Some("db.session.end"), "{kinds:?}");
+    let spool = sluice_control::state::sqlite::Sqlite::open(&pg_cfg.data_dir, "node.db").unwrap();
+    wait_for("node.db's spool emptied", Duration::from_secs(10), || {
+        spool.run(|c| c.query_one("SELECT count(*) FROM audit", &[])?.get::<i64>(0)).unwrap() == 0
+    });
 }

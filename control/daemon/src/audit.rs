@@ -92,6 +92,17 @@ impl AuditLog {
         Ok(AuditLog { state, file: Mutex::new(None), path, spool: Some(Arc::new(spool)) })
     }
 
+    /// An auth node's log beside a shared store ([`State::has_local`]): events wait in its own
+    /// store and [`deliver_to_store`] moves them, in order, so an outage of the shared
+    /// PostgreSQL loses none and never holds up a session.
+    pub fn for_state(state: Arc<State>, path: PathBuf) -> Result<Self, StateError> {
+        if state.has_local() {
+            Self::spooling(state, path)
+        } else {
+            Ok(Self::new(state, path))
+        }
+    }
+
     pub fn spool(&self) -> Option<Arc<Spool>> {
         self.spool.clone()
     }
@@ -151,7 +162,11 @@ impl AuditLog {
     }
 
     fn write(&self, record: &Value, session_id: &str) {
-        match self.state.insert_audit(record) {
+        let stored = match &self.spool {
+            Some(_) => self.state.spool_audit(record),
+            None => self.state.insert_audit(record),
+        };
+        match stored {
             Ok(Some(row)) => {
                 if let Some(spool) = &self.spool {
                     spool.pending().push_back((row, record.clone()));
@@ -184,6 +199,52 @@ impl AuditLog {
             if let Err(e) = f.write_all(line.as_bytes()) {
                 tracing::error!(session_id = %session_id, error = %e, "appending audit event");
                 *file = None;
+            }
+        }
+    }
+}
+
+/// Moves an auth node's spooled events into the shared store, in order and in batches; a batch
+/// leaves the spool only once it is committed there (an `event_id` already stored is not stored
+/// again, so a batch retried after a lost answer is harmless).
+pub async fn deliver_to_store(audit: Arc<AuditLog>) {
+    let Some(spool) = audit.spool() else { return };
+    let mut retry = std::time::Duration::from_millis(200);
+    let mut failing = false;
+    loop {
+        if spool.is_empty() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), spool.added.notified()).await;
+            continue;
+        }
+        let batch = spool.peek(500);
+        let Some(last) = batch.last().map(|(row, _)| *row) else { continue };
+        let records: Vec<Value> = batch.into_iter().map(|(_, e)| e).collect();
+        let state = audit.state().clone();
+        let done = tokio::task::spawn_blocking(move || {
+            state.insert_audit_batch(&records)?;
+            state.delete_audit_through(last)
+        })
+        .await;
+        match done {
+            Ok(Ok(_)) => {
+                spool.drop_through(last);
+                if failing {
+                    tracing::info!(left = spool.len(), "storing audit events in the shared store again");
+                }
+                failing = false;
+                retry = std::time::Duration::from_millis(200);
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(error = %e, spooled = spool.len(), "cannot store audit events in the shared store; keeping them in node.db");
+                }
+                failing = true;
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit delivery task failed");
+                tokio::time::sleep(retry).await;
             }
         }
     }

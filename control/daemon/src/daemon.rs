@@ -170,7 +170,10 @@ fn start_auth(
     let pg_tls = tls::postgres_server_config(&ca.cert_der, cert.clone())?;
     let cluster_tls = tls::cluster_server_config(&ca.cert_der, cert)?;
     let api_tls = tls::api_server_config(chain, key)?;
-    let audit = Arc::new(AuditLog::new(state.clone(), cfg.audit_json_file()));
+    let audit = Arc::new(AuditLog::for_state(state.clone(), cfg.audit_json_file()).map_err(DaemonError::State)?);
+    if audit.spool().is_some() {
+        tasks.push(tokio::spawn(crate::audit::deliver_to_store(audit.clone())));
+    }
     let minter = Arc::new(TokenMinter::new());
     tasks.push(tokio::spawn(crate::discovery::run(cfg.clone(), state.clone(), minter.clone(), config_path)));
     let policy = Arc::new(PolicyStore::open(cfg.clone(), state.clone()).map_err(DaemonError::Policy)?);

@@ -1023,36 +1023,43 @@ impl State {
             records
                 .iter()
                 .map(|record| {
-                    let text = |k: &str| record.get(k).and_then(serde_json::Value::as_str);
-                    let row = c.query_opt(
-                        "INSERT INTO audit (time, event, session_id, \"user\", db, success, data, event_id)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING id",
-                        vals![
-                            text("time").unwrap_or_default(),
-                            text("event").unwrap_or_default(),
-                            text("sid"),
-                            text("user"),
-                            text("db_service"),
-                            record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
-                            record.to_string(),
-                            text("event_id"),
-                        ],
-                    )?;
+                    let row = c.query_opt(AUDIT_INSERT, &audit_vals(record))?;
                     row.map(|r| r.get(0)).transpose()
                 })
                 .collect()
         })
     }
 
-    /// The oldest `limit` audit rows as (row id, record): an agent's spool, still to upload.
+    /// Whether this node keeps a store of its own beside a shared one (an auth node on
+    /// PostgreSQL): its audit events then wait there until they are in the shared store.
+    pub fn has_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Stores an audit record in the spool: this node's own store (`node.db` beside a shared
+    /// PostgreSQL, or an agent's `agent.db`), from which it is delivered. The row id, or `None`
+    /// for a duplicate `event_id`.
+    pub fn spool_audit(&self, record: &serde_json::Value) -> Result<Option<i64>, StateError> {
+        let insert = |c: &mut dyn Conn| {
+            let row = c.query_opt(AUDIT_INSERT, &audit_vals(record))?;
+            row.map(|r| r.get(0)).transpose()
+        };
+        match &self.local {
+            Some(l) => l.write_own(insert),
+            None => self.own(insert),
+        }
+    }
+
+    /// The oldest `limit` spooled audit rows as (row id, record), still to deliver.
     pub fn audit_spool(&self, limit: usize) -> Result<Vec<(i64, serde_json::Value)>, StateError> {
-        let rows = self.run(|c| c.query("SELECT id, data FROM audit ORDER BY id LIMIT ?1", vals![limit as i64]))?;
+        let rows =
+            self.local_run(|c| c.query("SELECT id, data FROM audit ORDER BY id LIMIT ?1", vals![limit as i64]))?;
         rows.iter().map(|r| Ok((r.get(0)?, serde_json::from_str(&r.get::<String>(1)?)?))).collect()
     }
 
-    /// Drops audit rows up to `id`, once the auth server has stored them (an agent's spool).
+    /// Drops spooled audit rows up to `id`, once they are delivered.
     pub fn delete_audit_through(&self, id: i64) -> Result<usize, StateError> {
-        self.own(|c| c.exec("DELETE FROM audit WHERE id <= ?1", vals![id]))
+        self.local_own(|c| c.exec("DELETE FROM audit WHERE id <= ?1", vals![id]))
     }
 
     /// The newest audit rows matching `filter`, oldest first. Times compare as RFC 3339 text
@@ -1252,6 +1259,25 @@ pub struct CaRow {
     pub key_pem: String,
     pub key_envelope: Option<Vec<u8>>,
     pub key_wraps: Option<String>,
+}
+
+const AUDIT_INSERT: &str = "INSERT INTO audit (time, event, session_id, \"user\", db, success, data, event_id)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING id";
+
+/// The indexed columns of an audit record, in [`AUDIT_INSERT`]'s order.
+fn audit_vals(record: &serde_json::Value) -> Vec<sql::Val> {
+    let text = |k: &str| record.get(k).and_then(serde_json::Value::as_str);
+    vals![
+        text("time").unwrap_or_default(),
+        text("event").unwrap_or_default(),
+        text("sid"),
+        text("user"),
+        text("db_service"),
+        record.get("success").and_then(serde_json::Value::as_bool).unwrap_or(false),
+        record.to_string(),
+        text("event_id"),
+    ]
+    .to_vec()
 }
 
 /// The name of the one CA row (and of the CA in its key's encryption context).
