@@ -199,7 +199,10 @@ fn kek_rotation_with_the_cli() {
     };
     let run = |config: &std::path::Path, args: &[&str]| {
         let out = Command::new(find_bin("control").unwrap()).arg("--config").arg(config).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let ok = |config: &std::path::Path, args: &[&str]| {
         let (ok, text) = run(config, args);

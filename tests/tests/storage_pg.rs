@@ -101,7 +101,13 @@ fn the_state_api_behaves_the_same_on_postgres() {
         "sid": "s1", "user": "alice", "db_service": "prod", "success": true});
     assert!(a.insert_audit(&ev).unwrap().is_some());
     assert_eq!(b.insert_audit_batch(&[ev.clone(), ev]).unwrap(), vec![None, None]);
-    let rows = b.audit_query(&sluice_control::state::AuditFilter { user: Some("alice".into()), limit: 10, ..Default::default() }).unwrap();
+    let rows = b
+        .audit_query(&sluice_control::state::AuditFilter {
+            user: Some("alice".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(rows.len(), 1);
     assert!(rows[0].success);
 
@@ -137,8 +143,13 @@ fn policy_changes_reach_every_node_through_the_feed() {
     assert_eq!(b.change_marker(), settled, "bookkeeping moved the policy revision");
     // A change from another process (the admin CLI's path) moves it too.
     let admin = State::open_configured(&config(&dir.join("admin"), &pg, &kek), OpenMode::Admin).unwrap();
-    admin.upsert_role(&serde_json::from_value(serde_json::json!({"kind": "role", "version": "v7",
-        "metadata": {"name": "dev"}, "spec": {"allow": {}}})).unwrap()).unwrap();
+    admin
+        .upsert_role(
+            &serde_json::from_value(serde_json::json!({"kind": "role", "version": "v7",
+        "metadata": {"name": "dev"}, "spec": {"allow": {}}}))
+            .unwrap(),
+        )
+        .unwrap();
     wait_for("B sees the admin's role", Duration::from_secs(1), || b.change_marker() != settled);
 }
 
@@ -288,15 +299,18 @@ fn a_sqlite_control_moves_to_postgres() {
     // and leave the spool once stored.
     let shared = State::open_configured(&pg_cfg, OpenMode::Admin).unwrap();
     let events = |s: &State| {
-        s.audit_query(&sluice_control::state::AuditFilter { user: Some("alice".into()), limit: 1000, ..Default::default() })
-            .unwrap()
+        s.audit_query(&sluice_control::state::AuditFilter {
+            user: Some("alice".into()),
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
     };
     wait_for("the session's end stored in PostgreSQL", Duration::from_secs(10), || {
         events(&shared).iter().any(|e| e.event == "db.session.end")
     });
     let session = events(&shared).into_iter().rev().find(|e| e.event == "db.session.end").unwrap().session_id;
-    let kinds: Vec<String> =
-        events(&shared).into_iter().filter(|e| e.session_id == session).map(|e| e.event).collect();
+    let kinds: Vec<String> = events(&shared).into_iter().filter(|e| e.session_id == session).map(|e| e.event).collect();
     assert_eq!(kinds.first().map(String::as_str), Some("db.session.start"), "{kinds:?}");
     assert_eq!(kinds.last().map(String::as_str), Some("db.session.end"), "{kinds:?}");
     let spool = sluice_control::state::sqlite::Sqlite::open(&pg_cfg.data_dir, "node.db").unwrap();

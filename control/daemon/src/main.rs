@@ -424,8 +424,9 @@ fn open_state(cfg: &Config) -> Result<State> {
     if cfg.is_agent() {
         bail!("this is an agent's config (auth_service.enabled: false): run admin commands against the auth server's config");
     }
-    State::open_configured(cfg, sluice_control::state::OpenMode::Admin)
-        .with_context(|| format!("opening the state ({} in {})", cfg.auth_service.storage.kind(), cfg.data_dir.display()))
+    State::open_configured(cfg, sluice_control::state::OpenMode::Admin).with_context(|| {
+        format!("opening the state ({} in {})", cfg.auth_service.storage.kind(), cfg.data_dir.display())
+    })
 }
 
 /// The CA key as stored, which must be sealed for the KEK verbs.
@@ -1005,11 +1006,18 @@ fn main() -> Result<()> {
             )?;
             let to = sluice_control::kek::Kek::load(&sluice_control::kek::KekConfig {
                 file: to_file,
-                aws_kms: to_kms.map(|key_id| sluice_control::kek::KmsConfig { key_id, region: None, endpoint_url: None }),
+                aws_kms: to_kms.map(|key_id| sluice_control::kek::KmsConfig {
+                    key_id,
+                    region: None,
+                    endpoint_url: None,
+                }),
             })?;
             let wrap = ring.rewrap(&cfg.auth_service.cluster_name, sluice_control::state::CA_NAME, &sealed, &to)?;
-            let mut wraps: Vec<_> =
-                if keep_old { sealed.wraps.into_iter().filter(|w| w.kek_id != wrap.kek_id).collect() } else { Vec::new() };
+            let mut wraps: Vec<_> = if keep_old {
+                sealed.wraps.into_iter().filter(|w| w.kek_id != wrap.kek_id).collect()
+            } else {
+                Vec::new()
+            };
             wraps.push(wrap);
             state.set_ca_wraps(&wraps)?;
             let ids: Vec<&str> = wraps.iter().map(|w| w.kek_id.as_str()).collect();
@@ -1028,7 +1036,10 @@ fn main() -> Result<()> {
                 bail!("{id} is the CA key's only KEK: rotate to another one first");
             }
             state.set_ca_wraps(&left)?;
-            println!("retired {id}; the CA key is wrapped for {}", left.iter().map(|w| w.kek_id.as_str()).collect::<Vec<_>>().join(", "));
+            println!(
+                "retired {id}; the CA key is wrapped for {}",
+                left.iter().map(|w| w.kek_id.as_str()).collect::<Vec<_>>().join(", ")
+            );
             Ok(())
         }
         Cmd::Storage(StorageCmd::Kek(KekCmd::Ls)) => {

@@ -148,7 +148,8 @@ impl State {
             if trailer.is_some() {
                 return Err(bad("lines after the end marker"));
             }
-            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(&format!("a line is not JSON: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| bad(&format!("a line is not JSON: {e}")))?;
             if v.get("kind").and_then(|k| k.as_str()) == Some("end") {
                 trailer = Some(v);
                 continue;
@@ -251,7 +252,8 @@ mod tests {
         // And back: the same rows (apart from the header's time).
         let mut again = Vec::new();
         b.export(&mut again, true).unwrap();
-        let body = |f: &[u8]| String::from_utf8(f.to_vec()).unwrap().lines().skip(1).map(str::to_owned).collect::<Vec<_>>();
+        let body =
+            |f: &[u8]| String::from_utf8(f.to_vec()).unwrap().lines().skip(1).map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(body(&again)[..body(&again).len() - 1], body(&file)[..body(&file).len() - 1]);
         std::fs::remove_dir_all(dir_a).unwrap();
         std::fs::remove_dir_all(dir_b).unwrap();

@@ -427,7 +427,8 @@ impl State {
                 })?;
                 let sealed = crate::kek::SealedKey { envelope, wraps: serde_json::from_str(&wraps)? };
                 let pem = keys.open(cluster, CA_NAME, &sealed)?;
-                let pem = std::str::from_utf8(&pem).map_err(|_| StateError::Kek("the CA key is not PEM text".into()))?;
+                let pem =
+                    std::str::from_utf8(&pem).map_err(|_| StateError::Kek("the CA key is not PEM text".into()))?;
                 Ok(Some(CertAuthority::from_pem(&cert, pem)?))
             }
             _ => {
@@ -459,8 +460,10 @@ impl State {
                 vals![CA_NAME],
             )
         })?;
-        row.map(|r| Ok(CaRow { cert_pem: r.get(0)?, key_pem: r.get(1)?, key_envelope: r.get(2)?, key_wraps: r.get(3)? }))
-            .transpose()
+        row.map(|r| {
+            Ok(CaRow { cert_pem: r.get(0)?, key_pem: r.get(1)?, key_envelope: r.get(2)?, key_wraps: r.get(3)? })
+        })
+        .transpose()
     }
 
     /// Replaces the CA key's wraps (KEK rotation): the envelope itself is unchanged.
@@ -612,8 +615,8 @@ impl State {
     /// are purged by [`State::janitor_pass`].
     pub fn check_join_token(&self, token: &str, kind: &str) -> Result<TokenCheck, StateError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let row = self
-            .run(|c| c.query_opt("SELECT kind, expires_at FROM tokens WHERE hash = ?1", vals![sha256_hex(token)]))?;
+        let row =
+            self.run(|c| c.query_opt("SELECT kind, expires_at FROM tokens WHERE hash = ?1", vals![sha256_hex(token)]))?;
         let found = row.map(|r| Ok::<_, StateError>((r.get::<String>(0)?, r.get::<i64>(1)?))).transpose()?;
         Ok(match found {
             None => TokenCheck::Unknown,
@@ -655,7 +658,15 @@ impl State {
                 c.exec(
                     "INSERT INTO nodes (host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
-                    vals![host_id.as_str(), index, name, role, labels_json.as_str(), now, cert_not_after.unix_timestamp()],
+                    vals![
+                        host_id.as_str(),
+                        index,
+                        name,
+                        role,
+                        labels_json.as_str(),
+                        now,
+                        cert_not_after.unix_timestamp()
+                    ],
                 )?;
                 Ok(index)
             });
@@ -836,8 +847,9 @@ impl State {
 
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, StateError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let rows = self
-            .run(|c| c.query("SELECT kind, expires_at FROM tokens WHERE expires_at > ?1 ORDER BY expires_at", vals![now]))?;
+        let rows = self.run(|c| {
+            c.query("SELECT kind, expires_at FROM tokens WHERE expires_at > ?1 ORDER BY expires_at", vals![now])
+        })?;
         rows.iter()
             .map(|r| {
                 let (kind, exp): (String, i64) = (r.get(0)?, r.get(1)?);
@@ -954,7 +966,10 @@ impl State {
     /// they are served under).
     pub fn discovered(&self) -> Result<Vec<DiscoveredRow>, StateError> {
         let rows = self.run(|c| {
-            c.query("SELECT source, uid, spec, aws_resource_id, stale FROM discovered ORDER BY name, source, uid", vals![])
+            c.query(
+                "SELECT source, uid, spec, aws_resource_id, stale FROM discovered ORDER BY name, source, uid",
+                vals![],
+            )
         })?;
         rows.iter()
             .map(|r| {
@@ -1368,8 +1383,10 @@ mod tests {
             TokenCheck::Expired { at: expires.replace_nanosecond(0).unwrap() }
         );
         // Long expired: unknown, and the janitor removes it (and only it).
-        s.run(|c| c.exec("UPDATE tokens SET expires_at = expires_at - 2 * 86400 WHERE hash = ?1", vals![sha256_hex(&old)]))
-            .unwrap();
+        s.run(|c| {
+            c.exec("UPDATE tokens SET expires_at = expires_at - 2 * 86400 WHERE hash = ?1", vals![sha256_hex(&old)])
+        })
+        .unwrap();
         assert_eq!(s.check_join_token(&old, "db").unwrap(), TokenCheck::Unknown);
         let now = OffsetDateTime::now_utc().unix_timestamp();
         assert_eq!(s.janitor_pass(now).unwrap(), JanitorCounts { tokens: 1, web_sessions: 0, locks: 0 });

@@ -167,7 +167,8 @@ impl Pg {
             OpenMode::Serve => cfg.pool_size.max(2),
             OpenMode::Admin => 2,
         };
-        let pool = Arc::new(Pool { connector: connector.clone(), size, inner: Mutex::default(), freed: Condvar::new() });
+        let pool =
+            Arc::new(Pool { connector: connector.clone(), size, inner: Mutex::default(), freed: Condvar::new() });
         let mut pg = Pg { rt: Some(rt), handle, pool, feed: None };
         pg.migrate()?;
         tracing::info!(storage = %connector.redacted(), schema = SCHEMA_VERSION, "state in PostgreSQL");
@@ -397,9 +398,10 @@ impl PgConn {
         });
         match rx.recv_timeout(CALL_TIMEOUT + Duration::from_secs(1)) {
             Ok(Ok(r)) => r.map_err(pg_error),
-            Ok(Err(_)) | Err(_) => {
-                Err(StateError::Unavailable(format!("no answer from the storage database in {}s", CALL_TIMEOUT.as_secs())))
-            }
+            Ok(Err(_)) | Err(_) => Err(StateError::Unavailable(format!(
+                "no answer from the storage database in {}s",
+                CALL_TIMEOUT.as_secs()
+            ))),
         }
     }
 }
@@ -469,11 +471,7 @@ fn pg_row(r: &tokio_postgres::Row) -> Result<Row, StateError> {
 }
 
 impl ToSql for Val {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match self {
             Val::Null => Ok(IsNull::Yes),
             Val::Int(i) if *ty == Type::INT8 => i.to_sql(ty, out),

@@ -263,7 +263,6 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 "#;
 
-
 /// A descriptor of `path` (SQLite's WAL index) that stays open for the life of the process.
 ///
 /// SQLite's unix VFS locks the WAL index with POSIX advisory locks, and the kernel drops all of
@@ -302,7 +301,6 @@ fn held_open(path: &Path) -> Option<std::sync::Arc<std::fs::File>> {
     }
 }
 
-
 /// Created by [`migrate_discovered`], which also moves the older layout keyed by name.
 const DISCOVERED_TABLE: &str = "CREATE TABLE discovered (
     source TEXT NOT NULL,
@@ -314,7 +312,6 @@ const DISCOVERED_TABLE: &str = "CREATE TABLE discovered (
     updated_at INTEGER NOT NULL,
     PRIMARY KEY (source, uid)
 );";
-
 
 /// Gives audit rows an `event_id`, unique where set, so that an event delivered twice (an
 /// agent's upload retried after a lost answer) is stored once.
@@ -385,4 +382,3 @@ fn migrate_nodes(conn: &mut Connection) -> Result<(), StateError> {
     tx.commit()?;
     Ok(())
 }
-
