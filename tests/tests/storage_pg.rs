@@ -213,24 +213,11 @@ fn control(config: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A control that started on embedded SQLite moves to PostgreSQL with `control storage export`
-/// and `import`: the same users, roles and databases, the same CA (a certificate issued before
-/// the move still connects), the old password still logs in, the CA key ends up sealed under
-/// the KEK, and a lock placed with the admin CLI (another process, writing PostgreSQL) ends a
-/// live session through the daemon's change feed within a second.
-#[test]
-fn a_sqlite_control_moves_to_postgres() {
+/// Moves the harness's control from SQLite to a new storage PostgreSQL (export, import into it,
+/// restart), with `edit` applied to the new config too. Returns the storage and the new config.
+fn move_to_postgres(h: &mut sluice_tests::Harness, edit: impl Fn(&mut Config)) -> (StoragePg, Config) {
     use sluice_control::config::{PostgresStorage, StorageConfig};
-    let mut h = sluice_tests::Harness::start("storage-move").unwrap();
-    let rt = sluice_tests::runtime().unwrap();
-    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
-    let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
-    rt.block_on(c.close()).unwrap();
     let sqlite_config = h.stack.control.config_path.clone();
-    let lists = |config: &std::path::Path| {
-        ["users", "roles", "db"].map(|what| control(config, &[what, "ls", "--format", "json"]))
-    };
-    let before = lists(&sqlite_config);
     let export = h.dir.join("state.ndjson");
     control(&sqlite_config, &["storage", "export", "--out", export.to_str().unwrap()]);
     use std::os::unix::fs::PermissionsExt;
@@ -250,6 +237,7 @@ fn a_sqlite_control_moves_to_postgres() {
     h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
     let mut pg_cfg = h.stack.control.config.clone();
     pg_cfg.auth_service.storage = storage.clone();
+    edit(&mut pg_cfg);
     let pg_config = h.dir.join("control-pg.yaml");
     std::fs::write(&pg_config, serde_saphyr::to_string(&pg_cfg).unwrap()).unwrap();
     // A truncated file is refused and leaves the target empty (so the real import can follow).
@@ -262,7 +250,32 @@ fn a_sqlite_control_moves_to_postgres() {
         .unwrap();
     assert!(!out.status.success(), "a truncated export was imported");
     control(&pg_config, &["storage", "import", "--in", export.to_str().unwrap()]);
-    h.start_control_again(|cfg| cfg.auth_service.storage = storage).unwrap();
+    h.start_control_again(|cfg| {
+        cfg.auth_service.storage = storage;
+        edit(cfg);
+    })
+    .unwrap();
+    (pg, pg_cfg)
+}
+
+/// A control that started on embedded SQLite moves to PostgreSQL with `control storage export`
+/// and `import`: the same users, roles and databases, the same CA (a certificate issued before
+/// the move still connects), the old password still logs in, the CA key ends up sealed under
+/// the KEK, and a lock placed with the admin CLI (another process, writing PostgreSQL) ends a
+/// live session through the daemon's change feed within a second.
+#[test]
+fn a_sqlite_control_moves_to_postgres() {
+    let mut h = sluice_tests::Harness::start("storage-move").unwrap();
+    let rt = sluice_tests::runtime().unwrap();
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    rt.block_on(c.close()).unwrap();
+    let sqlite_config = h.stack.control.config_path.clone();
+    let lists = |config: &std::path::Path| {
+        ["users", "roles", "db"].map(|what| control(config, &[what, "ls", "--format", "json"]))
+    };
+    let before = lists(&sqlite_config);
+    let (pg, pg_cfg) = move_to_postgres(&mut h, |_| {});
     assert_eq!(lists(&h.stack.control.config_path), before, "users, roles or databases changed in the move");
 
     // The same CA: a certificate from before the move connects; the password still logs in.
@@ -317,4 +330,64 @@ fn a_sqlite_control_moves_to_postgres() {
     wait_for("node.db's spool emptied", Duration::from_secs(10), || {
         spool.run(|c| c.query_one("SELECT count(*) FROM audit", &[])?.get::<i64>(0)).unwrap() == 0
     });
+}
+
+/// Sends `sig` to every process of the storage PostgreSQL (the postmaster and its children):
+/// SIGSTOP freezes it with its sockets open, as a hung or partitioned database looks.
+fn signal_storage(pg: &StoragePg, sig: &str) {
+    let pid = std::fs::read_to_string(pg.pg.dir.join("data").join("postmaster.pid")).unwrap();
+    let pid = pid.lines().next().unwrap().trim().to_owned();
+    let children = std::process::Command::new("pgrep").args(["-P", &pid]).output().unwrap();
+    let mut pids = vec![pid];
+    pids.extend(String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_owned));
+    let st = std::process::Command::new("kill").arg(format!("-{sig}")).args(&pids).status().unwrap();
+    assert!(st.success(), "kill -{sig} {pids:?}");
+}
+
+/// An auth node whose shared storage hangs keeps serving from its snapshot (a handshake reads no
+/// SQL), live sessions go on, and the audit events wait in node.db; past
+/// `max_policy_staleness` new sessions are refused with 57P03 naming the storage; when the
+/// storage answers again sessions are admitted and every spooled event is stored.
+#[test]
+fn an_auth_node_rides_out_a_storage_outage() {
+    let mut h = sluice_tests::Harness::start("storage-outage").unwrap();
+    let (pg, pg_cfg) = move_to_postgres(&mut h, |cfg| cfg.db_service.max_policy_staleness = Duration::from_secs(5));
+    let rt = sluice_tests::runtime().unwrap();
+    let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
+    let select =
+        |c: &sluice_tests::Connected| -> i32 { rt.block_on(c.client.query_one("select 7", &[])).unwrap().get(0) };
+    let live = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
+    assert_eq!(select(&live), 7);
+    signal_storage(&pg, "STOP");
+    let stopped = Instant::now();
+    // Within the limit: admitted from the snapshot.
+    std::thread::sleep(Duration::from_secs(1));
+    let during = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).expect("refused during a short outage");
+    assert_eq!(select(&during), 7);
+    rt.block_on(during.close()).unwrap();
+    // Past it: refused, saying why; the live session still runs.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(stopped.elapsed()));
+    let refused = match rt.block_on(h.connect_with(Some(&cert), "alice", "demo")) {
+        Ok(_) => panic!("admitted {:?} into a storage outage", stopped.elapsed()),
+        Err(e) => format!("{e:?}"),
+    };
+    assert!(refused.contains("57P03") && refused.contains("shared storage"), "{refused}");
+    assert_eq!(select(&live), 7, "the live session ended in the outage");
+    signal_storage(&pg, "CONT");
+    wait_for("sessions admitted again", Duration::from_secs(10), || {
+        rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).is_ok()
+    });
+    // The session made during the outage is in the shared audit log.
+    let shared = State::open_configured(&pg_cfg, OpenMode::Admin).unwrap();
+    wait_for("the outage's session events stored", Duration::from_secs(10), || {
+        let rows = shared
+            .audit_query(&sluice_control::state::AuditFilter {
+                user: Some("alice".into()),
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap();
+        rows.iter().filter(|e| e.event == "db.session.start" && e.success).count() >= 3
+    });
+    assert_eq!(select(&live), 7);
 }

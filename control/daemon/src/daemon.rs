@@ -315,6 +315,13 @@ impl Probe for ProxyProbe {
     }
 
     fn degraded(&self) -> Option<String> {
+        if let Some(age) = self.ctx.state.feed_age().filter(|a| *a > crate::cluster::watch::SILENCE_LIMIT) {
+            return Some(format!(
+                "shared storage not heard from for {} s; admitting new sessions from the cached policy until it is {} s old (db_service.max_policy_staleness)",
+                age.as_secs(),
+                self.ctx.cfg.db_service.max_policy_staleness.as_secs()
+            ));
+        }
         let age = self.ctx.policy.check_feed().ok().flatten()?;
         let (_, max) = self.ctx.policy.staleness()?;
         (age > crate::cluster::watch::SILENCE_LIMIT).then(|| {

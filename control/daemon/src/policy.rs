@@ -153,13 +153,17 @@ pub enum PolicyError {
     /// An agent that has not heard from the auth server for too long.
     #[error("auth server unreachable for {} s; policy older than db_service.max_policy_staleness ({} s)", .age.as_secs(), .max.as_secs())]
     Stale { age: Duration, max: Duration },
+    /// An auth node whose shared storage's change feed has not been confirmed for too long: a
+    /// change made through another node might not be known here.
+    #[error("the shared storage has not answered for {} s; policy older than db_service.max_policy_staleness ({} s)", .age.as_secs(), .max.as_secs())]
+    StoreStale { age: Duration, max: Duration },
 }
 
 impl PolicyError {
     /// Whether a client may get in by trying again later (the agent's link to auth), as
     /// opposed to a fault of this process.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, PolicyError::NoPolicyYet | PolicyError::Stale { .. })
+        matches!(self, PolicyError::NoPolicyYet | PolicyError::Stale { .. } | PolicyError::StoreStale { .. })
     }
 }
 
@@ -327,7 +331,10 @@ impl PolicyStore {
     /// Whether an agent can admit new sessions now: the age of its policy (time since the auth
     /// server was last heard from) if so. `Ok(None)` where the policy comes from the state.
     pub fn check_feed(&self) -> Result<Option<Duration>, PolicyError> {
-        let Source::Feed(feed) = &self.source else { return Ok(None) };
+        let Source::Feed(feed) = &self.source else {
+            self.check_store()?;
+            return Ok(None);
+        };
         let feed = feed.lock().unwrap_or_else(|p| p.into_inner());
         if !feed.has_policy {
             return Err(PolicyError::NoPolicyYet);
@@ -337,6 +344,20 @@ impl PolicyStore {
             return Err(PolicyError::Stale { age, max: feed.max_staleness });
         }
         Ok(Some(age))
+    }
+
+    /// On an auth node whose state is shared (PostgreSQL): refuses new sessions once the change
+    /// feed has not been confirmed for `db_service.max_policy_staleness`, as an agent does when
+    /// the auth server is silent (a node cut off from the storage would not learn of a lock placed
+    /// through another node).
+    fn check_store(&self) -> Result<(), PolicyError> {
+        let Source::State { cfg, state } = &self.source else { return Ok(()) };
+        match state.feed_age() {
+            Some(age) if age > cfg.db_service.max_policy_staleness => {
+                Err(PolicyError::StoreStale { age, max: cfg.db_service.max_policy_staleness })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The last snapshot, however old (live sessions are decided from it while an agent cannot
@@ -380,6 +401,7 @@ impl PolicyStore {
                 return Ok(self.last());
             }
         };
+        self.check_store()?;
         if let Some(fresh) = self.fresh() {
             return Ok(fresh);
         }
@@ -403,6 +425,7 @@ impl PolicyStore {
         if matches!(self.source, Source::Feed(_)) {
             return self.current();
         }
+        self.check_store()?;
         if let Some(fresh) = self.fresh() {
             return Ok(fresh);
         }
@@ -415,7 +438,7 @@ impl PolicyStore {
     /// knows of no change, so it ends no session on its own).
     pub async fn for_live_sessions(self: &Arc<Self>) -> Result<(Arc<PolicyView>, u64), PolicyError> {
         match self.current_async().await {
-            Err(PolicyError::Stale { .. }) => Ok(self.last()),
+            Err(PolicyError::Stale { .. } | PolicyError::StoreStale { .. }) => Ok(self.last()),
             other => other,
         }
     }

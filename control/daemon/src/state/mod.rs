@@ -374,6 +374,15 @@ impl State {
         }
     }
 
+    /// How long ago the shared store's change feed last confirmed the policy revision; `None`
+    /// for the embedded store, which has no feed to lose.
+    pub fn feed_age(&self) -> Option<std::time::Duration> {
+        match &self.store {
+            Store::Pg(p) => p.feed().map(|f| f.age()),
+            Store::Sqlite(_) => None,
+        }
+    }
+
     /// Whether every commit from `from` to `to` was this handle's bookkeeping.
     pub fn only_own_commits(&self, from: ChangeMarker, to: ChangeMarker) -> bool {
         match (&self.store, from, to) {
