@@ -31,6 +31,8 @@ use crate::pgconn::PgConnector;
 
 /// How often the feed re-reads the revision, whatever notifications say.
 pub const FEED_POLL: Duration = Duration::from_millis(500);
+/// How long the feed waits for the revision before it drops its connection and reconnects.
+const FEED_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a pooled connection or a statement's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Serialises schema migrations of every node (a constant key: "sluice" in ASCII, roughly).
@@ -265,14 +267,27 @@ async fn follow(connector: Arc<PgConnector>, feed: Arc<Feed>) {
                     backoff = Duration::from_millis(250);
                     loop {
                         // LISTEN first, then read: a change committed in between is in the read.
-                        match client.query_one("SELECT rev FROM sluice_policy_rev", &[]).await {
-                            Ok(row) => {
+                        // Bounded: a silent network (no RST) would otherwise hold the feed on a
+                        // dead connection until TCP keepalives give up.
+                        let read = tokio::time::timeout(
+                            FEED_READ_TIMEOUT,
+                            client.query_one("SELECT rev FROM sluice_policy_rev", &[]),
+                        );
+                        match read.await {
+                            Ok(Ok(row)) => {
                                 let rev: i64 = row.get(0);
                                 feed.rev.fetch_max(rev as u64, Ordering::AcqRel);
                                 *feed.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                             }
-                            Err(e) => {
+                            Ok(Err(e)) => {
                                 tracing::warn!(error = %e, "storage change feed lost its connection");
+                                break;
+                            }
+                            Err(_) => {
+                                tracing::warn!(
+                                    timeout_s = FEED_READ_TIMEOUT.as_secs(),
+                                    "storage change feed: no answer; reconnecting"
+                                );
                                 break;
                             }
                         }
