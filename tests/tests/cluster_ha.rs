@@ -8,10 +8,12 @@
 //! other (the change feed carries it across nodes). Killing A with SIGKILL mid-session ends no
 //! session and fails no query on agent 1; the agent follows B within seconds and goes on
 //! admitting sessions, renewing its certificate and heartbeating through B; `sluice login` and
-//! `db login` work against B, and a login made through A goes on working through B.
+//! `db login` work against B, and a login made through A goes on working through B. The two
+//! agents, joining at once through different nodes, get distinct node indexes, and logins made
+//! concurrently through both nodes all succeed, each a web session both nodes serve.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -121,6 +123,12 @@ impl Cluster {
             Ok((followed(&metrics1)?.as_deref() == Some(addr_a.as_str())
                 && followed(&metrics2)?.as_deref() == Some(addr_b.as_str()))
             .then_some(()))
+        })?;
+        // Both report `orders` in their heartbeats: the auth nodes list it to clients only then.
+        wait_until(Duration::from_secs(10), "both agents reporting orders", || {
+            let listed = nodes(&b)?;
+            let reporting = listed.iter().filter(|n| n["databases"] == serde_json::json!(["orders"])).count();
+            Ok((reporting == 2).then_some(()))
         })?;
         eprintln!("[{name}] cluster started in {:.1?}", started.elapsed());
         Ok(Cluster {
@@ -341,19 +349,22 @@ fn killing_auth_node_a_mid_session_moves_its_agent_to_b_and_ends_no_session() ->
     };
     let backend = pid(&client)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU32::new(0));
     let ticker = {
-        let (client, stop) = (client.clone(), stop.clone());
+        let (client, stop, answered) = (client.clone(), stop.clone(), answered.clone());
         rt.spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut failed = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match client.query_one("select 1", &[]).await {
-                    Ok(row) if row.get::<_, i32>(0) == 1 => ok += 1,
+                    Ok(row) if row.get::<_, i32>(0) == 1 => {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(_) => failed.push("select 1 answered something else".to_owned()),
                     Err(e) => failed.push(format!("{e:?}")),
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            (ok, failed)
+            failed
         })
     };
 
@@ -370,6 +381,7 @@ fn killing_auth_node_a_mid_session_moves_its_agent_to_b_and_ends_no_session() ->
     // SIGKILL A: no goodbye to the agents, its connections to the storage just drop.
     let killed_at_ms = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
     c.a.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    let answered_before_kill = answered.load(Ordering::Relaxed);
     let killed = Instant::now();
     wait_until(Duration::from_secs(5), "A gone", || Ok((!c.a.proc.alive()).then_some(())))?;
 
@@ -434,10 +446,18 @@ fn killing_auth_node_a_mid_session_moves_its_agent_to_b_and_ends_no_session() ->
 
     // The session lived through all of it: no query failed, the same backend answers.
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = rt.block_on(ticker)?;
-    eprintln!("[cluster-ha] {ok} queries on the live session, {} failed", failed.len());
+    let failed = rt.block_on(ticker)?;
+    let ok = answered.load(Ordering::Relaxed);
+    eprintln!(
+        "[cluster-ha] {ok} queries on the live session ({answered_before_kill} before the kill), {} failed",
+        failed.len()
+    );
     assert!(failed.is_empty(), "{failed:#?}");
-    assert!(ok >= 50, "only {ok} queries ran");
+    // The ticker ran through the failover and well after it (one query per 100 ms).
+    assert!(
+        answered_before_kill >= 3 && ok >= answered_before_kill + 20,
+        "only {ok} queries ran ({answered_before_kill} before the kill)"
+    );
     assert_eq!(pid(&client)?, backend, "the session was reconnected");
     let log = c.agent1.log_text();
     assert!(!log.contains("session ended by control"), "{log}");
@@ -448,5 +468,79 @@ fn killing_auth_node_a_mid_session_moves_its_agent_to_b_and_ends_no_session() ->
     // Agent 2 followed B all along.
     assert!(moves(&c.agent2).is_empty(), "{:#?}", moves(&c.agent2));
     assert_eq!(followed(&c.metrics2)?.as_deref(), Some(c.addr_b.as_str()));
+    Ok(())
+}
+
+#[test]
+fn concurrent_logins_spread_over_both_auth_nodes_all_succeed() -> Result<()> {
+    const LOGINS: usize = 60;
+    const AT_ONCE: usize = 12;
+    let _serial = serial();
+    let c = Cluster::start("cluster-ha-logins")?;
+    let ca_file = c.ca_file.to_string_lossy().into_owned();
+    let apis = [format!("127.0.0.1:{}", c.a.api_port), format!("127.0.0.1:{}", c.b.api_port)];
+
+    // `sluice login` as alice, LOGINS times, every other one through B, AT_ONCE at a time; each
+    // with its own home. Every one must succeed.
+    let started = Instant::now();
+    let homes: Vec<std::path::PathBuf> = (0..LOGINS).map(|i| c.h.dir.join(format!("login-{i}"))).collect();
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let chunks: Vec<_> =
+            homes.iter().enumerate().collect::<Vec<_>>().chunks(LOGINS / AT_ONCE).map(|chunk| chunk.to_vec()).collect();
+        let workers: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                let (c, apis, ca_file) = (&c, &apis, &ca_file);
+                s.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(i, home)| {
+                            let api = &apis[i % 2];
+                            let out = c.h.sluice_as(
+                                home,
+                                &c.h.password,
+                                ["login", "--proxy", api, "--user", "alice", "--ca-file", ca_file],
+                            )?;
+                            check_output(&format!("sluice login #{i} via {api}"), &out).map(|_| ())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|_| vec![Err(anyhow::anyhow!("a worker panicked"))]))
+            .collect()
+    });
+    let took = started.elapsed();
+    let failed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
+    eprintln!("[cluster-ha] {LOGINS} logins over A and B, {AT_ONCE} at a time: {took:?}, {} failed", failed.len());
+    assert!(failed.is_empty(), "{failed:#?}");
+    // Each node served its half.
+    for auth in [&c.a, &c.b] {
+        let logged_in = control_log(auth).matches("user logged in").count();
+        assert_eq!(logged_in, LOGINS / 2, "{}", auth.config_path.display());
+    }
+
+    // Each login is its own web session in the shared state, and the node that did not make it
+    // serves it too: its profile pointed at the other node lists alice's databases.
+    let mut sessions = std::collections::HashSet::new();
+    for (i, home) in homes.iter().enumerate() {
+        let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(home.join("profile.json"))?)?;
+        let token = profile["session"].as_str().context("no session in the profile")?.to_owned();
+        let user = c.admin.web_session(&token)?.map(|s| s.0);
+        assert_eq!(user.as_deref(), Some("alice"), "login #{i}'s session is not in the shared state");
+        sessions.insert(token);
+    }
+    assert_eq!(sessions.len(), LOGINS, "logins shared a session");
+    for (i, home) in homes.iter().enumerate().take(2) {
+        let path = home.join("profile.json");
+        let mut profile: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        profile["proxy"] = serde_json::json!(apis[(i + 1) % 2]);
+        std::fs::write(&path, serde_json::to_vec(&profile)?)?;
+        let out = c.h.sluice_as(home, "not-asked", ["db", "ls", "--format", "json"])?;
+        let listed: serde_json::Value = serde_json::from_str(check_output("sluice db ls", &out)?.trim())?;
+        assert!(listed.to_string().contains("orders"), "{listed}");
+    }
     Ok(())
 }
