@@ -84,7 +84,13 @@ impl Cluster {
         };
         let a = node(&h.dir.join("a"))?;
         let b = node(&h.dir.join("b"))?;
-        ensure!(a.config.auth_service.storage.kind() == "postgres", "node A is not configured on PostgreSQL");
+        // Each node's second start (the one on the edited config) serves the shared state.
+        for node in [&a, &b] {
+            let log = control_log(node);
+            let serving: Vec<&str> = log.lines().filter(|l| l.contains("control is serving")).collect();
+            ensure!(serving.len() == 2, "expected two starts: {serving:#?}");
+            ensure!(serving[1].contains("storage=\"postgres\""), "not serving from PostgreSQL: {}", serving[1]);
+        }
 
         // One CA, in the shared state, for both nodes. The first start of each node (before its
         // config named the storage) made a throwaway SQLite state with a CA of its own: the
