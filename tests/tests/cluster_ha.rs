@@ -85,11 +85,15 @@ impl Cluster {
         let a = node(&h.dir.join("a"))?;
         let b = node(&h.dir.join("b"))?;
         // Each node's second start (the one on the edited config) serves the shared state.
+        // (Its ports are bound before that line is logged: wait for it.)
         for node in [&a, &b] {
-            let log = control_log(node);
-            let serving: Vec<&str> = log.lines().filter(|l| l.contains("control is serving")).collect();
-            ensure!(serving.len() == 2, "expected two starts: {serving:#?}");
-            ensure!(serving[1].contains("storage=\"postgres\""), "not serving from PostgreSQL: {}", serving[1]);
+            let second = wait_until(Duration::from_secs(10), "the second start's `control is serving`", || {
+                let log = control_log(node);
+                let serving: Vec<String> =
+                    log.lines().filter(|l| l.contains("control is serving")).map(str::to_owned).collect();
+                Ok(serving.get(1).cloned())
+            })?;
+            ensure!(second.contains("storage=\"postgres\""), "not serving from PostgreSQL: {second}");
         }
 
         // One CA, in the shared state, for both nodes. The first start of each node (before its
