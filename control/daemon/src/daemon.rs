@@ -187,6 +187,7 @@ fn start_auth(
         cluster_api = ?cluster_listener.as_ref().and_then(|l| l.local_addr().ok()),
         web_console = ?web_listener.as_ref().and_then(|l| l.local_addr().ok()),
         cluster = %cfg.auth_service.cluster_name,
+        storage = state.backend(),
         "control is serving"
     );
     if let Some(listener) = cluster_listener {
