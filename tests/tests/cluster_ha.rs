@@ -302,6 +302,18 @@ fn a_lock_placed_through_one_auth_node_ends_a_session_on_an_agent_following_the_
     let mut indexes: Vec<i64> = listed.iter().filter_map(|n| n["node_index"].as_i64()).collect();
     indexes.sort_unstable();
     assert_eq!(indexes, vec![1, 2], "{listed:#?}");
+    // `control status` through either node lists both auth servers as serving, on PostgreSQL.
+    let status = auth_control(&c.a, &["status"])?;
+    assert!(status.contains("Storage           postgres"), "{status}");
+    let cluster_addrs: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("Auth node") && l.contains("serving"))
+        .filter_map(|l| l.split("cluster ").nth(1)?.split(',').next())
+        .collect();
+    assert!(
+        cluster_addrs.contains(&c.addr_a.as_str()) && cluster_addrs.contains(&c.addr_b.as_str()),
+        "both auth nodes should be listed as serving: {status}"
+    );
 
     // Agent 1 follows A; the lock goes in through B.
     let live = rt.block_on(c.session(c.agent1.pg_port, &cert))?;

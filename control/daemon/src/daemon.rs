@@ -164,6 +164,8 @@ fn start_auth(
 ) -> Result<Arc<ProxyContext>, DaemonError> {
     let state = Arc::new(State::open_configured(cfg, crate::state::OpenMode::Serve).map_err(DaemonError::State)?);
     tasks.push(tokio::spawn(janitor(state.clone())));
+    let me = auth_node(cfg, &listeners)?;
+    tasks.push(tokio::spawn(announce(state.clone(), me)));
     let ca = Arc::new(state.ensure_ca(&cfg.auth_service.cluster_name).map_err(DaemonError::Ca)?);
     let (chain, key) = ca.issue_server(&server_names(cfg), Duration::from_secs(365 * 86400))?;
     let cert = tls::ReloadableCert::new(chain.clone(), key.clone_key())?;
@@ -215,13 +217,57 @@ async fn janitor(state: Arc<State>) {
         let state = state.clone();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         match tokio::task::spawn_blocking(move || state.janitor_pass(now)).await {
-            Ok(Ok(n)) if n != Default::default() => {
-                info!(tokens = n.tokens, web_sessions = n.web_sessions, locks = n.locks, "expired rows removed")
-            }
+            Ok(Ok(n)) if n != Default::default() => info!(
+                tokens = n.tokens,
+                web_sessions = n.web_sessions,
+                locks = n.locks,
+                auth_nodes = n.auth_nodes,
+                "expired rows removed"
+            ),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!(error = %e, "janitor pass failed"),
             Err(e) => warn!(error = %e, "janitor task failed"),
         }
+    }
+}
+
+/// This auth server as `control status` lists it: a random id kept in the data dir (so a restart
+/// is the same node), the host name and its listeners.
+fn auth_node(cfg: &Config, listeners: &AuthListeners) -> Result<crate::state::AuthNode, DaemonError> {
+    let id_file = cfg.data_dir.join("auth-node-id");
+    let id = match std::fs::read_to_string(&id_file) {
+        Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+        _ => {
+            let id = crate::state::random_secret(8);
+            crate::private_fs::write_private(&id_file, id.as_bytes())?;
+            id
+        }
+    };
+    let host = crate::cluster::agent::default_node_name();
+    let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    Ok(crate::state::AuthNode {
+        id,
+        name: host,
+        api_addr: addr(&listeners.api).unwrap_or_default(),
+        cluster_addr: addr(&listeners.cluster),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: now,
+        last_seen: now,
+    })
+}
+
+/// Says every 5 s that this auth server is serving (`control status` lists the live ones).
+async fn announce(state: Arc<State>, mut me: crate::state::AuthNode) {
+    loop {
+        me.last_seen = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (state, node) = (state.clone(), me.clone());
+        match tokio::task::spawn_blocking(move || state.record_auth_node(&node)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "recording this auth server in the state"),
+            Err(e) => warn!(error = %e, "auth node task failed"),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

@@ -560,6 +560,20 @@ fn main() -> Result<()> {
             println!("Users             {users}");
             println!("Roles             {roles}");
             println!("Databases         {} static, {dbs} dynamic", cfg.db_service.databases.len());
+            println!("Storage           {}", state.backend());
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            for n in state.auth_nodes()? {
+                let age = now - n.last_seen;
+                let status = if age <= 15 { "serving" } else { "silent" };
+                println!(
+                    "Auth node         {} {} (api {}, cluster {}, {status}, seen {}s ago)",
+                    n.name,
+                    n.id,
+                    n.api_addr,
+                    n.cluster_addr.as_deref().unwrap_or("off"),
+                    age.max(0)
+                );
+            }
             Ok(())
         }
         Cmd::Users(cmd) => {

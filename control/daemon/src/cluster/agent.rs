@@ -199,7 +199,7 @@ fn load(dir: &Path) -> Result<Joined, AgentError> {
 }
 
 /// The host name, made a valid node name; `agent` if there is none.
-fn default_node_name() -> String {
+pub(crate) fn default_node_name() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let name: String = raw
         .trim()

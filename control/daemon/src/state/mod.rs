@@ -1214,6 +1214,53 @@ impl State {
             .collect()
     }
 
+    /// Records that this auth server is serving (every few seconds while it runs).
+    pub fn record_auth_node(&self, node: &AuthNode) -> Result<(), StateError> {
+        self.own(|c| {
+            c.exec(
+                "INSERT INTO auth_nodes (id, name, api_addr, cluster_addr, version, started_at, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, api_addr = excluded.api_addr,
+                     cluster_addr = excluded.cluster_addr, version = excluded.version,
+                     started_at = excluded.started_at, last_seen = excluded.last_seen",
+                vals![
+                    node.id.as_str(),
+                    node.name.as_str(),
+                    node.api_addr.as_str(),
+                    &node.cluster_addr,
+                    node.version.as_str(),
+                    node.started_at,
+                    node.last_seen
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The auth servers that reported themselves, most recently seen first.
+    pub fn auth_nodes(&self) -> Result<Vec<AuthNode>, StateError> {
+        let rows = self.run(|c| {
+            c.query(
+                "SELECT id, name, api_addr, cluster_addr, version, started_at, last_seen FROM auth_nodes
+                 ORDER BY last_seen DESC, name",
+                vals![],
+            )
+        })?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuthNode {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    api_addr: r.get(2)?,
+                    cluster_addr: r.get(3)?,
+                    version: r.get(4)?,
+                    started_at: r.get(5)?,
+                    last_seen: r.get(6)?,
+                })
+            })
+            .collect()
+    }
+
     /// Removes what has expired: join tokens a day past expiry (until then an agent using one
     /// is told it expired), login sessions, locks. Each table in small batches, so a pass
     /// never holds many rows locked; several nodes running it at once only repeat each
@@ -1240,6 +1287,7 @@ impl State {
             // A policy change (on SQLite an ordinary commit; on PostgreSQL it moves the feed):
             // harmless, the lock had stopped matching already.
             locks: sweep("locks", "id", "expires_at IS NOT NULL AND expires_at <= ?1", now)?,
+            auth_nodes: sweep("auth_nodes", "id", "last_seen <= ?1", now - AUTH_NODE_FORGOTTEN)?,
         })
     }
 
@@ -1267,13 +1315,42 @@ impl From<crate::kek::KekError> for StateError {
     }
 }
 
+/// Auth servers that serve from this state, each upserting its row while it runs (bookkeeping:
+/// no policy reads it). Portable DDL, the same on both backends.
+const AUTH_NODES_TABLE: &str = "CREATE TABLE auth_nodes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    api_addr TEXT NOT NULL,
+    cluster_addr TEXT,
+    version TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    last_seen BIGINT NOT NULL
+);";
+
+/// An auth server as it last reported itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuthNode {
+    pub id: String,
+    pub name: String,
+    pub api_addr: String,
+    pub cluster_addr: Option<String>,
+    pub version: String,
+    /// Unix seconds.
+    pub started_at: i64,
+    pub last_seen: i64,
+}
+
 /// What one [`State::janitor_pass`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JanitorCounts {
     pub tokens: usize,
     pub web_sessions: usize,
     pub locks: usize,
+    pub auth_nodes: usize,
 }
+
+/// An auth server silent this long (seconds) is dropped from the list.
+const AUTH_NODE_FORGOTTEN: i64 = 3600;
 
 /// The CA row at rest.
 #[derive(Debug, Clone)]
@@ -1398,7 +1475,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.check_join_token(&old, "db").unwrap(), TokenCheck::Unknown);
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        assert_eq!(s.janitor_pass(now).unwrap(), JanitorCounts { tokens: 1, web_sessions: 0, locks: 0 });
+        assert_eq!(s.janitor_pass(now).unwrap(), JanitorCounts { tokens: 1, ..Default::default() });
         assert_eq!(s.janitor_pass(now).unwrap(), JanitorCounts::default());
         assert_eq!(s.check_join_token(&db, "db").unwrap(), TokenCheck::Valid);
         std::fs::remove_dir_all(dir).unwrap();

@@ -41,7 +41,7 @@ const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
 /// Schema versions, applied in order, each once, in one transaction under [`MIGRATION_LOCK`].
 /// Columns mean what they mean in SQLite (unix seconds as BIGINT, JSON as TEXT, booleans as
 /// 0/1), so rows move between the backends unchanged.
-const MIGRATIONS: &[(&str, &str)] = &[("baseline", BASELINE)];
+const MIGRATIONS: &[(&str, &str)] = &[("baseline", BASELINE), ("auth nodes", super::AUTH_NODES_TABLE)];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -14,11 +14,14 @@ use super::{ChangeMarker, StateError};
 /// brought up to date by the idempotent `migrate_*` steps). Each is applied once, in order, in
 /// the transaction that stamps it; a file stamped with a version this build does not know is
 /// refused (it was written by a newer control).
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "CA key envelope",
-    "ALTER TABLE cert_authorities ADD COLUMN key_envelope BLOB;
-     ALTER TABLE cert_authorities ADD COLUMN key_wraps TEXT;",
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "CA key envelope",
+        "ALTER TABLE cert_authorities ADD COLUMN key_envelope BLOB;
+         ALTER TABLE cert_authorities ADD COLUMN key_wraps TEXT;",
+    ),
+    ("auth nodes", super::AUTH_NODES_TABLE),
+];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
