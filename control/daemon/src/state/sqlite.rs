@@ -14,11 +14,19 @@ use super::{ChangeMarker, StateError};
 /// brought up to date by the idempotent `migrate_*` steps). Each is applied once, in order, in
 /// the transaction that stamps it; a file stamped with a version this build does not know is
 /// refused (it was written by a newer control).
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "CA key envelope",
-    "ALTER TABLE cert_authorities ADD COLUMN key_envelope BLOB;
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "CA key envelope",
+        "ALTER TABLE cert_authorities ADD COLUMN key_envelope BLOB;
      ALTER TABLE cert_authorities ADD COLUMN key_wraps TEXT;",
-)];
+    ),
+    // As PostgreSQL's `leases` (see `super::pg`): bookkeeping, never exported.
+    (
+        "leases",
+        "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL,
+         expires_at_ms INTEGER NOT NULL);",
+    ),
+];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
