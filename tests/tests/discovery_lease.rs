@@ -73,6 +73,21 @@ fn db_names(node: &ControlProc, moto: &Moto, dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// "N sources, polled here: M" from a node's `control status`: M.
+fn polled_here(node: &ControlProc) -> usize {
+    let out = Command::new(find_bin("control").unwrap())
+        .arg("--config")
+        .arg(&node.config_path)
+        .arg("status")
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    let line =
+        status.lines().find(|l| l.starts_with("Discovery ")).unwrap_or_else(|| panic!("no discovery line in {status}"));
+    assert!(line.contains(&format!("{} sources", REGIONS.len())), "{line}");
+    line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
 /// Lines of a node's log that report a finished poll of `region`.
 fn polls(node_dir: &Path, region: &str) -> usize {
     let log = std::fs::read_to_string(node_dir.join("control.log")).unwrap_or_default();
@@ -143,6 +158,10 @@ fn one_node_polls_each_source_and_the_other_takes_over_when_it_dies() {
         assert_eq!(p_other, 0, "{region}: the non-holder polled too\n{}", show(""));
     }
 
+    // `control status` on each node tells how many sources it polls; together, all of them.
+    let here: usize = [&a, &b].iter().map(|n| polled_here(n)).sum();
+    assert_eq!(here, REGIONS.len(), "{}", show(""));
+
     // Kill the node holding us-west-2; a proxy created right after is found by the survivor.
     let west_on_a = held_a.iter().any(|(r, v)| r == "us-west-2" && *v == 1);
     let (victim, survivor) = if west_on_a { (&mut a, &b) } else { (&mut b, &a) };
@@ -158,4 +177,5 @@ fn one_node_polls_each_source_and_the_other_takes_over_when_it_dies() {
     assert!(took <= POLL * 2 + Duration::from_millis(1500), "handover took {took:?}, over two intervals\n{}", show(""));
     let held = lease_held(survivor).expect("the survivor's metrics");
     assert!(held.iter().all(|(_, v)| *v == 1), "the survivor does not hold every source: {held:?}");
+    assert_eq!(polled_here(survivor), REGIONS.len(), "control status of the survivor");
 }

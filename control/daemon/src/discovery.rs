@@ -570,7 +570,7 @@ fn modified(path: &Path) -> Option<std::time::SystemTime> {
 /// did) instead of waiting for them to expire. A data_dir belongs to one auth node (its
 /// `node.db` is there too). Falls back to a per-process id if the file cannot be kept.
 fn holder_id(data_dir: &Path) -> String {
-    let path = data_dir.join("discovery-holder");
+    let path = data_dir.join(HOLDER_FILE);
     if let Ok(id) = std::fs::read_to_string(&path) {
         let id = id.trim();
         if !id.is_empty() && id.len() <= 128 {
@@ -582,6 +582,24 @@ fn holder_id(data_dir: &Path) -> String {
         warn!(path = %path.display(), error = %e, "cannot keep the discovery holder id; using one for this process");
     }
     id
+}
+
+const HOLDER_FILE: &str = "discovery-holder";
+
+/// (sources configured, how many of them this node polls now, by their live leases): for
+/// `control status` on the node's own config.
+pub fn lease_summary(cfg: &Config, state: &State) -> Result<(usize, usize), StateError> {
+    let holder = std::fs::read_to_string(cfg.data_dir.join(HOLDER_FILE)).ok().map(|s| s.trim().to_owned());
+    let sources = sources(&cfg.discovery_service);
+    let mut here = 0;
+    for (m, region) in &sources {
+        if let Some((h, _, left)) = state.lease(&discovery_lease(&source_key(m, region)))? {
+            if left > 0 && holder.as_deref() == Some(h.as_str()) {
+                here += 1;
+            }
+        }
+    }
+    Ok((sources.len(), here))
 }
 
 /// One source as [`run`] schedules it.

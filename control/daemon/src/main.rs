@@ -559,6 +559,10 @@ fn main() -> Result<()> {
             println!("Users             {users}");
             println!("Roles             {roles}");
             println!("Databases         {} static, {dbs} dynamic", cfg.db_service.databases.len());
+            let (sources, here) = sluice_control::discovery::lease_summary(&cfg, &state)?;
+            if sources > 0 {
+                println!("Discovery         {sources} sources, polled here: {here}");
+            }
             Ok(())
         }
         Cmd::Users(cmd) => {
