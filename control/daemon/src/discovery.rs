@@ -3,7 +3,8 @@
 //!
 //! The mapping from the AWS API's shapes to database resources is pure ([`proxy_database`],
 //! [`endpoint_database`]) and unit-tested; [`run`] polls each (matcher, region) source with
-//! aws-sdk-rds and reconciles the SQLite state. A failed fetch never deletes: the source's
+//! aws-sdk-rds and reconciles the state; auth nodes sharing a PostgreSQL elect one poller per
+//! source with a lease. A failed fetch never deletes: the source's
 //! resources are kept and marked stale with the reason, so throttling or a revoked permission
 //! does not make databases vanish from under connected users.
 //!
@@ -20,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_rds::error::{DisplayErrorContext, ProvideErrorMetadata};
@@ -32,7 +33,7 @@ use crate::config::{
 };
 use crate::iam::{CredentialSource, TokenMinter};
 use crate::rbac::labels_match;
-use crate::state::{Discovered, DiscoveredRow, State};
+use crate::state::{discovery_lease, Discovered, DiscoveredRow, Fence, State, StateError};
 use crate::troubleshoot;
 
 pub const LABEL_ORIGIN: &str = "sluice.dev/origin";
@@ -467,28 +468,69 @@ pub async fn fetch_region(
     Ok((proxies, endpoints))
 }
 
-/// Polls one source and reconciles the state with what it found.
-pub async fn poll_source(state: &State, minter: &TokenMinter, m: &AwsMatcher, region: &str) {
+/// What became of one poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polled {
+    /// The results (or the stale mark of a failed fetch) are stored.
+    Stored,
+    /// The lease was lost before the write: another node polls this source now.
+    Fenced,
+    /// Storing failed (the state is unreachable, say); logged.
+    Failed,
+}
+
+/// Runs a state call on a blocking thread: State calls are synchronous (and on PostgreSQL wait
+/// for the network), and async workers must not be held by them.
+async fn blocking<T: Send + 'static>(
+    state: &Arc<State>,
+    f: impl FnOnce(&State) -> Result<T, StateError> + Send + 'static,
+) -> Result<T, StateError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state)).await.map_err(|e| StateError::Task(e.to_string()))?
+}
+
+/// Polls one source and reconciles the state with what it found. With a `fence`, the writes
+/// happen only while this node still holds the source's lease with that token.
+pub async fn poll_source(
+    state: &Arc<State>,
+    minter: &TokenMinter,
+    m: &AwsMatcher,
+    region: &str,
+    fence: Option<Fence>,
+) -> Polled {
     let key = source_key(m, region);
-    match fetch_region(minter, m, region).await {
+    let outcome = match fetch_region(minter, m, region).await {
         Ok((proxies, endpoints)) => {
             let found = map_region(m, &proxies, &endpoints);
-            match state.replace_discovered(&key, &found) {
-                Ok((added, updated, removed)) => info!(
-                    source = %key,
-                    databases = found.len(),
-                    added,
-                    updated,
-                    removed,
-                    "discovery fetch done"
-                ),
-                Err(e) => warn!(source = %key, error = %e, "storing discovered databases"),
+            let (k, n) = (key.clone(), found.len());
+            let stored = blocking(state, move |s| s.replace_discovered_fenced(&k, &found, fence.as_ref())).await;
+            match stored {
+                Ok((added, updated, removed)) => {
+                    info!(source = %key, databases = n, added, updated, removed, "discovery fetch done");
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
         }
         Err(e) => {
             let reason = e.to_string();
-            let kept = state.mark_discovered_stale(&key, &reason).unwrap_or(0);
-            warn!(source = %key, error = %reason, kept_stale = kept, "discovery fetch failed; keeping the last good results");
+            let (k, r) = (key.clone(), reason.clone());
+            let stored = blocking(state, move |s| s.mark_discovered_stale_fenced(&k, &r, fence.as_ref())).await;
+            if let Ok(kept) = &stored {
+                warn!(source = %key, error = %reason, kept_stale = kept, "discovery fetch failed; keeping the last good results");
+            }
+            stored.map(|_| ())
+        }
+    };
+    match outcome {
+        Ok(()) => Polled::Stored,
+        Err(StateError::Fenced(lease)) => {
+            warn!(source = %key, lease = %lease, "discovery results not stored: the lease moved to another node");
+            Polled::Fenced
+        }
+        Err(e) => {
+            warn!(source = %key, error = %e, "storing discovered databases");
+            Polled::Failed
         }
     }
 }
@@ -506,37 +548,183 @@ pub fn sources(d: &DiscoveryService) -> Vec<(AwsMatcher, String)> {
 
 /// How often the config file is checked for discovery changes.
 const CONFIG_WATCH: Duration = Duration::from_secs(1);
+/// The longest a source's lease lasts without renewal: how long a dead poller's sources wait
+/// for another node (at most `ttl + ttl/3`). Shorter poll intervals use the interval.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(30);
+/// The shortest lease: renewing more often than every third of it is needless load.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+
+/// The lease of each source lasts `min(poll_interval, 30 s)` (at least 1 s): with renewals and
+/// takeover attempts every third of it, a dead node's sources are polled by another within
+/// `1.34 × poll_interval`, well inside two intervals.
+pub fn lease_ttl(poll_interval: Duration) -> Duration {
+    poll_interval.clamp(MIN_LEASE_TTL, MAX_LEASE_TTL)
+}
 
 fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Polls every source at start and then every `poll_interval`, until the task is aborted. When
-/// `config_path` is given, a change to its `discovery_service` section takes effect at once (with
-/// an immediate fetch); the rest of the config still needs a restart.
+/// This node's lease holder id, kept in `data_dir/discovery-holder` so that a restarted node
+/// takes its own leases back at once (a single node on SQLite polls at start as it always
+/// did) instead of waiting for them to expire. A data_dir belongs to one auth node (its
+/// `node.db` is there too). Falls back to a per-process id if the file cannot be kept.
+fn holder_id(data_dir: &Path) -> String {
+    let path = data_dir.join(HOLDER_FILE);
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.len() <= 128 {
+            return id.to_owned();
+        }
+    }
+    let id = format!("node-{}", crate::state::random_secret(8));
+    if let Err(e) = crate::private_fs::write_private(&path, format!("{id}\n").as_bytes()) {
+        warn!(path = %path.display(), error = %e, "cannot keep the discovery holder id; using one for this process");
+    }
+    id
+}
+
+const HOLDER_FILE: &str = "discovery-holder";
+
+/// (sources configured, how many of them this node polls now, by their live leases): for
+/// `control status` on the node's own config.
+pub fn lease_summary(cfg: &Config, state: &State) -> Result<(usize, usize), StateError> {
+    let holder = std::fs::read_to_string(cfg.data_dir.join(HOLDER_FILE)).ok().map(|s| s.trim().to_owned());
+    let sources = sources(&cfg.discovery_service);
+    let mut here = 0;
+    for (m, region) in &sources {
+        if let Some((h, _, left)) = state.lease(&discovery_lease(&source_key(m, region)))? {
+            if left > 0 && holder.as_deref() == Some(h.as_str()) {
+                here += 1;
+            }
+        }
+    }
+    Ok((sources.len(), here))
+}
+
+/// One source as [`run`] schedules it.
+struct Slot {
+    matcher: AwsMatcher,
+    region: String,
+    key: String,
+    lease: String,
+    /// The token and when the renewal that confirmed it was sent, while this node holds it.
+    held: Option<(u64, Instant)>,
+    next_poll: Instant,
+    polling: bool,
+}
+
+impl Slot {
+    /// Whether this node may poll now: it holds the lease and renewed it within 2/3 of its
+    /// ttl (the lease then has at least a third of its ttl left on any clock that runs at
+    /// about the rate of the database's).
+    fn fresh(&self, ttl: Duration) -> Option<u64> {
+        self.held.filter(|(_, at)| at.elapsed() < ttl * 2 / 3).map(|(token, _)| token)
+    }
+}
+
+/// Polls every source this node holds the lease of, at once on taking it and then every
+/// `poll_interval`, until the task is aborted. Several auth nodes on one PostgreSQL thus poll
+/// each source once between them (the lease `discovery/<source_key>`), and the results are
+/// shared rows; with the embedded SQLite the one node holds every lease. When `config_path` is
+/// given, a change to its `discovery_service` section takes effect at once (with an immediate
+/// fetch); the rest of the config still needs a restart.
 pub async fn run(cfg: Arc<Config>, state: Arc<State>, minter: Arc<TokenMinter>, config_path: Option<PathBuf>) {
+    let holder = holder_id(&cfg.data_dir);
     let mut discovery = cfg.discovery_service.clone();
     let mut stamp = config_path.as_deref().and_then(modified);
+    let mut slots: Vec<Slot> = Vec::new();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Polled)>();
     loop {
-        let sources = sources(&discovery);
-        // A matcher or region removed from the config takes its resources with it.
-        let keys: Vec<String> = sources.iter().map(|(m, r)| source_key(m, r)).collect();
-        match state.prune_discovered(&keys) {
+        let ttl = lease_ttl(discovery.poll_interval);
+        let step = ttl / 3;
+        // Sources no longer configured: give their leases up first, so that they are pruned
+        // now (unless another node still polls them).
+        let wanted: Vec<(AwsMatcher, String)> = sources(&discovery);
+        let keys: Vec<String> = wanted.iter().map(|(m, r)| source_key(m, r)).collect();
+        for gone in slots.iter().filter(|s| !keys.contains(&s.key)) {
+            crate::metrics::METRICS.discovery_lease(&gone.key, None);
+            if gone.held.is_some() {
+                let (lease, h) = (gone.lease.clone(), holder.clone());
+                if let Err(e) = blocking(&state, move |s| s.release_lease(&lease, &h)).await {
+                    warn!(source = %gone.key, error = %e, "releasing a discovery lease");
+                }
+            }
+        }
+        let mut old = std::mem::take(&mut slots);
+        for ((m, region), key) in wanted.into_iter().zip(keys.iter()) {
+            match old.iter().position(|s| &s.key == key) {
+                // A changed matcher polls again at once; the lease stays.
+                Some(i) => {
+                    let mut s = old.swap_remove(i);
+                    s.matcher = m;
+                    s.next_poll = Instant::now();
+                    slots.push(s);
+                }
+                None => slots.push(Slot {
+                    matcher: m,
+                    region,
+                    key: key.clone(),
+                    lease: discovery_lease(key),
+                    held: None,
+                    next_poll: Instant::now(),
+                    polling: false,
+                }),
+            }
+        }
+        let grace = ttl * 3;
+        let prune = move |s: &State| s.prune_discovered(&keys, grace);
+        match blocking(&state, prune.clone()).await {
             Ok(0) => {}
-            Ok(n) => info!(removed = n, "dropped databases of discovery sources no longer configured"),
+            Ok(n) => info!(removed = n, "dropped databases of discovery sources no node polls any more"),
             Err(e) => warn!(error = %e, "pruning discovered databases"),
         }
-        if !sources.is_empty() {
-            info!(sources = sources.len(), interval = ?discovery.poll_interval, "AWS discovery is on");
+        if !slots.is_empty() {
+            info!(sources = slots.len(), interval = ?discovery.poll_interval, lease_ttl = ?ttl, holder = %holder, "AWS discovery is on");
         }
-        let mut tick = tokio::time::interval(discovery.poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leases = tokio::time::interval(step);
+        leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watch = tokio::time::interval(CONFIG_WATCH);
+        let mut steps: u64 = 0;
         loop {
+            let due = slots.iter().filter(|s| !s.polling && s.fresh(ttl).is_some()).map(|s| s.next_poll).min();
             tokio::select! {
-                _ = tick.tick(), if !sources.is_empty() => {
-                    for (m, region) in &sources {
-                        poll_source(&state, &minter, m, region).await;
+                _ = leases.tick(), if !slots.is_empty() => {
+                    steps += 1;
+                    for slot in &mut slots {
+                        renew(&state, &holder, slot, ttl).await;
+                    }
+                    // Rows of sources whose poller is gone and that no node configures.
+                    if steps.is_multiple_of(9) {
+                        if let Ok(n @ 1..) = blocking(&state, prune.clone()).await {
+                            info!(removed = n, "dropped databases of discovery sources no node polls any more");
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                    let now = Instant::now();
+                    for slot in slots.iter_mut().filter(|s| !s.polling && s.next_poll <= now) {
+                        let Some(token) = slot.fresh(ttl) else { continue };
+                        slot.polling = true;
+                        // The next poll is due an interval after this one started, as a fixed
+                        // interval would have it.
+                        slot.next_poll = now + discovery.poll_interval;
+                        let fence = Fence { name: slot.lease.clone(), holder: holder.clone(), token };
+                        let (state, minter, m, region, key, done) =
+                            (state.clone(), minter.clone(), slot.matcher.clone(), slot.region.clone(), slot.key.clone(), done_tx.clone());
+                        tokio::spawn(async move {
+                            let polled = poll_source(&state, &minter, &m, &region, Some(fence)).await;
+                            let _ = done.send((key, polled));
+                        });
+                    }
+                }
+                Some((key, polled)) = done_rx.recv(), if slots.iter().any(|s| s.polling) => {
+                    if let Some(slot) = slots.iter_mut().find(|s| s.key == key) {
+                        slot.polling = false;
+                        if polled == Polled::Fenced && slot.held.take().is_some() {
+                            crate::metrics::METRICS.discovery_lease(&slot.key, Some(false));
+                            info!(source = %slot.key, lease = %slot.lease, holder = %holder, "discovery lease lost");
+                        }
                     }
                 }
                 _ = watch.tick(), if config_path.is_some() => {
@@ -557,6 +745,39 @@ pub async fn run(cfg: Arc<Config>, state: Arc<State>, minter: Arc<TokenMinter>, 
                     }
                 }
                 else => return,
+            }
+        }
+    }
+}
+
+/// Takes or renews one source's lease. A holder that cannot renew keeps polling only while
+/// its last renewal is under 2/3 of the ttl old ([`Slot::fresh`]); a node that takes a lease
+/// over polls at once.
+async fn renew(state: &Arc<State>, holder: &str, slot: &mut Slot, ttl: Duration) {
+    let sent = Instant::now();
+    let (lease, h) = (slot.lease.clone(), holder.to_owned());
+    match blocking(state, move |s| s.acquire_lease(&lease, &h, ttl)).await {
+        Ok(Some(token)) => {
+            let before = slot.held.map(|(t, _)| t);
+            if before != Some(token) {
+                info!(source = %slot.key, lease = %slot.lease, holder = %holder, token, "discovery lease acquired; polling now");
+                crate::metrics::METRICS.discovery_lease(&slot.key, Some(true));
+                slot.next_poll = sent;
+            }
+            slot.held = Some((token, sent));
+        }
+        Ok(None) => {
+            if slot.held.take().is_some() {
+                info!(source = %slot.key, lease = %slot.lease, holder = %holder, "discovery lease lost to another node");
+            }
+            crate::metrics::METRICS.discovery_lease(&slot.key, Some(false));
+        }
+        Err(e) => {
+            warn!(source = %slot.key, lease = %slot.lease, error = %e, "renewing the discovery lease");
+            if slot.held.is_some() && slot.fresh(ttl).is_none() {
+                slot.held = None;
+                info!(source = %slot.key, lease = %slot.lease, holder = %holder, "discovery lease lost: not renewed in time");
+                crate::metrics::METRICS.discovery_lease(&slot.key, Some(false));
             }
         }
     }

@@ -561,6 +561,10 @@ fn main() -> Result<()> {
             println!("Roles             {roles}");
             println!("Databases         {} static, {dbs} dynamic", cfg.db_service.databases.len());
             println!("Storage           {}", state.backend());
+            let (sources, here) = sluice_control::discovery::lease_summary(&cfg, &state)?;
+            if sources > 0 {
+                println!("Discovery         {sources} sources, polled here: {here}");
+            }
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             for n in state.auth_nodes()? {
                 let age = now - n.last_seen;

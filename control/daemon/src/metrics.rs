@@ -24,7 +24,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -66,6 +66,11 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
 /// Control's own counters; one per process ([`METRICS`]). The metric handles share their values
 /// with their clones, which each scrape registers.
 pub struct Metrics {
@@ -78,6 +83,8 @@ pub struct Metrics {
     handshake_failures: Family<ReasonLabel, Counter>,
     discovery_errors: Counter,
     token_errors: Counter,
+    /// Per discovery source: 1 while this node holds its lease (and so polls it).
+    discovery_lease_held: Family<SourceLabel, Gauge>,
     /// Traffic of ended sessions.
     ended: Mutex<Totals>,
     /// On an agent: the auth server whose watch stream it follows now.
@@ -136,6 +143,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             discovery_errors: Counter::default(),
             token_errors: Counter::default(),
+            discovery_lease_held: Family::default(),
             ended: Mutex::new(Totals::default()),
             auth_server: Mutex::new(None),
         }
@@ -160,6 +168,20 @@ impl Metrics {
     /// Minting an RDS IAM auth token failed.
     pub fn token_error(&self) {
         self.token_errors.inc();
+    }
+
+    /// Whether this node holds the discovery lease of `source` (`None`: the source is no
+    /// longer configured here, and its series goes).
+    pub fn discovery_lease(&self, source: &str, held: Option<bool>) {
+        let label = SourceLabel { source: source.to_owned() };
+        match held {
+            Some(held) => {
+                self.discovery_lease_held.get_or_create(&label).set(i64::from(held));
+            }
+            None => {
+                self.discovery_lease_held.remove(&label);
+            }
+        }
     }
 
     pub fn local_session(&self, live: bool) {
@@ -205,6 +227,11 @@ impl Metrics {
         );
         registry.register("sluice_discovery_errors", "Failed database catalog look-ups", self.discovery_errors.clone());
         registry.register("sluice_token_errors", "Failed RDS IAM auth token mints", self.token_errors.clone());
+        registry.register(
+            "sluice_discovery_lease_held",
+            "Whether this node holds a discovery source's lease and polls it (1) or another node does (0)",
+            self.discovery_lease_held.clone(),
+        );
         registry.register(
             "sluice_session_srtt_seconds",
             "Smoothed RTT of each ended session (its slower leg)",
@@ -460,6 +487,22 @@ mod tests {
         assert!(text.contains("sluice_agent_auth_server{addr=\"10.0.0.2:3026\"} 1\n"), "{text}");
         m.following(None);
         assert!(!m.render(Vec::new(), None).contains("sluice_agent_auth_server"), "a lost stream still shown");
+    }
+
+    #[test]
+    fn renders_which_discovery_leases_this_node_holds() {
+        let m = Metrics::new();
+        m.discovery_lease("aws/rdsproxy/us-west-2/-", Some(true));
+        m.discovery_lease("aws/rdsproxy/eu-west-1/-", Some(false));
+        let text = m.render(Vec::new(), None);
+        assert!(text.contains("# TYPE sluice_discovery_lease_held gauge\n"), "{text}");
+        assert!(text.contains("sluice_discovery_lease_held{source=\"aws/rdsproxy/us-west-2/-\"} 1\n"), "{text}");
+        assert!(text.contains("sluice_discovery_lease_held{source=\"aws/rdsproxy/eu-west-1/-\"} 0\n"), "{text}");
+        m.discovery_lease("aws/rdsproxy/us-west-2/-", Some(false));
+        m.discovery_lease("aws/rdsproxy/eu-west-1/-", None);
+        let text = m.render(Vec::new(), None);
+        assert!(text.contains("sluice_discovery_lease_held{source=\"aws/rdsproxy/us-west-2/-\"} 0\n"), "{text}");
+        assert!(!text.contains("eu-west-1"), "a source no longer configured keeps a series: {text}");
     }
 
     #[test]

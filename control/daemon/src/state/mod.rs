@@ -17,6 +17,7 @@ pub mod sqlite;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -62,6 +63,24 @@ pub enum StateError {
     Unavailable(String),
     #[error("CA key encryption: {0}")]
     Kek(String),
+    /// A fenced write whose lease is no longer held with its token (it expired, or another
+    /// holder took it over): nothing was written.
+    #[error("lease {0} is no longer held by this writer")]
+    Fenced(String),
+}
+
+/// Proof that a write comes from the current holder of a lease ([`State::acquire_lease`]):
+/// fenced writes check it in their own transaction and change nothing when it is stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub name: String,
+    pub holder: String,
+    pub token: u64,
+}
+
+/// The lease that elects the one poller of a discovery source (`discovery::source_key`).
+pub fn discovery_lease(source: &str) -> String {
+    format!("discovery/{source}")
 }
 
 /// Statements this process has run against the state, by kind (every [`State`] in the process
@@ -320,6 +339,18 @@ impl State {
         match self.store {
             Store::Sqlite(_) => "sqlite",
             Store::Pg(_) => "postgres",
+        }
+    }
+
+    /// Unix milliseconds on the store's clock, as SQL. Leases compare against the database's
+    /// clock, never a node's: the nodes sharing a PostgreSQL may disagree about the time, the
+    /// server they share does not. (SQLite's clock is the host's, which every process on the
+    /// one file shares.) `clock_timestamp()`, not `now()`: a lease checked late in a transaction
+    /// must not be judged at the transaction's start.
+    fn now_ms_sql(&self) -> &'static str {
+        match self.store {
+            Store::Sqlite(_) => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+            Store::Pg(_) => "CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)",
         }
     }
 
@@ -906,12 +937,24 @@ impl State {
     /// Rows that did not change are not written, so a poll that found nothing new changes nothing
     /// that policy snapshots (or the PostgreSQL change feed) watch.
     pub fn replace_discovered(&self, source: &str, items: &[Discovered]) -> Result<(usize, usize, usize), StateError> {
+        self.replace_discovered_fenced(source, items, None)
+    }
+
+    /// As [`State::replace_discovered`], by the holder of `fence` only: when the lease is no
+    /// longer held with its token (and unexpired), [`StateError::Fenced`] and nothing changes.
+    pub fn replace_discovered_fenced(
+        &self,
+        source: &str,
+        items: &[Discovered],
+        fence: Option<&Fence>,
+    ) -> Result<(usize, usize, usize), StateError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let specs: Vec<String> = items
             .iter()
             .map(|d| serde_json::to_string(&d.resource).map_err(|e| StateError::Corrupt(e.to_string())))
             .collect::<Result<_, _>>()?;
         self.tx(|c| {
+            self.check_fence(c, fence)?;
             let existing: Vec<(String, String)> = c
                 .query("SELECT uid, spec FROM discovered WHERE source = ?1", vals![source])?
                 .iter()
@@ -947,7 +990,19 @@ impl State {
 
     /// A fetch for `source` failed: keep what it found last, marked stale with the reason.
     pub fn mark_discovered_stale(&self, source: &str, reason: &str) -> Result<usize, StateError> {
-        self.run(|c| {
+        self.mark_discovered_stale_fenced(source, reason, None)
+    }
+
+    /// As [`State::mark_discovered_stale`], by the holder of `fence` only (see
+    /// [`State::replace_discovered_fenced`]).
+    pub fn mark_discovered_stale_fenced(
+        &self,
+        source: &str,
+        reason: &str,
+        fence: Option<&Fence>,
+    ) -> Result<usize, StateError> {
+        self.tx(|c| {
+            self.check_fence(c, fence)?;
             c.exec(
                 "UPDATE discovered SET stale = ?2 WHERE source = ?1 AND stale IS DISTINCT FROM ?2",
                 vals![source, reason],
@@ -955,9 +1010,15 @@ impl State {
         })
     }
 
-    /// Drops resources whose source is no longer configured (a matcher or region was removed).
-    pub fn prune_discovered(&self, keep_sources: &[String]) -> Result<usize, StateError> {
-        self.run(|c| {
+    /// Drops resources whose source no node polls any more: not in `keep_sources` (what this
+    /// node configures) and without a lease ([`discovery_lease`]) that is live or expired less
+    /// than `lease_grace` ago. Another node may configure a source this one does not; while it
+    /// lives it renews that source's lease, so its rows stay. A node that is only restarting
+    /// keeps its rows for `lease_grace`.
+    pub fn prune_discovered(&self, keep_sources: &[String], lease_grace: Duration) -> Result<usize, StateError> {
+        let grace_ms = i64::try_from(lease_grace.as_millis()).unwrap_or(i64::MAX / 2);
+        let now = self.now_ms_sql();
+        self.tx(|c| {
             let sources: Vec<String> = c
                 .query("SELECT DISTINCT source FROM discovered", vals![])?
                 .iter()
@@ -965,10 +1026,89 @@ impl State {
                 .collect::<Result<_, _>>()?;
             let mut removed = 0;
             for s in sources.iter().filter(|s| !keep_sources.contains(s)) {
-                removed += c.exec("DELETE FROM discovered WHERE source = ?1", vals![s])?;
+                let polled = c
+                    .query_opt(
+                        &format!("SELECT 1 FROM leases WHERE name = ?1 AND expires_at_ms > {now} - ?2"),
+                        vals![discovery_lease(s), grace_ms],
+                    )?
+                    .is_some();
+                if !polled {
+                    removed += c.exec("DELETE FROM discovered WHERE source = ?1", vals![s])?;
+                }
             }
             Ok(removed)
         })
+    }
+
+    // ---- leases ----
+
+    /// Takes the lease `name` for `holder` for `ttl`, or renews it: one statement, judged on
+    /// the database's clock. It succeeds when the lease is free, expired, or already
+    /// `holder`'s; the fencing token is raised when the holder changes (a holder renewing, or
+    /// taking back its own expired lease that nobody took meanwhile, keeps its token). `None`:
+    /// another holder has it.
+    pub fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<u64>, StateError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let now = self.now_ms_sql();
+        // Bookkeeping: on SQLite a renewal must not make policy snapshots look stale.
+        let row = self.own(|c| {
+            c.query_opt(
+                &format!(
+                    "INSERT INTO leases (name, holder, token, expires_at_ms) VALUES (?1, ?2, 1, {now} + ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                        token = leases.token + CASE WHEN leases.holder = excluded.holder THEN 0 ELSE 1 END,
+                        expires_at_ms = excluded.expires_at_ms
+                     WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= {now}
+                     RETURNING token"
+                ),
+                vals![name, holder, ttl_ms],
+            )
+        })?;
+        row.map(|r| r.get::<i64>(0).map(|t| t as u64)).transpose()
+    }
+
+    /// Gives the lease up (only `holder`'s): another node may take it at once.
+    pub fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StateError> {
+        Ok(self.own(|c| c.exec("DELETE FROM leases WHERE name = ?1 AND holder = ?2", vals![name, holder]))? > 0)
+    }
+
+    /// (holder, token, milliseconds left) of a lease, as the database sees it now; expired
+    /// leases show a negative remainder.
+    pub fn lease(&self, name: &str) -> Result<Option<(String, u64, i64)>, StateError> {
+        let now = self.now_ms_sql();
+        let row = self.run(|c| {
+            c.query_opt(
+                &format!("SELECT holder, token, expires_at_ms - {now} FROM leases WHERE name = ?1"),
+                vals![name],
+            )
+        })?;
+        row.map(|r| Ok((r.get(0)?, r.get::<i64>(1)? as u64, r.get(2)?))).transpose()
+    }
+
+    /// Inside a write's transaction: the write goes ahead only while `fence` is the live
+    /// lease. On PostgreSQL the row is share-locked until the write commits, so a takeover
+    /// waits for it (and a write that comes after the takeover sees the new token).
+    fn check_fence(&self, c: &mut dyn Conn, fence: Option<&Fence>) -> Result<(), StateError> {
+        let Some(f) = fence else { return Ok(()) };
+        let lock = match self.store {
+            Store::Sqlite(_) => "",
+            Store::Pg(_) => " FOR SHARE",
+        };
+        let token = i64::try_from(f.token).map_err(|_| StateError::Fenced(f.name.clone()))?;
+        let held = c
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM leases WHERE name = ?1 AND holder = ?2 AND token = ?3 AND expires_at_ms > {}{lock}",
+                    self.now_ms_sql()
+                ),
+                vals![f.name.as_str(), f.holder.as_str(), token],
+            )?
+            .is_some();
+        if held {
+            Ok(())
+        } else {
+            Err(StateError::Fenced(f.name.clone()))
+        }
     }
 
     /// Every discovered row, under its AWS name (see `discovery::served_names` for the names
@@ -1554,8 +1694,93 @@ mod tests {
         assert_eq!(rows[1].stale, None);
         s.replace_discovered("a", &[item("p1", "h1:2")]).unwrap();
         assert!(s.discovered().unwrap().iter().all(|r| r.stale.is_none()));
-        assert_eq!(s.prune_discovered(&["b".to_owned()]).unwrap(), 1);
+        assert_eq!(s.prune_discovered(&["b".to_owned()], Duration::ZERO).unwrap(), 1);
         assert_eq!(s.discovered().unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_lease_is_taken_over_only_after_it_expires_and_fences_its_old_holder() {
+        let (s, dir) = temp_state();
+        let ttl = Duration::from_millis(400);
+        let a1 = s.acquire_lease("discovery/x", "a", ttl).unwrap().expect("a free lease is taken");
+        assert_eq!(s.acquire_lease("discovery/x", "b", ttl).unwrap(), None, "held: b must wait");
+        assert_eq!(s.acquire_lease("discovery/x", "a", ttl).unwrap(), Some(a1), "a renewal keeps the token");
+        let (holder, token, left) = s.lease("discovery/x").unwrap().unwrap();
+        assert_eq!((holder.as_str(), token), ("a", a1));
+        assert!(left > 0 && left <= 400, "{left}");
+
+        let item = Discovered {
+            resource: serde_saphyr::from_str(
+                "kind: db\nversion: v3\nmetadata: {name: p1}\nspec: {protocol: postgres, uri: \"h:1\"}",
+            )
+            .unwrap(),
+            aws_resource_id: "prx-p1".into(),
+            uid: "arn:aws:rds:r:1:db-proxy:prx-p1".into(),
+        };
+        let fence_a = Fence { name: "discovery/x".into(), holder: "a".into(), token: a1 };
+        assert_eq!(s.replace_discovered_fenced("x", std::slice::from_ref(&item), Some(&fence_a)).unwrap(), (1, 0, 0));
+
+        std::thread::sleep(Duration::from_millis(500));
+        // Expired: a's fenced writes are refused even before anyone takes over.
+        assert!(matches!(s.mark_discovered_stale_fenced("x", "late", Some(&fence_a)), Err(StateError::Fenced(_))));
+        let b1 = s.acquire_lease("discovery/x", "b", ttl).unwrap().expect("an expired lease is taken over");
+        assert_eq!(b1, a1 + 1, "a new holder gets a new token");
+        assert_eq!(s.acquire_lease("discovery/x", "a", ttl).unwrap(), None);
+        assert!(matches!(s.replace_discovered_fenced("x", &[], Some(&fence_a)), Err(StateError::Fenced(_))));
+        assert!(matches!(s.mark_discovered_stale_fenced("x", "late", Some(&fence_a)), Err(StateError::Fenced(_))));
+        let rows = s.discovered().unwrap();
+        assert_eq!(rows.len(), 1, "a stale holder's write changed nothing");
+        assert_eq!(rows[0].stale, None);
+        let fence_b = Fence { name: "discovery/x".into(), holder: "b".into(), token: b1 };
+        assert_eq!(s.mark_discovered_stale_fenced("x", "Throttling", Some(&fence_b)).unwrap(), 1);
+
+        // Released: anyone may take it at once, and the token still moves on.
+        assert!(!s.release_lease("discovery/x", "a").unwrap(), "only the holder releases");
+        assert!(s.release_lease("discovery/x", "b").unwrap());
+        assert!(s.acquire_lease("discovery/x", "a", ttl).unwrap().is_some());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn lease_renewals_do_not_make_policy_snapshots_stale() {
+        let (s, dir) = temp_state();
+        s.add_user("alice", "pw", &[]).unwrap();
+        let before = s.change_marker().unwrap();
+        for _ in 0..3 {
+            s.acquire_lease("discovery/x", "a", Duration::from_secs(5)).unwrap().unwrap();
+        }
+        let after = s.change_marker().unwrap();
+        assert_ne!(before, after, "renewals commit");
+        assert!(s.only_own_commits(before, after), "but only as bookkeeping");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn pruning_keeps_sources_another_node_still_polls() {
+        let (s, dir) = temp_state();
+        let item = |name: &str| Discovered {
+            resource: serde_saphyr::from_str(&format!(
+                "kind: db\nversion: v3\nmetadata: {{name: {name}}}\nspec: {{protocol: postgres, uri: \"h:1\"}}"
+            ))
+            .unwrap(),
+            aws_resource_id: format!("prx-{name}"),
+            uid: format!("arn:aws:rds:r:1:db-proxy:prx-{name}"),
+        };
+        s.replace_discovered("mine", &[item("m")]).unwrap();
+        s.replace_discovered("theirs", &[item("t")]).unwrap();
+        s.replace_discovered("gone", &[item("g")]).unwrap();
+        s.acquire_lease(&discovery_lease("theirs"), "other-node", Duration::from_millis(300)).unwrap().unwrap();
+        let grace = Duration::from_millis(300);
+        assert_eq!(s.prune_discovered(&["mine".to_owned()], grace).unwrap(), 1, "only the unpolled source goes");
+        let sources = |s: &State| s.discovered().unwrap().into_iter().map(|r| r.source).collect::<Vec<_>>();
+        assert_eq!(sources(&s), ["mine", "theirs"]);
+        // The other node died: its lease expired, and after the grace its rows go too.
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(s.prune_discovered(&["mine".to_owned()], grace).unwrap(), 0, "within the grace");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(s.prune_discovered(&["mine".to_owned()], grace).unwrap(), 1);
+        assert_eq!(sources(&s), ["mine"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

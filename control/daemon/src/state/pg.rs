@@ -41,7 +41,15 @@ const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
 /// Schema versions, applied in order, each once, in one transaction under [`MIGRATION_LOCK`].
 /// Columns mean what they mean in SQLite (unix seconds as BIGINT, JSON as TEXT, booleans as
 /// 0/1), so rows move between the backends unchanged.
-const MIGRATIONS: &[(&str, &str)] = &[("baseline", BASELINE), ("auth nodes", super::AUTH_NODES_TABLE)];
+const MIGRATIONS: &[(&str, &str)] =
+    &[("baseline", BASELINE), ("leases", LEASES), ("auth nodes", super::AUTH_NODES_TABLE)];
+
+/// Named leases (one discovery poller per source across auth nodes): `token` is the fencing
+/// token, raised whenever the holder changes; `expires_at_ms` is unix milliseconds on the
+/// database's clock. Bookkeeping: no trigger, so taking or renewing a lease never moves the
+/// change feed.
+const LEASES: &str = "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL);";
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

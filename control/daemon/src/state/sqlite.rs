@@ -20,6 +20,12 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "ALTER TABLE cert_authorities ADD COLUMN key_envelope BLOB;
          ALTER TABLE cert_authorities ADD COLUMN key_wraps TEXT;",
     ),
+    // As PostgreSQL's `leases` (see `super::pg`): bookkeeping, never exported.
+    (
+        "leases",
+        "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL,
+         expires_at_ms INTEGER NOT NULL);",
+    ),
     ("auth nodes", super::AUTH_NODES_TABLE),
 ];
 
