@@ -222,6 +222,7 @@ async fn janitor(state: Arc<State>) {
                 web_sessions = n.web_sessions,
                 locks = n.locks,
                 auth_nodes = n.auth_nodes,
+                leases = n.leases,
                 "expired rows removed"
             ),
             Ok(Ok(_)) => {}

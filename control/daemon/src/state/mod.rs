@@ -1428,6 +1428,8 @@ impl State {
             // harmless, the lock had stopped matching already.
             locks: sweep("locks", "id", "expires_at IS NOT NULL AND expires_at <= ?1", now)?,
             auth_nodes: sweep("auth_nodes", "id", "last_seen <= ?1", now - AUTH_NODE_FORGOTTEN)?,
+            // Leases of sources nobody has polled for an hour (one row per source ever polled).
+            leases: sweep("leases", "name", "expires_at_ms <= ?1", (now - 3600) * 1000)?,
         })
     }
 
@@ -1487,6 +1489,7 @@ pub struct JanitorCounts {
     pub web_sessions: usize,
     pub locks: usize,
     pub auth_nodes: usize,
+    pub leases: usize,
 }
 
 /// An auth server silent this long (seconds) is dropped from the list.
