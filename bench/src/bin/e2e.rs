@@ -21,6 +21,9 @@
 //! to direct and, for Sluice, to emulator-only, plus the proxies' CPU seconds per GiB of COPY
 //! (from `/proc/<pid>/stat`) and the raw per-repetition numbers.
 //!
+//! With `--auth` it measures the auth API instead (logins and database certificates per second
+//! per auth node, on SQLite and on a shared PostgreSQL; see `e2e/auth.rs`).
+//!
 //! Every child process is stopped when the harness ends, also on errors and on SIGINT/SIGTERM,
 //! and every client command runs under a time limit. `bench/README.md` has the command line.
 
