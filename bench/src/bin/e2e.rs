@@ -21,6 +21,9 @@
 //! to direct and, for Sluice, to emulator-only, plus the proxies' CPU seconds per GiB of COPY
 //! (from `/proc/<pid>/stat`) and the raw per-repetition numbers.
 //!
+//! With `--auth` it measures the auth API instead (logins and database certificates per second
+//! per auth node, on SQLite and on a shared PostgreSQL; see `e2e/auth.rs`).
+//!
 //! Every child process is stopped when the harness ends, also on errors and on SIGINT/SIGTERM,
 //! and every client command runs under a time limit. `bench/README.md` has the command line.
 
@@ -60,9 +63,9 @@ struct Args {
     /// Seconds each pgbench run lasts (`-T`) [default: 10, or 3 with --quick].
     #[arg(long)]
     duration: Option<u64>,
-    /// Where to write the Markdown report.
-    #[arg(long, default_value = "bench/RESULTS.md")]
-    out: PathBuf,
+    /// Where to write the Markdown report [default: bench/RESULTS.md; with --auth, stdout only].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// A short run to test the harness itself: --reps 1 --duration 3 --copy-mb 256 (explicit
     /// flags still win).
     #[arg(long)]
@@ -84,6 +87,14 @@ struct Args {
     /// Keep the working directory (configs, logs) after a successful run.
     #[arg(long)]
     keep: bool,
+    /// Measure the auth API instead of the data path: logins and database certificates per
+    /// second per auth node, on SQLite and on a shared PostgreSQL with one and two nodes
+    /// (--reps rounds of --duration seconds each; see `auth.rs`).
+    #[arg(long)]
+    auth: bool,
+    /// With --auth: concurrent clients per auth node.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
 }
 
 /// The settings a run uses, after --quick and the defaults.
@@ -104,7 +115,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 macro_rules! progress {
     ($($arg:tt)*) => {
-        eprintln!("[e2e {:>7.1}s] {}", START.get_or_init(Instant::now).elapsed().as_secs_f64(), format!($($arg)*))
+        eprintln!("[e2e {:>7.1}s] {}", $crate::START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64(), format!($($arg)*))
     };
 }
 
@@ -123,6 +134,10 @@ fn install_signal_handlers() {
         }
     }
 }
+
+// Under e2e/ rather than beside e2e.rs, where cargo would take it for another binary.
+#[path = "e2e/auth.rs"]
+mod auth;
 
 fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
@@ -1207,6 +1222,17 @@ fn run(args: Args) -> Result<bool> {
         std::env::args().skip(1).map(|a| format!(" {a}")).collect::<String>()
     );
     progress!("{command}");
+    if args.auth {
+        let auth =
+            auth::AuthSettings { reps: settings.reps, duration: settings.duration, clients: args.clients.max(1) };
+        progress!("settings: {auth:?}");
+        let path = std::env::temp_dir().join(format!("sluice-e2e-auth-{}-{}", std::process::id(), random_secret(4)));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut workdir = WorkDir { path: path.canonicalize()?, keep: true };
+        let outcome = auth::run(&auth, &workdir.path, args.out.as_deref(), &command);
+        workdir.keep = args.keep || outcome.is_err();
+        return outcome;
+    }
     progress!("settings: {settings:?}");
     let started_at = time::OffsetDateTime::now_utc();
     let wall = Instant::now();
@@ -1585,11 +1611,12 @@ fn run_in(
         println!("* {n}");
     }
     println!("\n{}", report.tables());
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("bench/RESULTS.md"));
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    std::fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
-    progress!("wrote {}", args.out.display());
+    std::fs::write(&out, md).with_context(|| format!("writing {}", out.display()))?;
+    progress!("wrote {}", out.display());
     drop(peers);
     drop(stack);
     Ok(all_ok)

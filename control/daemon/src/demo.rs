@@ -651,6 +651,19 @@ impl ControlProc {
         creds: &AwsCreds,
         dataplane_socket: Option<PathBuf>,
     ) -> Result<ControlProc> {
+        Self::start_edited(dir, databases, creds, dataplane_socket, |_| {})
+    }
+
+    /// As [`ControlProc::start`], with `edit` applied to the config before control first starts
+    /// (another `auth_service.storage`, say, which must be right from the first start since the
+    /// node creates or joins the state then).
+    pub fn start_edited(
+        dir: &Path,
+        databases: Vec<StaticDatabase>,
+        creds: &AwsCreds,
+        dataplane_socket: Option<PathBuf>,
+        edit: impl FnOnce(&mut Config),
+    ) -> Result<ControlProc> {
         std::fs::create_dir_all(dir)?;
         let pg_port = free_port()?;
         let api_port = free_port()?;
@@ -662,7 +675,7 @@ impl ControlProc {
         let os_user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
             .map(|u| u.name)
             .ok_or_else(|| DemoError::Missing("this process's uid has no user name".into()))?;
-        let config = Config {
+        let mut config = Config {
             data_dir: dir.join("data"),
             auth_service: AuthService {
                 listen_addr: ([127, 0, 0, 1], api_port).into(),
@@ -686,6 +699,7 @@ impl ControlProc {
             metrics: Some(MetricsConfig { listen_addr: ([127, 0, 0, 1], metrics_port).into() }),
             join: None,
         };
+        edit(&mut config);
         let config_path = dir.join("control.yaml");
         std::fs::write(&config_path, serde_saphyr::to_string(&config)?)?;
         Self::spawn(config_path, config, pg_port, api_port, creds, dir)
