@@ -1140,7 +1140,8 @@ impl State {
     ) -> Result<(String, OffsetDateTime), StateError> {
         let token = random_secret(32);
         let expires = OffsetDateTime::now_utc() + ttl;
-        self.run(|c| {
+        // Bookkeeping: a login changes no policy, so it must not make every snapshot stale.
+        self.own(|c| {
             c.exec(
                 "INSERT INTO web_sessions (hash, \"user\", expires_at) VALUES (?1, ?2, ?3)",
                 vals![sha256_hex(&token), user, expires.unix_timestamp()],
@@ -1166,7 +1167,7 @@ impl State {
     }
 
     pub fn delete_web_session(&self, token: &str) -> Result<(), StateError> {
-        self.run(|c| c.exec("DELETE FROM web_sessions WHERE hash = ?1", vals![sha256_hex(token)]))?;
+        self.own(|c| c.exec("DELETE FROM web_sessions WHERE hash = ?1", vals![sha256_hex(token)]))?;
         Ok(())
     }
 
