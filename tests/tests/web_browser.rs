@@ -178,9 +178,17 @@ async fn drive(c: &Client, web: &str, h: &Harness, session: &Psql<'_>, shots: Op
 
     // End it with the button.
     c.find(Locator::Css(&format!("{row} button.end"))).await?.click().await?;
-    // psql finds its connection gone at the next statement.
-    let _ = session.send("select 1;");
-    eventually(Duration::from_secs(5), "psql to lose its session", || async { session.exited() }).await?;
+    // psql finds its connection gone at its next statement: keep sending one until it has (a
+    // single one sent right after the click could run before the end took effect, and psql
+    // would then wait on stdin for good).
+    eventually(Duration::from_secs(5), "psql to lose its session", || async {
+        if session.exited()?.is_some() {
+            return Ok(Some(()));
+        }
+        let _ = session.send("select 1;");
+        Ok(None)
+    })
+    .await?;
     let said = std::fs::read_to_string(&session.log)?;
     assert!(said.contains("connection"), "psql said: {said}");
     eventually(Duration::from_secs(10), "the sessions table to empty", || async {
