@@ -1214,6 +1214,17 @@ impl TestCa {
     }
 }
 
+/// The auth server an agent follows, from its `sluice_agent_auth_server{addr=...}` metric
+/// (`metrics` is the agent's `/metrics` URL); `None` while it follows none.
+pub fn followed_auth_server(metrics: &str) -> Result<Option<String>> {
+    let text = scrape(metrics)?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_agent_auth_server{addr=\""))
+        .and_then(|rest| rest.split_once('"'))
+        .map(|(addr, _)| addr.to_owned()))
+}
+
 /// A PostgreSQL for Sluice's auth state, set up as production should be: TLS with a server
 /// certificate for `localhost` and `127.0.0.1` from a test CA (its PEM is `ca_file`, the
 /// `sslrootcert`), role `sluice` with a SCRAM password (in the 0600 `password_file`) owning
@@ -1274,6 +1285,29 @@ impl StoragePg {
             aws_iam: None,
             pool_size: 10,
         }
+    }
+
+    /// `auth_service.storage` on this database with the password file, sealing the CA key
+    /// under the KEK file `kek` (a small pool: tests start several nodes).
+    pub fn storage_config(&self, kek: &Path) -> sluice_control::config::StorageConfig {
+        sluice_control::config::StorageConfig::Postgres(sluice_control::config::PostgresStorage {
+            conn_string: self.conn_string.clone(),
+            password_file: Some(self.password_file.clone()),
+            aws_iam: None,
+            pool_size: 4,
+            kek: sluice_control::kek::KekConfig { file: Some(kek.to_path_buf()), aws_kms: None },
+            previous_keks: Vec::new(),
+        })
+    }
+
+    /// A validated auth-server config with `data_dir` and [`StoragePg::storage_config`] (for
+    /// opening the shared state as a library, as an auth node or admin verb does).
+    pub fn config(&self, data_dir: &Path, kek: &Path) -> Result<sluice_control::config::Config> {
+        let mut cfg: sluice_control::config::Config =
+            sluice_control::config::from_yaml(&format!("data_dir: {}\n", data_dir.display()))?;
+        cfg.auth_service.storage = self.storage_config(kek);
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Changes role `sluice`'s password in PostgreSQL and then in the password file (replaced

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sluice_tests::{
-    ca_pin, cluster_addr, connect, join_token, psql_query, scrape, shared_db, wait_until, AgentProc, ClientCert,
-    Harness,
+    ca_pin, cluster_addr, connect, followed_auth_server, join_token, psql_query, shared_db, wait_until, AgentProc,
+    ClientCert, Harness,
 };
 
 const START: Duration = Duration::from_secs(30);
@@ -19,16 +19,6 @@ const START: Duration = Duration::from_secs(30);
 /// An address where nothing listens (connections are refused at once).
 fn dead_addr() -> Result<String> {
     Ok(format!("127.0.0.1:{}", sluice_control::demo::free_port()?))
-}
-
-/// The address in the agent's `sluice_agent_auth_server{addr=...}`, if it follows one.
-fn followed(metrics: &str) -> Result<Option<String>> {
-    let text = scrape(metrics)?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("sluice_agent_auth_server{addr=\""))
-        .and_then(|rest| rest.split_once('"'))
-        .map(|(addr, _)| addr.to_owned()))
 }
 
 fn identity(agent: &AgentProc) -> Result<serde_json::Value> {
@@ -88,7 +78,7 @@ fn a_dead_first_auth_server_is_passed_over_by_every_call() -> Result<()> {
     assert_eq!(id["auth_servers"], serde_json::json!(servers));
     let host_id = id["host_id"].as_str().context("no host_id")?.to_owned();
     wait_until(Duration::from_secs(5), "the metric naming the followed auth server", || {
-        Ok((followed(&metrics)?.as_deref() == Some(real.as_str())).then_some(()))
+        Ok((followed_auth_server(&metrics)?.as_deref() == Some(real.as_str())).then_some(()))
     })?;
     assert!(agent.log_text().contains(&format!("auth_server={real}")), "{}", agent.log_text());
 
@@ -145,7 +135,7 @@ fn restarting_the_live_auth_server_ends_no_session() -> Result<()> {
     agent.wait_serving(START)?;
     agent.wait_following(START)?;
     assert!(moves(&agent).is_empty(), "moved away from a live first auth server: {:#?}", moves(&agent));
-    assert_eq!(followed(&metrics)?.as_deref(), Some(real.as_str()));
+    assert_eq!(followed_auth_server(&metrics)?.as_deref(), Some(real.as_str()));
 
     let rt = sluice_tests::runtime()?;
     let cert = h.issue_cert("alice", "orders", "alice", "demo")?;
@@ -161,7 +151,8 @@ fn restarting_the_live_auth_server_ends_no_session() -> Result<()> {
     let restarted = Instant::now();
     h.restart_control(|_| {})?;
     wait_until(Duration::from_secs(30), "the agent following the restarted auth server", || {
-        Ok((follows(&agent) > followed_before && followed(&metrics)?.as_deref() == Some(real.as_str())).then_some(()))
+        Ok((follows(&agent) > followed_before && followed_auth_server(&metrics)?.as_deref() == Some(real.as_str()))
+            .then_some(()))
     })?;
     eprintln!("[cluster-failover] following again {:?} after the restart began", restarted.elapsed());
     // On the way it tried the other address.

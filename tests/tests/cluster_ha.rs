@@ -18,14 +18,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use sluice_control::config::{Config, PostgresStorage, StorageConfig};
+use sluice_control::config::Config;
 use sluice_control::demo::{dev_role, find_bin, AwsCreds, ControlProc};
-use sluice_control::kek::KekConfig;
 use sluice_control::state::{OpenMode, State};
 use sluice_tests::{
-    auth_control, ca_pin, check_output, client_config_from_pem, cluster_addr, connect, join_token, parse_env_exports,
-    psql_query, route_identity, scrape, shared_db, start_auth_with, wait_until, AgentProc, ClientCert, Connected,
-    Harness, StoragePg,
+    auth_control, ca_pin, check_output, client_config_from_pem, cluster_addr, connect, followed_auth_server,
+    join_token, parse_env_exports, psql_query, route_identity, shared_db, start_auth_with, wait_until, AgentProc,
+    ClientCert, Connected, Harness, StoragePg,
 };
 
 const START: Duration = Duration::from_secs(30);
@@ -66,14 +65,7 @@ impl Cluster {
         let storage = StoragePg::start(&h.dir.join("storage"))?;
         let kek = h.dir.join("kek");
         sluice_control::kek::generate_file(&kek)?;
-        let on_pg = StorageConfig::Postgres(PostgresStorage {
-            conn_string: storage.conn_string.clone(),
-            password_file: Some(storage.password_file.clone()),
-            aws_iam: None,
-            pool_size: 4,
-            kek: KekConfig { file: Some(kek), aws_kms: None },
-            previous_keks: Vec::new(),
-        });
+        let on_pg = storage.storage_config(&kek);
         let node = |dir: &Path| {
             let storage = on_pg.clone();
             start_auth_with(dir, move |c: &mut Config| {
@@ -130,8 +122,8 @@ impl Cluster {
         }
         // Each follows the first address it knows.
         wait_until(Duration::from_secs(5), "each agent following its first auth server", || {
-            Ok((followed(&metrics1)?.as_deref() == Some(addr_a.as_str())
-                && followed(&metrics2)?.as_deref() == Some(addr_b.as_str()))
+            Ok((followed_auth_server(&metrics1)?.as_deref() == Some(addr_a.as_str())
+                && followed_auth_server(&metrics2)?.as_deref() == Some(addr_b.as_str()))
             .then_some(()))
         })?;
         // Both report `orders` in their heartbeats: the auth nodes list it to clients only then.
@@ -215,16 +207,6 @@ fn agent(h: &Harness, name: &str, servers: &[String], token: &str, pin: &str) ->
     let metrics = agent.with_metrics()?;
     agent.start()?;
     Ok((agent, metrics))
-}
-
-/// The address in the agent's `sluice_agent_auth_server{addr=...}`, if it follows one.
-fn followed(metrics: &str) -> Result<Option<String>> {
-    let text = scrape(metrics)?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("sluice_agent_auth_server{addr=\""))
-        .and_then(|rest| rest.split_once('"'))
-        .map(|(addr, _)| addr.to_owned()))
 }
 
 fn host_id(agent: &AgentProc) -> Result<String> {
@@ -339,8 +321,8 @@ fn a_lock_placed_through_one_auth_node_ends_a_session_on_an_agent_following_the_
     assert!(took < Duration::from_secs(1), "the session ended {took:?} after the lock");
 
     // Nobody moved: each agent followed its own node throughout.
-    assert_eq!(followed(&c.metrics1)?.as_deref(), Some(c.addr_a.as_str()));
-    assert_eq!(followed(&c.metrics2)?.as_deref(), Some(c.addr_b.as_str()));
+    assert_eq!(followed_auth_server(&c.metrics1)?.as_deref(), Some(c.addr_a.as_str()));
+    assert_eq!(followed_auth_server(&c.metrics2)?.as_deref(), Some(c.addr_b.as_str()));
     assert!(moves(&c.agent1).is_empty() && moves(&c.agent2).is_empty());
     Ok(())
 }
@@ -409,7 +391,7 @@ fn killing_auth_node_a_mid_session_moves_its_agent_to_b_and_ends_no_session() ->
 
     // Agent 1 follows B within seconds.
     wait_until(Duration::from_secs(10), "agent 1 following B", || {
-        Ok((followed(&c.metrics1)?.as_deref() == Some(c.addr_b.as_str())).then_some(()))
+        Ok((followed_auth_server(&c.metrics1)?.as_deref() == Some(c.addr_b.as_str())).then_some(()))
     })?;
     let failover = killed.elapsed();
     eprintln!("[cluster-ha] agent 1 follows B {failover:?} after A was killed");
@@ -489,7 +471,7 @@ fn killing_auth_node_a_mid_session_moves_its_agent_to_b_and_ends_no_session() ->
     }
     // Agent 2 followed B all along.
     assert!(moves(&c.agent2).is_empty(), "{:#?}", moves(&c.agent2));
-    assert_eq!(followed(&c.metrics2)?.as_deref(), Some(c.addr_b.as_str()));
+    assert_eq!(followed_auth_server(&c.metrics2)?.as_deref(), Some(c.addr_b.as_str()));
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_tests::moto::{aws_env, moto_available, spawn_control, Moto};
-use sluice_tests::sluice_control::config::{Config, PostgresStorage, StorageConfig};
+use sluice_tests::sluice_control::config::{Config, StorageConfig};
 use sluice_tests::sluice_control::demo::{find_bin, AwsCreds, ControlProc};
 use sluice_tests::{scrape, tail, wait_until, StoragePg, TestDir};
 
@@ -104,14 +104,7 @@ fn one_node_polls_each_source_and_the_other_takes_over_when_it_dies() {
     let pg = StoragePg::start(&dir.join("storage")).unwrap();
     let kek = dir.join("kek");
     sluice_control::kek::generate_file(&kek).unwrap();
-    let storage = StorageConfig::Postgres(PostgresStorage {
-        conn_string: pg.conn_string.clone(),
-        password_file: Some(pg.password_file.clone()),
-        aws_iam: None,
-        pool_size: 4,
-        kek: sluice_control::kek::KekConfig { file: Some(kek.clone()), aws_kms: None },
-        previous_keks: Vec::new(),
-    });
+    let storage = pg.storage_config(&kek);
     let role = moto.admin("/_sluice/role", json!({"name": "sluice-discovery", "external_id": "ext"})).unwrap();
     let role = role["arn"].as_str().unwrap().to_owned();
     moto.admin("/_sluice/proxy", json!({"region": "us-west-2", "name": "orders"})).unwrap();

@@ -9,20 +9,6 @@ use sluice_control::config::Config;
 use sluice_control::state::{OpenMode, State, StateError, TokenCheck};
 use sluice_tests::{StoragePg, TestDir};
 
-/// A config whose storage is `pg`, sealing the CA key with `kek`.
-fn config(dir: &std::path::Path, pg: &StoragePg, kek: &std::path::Path) -> Config {
-    let yaml = format!(
-        "data_dir: {}\nauth_service:\n  storage:\n    type: postgres\n    conn_string: \"{}\"\n    password_file: {}\n    kek: {{file: {}}}\n",
-        dir.display(),
-        pg.conn_string,
-        pg.password_file.display(),
-        kek.display()
-    );
-    let cfg: Config = sluice_control::config::from_yaml(&yaml).expect("config parses");
-    cfg.validate().expect("config is valid");
-    cfg
-}
-
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !f() {
@@ -38,7 +24,7 @@ fn the_state_api_behaves_the_same_on_postgres() {
     let pg = StoragePg::start(&dir.join("storage")).unwrap();
     let kek = dir.join("kek");
     sluice_control::kek::generate_file(&kek).unwrap();
-    let cfg = config(&dir.join("a"), &pg, &kek);
+    let cfg = pg.config(&dir.join("a"), &kek).unwrap();
     let a = State::open_configured(&cfg, OpenMode::Serve).unwrap();
     assert_eq!(a.backend(), "postgres");
 
@@ -54,7 +40,7 @@ fn the_state_api_behaves_the_same_on_postgres() {
     assert_eq!(a.web_session(&tok).unwrap().map(|x| x.0).as_deref(), Some("alice"));
 
     // A second node on the same database sees all of it (a login made via A works on B).
-    let cfg_b = config(&dir.join("b"), &pg, &kek);
+    let cfg_b = pg.config(&dir.join("b"), &kek).unwrap();
     let b = State::open_configured(&cfg_b, OpenMode::Serve).unwrap();
     assert_eq!(b.web_session(&tok).unwrap().map(|x| x.0).as_deref(), Some("alice"));
     assert!(b.verify_password("alice", "pw1").unwrap());
@@ -125,8 +111,8 @@ fn policy_changes_reach_every_node_through_the_feed() {
     let pg = StoragePg::start(&dir.join("storage")).unwrap();
     let kek = dir.join("kek");
     sluice_control::kek::generate_file(&kek).unwrap();
-    let a = State::open_configured(&config(&dir.join("a"), &pg, &kek), OpenMode::Serve).unwrap();
-    let b = State::open_configured(&config(&dir.join("b"), &pg, &kek), OpenMode::Serve).unwrap();
+    let a = State::open_configured(&pg.config(&dir.join("a"), &kek).unwrap(), OpenMode::Serve).unwrap();
+    let b = State::open_configured(&pg.config(&dir.join("b"), &kek).unwrap(), OpenMode::Serve).unwrap();
     let before = b.change_marker().expect("a serving node has a marker");
     a.add_lock(Some("alice"), None, "x", None).unwrap();
     let took = wait_for("B sees A's lock", Duration::from_secs(1), || b.change_marker() != Some(before));
@@ -142,7 +128,7 @@ fn policy_changes_reach_every_node_through_the_feed() {
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(b.change_marker(), settled, "bookkeeping moved the policy revision");
     // A change from another process (the admin CLI's path) moves it too.
-    let admin = State::open_configured(&config(&dir.join("admin"), &pg, &kek), OpenMode::Admin).unwrap();
+    let admin = State::open_configured(&pg.config(&dir.join("admin"), &kek).unwrap(), OpenMode::Admin).unwrap();
     admin
         .upsert_role(
             &serde_json::from_value(serde_json::json!({"kind": "role", "version": "v7",
@@ -162,7 +148,7 @@ fn one_ca_sealed_under_the_kek() {
     let pg = StoragePg::start(&dir.join("storage")).unwrap();
     let kek = dir.join("kek");
     sluice_control::kek::generate_file(&kek).unwrap();
-    let cfgs: Vec<Config> = (0..4).map(|i| config(&dir.join(format!("n{i}")), &pg, &kek)).collect();
+    let cfgs: Vec<Config> = (0..4).map(|i| pg.config(&dir.join(format!("n{i}")), &kek).unwrap()).collect();
     let cas: Vec<_> = cfgs
         .into_iter()
         .map(|cfg| {
@@ -197,7 +183,7 @@ fn one_ca_sealed_under_the_kek() {
     // Another KEK opens nothing, and says which KEKs would.
     let other = dir.join("other-kek");
     sluice_control::kek::generate_file(&other).unwrap();
-    let s = State::open_configured(&config(&dir.join("x"), &pg, &other), OpenMode::Admin).unwrap();
+    let s = State::open_configured(&pg.config(&dir.join("x"), &other).unwrap(), OpenMode::Admin).unwrap();
     let e = s.ensure_ca("sluice").err().expect("a foreign KEK opened the CA key").to_string();
     assert!(e.contains("wrapped for [file:"), "{e}");
 }
@@ -216,7 +202,6 @@ fn control(config: &std::path::Path, args: &[&str]) -> String {
 /// Moves the harness's control from SQLite to a new storage PostgreSQL (export, import into it,
 /// restart), with `edit` applied to the new config too. Returns the storage and the new config.
 fn move_to_postgres(h: &mut sluice_tests::Harness, edit: impl Fn(&mut Config)) -> (StoragePg, Config) {
-    use sluice_control::config::{PostgresStorage, StorageConfig};
     let sqlite_config = h.stack.control.config_path.clone();
     let export = h.dir.join("state.ndjson");
     control(&sqlite_config, &["storage", "export", "--out", export.to_str().unwrap()]);
@@ -226,14 +211,7 @@ fn move_to_postgres(h: &mut sluice_tests::Harness, edit: impl Fn(&mut Config)) -
     let pg = StoragePg::start(&h.dir.join("storage")).unwrap();
     let kek = h.dir.join("kek");
     sluice_control::kek::generate_file(&kek).unwrap();
-    let storage = StorageConfig::Postgres(PostgresStorage {
-        conn_string: pg.conn_string.clone(),
-        password_file: Some(pg.password_file.clone()),
-        aws_iam: None,
-        pool_size: 4,
-        kek: sluice_control::kek::KekConfig { file: Some(kek.clone()), aws_kms: None },
-        previous_keks: Vec::new(),
-    });
+    let storage = pg.storage_config(&kek);
     h.stack.control.proc.stop(nix::sys::signal::Signal::SIGTERM);
     let mut pg_cfg = h.stack.control.config.clone();
     pg_cfg.auth_service.storage = storage.clone();

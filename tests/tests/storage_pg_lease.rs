@@ -6,22 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_control::config::Config;
 use sluice_control::state::{discovery_lease, Discovered, Fence, OpenMode, State, StateError};
 use sluice_tests::{StoragePg, TestDir};
-
-fn config(dir: &std::path::Path, pg: &StoragePg, kek: &std::path::Path) -> Config {
-    let yaml = format!(
-        "data_dir: {}\nauth_service:\n  storage:\n    type: postgres\n    conn_string: \"{}\"\n    password_file: {}\n    kek: {{file: {}}}\n",
-        dir.display(),
-        pg.conn_string,
-        pg.password_file.display(),
-        kek.display()
-    );
-    let cfg: Config = sluice_control::config::from_yaml(&yaml).expect("config parses");
-    cfg.validate().expect("config is valid");
-    cfg
-}
 
 fn item(name: &str, uri: &str) -> Discovered {
     Discovered {
@@ -39,8 +25,8 @@ fn two_nodes(name: &str) -> (TestDir, StoragePg, State, State) {
     let pg = StoragePg::start(&dir.join("storage")).unwrap();
     let kek = dir.join("kek");
     sluice_control::kek::generate_file(&kek).unwrap();
-    let a = State::open_configured(&config(&dir.join("a"), &pg, &kek), OpenMode::Serve).unwrap();
-    let b = State::open_configured(&config(&dir.join("b"), &pg, &kek), OpenMode::Serve).unwrap();
+    let a = State::open_configured(&pg.config(&dir.join("a"), &kek).unwrap(), OpenMode::Serve).unwrap();
+    let b = State::open_configured(&pg.config(&dir.join("b"), &kek).unwrap(), OpenMode::Serve).unwrap();
     (dir, pg, a, b)
 }
 
