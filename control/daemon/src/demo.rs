@@ -51,6 +51,8 @@ pub enum DemoError {
     YamlParse(#[from] Box<serde_saphyr::Error>),
     #[error(transparent)]
     Os(#[from] nix::errno::Errno),
+    #[error("test certificate: {0}")]
+    Cert(#[from] rcgen::Error),
 }
 
 type Result<T, E = DemoError> = std::result::Result<T, E>;
@@ -949,4 +951,136 @@ fn unquote_shell(s: &str) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// A local certificate authority (rcgen) for TLS servers that tests and benches start.
+pub struct LocalCa {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl LocalCa {
+    pub fn new(name: &str) -> Result<LocalCa> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let pem = params.self_signed(&key)?.pem();
+        Ok(LocalCa { params, key, pem })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses) and its key, both PEM.
+    pub fn issue_server(&self, names: &[&str]) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, names.first().copied().unwrap_or("server"));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// A PostgreSQL for Sluice's auth state, set up as production should be: TLS with a server
+/// certificate for `localhost` and `127.0.0.1` from a test CA (its PEM is `ca_file`, the
+/// `sslrootcert`), role `sluice` with a SCRAM password (in the 0600 `password_file`) owning
+/// database `sluice`, and that role admitted only over `hostssl`.
+pub struct StoragePostgres {
+    pub pg: Postgres,
+    /// `host=localhost port=… dbname=sluice user=sluice sslmode=verify-full sslrootcert=<ca_file>`.
+    pub conn_string: String,
+    pub password_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub ca: LocalCa,
+    pub dir: PathBuf,
+}
+
+impl StoragePostgres {
+    /// Starts the cluster under `dir/pg` (its certificates and password file go in `dir`).
+    pub fn start(dir: &Path) -> Result<StoragePostgres> {
+        Self::start_with(dir, None)
+    }
+
+    /// As [`StoragePostgres::start`], with `max_connections`.
+    pub fn start_with(dir: &Path, max_connections: Option<u32>) -> Result<StoragePostgres> {
+        std::fs::create_dir_all(dir)?;
+        let ca = LocalCa::new("sluice storage test CA")?;
+        let ca_file = dir.join("storage-ca.pem");
+        std::fs::write(&ca_file, ca.pem())?;
+        let (cert, key) = ca.issue_server(&["localhost", "127.0.0.1"])?;
+        let (cert_file, key_file) = (dir.join("storage-server.crt"), dir.join("storage-server.key"));
+        std::fs::write(&cert_file, cert)?;
+        crate::private_fs::write_private(&key_file, key.as_bytes())?;
+        let opts = PgOpts { max_connections, tls: Some((cert_file, key_file)) };
+        let pg = Postgres::start_opts(&dir.join("pg"), opts)?;
+        // The role may log in only over TLS; other roles (an emulator's backend login) keep
+        // plain SCRAM on loopback.
+        let hba = "local all all trust\n\
+                   hostssl sluice sluice 127.0.0.1/32 scram-sha-256\n\
+                   host all sluice 0.0.0.0/0 reject\n\
+                   host all all 127.0.0.1/32 scram-sha-256\n";
+        std::fs::write(pg.dir.join("data").join("pg_hba.conf"), hba)?;
+        pg.psql("postgres", "select pg_reload_conf()")?;
+        let password = random_secret(18);
+        pg.create_user_and_db("sluice", &password, "sluice")?;
+        let password_file = dir.join("storage-password");
+        crate::private_fs::write_private(&password_file, format!("{password}\n").as_bytes())?;
+        let conn_string = format!(
+            "host=localhost port={} dbname=sluice user=sluice sslmode=verify-full sslrootcert={}",
+            pg.port,
+            ca_file.display()
+        );
+        Ok(StoragePostgres { pg, conn_string, password_file, ca_file, ca, dir: dir.to_path_buf() })
+    }
+
+    /// `auth_service.storage` for this database, logging in with the password file.
+    pub fn storage(&self) -> crate::pgconn::PgStorage {
+        crate::pgconn::PgStorage {
+            conn_string: self.conn_string.clone(),
+            password_file: Some(self.password_file.clone()),
+            aws_iam: None,
+            pool_size: 10,
+        }
+    }
+
+    /// `auth_service.storage` on this database with the password file, sealing the CA key
+    /// under the KEK file `kek` (a small pool: tests start several nodes).
+    pub fn storage_config(&self, kek: &Path) -> crate::config::StorageConfig {
+        crate::config::StorageConfig::Postgres(crate::config::PostgresStorage {
+            conn_string: self.conn_string.clone(),
+            password_file: Some(self.password_file.clone()),
+            aws_iam: None,
+            pool_size: 4,
+            kek: crate::kek::KekConfig { file: Some(kek.to_path_buf()), aws_kms: None },
+            previous_keks: Vec::new(),
+        })
+    }
+
+    /// A validated auth-server config with `data_dir` and [`StoragePostgres::storage_config`] (for
+    /// opening the shared state as a library, as an auth node or admin verb does).
+    pub fn config(&self, data_dir: &Path, kek: &Path) -> Result<crate::config::Config> {
+        let mut cfg: crate::config::Config = crate::config::from_yaml(&format!("data_dir: {}\n", data_dir.display()))
+            .map_err(|e| DemoError::Parse(e.to_string()))?;
+        cfg.auth_service.storage = self.storage_config(kek);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Changes role `sluice`'s password in PostgreSQL and then in the password file (replaced
+    /// atomically, as a secrets agent would), returning the new password.
+    pub fn rotate_password(&self) -> Result<String> {
+        let password = random_secret(18);
+        self.pg.psql("postgres", &format!("ALTER ROLE sluice PASSWORD '{password}'"))?;
+        let tmp = self.dir.join("storage-password.new");
+        crate::private_fs::write_private(&tmp, format!("{password}\n").as_bytes())?;
+        std::fs::rename(&tmp, &self.password_file)?;
+        Ok(password)
+    }
 }

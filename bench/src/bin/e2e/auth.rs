@@ -10,7 +10,7 @@
 //! interleaved like the data-path matrix (every setup for one operation, then the next operation,
 //! then the next round, the setup order rotated each round) and the report gives medians.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,48 +60,12 @@ impl Op {
 // The storage PostgreSQL
 // ---------------------------------------------------------------------------------------------
 
-/// The second PostgreSQL, holding the auth state (see the module doc for how it is set up).
-struct StorageDb {
-    pg: demo::Postgres,
-    conn_string: String,
-    password_file: PathBuf,
-}
+/// The second PostgreSQL, holding the auth state (see the module doc for how it is set up):
+/// the same setup the integration tests use.
+type StorageDb = demo::StoragePostgres;
 
 fn start_storage(dir: &Path) -> Result<StorageDb> {
-    std::fs::create_dir_all(dir)?;
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "sluice bench storage CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
-    let ca_file = dir.join("storage-ca.pem");
-    std::fs::write(&ca_file, ca_params.self_signed(&ca_key)?.pem())?;
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = params.signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
-    let (cert_file, key_file) = (dir.join("storage-server.crt"), dir.join("storage-server.key"));
-    std::fs::write(&cert_file, cert.pem())?;
-    sluice_control::private_fs::write_private(&key_file, key.serialize_pem().as_bytes())?;
-    let opts = demo::PgOpts { max_connections: None, tls: Some((cert_file, key_file)) };
-    let pg = demo::Postgres::start_opts(&dir.join("pg"), opts).context("starting the storage PostgreSQL")?;
-    // Role `sluice` may log in only over TLS, with its SCRAM password.
-    let hba = "local all all trust\n\
-               hostssl sluice sluice 127.0.0.1/32 scram-sha-256\n\
-               host all all 0.0.0.0/0 reject\n";
-    std::fs::write(pg.dir.join("data").join("pg_hba.conf"), hba)?;
-    pg.psql("postgres", "select pg_reload_conf()")?;
-    let password = random_secret(18);
-    pg.create_user_and_db("sluice", &password, "sluice")?;
-    let password_file = dir.join("storage-password");
-    sluice_control::private_fs::write_private(&password_file, format!("{password}\n").as_bytes())?;
-    let conn_string = format!(
-        "host=localhost port={} dbname=sluice user=sluice sslmode=verify-full sslrootcert={}",
-        pg.port,
-        ca_file.display()
-    );
-    Ok(StorageDb { pg, conn_string, password_file })
+    demo::StoragePostgres::start(dir).context("starting the storage PostgreSQL")
 }
 
 /// The postmaster's pid, from `postmaster.pid`.
