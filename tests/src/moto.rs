@@ -30,6 +30,19 @@ pub fn moto_available() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a test that needs moto should skip: `true` (with a note) when moto is missing, and a
+/// panic under `CI=true`, where a missing moto is a broken setup, not a reason to pass.
+pub fn skip_without_moto() -> bool {
+    if moto_available() {
+        return false;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but python3 cannot import moto (run scripts/setup)");
+    }
+    eprintln!("SKIP: python3 cannot import moto (run scripts/setup)");
+    true
+}
+
 impl Moto {
     /// Starts the wrapper; `page_size` forces small DescribeDBProxies/Endpoints pages.
     pub fn start(dir: &Path, page_size: usize) -> Result<Moto> {

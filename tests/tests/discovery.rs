@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use sluice_tests::moto::{aws_env, moto_available, spawn_control, start_emulator_for, Moto};
+use sluice_tests::moto::{aws_env, skip_without_moto, spawn_control, start_emulator_for, Moto};
 use sluice_tests::sluice_control::config::Config;
 use sluice_tests::sluice_control::demo::{find_bin, AwsCreds};
 use sluice_tests::{check_output, parse_env_exports, psql, role, tail, wait_until, Harness, TestDir};
@@ -21,18 +21,6 @@ const ACCOUNT: &str = "123456789012";
 /// The tests here run one at a time: a moto server binding port 0 in one could take a port the
 /// other's stack picked with `free_port` but has not bound yet.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn skip_without_moto() -> bool {
-    if moto_available() {
-        return false;
-    }
-    // In CI a missing moto is a broken setup, not a reason to pass.
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but python3 cannot import moto (run scripts/setup)");
-    }
-    eprintln!("SKIP: python3 cannot import moto (run scripts/setup)");
-    true
-}
 
 fn control_cli(cfg_path: &std::path::Path, moto: &Moto, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(find_bin("control").unwrap());

@@ -9,25 +9,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice_tests::moto::{aws_env, moto_available, spawn_control, Moto};
+use sluice_tests::moto::{aws_env, skip_without_moto, spawn_control, Moto};
 use sluice_tests::sluice_control::config::{Config, StorageConfig};
 use sluice_tests::sluice_control::demo::{find_bin, AwsCreds, ControlProc};
 use sluice_tests::{scrape, tail, wait_until, StoragePg, TestDir};
 
 const POLL: Duration = Duration::from_secs(2);
 const REGIONS: [&str; 2] = ["us-west-2", "eu-west-1"];
-
-fn skip_without_moto() -> bool {
-    if moto_available() {
-        return false;
-    }
-    // In CI a missing moto is a broken setup, not a reason to pass.
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but python3 cannot import moto (run scripts/setup)");
-    }
-    eprintln!("SKIP: python3 cannot import moto (run scripts/setup)");
-    true
-}
 
 /// An auth node on the shared storage with the shared matcher, AWS pointed at moto.
 fn auth_node(dir: &Path, storage: &StorageConfig, discovery: &serde_json::Value, moto: &Moto) -> ControlProc {

@@ -7,24 +7,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use sluice_tests::moto::{moto_available, Moto};
+use sluice_tests::moto::{skip_without_moto, Moto};
 use sluice_tests::sluice_control::demo::find_bin;
 use sluice_tests::sluice_control::kek::{self, Kek, KekConfig, KekError, KeyRing, KmsConfig, SealedKey, Wrap};
 use sluice_tests::TestDir;
 
 const PEM: &[u8] = b"-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgnot-a-real-key\n-----END PRIVATE KEY-----\n";
-
-fn skip_without_moto() -> bool {
-    if moto_available() {
-        return false;
-    }
-    // In CI a missing moto is a broken setup, not a reason to pass.
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but python3 cannot import moto (run scripts/setup)");
-    }
-    eprintln!("SKIP: python3 cannot import moto (run scripts/setup)");
-    true
-}
 
 #[test]
 fn control_storage_kek_generate() {
