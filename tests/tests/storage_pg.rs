@@ -312,14 +312,25 @@ fn a_sqlite_control_moves_to_postgres() {
 
 /// Sends `sig` to every process of the storage PostgreSQL (the postmaster and its children):
 /// SIGSTOP freezes it with its sockets open, as a hung or partitioned database looks.
-fn signal_storage(pg: &StoragePg, sig: &str) {
-    let pid = std::fs::read_to_string(pg.pg.dir.join("data").join("postmaster.pid")).unwrap();
-    let pid = pid.lines().next().unwrap().trim().to_owned();
-    let children = std::process::Command::new("pgrep").args(["-P", &pid]).output().unwrap();
-    let mut pids = vec![pid];
-    pids.extend(String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_owned));
-    let st = std::process::Command::new("kill").arg(format!("-{sig}")).args(&pids).status().unwrap();
-    assert!(st.success(), "kill -{sig} {pids:?}");
+fn signal_storage(pg: &StoragePg, sig: nix::sys::signal::Signal) {
+    let text = std::fs::read_to_string(pg.pg.dir.join("data").join("postmaster.pid")).unwrap();
+    let postmaster: i32 = text.lines().next().unwrap().trim().parse().unwrap();
+    // The postmaster's children, from /proc (the 4th field of /proc/PID/stat is the parent).
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.get(stat.rfind(')')? + 1..)?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+            if parent(pid) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+    }
+    for pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
 }
 
 /// An auth node whose shared storage hangs keeps serving from its snapshot (a handshake reads no
@@ -336,7 +347,7 @@ fn an_auth_node_rides_out_a_storage_outage() {
         |c: &sluice_tests::Connected| -> i32 { rt.block_on(c.client.query_one("select 7", &[])).unwrap().get(0) };
     let live = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
     assert_eq!(select(&live), 7);
-    signal_storage(&pg, "STOP");
+    signal_storage(&pg, nix::sys::signal::Signal::SIGSTOP);
     let stopped = Instant::now();
     // Within the limit: admitted from the snapshot.
     std::thread::sleep(Duration::from_secs(1));
@@ -351,7 +362,7 @@ fn an_auth_node_rides_out_a_storage_outage() {
     };
     assert!(refused.contains("57P03") && refused.contains("shared storage"), "{refused}");
     assert_eq!(select(&live), 7, "the live session ended in the outage");
-    signal_storage(&pg, "CONT");
+    signal_storage(&pg, nix::sys::signal::Signal::SIGCONT);
     wait_for("sessions admitted again", Duration::from_secs(10), || {
         rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).is_ok()
     });
