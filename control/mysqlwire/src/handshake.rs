@@ -535,6 +535,40 @@ mod tests {
         assert_eq!(ClientHello::decode(&no_ssl), Err(malformed("SSLRequest without CLIENT_SSL")));
     }
 
+    /// The examples of the MySQL source documentation (Protocol::HandshakeV10 and
+    /// Protocol::HandshakeResponse41 pages), transcribed: an old-style greeting without
+    /// CLIENT_PLUGIN_AUTH (so the scramble length is not sent) and a response with a 1-byte
+    /// auth response length.
+    #[test]
+    fn mysql_documentation_examples() {
+        let greeting = "360000000a352e352e322d6d320052000000223d4e5029753956\
+                        00ffff0802000000000000000000000000000029644052\
+                        5c55787a7c21294b00";
+        let p = packet(greeting);
+        let h = Handshake::decode(&p.payload).unwrap();
+        assert_eq!(h.server_version, "5.5.2-m2");
+        assert_eq!(h.connection_id, 0x52);
+        assert_eq!(h.auth_plugin_data, b"\"=NP)u9V)d@R\\Uxz|!)K");
+        assert_eq!(h.capabilities, CapabilityFlags::from_bits(0xffff));
+        assert_eq!(h.auth_plugin_name, None);
+        assert_eq!(framed(0, |o| h.encode(o)), hex(greeting));
+
+        let response = "540000018da60f0000000001080000000000000000000000000000000000000000000000\
+                        70616d0014ab09eef6bcb1323e61143865c0991d957d75d4477465737400\
+                        6d7973716c5f6e61746976655f70617373776f726400";
+        let r = HandshakeResponse::decode(&packet(response).payload).unwrap();
+        assert_eq!(r.capabilities, CapabilityFlags::from_bits(0x000f_a68d));
+        assert_eq!((r.max_packet_size, r.charset), (1 << 24, 8));
+        assert_eq!(r.username, "pam");
+        assert_eq!(r.auth_response, hex("ab09eef6bcb1323e61143865c0991d957d75d447"));
+        assert_eq!(r.database.as_deref(), Some("test"));
+        assert_eq!(r.auth_plugin_name.as_deref(), Some(NATIVE_PASSWORD_PLUGIN));
+        assert!(r.connect_attrs.is_empty());
+        let mut out = BytesMut::new();
+        PacketEncoder::new(1).try_write_with(&mut out, |o| r.encode(o)).unwrap();
+        assert_eq!(out.to_vec(), hex(response));
+    }
+
     #[test]
     fn greeting_refusals() {
         let p = packet(captures::GREETING).payload.to_vec();
