@@ -450,7 +450,7 @@ pub fn decode_clear_password(data: &[u8]) -> Result<&[u8], Error> {
 mod tests {
     use super::*;
     use crate::captures::{self, hex};
-    use crate::{Packet, PacketDecoder, PacketEncoder, PRE_AUTH_MAX_PAYLOAD};
+    use crate::{AuthReply, Packet, PacketDecoder, PacketEncoder, PRE_AUTH_MAX_PAYLOAD};
     use proptest::prelude::*;
 
     fn packet(h: &str) -> Packet {
@@ -533,6 +533,34 @@ mod tests {
         no_ssl[1] &= !0x08;
         assert_eq!(SslRequest::decode(&no_ssl), Err(malformed("SSLRequest without CLIENT_SSL")));
         assert_eq!(ClientHello::decode(&no_ssl), Err(malformed("SSLRequest without CLIENT_SSL")));
+    }
+
+    #[test]
+    fn mariadb_clear_password_then_auth_switch() {
+        let greeting = Handshake::decode(&packet(captures::CLEAR_GREETING).payload).unwrap();
+        let p = packet(captures::CLEAR_RESPONSE);
+        let r = HandshakeResponse::decode(&p.payload).unwrap();
+        assert_eq!(r.auth_plugin_name.as_deref(), Some(CLEAR_PASSWORD_PLUGIN));
+        assert_eq!(decode_clear_password(&r.auth_response), Ok(&b"secret"[..]));
+
+        let sw = packet(captures::SWITCH_TO_NATIVE);
+        assert_eq!(sw.seq, p.reply_seq());
+        let caps = greeting.capabilities & r.capabilities;
+        let AuthReply::Switch(req) = AuthReply::decode(&sw.payload, caps).unwrap() else { panic!("not a switch") };
+        assert_eq!(req.plugin_name, NATIVE_PASSWORD_PLUGIN);
+        // The server sends the greeting's scramble again.
+        assert_eq!(req.scramble(), &greeting.auth_plugin_data[..]);
+        assert_eq!(framed(sw.seq, |o| req.encode(o)), hex(captures::SWITCH_TO_NATIVE));
+
+        let resp = packet(captures::SWITCH_RESPONSE);
+        assert_eq!(resp.seq, sw.reply_seq());
+        let data = AuthSwitchResponse::decode(&resp.payload).unwrap();
+        assert_eq!(data.data.len(), 20);
+        assert_eq!(framed(resp.seq, |o| data.encode(o)), hex(captures::SWITCH_RESPONSE));
+
+        let ok = packet(captures::SWITCH_OK);
+        assert_eq!(ok.seq, resp.reply_seq());
+        assert!(matches!(AuthReply::decode(&ok.payload, caps), Ok(AuthReply::Ok(_))));
     }
 
     /// The examples of the MySQL source documentation (Protocol::HandshakeV10 and

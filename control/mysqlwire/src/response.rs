@@ -53,8 +53,12 @@ impl OkPacket {
             out.put_u16_le(self.status.bits());
         }
         if caps.contains(CapabilityFlags::SESSION_TRACK) {
-            put_lenenc_bytes(out, self.info.as_bytes());
-            if self.status.contains(StatusFlags::SESSION_STATE_CHANGED) {
+            // As servers do: both fields are left off when there is nothing to say.
+            let state_changed = self.status.contains(StatusFlags::SESSION_STATE_CHANGED);
+            if state_changed || !self.info.is_empty() {
+                put_lenenc_bytes(out, self.info.as_bytes());
+            }
+            if state_changed {
                 put_lenenc_bytes(out, &self.session_state_info);
             }
         } else {
@@ -314,6 +318,24 @@ mod tests {
         assert_eq!(parse_kill(sql), Ok(Kill { kind: KillKind::Query, id: 99 }));
         let (_, p) = payload(captures::QUIT);
         assert_eq!(Command::parse(&p, agreed()), Ok(Command::Quit));
+    }
+
+    #[test]
+    fn mariadb_ok_and_eof() {
+        let (seq, p) = payload(captures::SWITCH_OK);
+        assert_eq!(seq, 4);
+        let ok = OkPacket::decode(&p, agreed()).unwrap();
+        assert_eq!(ok, OkPacket { status: StatusFlags::AUTOCOMMIT, ..Default::default() });
+        let mut out = BytesMut::new();
+        PacketEncoder::new(seq).write_with(&mut out, |o| ok.encode(agreed(), o));
+        assert_eq!(out.to_vec(), hex(captures::SWITCH_OK));
+
+        let (seq, p) = payload(captures::EOF);
+        let eof = EofPacket::decode(&p, agreed()).unwrap();
+        assert_eq!(eof, EofPacket { warnings: 0, status: StatusFlags::AUTOCOMMIT });
+        let mut out = BytesMut::new();
+        PacketEncoder::new(seq).write_with(&mut out, |o| eof.encode(agreed(), o));
+        assert_eq!(out.to_vec(), hex(captures::EOF));
     }
 
     #[test]
