@@ -160,6 +160,9 @@ mod tests {
             b"KILLQUERY 1",
             b"KILL QUERYS 1",
             b"KILL HARD QUERY 1",
+            // MariaDB: a query id, not a connection id.
+            b"KILL QUERY ID 1",
+            b"KILL USER app",
             b"SELECT 1",
             b"KILL QUERY 1; DROP TABLE t",
             "KILL QUERY \u{0661}".as_bytes(),

@@ -41,7 +41,8 @@ pub struct Handshake {
     /// The scramble, parts 1 and 2 together without part 2's terminating NUL: 20 bytes from
     /// real servers. Encoding writes at least 8 (zero-padded); without CLIENT_SECURE_CONNECTION
     /// only the first 8 travel, and without CLIENT_PLUGIN_AUTH the length is not sent, so 20 is
-    /// assumed on decoding.
+    /// assumed on decoding. Servers generate it from printable bytes with no NUL (some clients
+    /// copy it as a C string), and so should a server-side user of this type.
     pub auth_plugin_data: Vec<u8>,
     pub capabilities: CapabilityFlags,
     pub charset: u8,
