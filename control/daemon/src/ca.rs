@@ -3,7 +3,9 @@
 //! The CA signs control's server certificates and the short-lived client certificates that
 //! `sluice db login` fetches. Like Teleport's RouteToDatabase, a client certificate carries the
 //! user's identity *and* the database route (service, database user, database name) in a private
-//! X.509 extension, so a stock libpq client needs nothing but `sslcert`/`sslkey`.
+//! X.509 extension, so a stock libpq client needs nothing but `sslcert`/`sslkey`. It also signs
+//! the certificates with which Sluice itself logs in to self-hosted PostgreSQL (`auth: cert`)
+//! and those databases' server certificates (`control auth sign --format=db`).
 
 use std::time::Duration;
 
@@ -134,6 +136,46 @@ impl CertAuthority {
         let cert = params.signed_by(&key, &self.issuer()?)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+    }
+
+    /// A server certificate for another program (a self-hosted PostgreSQL), as PEM: the leaf
+    /// and this CA's certificate after it, and a fresh key (PKCS#8).
+    pub fn issue_server_pem(&self, names: &[String], ttl: Duration) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = subject_alt_names(names)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "sluice".into()));
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + ttl;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
+    }
+
+    /// A client certificate with which Sluice logs in to a database as `db_user` (PostgreSQL's
+    /// `cert` authentication maps the Common Name to the role), over a fresh P-256 key, valid
+    /// from a minute ago (clock skew) for `ttl`. It carries no Sluice identity, so Sluice's own
+    /// listener refuses it like a host certificate.
+    pub fn issue_db_client(
+        &self,
+        db_user: &str,
+        ttl: Duration,
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, db_user);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + ttl;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
     }
 
     /// A client certificate for `identity`, over a public key the client generated (PEM SPKI).
@@ -296,6 +338,19 @@ mod tests {
         assert_eq!(identity_from_cert(&der).unwrap(), id);
         let reloaded = CertAuthority::from_pem(&ca.cert_pem, &ca.key_pem()).unwrap();
         assert_eq!(reloaded.pin().unwrap(), ca.pin().unwrap());
+    }
+
+    #[test]
+    fn db_client_cert_names_the_db_user_and_is_no_sluice_identity() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let (der, _) = ca.issue_db_client("app_user", Duration::from_secs(600)).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cn: Vec<_> = cert.subject().iter_common_name().map(|c| c.as_str().unwrap().to_owned()).collect();
+        assert_eq!(cn, ["app_user"]);
+        let left = not_after(&der).unwrap() - OffsetDateTime::now_utc();
+        assert!(left > time::Duration::minutes(9) && left <= time::Duration::minutes(10), "{left}");
+        assert!(matches!(identity_from_cert(&der), Err(CaError::NoIdentity)));
+        assert!(matches!(host_identity_from_cert(&der), Err(CaError::NoIdentity)));
     }
 
     #[test]
