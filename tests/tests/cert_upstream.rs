@@ -204,6 +204,7 @@ fn cert_auth_upstream_logs_in_as_the_db_user_and_refuses_what_it_should() {
     assert_eq!(db.code(), &SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, "{db:?}");
     let msg = db.message().to_lowercase();
     assert!(msg.contains("tls") && msg.contains("not valid for name"), "{db:?}");
+    assert!(msg.contains("db.elsewhere.example") && msg.contains("auth sign"), "{db:?}");
     assert!(s.dataplane.is_none());
 }
 

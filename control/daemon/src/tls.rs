@@ -440,6 +440,16 @@ mod tests {
         assert!(!server.client_auth_cert_resolver.has_certs());
         // IAM databases present nothing either.
         assert!(!tls.session_config(&spec(UpstreamAuth::Iam), "app").unwrap().client_auth_cert_resolver.has_certs());
+        // Renewed in the first handshake past the renewal age, then kept again.
+        let aged = DbClientCert::issue(ca, "app".into()).unwrap();
+        let first = aged.resolve(&[], &[]).unwrap();
+        {
+            let mut cur = aged.current.write().unwrap();
+            cur.1 = Instant::now().checked_sub(DB_CLIENT_CERT_RENEW + Duration::from_secs(1)).unwrap();
+        }
+        let renewed = aged.resolve(&[], &[]).unwrap();
+        assert_ne!(first.cert[0], renewed.cert[0]);
+        assert_eq!(aged.resolve(&[], &[]).unwrap().cert[0], renewed.cert[0]);
         let agent = UpstreamTls::default();
         assert!(matches!(agent.session_config(&cert, "app"), Err(TlsError::NoCaKey)));
     }

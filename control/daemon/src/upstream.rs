@@ -143,7 +143,8 @@ async fn connect_tls(
         if message.contains("NotValidForName") || message.contains("not valid for name") {
             message.push_str(
                 " (a certificate that relies on the legacy Common Name field instead of SANs is not accepted; \
-                 rotate the RDS certificate, or set tls.server_name for custom endpoints)",
+                 rotate the RDS certificate, or set tls.server_name for custom endpoints; a self-hosted \
+                 server's certificate must name the uri's host: control auth sign --format=db --host)",
             );
         }
         UpstreamError::Tls { addr, message }
