@@ -115,12 +115,15 @@ fn start(name: &str, with_dataplane: bool) -> CertStack {
 impl CertStack {
     /// Alice's Sluice client certificate for `service` as `db_user` on `appdb`.
     fn cert(&self, service: &str, db_user: &str) -> ClientCert {
+        self.cert_for(&route_identity("alice", service, db_user, "appdb"))
+    }
+
+    fn cert_for(&self, id: &sluice_tests::sluice_control::ca::Identity) -> ClientCert {
         let key = rcgen::KeyPair::generate().unwrap();
         let now = OffsetDateTime::now_utc();
-        let id = route_identity("alice", service, db_user, "appdb");
         let cert_pem = self
             .ca
-            .issue_client(&id, &key.public_key_pem(), now - time::Duration::minutes(1), now + time::Duration::hours(1))
+            .issue_client(id, &key.public_key_pem(), now - time::Duration::minutes(1), now + time::Duration::hours(1))
             .unwrap();
         ClientCert { cert_pem, key_pem: key.serialize_pem() }
     }
@@ -137,16 +140,19 @@ async fn check_session(c: &sluice_tests::Connected) {
     let row = c
         .client
         .query_one(
-            "select current_user::text, s.ssl, s.client_dn from pg_stat_ssl s where s.pid = pg_backend_pid()",
+            "select current_user::text, s.ssl, s.client_dn, s.issuer_dn from pg_stat_ssl s \
+             where s.pid = pg_backend_pid()",
             &[],
         )
         .await
         .unwrap();
-    let (user, ssl, dn): (String, bool, Option<String>) = (row.get(0), row.get(1), row.get(2));
+    let (user, ssl, dn, issuer): (String, bool, Option<String>, Option<String>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!(user, "app_user");
     assert!(ssl, "the upstream leg is not TLS");
     let dn = dn.expect("PostgreSQL saw no client certificate");
     assert_eq!(dn.trim_start_matches('/'), "CN=app_user", "client DN {dn:?}");
+    assert!(issuer.as_deref().unwrap_or_default().contains("Sluice database CA"), "issuer {issuer:?}");
 }
 
 #[test]
@@ -162,11 +168,20 @@ fn cert_auth_upstream_logs_in_as_the_db_user_and_refuses_what_it_should() {
     }
     let rt = runtime().unwrap();
 
-    // Straight to PostgreSQL without a client certificate: refused, so what gets through Sluice
-    // below got through on Sluice's certificate.
-    let direct_tls = client_config_from_pem(&s.ca_pem, None).unwrap();
+    // Straight to PostgreSQL (trusting its server certificate) without a client certificate:
+    // PostgreSQL refuses, so what gets through Sluice below got through on Sluice's certificate.
+    let db_ca_pem = std::fs::read_to_string(format!("{}.cas", s.files.display())).unwrap();
+    assert_ne!(db_ca_pem, s.ca_pem, "the database CA is Sluice's user CA");
+    let direct_tls = client_config_from_pem(&db_ca_pem, None).unwrap();
     let err = rt.block_on(connect(s.postgres.port, "app_user", "appdb", direct_tls)).err().expect("direct login");
-    assert!(err.to_string().contains("certificate") || format!("{err:?}").contains("certificate"), "{err:?}");
+    let db = err.as_db_error().unwrap_or_else(|| panic!("not PostgreSQL's refusal: {err:?}"));
+    assert!(db.message().contains("requires a valid client certificate"), "{db:?}");
+    // A user's own Sluice certificate whose Common Name is a database role does not get in
+    // directly either: it chains to Sluice's user CA, which PostgreSQL does not trust.
+    let own = s.cert_for(&route_identity("app_user", "selfhosted", "app_user", "appdb"));
+    let direct_tls = client_config_from_pem(&db_ca_pem, Some(&own)).unwrap();
+    let err = rt.block_on(connect(s.postgres.port, "app_user", "appdb", direct_tls)).err().expect("bypass login");
+    assert!(err.as_db_error().is_none(), "refused only after the TLS handshake: {err:?}");
 
     let c = rt.block_on(s.connect("selfhosted", "app_user")).unwrap();
     rt.block_on(check_session(&c));

@@ -138,6 +138,44 @@ impl CertAuthority {
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
     }
 
+    /// The database CA: signs the certificates with which Sluice logs in to self-hosted
+    /// PostgreSQL and those servers' certificates, and is all that their `ssl_ca_file` trusts.
+    /// It is not this CA because a user's own Sluice certificate (its Common Name the Sluice
+    /// user name) must not log in to such a server directly, past Sluice. Its Ed25519 key is
+    /// derived from this CA's key (HKDF-SHA256), so every auth node, and every start, has the
+    /// same one without storing a second key: any certificate of it with the same subject and
+    /// key is the same trust anchor.
+    pub fn derive_db_ca(&self) -> Result<CertAuthority, CaError> {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"sluice database CA");
+        let prk = salt.extract(&self.key.serialize_der());
+        let mut seed = [0u8; 32];
+        prk.expand(&[b"ed25519 key v1"], ring::hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut seed))
+            .map_err(|_| CaError::Parse("deriving the database CA key".into()))?;
+        // PKCS#8 v1 of an Ed25519 private key (RFC 8410): a fixed header, then the seed.
+        let mut pkcs8 =
+            vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+        pkcs8.extend_from_slice(&seed);
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(pkcs8), &rcgen::PKCS_ED25519)?;
+        let (_, root) =
+            x509_parser::parse_x509_certificate(&self.cert_der).map_err(|e| CaError::Parse(e.to_string()))?;
+        let org =
+            root.subject().iter_organization().next().and_then(|o| o.as_str().ok()).unwrap_or("sluice").to_owned();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{org} Sluice database CA"));
+        dn.push(DnType::OrganizationName, org);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        // Validity from the root's, so the same on every node.
+        params.not_before = root.validity().not_before.to_datetime();
+        params.not_after = root.validity().not_after.to_datetime();
+        let cert = params.self_signed(&key)?;
+        Ok(CertAuthority { cert_pem: cert.pem(), cert_der: cert.der().clone(), key })
+    }
+
     /// A server certificate for another program (a self-hosted PostgreSQL), as PEM: the leaf
     /// and this CA's certificate after it, and a fresh key (PKCS#8).
     pub fn issue_server_pem(&self, names: &[String], ttl: Duration) -> Result<(String, String), CaError> {
@@ -351,6 +389,34 @@ mod tests {
         assert!(left > time::Duration::minutes(9) && left <= time::Duration::minutes(10), "{left}");
         assert!(matches!(identity_from_cert(&der), Err(CaError::NoIdentity)));
         assert!(matches!(host_identity_from_cert(&der), Err(CaError::NoIdentity)));
+    }
+
+    /// Derived, not random: the same root gives the same database CA (key and subject), another
+    /// root another one; certificates it issues chain to it and not to the root.
+    #[test]
+    fn db_ca_is_derived_and_separate_from_the_root() {
+        let root = CertAuthority::generate("test").unwrap();
+        let db = root.derive_db_ca().unwrap();
+        let again = CertAuthority::from_pem(&root.cert_pem, &root.key_pem()).unwrap().derive_db_ca().unwrap();
+        assert_eq!(db.pin().unwrap(), again.pin().unwrap());
+        assert_eq!(db.cert_der, again.cert_der, "Ed25519 signatures are deterministic");
+        assert_ne!(db.pin().unwrap(), root.pin().unwrap());
+        assert_ne!(db.pin().unwrap(), CertAuthority::generate("test").unwrap().derive_db_ca().unwrap().pin().unwrap());
+        let (leaf, _) = again.issue_db_client("app", Duration::from_secs(60)).unwrap();
+        let verify = |anchor: &CertAuthority| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(anchor.cert_der.clone()).unwrap();
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                crate::tls::provider(),
+            )
+            .build()
+            .unwrap()
+            .verify_client_cert(&leaf, &[], rustls_pki_types::UnixTime::now())
+            .is_ok()
+        };
+        assert!(verify(&db));
+        assert!(!verify(&root));
     }
 
     #[test]

@@ -82,7 +82,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum AuthCmd {
     /// `--format=db`: a server certificate and key for a self-hosted PostgreSQL that Sluice
-    /// logs in to with `auth: cert`, and Sluice's CA for its `ssl_ca_file` (as `tctl auth sign
+    /// logs in to with `auth: cert`, and Sluice's database CA for its `ssl_ca_file` (as `tctl auth sign
     /// --format=db`): writes PREFIX.crt, PREFIX.key and PREFIX.cas.
     Sign {
         #[arg(long)]
@@ -684,7 +684,7 @@ fn main() -> Result<()> {
             let cfg = load_config(&cli.config)?;
             let state = open_state(&cfg)?;
             let ca = state.ensure_ca(&cfg.auth_service.cluster_name)?;
-            sign_db_server(&ca, &host, &out, ttl)
+            sign_db_server(&ca.derive_db_ca()?, &host, &out, ttl)
         }
         Cmd::Tokens(cmd) => {
             let cfg = load_config(&cli.config)?;
@@ -1387,9 +1387,10 @@ fn run_demo(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `control auth sign --format=db`: the server certificate (with Sluice's CA after it, so a
-/// client that trusts the CA can build the chain), its key (0600) and the CA that PostgreSQL
-/// checks Sluice's client certificates against.
+/// `control auth sign --format=db`: the server certificate (with the database CA after it, so
+/// a client that trusts the CA can build the chain), its key (0600) and the database CA, which
+/// PostgreSQL checks Sluice's client certificates against (users' own certificates do not chain
+/// to it).
 fn sign_db_server(ca: &sluice_control::ca::CertAuthority, hosts: &[String], out: &Path, ttl: Duration) -> Result<()> {
     let hosts: Vec<String> = hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
     if hosts.is_empty() {

@@ -2,7 +2,7 @@
 //! required, from Sluice's CA), the client API listener (server-only), the cluster API (agents
 //! present host certificates; joining ones present none), and the upstream leg to RDS Proxy
 //! (verify-full against the system roots plus an optional per-database CA, or against Sluice's
-//! CA alone for `auth: cert`, which presents a client certificate). An agent's host
+//! database CA alone for `auth: cert`, which presents a client certificate). An agent's host
 //! certificate is a [`ReloadableCert`], renewed in place while listeners and clients use it.
 
 use std::collections::HashMap;
@@ -33,7 +33,7 @@ pub enum TlsError {
     #[error("reading CA file {path}: {message}")]
     CaFile { path: PathBuf, message: String },
     #[error(
-        "auth: cert needs Sluice's CA key to sign the client certificate, and only the auth server \
+        "auth: cert needs Sluice's database CA to sign the client certificate, and only the auth server \
          holds it: serve this database from the auth server"
     )]
     NoCaKey,
@@ -249,8 +249,8 @@ impl ResolvesClientCert for ReloadableCert {
 enum Roots {
     /// The system roots plus an optional CA file.
     System(Option<PathBuf>),
-    /// Sluice's CA alone: `auth: cert` with no `tls.ca_cert_file`, a server certificate from
-    /// `control auth sign --format=db`.
+    /// Sluice's database CA alone: `auth: cert` with no `tls.ca_cert_file`, a server
+    /// certificate from `control auth sign --format=db`.
     SluiceCa,
 }
 
@@ -270,7 +270,8 @@ impl Roots {
 pub struct UpstreamTls {
     configs: Mutex<HashMap<Roots, Arc<ClientConfig>>>,
     cert_configs: Mutex<HashMap<(Roots, String), Arc<ClientConfig>>>,
-    /// Signs the `auth: cert` client certificates; only the auth server holds it.
+    /// The database CA ([`CertAuthority::derive_db_ca`]): signs the `auth: cert` client
+    /// certificates; only the auth server holds it.
     ca: Option<Arc<CertAuthority>>,
 }
 
@@ -280,7 +281,8 @@ const DB_CLIENT_CERT_TTL: Duration = Duration::from_secs(10 * 60);
 const DB_CLIENT_CERT_RENEW: Duration = Duration::from_secs(5 * 60);
 
 impl UpstreamTls {
-    /// Upstream configs that can also sign `auth: cert` client certificates with `ca`.
+    /// Upstream configs that can also sign `auth: cert` client certificates with `ca` (the
+    /// database CA).
     pub fn with_ca(ca: Arc<CertAuthority>) -> Self {
         UpstreamTls { ca: Some(ca), ..Default::default() }
     }

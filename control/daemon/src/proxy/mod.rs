@@ -111,7 +111,8 @@ impl ProxyContext {
         }
     }
 
-    /// Upstream TLS that can sign `auth: cert` client certificates with `ca` (the auth server's).
+    /// Upstream TLS that can sign `auth: cert` client certificates with `ca` (the auth server's
+    /// database CA).
     pub fn with_upstream_ca(mut self, ca: Arc<crate::ca::CertAuthority>) -> Self {
         self.upstream_tls = Arc::new(UpstreamTls::with_ca(ca));
         self
