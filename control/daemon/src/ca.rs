@@ -3,7 +3,9 @@
 //! The CA signs control's server certificates and the short-lived client certificates that
 //! `sluice db login` fetches. Like Teleport's RouteToDatabase, a client certificate carries the
 //! user's identity *and* the database route (service, database user, database name) in a private
-//! X.509 extension, so a stock libpq client needs nothing but `sslcert`/`sslkey`.
+//! X.509 extension, so a stock libpq client needs nothing but `sslcert`/`sslkey`. It also signs
+//! the certificates with which Sluice itself logs in to self-hosted PostgreSQL (`auth: cert`)
+//! and those databases' server certificates (`control auth sign --format=db`).
 
 use std::time::Duration;
 
@@ -134,6 +136,84 @@ impl CertAuthority {
         let cert = params.signed_by(&key, &self.issuer()?)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+    }
+
+    /// The database CA: signs the certificates with which Sluice logs in to self-hosted
+    /// PostgreSQL and those servers' certificates, and is all that their `ssl_ca_file` trusts.
+    /// It is not this CA because a user's own Sluice certificate (its Common Name the Sluice
+    /// user name) must not log in to such a server directly, past Sluice. Its Ed25519 key is
+    /// derived from this CA's key (HKDF-SHA256), so every auth node, and every start, has the
+    /// same one without storing a second key: any certificate of it with the same subject and
+    /// key is the same trust anchor.
+    pub fn derive_db_ca(&self) -> Result<CertAuthority, CaError> {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"sluice database CA");
+        let prk = salt.extract(&self.key.serialize_der());
+        let mut seed = [0u8; 32];
+        prk.expand(&[b"ed25519 key v1"], ring::hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut seed))
+            .map_err(|_| CaError::Parse("deriving the database CA key".into()))?;
+        // PKCS#8 v1 of an Ed25519 private key (RFC 8410): a fixed header, then the seed.
+        let mut pkcs8 =
+            vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+        pkcs8.extend_from_slice(&seed);
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(pkcs8), &rcgen::PKCS_ED25519)?;
+        let (_, root) =
+            x509_parser::parse_x509_certificate(&self.cert_der).map_err(|e| CaError::Parse(e.to_string()))?;
+        let org =
+            root.subject().iter_organization().next().and_then(|o| o.as_str().ok()).unwrap_or("sluice").to_owned();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{org} Sluice database CA"));
+        dn.push(DnType::OrganizationName, org);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        // Validity from the root's, so the same on every node.
+        params.not_before = root.validity().not_before.to_datetime();
+        params.not_after = root.validity().not_after.to_datetime();
+        let cert = params.self_signed(&key)?;
+        Ok(CertAuthority { cert_pem: cert.pem(), cert_der: cert.der().clone(), key })
+    }
+
+    /// A server certificate for another program (a self-hosted PostgreSQL), as PEM: the leaf
+    /// and this CA's certificate after it, and a fresh key (PKCS#8).
+    pub fn issue_server_pem(&self, names: &[String], ttl: Duration) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = subject_alt_names(names)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "sluice".into()));
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + ttl;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
+    }
+
+    /// A client certificate with which Sluice logs in to a database as `db_user` (PostgreSQL's
+    /// `cert` authentication maps the Common Name to the role), over a fresh P-256 key, valid
+    /// from a minute ago (clock skew) for `ttl`. It carries no Sluice identity, so Sluice's own
+    /// listener refuses it like a host certificate.
+    pub fn issue_db_client(
+        &self,
+        db_user: &str,
+        ttl: Duration,
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, db_user);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + ttl;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
     }
 
     /// A client certificate for `identity`, over a public key the client generated (PEM SPKI).
@@ -296,6 +376,47 @@ mod tests {
         assert_eq!(identity_from_cert(&der).unwrap(), id);
         let reloaded = CertAuthority::from_pem(&ca.cert_pem, &ca.key_pem()).unwrap();
         assert_eq!(reloaded.pin().unwrap(), ca.pin().unwrap());
+    }
+
+    #[test]
+    fn db_client_cert_names_the_db_user_and_is_no_sluice_identity() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let (der, _) = ca.issue_db_client("app_user", Duration::from_secs(600)).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cn: Vec<_> = cert.subject().iter_common_name().map(|c| c.as_str().unwrap().to_owned()).collect();
+        assert_eq!(cn, ["app_user"]);
+        let left = not_after(&der).unwrap() - OffsetDateTime::now_utc();
+        assert!(left > time::Duration::minutes(9) && left <= time::Duration::minutes(10), "{left}");
+        assert!(matches!(identity_from_cert(&der), Err(CaError::NoIdentity)));
+        assert!(matches!(host_identity_from_cert(&der), Err(CaError::NoIdentity)));
+    }
+
+    /// Derived, not random: the same root gives the same database CA (key and subject), another
+    /// root another one; certificates it issues chain to it and not to the root.
+    #[test]
+    fn db_ca_is_derived_and_separate_from_the_root() {
+        let root = CertAuthority::generate("test").unwrap();
+        let db = root.derive_db_ca().unwrap();
+        let again = CertAuthority::from_pem(&root.cert_pem, &root.key_pem()).unwrap().derive_db_ca().unwrap();
+        assert_eq!(db.pin().unwrap(), again.pin().unwrap());
+        assert_eq!(db.cert_der, again.cert_der, "Ed25519 signatures are deterministic");
+        assert_ne!(db.pin().unwrap(), root.pin().unwrap());
+        assert_ne!(db.pin().unwrap(), CertAuthority::generate("test").unwrap().derive_db_ca().unwrap().pin().unwrap());
+        let (leaf, _) = again.issue_db_client("app", Duration::from_secs(60)).unwrap();
+        let verify = |anchor: &CertAuthority| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(anchor.cert_der.clone()).unwrap();
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                crate::tls::provider(),
+            )
+            .build()
+            .unwrap()
+            .verify_client_cert(&leaf, &[], rustls_pki_types::UnixTime::now())
+            .is_ok()
+        };
+        assert!(verify(&db));
+        assert!(!verify(&root));
     }
 
     #[test]

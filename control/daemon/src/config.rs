@@ -498,6 +498,29 @@ pub struct DatabaseSpec {
     /// or a local RDS Proxy emulator. The URI still names the endpoint for TLS and the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_addr: Option<String>,
+    /// How Sluice logs in to the database as the route's database user.
+    #[serde(default, skip_serializing_if = "UpstreamAuth::is_iam")]
+    pub auth: UpstreamAuth,
+}
+
+/// How Sluice authenticates to the upstream database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuth {
+    /// An RDS IAM auth token as the cleartext password (RDS Proxy, or RDS/Aurora directly).
+    #[default]
+    Iam,
+    /// A short-lived client certificate from Sluice's CA with the database user as its Common
+    /// Name, for PostgreSQL's `hostssl … cert` (self-hosted PostgreSQL; no AWS involved). Without
+    /// `tls.ca_cert_file` the server certificate must also come from Sluice's CA
+    /// (`control auth sign --format=db`).
+    Cert,
+}
+
+impl UpstreamAuth {
+    fn is_iam(&self) -> bool {
+        *self == UpstreamAuth::Iam
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -517,7 +540,8 @@ pub struct TlsSpec {
     /// Overrides the name checked in the server certificate (custom endpoints, IP URIs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
-    /// A CA added to the system roots for this database.
+    /// A CA added to the system roots for this database (for RDS/Aurora directly: the RDS
+    /// global bundle). With `auth: cert` and no file, only Sluice's CA is trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "TlsMode::is_verify_full")]
@@ -548,6 +572,11 @@ impl DatabaseSpec {
             return Err(ConfigError::Invalid(format!("protocol {:?} is not supported (postgres is)", self.protocol)));
         }
         self.host_port()?;
+        if self.auth == UpstreamAuth::Cert && self.tls.mode != TlsMode::VerifyFull {
+            return Err(ConfigError::Invalid(
+                "auth: cert needs tls.mode: verify-full (the certificate is presented in the TLS handshake)".into(),
+            ));
+        }
         if self.tls.mode == TlsMode::Disable {
             let (host, _) = self.dial_target()?;
             let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
@@ -859,6 +888,7 @@ db_service:
             aws: Default::default(),
             tls: Default::default(),
             connect_addr: None,
+            auth: Default::default(),
         };
         assert!(spec.validate().is_err());
     }
@@ -968,5 +998,24 @@ db_service:
         // Too many digits for a u64 is a bad number; a product past it is too large.
         assert_eq!(parse_duration("99999999999999999999d"), Err(DurationError::Number("99999999999999999999d".into())));
         assert_eq!(parse_duration("9999999999999999d"), Err(DurationError::TooLarge("9999999999999999d".into())));
+    }
+
+    #[test]
+    fn upstream_auth_defaults_to_iam_and_cert_needs_verify_full() {
+        let db = |extra: &str| {
+            let y = format!("protocol: postgres\nuri: db.example.com:5432\n{extra}");
+            from_yaml::<DatabaseSpec>(&y).unwrap()
+        };
+        let old = db("");
+        assert_eq!(old.auth, UpstreamAuth::Iam);
+        assert!(!serde_saphyr::to_string(&old).unwrap().contains("auth"), "the default is not written out");
+        let cert = db("auth: cert\n");
+        assert_eq!(cert.auth, UpstreamAuth::Cert);
+        cert.validate().unwrap();
+        assert!(serde_saphyr::to_string(&cert).unwrap().contains("auth: cert"));
+        let plain = db("auth: cert\nconnect_addr: 127.0.0.1:5432\ntls: {mode: disable}\n");
+        let err = plain.validate().unwrap_err().to_string();
+        assert!(err.contains("verify-full"), "{err}");
+        assert!(from_yaml::<DatabaseSpec>("protocol: postgres\nuri: h:1\nauth: password\n").is_err());
     }
 }

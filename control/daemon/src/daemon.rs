@@ -198,9 +198,14 @@ fn start_auth(
         let cluster_ctx = Arc::new(ClusterContext::new(cfg.clone(), state.clone(), ca.clone(), audit.clone(), hub));
         tasks.push(tokio::spawn(crate::cluster::server::serve(cluster_ctx, listener, cluster_tls)));
     }
+    // Signs `auth: cert` upstream client certificates; derived, so it needs no storage.
+    let db_ca = ca.derive_db_ca()?;
     let api_ctx = Arc::new(ApiContext::new(cfg.clone(), state.clone(), ca));
     tasks.push(tokio::spawn(api::serve(api_ctx, api_listener, api_tls.clone())));
-    let proxy = Arc::new(ProxyContext::new(cfg.clone(), state.clone(), policy, audit.clone(), minter, pg_tls));
+    let proxy = Arc::new(
+        ProxyContext::new(cfg.clone(), state.clone(), policy, audit.clone(), minter, pg_tls)
+            .with_upstream_ca(Arc::new(db_ca)),
+    );
     if let Some(listener) = web_listener {
         let web = Arc::new(crate::web::WebContext::new(cfg.clone(), state, proxy.clone(), audit));
         tasks.push(tokio::spawn(crate::web::serve(web, listener, api_tls)));

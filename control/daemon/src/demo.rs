@@ -239,6 +239,10 @@ pub struct PgOpts {
     /// Serve TLS on the TCP port with this certificate chain and key (PEM files; copied into
     /// the cluster's directory).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: the CA that client certificates are checked against (`ssl_ca_file`).
+    pub client_ca: Option<PathBuf>,
+    /// The whole of `pg_hba.conf` instead of initdb's (keep `local all all trust` for [`Postgres::psql`]).
+    pub hba: Option<String>,
 }
 
 /// A throwaway PostgreSQL cluster: superuser `postgres` over its Unix socket (trust), SCRAM
@@ -258,7 +262,7 @@ impl Postgres {
     /// As [`Postgres::start`], allowing `max_connections` client connections (PostgreSQL's
     /// default is 100; a test holding hundreds of sessions needs one upstream connection each).
     pub fn start_with(dir: &Path, max_connections: Option<u32>) -> Result<Postgres> {
-        Self::start_opts(dir, PgOpts { max_connections, tls: None })
+        Self::start_opts(dir, PgOpts { max_connections, ..Default::default() })
     }
 
     /// As [`Postgres::start`], with the options in `opts` (TLS on the TCP port, more connections).
@@ -295,6 +299,11 @@ impl Postgres {
                 "-c".to_owned(),
                 format!("ssl_key_file={}", key_copy.display()),
             ]);
+            if let Some(ca) = &opts.client_ca {
+                let ca_copy = dir.join("client-ca.crt");
+                std::fs::copy(ca, &ca_copy).map_err(io(format!("copying {}", ca.display())))?;
+                server_args.extend(["-c".to_owned(), format!("ssl_ca_file={}", ca_copy.display())]);
+            }
         }
         if let Some(n) = opts.max_connections {
             server_args.extend(["-c".to_owned(), format!("max_connections={n}")]);
@@ -323,6 +332,9 @@ impl Postgres {
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             return Err(DemoError::Command { what: "initdb failed".into(), stderr });
+        }
+        if let Some(hba) = &opts.hba {
+            std::fs::write(data.join("pg_hba.conf"), hba)?;
         }
         // A port can still be taken between choosing it and the server binding it; a server
         // that dies during start-up is started again on another port.
@@ -754,6 +766,7 @@ pub fn demo_database(name: &str, emulator: &Emulator, labels: &[(&str, &str)]) -
                 true => TlsSpec { mode: TlsMode::Disable, ..Default::default() },
             },
             connect_addr: Some(format!("127.0.0.1:{}", emulator.port)),
+            auth: Default::default(),
         },
     }
 }
@@ -1018,7 +1031,7 @@ impl StoragePostgres {
         let (cert_file, key_file) = (dir.join("storage-server.crt"), dir.join("storage-server.key"));
         std::fs::write(&cert_file, cert)?;
         crate::private_fs::write_private(&key_file, key.as_bytes())?;
-        let opts = PgOpts { max_connections, tls: Some((cert_file, key_file)) };
+        let opts = PgOpts { max_connections, tls: Some((cert_file, key_file)), ..Default::default() };
         let pg = Postgres::start_opts(&dir.join("pg"), opts)?;
         // The role may log in only over TLS; other roles (an emulator's backend login) keep
         // plain SCRAM on loopback.

@@ -205,6 +205,7 @@ fn spec_for(
             mode: TlsMode::VerifyFull,
         },
         connect_addr: m.connect_addr_override.clone(),
+        auth: crate::config::UpstreamAuth::Iam,
     }
 }
 

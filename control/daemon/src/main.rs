@@ -74,6 +74,28 @@ enum Cmd {
     /// The shared state's storage.
     #[command(subcommand)]
     Storage(StorageCmd),
+    /// Certificates from Sluice's CA for other software.
+    #[command(subcommand)]
+    Auth(AuthCmd),
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// `--format=db`: a server certificate and key for a self-hosted PostgreSQL that Sluice
+    /// logs in to with `auth: cert`, and Sluice's database CA for its `ssl_ca_file` (as `tctl auth sign
+    /// --format=db`): writes PREFIX.crt, PREFIX.key and PREFIX.cas.
+    Sign {
+        #[arg(long)]
+        format: String,
+        /// The server's DNS names or IPs, comma-separated (the first is Sluice's `uri` host).
+        #[arg(long, value_delimiter = ',', required = true)]
+        host: Vec<String>,
+        /// Path prefix of the files written.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "2190h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -654,6 +676,15 @@ fn main() -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Cmd::Auth(AuthCmd::Sign { format, host, out, ttl }) => {
+            if format != "db" {
+                bail!("format {format:?} is not supported (db is)");
+            }
+            let cfg = load_config(&cli.config)?;
+            let state = open_state(&cfg)?;
+            let ca = state.ensure_ca(&cfg.auth_service.cluster_name)?;
+            sign_db_server(&ca.derive_db_ca()?, &host, &out, ttl)
         }
         Cmd::Tokens(cmd) => {
             let cfg = load_config(&cli.config)?;
@@ -1353,6 +1384,45 @@ fn run_demo(dir: &Path) -> Result<()> {
     });
     println!("stopping the demo");
     drop(stack);
+    Ok(())
+}
+
+/// `control auth sign --format=db`: the server certificate (with the database CA after it, so
+/// a client that trusts the CA can build the chain), its key (0600) and the database CA, which
+/// PostgreSQL checks Sluice's client certificates against (users' own certificates do not chain
+/// to it).
+fn sign_db_server(ca: &sluice_control::ca::CertAuthority, hosts: &[String], out: &Path, ttl: Duration) -> Result<()> {
+    let hosts: Vec<String> = hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+    if hosts.is_empty() {
+        bail!("--host needs at least one name");
+    }
+    let (cert_pem, key_pem) = ca.issue_server_pem(&hosts, ttl)?;
+    let with_ext = |ext: &str| {
+        let mut p = out.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let (crt, key_file, cas) = (with_ext(".crt"), with_ext(".key"), with_ext(".cas"));
+    std::fs::write(&crt, cert_pem).with_context(|| format!("writing {}", crt.display()))?;
+    sluice_control::private_fs::write_private(&key_file, key_pem.as_bytes())
+        .with_context(|| format!("writing {}", key_file.display()))?;
+    std::fs::write(&cas, &ca.cert_pem).with_context(|| format!("writing {}", cas.display()))?;
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
+    println!("Wrote {}, {} and {} for {}.", crt.display(), key_file.display(), cas.display(), hosts.join(", "));
+    println!();
+    println!("postgresql.conf:");
+    println!("  ssl = on");
+    println!("  ssl_cert_file = '{}'", abs(&crt));
+    println!("  ssl_key_file = '{}'", abs(&key_file));
+    println!("  ssl_ca_file = '{}'", abs(&cas));
+    println!();
+    println!("pg_hba.conf (Sluice's address instead of 0.0.0.0/0 where it is fixed):");
+    println!("  hostssl all all 0.0.0.0/0 cert");
+    println!("  hostssl all all ::/0 cert");
+    println!();
+    println!("Sluice's database entry:");
+    println!("  uri: {}:5432", hosts[0]);
+    println!("  auth: cert");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The upstream leg: TCP to the RDS Proxy endpoint, SSLRequest, TLS verify-full, StartupMessage,
 //! and the IAM token as the cleartext password, driving `sluice_pgwire::UpstreamStartup` over
-//! the socket. Returns the authenticated stream with the
+//! the socket. With `auth: cert` (self-hosted PostgreSQL) the TLS handshake presents a client
+//! certificate for the database user instead, and no password is sent. Returns the authenticated stream with the
 //! server's greeting (parameter status, backend key) for control to pass on.
 //!
 //! `tls.mode: disable` (loopback targets only, checked by the config) skips the SSLRequest and
@@ -19,7 +20,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::catalog::Database;
-use crate::config::{ConfigError, TlsMode};
+use crate::config::{ConfigError, TlsMode, UpstreamAuth};
 use crate::iam::{CredentialSource, IamError, TokenMinter, TokenTarget};
 use crate::leg::Leg;
 use crate::tls::{TlsError, UpstreamTls};
@@ -46,6 +47,11 @@ pub enum UpstreamError {
     Rejected(ErrorFields),
     #[error("upstream asked for {0} authentication; IAM authentication must be REQUIRED on the RDS Proxy")]
     UnsupportedAuth(String),
+    #[error(
+        "upstream asked for {0} authentication instead of accepting Sluice's client certificate \
+         (auth: cert): pg_hba.conf must use `hostssl … cert` for Sluice's address"
+    )]
+    CertNotAccepted(String),
     #[error("upstream protocol error: {0}")]
     Protocol(String),
     #[error("upstream I/O: {0}")]
@@ -137,7 +143,8 @@ async fn connect_tls(
         if message.contains("NotValidForName") || message.contains("not valid for name") {
             message.push_str(
                 " (a certificate that relies on the legacy Common Name field instead of SANs is not accepted; \
-                 rotate the RDS certificate, or set tls.server_name for custom endpoints)",
+                 rotate the RDS certificate, or set tls.server_name for custom endpoints; a self-hosted \
+                 server's certificate must name the uri's host: control auth sign --format=db --host)",
             );
         }
         UpstreamError::Tls { addr, message }
@@ -161,24 +168,31 @@ pub async fn connect(
         db: db.name.clone(),
         source: ConfigError::Invalid(format!("bad TLS server name {name:?}")),
     })?;
-    let tls = match db.spec.tls.mode {
-        TlsMode::VerifyFull => Some(upstream_tls.config(db.spec.tls.ca_cert_file.as_deref())?),
-        TlsMode::Disable => None,
+    // The session's config may present a client certificate; cancel requests need none.
+    let (tls, cancel_tls) = match db.spec.tls.mode {
+        TlsMode::VerifyFull => {
+            (Some(upstream_tls.session_config(&db.spec, db_user)?), Some(upstream_tls.server_config(&db.spec)?))
+        }
+        TlsMode::Disable => (None, None),
     };
-    let region = db.spec.region().ok_or(IamError::NoRegion)?;
-    // Mint before dialing so a credentials problem is reported as such, not as a timeout.
-    let source = CredentialSource {
-        region: region.clone(),
-        assume_role_arn: db.spec.aws.assume_role_arn.clone(),
-        external_id: db.spec.aws.external_id.clone(),
-    };
-    let target = TokenTarget { host, port, user: db_user.to_owned(), region };
-    // Failures are counted where they are matched (the proxy's refusal), not here or in the minter.
-    let token = minter.token(&source, &target).await?;
-
     let mut params = vec![("user".to_owned(), db_user.to_owned()), ("database".to_owned(), db_name.to_owned())];
     params.extend(extra_params.iter().cloned());
-    let mut startup = UpstreamStartup::new(tls.is_some(), params, token);
+    let cert_auth = db.spec.auth == UpstreamAuth::Cert;
+    let mut startup = if cert_auth {
+        UpstreamStartup::without_password(params)
+    } else {
+        let region = db.spec.region().ok_or(IamError::NoRegion)?;
+        // Mint before dialing so a credentials problem is reported as such, not as a timeout.
+        let source = CredentialSource {
+            region: region.clone(),
+            assume_role_arn: db.spec.aws.assume_role_arn.clone(),
+            external_id: db.spec.aws.external_id.clone(),
+        };
+        let target = TokenTarget { host, port, user: db_user.to_owned(), region };
+        // Failures are counted where they are matched (the proxy's refusal), not here or in the minter.
+        let token = minter.token(&source, &target).await?;
+        UpstreamStartup::new(tls.is_some(), params, token)
+    };
     let mut s: UpstreamStream = Leg::Plain(dial_tcp(&dial).await?);
     let mut chunk = Vec::new();
     let greeting = loop {
@@ -197,11 +211,14 @@ pub async fn connect(
                 startup.tls_established();
             }
             Ok(UpstreamEvent::Done(greeting)) => break greeting,
+            Err(UpstreamStartupError::UnsupportedAuth(what)) if cert_auth => {
+                return Err(UpstreamError::CertNotAccepted(what))
+            }
             Err(e) => return Err(UpstreamError::from_startup(e, &dial)),
         }
     };
     let (pid, secret) = greeting.backend_key.clone().unwrap_or_default();
-    let cancel = CancelTarget { dial, server_name, tls, pid, secret };
+    let cancel = CancelTarget { dial, server_name, tls: cancel_tls, pid, secret };
     Ok((s, greeting, cancel))
 }
 

@@ -5,7 +5,8 @@
 //! more (exactly [`UpstreamEvent::NeedMore`] bytes, so nothing past a message is read before
 //! the TLS handshake or the relay), start TLS, or hand the finished [`Greeting`] over. Only
 //! cleartext password authentication is answered (RDS Proxy's IAM authentication, where the
-//! password is the IAM token); MD5, SASL and the rest are refused.
+//! password is the IAM token), or none at all when the TLS client certificate authenticates
+//! (PostgreSQL's `cert`); MD5, SASL and the rest are refused.
 
 use thiserror::Error;
 
@@ -73,7 +74,8 @@ enum State {
 pub struct UpstreamStartup {
     state: State,
     params: Vec<(String, String)>,
-    password: String,
+    /// `None`: the client certificate authenticates, and a password request is refused.
+    password: Option<String>,
     framer: Framer,
     ssl_answer: Vec<u8>,
     greeting: Greeting,
@@ -84,6 +86,17 @@ impl UpstreamStartup {
     /// to AuthenticationCleartextPassword; with `tls`, an SSLRequest and the TLS handshake come
     /// first.
     pub fn new(tls: bool, params: Vec<(String, String)>, password: String) -> Self {
+        Self::with_password(tls, params, Some(password))
+    }
+
+    /// A startup authenticated by the TLS client certificate (PostgreSQL's `cert` method): the
+    /// server must answer AuthenticationOk straight away; a password request is refused, as
+    /// there is none to give.
+    pub fn without_password(params: Vec<(String, String)>) -> Self {
+        Self::with_password(true, params, None)
+    }
+
+    fn with_password(tls: bool, params: Vec<(String, String)>, password: Option<String>) -> Self {
         UpstreamStartup {
             state: if tls { State::SendSslRequest } else { State::SendStartup },
             params,
@@ -158,9 +171,10 @@ impl UpstreamStartup {
             };
             let authenticated = self.state == State::Greeting;
             match msg {
-                BackendMessage::AuthenticationCleartextPassword if !authenticated => {
-                    return Ok(UpstreamEvent::Send(encode::password(&self.password)));
-                }
+                BackendMessage::AuthenticationCleartextPassword if !authenticated => match &self.password {
+                    Some(password) => return Ok(UpstreamEvent::Send(encode::password(password))),
+                    None => return self.fail(UpstreamStartupError::UnsupportedAuth("cleartext password".into())),
+                },
                 BackendMessage::AuthenticationOk if !authenticated => self.state = State::Greeting,
                 BackendMessage::AuthenticationMd5Password { .. } => {
                     return self.fail(UpstreamStartupError::UnsupportedAuth("MD5".into()))

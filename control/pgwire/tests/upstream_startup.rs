@@ -25,7 +25,10 @@ fn params() -> Vec<(String, String)> {
 /// Drives the machine as the upstream dialer does: write what it sends, read what it asks for
 /// (at most `max_chunk` bytes at a time); a TLS handshake is simulated by going on with the input.
 fn drive(tls: bool, server: &[u8], max_chunk: usize) -> Vec<Seen> {
-    let mut m = UpstreamStartup::new(tls, params(), TOKEN.into());
+    drive_machine(UpstreamStartup::new(tls, params(), TOKEN.into()), server, max_chunk)
+}
+
+fn drive_machine(mut m: UpstreamStartup, server: &[u8], max_chunk: usize) -> Vec<Seen> {
     let mut rest = server;
     let mut seen = Vec::new();
     loop {
@@ -160,6 +163,36 @@ fn upstream_startup_table() {
     for (name, tls, server, want) in rows {
         assert_eq!(drive(tls, &server, usize::MAX), want, "{name}: exact reads");
         assert_eq!(drive(tls, &server, 1), want, "{name}: byte by byte");
+    }
+}
+
+/// Certificate authentication: TLS first, then AuthenticationOk with no password in between; a
+/// server that asks for a password anyway gets none.
+#[test]
+fn without_a_password_the_certificate_must_suffice() {
+    use Seen::*;
+    let ssl = Sent(encode::ssl_request());
+    let startup = Sent(encode::startup(ProtocolVersion::V3_0, &params()));
+    let ok =
+        cat(&[b"S".to_vec(), encode::auth_ok(), encode::backend_key_data(9, &[5; 4]), encode::ready_for_query(b'I')]);
+    let greeting = Greeting { messages: vec![], backend_key: Some((9, vec![5; 4])), ready_status: b'I' };
+    let asks = cat(&[b"S".to_vec(), encode::auth_cleartext()]);
+    for max_chunk in [usize::MAX, 1] {
+        let m = UpstreamStartup::without_password(params());
+        assert_eq!(
+            drive_machine(m, &ok, max_chunk),
+            vec![ssl.clone(), StartTls, startup.clone(), Done(greeting.clone())]
+        );
+        let m = UpstreamStartup::without_password(params());
+        assert_eq!(
+            drive_machine(m, &asks, max_chunk),
+            vec![
+                ssl.clone(),
+                StartTls,
+                startup.clone(),
+                Failed(UpstreamStartupError::UnsupportedAuth("cleartext password".into()))
+            ]
+        );
     }
 }
 

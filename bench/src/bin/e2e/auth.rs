@@ -115,6 +115,7 @@ fn bench_database() -> StaticDatabase {
             aws: AwsSpec { region: Some(demo::DEMO_REGION.into()), ..Default::default() },
             tls: Default::default(),
             connect_addr: None,
+            auth: Default::default(),
         },
     }
 }

@@ -128,7 +128,7 @@ impl ProxyContext {
         let dial = db.spec.dial_target()?;
         let server_name = rustls_pki_types::ServerName::try_from(db.spec.tls_server_name()?)?;
         let tls = match db.spec.tls.mode {
-            crate::config::TlsMode::VerifyFull => Some(self.upstream_tls.config(db.spec.tls.ca_cert_file.as_deref())?),
+            crate::config::TlsMode::VerifyFull => Some(self.upstream_tls.server_config(&db.spec)?),
             crate::config::TlsMode::Disable => None,
         };
         let target = CancelTarget { dial, server_name, tls, pid: c.upstream_pid, secret };

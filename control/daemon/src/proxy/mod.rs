@@ -111,6 +111,13 @@ impl ProxyContext {
         }
     }
 
+    /// Upstream TLS that can sign `auth: cert` client certificates with `ca` (the auth server's
+    /// database CA).
+    pub fn with_upstream_ca(mut self, ca: Arc<crate::ca::CertAuthority>) -> Self {
+        self.upstream_tls = Arc::new(UpstreamTls::with_ca(ca));
+        self
+    }
+
     /// An agent's context: its cancel keys carry its node index.
     pub fn with_node_index(mut self, node_index: u16) -> Self {
         self.node_index = node_index;

@@ -80,7 +80,7 @@ impl From<UpstreamError> for Refusal {
                 }
                 r
             }
-            UpstreamError::UnsupportedAuth(_) => {
+            UpstreamError::UnsupportedAuth(_) | UpstreamError::CertNotAccepted(_) => {
                 Refusal::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, e.to_string())
                     .kind(HandshakeFailure::UpstreamAuth)
             }
