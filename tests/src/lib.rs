@@ -1191,3 +1191,27 @@ pub fn followed_auth_server(metrics: &str) -> Result<Option<String>> {
 }
 
 pub use sluice_control::demo::{LocalCa as TestCa, StoragePostgres as StoragePg};
+
+/// Runs `select pg_sleep(30)` on `c` and sends its cancel request (over `tls`) 800 ms in, as
+/// psql's Ctrl-C does; the query's error, which the caller checks is 57014. Panics if the query
+/// is not cancelled within 10 s or finishes instead.
+pub fn cancel_a_sleep(
+    rt: &tokio::runtime::Runtime,
+    c: &Connected,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+) -> tokio_postgres::Error {
+    let token = c.client.cancel_token();
+    rt.block_on(async {
+        let sleep = c.client.simple_query("select pg_sleep(30)");
+        let cancel = async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            token.cancel_query(tls).await
+        };
+        let (r, sent) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(sleep, cancel) })
+            .await
+            .expect("pg_sleep(30) was not cancelled within 10 s");
+        sent.expect("sending the cancel request");
+        r
+    })
+    .expect_err("pg_sleep(30) finished instead of being cancelled")
+}

@@ -189,21 +189,7 @@ fn cert_auth_upstream_logs_in_as_the_db_user_and_refuses_what_it_should() {
     // Ctrl-C reaches the server (a cancel request over TLS checked against Sluice's CA).
     let tls =
         MakeRustlsConnect::new(client_config_from_pem(&s.ca_pem, Some(&s.cert("selfhosted", "app_user"))).unwrap());
-    let token = c.client.cancel_token();
-    let err = rt
-        .block_on(async {
-            let sleep = c.client.simple_query("select pg_sleep(30)");
-            let cancel = async {
-                tokio::time::sleep(Duration::from_millis(800)).await;
-                token.cancel_query(tls).await
-            };
-            let (r, sent) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(sleep, cancel) })
-                .await
-                .expect("pg_sleep(30) was not cancelled within 10 s");
-            sent.expect("sending the cancel request");
-            r
-        })
-        .expect_err("pg_sleep(30) finished instead of being cancelled");
+    let err = sluice_tests::cancel_a_sleep(&rt, &c, tls);
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
     rt.block_on(c.close()).unwrap();
 

@@ -36,21 +36,7 @@ fn sessions_survive_a_control_restart_and_are_audited_by_the_new_control() {
 
     // Ctrl-C still works: the new control restored the session's cancel route.
     let tls = MakeRustlsConnect::new(client_config_from_pem(&h.ca_pem, Some(&cert)).unwrap());
-    let token = c.client.cancel_token();
-    let err = rt
-        .block_on(async {
-            let sleep = c.client.simple_query("select pg_sleep(30)");
-            let cancel = async {
-                tokio::time::sleep(Duration::from_millis(800)).await;
-                token.cancel_query(tls).await
-            };
-            let (r, sent) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(sleep, cancel) })
-                .await
-                .expect("pg_sleep(30) was not cancelled within 10 s");
-            sent.expect("sending the cancel request");
-            r
-        })
-        .expect_err("pg_sleep(30) finished instead of being cancelled");
+    let err = sluice_tests::cancel_a_sleep(&rt, &c, tls);
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
     rt.block_on(c.close()).unwrap();
 

@@ -123,6 +123,13 @@ impl CertAuthority {
         names: &[String],
         ttl: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let (cert, key) = self.server_leaf(names, ttl)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+    }
+
+    /// A server certificate for `names` (the first is its Common Name) over a fresh key.
+    fn server_leaf(&self, names: &[String], ttl: Duration) -> Result<(rcgen::Certificate, KeyPair), CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = subject_alt_names(names)?;
@@ -134,8 +141,7 @@ impl CertAuthority {
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + ttl;
         let cert = params.signed_by(&key, &self.issuer()?)?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+        Ok((cert, key))
     }
 
     /// The database CA: signs the certificates with which Sluice logs in to self-hosted
@@ -179,17 +185,7 @@ impl CertAuthority {
     /// A server certificate for another program (a self-hosted PostgreSQL), as PEM: the leaf
     /// and this CA's certificate after it, and a fresh key (PKCS#8).
     pub fn issue_server_pem(&self, names: &[String], ttl: Duration) -> Result<(String, String), CaError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = subject_alt_names(names)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "sluice".into()));
-        params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + ttl;
-        let cert = params.signed_by(&key, &self.issuer()?)?;
+        let (cert, key) = self.server_leaf(names, ttl)?;
         Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
     }
 
