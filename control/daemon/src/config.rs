@@ -284,6 +284,13 @@ pub struct ProxyService {
     /// The host:port clients are told to use; defaults to the listen address.
     #[serde(default)]
     pub postgres_public_addr: Option<String>,
+    /// Where MySQL and MariaDB clients connect (TLS with client certificates); no MySQL listener
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_listen_addr: Option<SocketAddr>,
+    /// The host:port MySQL clients are told to use; defaults to the MySQL listen address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_public_addr: Option<String>,
     /// Extra DNS names and IPs for control's server certificate (localhost and the listen IPs are
     /// always included).
     #[serde(default)]
@@ -326,6 +333,8 @@ impl Default for ProxyService {
             enabled: true,
             postgres_listen_addr: default_pg_addr(),
             postgres_public_addr: None,
+            mysql_listen_addr: None,
+            mysql_public_addr: None,
             public_names: Vec::new(),
             handshake_timeout: default_handshake_timeout(),
             local_socket: None,
@@ -483,6 +492,11 @@ impl Default for AuditConfig {
     }
 }
 
+/// `DatabaseSpec::protocol` of PostgreSQL databases (and RDS Proxies of engine family POSTGRESQL).
+pub const PROTOCOL_POSTGRES: &str = "postgres";
+/// `DatabaseSpec::protocol` of MySQL and MariaDB databases (engine family MYSQL).
+pub const PROTOCOL_MYSQL: &str = "mysql";
+
 /// How to reach one database: shared by static databases and `kind: db` resources.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -568,10 +582,16 @@ impl TlsMode {
 
 impl DatabaseSpec {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.protocol != "postgres" {
-            return Err(ConfigError::Invalid(format!("protocol {:?} is not supported (postgres is)", self.protocol)));
+        if self.protocol != PROTOCOL_POSTGRES && self.protocol != PROTOCOL_MYSQL {
+            return Err(ConfigError::Invalid(format!(
+                "protocol {:?} is not supported (postgres and mysql are)",
+                self.protocol
+            )));
         }
         self.host_port()?;
+        if self.auth == UpstreamAuth::Cert && self.protocol != PROTOCOL_POSTGRES {
+            return Err(ConfigError::Invalid("auth: cert is only supported for protocol: postgres".into()));
+        }
         if self.auth == UpstreamAuth::Cert && self.tls.mode != TlsMode::VerifyFull {
             return Err(ConfigError::Invalid(
                 "auth: cert needs tls.mode: verify-full (the certificate is presented in the TLS handshake)".into(),
@@ -589,9 +609,15 @@ impl DatabaseSpec {
         Ok(())
     }
 
-    /// Splits the URI into host and port (default 5432).
+    /// Whether clients reach this database through the MySQL listener.
+    pub fn is_mysql(&self) -> bool {
+        self.protocol == PROTOCOL_MYSQL
+    }
+
+    /// Splits the URI into host and port (default 5432, or 3306 for MySQL).
     pub fn host_port(&self) -> Result<(String, u16), ConfigError> {
-        Ok(split_host_port(&self.uri, 5432)?)
+        let default_port = if self.is_mysql() { 3306 } else { 5432 };
+        Ok(split_host_port(&self.uri, default_port)?)
     }
 
     /// The region: configured, or read from an `*.REGION.rds.amazonaws.com` host.
@@ -882,8 +908,8 @@ db_service:
     #[test]
     fn rejects_unknown_fields_and_protocols() {
         assert!(serde_saphyr::from_str::<Config>("data_dir: /x\nbogus: 1\n").is_err());
-        let spec = DatabaseSpec {
-            protocol: "mysql".into(),
+        let mut spec = DatabaseSpec {
+            protocol: "sqlserver".into(),
             uri: "h:1".into(),
             aws: Default::default(),
             tls: Default::default(),
@@ -891,6 +917,12 @@ db_service:
             auth: Default::default(),
         };
         assert!(spec.validate().is_err());
+        spec.protocol = PROTOCOL_MYSQL.into();
+        spec.validate().unwrap();
+        spec.uri = "h".into();
+        assert_eq!(spec.host_port().unwrap().1, 3306);
+        spec.auth = UpstreamAuth::Cert;
+        assert!(spec.validate().is_err(), "auth: cert is PostgreSQL's");
     }
 
     const PIN: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
