@@ -14,8 +14,8 @@ use sluice_tests::{parse_env_exports, Harness};
 
 /// A static MySQL database alice's `dev` role may use (env=dev); its upstream is never dialled.
 fn shop() -> StaticDatabase {
-    let spec: DatabaseSpec = serde_json::from_value(serde_json::json!({"protocol": "mysql", "uri": "127.0.0.1:1"}))
-        .expect("a valid spec");
+    let spec: DatabaseSpec =
+        serde_json::from_value(serde_json::json!({"protocol": "mysql", "uri": "127.0.0.1:1"})).expect("a valid spec");
     StaticDatabase {
         name: "shop".into(),
         description: "MariaDB behind RDS Proxy".into(),
