@@ -290,14 +290,19 @@ async fn db_login(p: &Paths, name: &str, db_user: &str, db_name: &str) -> Result
 async fn db_endpoints(p: &Paths, profile: &Profile, name: &str, meta: &DbProfile) -> Result<Vec<String>> {
     let listed: Result<Vec<DbInfo>> =
         call(p, &profile.proxy, &Request::DbList { session: profile.session.clone() }).await;
-    let (endpoints, asked) = match listed {
-        Ok(dbs) => (dbs.into_iter().find(|d| d.name == name).map(|d| d.endpoints).unwrap_or_default(), true),
+    // listed: None when the server could not be asked, Some(false) when it does not list `name`.
+    let (endpoints, listed) = match listed {
+        Ok(dbs) => {
+            let found = dbs.into_iter().find(|d| d.name == name);
+            let listed = found.is_some();
+            (found.map(|d| d.endpoints).unwrap_or_default(), Some(listed))
+        }
         Err(e) => {
             eprintln!(
                 "note: could not ask {} where {name} is served ({e:#}); using what `sluice db login` saw",
                 profile.proxy
             );
-            (meta.endpoints.clone(), false)
+            (meta.endpoints.clone(), None)
         }
     };
     if !endpoints.is_empty() {
@@ -306,8 +311,9 @@ async fn db_endpoints(p: &Paths, profile: &Profile, name: &str, meta: &DbProfile
     if !meta.is_mysql() {
         return Ok(vec![profile.postgres_public_addr.clone()]);
     }
-    match (&profile.mysql_public_addr, asked) {
-        (Some(addr), false) => Ok(vec![addr.clone()]),
+    match (&profile.mysql_public_addr, listed) {
+        (Some(addr), None) => Ok(vec![addr.clone()]),
+        (_, Some(false)) => bail!("{} no longer lists database {name:?} for you: see `sluice db ls`", profile.proxy),
         _ => Err(no_mysql_listener(&profile.proxy, name)),
     }
 }
