@@ -437,6 +437,197 @@ impl Drop for Postgres {
     }
 }
 
+/// Finds a MariaDB program (`mariadbd`, `mariadb`, `mariadb-install-db`): in `$SLUICE_MARIADB_BIN`
+/// when set, else on `$PATH` or in the sbin directories a Debian package puts the server in (often
+/// not on a non-root user's `$PATH`).
+pub fn mariadb_bin(name: &str) -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("SLUICE_MARIADB_BIN") {
+        let p = PathBuf::from(d).join(name);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(DemoError::Missing(format!("{} not found ($SLUICE_MARIADB_BIN)", p.display())))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            DemoError::Missing(format!(
+                "{name} not found (apt-get install mariadb-server mariadb-client, or run scripts/setup)"
+            ))
+        })
+}
+
+/// Whether the MariaDB server, installer and client are all installed (see [`mariadb_bin`]).
+pub fn mariadb_available() -> bool {
+    ["mariadbd", "mariadb-install-db", "mariadb"].iter().all(|n| mariadb_bin(n).is_ok())
+}
+
+/// A throwaway MariaDB server: its own data directory and Unix socket in `dir`, TCP on 127.0.0.1
+/// and a free port, grant tables on (users log in with passwords over TCP, as behind RDS Proxy),
+/// and the OS user running it as the administrator over the socket (`unix_socket` auth).
+pub struct MariaDb {
+    pub port: u16,
+    pub dir: PathBuf,
+    /// The account [`MariaDb::sql`] logs in as over the socket: the OS user's name.
+    admin: String,
+    client: PathBuf,
+    proc: Proc,
+}
+
+impl MariaDb {
+    /// Initialises `dir/mariadb-data` (removing whatever `dir` held) and starts the server.
+    pub fn start(dir: &Path) -> Result<MariaDb> {
+        let server = mariadb_bin("mariadbd")?;
+        let install = mariadb_bin("mariadb-install-db")?;
+        let client = mariadb_bin("mariadb")?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let root = nix::unistd::geteuid().is_root();
+        let admin = match root {
+            true => "root".to_owned(),
+            false => nix::unistd::User::from_uid(nix::unistd::geteuid())?
+                .map(|u| u.name)
+                .ok_or_else(|| DemoError::Missing("the current user has no account name".into()))?,
+        };
+        let data = dir.join("mariadb-data");
+        let mut cmd = Command::new(&install);
+        // --no-defaults first: a system my.cnf must not point the install at its own datadir.
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+            .arg(format!("--auth-root-socket-user={admin}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .current_dir(&dir);
+        if root {
+            cmd.arg("--user=root");
+        }
+        let out = cmd.output().map_err(io("running mariadb-install-db"))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(DemoError::Command { what: "mariadb-install-db failed".into(), stderr });
+        }
+        // As with PostgreSQL: a port taken between choosing it and binding it means another try.
+        let mut last_err = None;
+        for _ in 0..3 {
+            match Self::launch(&dir, &data, &server, &client, &admin) {
+                Ok(db) => return Ok(db),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| DemoError::Start("MariaDB did not start".into())))
+    }
+
+    fn launch(dir: &Path, data: &Path, server: &Path, client: &Path, admin: &str) -> Result<MariaDb> {
+        let port = free_port()?;
+        let log_path = dir.join("mariadb.log");
+        let mut cmd = Command::new(server);
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", dir.join("mariadb.sock").display()))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", log_path.display()))
+            .arg(format!("--port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                // Users are '%' accounts; no reverse DNS lookups for loopback clients.
+                "--skip-name-resolve",
+                "--max-allowed-packet=1G",
+                "--local-infile=ON",
+                // A test server: durability is not wanted, start-up speed and a small footprint are.
+                "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-buffer-pool-size=16M",
+                "--innodb-log-file-size=16M",
+                "--skip-log-bin",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir(dir);
+        if nix::unistd::geteuid().is_root() {
+            cmd.arg("--user=root");
+        }
+        let log_tail = || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        };
+        let mut proc = Proc::spawn("mariadbd", &mut cmd)?;
+        wait_for_port(port, Duration::from_secs(60), &mut proc)
+            .map_err(|e| DemoError::Start(format!("{e}: {}", log_tail())))?;
+        let mut db = MariaDb { port, dir: dir.to_path_buf(), admin: admin.to_owned(), client: client.to_owned(), proc };
+        // The TCP port can open before the grant tables are loaded.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match db.sql("SELECT 1") {
+                Ok(_) => return Ok(db),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) if !db.proc.alive() => {
+                    return Err(DemoError::Start(format!("mariadbd exited during start-up ({e}): {}", log_tail())))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's Unix socket (administrator access, see [`MariaDb::sql`]).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("mariadb.sock")
+    }
+
+    /// The `mariadb` client program.
+    pub fn client(&self) -> &Path {
+        &self.client
+    }
+
+    /// Runs SQL as the administrator over the Unix socket; returns the rows tab-separated,
+    /// without column names.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        let out = Command::new(&self.client)
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args(["-u", &self.admin, "-N", "-B", "-e", sql])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("running mariadb"))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(DemoError::Command { what: format!("mariadb {sql:?}"), stderr });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Creates `name`@`%` with `password` (mysql_native_password, MariaDB's default) and every
+    /// privilege, so a test or the demo can use any database through the emulator.
+    pub fn create_user(&self, name: &str, password: &str) -> Result<()> {
+        let quote = |s: &str| s.replace('\\', "\\\\").replace('\'', "''");
+        let (name, password) = (quote(name), quote(password));
+        self.sql(&format!(
+            "CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'; GRANT ALL ON *.* TO '{name}'@'%' WITH GRANT OPTION"
+        ))?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        // SIGTERM is mariadbd's normal shutdown.
+        self.proc.stop(nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// AWS credentials as the emulator's secrets file and the AWS_* variables take them.
 #[derive(Debug, Clone)]
 pub struct AwsCreds {
