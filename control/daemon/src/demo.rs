@@ -659,6 +659,8 @@ impl AwsCreds {
 pub struct Emulator {
     /// Serving without TLS (`--plaintext`): a non-TLS upstream whose leg is spliced as is.
     pub plaintext: bool,
+    /// Fronting MySQL/MariaDB (`--engine mysql`, see [`Emulator::start_mysql`]) rather than PostgreSQL.
+    pub mysql: bool,
     pub port: u16,
     pub endpoint: String,
     pub ca_file: PathBuf,
@@ -685,6 +687,25 @@ impl Emulator {
         Self::spawn(dir, port, cmd, plaintext)
     }
 
+    /// An emulator in front of MySQL/MariaDB on `mysql_port` (RDS Proxy for MySQL: TLS and IAM
+    /// tokens through `mysql_clear_password` required, `mysql_native_password` with the stored
+    /// secret to the backend), with the demo's identity; the same [`Emulator`] as
+    /// [`Emulator::start`], with `mysql` set.
+    pub fn start_mysql(
+        dir: &Path,
+        mysql_port: u16,
+        creds: &[AwsCreds],
+        secrets: &[(String, String)],
+    ) -> Result<Emulator> {
+        let backend =
+            ["--engine".to_owned(), "mysql".to_owned(), "--mysql".to_owned(), format!("127.0.0.1:{mysql_port}")];
+        let (port, mut cmd) = Self::command_for(dir, &backend, secrets, creds)?;
+        cmd.args(["--name", DEMO_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
+        let mut emulator = Self::spawn(dir, port, cmd, false)?;
+        emulator.mysql = true;
+        Ok(emulator)
+    }
+
     /// The emulator's command line on a fresh port, serving `secrets` in front of PostgreSQL on
     /// `pg_port` and accepting tokens signed with `creds`, with its TLS files and log in `dir`;
     /// the caller adds its identity, then [`Emulator::spawn`]s it. The secrets go to the
@@ -692,6 +713,16 @@ impl Emulator {
     pub fn command(
         dir: &Path,
         pg_port: u16,
+        secrets: &[(String, String)],
+        creds: &[AwsCreds],
+    ) -> Result<(u16, Command)> {
+        Self::command_for(dir, &["--postgres".to_owned(), format!("127.0.0.1:{pg_port}")], secrets, creds)
+    }
+
+    /// As [`Emulator::command`], with `backend` the arguments naming the engine and its server.
+    fn command_for(
+        dir: &Path,
+        backend: &[String],
         secrets: &[(String, String)],
         creds: &[AwsCreds],
     ) -> Result<(u16, Command)> {
@@ -714,7 +745,7 @@ impl Emulator {
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--tls-dir")
             .arg(dir.join("tls"))
-            .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
+            .args(backend)
             .stdout(Stdio::piped())
             .arg("--secrets-file")
             .arg(&secrets_file)
@@ -747,7 +778,7 @@ impl Emulator {
                 )));
             }
         };
-        Ok(Emulator { plaintext, port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
+        Ok(Emulator { plaintext, mysql: false, port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
     }
 }
 
