@@ -74,6 +74,10 @@ pub const DEMO_USER: &str = "alice";
 /// The demo database whose upstream is the emulator without TLS: with a local-socket client,
 /// both legs are spliced.
 pub const DEMO_PLAIN_DB: &str = "demo-plain";
+/// The demo's MySQL database (`protocol: mysql`): MariaDB behind the emulator's MySQL mode.
+pub const DEMO_MYSQL_DB: &str = "demo-mysql";
+/// The MySQL emulator's proxy name: a proxy of its own, as RDS Proxy has one engine per proxy.
+pub const DEMO_MYSQL_PROXY_NAME: &str = "sluice-demo-mysql";
 
 /// A child process that is stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
 pub struct Proc {
@@ -472,6 +476,7 @@ pub fn mariadb_available() -> bool {
 pub struct MariaDb {
     pub port: u16,
     pub dir: PathBuf,
+    socket: PathBuf,
     /// The account [`MariaDb::sql`] logs in as over the socket: the OS user's name.
     admin: String,
     client: PathBuf,
@@ -525,11 +530,16 @@ impl MariaDb {
 
     fn launch(dir: &Path, data: &Path, server: &Path, client: &Path, admin: &str) -> Result<MariaDb> {
         let port = free_port()?;
+        let mut socket = dir.join("mariadb.sock");
+        if socket.as_os_str().len() > 100 {
+            // Unix socket paths are limited to 108 bytes; a deep directory gets one under /tmp.
+            socket = std::env::temp_dir().join(format!("sluice-mariadb-{}.sock", random_secret(4)));
+        }
         let log_path = dir.join("mariadb.log");
         let mut cmd = Command::new(server);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--socket={}", dir.join("mariadb.sock").display()))
+            .arg(format!("--socket={}", socket.display()))
             .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
             .arg(format!("--log-error={}", log_path.display()))
             .arg(format!("--port={port}"))
@@ -559,7 +569,8 @@ impl MariaDb {
         let mut proc = Proc::spawn("mariadbd", &mut cmd)?;
         wait_for_port(port, Duration::from_secs(60), &mut proc)
             .map_err(|e| DemoError::Start(format!("{e}: {}", log_tail())))?;
-        let mut db = MariaDb { port, dir: dir.to_path_buf(), admin: admin.to_owned(), client: client.to_owned(), proc };
+        let mut db =
+            MariaDb { port, dir: dir.to_path_buf(), socket, admin: admin.to_owned(), client: client.to_owned(), proc };
         // The TCP port can open before the grant tables are loaded.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -578,9 +589,10 @@ impl MariaDb {
         self.port
     }
 
-    /// The server's Unix socket (administrator access, see [`MariaDb::sql`]).
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join("mariadb.sock")
+    /// The server's Unix socket (administrator access, see [`MariaDb::sql`]): in the directory
+    /// given to [`MariaDb::start`] unless that path is too long for a socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// The `mariadb` client program.
@@ -619,6 +631,9 @@ impl MariaDb {
     pub fn stop(&mut self) {
         // SIGTERM is mariadbd's normal shutdown.
         self.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        if !self.socket.starts_with(&self.dir) {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 
@@ -700,7 +715,7 @@ impl Emulator {
         let backend =
             ["--engine".to_owned(), "mysql".to_owned(), "--mysql".to_owned(), format!("127.0.0.1:{mysql_port}")];
         let (port, mut cmd) = Self::command_for(dir, &backend, secrets, creds)?;
-        cmd.args(["--name", DEMO_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
+        cmd.args(["--name", DEMO_MYSQL_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
         let mut emulator = Self::spawn(dir, port, cmd, false)?;
         emulator.mysql = true;
         Ok(emulator)
@@ -980,7 +995,8 @@ pub fn demo_database(name: &str, emulator: &Emulator, labels: &[(&str, &str)]) -
         description: format!("RDS Proxy in {DEMO_REGION} (local emulator)"),
         static_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         spec: DatabaseSpec {
-            protocol: "postgres".into(),
+            protocol: if emulator.mysql { crate::config::PROTOCOL_MYSQL } else { crate::config::PROTOCOL_POSTGRES }
+                .into(),
             uri: format!("{}:{}", emulator.endpoint, emulator.port),
             aws: AwsSpec { region: Some(DEMO_REGION.into()), ..Default::default() },
             tls: match emulator.plaintext {
@@ -1014,6 +1030,34 @@ pub struct Stack {
     pub postgres: Postgres,
     /// The PostgreSQL password of the demo database user (the emulator's "secret").
     pub db_password: String,
+    /// MariaDB behind a MySQL emulator, served as [`DEMO_MYSQL_DB`] (see [`Stack::start_demo`]).
+    pub mysql: Option<MysqlDemo>,
+}
+
+/// The demo's MySQL side: MariaDB with database `demo` and user `alice` (password `db_password`,
+/// the emulator's secret), and the emulator in front of it.
+pub struct MysqlDemo {
+    // Dropped in order: the emulator before its backend.
+    pub emulator: Emulator,
+    pub mariadb: MariaDb,
+    pub db_password: String,
+}
+
+impl MysqlDemo {
+    /// Starts MariaDB in `dir/mariadb` and the MySQL emulator in `dir/emulator-mysql`.
+    pub fn start(dir: &Path) -> Result<MysqlDemo> {
+        let mariadb = MariaDb::start(&dir.join("mariadb"))?;
+        let db_password = random_secret(12);
+        mariadb.create_user(DEMO_USER, &db_password)?;
+        mariadb.sql("CREATE DATABASE demo")?;
+        let emulator = Emulator::start_mysql(
+            &dir.join("emulator-mysql"),
+            mariadb.port(),
+            &[AwsCreds::demo()],
+            &[(DEMO_USER.to_owned(), db_password.clone())],
+        )?;
+        Ok(MysqlDemo { emulator, mariadb, db_password })
+    }
 }
 
 impl Stack {
@@ -1043,6 +1087,38 @@ impl Stack {
         dataplane: Option<&[&str]>,
         max_connections: Option<u32>,
     ) -> Result<Stack> {
+        Self::start_full(dir, control_creds, dataplane, max_connections, None)
+    }
+
+    /// As [`Stack::start`], plus the MySQL side when MariaDB is installed: MariaDB and a MySQL
+    /// emulator served as database [`DEMO_MYSQL_DB`] (labels env=dev) on control's MySQL
+    /// listener. Without MariaDB, or when it fails to start, the stack is the PostgreSQL one
+    /// and `mysql` is `None` (the reason is logged on stderr).
+    pub fn start_demo(dir: &Path, control_creds: &AwsCreds) -> Result<Stack> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let mysql = if mariadb_available() {
+            match MysqlDemo::start(&dir) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("MariaDB did not start, so the demo has no MySQL database: {e}");
+                    None
+                }
+            }
+        } else {
+            eprintln!("MariaDB is not installed (scripts/setup installs it), so the demo has no MySQL database");
+            None
+        };
+        Self::start_full(&dir, control_creds, Some(&[]), None, mysql)
+    }
+
+    fn start_full(
+        dir: &Path,
+        control_creds: &AwsCreds,
+        dataplane: Option<&[&str]>,
+        max_connections: Option<u32>,
+        mysql: Option<MysqlDemo>,
+    ) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pg_dir = if nix::unistd::geteuid().is_root() {
@@ -1069,15 +1145,27 @@ impl Stack {
             &[(DEMO_USER.to_owned(), db_password.clone())],
             true,
         )?;
-        let dbs = vec![
+        let mut dbs = vec![
             demo_database("demo", &emulator, &[("env", "dev")]),
             demo_database(DEMO_PLAIN_DB, &plain_emulator, &[("env", "dev")]),
         ];
+        let mysql_port = match &mysql {
+            Some(m) => {
+                dbs.push(demo_database(DEMO_MYSQL_DB, &m.emulator, &[("env", "dev")]));
+                Some(free_port()?)
+            }
+            None => None,
+        };
         let dataplane =
             dataplane.map(|args| DataplaneProc::start_with_args(&dir.join("dataplane"), args)).transpose()?;
         let socket = dataplane.as_ref().map(|d| d.socket.clone());
-        let control = ControlProc::start(&dir.join("control"), dbs, control_creds, socket)?;
-        let stack = Stack { dir, control, dataplane, emulator, plain_emulator, postgres, db_password };
+        let control = ControlProc::start_edited(&dir.join("control"), dbs, control_creds, socket, |c| {
+            if let Some(port) = mysql_port {
+                c.proxy_service.mysql_listen_addr = Some(([127, 0, 0, 1], port).into());
+                c.proxy_service.mysql_public_addr = Some(format!("localhost:{port}"));
+            }
+        })?;
+        let stack = Stack { dir, control, dataplane, emulator, plain_emulator, postgres, db_password, mysql };
         if stack.dataplane.is_some() {
             stack.wait_for_dataplane_link()?;
         }
@@ -1113,6 +1201,10 @@ impl Drop for Stack {
         }
         self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.plain_emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        if let Some(m) = self.mysql.as_mut() {
+            m.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
+            m.mariadb.stop();
+        }
         self.postgres.stop();
         // The private directory made under /tmp for a root run (see `start_sized`) is the
         // stack's alone; every test left one behind (tens of MB each).
