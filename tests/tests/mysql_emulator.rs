@@ -54,6 +54,8 @@ struct Setup {
     emu: Emulator,
     db: MariaDb,
     dir: TestDir,
+    /// alice's MariaDB password: the emulator's stored secret.
+    password: String,
 }
 
 impl Setup {
@@ -67,17 +69,21 @@ impl Setup {
             &dir.join("emulator"),
             db.port(),
             &[AwsCreds::demo()],
-            &[("alice".to_owned(), password)],
+            &[("alice".to_owned(), password.clone())],
         )
         .unwrap();
-        assert!(emu.mysql);
-        Setup { emu, db, dir }
+        assert!(emu.mysql && !emu.plaintext);
+        Setup { emu, db, dir, password }
     }
 
     /// A token for `user` signed with `creds`, from `sluice aws rds-token` (botocore's algorithm).
     fn token(&self, creds: &AwsCreds, user: &str) -> String {
+        self.token_for(&self.emu, creds, user)
+    }
+
+    fn token_for(&self, emu: &Emulator, creds: &AwsCreds, user: &str) -> String {
         let mut cmd = Command::new(find_bin("sluice").unwrap());
-        cmd.args(["aws", "rds-token", "--host", &self.emu.endpoint, "--port", &self.emu.port.to_string()])
+        cmd.args(["aws", "rds-token", "--host", &emu.endpoint, "--port", &emu.port.to_string()])
             .args(["--user", user, "--region", DEMO_REGION])
             .env_remove("AWS_REGION")
             .env_remove("AWS_DEFAULT_REGION")
@@ -91,12 +97,16 @@ impl Setup {
     /// proxy's CA, the token as the password through the cleartext plugin (always enabled in
     /// MariaDB's client, which warns that `--enable-cleartext-plugin` is obsolete).
     fn mariadb(&self, user: &str, password: &str, tls: bool, sql: &str) -> Output {
+        self.mariadb_to(&self.emu, user, password, tls, sql)
+    }
+
+    fn mariadb_to(&self, emu: &Emulator, user: &str, password: &str, tls: bool, sql: &str) -> Output {
         let mut cmd = Command::new(self.db.client());
-        cmd.args(["--no-defaults", "-h", "127.0.0.1", "-P", &self.emu.port.to_string(), "-u", user])
+        cmd.args(["--no-defaults", "-h", "127.0.0.1", "-P", &emu.port.to_string(), "-u", user])
             .arg(format!("-p{password}"))
             .args(["--connect-timeout=20", "-D", "demo", "-N", "-B", "-e", sql]);
         if tls {
-            cmd.args(["--ssl", "--ssl-verify-server-cert", "--ssl-ca"]).arg(&self.emu.ca_file);
+            cmd.args(["--ssl", "--ssl-verify-server-cert", "--ssl-ca"]).arg(&emu.ca_file);
         } else {
             cmd.arg("--skip-ssl");
         }
@@ -141,6 +151,33 @@ fn mariadb_client_logs_in_with_a_token_over_tls() {
     // The good token still works: refusals left nothing behind.
     let out = s.mariadb("alice", &token, true, "SELECT 2");
     assert_eq!(check_output("mariadb again", &out).unwrap().trim(), "2");
+}
+
+#[test]
+fn plaintext_emulator_serves_clients_without_tls_but_still_checks_tokens() {
+    if skip_without_mariadb() {
+        return;
+    }
+    let s = Setup::start("myemu-plain");
+    let plain = Emulator::start_mysql_opts(
+        &s.dir.join("emulator-plain"),
+        s.db.port(),
+        &[AwsCreds::demo()],
+        &[("alice".to_owned(), s.password.clone())],
+        true,
+    )
+    .unwrap();
+    assert!(plain.plaintext && plain.mysql);
+    let token = s.token_for(&plain, &AwsCreds::demo(), "alice");
+    let out = s.mariadb_to(&plain, "alice", &token, false, "SELECT CURRENT_USER()");
+    assert_eq!(check_output("mariadb without TLS", &out).unwrap().trim(), "alice@%");
+    // TLS is not offered, so a client that insists on it gives up.
+    let out = s.mariadb_to(&plain, "alice", &token, true, "SELECT 1");
+    assert!(!out.status.success(), "a TLS client connected to the plaintext emulator");
+    // The token is still what logs in: one for the TLS emulator's port is refused.
+    let other = s.token(&AwsCreds::demo(), "alice");
+    let out = s.mariadb_to(&plain, "alice", &other, false, "SELECT 1");
+    assert!(stderr(&out).contains("ERROR 1045 (28000)"), "{}", stderr(&out));
 }
 
 /// A MySQL client over TLS to the emulator, driven packet by packet.

@@ -500,12 +500,18 @@ impl MariaDb {
                 .ok_or_else(|| DemoError::Missing("the current user has no account name".into()))?,
         };
         let data = dir.join("mariadb-data");
+        // Servers name their temporary files after their pid in --tmpdir (/tmp by default); a
+        // private one keeps parallel servers (tests, other checkouts) from removing each other's.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         let mut cmd = Command::new(&install);
         // --no-defaults first: a system my.cnf must not point the install at its own datadir.
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
             .arg(format!("--auth-root-socket-user={admin}"))
+            // Passed on to the bootstrap server.
+            .arg(format!("--tmpdir={}", tmp.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .current_dir(&dir);
@@ -542,6 +548,7 @@ impl MariaDb {
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
             .arg(format!("--log-error={}", log_path.display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .arg(format!("--port={port}"))
             .args([
                 "--bind-address=127.0.0.1",
@@ -712,11 +719,26 @@ impl Emulator {
         creds: &[AwsCreds],
         secrets: &[(String, String)],
     ) -> Result<Emulator> {
+        Self::start_mysql_opts(dir, mysql_port, creds, secrets, false)
+    }
+
+    /// As [`Emulator::start_mysql`]; with `plaintext`, serving clients without TLS (no
+    /// CLIENT_SSL offered), a non-TLS upstream whose leg can be spliced as is.
+    pub fn start_mysql_opts(
+        dir: &Path,
+        mysql_port: u16,
+        creds: &[AwsCreds],
+        secrets: &[(String, String)],
+        plaintext: bool,
+    ) -> Result<Emulator> {
         let backend =
             ["--engine".to_owned(), "mysql".to_owned(), "--mysql".to_owned(), format!("127.0.0.1:{mysql_port}")];
         let (port, mut cmd) = Self::command_for(dir, &backend, secrets, creds)?;
         cmd.args(["--name", DEMO_MYSQL_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
-        let mut emulator = Self::spawn(dir, port, cmd, false)?;
+        if plaintext {
+            cmd.arg("--plaintext");
+        }
+        let mut emulator = Self::spawn(dir, port, cmd, plaintext)?;
         emulator.mysql = true;
         Ok(emulator)
     }

@@ -58,7 +58,7 @@ struct Args {
     /// A file (mode 0600) of secrets, one per line, never on the command line where any local
     /// user could read them in /proc: `credentials AKID:SECRET[:SESSION_TOKEN]` (access keys whose
     /// signatures are accepted) and `secret USER=PASSWORD` (the stored secret used to log in to
-    /// PostgreSQL as USER). Blank lines and lines starting with `#` are ignored.
+    /// the database as USER). Blank lines and lines starting with `#` are ignored.
     #[arg(long)]
     secrets_file: Option<PathBuf>,
     /// Look up unknown access keys here (`GET URL?access_key_id=AKID`, JSON answer): the test AWS
@@ -71,7 +71,8 @@ struct Args {
     /// The real MySQL or MariaDB server, HOST:PORT (with `--engine mysql`).
     #[arg(long, required_if_eq("engine", "mysql"))]
     mysql: Option<String>,
-    /// Accept clients without TLS (answer SSLRequest with `N`): a non-TLS test upstream.
+    /// Accept clients without TLS (PostgreSQL: answer SSLRequest with `N`; MySQL: do not offer
+    /// CLIENT_SSL): a non-TLS test upstream.
     #[arg(long)]
     plaintext: bool,
 }

@@ -99,8 +99,8 @@ struct Session<S> {
 /// Serves one client to completion; errors end only this connection.
 pub async fn handle_connection(tcp: TcpStream, cfg: Arc<ProxyConfig>, kills: KillMap, id: u32) {
     let result = match tokio::time::timeout(HANDSHAKE_DEADLINE, handshake(tcp, &cfg, &kills, id)).await {
-        Ok(Ok(Some(Plain::Tls(s)))) => serve(*s, &kills).await,
-        Ok(Ok(Some(Plain::Plain(s)))) => serve(s, &kills).await,
+        Ok(Ok(Some(LoggedIn::Tls(s)))) => serve(*s, &kills).await,
+        Ok(Ok(Some(LoggedIn::Plain(s)))) => serve(s, &kills).await,
         Ok(Ok(None)) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(MyError::Timeout),
@@ -110,7 +110,8 @@ pub async fn handle_connection(tcp: TcpStream, cfg: Arc<ProxyConfig>, kills: Kil
     }
 }
 
-enum Plain {
+/// A session over TLS or, with `--plaintext`, over plain TCP.
+enum LoggedIn {
     Tls(Box<Session<tokio_rustls::server::TlsStream<TcpStream>>>),
     Plain(Session<TcpStream>),
 }
@@ -189,7 +190,12 @@ fn rewrite_kill(payload: &[u8], kills: &KillMap) -> KillRewrite {
     }
 }
 
-async fn handshake(mut tcp: TcpStream, cfg: &ProxyConfig, kills: &KillMap, id: u32) -> Result<Option<Plain>, MyError> {
+async fn handshake(
+    mut tcp: TcpStream,
+    cfg: &ProxyConfig,
+    kills: &KillMap,
+    id: u32,
+) -> Result<Option<LoggedIn>, MyError> {
     let mut backend = match TcpStream::connect(&cfg.backend).await {
         Ok(b) => b,
         Err(err) => {
@@ -212,7 +218,7 @@ async fn handshake(mut tcp: TcpStream, cfg: &ProxyConfig, kills: &KillMap, id: u
         }
         Err(e) => return Err(e.into()),
     };
-    let greeting = client_greeting(&backend_hello, id, random_scramble());
+    let greeting = client_greeting(&backend_hello, id, random_scramble(), !cfg.plaintext);
     let mut out = BytesMut::new();
     PacketEncoder::new(0).write_with(&mut out, |o| greeting.encode(o));
     tcp.write_all(&out).await?;
@@ -225,13 +231,13 @@ async fn handshake(mut tcp: TcpStream, cfg: &ProxyConfig, kills: &KillMap, id: u
             let response = HandshakeResponse::decode(&packet.payload)?;
             let session = login(tls, packet.reply_seq(), response, backend, &backend_hello, cfg).await?;
             Ok(session.map(|(client, backend, backend_id)| {
-                Plain::Tls(Box::new(Session { client, backend, _entry: kills.insert(id, backend_id) }))
+                LoggedIn::Tls(Box::new(Session { client, backend, _entry: kills.insert(id, backend_id) }))
             }))
         }
         ClientHello::Response(response) if cfg.plaintext => {
             let session = login(tcp, first.reply_seq(), response, backend, &backend_hello, cfg).await?;
             Ok(session.map(|(client, backend, backend_id)| {
-                Plain::Plain(Session { client, backend, _entry: kills.insert(id, backend_id) })
+                LoggedIn::Plain(Session { client, backend, _entry: kills.insert(id, backend_id) })
             }))
         }
         ClientHello::Response(response) => {
@@ -247,14 +253,15 @@ async fn handshake(mut tcp: TcpStream, cfg: &ProxyConfig, kills: &KillMap, id: u
     }
 }
 
-/// The greeting the client sees: the backend's server identity and capabilities, with TLS and
-/// plugin auth offered, but the emulator's connection id and scramble.
-fn client_greeting(backend: &Handshake, id: u32, scramble: Vec<u8>) -> Handshake {
-    let capabilities = backend.capabilities.difference(CapabilityFlags::COMPRESS)
-        | CapabilityFlags::SSL
+/// The greeting the client sees: the backend's server identity and capabilities, with plugin
+/// auth and (unless `tls` is false: `--plaintext`) TLS offered, but the emulator's connection id
+/// and scramble.
+fn client_greeting(backend: &Handshake, id: u32, scramble: Vec<u8>, tls: bool) -> Handshake {
+    let mut capabilities = backend.capabilities.difference(CapabilityFlags::COMPRESS)
         | CapabilityFlags::PLUGIN_AUTH
         | CapabilityFlags::SECURE_CONNECTION
         | CapabilityFlags::PROTOCOL_41;
+    capabilities.set(CapabilityFlags::SSL, tls);
     Handshake {
         server_version: backend.server_version.clone(),
         connection_id: id,
@@ -402,7 +409,7 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Sends an ERR packet with sequence id `seq` and closes the write side.
+/// Sends an ERR packet with sequence id `seq`; the caller then drops the connection.
 async fn send_err<S: AsyncWrite + Unpin>(stream: &mut S, seq: u8, e: &ErrPacket) -> Result<(), MyError> {
     let mut out = BytesMut::new();
     PacketEncoder::new(seq).write_with(&mut out, |o| e.encode(o));
@@ -492,7 +499,7 @@ mod tests {
         let scramble = random_scramble();
         assert_eq!(scramble.len(), 20);
         assert!(!scramble.contains(&0));
-        let g = client_greeting(&backend, 9, scramble.clone());
+        let g = client_greeting(&backend, 9, scramble.clone(), true);
         assert_eq!((g.connection_id, g.charset, g.mariadb_capabilities), (9, 45, 0x1d));
         assert_eq!(g.server_version, backend.server_version);
         assert_eq!(g.auth_plugin_data, scramble);
@@ -503,5 +510,8 @@ mod tests {
         let mut out = BytesMut::new();
         g.encode(&mut out);
         assert_eq!(Handshake::decode(&out).unwrap(), g);
+        // A --plaintext emulator does not offer TLS, even when the backend does.
+        let backend = Handshake { capabilities: backend.capabilities | CapabilityFlags::SSL, ..backend };
+        assert!(!client_greeting(&backend, 9, scramble, false).capabilities.contains(CapabilityFlags::SSL));
     }
 }
