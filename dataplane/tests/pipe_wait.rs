@@ -33,6 +33,8 @@ fn a_session_waits_for_a_pipe_instead_of_dying() {
     let w = Worker::spawn(0, tx).unwrap();
     let (mut c, mut u, s) = plain_session("starved");
     w.add(s).unwrap();
+    let (mut idle_c, mut idle_u, idle) = plain_session("idle");
+    w.add(idle).unwrap();
     assert_eq!(w.pipes_in_use() + w.pipes_spare(), 0, "a fresh worker holds no pipe");
 
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
@@ -44,7 +46,9 @@ fn a_session_waits_for_a_pipe_instead_of_dying() {
         assert!(Instant::now() < deadline, "the direction never tried for a pipe ({} waits)", w.pipe_waits());
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(w.sessions(), vec!["starved".to_owned()], "the session ended for want of a pipe");
+    let mut live = w.sessions();
+    live.sort();
+    assert_eq!(live, ["idle", "starved"], "a session ended for want of a pipe");
     assert!(reports.try_recv().is_err());
 
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
@@ -61,8 +65,18 @@ fn a_session_waits_for_a_pipe_instead_of_dying() {
     assert_eq!(w.pipes_in_use(), 0, "the pipes went back once drained");
     assert!(w.pipes_spare() >= 1);
 
+    // The idle session went through the shortage untouched.
+    idle_u.write_all(b"still here").unwrap();
+    let mut got = [0u8; 10];
+    idle_c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    idle_c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"still here");
+
     drop((c, u));
     let r = next_report(&reports, Duration::from_secs(5));
+    assert_eq!(r.id, "starved");
     assert_eq!((r.bytes_client_to_upstream, r.bytes_upstream_to_client), (13, 3), "{r:?}");
+    drop((idle_c, idle_u));
+    assert_eq!(next_report(&reports, Duration::from_secs(5)).bytes_upstream_to_client, 10);
     w.shutdown();
 }

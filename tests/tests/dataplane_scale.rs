@@ -258,12 +258,9 @@ fn nine_thousand_sessions_on_one_dataplane_within_20000_descriptors() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while ended < SESSIONS {
         assert!(Instant::now() < deadline, "only {ended} of {SESSIONS} sessions reported");
-        match link.recv().unwrap().0 {
-            Message::SessionEnded(e) => {
-                assert!(e.bytes_client_to_upstream > 0 && e.bytes_upstream_to_client >= 4, "{e:?}");
-                ended += 1;
-            }
-            _ => {}
+        if let Message::SessionEnded(e) = link.recv().unwrap().0 {
+            assert!(e.bytes_client_to_upstream > 0 && e.bytes_upstream_to_client >= 4, "{e:?}");
+            ended += 1;
         }
     }
     std::thread::sleep(Duration::from_millis(200));

@@ -448,16 +448,6 @@ impl Io {
     }
 }
 
-/// Logs a direction left without a pipe: a warning when the first one starts waiting (a
-/// process short of descriptors would otherwise log once per direction).
-fn log_pipe_wait(e: &io::Error, worker: usize, first: bool) {
-    if first {
-        warn!(worker, error = %e, "no pipe could be made; directions with bytes to relay wait for one");
-    } else {
-        debug!(worker, error = %e, "no pipe could be made");
-    }
-}
-
 /// `splice(2)`, non-blocking, returning what a completion would: bytes moved or `-errno`.
 fn splice_now(from: RawFd, to: RawFd, len: u32) -> i32 {
     let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
@@ -496,6 +486,8 @@ pub(crate) struct EventLoop {
     /// `(slot, gen, dir)` of directions whose source has bytes but which could get no pipe
     /// (out of descriptors); retried when the pool has a spare pipe, and at every tick.
     pipe_waiters: Vec<(u32, u32, usize)>,
+    /// A direction could get no pipe and has not had one since (logged once per shortage).
+    pipes_short: bool,
 }
 
 impl Sess {
@@ -556,6 +548,7 @@ impl EventLoop {
                 inflight: 0,
             },
             pipe_waiters: Vec::new(),
+            pipes_short: false,
             commands,
             wake,
             wake_buf: Box::new([0; 8]),
@@ -889,7 +882,14 @@ impl EventLoop {
                 }
             }
             Step::WaitPipe(e) => {
-                log_pipe_wait(&e, self.index, self.pipe_waiters.is_empty());
+                // One warning per shortage: a process out of descriptors would otherwise log
+                // once per direction, and again at every retry.
+                if !self.pipes_short {
+                    self.pipes_short = true;
+                    warn!(worker = self.index, error = %e, "no pipe could be made; directions with bytes to relay wait for one");
+                } else {
+                    debug!(session = %s.id, error = %e, "no pipe could be made");
+                }
                 self.pipe_waiters.push((slot, s.gen, dir));
             }
             Step::Fail(f) => self.fail(slot, f),
@@ -906,8 +906,9 @@ impl EventLoop {
                 self.drive(slot, dir);
             }
         }
-        if self.pipe_waiters.is_empty() {
-            info!(worker = self.index, directions = waiting.len(), "pipes available again; waiting directions resumed");
+        if self.pipe_waiters.is_empty() && self.pipes_short {
+            self.pipes_short = false;
+            info!(worker = self.index, "pipes available again; waiting directions resumed");
         }
     }
 
