@@ -97,7 +97,8 @@ fn cnf_value(v: &str) -> String {
     }
 }
 
-/// A `[client]` option file for `--defaults-extra-file`.
+/// An option file for `--defaults-extra-file`: a `[client]` group every client tool reads,
+/// and the database in the interactive client's `[mysql]` group.
 pub fn option_file(flavour: Flavour, t: &Target, name: &str) -> String {
     let mut out = format!("# Written by `sluice db config {name}`: connect with --defaults-extra-file=THIS_FILE\n");
     out.push_str("[client]\nprotocol=TCP\n");
@@ -105,15 +106,18 @@ pub fn option_file(flavour: Flavour, t: &Target, name: &str) -> String {
         out.push_str(&format!("{k}={}\n", cnf_value(v)));
     }
     out.push_str(&format!("port={}\n", t.port));
-    if !t.database.is_empty() {
-        out.push_str(&format!("database={}\n", cnf_value(&t.database)));
-    }
     for (k, v) in [("ssl-ca", &t.ca), ("ssl-cert", &t.cert), ("ssl-key", &t.key)] {
         out.push_str(&format!("{k}={}\n", cnf_value(v)));
     }
     for o in verify_options(flavour) {
         out.push_str(o);
         out.push('\n');
+    }
+    // `database` is an option of the interactive client only: in [client], the other tools
+    // that read that group (mariadb-slap, mariadb-dump, mysqladmin) refuse to start. Both
+    // MariaDB's and MySQL's interactive clients read [mysql].
+    if !t.database.is_empty() {
+        out.push_str(&format!("[mysql]\ndatabase={}\n", cnf_value(&t.database)));
     }
     out
 }
@@ -205,12 +209,13 @@ mod tests {
                 "host=127.0.0.1",
                 "user=alice",
                 "port=3307",
-                "database=shop",
                 "ssl-ca=/h/.sluice/ca.pem",
                 "ssl-cert=/h/.sluice/db/shop.crt",
                 "ssl-key=/h/.sluice/db/shop.key",
                 "ssl",
                 "ssl-verify-server-cert",
+                "[mysql]",
+                "database=shop",
             ]
         );
         let mysql = option_file(Flavour::Mysql, &target(""), "shop");

@@ -92,6 +92,17 @@ struct Args {
     /// (--reps rounds of --duration seconds each; see `auth.rs`).
     #[arg(long)]
     auth: bool,
+    /// Measure the MySQL side instead: direct MariaDB vs the RDS Proxy emulator's MySQL mode vs
+    /// Sluice, with mariadb-slap point selects at 1 and 8 connections and a bulk read (see
+    /// `mysql.rs`). Appends its report to --out when given.
+    #[arg(long)]
+    mysql: bool,
+    /// With --mysql: selects per client per run [default: 20000, or 2000 with --quick].
+    #[arg(long)]
+    mysql_queries: Option<u64>,
+    /// With --mysql: MiB in the bulk read [default: 512, or 64 with --quick].
+    #[arg(long)]
+    mysql_mb: Option<u64>,
     /// With --auth: concurrent clients per auth node.
     #[arg(long, default_value_t = 4)]
     clients: usize,
@@ -138,6 +149,8 @@ fn install_signal_handlers() {
 // Under e2e/ rather than beside e2e.rs, where cargo would take it for another binary.
 #[path = "e2e/auth.rs"]
 mod auth;
+#[path = "e2e/mysql.rs"]
+mod mysql;
 
 fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
@@ -1230,6 +1243,20 @@ fn run(args: Args) -> Result<bool> {
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut workdir = WorkDir { path: path.canonicalize()?, keep: true };
         let outcome = auth::run(&auth, &workdir.path, args.out.as_deref(), &command);
+        workdir.keep = args.keep || outcome.is_err();
+        return outcome;
+    }
+    if args.mysql {
+        let my = mysql::MysqlSettings {
+            reps: settings.reps,
+            queries: args.mysql_queries.unwrap_or(if args.quick { 2000 } else { 20_000 }).max(1),
+            bulk_mb: args.mysql_mb.unwrap_or(if args.quick { 64 } else { 512 }).max(1),
+        };
+        progress!("settings: {my:?}");
+        let path = std::env::temp_dir().join(format!("sluice-e2e-mysql-{}-{}", std::process::id(), random_secret(4)));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut workdir = WorkDir { path: path.canonicalize()?, keep: true };
+        let outcome = mysql::run(&my, &workdir.path, args.out.as_deref(), &command);
         workdir.keep = args.keep || outcome.is_err();
         return outcome;
     }
