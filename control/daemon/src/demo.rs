@@ -821,6 +821,21 @@ impl Stack {
         dataplane: Option<&[&str]>,
         max_connections: Option<u32>,
     ) -> Result<Stack> {
+        let pg = PgOpts { max_connections, ..Default::default() };
+        Self::start_custom(dir, control_creds, dataplane, pg, |_| Vec::new())
+    }
+
+    /// As [`Stack::start_opts`], with PostgreSQL started with `pg` (TLS, a client CA, its own
+    /// pg_hba.conf) and control also serving the databases `extra` returns for that PostgreSQL
+    /// (the benchmark's upstreams without the emulator). `dir/control/data` is control's data
+    /// directory, so files `control auth sign` wrote for it beforehand come from the CA it uses.
+    pub fn start_custom(
+        dir: &Path,
+        control_creds: &AwsCreds,
+        dataplane: Option<&[&str]>,
+        pg: PgOpts,
+        extra: impl FnOnce(&Postgres) -> Vec<StaticDatabase>,
+    ) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pg_dir = if nix::unistd::geteuid().is_root() {
@@ -830,7 +845,7 @@ impl Stack {
         } else {
             dir.join("postgres")
         };
-        let postgres = Postgres::start_with(&pg_dir, max_connections)?;
+        let postgres = Postgres::start_opts(&pg_dir, pg)?;
         std::fs::write(dir.join("postgres-dir"), pg_dir.to_string_lossy().as_bytes())?;
         let db_password = random_secret(12);
         postgres.create_user_and_db("alice", &db_password, "demo")?;
@@ -847,10 +862,11 @@ impl Stack {
             &[(DEMO_USER.to_owned(), db_password.clone())],
             true,
         )?;
-        let dbs = vec![
+        let mut dbs = vec![
             demo_database("demo", &emulator, &[("env", "dev")]),
             demo_database(DEMO_PLAIN_DB, &plain_emulator, &[("env", "dev")]),
         ];
+        dbs.extend(extra(&postgres));
         let dataplane =
             dataplane.map(|args| DataplaneProc::start_with_args(&dir.join("dataplane"), args)).transpose()?;
         let socket = dataplane.as_ref().map(|d| d.socket.clone());
