@@ -10,16 +10,27 @@
 //! * `pgbench -S -c8 -j2`: TPS;
 //! * `pgbench -S -C -c4 -j2` (a new connection per transaction): TPS;
 //! * `COPY (SELECT ...) TO STDOUT` of about `--copy-mb` MiB read by `psql`, counted and hashed
-//!   (MiB/s; the md5 must equal the direct connection's).
+//!   (MiB/s; the md5 must equal the direct connection's);
+//! * `\copy ... from pstdin` of about `--copy-in-mb` MiB into an unlogged table, checked row by
+//!   row by PostgreSQL afterwards (MiB/s);
+//! * with `--contention sched-idle`, `pgbench -S -c1` again with every CPU kept busy by
+//!   SCHED_IDLE loops (the latency each proxy adds, idle vs busy).
 //!
-//! The targets are PostgreSQL itself (`direct`), the full Sluice path (`sluice`: client
-//! certificate from Sluice's CA → control → dataplane → emulator with an IAM token →
+//! The main tables compare targets with the same legs, all straight to the one PostgreSQL (which
+//! serves TLS and plain TCP): TLS on both legs (`direct-tls`; `sluice-tls-cert`, Sluice with
+//! `auth: cert` upstream; `pgbouncer-tls`; `haproxy-tls-passthrough`) and plain on both legs
+//! (`direct`; `sluice-plain`, control's Unix socket with a `tls.mode: disable` upstream;
+//! `pgbouncer`; `haproxy`; `haproxy-splice`).
+//!
+//! The second set of tables keeps PostgreSQL itself (`direct`), the full Sluice path (`sluice`:
+//! client certificate from Sluice's CA → control → dataplane → emulator with an IAM token →
 //! PostgreSQL), the emulator alone (`emulator-only`, isolating the cost of the RDS Proxy
-//! stand-in so Sluice's own cost can be read off), `pgbouncer`, `haproxy` and `haproxy-splice`.
-//! Runs are interleaved (repetition 1 runs every workload on every target, then repetition 2, ...;
-//! the target order rotates from one repetition to the next) and the report gives medians, ratios
-//! to direct and, for Sluice, to emulator-only, plus the proxies' CPU seconds per GiB of COPY
-//! (from `/proc/<pid>/stat`) and the raw per-repetition numbers.
+//! stand-in so Sluice's own cost can be read off) and their plaintext variants. Runs are
+//! interleaved (repetition 1 runs every workload on every target, then repetition 2, ...; the
+//! target order rotates from one repetition to the next) and the report gives medians, ratios to
+//! the same-legs baselines (and, for Sluice through the emulator, to the emulator), the proxies'
+//! CPU per transaction, per connection and per GiB of COPY (from `/proc/<pid>/stat`) and the raw
+//! per-repetition numbers.
 //!
 //! With `--auth` it measures the auth API instead (logins and database certificates per second
 //! per auth node, on SQLite and on a shared PostgreSQL; see `e2e/auth.rs`).
@@ -2281,5 +2292,83 @@ mod tests {
     fn reads_own_cpu_ticks() {
         assert!(proc_ticks(std::process::id()).is_ok());
         assert!(machine_ticks().unwrap() > 0);
+    }
+
+    fn target(key: &'static str, own: usize) -> Target {
+        let cpu = (0..own).map(|i| CpuGroup { name: format!("p{i}"), pids: vec![] }).collect();
+        Target { key, description: String::new(), env: vec![], token: None, cpu, own, upstream_tls: false }
+    }
+
+    fn sample(target: &'static str, workload: Workload, value: f64, latency_ms: Option<f64>, cpu: f64) -> Sample {
+        Sample {
+            rep: 1,
+            workload,
+            target,
+            value,
+            latency_ms,
+            units: 1000,
+            md5: None,
+            wall_s: 1.0,
+            cpu_s: vec![cpu],
+            machine_cpu_s: 2.0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn groups_targets_by_legs_and_reports_added_latency() {
+        let s = Settings {
+            reps: 1,
+            copy_mb: 1,
+            copy_in_mb: 1,
+            duration: 1,
+            scale: 1,
+            contention: Some(Contention::SchedIdle),
+        };
+        assert_eq!(
+            workloads(&s),
+            [
+                Workload::SelectC1,
+                Workload::SelectC1Busy,
+                Workload::SelectC8,
+                Workload::SelectConnect,
+                Workload::Copy,
+                Workload::CopyIn
+            ]
+        );
+        assert_eq!(same_legs_baseline("sluice-tls-cert"), Some("direct-tls"));
+        assert_eq!(same_legs_baseline("haproxy-splice"), Some("direct"));
+        assert_eq!(same_legs_baseline("sluice"), None);
+        let targets =
+            [target("direct", 0), target("direct-tls", 0), target("sluice-tls-cert", 1), target("sluice-plain", 1)];
+        let samples = vec![
+            sample("direct", Workload::SelectC1, 20_000.0, Some(0.050), 0.0),
+            sample("direct-tls", Workload::SelectC1, 10_000.0, Some(0.100), 0.0),
+            sample("sluice-tls-cert", Workload::SelectC1, 5_000.0, Some(0.200), 0.0),
+            sample("sluice-plain", Workload::SelectC1, 10_000.0, Some(0.070), 0.0),
+            sample("direct-tls", Workload::SelectC1Busy, 10_000.0, Some(0.080), 0.0),
+            sample("sluice-tls-cert", Workload::SelectC1Busy, 5_000.0, Some(0.130), 0.0),
+            sample("sluice-tls-cert", Workload::SelectC8, 5_000.0, None, 0.03),
+        ];
+        let report = Report {
+            settings: &s,
+            targets: &targets,
+            samples: &samples,
+            reference_md5: None,
+            header: String::new(),
+            notes: vec![],
+        };
+        let t = report.tables();
+        // TLS group: ratios to direct-tls and to direct.
+        assert!(t.contains("| sluice-tls-cert | 5,000 | 0.200 | 0.50 | 0.25 |"), "{t}");
+        // Plain group: ratio to direct only.
+        assert!(t.contains("| sluice-plain | 10,000 | 0.070 | 0.50 | 0 | 1/1 |"), "{t}");
+        // 100 µs over direct-tls idle, 50 µs busy; the plain one has no busy run.
+        assert!(t.contains("| sluice-tls-cert | direct-tls | 200 | +100 | 130 | +50 |"), "{t}");
+        assert!(t.contains("| sluice-plain | direct | 70 | +20 | – | – |"), "{t}");
+        // 0.03 CPU-s over 1000 transactions.
+        assert!(t.contains("| sluice-tls-cert | p0 | 30 |"), "{t}");
+        // No emulator target: no emulator tables.
+        assert!(!t.contains("Through the RDS Proxy emulator"), "{t}");
     }
 }
