@@ -10,16 +10,27 @@
 //! * `pgbench -S -c8 -j2`: TPS;
 //! * `pgbench -S -C -c4 -j2` (a new connection per transaction): TPS;
 //! * `COPY (SELECT ...) TO STDOUT` of about `--copy-mb` MiB read by `psql`, counted and hashed
-//!   (MiB/s; the md5 must equal the direct connection's).
+//!   (MiB/s; the md5 must equal the direct connection's);
+//! * `\copy ... from pstdin` of about `--copy-in-mb` MiB into an unlogged table, checked row by
+//!   row by PostgreSQL afterwards (MiB/s);
+//! * with `--contention sched-idle`, `pgbench -S -c1` again with every CPU kept busy by
+//!   SCHED_IDLE loops (the latency each proxy adds, idle vs busy).
 //!
-//! The targets are PostgreSQL itself (`direct`), the full Sluice path (`sluice`: client
-//! certificate from Sluice's CA → control → dataplane → emulator with an IAM token →
+//! The main tables compare targets with the same legs, all straight to the one PostgreSQL (which
+//! serves TLS and plain TCP): TLS on both legs (`direct-tls`; `sluice-tls-cert`, Sluice with
+//! `auth: cert` upstream; `pgbouncer-tls`; `haproxy-tls-passthrough`) and plain on both legs
+//! (`direct`; `sluice-plain`, control's Unix socket with a `tls.mode: disable` upstream;
+//! `pgbouncer`; `haproxy`; `haproxy-splice`).
+//!
+//! The second set of tables keeps PostgreSQL itself (`direct`), the full Sluice path (`sluice`:
+//! client certificate from Sluice's CA → control → dataplane → emulator with an IAM token →
 //! PostgreSQL), the emulator alone (`emulator-only`, isolating the cost of the RDS Proxy
-//! stand-in so Sluice's own cost can be read off), `pgbouncer`, `haproxy` and `haproxy-splice`.
-//! Runs are interleaved (repetition 1 runs every workload on every target, then repetition 2, ...;
-//! the target order rotates from one repetition to the next) and the report gives medians, ratios
-//! to direct and, for Sluice, to emulator-only, plus the proxies' CPU seconds per GiB of COPY
-//! (from `/proc/<pid>/stat`) and the raw per-repetition numbers.
+//! stand-in so Sluice's own cost can be read off) and their plaintext variants. Runs are
+//! interleaved (repetition 1 runs every workload on every target, then repetition 2, ...; the
+//! target order rotates from one repetition to the next) and the report gives medians, ratios to
+//! the same-legs baselines (and, for Sluice through the emulator, to the emulator), the proxies'
+//! CPU per transaction, per connection and per GiB of COPY (from `/proc/<pid>/stat`) and the raw
+//! per-repetition numbers.
 //!
 //! With `--auth` it measures the auth API instead (logins and database certificates per second
 //! per auth node, on SQLite and on a shared PostgreSQL; see `e2e/auth.rs`).
@@ -37,13 +48,21 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_credential_types::Credentials;
 use clap::Parser;
-use sluice_control::demo::{self, parse_env_exports, AwsCreds, ControlProc, DataplaneProc, Proc, Stack, LIBPQ_VARS};
+use sluice_control::config::{AwsSpec, DatabaseSpec, StaticDatabase, TlsMode, TlsSpec, UpstreamAuth};
+use sluice_control::demo::{
+    self, parse_env_exports, AwsCreds, ControlProc, DataplaneProc, PgOpts, Proc, Stack, LIBPQ_VARS,
+};
 use sluice_control::iam::{generate_auth_token, TokenTarget};
 use sluice_control::state::random_secret;
 
 /// The COPY's rows: the row number, a tab, 30 copies of the row number's md5 (960 bytes) and a
 /// newline, so every row is distinct and the md5 of the stream checks order and content.
 const COPY_ROW_BYTES_APPROX: u64 = 969;
+
+/// The defaults of a full run, sized so that every target × 3 repetitions (with
+/// `--contention sched-idle`) fits in about a quarter of an hour on the 2-core VM.
+const DEFAULT_DURATION: u64 = 4;
+const DEFAULT_COPY_MB: u64 = 512;
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -57,10 +76,10 @@ struct Args {
     /// Repetitions of the whole workload × target matrix [default: 3, or 1 with --quick].
     #[arg(long)]
     reps: Option<usize>,
-    /// Approximate size of the COPY in MiB [default: 2048, or 256 with --quick].
+    /// Approximate size of the COPY in MiB [default: 512, or 256 with --quick].
     #[arg(long)]
     copy_mb: Option<u64>,
-    /// Seconds each pgbench run lasts (`-T`) [default: 10, or 3 with --quick].
+    /// Seconds each pgbench run lasts (`-T`) [default: 4, or 3 with --quick].
     #[arg(long)]
     duration: Option<u64>,
     /// Where to write the Markdown report [default: bench/RESULTS.md; with --auth, stdout only].
@@ -70,10 +89,20 @@ struct Args {
     /// flags still win).
     #[arg(long)]
     quick: bool,
-    /// Run only these targets (comma-separated; direct is always run, as the baseline):
-    /// direct, sluice, sluice-splice, emulator-only, emulator-plain, pgbouncer, haproxy, haproxy-splice.
+    /// Approximate size of the COPY FROM (psql `\copy ... from pstdin`) in MiB [default: half of
+    /// --copy-mb].
+    #[arg(long)]
+    copy_in_mb: Option<u64>,
+    /// Run only these targets (comma-separated; direct is always run, as the baseline): direct,
+    /// direct-tls, sluice-tls-cert, sluice-plain, pgbouncer-tls, haproxy-tls-passthrough, sluice,
+    /// sluice-nobpf, sluice-splice, emulator-only, emulator-plain, pgbouncer, haproxy, haproxy-splice.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
+    /// `sched-idle`: also run `pgbench -S -c1` with every CPU kept busy by SCHED_IDLE spinning
+    /// processes (`chrt --idle 0`), and report the latency each proxy adds with idle and with busy
+    /// CPUs.
+    #[arg(long, value_enum)]
+    contention: Option<Contention>,
     /// pgbench scale factor for `pgbench -i`.
     #[arg(long, default_value_t = 10)]
     scale: u32,
@@ -108,13 +137,23 @@ struct Args {
     clients: usize,
 }
 
+/// Background load during the `-c1` runs of [`Workload::SelectC1Busy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Contention {
+    /// One SCHED_IDLE busy loop per CPU: the CPUs never idle (no wake-up latency from a deep
+    /// idle state), yet any normal task preempts the loops at once.
+    SchedIdle,
+}
+
 /// The settings a run uses, after --quick and the defaults.
 #[derive(Debug, Clone)]
 struct Settings {
     reps: usize,
     copy_mb: u64,
+    copy_in_mb: u64,
     duration: u64,
     scale: u32,
+    contention: Option<Contention>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -198,7 +237,12 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<V
 /// Runs `cmd` to completion with its output captured, killing it after `timeout` or on an
 /// interrupt. Returns the output whatever the exit status.
 fn run_output(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    run_output_from(cmd, timeout, Stdio::null())
+}
+
+/// As [`run_output`], with `stdin` as the command's standard input.
+fn run_output_from(cmd: &mut Command, timeout: Duration, stdin: Stdio) -> Result<Output> {
+    cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
     let what = format!("{:?}", cmd.get_program());
     let mut guard = ChildGuard::spawn(cmd)?;
     let out = drain(guard.child.stdout.take());
@@ -338,11 +382,31 @@ fn cpu_delta(before: &CpuSnap, after: &CpuSnap, ticks: f64) -> (Vec<f64>, f64) {
 // The Sluice stack
 // ---------------------------------------------------------------------------------------------
 
+/// The database user `sluice-tls-cert` logs in as (PostgreSQL's `hostssl … cert` line names it;
+/// a member of alice, so it reads her tables).
+const CERT_DB_USER: &str = "alice_cert";
+/// The database user `sluice-plain` logs in as (PostgreSQL trusts it on loopback: the IAM token a
+/// plain upstream leg carries means nothing to a self-hosted PostgreSQL).
+const PLAIN_DB_USER: &str = "alice_plain";
+/// Control's names for PostgreSQL itself: over TLS with certificate auth, and plain.
+const CERT_SERVICE: &str = "demo-cert";
+const PLAIN_SERVICE: &str = "demo-direct-plain";
+
 /// Creates role `dev` and Sluice user `alice`, logs her in with the `sluice` CLI (`sluice login`,
 /// `sluice db login demo`) and returns the libpq environment `sluice db env demo` prints.
 fn sluice_client_env(control: &ControlProc, dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut envs = sluice_client_envs(control, dir, &[("demo", "alice")])?;
+    envs.pop().ok_or_else(|| anyhow!("no environment for database demo"))
+}
+
+/// As [`sluice_client_env`], for each `(service, database user)` in `logins` (database `demo`).
+fn sluice_client_envs(
+    control: &ControlProc,
+    dir: &Path,
+    logins: &[(&str, &str)],
+) -> Result<Vec<Vec<(String, String)>>> {
     let state = control.state()?;
-    state.upsert_role(&demo::dev_role("dev", &["demo"], &["alice"])?)?;
+    state.upsert_role(&demo::dev_role("dev", &["demo"], &["alice", CERT_DB_USER, PLAIN_DB_USER])?)?;
     let password = format!("pw-{}", random_secret(8));
     state.add_user("alice", &password, &["dev".to_owned()])?;
     let ca_file = dir.join("control-ca.pem");
@@ -356,12 +420,81 @@ fn sluice_client_env(control: &ControlProc, dir: &Path) -> Result<Vec<(String, S
     };
     let api = format!("127.0.0.1:{}", control.api_port);
     run(&["login", "--proxy", &api, "--user", "alice", "--ca-file", &ca_file.to_string_lossy()])?;
-    run(&["db", "login", "demo", "--db-user", "alice", "--db-name", "demo"])?;
-    let mut env = parse_env_exports(&run(&["db", "env", "demo"])?)?;
-    // The certificate names `localhost`; dial 127.0.0.1 directly so libpq does not try ::1 first
-    // (control listens on IPv4 only) on every connection of `pgbench -C`.
-    env.push(("PGHOSTADDR".into(), "127.0.0.1".into()));
-    Ok(env)
+    let mut envs = Vec::new();
+    for (service, db_user) in logins {
+        run(&["db", "login", service, "--db-user", db_user, "--db-name", "demo"])?;
+        let mut env = parse_env_exports(&run(&["db", "env", service])?)?;
+        // The certificate names `localhost`; dial 127.0.0.1 directly so libpq does not try ::1
+        // first (control listens on IPv4 only) on every connection of `pgbench -C`.
+        env.push(("PGHOSTADDR".into(), "127.0.0.1".into()));
+        envs.push(env);
+    }
+    Ok(envs)
+}
+
+/// PostgreSQL's TLS files from `control auth sign --format=db` (server certificate and key
+/// from Sluice's database CA, and that CA as `ssl_ca_file`), signed for the control that will run
+/// on `stack_dir/control/data` so it trusts the server and PostgreSQL trusts its client
+/// certificates.
+struct DbTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+fn sign_db_tls(stack_dir: &Path, out_dir: &Path) -> Result<DbTls> {
+    std::fs::create_dir_all(out_dir)?;
+    let sign_cfg = out_dir.join("sign.yaml");
+    std::fs::write(&sign_cfg, format!("data_dir: {}\n", stack_dir.join("control").join("data").display()))?;
+    let files = out_dir.join("server");
+    let mut cmd = Command::new(demo::find_bin("control")?);
+    cmd.arg("--config")
+        .arg(&sign_cfg)
+        .args(["auth", "sign", "--format=db", "--host", "localhost,127.0.0.1", "--ttl", "24h", "--out"])
+        .arg(&files);
+    run_ok(&mut cmd, Duration::from_secs(60)).context("control auth sign --format=db")?;
+    let with_ext = |ext: &str| PathBuf::from(format!("{}{ext}", files.display()));
+    Ok(DbTls { cert: with_ext(".crt"), key: with_ext(".key"), client_ca: with_ext(".cas") })
+}
+
+/// PostgreSQL's pg_hba.conf: `alice_cert` only over TLS with a certificate (Sluice's
+/// `auth: cert`), `alice_plain` trusted on loopback (Sluice's plain upstream, whose IAM token a
+/// self-hosted server cannot check), everyone else SCRAM over TLS or not.
+fn bench_hba() -> String {
+    format!(
+        "local all all trust\n\
+         hostssl all {CERT_DB_USER} 127.0.0.1/32 cert\n\
+         host all {CERT_DB_USER} 0.0.0.0/0 reject\n\
+         host all {PLAIN_DB_USER} 127.0.0.1/32 trust\n\
+         host all all 127.0.0.1/32 scram-sha-256\n"
+    )
+}
+
+/// Control's routes straight to PostgreSQL: `demo-cert` (TLS, certificate auth) and
+/// `demo-direct-plain` (no TLS; the IAM token control sends is never asked for).
+fn direct_databases(pg_port: u16) -> Vec<StaticDatabase> {
+    let db = |name: &str, tls: TlsSpec, auth: UpstreamAuth, aws: AwsSpec| StaticDatabase {
+        name: name.into(),
+        description: "the benchmark's PostgreSQL, without the emulator".into(),
+        static_labels: [("env".to_owned(), "dev".to_owned())].into_iter().collect(),
+        spec: DatabaseSpec {
+            protocol: "postgres".into(),
+            uri: format!("localhost:{pg_port}"),
+            aws,
+            tls,
+            connect_addr: Some(format!("127.0.0.1:{pg_port}")),
+            auth,
+        },
+    };
+    vec![
+        db(CERT_SERVICE, TlsSpec::default(), UpstreamAuth::Cert, AwsSpec::default()),
+        db(
+            PLAIN_SERVICE,
+            TlsSpec { mode: TlsMode::Disable, ..Default::default() },
+            UpstreamAuth::Iam,
+            AwsSpec { region: Some(demo::DEMO_REGION.into()), ..Default::default() },
+        ),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -403,8 +536,10 @@ fn ensure_peer_proxies(no_install: bool, notes: &mut Vec<String>) {
 }
 
 /// pgbouncer in session pooling mode on a free loopback port, SCRAM towards clients and
-/// PostgreSQL (with alice's plaintext password in its auth file).
-fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str) -> Result<(Proc, u16)> {
+/// PostgreSQL (with alice's plaintext password in its auth file). With `tls` (its certificate
+/// chain and key, PEM), TLS is required on both legs (`client_tls_sslmode` and
+/// `server_tls_sslmode = require`).
+fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str, tls: Option<(&str, &str)>) -> Result<(Proc, u16)> {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let run_as = sluice_control::demo::unprivileged_user()?;
@@ -415,7 +550,25 @@ fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str) -> Result<(Proc, u1
     std::fs::set_permissions(&userlist, std::fs::Permissions::from_mode(0o600))?;
     let log = dir.join("pgbouncer.log");
     std::fs::write(&log, "")?;
+    let mut own_files = vec![dir.to_path_buf(), userlist.clone(), log.clone()];
+    let tls_lines = match tls {
+        None => "server_tls_sslmode = disable\n".to_owned(),
+        Some((cert, key)) => {
+            let (cert_file, key_file) = (dir.join("pgbouncer.crt"), dir.join("pgbouncer.key"));
+            std::fs::write(&cert_file, cert)?;
+            std::fs::write(&key_file, key)?;
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+            let lines = format!(
+                "client_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\nserver_tls_sslmode = require\n",
+                cert_file.display(),
+                key_file.display()
+            );
+            own_files.extend([cert_file, key_file]);
+            lines
+        }
+    };
     let ini = dir.join("pgbouncer.ini");
+    own_files.push(ini.clone());
     std::fs::write(
         &ini,
         format!(
@@ -431,7 +584,7 @@ fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str) -> Result<(Proc, u1
              pool_mode = session\n\
              max_client_conn = 200\n\
              default_pool_size = 20\n\
-             server_tls_sslmode = disable\n\
+             {tls_lines}\
              ignore_startup_parameters = extra_float_digits\n\
              log_connections = 0\n\
              log_disconnections = 0\n\
@@ -441,7 +594,7 @@ fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str) -> Result<(Proc, u1
         ),
     )?;
     if let Some(u) = &run_as {
-        for p in [dir, userlist.as_path(), log.as_path(), ini.as_path()] {
+        for p in &own_files {
             std::os::unix::fs::chown(p, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
         }
     }
@@ -458,7 +611,7 @@ fn start_pgbouncer(dir: &Path, pg_port: u16, password: &str) -> Result<(Proc, u1
 
 /// haproxy in `mode tcp` on a free loopback port in front of PostgreSQL; `splice` adds
 /// `option splice-auto`.
-fn start_haproxy(dir: &Path, pg_port: u16, splice: bool) -> Result<(Proc, u16)> {
+fn start_haproxy(dir: &Path, pg_port: u16, splice: bool, name: &str) -> Result<(Proc, u16)> {
     std::fs::create_dir_all(dir)?;
     let port = demo::free_port()?;
     let cfg = dir.join("haproxy.cfg");
@@ -491,7 +644,6 @@ fn start_haproxy(dir: &Path, pg_port: u16, splice: bool) -> Result<(Proc, u16)> 
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("haproxy.log"))?);
-    let name = if splice { "haproxy-splice" } else { "haproxy" };
     let mut proc = Proc::spawn(name, &mut cmd)?;
     demo::wait_for_port(port, Duration::from_secs(20), &mut proc)?;
     Ok((proc, port))
@@ -512,6 +664,8 @@ struct Target {
     /// (control and dataplane for `sluice`, whose last group is the emulator it goes through).
     cpu: Vec<CpuGroup>,
     own: usize,
+    /// Whether PostgreSQL's end of the session is TLS (`pg_stat_ssl`), checked before measuring.
+    upstream_tls: bool,
 }
 
 impl Target {
@@ -523,6 +677,11 @@ impl Target {
 
 const TARGET_KEYS: &[&str] = &[
     "direct",
+    "direct-tls",
+    "sluice-tls-cert",
+    "sluice-plain",
+    "pgbouncer-tls",
+    "haproxy-tls-passthrough",
     "sluice",
     "sluice-nobpf",
     "sluice-splice",
@@ -576,23 +735,56 @@ fn emulator_baseline(key: &str) -> Option<&'static str> {
     }
 }
 
+/// The same-legs groups of the main tables: every target in a group has the same kind of leg on
+/// both sides (TLS client leg and TLS to PostgreSQL, or plain both ways), straight to the one
+/// PostgreSQL; each is compared with the baselines listed (direct PostgreSQL over the same leg).
+const TLS_GROUP: &[&str] = &["direct-tls", "sluice-tls-cert", "pgbouncer-tls", "haproxy-tls-passthrough"];
+const PLAIN_GROUP: &[&str] = &["direct", "sluice-plain", "pgbouncer", "haproxy", "haproxy-splice"];
+/// The targets through the RDS Proxy emulator (a second userspace TLS proxy), reported apart.
+const EMULATOR_GROUP: &[&str] =
+    &["direct", "sluice", "sluice-nobpf", "sluice-splice", "emulator-only", "emulator-plain"];
+
+/// The same-legs baseline a target's added latency is measured over.
+fn same_legs_baseline(key: &str) -> Option<&'static str> {
+    if TLS_GROUP.contains(&key) {
+        Some("direct-tls")
+    } else if PLAIN_GROUP.contains(&key) {
+        Some("direct")
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Workload {
     SelectC1,
+    /// `-c1` with every CPU kept busy by SCHED_IDLE loops (`--contention sched-idle`).
+    SelectC1Busy,
     SelectC8,
     SelectConnect,
     Copy,
+    CopyIn,
 }
 
-const WORKLOADS: [Workload; 4] = [Workload::SelectC1, Workload::SelectC8, Workload::SelectConnect, Workload::Copy];
+/// The workloads a run measures, in order.
+fn workloads(s: &Settings) -> Vec<Workload> {
+    let mut w = vec![Workload::SelectC1];
+    if s.contention.is_some() {
+        w.push(Workload::SelectC1Busy);
+    }
+    w.extend([Workload::SelectC8, Workload::SelectConnect, Workload::Copy, Workload::CopyIn]);
+    w
+}
 
 impl Workload {
     fn key(self) -> &'static str {
         match self {
             Workload::SelectC1 => "select-c1",
+            Workload::SelectC1Busy => "select-c1-busy",
             Workload::SelectC8 => "select-c8",
             Workload::SelectConnect => "select-connect-c4",
             Workload::Copy => "copy",
+            Workload::CopyIn => "copy-in",
         }
     }
 
@@ -600,21 +792,31 @@ impl Workload {
         let d = s.duration;
         match self {
             Workload::SelectC1 => format!("`pgbench -S -c1 -T {d}`: select-only, 1 connection"),
+            Workload::SelectC1Busy => format!(
+                "`pgbench -S -c1 -T {d}` with every CPU busy: one SCHED_IDLE spinning loop per CPU (`chrt --idle 0`)"
+            ),
             Workload::SelectC8 => format!("`pgbench -S -c8 -j2 -T {d}`: select-only, 8 connections"),
             Workload::SelectConnect => {
                 format!("`pgbench -S -C -c4 -j2 -T {d}`: select-only, a new connection per transaction")
             }
             Workload::Copy => format!("`COPY (SELECT ...) TO STDOUT` of ~{} MiB through psql", s.copy_mb),
+            Workload::CopyIn => {
+                format!("`\\copy copy_in FROM pstdin` of ~{} MiB through psql (an unlogged table)", s.copy_in_mb)
+            }
         }
+    }
+
+    fn is_copy(self) -> bool {
+        matches!(self, Workload::Copy | Workload::CopyIn)
     }
 
     fn pgbench_args(self, duration: u64) -> Vec<String> {
         let mut a: Vec<String> = vec!["-n".into(), "-S".into()];
         match self {
-            Workload::SelectC1 => a.extend(["-c1".into(), "-j1".into()]),
+            Workload::SelectC1 | Workload::SelectC1Busy => a.extend(["-c1".into(), "-j1".into()]),
             Workload::SelectC8 => a.extend(["-c8".into(), "-j2".into()]),
             Workload::SelectConnect => a.extend(["-C".into(), "-c4".into(), "-j2".into()]),
-            Workload::Copy => {}
+            Workload::Copy | Workload::CopyIn => {}
         }
         a.extend(["-T".into(), duration.to_string()]);
         a
@@ -687,13 +889,14 @@ fn emulator_target(key: &'static str, emu: &demo::Emulator) -> Target {
         }),
         cpu: vec![CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] }],
         own: 1,
+        upstream_tls: false,
     }
 }
 
 /// A client command with exactly the target's libpq environment.
 fn client_cmd(program: &Path, target: &Target, creds: &Credentials) -> Result<Command> {
     let mut cmd = Command::new(program);
-    for v in LIBPQ_VARS {
+    for v in LIBPQ_VARS.iter().chain(&["PGCHANNELBINDING"]) {
         cmd.env_remove(v);
     }
     cmd.envs(target.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).env("PGCONNECT_TIMEOUT", "20");
@@ -744,6 +947,110 @@ fn run_pgbench(
 fn copy_sql(copy_mb: u64) -> String {
     let rows = (copy_mb * 1024 * 1024 / COPY_ROW_BYTES_APPROX).max(1);
     format!("COPY (SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, {rows}) AS i) TO STDOUT")
+}
+
+/// The COPY FROM's input: rows exactly like the COPY out's (`i`, a tab, 30 × md5(i), a newline),
+/// written once by a direct COPY out, so PostgreSQL can recompute every row to check the load.
+struct CopyInData {
+    file: PathBuf,
+    rows: u64,
+    bytes: u64,
+}
+
+/// The unlogged table the COPY FROM loads (WAL would measure the disk, not the proxy).
+const COPY_IN_TABLE: &str = "copy_in";
+
+fn prepare_copy_in(
+    pg: &demo::Postgres,
+    tools: &Tools,
+    direct: &Target,
+    creds: &Credentials,
+    dir: &Path,
+    mb: u64,
+) -> Result<CopyInData> {
+    pg.psql(
+        "demo",
+        &format!(
+            "CREATE UNLOGGED TABLE {COPY_IN_TABLE} (i bigint, s text); ALTER TABLE {COPY_IN_TABLE} OWNER TO alice"
+        ),
+    )?;
+    let rows = (mb * 1024 * 1024 / COPY_ROW_BYTES_APPROX).max(1);
+    let file = dir.join("copy-in.tsv");
+    let mut cmd = client_cmd(&tools.psql, direct, creds)?;
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!("COPY (SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, {rows}) AS i) TO STDOUT"))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&file).with_context(|| format!("creating {}", file.display()))?)
+        .stderr(Stdio::piped());
+    let out = ChildGuard::spawn(&mut cmd)?.child.wait_with_output_guarded(Duration::from_secs((mb / 5).max(120)))?;
+    if !out.status.success() {
+        bail!("writing the COPY FROM input failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    let bytes = std::fs::metadata(&file)?.len();
+    Ok(CopyInData { file, rows, bytes })
+}
+
+/// Waits for a child that writes only to a file and stderr, killing it after `timeout`.
+trait WaitGuarded {
+    fn wait_with_output_guarded(&mut self, timeout: Duration) -> Result<Output>;
+}
+
+impl WaitGuarded for Child {
+    fn wait_with_output_guarded(&mut self, timeout: Duration) -> Result<Output> {
+        let err = drain(self.stderr.take());
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.try_wait()? {
+                break status;
+            }
+            if interrupted() || Instant::now() > deadline {
+                let _ = self.kill();
+                let _ = self.wait();
+                bail!("killed after {timeout:?} (or interrupted)");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = err.join().map_err(|_| anyhow!("reading stderr panicked"))?;
+        Ok(Output { status, stdout: Vec::new(), stderr })
+    }
+}
+
+/// `psql -c "\copy copy_in from pstdin"` fed the prepared file through the target; returns the
+/// seconds it took. The table is emptied beforehand (not measured).
+fn run_copy_in(
+    tools: &Tools,
+    target: &Target,
+    creds: &Credentials,
+    data: &CopyInData,
+    timeout: Duration,
+) -> Result<f64> {
+    let mut cmd = client_cmd(&tools.psql, target, creds)?;
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"]).arg(format!("\\copy {COPY_IN_TABLE} from pstdin"));
+    let input = std::fs::File::open(&data.file).with_context(|| format!("opening {}", data.file.display()))?;
+    let started = Instant::now();
+    let out = run_output_from(&mut cmd, timeout, Stdio::from(input))?;
+    let secs = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("psql \\copy failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(secs)
+}
+
+/// Checks the loaded table row by row against what the input held: the row count, the sum of
+/// `i`, and no row whose text differs from `repeat(md5(i::text), 30)`.
+fn check_copy_in(pg: &demo::Postgres, data: &CopyInData) -> Result<String> {
+    let got = pg.psql(
+        "demo",
+        &format!(
+            "SELECT count(*), coalesce(sum(i), 0), count(*) FILTER (WHERE s IS DISTINCT FROM repeat(md5(i::text), 30)) FROM {COPY_IN_TABLE}"
+        ),
+    )?;
+    let n = data.rows;
+    let want = format!("{n}|{}|0", n * (n + 1) / 2);
+    if got != want {
+        bail!("the loaded table holds count|sum(i)|bad rows = {got}, not {want}");
+    }
+    Ok(format!("{n} rows checked"))
 }
 
 struct CopyResult {
@@ -826,16 +1133,35 @@ fn run_copy(tools: &Tools, target: &Target, creds: &Credentials, sql: &str, time
     Ok(CopyResult { bytes, md5, secs })
 }
 
-/// Runs one workload on one target and measures it; failures become a sample with `error`.
-fn measure(
-    tools: &Tools,
-    target: &Target,
-    creds: &Credentials,
-    workload: Workload,
-    rep: usize,
-    s: &Settings,
+/// One SCHED_IDLE busy loop per CPU, stopped (killed) when the guards are dropped. `chrt`
+/// execs the shell, so each guard's pid is the loop itself.
+fn spin_idle() -> Result<Vec<ChildGuard>> {
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    (0..n)
+        .map(|_| {
+            let mut cmd = Command::new("chrt");
+            cmd.args(["--idle", "0", "sh", "-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            ChildGuard::spawn(&mut cmd)
+        })
+        .collect()
+}
+
+/// What the runs share besides the target: the client programs, the superuser connection for
+/// unmeasured set-up and checks, and the COPY FROM input.
+struct Bench<'a> {
+    tools: &'a Tools,
+    creds: &'a Credentials,
+    pg: &'a demo::Postgres,
+    copy_in: &'a CopyInData,
     ticks: f64,
-) -> Sample {
+}
+
+/// Runs one workload on one target and measures it; failures become a sample with `error`.
+fn measure(b: &Bench, target: &Target, workload: Workload, rep: usize, s: &Settings) -> Sample {
+    let (tools, creds, ticks) = (b.tools, b.creds, b.ticks);
     let mut sample = Sample {
         rep,
         workload,
@@ -851,8 +1177,18 @@ fn measure(
     };
     let started = Instant::now();
     let result = (|| -> Result<()> {
+        if workload == Workload::CopyIn {
+            b.pg.psql("demo", &format!("TRUNCATE {COPY_IN_TABLE}"))?;
+        }
+        let _spinners = if workload == Workload::SelectC1Busy { spin_idle()? } else { Vec::new() };
         let before = cpu_snap(&target.cpu)?;
         match workload {
+            Workload::CopyIn => {
+                let timeout = Duration::from_secs((s.copy_in_mb / 5).max(120));
+                let secs = run_copy_in(tools, target, creds, b.copy_in, timeout)?;
+                sample.value = b.copy_in.bytes as f64 / MIB / secs;
+                sample.units = b.copy_in.bytes;
+            }
             Workload::Copy => {
                 let timeout = Duration::from_secs((s.copy_mb / 5).max(120));
                 let r = run_copy(tools, target, creds, &copy_sql(s.copy_mb), timeout)?;
@@ -869,6 +1205,9 @@ fn measure(
         }
         let after = cpu_snap(&target.cpu)?;
         (sample.cpu_s, sample.machine_cpu_s) = cpu_delta(&before, &after, ticks);
+        if workload == Workload::CopyIn {
+            sample.md5 = Some(check_copy_in(b.pg, b.copy_in)?);
+        }
         Ok(())
     })();
     sample.wall_s = started.elapsed().as_secs_f64();
@@ -946,52 +1285,63 @@ impl Report<'_> {
         median(self.ok(w, target).map(|x| x.value).collect())
     }
 
-    fn tables(&self) -> String {
-        let mut o = String::new();
-        let s = self.settings;
-        for w in WORKLOADS {
-            o += &format!("### {}\n\n", w.title(s));
-            let unit = if w == Workload::Copy { "MiB/s" } else { "TPS" };
-            let direct = self.median_value(w, "direct");
-            let mut head = format!("| target | {unit} (median) |");
-            let mut rule = "|---|---:|".to_owned();
-            if w == Workload::SelectC1 {
-                head += " avg latency ms |";
-                rule += "---:|";
-            }
-            head += " × direct | × its emulator |";
-            rule += "---:|---:|";
-            if w == Workload::Copy {
-                head += " md5 |";
-                rule += "---|";
-            } else {
-                head += " proxy CPU µs/txn |";
-                rule += "---:|";
-            }
-            head += " runs ok |";
+    /// The targets of `keys` this run has, in `keys`' order.
+    fn present<'k>(&self, keys: &'k [&'k str]) -> Vec<&Target> {
+        keys.iter().filter_map(|k| self.targets.iter().find(|t| t.key == *k)).collect()
+    }
+
+    /// One workload's table for `targets`, with a ratio column per baseline present and, with
+    /// `emulator`, the ratio to the emulator a Sluice target goes through.
+    fn workload_table(&self, w: Workload, targets: &[&Target], baselines: &[&str], emulator: bool) -> String {
+        let baselines: Vec<&str> =
+            baselines.iter().copied().filter(|b| self.targets.iter().any(|t| t.key == *b)).collect();
+        let unit = if w.is_copy() { "MiB/s" } else { "TPS" };
+        let mut head = format!("| target | {unit} (median) |");
+        let mut rule = "|---|---:|".to_owned();
+        if matches!(w, Workload::SelectC1 | Workload::SelectC1Busy) {
+            head += " avg latency ms |";
             rule += "---:|";
-            o += &format!("{head}\n{rule}\n");
-            for t in self.targets {
-                let v = self.median_value(w, t.key);
-                let mut row = format!(
-                    "| {} | {} |",
-                    t.key,
-                    opt(v, |x| if w == Workload::Copy { format!("{x:.1}") } else { thousands(x) })
+        }
+        for b in &baselines {
+            head += &format!(" × {b} |");
+            rule += "---:|";
+        }
+        if emulator {
+            head += " × its emulator |";
+            rule += "---:|";
+        }
+        match w {
+            Workload::Copy => head += " md5 |",
+            Workload::CopyIn => head += " table check |",
+            _ => head += " proxy CPU µs/txn |",
+        }
+        rule += if w.is_copy() { "---|" } else { "---:|" };
+        head += " runs ok |";
+        rule += "---:|";
+        let mut o = format!("{head}\n{rule}\n");
+        for t in targets {
+            let v = self.median_value(w, t.key);
+            let mut row =
+                format!("| {} | {} |", t.key, opt(v, |x| if w.is_copy() { format!("{x:.1}") } else { thousands(x) }));
+            if matches!(w, Workload::SelectC1 | Workload::SelectC1Busy) {
+                row += &format!(
+                    " {} |",
+                    opt(median(self.ok(w, t.key).filter_map(|x| x.latency_ms).collect()), |x| format!("{x:.3}"))
                 );
-                if w == Workload::SelectC1 {
-                    row += &format!(
-                        " {} |",
-                        opt(median(self.ok(w, t.key).filter_map(|x| x.latency_ms).collect()), |x| format!("{x:.3}"))
-                    );
-                }
-                let ratio = |base: Option<f64>| match (v, base) {
-                    (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
-                    _ => "–".into(),
-                };
-                row += &format!(" {} |", ratio(direct));
+            }
+            let ratio = |base: Option<f64>| match (v, base) {
+                (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+                _ => "–".into(),
+            };
+            for b in &baselines {
+                row += &format!(" {} |", ratio(self.median_value(w, b)));
+            }
+            if emulator {
                 let baseline = emulator_baseline(t.key).map(|b| ratio(self.median_value(w, b))).unwrap_or_default();
                 row += &format!(" {baseline} |");
-                if w == Workload::Copy {
+            }
+            match w {
+                Workload::Copy => {
                     let md5s: Vec<&String> = self.ok(w, t.key).filter_map(|x| x.md5.as_ref()).collect();
                     let check = match (&self.reference_md5, md5s.is_empty()) {
                         (_, true) => "–".to_owned(),
@@ -1000,46 +1350,140 @@ impl Report<'_> {
                         (None, false) => "(no reference)".to_owned(),
                     };
                     row += &format!(" {check} |");
-                } else if t.cpu.is_empty() {
-                    row += " – |";
-                } else {
-                    let per_txn = median(
-                        self.ok(w, t.key)
-                            .filter(|x| x.units > 0)
-                            .map(|x| t.own_cpu(x) * 1e6 / x.units as f64)
-                            .collect(),
-                    );
+                }
+                Workload::CopyIn => {
+                    // A run whose table check failed is an error, so only checked runs count.
+                    let checked = self.ok(w, t.key).filter(|x| x.md5.is_some()).count();
+                    let failed = self.attempts(w, t.key) - self.ok(w, t.key).count();
+                    row += &match (checked, failed) {
+                        (0, 0) => " – |".to_owned(),
+                        (n, 0) => format!(" exact ({n} checked) |"),
+                        (_, f) => format!(" **{f} run(s) failed** |"),
+                    };
+                }
+                _ if t.cpu.is_empty() => row += " – |",
+                _ => {
+                    let per_txn = self.own_cpu_per_unit(w, t, 1e6);
                     row += &format!(" {} |", opt(per_txn, |x| format!("{x:.0}")));
                 }
-                row += &format!(" {}/{} |", self.ok(w, t.key).count(), self.attempts(w, t.key));
-                o += &format!("{row}\n");
+            }
+            row += &format!(" {}/{} |", self.ok(w, t.key).count(), self.attempts(w, t.key));
+            o += &format!("{row}\n");
+        }
+        o + "\n"
+    }
+
+    /// The proxy's own CPU seconds per unit (transaction, connection or byte) × `scale`, median.
+    fn own_cpu_per_unit(&self, w: Workload, t: &Target, scale: f64) -> Option<f64> {
+        median(self.ok(w, t.key).filter(|x| x.units > 0).map(|x| t.own_cpu(x) * scale / x.units as f64).collect())
+    }
+
+    fn tables(&self) -> String {
+        let mut o = String::new();
+        let s = self.settings;
+        let tls = self.present(TLS_GROUP);
+        let plain = self.present(PLAIN_GROUP);
+        let emu = self.present(EMULATOR_GROUP);
+        let same_legs = !tls.is_empty() || plain.len() > 1;
+        if same_legs {
+            o += "## Same legs, straight to PostgreSQL (no emulator)\n\n";
+            for w in workloads(s) {
+                o += &format!("### {}\n\n", w.title(s));
+                if !tls.is_empty() {
+                    o += "TLS on the client leg and on the leg to PostgreSQL:\n\n";
+                    o += &self.workload_table(w, &tls, &["direct-tls", "direct"], false);
+                }
+                if plain.len() > 1 {
+                    o += "Plain TCP (sluice-plain: Unix socket) on the client leg, plain TCP to PostgreSQL:\n\n";
+                    o += &self.workload_table(w, &plain, &["direct"], false);
+                }
+            }
+            o += "### Proxy CPU per unit of work (same legs)\n\n";
+            o += "| target | process(es) | µs/txn (`-c8`) | µs/connection (`-C`) | CPU-s/GiB COPY out | CPU-s/GiB COPY in |\n\
+                  |---|---|---:|---:|---:|---:|\n";
+            for t in tls.iter().chain(&plain).filter(|t| t.own > 0) {
+                let names = t.cpu.iter().take(t.own).map(|g| g.name.as_str()).collect::<Vec<_>>().join(" + ");
+                let f = |w: Workload, scale: f64, digits: usize| {
+                    opt(self.own_cpu_per_unit(w, t, scale), |x| format!("{x:.digits$}"))
+                };
+                o += &format!(
+                    "| {} | {names} | {} | {} | {} | {} |\n",
+                    t.key,
+                    f(Workload::SelectC8, 1e6, 0),
+                    f(Workload::SelectConnect, 1e6, 0),
+                    f(Workload::Copy, GIB, 2),
+                    f(Workload::CopyIn, GIB, 2)
+                );
             }
             o += "\n";
+            if s.contention.is_some() {
+                o += "### Added `-c1` latency over the same-legs baseline, idle vs busy CPUs\n\n";
+                o += "Busy: one SCHED_IDLE spinning loop per CPU during the run (the CPUs never sleep, so no \
+                      wake-up latency, yet every normal task preempts the loops). Added latency is the \
+                      target's median average latency minus its baseline's (`direct-tls` for the TLS group, \
+                      `direct` for the plain one) in the same mode.\n\n";
+                o += "| target | baseline | idle: latency µs | idle: added µs | busy: latency µs | busy: added µs |\n\
+                      |---|---|---:|---:|---:|---:|\n";
+                let lat = |w: Workload, key: &str| median(self.ok(w, key).filter_map(|x| x.latency_ms).collect());
+                for t in tls.iter().chain(&plain) {
+                    let Some(base) = same_legs_baseline(t.key) else { continue };
+                    let cell = |w: Workload| {
+                        let v = lat(w, t.key);
+                        let added = match (v, lat(w, base)) {
+                            (Some(v), Some(b)) => format!("{:+.0}", (v - b) * 1e3),
+                            _ => "–".into(),
+                        };
+                        (opt(v, |x| format!("{:.0}", x * 1e3)), added)
+                    };
+                    let (idle, idle_added) = cell(Workload::SelectC1);
+                    let (busy, busy_added) = cell(Workload::SelectC1Busy);
+                    o += &format!("| {} | {base} | {idle} | {idle_added} | {busy} | {busy_added} |\n", t.key);
+                }
+                o += "\n";
+            }
+        }
+        if emu.len() > 1 {
+            o += "## Through the RDS Proxy emulator\n\n";
+            o += "Sluice's emulator targets go client → Sluice → emulator (a second userspace proxy) → \
+                  PostgreSQL; `× its emulator` compares them with clients going straight to that emulator.\n\n";
+            for w in workloads(s) {
+                o += &format!("### {}\n\n", w.title(s));
+                o += &self.workload_table(w, &emu, &["direct"], true);
+            }
         }
 
-        o += "### CPU seconds per GiB of COPY\n\n";
-        o += "| target | process(es) | CPU-s/GiB (median) | whole machine CPU-s/GiB |\n|---|---|---:|---:|\n";
+        o += "### CPU seconds per GiB of COPY (out and in), every target\n\n";
+        o += "| target | process(es) | COPY out CPU-s/GiB (median) | whole machine | COPY in CPU-s/GiB (median) | whole machine |\n\
+              |---|---|---:|---:|---:|---:|\n";
         for t in self.targets {
-            let per_gib = |f: &dyn Fn(&Sample) -> f64| {
-                median(
-                    self.ok(Workload::Copy, t.key)
-                        .filter(|x| x.units > 0)
-                        .map(|x| f(x) / (x.units as f64 / GIB))
-                        .collect(),
-                )
+            let per_gib = |w: Workload, f: &dyn Fn(&Sample) -> f64| {
+                median(self.ok(w, t.key).filter(|x| x.units > 0).map(|x| f(x) / (x.units as f64 / GIB)).collect())
             };
-            let machine = opt(per_gib(&|x| x.machine_cpu_s), |x| format!("{x:.2}"));
+            let two = |x: f64| format!("{x:.2}");
+            let machine_out = opt(per_gib(Workload::Copy, &|x| x.machine_cpu_s), two);
+            let machine_in = opt(per_gib(Workload::CopyIn, &|x| x.machine_cpu_s), two);
             if t.cpu.is_empty() {
-                o += &format!("| {} | (no proxy) | – | {machine} |\n", t.key);
+                o += &format!("| {} | (no proxy) | – | {machine_out} | – | {machine_in} |\n", t.key);
             }
             for (i, g) in t.cpu.iter().enumerate() {
-                let v = opt(per_gib(&|x| x.cpu_s.get(i).copied().unwrap_or(0.0)), |x| format!("{x:.2}"));
-                let m = if i == 0 { machine.clone() } else { String::new() };
-                o += &format!("| {} | {} | {v} | {m} |\n", t.key, g.name);
+                let group = |w| opt(per_gib(w, &|x| x.cpu_s.get(i).copied().unwrap_or(0.0)), two);
+                let (mo, mi) = if i == 0 { (machine_out.clone(), machine_in.clone()) } else { Default::default() };
+                o += &format!(
+                    "| {} | {} | {} | {mo} | {} | {mi} |\n",
+                    t.key,
+                    g.name,
+                    group(Workload::Copy),
+                    group(Workload::CopyIn)
+                );
                 if i + 1 == t.own && t.own > 1 {
                     let names = t.cpu.iter().take(t.own).map(|g| g.name.as_str()).collect::<Vec<_>>().join(" + ");
-                    let v = opt(per_gib(&|x| t.own_cpu(x)), |x| format!("**{x:.2}**"));
-                    o += &format!("| {} | **{names}** | {v} | |\n", t.key);
+                    let own = |w| opt(per_gib(w, &|x| t.own_cpu(x)), |x| format!("**{x:.2}**"));
+                    o += &format!(
+                        "| {} | **{names}** | {} | | {} | |\n",
+                        t.key,
+                        own(Workload::Copy),
+                        own(Workload::CopyIn)
+                    );
                 }
             }
         }
@@ -1048,17 +1492,14 @@ impl Report<'_> {
         if self.targets.iter().any(|t| t.key == "sluice-nobpf") {
             o += "### eBPF counters: `sluice` (programs attached, sessions counted) vs `sluice-nobpf`\n\n";
             o += "| workload | sluice | sluice-nobpf | cost of the counters |\n|---|---:|---:|---:|\n";
-            for w in WORKLOADS {
+            for w in workloads(s) {
                 let (a, b) = (with(w), self.median_value(w, "sluice-nobpf"));
                 let cost = match (a, b) {
                     (Some(a), Some(b)) if b > 0.0 => format!("{:+.1} %", (1.0 - a / b) * 100.0),
                     _ => "–".into(),
                 };
                 let f = |v: Option<f64>| {
-                    opt(
-                        v,
-                        |x| if w == Workload::Copy { format!("{x:.1} MiB/s") } else { format!("{} TPS", thousands(x)) },
-                    )
+                    opt(v, |x| if w.is_copy() { format!("{x:.1} MiB/s") } else { format!("{} TPS", thousands(x)) })
                 };
                 o += &format!("| {} | {} | {} | {cost} |\n", w.key(), f(a), f(b));
             }
@@ -1119,6 +1560,22 @@ impl Report<'_> {
          * `sluice-splice` is a local client on control's Unix socket (peer uid mapped to alice) to\n  \
          database `demo-plain`, whose upstream is the emulator without TLS: both legs are plain and\n  \
          the dataplane splices them (`emulator-plain` is that emulator measured alone, over TCP).\n\
+         * The main tables compare targets with the same legs, all straight to the one PostgreSQL\n  \
+         (which serves TLS and plain TCP at once): the TLS group (`direct-tls`, `sluice-tls-cert`,\n  \
+         `pgbouncer-tls`, `haproxy-tls-passthrough`) has TLS from the client and TLS into\n  \
+         PostgreSQL (haproxy passes the client's own TLS session through; the others terminate\n  \
+         and re-encrypt); the plain group (`direct`, `sluice-plain`, `pgbouncer`, `haproxy`,\n  \
+         `haproxy-splice`) has no TLS anywhere. Logins still differ: direct, pgbouncer and haproxy\n  \
+         clients do SCRAM (PBKDF2 on both ends, every `-C` connection); `sluice-tls-cert` logs in\n  \
+         to PostgreSQL with a client certificate; `sluice-plain`'s user is trusted on loopback\n  \
+         (no password exchange at all), which flatters its `-C` numbers against `direct`.\n\
+         * `sluice-plain`'s client leg is control's Unix socket (the peer uid names the user): a\n  \
+         plain TCP client leg has no identity to route on (TCP clients are identified by their\n  \
+         Sluice client certificate), so there is none to measure.\n\
+         * `COPY FROM` loads the same rows the COPY out produces (written once to a file, fed to\n  \
+         `psql \\copy ... from pstdin`) into an unlogged table, emptied before each run; after\n  \
+         each run PostgreSQL recomputes every row from its key (`count`, `sum(i)`, and no row\n  \
+         differing from `repeat(md5(i::text), 30)`), so a run counts only if the load was exact.\n\
          * The paths differ in more than the proxy: `direct`, `pgbouncer` and `haproxy*` are\n  \
          plaintext TCP, and libpq does SCRAM (PBKDF2) itself on every connection; `emulator-only`\n  \
          is TLS with the IAM token as a cleartext password, and the emulator does the SCRAM towards\n  \
@@ -1217,11 +1674,14 @@ fn main() -> std::process::ExitCode {
 
 /// Runs everything; `Ok(false)` when the report was written but some run failed.
 fn run(args: Args) -> Result<bool> {
+    let copy_mb = args.copy_mb.unwrap_or(if args.quick { 256 } else { DEFAULT_COPY_MB }).max(1);
     let settings = Settings {
         reps: args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
-        copy_mb: args.copy_mb.unwrap_or(if args.quick { 256 } else { 2048 }).max(1),
-        duration: args.duration.unwrap_or(if args.quick { 3 } else { 10 }).max(1),
+        copy_mb,
+        copy_in_mb: args.copy_in_mb.unwrap_or(copy_mb / 2).max(1),
+        duration: args.duration.unwrap_or(if args.quick { 3 } else { DEFAULT_DURATION }).max(1),
         scale: args.scale.max(1),
+        contention: args.contention,
     };
     for t in &args.targets {
         if !TARGET_KEYS.contains(&t.as_str()) {
@@ -1308,8 +1768,27 @@ fn run_in(
     if let Some(cg) = &cgroups {
         enter_cgroup(&cg.0 .0)?;
     }
-    let stack = Stack::start_with(&dir.join("stack"), &AwsCreds::demo(), !args.no_dataplane)
-        .context("starting the Sluice stack")?;
+    // PostgreSQL serves TLS with a certificate from Sluice's database CA (signed before control
+    // first starts, for the data directory it will use) beside plain TCP, so the TLS and the
+    // plain targets all reach the same server.
+    let stack_dir = dir.join("stack");
+    std::fs::create_dir_all(&stack_dir)?;
+    let db_tls = sign_db_tls(&stack_dir.canonicalize()?, &dir.join("db-tls"))?;
+    let pg_opts = PgOpts {
+        tls: Some((db_tls.cert.clone(), db_tls.key.clone())),
+        client_ca: Some(db_tls.client_ca.clone()),
+        hba: Some(bench_hba()),
+        ..Default::default()
+    };
+    let dataplane_args: &[&str] = &[];
+    let stack = Stack::start_custom(
+        &stack_dir,
+        &AwsCreds::demo(),
+        (!args.no_dataplane).then_some(dataplane_args),
+        pg_opts,
+        |pg| direct_databases(pg.port),
+    )
+    .context("starting the Sluice stack")?;
     check_interrupted()?;
     let pg = &stack.postgres;
     let emu = &stack.emulator;
@@ -1320,7 +1799,13 @@ fn run_in(
         )),
         None => notes.push("Run with --no-dataplane: control relayed the sessions itself (userspace copy).".to_owned()),
     }
-    let sluice_env = sluice_client_env(&stack.control, dir).context("logging alice in with the sluice CLI")?;
+    for user in [CERT_DB_USER, PLAIN_DB_USER] {
+        pg.psql("postgres", &format!("CREATE ROLE {user} LOGIN IN ROLE alice"))?;
+    }
+    let mut envs = sluice_client_envs(&stack.control, dir, &[("demo", "alice"), (CERT_SERVICE, CERT_DB_USER)])
+        .context("logging alice in with the sluice CLI")?;
+    let sluice_cert_env = envs.pop().ok_or_else(|| anyhow!("no environment for {CERT_SERVICE}"))?;
+    let sluice_env = envs.pop().ok_or_else(|| anyhow!("no environment for demo"))?;
     match std::fs::read_to_string(stack.dir.join("dataplane").join("dataplane.log")) {
         Ok(log) if log.contains("source=\"bpf\"") || log.contains("source=bpf") => {
             notes.push("The `sluice` dataplane counted sessions with its eBPF programs (cgroup_skb).".to_owned())
@@ -1373,6 +1858,7 @@ fn run_in(
         token: None,
         cpu: Vec::new(),
         own: 0,
+        upstream_tls: false,
     };
     let mut init = client_cmd(&tools.pgbench, &direct_probe, &creds)?;
     init.args(["-i", "-q", "-s", &s.scale.to_string()]);
@@ -1387,6 +1873,7 @@ fn run_in(
         token: None,
         cpu: Vec::new(),
         own: 0,
+        upstream_tls: false,
     }];
     // Control (and the dataplane) are the proxy under test; the emulator behind them is listed last.
     let sluice_cpu = |emulator: &demo::Emulator| {
@@ -1398,6 +1885,78 @@ fn run_in(
         cpu.push(CpuGroup { name: "emulator".into(), pids: vec![emulator.proc.pid()] });
         (cpu, own)
     };
+    // The same-legs Sluice targets go to PostgreSQL itself: control and the dataplane are all
+    // there is to measure.
+    let sluice_own_cpu = || {
+        let mut cpu = vec![CpuGroup { name: "control".into(), pids: vec![control.proc.pid()] }];
+        if let Some(dp) = stack.dataplane.as_ref().map(|d| d.proc.pid()) {
+            cpu.push(CpuGroup { name: "dataplane".into(), pids: vec![dp] });
+        }
+        let own = cpu.len();
+        (cpu, own)
+    };
+    let via_dataplane = if stack.dataplane.is_some() { "dataplane → " } else { "" };
+    let tls_env = |port: u16| -> Vec<(String, String)> {
+        let mut env = direct_env.clone();
+        for (k, v) in env.iter_mut() {
+            match k.as_str() {
+                "PGPORT" => *v = port.to_string(),
+                "PGSSLMODE" => *v = "require".into(),
+                _ => {}
+            }
+        }
+        // PostgreSQL's certificate from `auth sign` is signed with Ed25519, for which SCRAM's
+        // channel binding (tls-server-end-point) defines no hash: libpq's default
+        // (`channel_binding=prefer`) then fails with "could not find digest for NID UNDEF".
+        env.push(("PGCHANNELBINDING".into(), "disable".into()));
+        env
+    };
+    if wanted("direct-tls") {
+        targets.push(Target {
+            key: "direct-tls",
+            description: format!("PostgreSQL on 127.0.0.1:{} (TCP, TLS `sslmode=require`, SCRAM)", pg.port),
+            env: tls_env(pg.port),
+            token: None,
+            cpu: Vec::new(),
+            own: 0,
+            upstream_tls: true,
+        });
+    }
+    if wanted("sluice-tls-cert") {
+        let (cpu, own) = sluice_own_cpu();
+        targets.push(Target {
+            key: "sluice-tls-cert",
+            description: format!(
+                "control on 127.0.0.1:{} (mTLS, Sluice client certificate) → {via_dataplane}PostgreSQL over TLS as {CERT_DB_USER} (`auth: cert`: a client certificate from Sluice's database CA, `hostssl … cert`)",
+                control.pg_port
+            ),
+            env: sluice_cert_env,
+            token: None,
+            cpu,
+            own,
+            upstream_tls: true,
+        });
+    }
+    if wanted("sluice-plain") {
+        let local = control.config.proxy_service.local_socket.as_ref().context("control serves no local socket")?;
+        let (cpu, own) = sluice_own_cpu();
+        targets.push(Target {
+            key: "sluice-plain",
+            description: format!(
+                "control's Unix socket for {PLAIN_SERVICE} (plaintext, peer uid → alice) → {}PostgreSQL over plain TCP as {PLAIN_DB_USER} (`tls.mode: disable`; PostgreSQL trusts that user on loopback, so no password is asked)",
+                if stack.dataplane.is_some() { "dataplane splicing both legs → " } else { "" }
+            ),
+            env: vec![
+                ("PGHOST".into(), local.dir.join(PLAIN_SERVICE).to_string_lossy().into_owned()),
+                ("PGUSER".into(), PLAIN_DB_USER.into()),
+                ("PGDATABASE".into(), "demo".into()),
+            ],
+            token: None,
+            cpu,
+            own,
+            upstream_tls: false,
+        });
+    }
     if wanted("sluice") {
         let (cpu, own) = sluice_cpu(emu);
         targets.push(Target {
@@ -1411,6 +1970,7 @@ fn run_in(
             token: None,
             cpu,
             own,
+            upstream_tls: false,
         });
     }
     if let Some((dp, c, env)) = &nobpf {
@@ -1428,6 +1988,7 @@ fn run_in(
                 CpuGroup { name: "emulator".into(), pids: vec![emu.proc.pid()] },
             ],
             own: 2,
+            upstream_tls: false,
         });
     }
     if wanted("sluice-splice") {
@@ -1448,6 +2009,7 @@ fn run_in(
             token: None,
             cpu,
             own,
+            upstream_tls: false,
         });
     }
     if wanted("emulator-plain") {
@@ -1466,7 +2028,7 @@ fn run_in(
         env
     };
     if wanted("pgbouncer") && installed("pgbouncer") {
-        match start_pgbouncer(&dir.join("pgbouncer"), pg.port, &stack.db_password) {
+        match start_pgbouncer(&dir.join("pgbouncer"), pg.port, &stack.db_password, None) {
             Ok((proc, port)) => {
                 targets.push(Target {
                     key: "pgbouncer",
@@ -1475,6 +2037,7 @@ fn run_in(
                     token: None,
                     cpu: vec![CpuGroup { name: "pgbouncer".into(), pids: vec![proc.pid()] }],
                     own: 1,
+                    upstream_tls: false,
                 });
                 peers.push(proc);
             }
@@ -1485,7 +2048,7 @@ fn run_in(
         if !(wanted(key) && installed("haproxy")) {
             continue;
         }
-        match start_haproxy(&dir.join(key), pg.port, splice) {
+        match start_haproxy(&dir.join(key), pg.port, splice, key) {
             Ok((proc, port)) => {
                 targets.push(Target {
                     key,
@@ -1497,6 +2060,52 @@ fn run_in(
                     token: None,
                     cpu: vec![CpuGroup { name: key.into(), pids: vec![proc.pid()] }],
                     own: 1,
+                    upstream_tls: false,
+                });
+                peers.push(proc);
+            }
+            Err(e) => notes.push(format!("{key} did not start, skipped: {}", short(&format!("{e:#}")))),
+        }
+    }
+    if wanted("pgbouncer-tls") && installed("pgbouncer") {
+        let started = demo::LocalCa::new("bench pgbouncer CA")
+            .and_then(|ca| ca.issue_server(&["localhost", "127.0.0.1"]))
+            .map_err(anyhow::Error::from)
+            .and_then(|(cert, key)| {
+                start_pgbouncer(&dir.join("pgbouncer-tls"), pg.port, &stack.db_password, Some((&cert, &key)))
+            });
+        match started {
+            Ok((proc, port)) => {
+                targets.push(Target {
+                    key: "pgbouncer-tls",
+                    description: format!(
+                        "pgbouncer on 127.0.0.1:{port} (session pooling, SCRAM, TLS required from clients and to PostgreSQL)"
+                    ),
+                    env: tls_env(port),
+                    token: None,
+                    cpu: vec![CpuGroup { name: "pgbouncer-tls".into(), pids: vec![proc.pid()] }],
+                    own: 1,
+                    upstream_tls: true,
+                });
+                peers.push(proc);
+            }
+            Err(e) => notes.push(format!("pgbouncer-tls did not start, skipped: {}", short(&format!("{e:#}")))),
+        }
+    }
+    if wanted("haproxy-tls-passthrough") && installed("haproxy") {
+        let key = "haproxy-tls-passthrough";
+        match start_haproxy(&dir.join(key), pg.port, false, key) {
+            Ok((proc, port)) => {
+                targets.push(Target {
+                    key,
+                    description: format!(
+                        "haproxy on 127.0.0.1:{port} (mode tcp) passing the clients' TLS (`sslmode=require`) through to PostgreSQL"
+                    ),
+                    env: tls_env(port),
+                    token: None,
+                    cpu: vec![CpuGroup { name: key.into(), pids: vec![proc.pid()] }],
+                    own: 1,
+                    upstream_tls: true,
                 });
                 peers.push(proc);
             }
@@ -1508,8 +2117,22 @@ fn run_in(
     let mut checked = Vec::new();
     for t in targets {
         let mut cmd = client_cmd(&tools.psql, &t, &creds)?;
-        cmd.args(["-X", "-A", "-t", "-c", "select current_user, count(*) from pgbench_branches"]);
-        match run_ok(&mut cmd, Duration::from_secs(30)) {
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select current_user, coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false), count(*) from pgbench_branches",
+        ]);
+        let answer = run_ok(&mut cmd, Duration::from_secs(30)).and_then(|out| {
+            // PostgreSQL's end of the session must be what the target claims (TLS or not).
+            let tls = out.trim().split('|').nth(1) == Some("t");
+            if tls != t.upstream_tls {
+                bail!("PostgreSQL's side of the session is {} TLS: {}", if tls { "" } else { "not" }, out.trim());
+            }
+            Ok(out)
+        });
+        match answer {
             Ok(out) => {
                 progress!("{}: {} → {}", t.key, t.description, out.trim());
                 checked.push(t);
@@ -1526,12 +2149,21 @@ fn run_in(
     warm.args(["-n", "-S", "-c2", "-j2", "-T", "3"]);
     run_ok(&mut warm, Duration::from_secs(60)).context("warm-up")?;
 
-    let per_copy = s.copy_mb as f64 / 150.0 + 2.0;
-    let estimate = s.reps as f64 * targets.len() as f64 * (3.0 * (s.duration as f64 + 1.5) + per_copy);
+    progress!("writing the COPY FROM input (~{} MiB, direct)", s.copy_in_mb);
+    let copy_in =
+        prepare_copy_in(pg, tools, &targets[0], &creds, dir, s.copy_in_mb).context("preparing the COPY FROM")?;
+    let bench = Bench { tools, creds: &creds, pg, copy_in: &copy_in, ticks };
+
+    let workloads = workloads(s);
+    let pgbench_runs = workloads.iter().filter(|w| !w.is_copy()).count() as f64;
+    // Loopback COPY runs at roughly 120 MiB/s out and 150 MiB/s in on the 2-core VM, plus the
+    // emptying and the check of the loaded table.
+    let per_copy = s.copy_mb as f64 / 120.0 + 0.3 + s.copy_in_mb as f64 / 150.0 + 0.5;
+    let estimate = s.reps as f64 * targets.len() as f64 * (pgbench_runs * (s.duration as f64 + 0.2) + per_copy);
     progress!(
         "measuring: {} reps × {} workloads × {} targets (about {:.0} min)",
         s.reps,
-        WORKLOADS.len(),
+        workloads.len(),
         targets.len(),
         estimate / 60.0
     );
@@ -1539,12 +2171,12 @@ fn run_in(
     let mut samples = Vec::new();
     let mut reference_md5: Option<String> = None;
     for rep in 1..=s.reps {
-        for w in WORKLOADS {
+        for &w in &workloads {
             for i in 0..targets.len() {
                 check_interrupted()?;
                 let t = &targets[(i + rep - 1) % targets.len()];
-                let mut x = measure(tools, t, &creds, w, rep, s, ticks);
-                if let (Some(m), None) = (&x.md5, &x.error) {
+                let mut x = measure(&bench, t, w, rep, s);
+                if let (Some(m), None, Workload::Copy) = (&x.md5, &x.error, w) {
                     if t.key == "direct" && reference_md5.is_none() {
                         reference_md5 = Some(m.clone());
                     }
@@ -1554,7 +2186,7 @@ fn run_in(
                     None => {
                         let cpu = x.cpu_s.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join("+");
                         let what = match w {
-                            Workload::Copy => format!(
+                            Workload::Copy | Workload::CopyIn => format!(
                                 "{:.1} MiB/s ({} bytes in {:.1} s, md5 {})",
                                 x.value,
                                 x.units,
@@ -1583,7 +2215,7 @@ fn run_in(
     // A COPY whose content differs from direct's is a failure, whatever its speed.
     let mut all_ok = true;
     for x in &mut samples {
-        if let (Some(m), Some(r)) = (&x.md5, &reference_md5) {
+        if let (Some(m), Some(r), Workload::Copy) = (&x.md5, &reference_md5, x.workload) {
             if m != r && x.error.is_none() {
                 x.error = Some(format!("md5 {m} differs from direct's {r}"));
             }
@@ -1687,5 +2319,83 @@ mod tests {
     fn reads_own_cpu_ticks() {
         assert!(proc_ticks(std::process::id()).is_ok());
         assert!(machine_ticks().unwrap() > 0);
+    }
+
+    fn target(key: &'static str, own: usize) -> Target {
+        let cpu = (0..own).map(|i| CpuGroup { name: format!("p{i}"), pids: vec![] }).collect();
+        Target { key, description: String::new(), env: vec![], token: None, cpu, own, upstream_tls: false }
+    }
+
+    fn sample(target: &'static str, workload: Workload, value: f64, latency_ms: Option<f64>, cpu: f64) -> Sample {
+        Sample {
+            rep: 1,
+            workload,
+            target,
+            value,
+            latency_ms,
+            units: 1000,
+            md5: None,
+            wall_s: 1.0,
+            cpu_s: vec![cpu],
+            machine_cpu_s: 2.0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn groups_targets_by_legs_and_reports_added_latency() {
+        let s = Settings {
+            reps: 1,
+            copy_mb: 1,
+            copy_in_mb: 1,
+            duration: 1,
+            scale: 1,
+            contention: Some(Contention::SchedIdle),
+        };
+        assert_eq!(
+            workloads(&s),
+            [
+                Workload::SelectC1,
+                Workload::SelectC1Busy,
+                Workload::SelectC8,
+                Workload::SelectConnect,
+                Workload::Copy,
+                Workload::CopyIn
+            ]
+        );
+        assert_eq!(same_legs_baseline("sluice-tls-cert"), Some("direct-tls"));
+        assert_eq!(same_legs_baseline("haproxy-splice"), Some("direct"));
+        assert_eq!(same_legs_baseline("sluice"), None);
+        let targets =
+            [target("direct", 0), target("direct-tls", 0), target("sluice-tls-cert", 1), target("sluice-plain", 1)];
+        let samples = vec![
+            sample("direct", Workload::SelectC1, 20_000.0, Some(0.050), 0.0),
+            sample("direct-tls", Workload::SelectC1, 10_000.0, Some(0.100), 0.0),
+            sample("sluice-tls-cert", Workload::SelectC1, 5_000.0, Some(0.200), 0.0),
+            sample("sluice-plain", Workload::SelectC1, 10_000.0, Some(0.070), 0.0),
+            sample("direct-tls", Workload::SelectC1Busy, 10_000.0, Some(0.080), 0.0),
+            sample("sluice-tls-cert", Workload::SelectC1Busy, 5_000.0, Some(0.130), 0.0),
+            sample("sluice-tls-cert", Workload::SelectC8, 5_000.0, None, 0.03),
+        ];
+        let report = Report {
+            settings: &s,
+            targets: &targets,
+            samples: &samples,
+            reference_md5: None,
+            header: String::new(),
+            notes: vec![],
+        };
+        let t = report.tables();
+        // TLS group: ratios to direct-tls and to direct.
+        assert!(t.contains("| sluice-tls-cert | 5,000 | 0.200 | 0.50 | 0.25 |"), "{t}");
+        // Plain group: ratio to direct only.
+        assert!(t.contains("| sluice-plain | 10,000 | 0.070 | 0.50 | 0 | 1/1 |"), "{t}");
+        // 100 µs over direct-tls idle, 50 µs busy; the plain one has no busy run.
+        assert!(t.contains("| sluice-tls-cert | direct-tls | 200 | +100 | 130 | +50 |"), "{t}");
+        assert!(t.contains("| sluice-plain | direct | 70 | +20 | – | – |"), "{t}");
+        // 0.03 CPU-s over 1000 transactions.
+        assert!(t.contains("| sluice-tls-cert | p0 | 30 |"), "{t}");
+        // No emulator target: no emulator tables.
+        assert!(!t.contains("Through the RDS Proxy emulator"), "{t}");
     }
 }

@@ -1109,7 +1109,8 @@ impl Stack {
         dataplane: Option<&[&str]>,
         max_connections: Option<u32>,
     ) -> Result<Stack> {
-        Self::start_full(dir, control_creds, dataplane, max_connections, None)
+        let pg = PgOpts { max_connections, ..Default::default() };
+        Self::start_full(dir, control_creds, dataplane, pg, |_| Vec::new(), None)
     }
 
     /// As [`Stack::start`], plus the MySQL side when MariaDB is installed: MariaDB and a MySQL
@@ -1131,14 +1132,29 @@ impl Stack {
             eprintln!("MariaDB is not installed (scripts/setup installs it), so the demo has no MySQL database");
             None
         };
-        Self::start_full(&dir, control_creds, Some(&[]), None, mysql)
+        Self::start_full(&dir, control_creds, Some(&[]), PgOpts::default(), |_| Vec::new(), mysql)
+    }
+
+    /// As [`Stack::start_opts`], with PostgreSQL started with `pg` (TLS, a client CA, its own
+    /// pg_hba.conf) and control also serving the databases `extra` returns for that PostgreSQL
+    /// (the benchmark's upstreams without the emulator). `dir/control/data` is control's data
+    /// directory, so files `control auth sign` wrote for it beforehand come from the CA it uses.
+    pub fn start_custom(
+        dir: &Path,
+        control_creds: &AwsCreds,
+        dataplane: Option<&[&str]>,
+        pg: PgOpts,
+        extra: impl FnOnce(&Postgres) -> Vec<StaticDatabase>,
+    ) -> Result<Stack> {
+        Self::start_full(dir, control_creds, dataplane, pg, extra, None)
     }
 
     fn start_full(
         dir: &Path,
         control_creds: &AwsCreds,
         dataplane: Option<&[&str]>,
-        max_connections: Option<u32>,
+        pg: PgOpts,
+        extra: impl FnOnce(&Postgres) -> Vec<StaticDatabase>,
         mysql: Option<MysqlDemo>,
     ) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
@@ -1150,7 +1166,7 @@ impl Stack {
         } else {
             dir.join("postgres")
         };
-        let postgres = Postgres::start_with(&pg_dir, max_connections)?;
+        let postgres = Postgres::start_opts(&pg_dir, pg)?;
         std::fs::write(dir.join("postgres-dir"), pg_dir.to_string_lossy().as_bytes())?;
         let db_password = random_secret(12);
         postgres.create_user_and_db("alice", &db_password, "demo")?;
@@ -1171,6 +1187,7 @@ impl Stack {
             demo_database("demo", &emulator, &[("env", "dev")]),
             demo_database(DEMO_PLAIN_DB, &plain_emulator, &[("env", "dev")]),
         ];
+        dbs.extend(extra(&postgres));
         let mysql_port = match &mysql {
             Some(m) => {
                 dbs.push(demo_database(DEMO_MYSQL_DB, &m.emulator, &[("env", "dev")]));
