@@ -23,6 +23,7 @@ mod flags;
 mod handshake;
 mod packet;
 mod response;
+mod session;
 pub mod wire;
 
 pub use command::{parse_kill, Command, Kill, KillKind, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUERY, COM_QUIT};
@@ -33,6 +34,10 @@ pub use handshake::{
     NATIVE_PASSWORD_PLUGIN, PROTOCOL_VERSION,
 };
 pub use packet::{Packet, PacketDecoder, PacketEncoder, HEADER_LEN, MAX_FRAGMENT_LEN, PRE_AUTH_MAX_PAYLOAD};
+pub use session::{
+    ClientLogin, ServerEvent, ServerHandshake, ServerHandshakeError, UpstreamEvent, UpstreamHandshake,
+    UpstreamHandshakeError, UpstreamLogin, UpstreamSession, DEFAULT_CHARSET, SERVER_CAPABILITIES,
+};
 pub use response::{
     AuthReply, EofPacket, ErrPacket, OkPacket, ER_ACCESS_DENIED_ERROR, ER_BAD_HANDSHAKE, ER_CON_COUNT_ERROR,
     ER_DBACCESS_DENIED_ERROR, ER_SECURE_TRANSPORT_REQUIRED,
