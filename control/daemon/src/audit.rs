@@ -77,6 +77,10 @@ pub struct SessionFields {
     pub db_user: String,
     pub db_name: String,
     pub client_addr: String,
+    /// The wire protocol (`config::PROTOCOL_MYSQL`); empty for PostgreSQL, as in records written
+    /// before MySQL was served.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub db_protocol: String,
 }
 
 impl AuditLog {
@@ -141,7 +145,7 @@ impl AuditLog {
             "db_service": s.db_service,
             "db_user": s.db_user,
             "db_name": s.db_name,
-            "db_protocol": "postgres",
+            "db_protocol": if s.db_protocol.is_empty() { crate::config::PROTOCOL_POSTGRES } else { s.db_protocol.as_str() },
             "client_addr": s.client_addr,
         });
         if let (Some(obj), Value::Object(more)) = (record.as_object_mut(), extra) {

@@ -34,13 +34,13 @@ pub use handshake::{
     NATIVE_PASSWORD_PLUGIN, PROTOCOL_VERSION,
 };
 pub use packet::{Packet, PacketDecoder, PacketEncoder, HEADER_LEN, MAX_FRAGMENT_LEN, PRE_AUTH_MAX_PAYLOAD};
-pub use session::{
-    ClientLogin, ServerEvent, ServerHandshake, ServerHandshakeError, UpstreamEvent, UpstreamHandshake,
-    UpstreamHandshakeError, UpstreamLogin, UpstreamSession, DEFAULT_CHARSET, SERVER_CAPABILITIES,
-};
 pub use response::{
     AuthReply, EofPacket, ErrPacket, OkPacket, ER_ACCESS_DENIED_ERROR, ER_BAD_HANDSHAKE, ER_CON_COUNT_ERROR,
     ER_DBACCESS_DENIED_ERROR, ER_SECURE_TRANSPORT_REQUIRED,
+};
+pub use session::{
+    ClientLogin, ServerEvent, ServerHandshake, ServerHandshakeError, UpstreamEvent, UpstreamHandshake,
+    UpstreamHandshakeError, UpstreamLogin, UpstreamSession, DEFAULT_CHARSET, SERVER_CAPABILITIES,
 };
 
 /// Errors for bytes no conforming MySQL or MariaDB peer sends, or that Sluice does not accept.

@@ -653,7 +653,9 @@ mod tests {
         u.feed(&framed(0, |o| greeting.encode(o)));
         u.next_event().unwrap();
         u.feed(&hex(captures::SWITCH_TO_NATIVE));
-        assert!(matches!(u.next_event(), Err(UpstreamHandshakeError::UnsupportedAuth(p)) if p == NATIVE_PASSWORD_PLUGIN));
+        assert!(
+            matches!(u.next_event(), Err(UpstreamHandshakeError::UnsupportedAuth(p)) if p == NATIVE_PASSWORD_PLUGIN)
+        );
 
         // An ERR in place of the greeting.
         let mut u = UpstreamHandshake::new(login(true));

@@ -207,7 +207,7 @@ impl ProxyContext {
             warn!(session_id = %id, error = %e, "forgetting a live session");
         }
         let fields = record.fields;
-        self.cancels().remove(&record.our_pid);
+        self.forget_key(record.our_pid);
         let extra = match ended {
             Some(e) => json!({
                 "duration_ms": e.duration_ms,
