@@ -108,6 +108,10 @@ fn err_for(refusal: &Refusal) -> ErrPacket {
         HandshakeFailure::PolicyUnavailable | HandshakeFailure::Internal => {
             ErrPacket::new(ER_UNKNOWN_ERROR, *b"HY000", msg)
         }
+        // Roles name the dimension they refused in the text (`rbac::check_access`).
+        HandshakeFailure::Denied if refusal.reason.contains("database name") => {
+            ErrPacket::new(my::ER_DBACCESS_DENIED_ERROR, *b"42000", msg)
+        }
         _ => ErrPacket::new(my::ER_ACCESS_DENIED_ERROR, *b"28000", msg),
     }
 }
