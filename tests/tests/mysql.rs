@@ -556,8 +556,14 @@ fn large_select_and_load_data_are_byte_exact() -> Result<()> {
     );
     let out = ok(cmd, &load)?;
     assert_eq!(out.trim(), format!("{count}\t{len}\t{xor}"));
-    // Both went through the data plane.
-    let ends: Vec<_> = s.h.audit()?.into_iter().filter(|e| e.event == "db.session.end").collect();
-    ensure!(!ends.is_empty());
+    // Both went through the data plane, which counted them.
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    wait_until(Duration::from_secs(10), "the dataplane's end reports", || {
+        let ends: Vec<_> = s.h.audit()?.into_iter().filter(|e| e.event == "db.session.end").collect();
+        let held = |e: &&sluice_tests::sluice_control::state::AuditRow| e.data["data_plane"] == true;
+        let out = ends.iter().filter(held).any(|e| n(&e.data["bytes_to_client"]) > 1 << 30);
+        let into = ends.iter().filter(held).any(|e| n(&e.data["bytes_from_client"]) > 512 << 20);
+        Ok((out && into).then_some(()))
+    })?;
     Ok(())
 }
