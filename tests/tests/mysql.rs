@@ -439,6 +439,22 @@ fn kill_query_from_a_second_connection() -> Result<()> {
     // The session lives on.
     let rows = a.query("select 'still here'")?.map_err(|e| anyhow!("{e:?}"))?;
     assert_eq!(text(&rows[0]), "still here");
+
+    // The mariadb client's own Ctrl-C: SIGINT while a query runs makes it send the KILL.
+    let mut cli = s.client(Some((&files.0, &files.1)), "alice", "demo");
+    cli.args(["-e", "SELECT SLEEP(30)"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cli.spawn()?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let started = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(15), "{stderr}");
+    wait_until(Duration::from_secs(10), "the KILL from mariadb's Ctrl-C", || {
+        let kills = s.h.audit()?.into_iter().filter(|e| e.data["kill_result"] == "ok").count();
+        Ok((kills >= 2).then_some(()))
+    })
+    .with_context(|| format!("mariadb said: {stderr}"))?;
     Ok(())
 }
 
