@@ -1,7 +1,8 @@
 //! `sluice`: the user CLI, modelled on `tsh`. `login` authenticates against control's API and keeps
 //! a profile under `$SLUICE_HOME` (default `~/.sluice`); `db login` fetches a short-lived client
 //! certificate for one database route over a key pair generated here; `db env`/`db config`/
-//! `db connect` hand those files to stock libpq tools; `proxy db --tunnel` serves them to clients
+//! `db connect` hand those files to stock libpq tools, or for a MySQL database to the `mariadb` or
+//! `mysql` client (through an option file); `proxy db --tunnel` serves them to PostgreSQL clients
 //! that cannot use a certificate. `aws rds-token` prints an RDS IAM token.
 
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ use sluice_api::api::{self, DbCertResponse, DbInfo, LoginResponse, Request};
 use sluice_api::iam::{generate_auth_token, CredentialSource, TokenMinter, TokenTarget};
 use sluice_api::private_fs;
 
+mod mysql;
 mod tunnel;
 
 #[derive(Parser)]
@@ -89,18 +91,20 @@ enum DbCmd {
     },
     /// Remove a database's certificate.
     Logout { name: String },
-    /// Print `export PG...` lines for libpq tools.
+    /// Print `export PG...` lines for libpq tools (for MySQL: host, port and the option file).
     Env { name: String },
-    /// Print connection details (files, host, a libpq connection string).
+    /// Print connection details (files, host, a libpq connection string; for MySQL the client's
+    /// options, and an option file for `--defaults-extra-file`).
     Config { name: String },
-    /// Run psql against the database (logs in to it first when --db-user is given).
+    /// Run psql (or for MySQL the mariadb or mysql client) against the database (logs in to it
+    /// first when --db-user is given).
     Connect {
         name: String,
         #[arg(long)]
         db_user: Option<String>,
         #[arg(long)]
         db_name: Option<String>,
-        /// Extra arguments for psql, after `--`.
+        /// Extra arguments for psql (or the MySQL client), after `--`.
         #[arg(last = true)]
         psql_args: Vec<String>,
     },
@@ -135,6 +139,9 @@ struct Profile {
     expires: String,
     cluster: String,
     postgres_public_addr: String,
+    /// Control's MySQL address; none without a MySQL listener (or from servers before MySQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mysql_public_addr: Option<String>,
 }
 
 /// The route a database certificate was issued for.
@@ -147,7 +154,19 @@ struct DbProfile {
     /// server cannot be asked for where it is served now.
     #[serde(default)]
     endpoints: Vec<String>,
+    /// `postgres` or `mysql`; empty from CLIs before MySQL (PostgreSQL then).
+    #[serde(default)]
+    protocol: String,
 }
+
+impl DbProfile {
+    fn is_mysql(&self) -> bool {
+        self.protocol == PROTOCOL_MYSQL
+    }
+}
+
+/// [`DbInfo::protocol`] of MySQL and MariaDB databases.
+const PROTOCOL_MYSQL: &str = "mysql";
 
 fn home() -> Result<PathBuf> {
     if let Some(h) = std::env::var_os("SLUICE_HOME") {
@@ -243,37 +262,67 @@ async fn db_login(p: &Paths, name: &str, db_user: &str, db_name: &str) -> Result
     write_private(&p.db_file(name, "key"), key.serialize_pem().as_bytes())?;
     write_private(&p.db_file(name, "crt"), resp.cert_pem.as_bytes())?;
     write_private(&p.ca(), resp.ca_pem.as_bytes())?;
+    let mysql = resp.protocol == PROTOCOL_MYSQL;
     let meta = DbProfile {
         db_user: db_user.to_owned(),
         db_name: db_name.to_owned(),
         expires: resp.expires.clone(),
-        endpoints: resp.postgres_endpoints.clone(),
+        endpoints: if mysql { resp.mysql_endpoints.clone() } else { resp.postgres_endpoints.clone() },
+        protocol: resp.protocol.clone(),
     };
     write_private(&p.db_file(name, "json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    // An option file from an earlier login would name the old route's files and address.
+    let _ = std::fs::remove_file(p.db_file(name, "cnf"));
     println!("Logged into database {name} as {db_user} (valid until {}).", resp.expires);
+    if mysql {
+        println!(
+            "It is a MySQL database: `sluice db connect {name}`, or `sluice db config {name}` for an option file."
+        );
+    }
     Ok(())
 }
 
-/// Where to connect to a database: the endpoints the auth server lists now (the agents serving
-/// it are healthy), else those it listed at `db login`, else the login's PostgreSQL address.
-async fn db_endpoints(p: &Paths, profile: &Profile, name: &str, meta: &DbProfile) -> Vec<String> {
+/// Where to connect to a PostgreSQL database: the endpoints the auth server lists now (the
+/// agents serving it are healthy), else those it listed at `db login`, else the login's
+/// PostgreSQL address. A MySQL database has no such fallback: with no MySQL endpoint listed now
+/// (or, when the server cannot be asked, at `db login` or at `sluice login`) there is no MySQL
+/// listener to connect to, which is an error.
+async fn db_endpoints(p: &Paths, profile: &Profile, name: &str, meta: &DbProfile) -> Result<Vec<String>> {
     let listed: Result<Vec<DbInfo>> =
         call(p, &profile.proxy, &Request::DbList { session: profile.session.clone() }).await;
-    let endpoints = match listed {
-        Ok(dbs) => dbs.into_iter().find(|d| d.name == name).map(|d| d.endpoints).unwrap_or_default(),
+    // listed: None when the server could not be asked, Some(false) when it does not list `name`.
+    let (endpoints, listed) = match listed {
+        Ok(dbs) => {
+            let found = dbs.into_iter().find(|d| d.name == name);
+            let listed = found.is_some();
+            (found.map(|d| d.endpoints).unwrap_or_default(), Some(listed))
+        }
         Err(e) => {
             eprintln!(
                 "note: could not ask {} where {name} is served ({e:#}); using what `sluice db login` saw",
                 profile.proxy
             );
-            meta.endpoints.clone()
+            (meta.endpoints.clone(), None)
         }
     };
-    if endpoints.is_empty() {
-        vec![profile.postgres_public_addr.clone()]
-    } else {
-        endpoints
+    if !endpoints.is_empty() {
+        return Ok(endpoints);
     }
+    if !meta.is_mysql() {
+        return Ok(vec![profile.postgres_public_addr.clone()]);
+    }
+    match (&profile.mysql_public_addr, listed) {
+        (Some(addr), None) => Ok(vec![addr.clone()]),
+        (_, Some(false)) => bail!("{} no longer lists database {name:?} for you: see `sluice db ls`", profile.proxy),
+        _ => Err(no_mysql_listener(&profile.proxy, name)),
+    }
+}
+
+fn no_mysql_listener(proxy: &str, name: &str) -> anyhow::Error {
+    anyhow!(
+        "database {name:?} is a MySQL database, but {proxy} names no MySQL listener for it: \
+         control needs proxy_service.mysql_listen_addr (or mysql_public_addr where agents serve it)"
+    )
 }
 
 /// libpq's host and port lists for `endpoints`, in random order: libpq tries them in turn
@@ -288,13 +337,37 @@ fn host_lists(endpoints: &[String]) -> Result<(String, String)> {
     Ok((hosts, ports))
 }
 
-/// libpq environment for a logged-in database.
-async fn db_env(p: &Paths, name: &str) -> Result<Vec<(&'static str, String)>> {
+/// How to reach a logged-in database.
+enum Conn {
+    /// libpq's environment.
+    Postgres(Vec<(&'static str, String)>),
+    Mysql(mysql::Target),
+}
+
+/// Where and how to connect to a logged-in database.
+async fn db_conn(p: &Paths, name: &str) -> Result<Conn> {
     let profile = load_profile(p)?;
     let meta_text = std::fs::read_to_string(p.db_file(name, "json"))
         .map_err(|_| anyhow!("not logged into database {name:?}: run `sluice db login {name} --db-user USER`"))?;
     let meta: DbProfile = serde_json::from_str(&meta_text)?;
-    let (host, port) = host_lists(&db_endpoints(p, &profile, name, &meta).await)?;
+    let endpoints = db_endpoints(p, &profile, name, &meta).await?;
+    if meta.is_mysql() {
+        use rand::seq::SliceRandom;
+        // The clients take one host: a random one spreads them over the endpoints.
+        let chosen =
+            endpoints.choose(&mut rand::thread_rng()).ok_or_else(|| no_mysql_listener(&profile.proxy, name))?;
+        let (host, port) = split_host_port(chosen, 3306)?;
+        return Ok(Conn::Mysql(mysql::Target {
+            host,
+            port,
+            user: meta.db_user,
+            database: meta.db_name,
+            ca: p.ca().display().to_string(),
+            cert: p.db_file(name, "crt").display().to_string(),
+            key: p.db_file(name, "key").display().to_string(),
+        }));
+    }
+    let (host, port) = host_lists(&endpoints)?;
     let mut env = vec![
         ("PGHOST", host),
         ("PGPORT", port),
@@ -307,7 +380,40 @@ async fn db_env(p: &Paths, name: &str) -> Result<Vec<(&'static str, String)>> {
     if !meta.db_name.is_empty() {
         env.push(("PGDATABASE", meta.db_name));
     }
-    Ok(env)
+    Ok(Conn::Postgres(env))
+}
+
+/// libpq environment for a logged-in PostgreSQL database.
+async fn db_env(p: &Paths, name: &str) -> Result<Vec<(&'static str, String)>> {
+    match db_conn(p, name).await? {
+        Conn::Postgres(env) => Ok(env),
+        Conn::Mysql(_) => Err(mysql_tunnel_refused(name)),
+    }
+}
+
+/// A MySQL tunnel would have to take over the handshake (the server speaks first, TLS starts
+/// inside it) rather than pass bytes on; not there yet.
+fn mysql_tunnel_refused(name: &str) -> anyhow::Error {
+    anyhow!(
+        "database {name:?} is a MySQL database: `sluice proxy db --tunnel` serves PostgreSQL only; \
+         MySQL clients connect with the certificate directly (`sluice db connect {name}`, or the option \
+         file of `sluice db config {name}`)"
+    )
+}
+
+/// The installed MySQL client, or MariaDB's options (the likelier client) when there is none.
+fn mysql_client() -> (mysql::Client, bool) {
+    match mysql::detect() {
+        Some(c) => (c, true),
+        None => (mysql::Client { program: "mariadb", flavour: mysql::Flavour::MariaDb }, false),
+    }
+}
+
+/// Writes the option file of a MySQL database (0600, like the key it names) and returns its path.
+fn write_option_file(p: &Paths, name: &str, flavour: mysql::Flavour, t: &mysql::Target) -> Result<PathBuf> {
+    let path = p.db_file(name, "cnf");
+    write_private(&path, mysql::option_file(flavour, t, name).as_bytes())?;
+    Ok(path)
 }
 
 fn shell_quote(s: &str) -> String {
@@ -322,11 +428,48 @@ fn print_table(dbs: &[DbInfo]) {
     let labels = |l: &BTreeMap<String, String>| l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let w_name = dbs.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
     let w_desc = dbs.iter().map(|d| d.description.len()).max().unwrap_or(0).max(11);
-    println!("{:<w_name$} {:<w_desc$} Agents Labels", "Name", "Description");
-    println!("{} {} {} {}", "-".repeat(w_name), "-".repeat(w_desc), "-".repeat(6), "-".repeat(6));
+    let w_proto = dbs.iter().map(|d| d.protocol.len()).max().unwrap_or(0).max(8);
+    println!("{:<w_name$} {:<w_desc$} {:<w_proto$} Agents Labels", "Name", "Description", "Protocol");
+    let rule = |w: usize| "-".repeat(w);
+    println!("{} {} {} {} {}", rule(w_name), rule(w_desc), rule(w_proto), rule(6), rule(6));
     for d in dbs {
-        println!("{:<w_name$} {:<w_desc$} {:<6} {}", d.name, d.description, d.agents, labels(&d.labels));
+        let row = (&d.name, &d.description, &d.protocol, d.agents, labels(&d.labels));
+        println!("{:<w_name$} {:<w_desc$} {:<w_proto$} {:<6} {}", row.0, row.1, row.2, row.3, row.4);
     }
+    // On stderr, so that the table stays as scripts read it.
+    for d in dbs.iter().filter(|d| d.protocol == PROTOCOL_MYSQL && d.endpoints.is_empty()) {
+        eprintln!(
+            "note: {} is a MySQL database, but no MySQL listener serves it (proxy_service.mysql_listen_addr)",
+            d.name
+        );
+    }
+}
+
+/// `sluice db config` for a MySQL database: the details, the client's options, and the option
+/// file (written, and printed).
+fn print_mysql_config(p: &Paths, name: &str, t: &mysql::Target) -> Result<()> {
+    let (client, found) = mysql_client();
+    let path = write_option_file(p, name, client.flavour, t)?;
+    println!("Name:      {name}");
+    println!("Protocol:  mysql");
+    println!("Host:      {}", t.host);
+    println!("Port:      {}", t.port);
+    println!("User:      {}", t.user);
+    println!("Database:  {}", t.database);
+    println!("CA:        {}", t.ca);
+    println!("Cert:      {}", t.cert);
+    println!("Key:       {}", t.key);
+    println!("Options:   {}", path.display());
+    println!();
+    if !found {
+        println!("(neither mariadb nor mysql is in PATH: the options below are MariaDB's client's)");
+    }
+    println!("Connect with: {}", mysql::with_option_file(client.program, &path));
+    let args: Vec<String> = mysql::client_args(client.flavour, t).iter().map(|a| shell_quote(a)).collect();
+    println!("or: {} {}", client.program, args.join(" "));
+    println!();
+    print!("{}", mysql::option_file(client.flavour, t, name));
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -349,6 +492,7 @@ async fn run(cli: Cli) -> Result<()> {
                 expires: resp.expires.clone(),
                 cluster: resp.cluster.clone(),
                 postgres_public_addr: resp.postgres_public_addr,
+                mysql_public_addr: resp.mysql_public_addr,
             };
             write_private(&p.profile(), serde_json::to_string_pretty(&profile)?.as_bytes())?;
             println!("> Profile URL:  {}", profile.proxy);
@@ -386,18 +530,34 @@ async fn run(cli: Cli) -> Result<()> {
             }
             DbCmd::Login { name, db_user, db_name } => db_login(&p, &name, &db_user, &db_name).await?,
             DbCmd::Logout { name } => {
-                for ext in ["crt", "key", "json"] {
+                for ext in ["crt", "key", "json", "cnf"] {
                     let _ = std::fs::remove_file(p.db_file(&name, ext));
                 }
                 println!("Logged out of database {name}.");
             }
-            DbCmd::Env { name } => {
-                for (k, v) in db_env(&p, &name).await? {
-                    println!("export {k}={}", shell_quote(&v));
+            DbCmd::Env { name } => match db_conn(&p, &name).await? {
+                Conn::Postgres(env) => {
+                    for (k, v) in env {
+                        println!("export {k}={}", shell_quote(&v));
+                    }
                 }
-            }
+                Conn::Mysql(t) => {
+                    let (client, _) = mysql_client();
+                    let path = write_option_file(&p, &name, client.flavour, &t)?;
+                    println!("export MYSQL_HOST={}", shell_quote(&t.host));
+                    println!("export MYSQL_TCP_PORT={}", t.port);
+                    println!("# MySQL clients read no TLS settings from the environment; use the option file:");
+                    println!("#   {}", mysql::with_option_file(client.program, &path));
+                }
+            },
             DbCmd::Config { name } => {
-                let env = db_env(&p, &name).await?;
+                let env = match db_conn(&p, &name).await? {
+                    Conn::Postgres(env) => env,
+                    Conn::Mysql(t) => {
+                        print_mysql_config(&p, &name, &t)?;
+                        return Ok(());
+                    }
+                };
                 let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap_or_default();
                 println!("Name:      {name}");
                 println!("Host:      {}", get("PGHOST"));
@@ -423,17 +583,33 @@ async fn run(cli: Cli) -> Result<()> {
                 if let Some(u) = &db_user {
                     db_login(&p, &name, u, db_name.as_deref().unwrap_or("")).await?;
                 }
-                let env = db_env(&p, &name).await?;
                 use std::os::unix::process::CommandExt;
-                let mut cmd = std::process::Command::new("psql");
-                cmd.args(psql_args).envs(env);
+                let (program, mut cmd) = match db_conn(&p, &name).await? {
+                    Conn::Postgres(env) => {
+                        let mut cmd = std::process::Command::new("psql");
+                        cmd.envs(env);
+                        ("psql", cmd)
+                    }
+                    Conn::Mysql(t) => {
+                        let client = mysql::detect().ok_or_else(|| {
+                            anyhow!("{name} is a MySQL database, and neither mariadb nor mysql is in PATH")
+                        })?;
+                        let mut cmd = std::process::Command::new(client.program);
+                        cmd.args(mysql::client_args(client.flavour, &t));
+                        (client.program, cmd)
+                    }
+                };
+                cmd.args(psql_args);
                 let err = cmd.exec();
-                bail!("running psql: {err}");
+                bail!("running {program}: {err}");
             }
         },
         Cmd::Proxy(ProxyCmd::Db { name, tunnel, port, socket }) => {
             if !tunnel {
                 bail!("only the tunnel mode exists: add --tunnel");
+            }
+            if let Conn::Mysql(_) = db_conn(&p, &name).await? {
+                return Err(mysql_tunnel_refused(&name));
             }
             let listen = match socket {
                 Some(path) => tunnel::Listen::Unix(path),

@@ -37,6 +37,8 @@ pub enum CountersError {
 /// The counters of every live session.
 pub struct SessionCounting {
     bpf: Option<Mutex<Counters>>,
+    /// The cgroup the programs observe (with BPF counters).
+    cgroup: Option<std::path::PathBuf>,
     /// Sessions counted by BPF.
     cookies: Mutex<HashMap<String, Registered>>,
 }
@@ -113,12 +115,37 @@ impl SessionCounting {
                 }
             }
         };
-        Ok(SessionCounting { bpf, cookies: Mutex::new(HashMap::new()) })
+        let cgroup = bpf.as_ref().map(|c| lock(c).cgroup().to_path_buf());
+        Ok(SessionCounting { bpf, cgroup, cookies: Mutex::new(HashMap::new()) })
     }
 
     /// The relay's counts only (tests of the relay without a process-wide choice).
     pub fn userspace() -> SessionCounting {
-        SessionCounting { bpf: None, cookies: Mutex::new(HashMap::new()) }
+        SessionCounting { bpf: None, cgroup: None, cookies: Mutex::new(HashMap::new()) }
+    }
+
+    /// With BPF counters: the cgroup whose sockets they see.
+    pub fn cgroup(&self) -> Option<&std::path::Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// Warns when the control at the other end of a link runs outside the counted cgroup: the
+    /// sockets it creates would go uncounted (the sessions would show no traffic).
+    pub fn check_peer_cgroup(&self, peer_pid: u32) {
+        let Some(counted) = &self.cgroup else { return };
+        let Ok(mount) = sluice_handoff::cgroup::mount() else { return };
+        let Ok(peer) = sluice_handoff::cgroup::relative_of(Some(peer_pid)) else { return };
+        let Ok(rel) = counted.strip_prefix(&mount) else { return };
+        let rel = format!("/{}", rel.display());
+        if !sluice_handoff::cgroup::is_within(&peer, &rel) {
+            warn!(
+                control_pid = peer_pid,
+                control_cgroup = %peer,
+                counted_cgroup = %counted.display(),
+                "control runs outside the cgroup the BPF counters observe: its sessions' sockets will not be \
+                 counted; run both in one cgroup (sluice.slice, a container) or pass --bpf-cgroup"
+            );
+        }
     }
 
     pub fn source(&self) -> CounterSource {

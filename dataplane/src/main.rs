@@ -31,7 +31,8 @@ struct Cli {
     #[arg(long, value_enum, default_value = "auto", env = "SLUICE_COUNTERS")]
     counters: Mode,
     /// Cgroup v2 directory whose sockets the BPF programs see: control's (default: this
-    /// process's own, right when control and the data plane share a service or container).
+    /// process's own, right when control and the data plane share a service or container; a
+    /// process started in the root cgroup moves to `sluice` below it, as control does).
     #[arg(long)]
     bpf_cgroup: Option<PathBuf>,
     /// Name of the BPF pin directory /sys/fs/bpf/sluice/NAME (default: derived from
@@ -105,7 +106,19 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let counting = SessionCounting::start_opts(cli.counters, &instance, cli.bpf_cgroup.clone(), predecessor.is_some())?;
+    let bpf_cgroup = match (&cli.bpf_cgroup, cli.counters) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Mode::Userspace) => None,
+        // Started in the root cgroup, the programs would run for every packet on the host.
+        (None, _) => match sluice_handoff::cgroup::counters_default() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot leave the root cgroup; BPF counters observe this process's own");
+                None
+            }
+        },
+    };
+    let counting = SessionCounting::start_opts(cli.counters, &instance, bpf_cgroup, predecessor.is_some())?;
     let options = RelayOptions {
         ktls: matches!(cli.ktls, Switch::On),
         splice: match cli.splice {

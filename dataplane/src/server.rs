@@ -322,6 +322,9 @@ impl Shared {
         let role = match link.recv_hello() {
             Ok((role @ (Role::Control | Role::Admin), pid)) => {
                 info!(peer_pid = pid, ?role, "control connected");
+                if role == Role::Control {
+                    self.counting.check_peer_cgroup(pid);
+                }
                 role
             }
             Ok((Role::Successor, pid)) => return self.hand_over(link, pid),

@@ -1,5 +1,6 @@
 //! RDS Proxy discovery against a real AWS API emulator (moto, patched by
 //! tests/support/moto_server.py to behave like AWS): several regions, tag filters, custom endpoints,
+//! a MYSQL-family proxy and endpoint listed as `protocol: mysql` with their labels (SQLSERVER skipped),
 //! an assumed role with the right external id and one with a wrong one, throttling and 500s that
 //! keep resources (marked stale), deletion that removes them, a psql session to a discovered proxy
 //! through the RDS Proxy emulator with a token signed by assumed-role credentials; and the IAM
@@ -81,11 +82,17 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     mk("us-west-2", "billing", json!({"tags": {"env": "dev"}}));
     mk("us-west-2", "plain", json!({"require_tls": false}));
     mk("us-west-2", "newborn", json!({"status": "creating"}));
-    mk("us-west-2", "mysqlish", json!({"engine": "MYSQL"}));
+    let mysqlish = mk("us-west-2", "mysqlish", json!({"engine": "MYSQL"}));
+    mk("us-west-2", "sqlish", json!({"engine": "SQLSERVER"}));
     let eu = mk("eu-west-1", "eu-orders", json!({}));
     moto.admin(
         "/_sluice/proxy-endpoint",
         json!({"region": "us-west-2", "proxy": "orders", "name": "reader", "target_role": "READ_ONLY"}),
+    )
+    .unwrap();
+    moto.admin(
+        "/_sluice/proxy-endpoint",
+        json!({"region": "us-west-2", "proxy": "mysqlish", "name": "writer", "target_role": "READ_WRITE"}),
     )
     .unwrap();
     let orders_host = orders["endpoint"].as_str().unwrap().to_owned();
@@ -140,7 +147,7 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
         n.sort();
         n
     };
-    let want = ["eu-orders", "mysqlish", "orders", "orders-reader"];
+    let want = ["eu-orders", "mysqlish", "mysqlish-writer", "orders", "orders-reader"];
     let listed = wait_until(Duration::from_secs(30), "discovered databases in sluice db ls", || {
         let v = db_ls(&h);
         Ok((names(&v) == want).then_some(v))
@@ -171,9 +178,21 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     let mut reader_labels = labels(&base);
     reader_labels.insert("endpoint-type".into(), "READ_ONLY".into());
     assert_eq!(serde_json::from_value::<BTreeMap<String, String>>(r["labels"].clone()).unwrap(), reader_labels);
+    assert_eq!(o["protocol"], "postgres");
+    // A MYSQL-family proxy and its endpoint: mysql databases with the same labels.
     let m = find(&listed, "mysqlish");
-    assert!(m["uri"].as_str().unwrap().ends_with(":3306"), "{m}");
-    assert_eq!(m["labels"]["engine"], "MYSQL");
+    assert_eq!(m["protocol"], "mysql", "{m}");
+    assert_eq!(m["uri"], format!("{}:3306", mysqlish["endpoint"].as_str().unwrap()));
+    let mut mysql_labels = labels(&base);
+    mysql_labels.insert("engine".into(), "MYSQL".into());
+    mysql_labels.insert("vpc-id".into(), mysqlish["vpc_id"].as_str().unwrap().into());
+    assert_eq!(serde_json::from_value::<BTreeMap<String, String>>(m["labels"].clone()).unwrap(), mysql_labels);
+    let mw = find(&listed, "mysqlish-writer");
+    assert_eq!(mw["protocol"], "mysql", "{mw}");
+    assert!(mw["uri"].as_str().unwrap().starts_with("writer.endpoint.proxy-"), "{mw}");
+    assert!(mw["uri"].as_str().unwrap().ends_with(":3306"), "{mw}");
+    mysql_labels.insert("endpoint-type".into(), "READ_WRITE".into());
+    assert_eq!(serde_json::from_value::<BTreeMap<String, String>>(mw["labels"].clone()).unwrap(), mysql_labels);
     let e = find(&listed, "eu-orders");
     assert_eq!(e["labels"]["region"], "eu-west-1");
     assert_eq!(e["labels"]["vpc-id"], eu["vpc_id"]);
@@ -192,6 +211,10 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     let log = std::fs::read_to_string(h.control_log()).unwrap();
     assert!(log.contains("RequireTLS is off"), "no log line for the proxy without TLS");
     assert!(log.contains("status is \"creating\""), "no log line for the proxy being created");
+    assert!(
+        log.contains("sqlish") && log.contains("engine family \"SQLSERVER\" is not supported"),
+        "no log line for the SQLSERVER proxy"
+    );
     // The wrong external id: AccessDenied, explained with the trust policy that is needed. Its
     // source is polled after the others, so wait for it rather than race it.
     wait_until(Duration::from_secs(30), "the AccessDenied explanation in control.log", || {
@@ -233,7 +256,7 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
         wait_until(Duration::from_secs(60), "stale marks", || {
             let out = control_cli(&cfg_path, &moto, h.dir.path(), &["db", "ls"]);
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            Ok((text.matches("[stale:").count() == 4 && text.contains(code)).then_some(()))
+            Ok((text.matches("[stale:").count() == want.len() && text.contains(code)).then_some(()))
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&h.control_log(), 20)));
         assert_eq!(names(&db_ls(&h)), want, "a failed fetch must not delete");
@@ -248,7 +271,7 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     // Deleting a proxy removes its database (and only it).
     moto.admin("/_sluice/delete-proxy", json!({"region": "eu-west-1", "name": "eu-orders"})).unwrap();
     wait_until(Duration::from_secs(30), "eu-orders removed", || {
-        Ok((names(&db_ls(&h)) == ["mysqlish", "orders", "orders-reader"]).then_some(()))
+        Ok((names(&db_ls(&h)) == ["mysqlish", "mysqlish-writer", "orders", "orders-reader"]).then_some(()))
     })
     .unwrap();
 
@@ -259,7 +282,7 @@ fn discovered_proxies_are_served_kept_through_faults_and_removed_when_deleted() 
     moto.faults(-1, 403, "AccessDenied").unwrap();
     let control_dir = h.stack.dir.join("control");
     h.stack.control = spawn_control(&control_dir, cfg, pg_port, api_port, &AwsCreds::demo(), &moto).unwrap();
-    assert_eq!(names(&db_ls(&h)), ["mysqlish", "orders", "orders-reader"]);
+    assert_eq!(names(&db_ls(&h)), ["mysqlish", "mysqlish-writer", "orders", "orders-reader"]);
     moto.faults(0, 400, "Throttling").unwrap();
 
     // A config change to discovery_service applies at once: now only env=dev proxies match.

@@ -34,6 +34,10 @@ pub struct LoginResponse {
     pub expires: String,
     pub cluster: String,
     pub postgres_public_addr: String,
+    /// Where MySQL and MariaDB clients connect (`proxy_service.mysql_public_addr`, else the
+    /// MySQL listen address); absent when control has no MySQL listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_public_addr: Option<String>,
     pub ca_pem: String,
 }
 
@@ -41,6 +45,7 @@ pub struct LoginResponse {
 pub struct DbInfo {
     pub name: String,
     pub description: String,
+    /// `postgres` or `mysql`: which listener (and which client) the endpoints are for.
     pub protocol: String,
     pub uri: String,
     pub labels: BTreeMap<String, String>,
@@ -50,7 +55,9 @@ pub struct DbInfo {
     /// Where clients connect to it (HOST:PORT, any one will do): the healthy agents serving it
     /// and the auth server's own proxy if it serves it too; only the configured
     /// `proxy_service.postgres_public_addr` (a load balancer) where there is one. Empty from
-    /// servers before clusters (use the login's `postgres_public_addr`).
+    /// servers before clusters (use the login's `postgres_public_addr`). For a `mysql` database
+    /// these are MySQL addresses: `proxy_service.mysql_public_addr`, else the auth server's own
+    /// MySQL listener; empty when there is none (agents do not report a MySQL address yet).
     #[serde(default)]
     pub endpoints: Vec<String>,
 }
@@ -61,9 +68,17 @@ pub struct DbCertResponse {
     pub ca_pem: String,
     pub expires: String,
     pub postgres_public_addr: String,
-    /// The database's [`DbInfo::endpoints`] when the certificate was issued.
+    /// The database's [`DbInfo::endpoints`] when the certificate was issued, for a PostgreSQL
+    /// database.
     #[serde(default)]
     pub postgres_endpoints: Vec<String>,
+    /// [`DbInfo::protocol`]; empty from servers before MySQL (PostgreSQL then).
+    #[serde(default)]
+    pub protocol: String,
+    /// The database's [`DbInfo::endpoints`] when the certificate was issued, for a MySQL
+    /// database.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mysql_endpoints: Vec<String>,
 }
 
 #[derive(Debug, Error)]

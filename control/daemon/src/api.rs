@@ -229,6 +229,7 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
                 expires: rfc3339(expires),
                 cluster: ctx.cfg.auth_service.cluster_name.clone(),
                 postgres_public_addr: ctx.cfg.proxy_service.public_addr(),
+                mysql_public_addr: mysql_addr(&ctx.cfg),
                 ca_pem: ctx.ca.cert_pem.clone(),
             })
         }
@@ -281,13 +282,17 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
             };
             let cert_pem =
                 ctx.ca.issue_client(&identity, &public_key_pem, now - time::Duration::minutes(1), expires)?;
-            info!(user = %user.name, db = %d.name, "database certificate issued");
+            info!(user = %user.name, db = %d.name, protocol = %d.spec.protocol, "database certificate issued");
+            let (postgres_endpoints, mysql_endpoints) =
+                if d.spec.is_mysql() { (Vec::new(), served.endpoints) } else { (served.endpoints, Vec::new()) };
             to_json(&DbCertResponse {
                 cert_pem,
                 ca_pem: ctx.ca.cert_pem.clone(),
                 expires: rfc3339(expires),
                 postgres_public_addr: ctx.cfg.proxy_service.public_addr(),
-                postgres_endpoints: served.endpoints,
+                postgres_endpoints,
+                protocol: d.spec.protocol,
+                mysql_endpoints,
             })
         }
     }
@@ -331,7 +336,11 @@ pub(crate) fn cluster_databases(
     let listed = own.into_iter().map(|d| (true, d)).chain(agents_only.into_iter().map(|d| (false, d)));
     Ok(listed
         .map(|(served_here, d)| {
-            let served = served_at(cfg, &nodes, &d.name, served_here, now_ms);
+            let served = if d.spec.is_mysql() {
+                mysql_served_at(cfg, &nodes, &d.name, served_here, now_ms)
+            } else {
+                served_at(cfg, &nodes, &d.name, served_here, now_ms)
+            };
             (d, served)
         })
         .collect())
@@ -360,6 +369,27 @@ fn served_at(cfg: &Config, nodes: &[Node], name: &str, served_here: bool, now_ms
         }
     };
     Served { agents: count, endpoints }
+}
+
+/// Where MySQL clients are told to connect: `proxy_service.mysql_public_addr`, else the MySQL
+/// listen address; none without either.
+fn mysql_addr(cfg: &Config) -> Option<String> {
+    let ps = &cfg.proxy_service;
+    ps.mysql_public_addr.clone().or_else(|| ps.mysql_listen_addr.map(|a| a.to_string()))
+}
+
+/// [`served_at`] for a MySQL database. Heartbeats carry only an agent's PostgreSQL address, so
+/// the agents are counted but only `proxy_service.mysql_public_addr` (a load balancer in front
+/// of them) or this process's own MySQL listener can be handed out; with neither the list is
+/// empty and the client says there is no MySQL listener.
+fn mysql_served_at(cfg: &Config, nodes: &[Node], name: &str, served_here: bool, now_ms: i64) -> Served {
+    let agents = served_at(cfg, nodes, name, false, now_ms).agents;
+    let endpoints = match (&cfg.proxy_service.mysql_public_addr, cfg.proxy_service.mysql_listen_addr) {
+        (Some(public), _) => vec![public.clone()],
+        (None, Some(listen)) if served_here && cfg.proxy_service.enabled => vec![listen.to_string()],
+        _ => Vec::new(),
+    };
+    Served { agents, endpoints }
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Value, RequestError> {
@@ -411,6 +441,26 @@ mod tests {
         cfg.proxy_service.postgres_public_addr = Some("lb.example:5433".into());
         let served = served_at(&cfg, &nodes, "orders", false, now);
         assert_eq!(served, Served { agents: 2, endpoints: vec!["lb.example:5433".into()] });
+    }
+
+    #[test]
+    fn a_mysql_database_is_reached_through_the_mysql_listener_only() {
+        let now = 1_700_000_000_000;
+        let nodes = vec![node(1, "10.0.0.1:5433", &["shop"], Some(now))];
+        let mut cfg: Config = crate::config::from_yaml("data_dir: /nonexistent").unwrap();
+        // No MySQL listener: nowhere to connect, never the PostgreSQL address.
+        assert_eq!(mysql_served_at(&cfg, &nodes, "shop", true, now), Served { agents: 1, endpoints: vec![] });
+        assert_eq!(mysql_addr(&cfg), None);
+        cfg.proxy_service.mysql_listen_addr = Some(([127, 0, 0, 1], 3307).into());
+        assert_eq!(mysql_addr(&cfg).as_deref(), Some("127.0.0.1:3307"));
+        let served = mysql_served_at(&cfg, &nodes, "shop", true, now);
+        assert_eq!(served, Served { agents: 1, endpoints: vec!["127.0.0.1:3307".into()] });
+        // Served by agents only: their MySQL addresses are not known.
+        assert_eq!(mysql_served_at(&cfg, &nodes, "shop", false, now).endpoints, Vec::<String>::new());
+        cfg.proxy_service.mysql_public_addr = Some("lb.example:3306".into());
+        assert_eq!(mysql_addr(&cfg).as_deref(), Some("lb.example:3306"));
+        let served = mysql_served_at(&cfg, &nodes, "shop", false, now);
+        assert_eq!(served, Served { agents: 1, endpoints: vec!["lb.example:3306".into()] });
     }
 
     /// The texts clients (and the `sluice` CLI) see stay as they were.

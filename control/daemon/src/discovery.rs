@@ -119,6 +119,8 @@ pub enum Skip {
     Status(String),
     #[error("engine family {0:?} is not known")]
     Engine(String),
+    #[error("engine family {0:?} is not supported (POSTGRESQL and MYSQL are)")]
+    Unsupported(String),
     #[error("no endpoint host")]
     NoEndpoint,
     #[error("the labels do not match the matcher's tags")]
@@ -131,20 +133,14 @@ pub enum Skip {
 const UNUSABLE: &[&str] =
     &["creating", "deleting", "suspended", "suspending", "incompatible-network", "insufficient-resource-limits"];
 
-fn port_for(engine_family: &str) -> Option<u16> {
+/// The port and `DatabaseSpec::protocol` of an engine family Sluice serves. SQLSERVER proxies
+/// are skipped: there is no TDS listener.
+fn engine(engine_family: &str) -> Result<(u16, &'static str), Skip> {
     match engine_family {
-        "POSTGRESQL" => Some(5432),
-        "MYSQL" => Some(3306),
-        "SQLSERVER" => Some(1433),
-        _ => None,
-    }
-}
-
-fn protocol_for(engine_family: &str) -> &'static str {
-    match engine_family {
-        "MYSQL" => "mysql",
-        "SQLSERVER" => "sqlserver",
-        _ => "postgres",
+        "POSTGRESQL" => Ok((5432, crate::config::PROTOCOL_POSTGRES)),
+        "MYSQL" => Ok((3306, crate::config::PROTOCOL_MYSQL)),
+        "SQLSERVER" => Err(Skip::Unsupported(engine_family.to_owned())),
+        other => Err(Skip::Engine(other.to_owned())),
     }
 }
 
@@ -167,31 +163,32 @@ fn base_labels(p: &ProxyInfo, arn: &Arn) -> BTreeMap<String, String> {
     labels
 }
 
-fn check_proxy(p: &ProxyInfo) -> Result<(Arn, u16), Skip> {
+/// The proxy's ARN, port and protocol, or why it is not served.
+fn check_proxy(p: &ProxyInfo) -> Result<(Arn, u16, &'static str), Skip> {
     if UNUSABLE.contains(&p.status.as_str()) {
         return Err(Skip::Status(p.status.clone()));
     }
     if !p.require_tls {
         return Err(Skip::NoTls);
     }
-    let port = port_for(&p.engine_family).ok_or_else(|| Skip::Engine(p.engine_family.clone()))?;
+    let (port, protocol) = engine(&p.engine_family)?;
     let arn: Arn = p.arn.parse().map_err(|e: DiscoveryError| Skip::Arn(e.to_string()))?;
     if p.endpoint.is_empty() {
         return Err(Skip::NoEndpoint);
     }
-    Ok((arn, port))
+    Ok((arn, port, protocol))
 }
 
 fn spec_for(
     m: &AwsMatcher,
     host: &str,
     port: u16,
-    engine: &str,
+    protocol: &str,
     region: &str,
     server_name: Option<String>,
 ) -> DatabaseSpec {
     DatabaseSpec {
-        protocol: protocol_for(engine).into(),
+        protocol: protocol.into(),
         uri: format!("{host}:{port}"),
         aws: AwsSpec {
             region: Some(region.to_owned()),
@@ -215,12 +212,12 @@ fn resource(name: String, description: String, labels: BTreeMap<String, String>,
 
 /// The proxy's default endpoint as database `<proxy-name>`.
 pub fn proxy_database(m: &AwsMatcher, p: &ProxyInfo) -> Result<Discovered, Skip> {
-    let (arn, port) = check_proxy(p)?;
+    let (arn, port, protocol) = check_proxy(p)?;
     let labels = base_labels(p, &arn);
     if !labels_match(&m.tags, &labels) {
         return Err(Skip::Tags);
     }
-    let spec = spec_for(m, &p.endpoint, port, &p.engine_family, &arn.region, None);
+    let spec = spec_for(m, &p.endpoint, port, protocol, &arn.region, None);
     Ok(Discovered {
         resource: resource(p.name.clone(), format!("RDS Proxy in {}", arn.region), labels, spec),
         aws_resource_id: proxy_resource_id(&arn),
@@ -232,7 +229,7 @@ pub fn proxy_database(m: &AwsMatcher, p: &ProxyInfo) -> Result<Discovered, Skip>
 /// `*.proxy-ID.REGION.rds.amazonaws.com`, which does not cover `NAME.endpoint.proxy-…`, so TLS
 /// checks the proxy's default host instead.
 pub fn endpoint_database(m: &AwsMatcher, p: &ProxyInfo, e: &EndpointInfo) -> Result<Discovered, Skip> {
-    let (arn, port) = check_proxy(p)?;
+    let (arn, port, protocol) = check_proxy(p)?;
     if UNUSABLE.contains(&e.status.as_str()) {
         return Err(Skip::Status(e.status.clone()));
     }
@@ -247,7 +244,7 @@ pub fn endpoint_database(m: &AwsMatcher, p: &ProxyInfo, e: &EndpointInfo) -> Res
     if !labels_match(&m.tags, &labels) {
         return Err(Skip::Tags);
     }
-    let spec = spec_for(m, &e.endpoint, port, &p.engine_family, &arn.region, Some(p.endpoint.clone()));
+    let spec = spec_for(m, &e.endpoint, port, protocol, &arn.region, Some(p.endpoint.clone()));
     Ok(Discovered {
         resource: resource(
             format!("{}-{}", p.name, e.name),
@@ -863,9 +860,23 @@ mod tests {
     fn ports_by_engine_and_skips() {
         let mut p = proxy();
         p.engine_family = "MYSQL".into();
-        assert!(proxy_database(&matcher(), &p).unwrap().resource.spec.uri.ends_with(":3306"));
+        let mysql = proxy_database(&matcher(), &p).unwrap().resource;
+        assert!(mysql.spec.uri.ends_with(":3306"));
+        assert_eq!(mysql.spec.protocol, "mysql");
+        mysql.spec.validate().unwrap();
+        assert_eq!(mysql.metadata.labels.get("engine").map(String::as_str), Some("MYSQL"));
+        let e = endpoint_database(&matcher(), &p, &endpoint()).unwrap().resource;
+        assert_eq!((e.spec.protocol.as_str(), e.spec.uri.ends_with(":3306")), ("mysql", true));
+        let postgres = proxy_database(&matcher(), &proxy()).unwrap().resource;
+        assert_eq!(postgres.spec.protocol, "postgres");
+        // Every label a PostgreSQL proxy gets, a MySQL one gets too (the engine's value aside).
+        let keys = |l: &BTreeMap<String, String>| l.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&mysql.metadata.labels), keys(&postgres.metadata.labels));
         p.engine_family = "SQLSERVER".into();
-        assert!(proxy_database(&matcher(), &p).unwrap().resource.spec.uri.ends_with(":1433"));
+        assert_eq!(proxy_database(&matcher(), &p).unwrap_err(), Skip::Unsupported("SQLSERVER".into()));
+        assert!(Skip::Unsupported("SQLSERVER".into()).to_string().contains("not supported"));
+        p.engine_family = "ORACLE".into();
+        assert_eq!(proxy_database(&matcher(), &p).unwrap_err(), Skip::Engine("ORACLE".into()));
         let mut p = proxy();
         p.require_tls = false;
         assert_eq!(proxy_database(&matcher(), &p).unwrap_err(), Skip::NoTls);

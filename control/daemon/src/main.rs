@@ -548,6 +548,13 @@ fn main() -> Result<()> {
         Cmd::Start { json_logs } => {
             sluice_control::init_logging(json_logs);
             let cfg = load_config(&cli.config)?;
+            // Before any socket exists: sockets stay in the cgroup they were created in, and the
+            // data plane's counters observe `sluice`, not the whole host's root cgroup.
+            match sluice_handoff::cgroup::leave_root() {
+                Ok(Some(group)) => tracing::info!(cgroup = %group.display(), "moved from the root cgroup"),
+                Ok(None) => {}
+                Err(e) => tracing::info!(error = %e, "staying in the root cgroup"),
+            }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
                 let bound = daemon::bind(&cfg).await?;

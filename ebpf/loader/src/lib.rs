@@ -6,8 +6,10 @@
 //! listener's. Control creates both legs of a session (the client leg by `accept()` on its
 //! listener, the upstream leg by `connect()`) and only then hands them to the data plane, so the
 //! programs must see the cgroup control runs in. The default is the data plane's own cgroup, which
-//! is control's when both run in one service or container (as in the demo and the tests); deploy
-//! them apart and `--bpf-cgroup` must name control's cgroup (or a common ancestor).
+//! is control's when both run in one service or container; deploy them apart and `--bpf-cgroup`
+//! must name control's cgroup (or a common ancestor). Both leave the hierarchy's root cgroup for
+//! `sluice` below it when started there (`sluice_handoff::cgroup`), so the programs never run for
+//! the whole host's traffic.
 //!
 //! The map is pinned under `/sys/fs/bpf/sluice/<instance>/` (bpffs is mounted there if needed)
 //! and reused on the next load, so a restarted data plane finds the counters it left. Only
