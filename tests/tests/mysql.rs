@@ -337,6 +337,16 @@ fn queries_policy_and_refusals() -> Result<()> {
     let pg = s.cert("pg", "alice", "demo", "alice", "demo")?;
     let e = refused(s.client(Some((&pg.0, &pg.1)), "alice", "demo"), 1049)?;
     assert!(e.contains("PostgreSQL"), "{e}");
+    // ... and a MySQL database on the PostgreSQL listener.
+    let for_mysql = s.h.issue_cert("alice", MYDB, "alice", "demo")?;
+    let err = sluice_tests::runtime()?
+        .block_on(s.h.connect_with(Some(&for_mysql), "alice", "demo"))
+        .err()
+        .context("a MySQL database admitted on the PostgreSQL listener")?
+        .pg();
+    let db = err.as_db_error().context("no ErrorResponse")?;
+    assert_eq!(db.code().code(), "3D000");
+    assert!(db.message().contains("MySQL listener"), "{}", db.message());
     // Labels: a role whose labels no longer match the database's refuses it.
     let prod = serde_json::json!({"kind": "role", "version": "v7", "metadata": {"name": "dev"},
         "spec": {"allow": {"db_labels": {"env": "prod"}, "db_names": ["demo"], "db_users": ["alice"]}}});
@@ -393,7 +403,9 @@ fn queries_policy_and_refusals() -> Result<()> {
     let starts: Vec<_> = s.h.audit()?.into_iter().filter(|e| e.event == "db.session.start").collect();
     assert!(starts.iter().filter(|e| e.success).count() >= 3);
     for e in &starts {
-        assert_eq!(e.data["db_protocol"], "mysql", "{:?}", e.data);
+        // The one attempt on the PostgreSQL listener is recorded as such.
+        let pg = e.data["error"].as_str().is_some_and(|m| m.contains("MySQL listener"));
+        assert_eq!(e.data["db_protocol"], if pg { "postgres" } else { "mysql" }, "{:?}", e.data);
     }
     Ok(())
 }

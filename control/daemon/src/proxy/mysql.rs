@@ -532,6 +532,29 @@ mod tests {
     }
 
     #[test]
+    fn refusals_map_to_mysql_errors() {
+        let r = Refusal::new("3D000", "database \"x\" is not registered").kind(HandshakeFailure::UnknownDatabase);
+        assert_eq!(err_for(&r).code, ER_BAD_DB_ERROR);
+        let r = Refusal::new("28000", "role \"dev\" does not allow database name \"x\"");
+        assert_eq!((err_for(&r).code, err_for(&r).sql_state), (my::ER_DBACCESS_DENIED_ERROR, Some(*b"42000")));
+        let r = Refusal::new("28000", "user \"eve\" does not exist");
+        assert_eq!(err_for(&r).code, my::ER_ACCESS_DENIED_ERROR);
+
+        let bad_token = ErrPacket::access_denied("alice", "10.0.0.1", true);
+        let (e, kind, _) = err_for_upstream(UpstreamError::MysqlRejected(bad_token));
+        assert_eq!((e.code, kind.label()), (my::ER_ACCESS_DENIED_ERROR, "upstream_rejected"));
+        assert!(e.message.contains("IAM auth token") && e.message.contains("rds-db:connect"), "{}", e.message);
+        let other = ErrPacket::new(1049, *b"42000", "Unknown database 'x'");
+        let (e, _, _) = err_for_upstream(UpstreamError::MysqlRejected(other));
+        assert_eq!((e.code, e.sql_state), (1049, Some(*b"42000")));
+        let (e, kind, _) = err_for_upstream(UpstreamError::UnsupportedAuth("caching_sha2_password".into()));
+        assert_eq!(kind.label(), "upstream_auth");
+        assert!(e.message.contains("IAM authentication must be REQUIRED"), "{}", e.message);
+        let (e, kind, _) = err_for_upstream(UpstreamError::ConnectTimeout { addr: "x:3306".into() });
+        assert_eq!((e.code, kind.label()), (CR_CONN_HOST_ERROR, "upstream_unreachable"));
+    }
+
+    #[test]
     fn first_commands() {
         let caps = CapabilityFlags::PROTOCOL_41;
         let kill = framed(0, b"\x03KILL QUERY 2147483649");

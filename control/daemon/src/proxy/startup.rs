@@ -37,11 +37,11 @@ pub(super) struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: &str, message: impl Into<String>) -> Self {
+    pub(super) fn new(code: &str, message: impl Into<String>) -> Self {
         let message = message.into();
         Refusal { reason: message.clone(), fields: ErrorFields::fatal(code, message), kind: HandshakeFailure::Denied }
     }
-    fn kind(mut self, kind: HandshakeFailure) -> Self {
+    pub(super) fn kind(mut self, kind: HandshakeFailure) -> Self {
         self.kind = kind;
         self
     }
