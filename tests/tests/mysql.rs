@@ -412,7 +412,7 @@ fn queries_policy_and_refusals() -> Result<()> {
 
 #[test]
 fn kill_query_from_a_second_connection() -> Result<()> {
-    let Some(s) = start("mysql_kill")? else { return Ok(()) };
+    let Some(mut s) = start("mysql_kill")? else { return Ok(()) };
     let alice = s.h.issue_cert("alice", MYDB, "alice", "demo")?;
     let files = s.files("alice", &alice)?;
     let mut a = RawClient::connect(s.port, s.tls(&alice)?, "alice", "demo")?.map_err(|e| anyhow!("{e:?}"))?;
@@ -467,6 +467,22 @@ fn kill_query_from_a_second_connection() -> Result<()> {
         Ok((kills >= 2).then_some(()))
     })
     .with_context(|| format!("mariadb said: {stderr}"))?;
+
+    // A restarted control still routes KILLs for the session the dataplane kept.
+    s.h.restart_control(|_| {})?;
+    a.send_query("SELECT SLEEP(30)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    wait_until(Duration::from_secs(10), "KILL after the restart", || {
+        let mut kill = s.client(Some((&files.0, &files.1)), "alice", "demo");
+        kill.args(["-e", &format!("KILL QUERY {}", a.id)]);
+        let (good, _, err) = run(kill)?;
+        ensure!(good || err.contains("ERROR 1094"), "{err}");
+        Ok(good.then_some(()))
+    })?;
+    let r = a.result()?;
+    assert!(started.elapsed() < Duration::from_secs(15), "not cancelled after the restart");
+    assert!(matches!(&r, Ok(rows) if text(&rows[0]) == "1") || matches!(&r, Err(e) if e.code == 1317), "{r:?}");
     Ok(())
 }
 

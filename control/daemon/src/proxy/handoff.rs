@@ -154,7 +154,8 @@ pub(super) async fn hand_off(
         upstream_secret: hex::encode(&t.secret),
     });
     let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
-    let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs, started_at };
+    let mysql_kill = ctx.mysql_kill_record(our_pid);
+    let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs, started_at, mysql_kill };
     let stored = serde_json::to_value(&record).map_err(StateError::from);
     if let Err(e) = stored.and_then(|json| ctx.state.insert_live_session(&fields.session_id, &json)) {
         return Outcome::Failed(e.into(), our_pid);
@@ -262,7 +263,7 @@ impl Events for ProxyContext {
             self.handed().entry(id.clone()).or_insert_with(|| record.clone());
             if !live.contains(&id) {
                 self.finish_handed_off(&id, None);
-            } else if let Err(e) = self.restore_cancel(&record) {
+            } else if let Err(e) = self.restore_cancel(&record).and_then(|()| self.restore_mysql_kill(&record)) {
                 warn!(session_id = %id, error = %e, "cannot route cancel requests for a session from before the restart");
             }
         }
@@ -284,6 +285,9 @@ pub(super) struct LiveRecord {
     /// `live_sessions` row's own time stands in for.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(super) started_at: i64,
+    /// Where a MySQL session's `KILL` goes (MySQL sessions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) mysql_kill: Option<super::mysql::KillRecord>,
 }
 
 fn is_zero(t: &i64) -> bool {

@@ -26,6 +26,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use super::cancel::CancelRouteError;
+use super::handoff::LiveRecord;
 use super::startup::{authorize, client_identity, Refusal};
 use super::{HandshakeFailure, ProxyContext, Ready};
 use crate::audit::{SessionFields, SESSION_END, SESSION_START};
@@ -70,6 +72,40 @@ pub(super) struct KillTarget {
     db_name: Option<String>,
     /// The upstream's connection id (from its greeting).
     upstream_id: u32,
+}
+
+/// What a restarted control needs to route a handed-off session's KILL (the rest is in its
+/// live record: the owner, database and database user).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct KillRecord {
+    upstream_id: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    db_name: Option<String>,
+}
+
+impl ProxyContext {
+    pub(super) fn mysql_kill_record(&self, our_id: u32) -> Option<KillRecord> {
+        let t = self.mysql_kills().get(&our_id).cloned().flatten()?;
+        Some(KillRecord { upstream_id: t.upstream_id, db_name: t.db_name })
+    }
+
+    /// Routes KILLs for a session handed off by an earlier control process again.
+    pub(super) fn restore_mysql_kill(&self, record: &LiveRecord) -> Result<(), CancelRouteError> {
+        let Some(k) = &record.mysql_kill else { return Ok(()) };
+        let service = &record.fields.db_service;
+        let (view, _) = self.policy.current().unwrap_or_else(|_| self.policy.last());
+        let database =
+            view.databases.get(service).cloned().ok_or_else(|| CancelRouteError::Unregistered(service.clone()))?;
+        let target = KillTarget {
+            owner: record.fields.user.clone(),
+            database,
+            db_user: record.fields.db_user.clone(),
+            db_name: k.db_name.clone(),
+            upstream_id: k.upstream_id,
+        };
+        self.mysql_kills().insert(record.our_pid, Some(target));
+        Ok(())
+    }
 }
 
 /// A connection id of node `node_index`: bit 31 set, the index in bits 21-30, `random` below.
