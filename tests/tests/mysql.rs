@@ -21,7 +21,7 @@ use sluice_mysqlwire::{
     NATIVE_PASSWORD_PLUGIN, SERVER_CAPABILITIES,
 };
 use sluice_tests::sluice_control::config::{AwsSpec, DatabaseSpec, StaticDatabase, TlsMode, TlsSpec};
-use sluice_tests::sluice_control::demo::{free_port, Proc, DEMO_REGION};
+use sluice_tests::sluice_control::demo::{free_port, AwsCreds, Proc, DEMO_REGION};
 use sluice_tests::{wait_until, ClientCert, Harness};
 
 /// A MariaDB server of the test's own, with database `demo` and the password-less user `alice`.
@@ -108,7 +108,12 @@ struct MyStack {
 }
 
 fn start(name: &str) -> Result<Option<MyStack>> {
-    let mut h = Harness::start(name)?;
+    start_with(name, true)
+}
+
+/// As [`start`]; without a dataplane (control relays) unless `dataplane`.
+fn start_with(name: &str, dataplane: bool) -> Result<Option<MyStack>> {
+    let mut h = Harness::start_opts(name, &AwsCreds::demo(), dataplane)?;
     let Some(db) = mariadb(&h.dir.join("my"))? else { return Ok(None) };
     let port = free_port()?;
     let uri = format!("127.0.0.1:{}", db.port);
@@ -488,7 +493,7 @@ fn kill_query_from_a_second_connection() -> Result<()> {
 
 #[test]
 fn malformed_handshakes_while_another_client_is_served() -> Result<()> {
-    let Some(s) = start("mysql_malformed")? else { return Ok(()) };
+    let Some(mut s) = start("mysql_malformed")? else { return Ok(()) };
     let alice = s.h.issue_cert("alice", MYDB, "alice", "demo")?;
     let mut good = RawClient::connect(s.port, s.tls(&alice)?, "alice", "demo")?.map_err(|e| anyhow!("{e:?}"))?;
     let attempts: Vec<(&str, Vec<u8>)> = vec![
@@ -518,6 +523,35 @@ fn malformed_handshakes_while_another_client_is_served() -> Result<()> {
         let rows = good.query("select 'alive'")?.map_err(|e| anyhow!("{e:?}"))?;
         assert_eq!(text(&rows[0]), "alive", "{what}");
     }
+
+    // Over the limit of unauthenticated connections from one address: 1040 in place of the
+    // greeting, as a full server says it.
+    s.h.restart_control(|cfg| cfg.proxy_service.limits.max_unauthenticated_per_source = 2)?;
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", s.port))).collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = TcpStream::connect(("127.0.0.1", s.port))?;
+    third.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = BytesMut::new();
+    let p = read_packet(&mut third, &mut buf)?;
+    let e = ErrPacket::decode(&p.payload)?;
+    assert_eq!((p.seq, e.code), (0, 1040), "{e:?}");
+    drop(held);
+    Ok(())
+}
+
+#[test]
+fn relayed_by_control_without_a_dataplane() -> Result<()> {
+    let Some(s) = start_with("mysql_relay", false)? else { return Ok(()) };
+    let alice = s.h.issue_cert("alice", MYDB, "alice", "demo")?;
+    let mut c = RawClient::connect(s.port, s.tls(&alice)?, "alice", "demo")?.map_err(|e| anyhow!("{e:?}"))?;
+    let rows = c.query("select repeat('z', 100000)")?.map_err(|e| anyhow!("{e:?}"))?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].len(), 100_000 + 4, "a 3-byte length-encoded string");
+    drop(c);
+    wait_until(Duration::from_secs(10), "the relayed session's end", || {
+        let ends: Vec<_> = s.h.audit()?.into_iter().filter(|e| e.event == "db.session.end").collect();
+        Ok(ends.iter().any(|e| e.data["data_plane"] == false && e.data["db_protocol"] == "mysql").then_some(()))
+    })?;
     Ok(())
 }
 
