@@ -645,3 +645,67 @@ fn large_select_and_load_data_are_byte_exact() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// `mysql_async` (rustls, a client identity) as an application would connect through Sluice.
+fn mysql_async_opts(s: &MyStack, cert: &(PathBuf, PathBuf), user: &str) -> mysql_async::Opts {
+    let ssl = mysql_async::SslOpts::default()
+        .with_root_certs(vec![s.h.ca_file.clone().into()])
+        .with_disable_built_in_roots(true)
+        .with_client_identity(Some(mysql_async::ClientIdentity::new(cert.0.clone().into(), cert.1.clone().into())));
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname("localhost")
+        .tcp_port(s.port)
+        .prefer_socket(false)
+        .user(Some(user))
+        .db_name(Some("demo"))
+        // Given here, they are not read with a query after connecting: a KILL is only answered
+        // by Sluice as a connection's first command (what mysql's Ctrl-C sends).
+        .max_allowed_packet(Some(16 << 20))
+        .wait_timeout(Some(28800))
+        .ssl_opts(Some(ssl))
+        .into()
+}
+
+#[test]
+fn mysql_async_client() -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let Some(s) = start("mysql_async")? else { return Ok(()) };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cert = s.cert("alice", "alice", MYDB, "alice", "demo")?;
+    sluice_tests::runtime()?.block_on(async {
+        let mut conn = mysql_async::Conn::new(mysql_async_opts(&s, &cert, "alice")).await?;
+        assert!(conn.id() >= 1 << 31, "our connection id {:#x}", conn.id());
+        let row: Option<(i64, String)> = conn.query_first("select 40 + 2, database()").await?;
+        assert_eq!(row, Some((42, "demo".to_owned())));
+        // Prepared statements (binary protocol) pass through untouched.
+        let n: Option<i64> = conn.exec_first("select ? * 2", (21,)).await?;
+        assert_eq!(n, Some(42));
+
+        // KILL QUERY from a second connection, as the application would send it.
+        let id = conn.id();
+        let sleeper = tokio::spawn(async move {
+            let started = Instant::now();
+            let r: std::result::Result<Option<i64>, _> = conn.query_first("SELECT SLEEP(30)").await;
+            (r, started.elapsed(), conn)
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let mut killer = mysql_async::Conn::new(mysql_async_opts(&s, &cert, "alice")).await?;
+        killer.query_drop(format!("KILL QUERY {id}")).await?;
+        let (r, took, conn) = sleeper.await?;
+        assert!(took < Duration::from_secs(15), "not cancelled: {took:?}");
+        match r {
+            Ok(v) => assert_eq!(v, Some(1)),
+            Err(mysql_async::Error::Server(e)) => assert_eq!(e.code, 1317, "{e:?}"),
+            Err(e) => bail!("{e}"),
+        }
+        conn.disconnect().await?;
+
+        // Refused: another database user than the certificate's.
+        match mysql_async::Conn::new(mysql_async_opts(&s, &cert, "bob")).await {
+            Err(mysql_async::Error::Server(e)) => assert_eq!(e.code, 1045, "{e:?}"),
+            Err(e) => bail!("unexpected error: {e}"),
+            Ok(_) => bail!("bob admitted"),
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
