@@ -9,15 +9,17 @@
 //! one with a single kTLS leg treats that leg as plain in the record path.
 //!
 //! Every operation is *poll first*: an idle session holds only `POLL_ADD`s, never a blocked io-wq
-//! thread (`IORING_OP_SPLICE` always runs on one) nor a userspace buffer. The process must ignore
-//! SIGPIPE (Rust's runtime does), since a splice into a reset socket raises it on the io-wq thread.
+//! thread (`IORING_OP_SPLICE` always runs on one), a userspace buffer or a pipe. The process must
+//! ignore SIGPIPE (Rust's runtime does), since a splice into a reset socket raises it on the io-wq
+//! thread.
 //!
 //! Layout: this file is the thread-safe handle; `event_loop` the ring and session table; `splice`
 //! and `record` the per-direction state machines; `ktls_rx` the non-data records of kTLS legs;
-//! `pool` the shared buffer pool.
+//! `pool` the shared buffer pool; `pipes` the pool of splice pipes.
 
 mod event_loop;
 mod ktls_rx;
+mod pipes;
 mod pool;
 mod record;
 mod splice;
@@ -91,8 +93,9 @@ pub struct MovedSession {
     pub wire: [[u64; 2]; 2],
     pub first_close: Option<EndReason>,
     pub dirs: [DirState; 2],
-    /// Each spliced direction's pipe, in direction order.
-    pub pipes: Vec<[OwnedFd; 2]>,
+    /// Each spliced direction's pipe (`[read end, write end]`), in direction order: `None` where
+    /// the direction held no bytes, and so no pipe (see `relay::pipes`).
+    pub pipes: Vec<Option<[OwnedFd; 2]>>,
     /// The record-path directions' bytes, in direction order (see `RecordDir::resume`).
     pub held: Vec<u8>,
 }
@@ -140,6 +143,12 @@ pub(crate) struct Stats {
     pub(crate) ktls_legs: AtomicUsize,
     /// Non-data records (tickets, alerts, ...) read from kTLS legs.
     pub(crate) ktls_control_records: AtomicU64,
+    /// Splice pipes held by directions with bytes in flight.
+    pub(crate) pipes_in_use: AtomicUsize,
+    /// Empty pipes kept for reuse.
+    pub(crate) pipes_spare: AtomicUsize,
+    /// Times a direction needed a pipe and none could be made (out of descriptors): it waited.
+    pub(crate) pipe_waits: AtomicU64,
 }
 
 pub(crate) enum Command {
@@ -278,6 +287,23 @@ impl Worker {
         self.stats.buffers_allocated.load(Ordering::Relaxed)
     }
 
+    /// Splice pipes held right now, by directions with bytes on their way through: zero when
+    /// every session is idle (an idle session holds no pipe).
+    pub fn pipes_in_use(&self) -> usize {
+        self.stats.pipes_in_use.load(Ordering::Relaxed)
+    }
+
+    /// Empty pipes the worker keeps for reuse (a few; the rest are closed).
+    pub fn pipes_spare(&self) -> usize {
+        self.stats.pipes_spare.load(Ordering::Relaxed)
+    }
+
+    /// Times a direction needed a pipe and none could be made (EMFILE, ENFILE); it waited and
+    /// tried again rather than ending its session.
+    pub fn pipe_waits(&self) -> u64 {
+        self.stats.pipe_waits.load(Ordering::Relaxed)
+    }
+
     /// TLS legs of the sessions added so far whose records the kernel protects (kTLS) both ways.
     pub fn ktls_legs(&self) -> usize {
         self.stats.ktls_legs.load(Ordering::Relaxed)
@@ -367,6 +393,9 @@ pub(crate) enum Step {
     Submit(Op),
     /// Source EOF relayed (close_notify sent if TLS, destination shut down for writing).
     Done,
+    /// Bytes are waiting to be read but no pipe could be had (out of descriptors): ask again
+    /// later, when a pipe may be free.
+    WaitPipe(io::Error),
     Fail(Failure),
 }
 

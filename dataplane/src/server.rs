@@ -70,6 +70,8 @@ enum TakeError {
 enum PassOnError {
     #[error("memfd_create: {0}")]
     Memfd(#[source] nix::Error),
+    #[error("making an empty pipe for an idle spliced direction: {0}")]
+    Pipe(#[source] nix::Error),
     #[error("writing the held bytes: {0}")]
     WriteHeld(#[source] std::io::Error),
     #[error("{got} descriptors for a frame that names {named}")]
@@ -484,7 +486,7 @@ impl Shared {
             let (Some(rd), Some(wr)) = (fds.next(), fds.next()) else {
                 return Err(TakeError::Missing("pipes"));
             };
-            pipes.push([rd, wr]);
+            pipes.push(Some([rd, wr]));
         }
         // Two record-path directions hold at most an input and an output buffer each; checked
         // before allocating what the frame claims.
@@ -598,6 +600,18 @@ impl Shared {
             dirs,
             baseline: self.counting.pass_on(&id),
         };
+        // The frame carries a pipe for every spliced direction; one that held no bytes (and so
+        // no pipe) gets an empty one, made for the frame and closed after it, which a successor
+        // closes too (older ones use it as the direction's pipe).
+        let pipes = pipes
+            .into_iter()
+            .map(|p| match p {
+                Some(p) => Ok(p),
+                None => {
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|(r, w)| [r, w]).map_err(PassOnError::Pipe)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut fds: Vec<RawFd> = vec![client.as_raw_fd(), upstream.as_raw_fd()];
         fds.extend(pipes.iter().flat_map(|[r, w]| [r.as_raw_fd(), w.as_raw_fd()]));
         let memfd = if held.is_empty() {

@@ -1,6 +1,7 @@
-//! Idle sessions must cost the worker no kernel threads and no userspace buffers: 1,000 idle plain
-//! and 200 idle TLS sessions on one worker leave zero `iou-wrk` threads (a waiting SPLICE or RECV
-//! would pin one each) and zero pool buffers, and all of them still relay afterwards.
+//! Idle sessions must cost the worker no kernel threads, no userspace buffers and no pipes: 1,000
+//! idle plain and 200 idle TLS sessions on one worker leave zero `iou-wrk` threads (a waiting
+//! SPLICE or RECV would pin one each), zero pool buffers and zero pipes (each session holds its two
+//! sockets and nothing else), and all of them still relay afterwards.
 //!
 //! Its own test binary (so its own process): io-wq threads of other tests' workers would be
 //! counted otherwise.
@@ -26,8 +27,8 @@ fn open_fds() -> usize {
 
 #[test]
 fn idle_sessions_hold_no_threads_or_buffers() {
-    // Per plain session: 2 test sockets, 2 worker legs, 2 pipes; per TLS session: 4 sockets.
-    let needed = (PLAIN * 8 + TLS * 4 + 256) as u64;
+    // Per session: 2 test sockets and 2 worker legs (pipes only while bytes pass).
+    let needed = ((PLAIN + TLS) * 4 + 256) as u64;
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     if hard < needed {
         eprintln!("skipping: RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors this test needs");
@@ -60,9 +61,17 @@ fn idle_sessions_hold_no_threads_or_buffers() {
 
     std::thread::sleep(Duration::from_secs(1));
     let threads = io_wq_threads();
-    eprintln!("idle: {threads} iou-wrk threads, {} pool buffers in use", w.buffers_in_use());
+    let fds = open_fds() - fds_before;
+    eprintln!(
+        "idle: {threads} iou-wrk threads, {} pool buffers and {} pipes in use, {fds} descriptors opened",
+        w.buffers_in_use(),
+        w.pipes_in_use()
+    );
     assert_eq!(threads, 0, "idle sessions pinned io-wq threads");
     assert_eq!(w.buffers_in_use(), 0, "idle sessions hold userspace buffers");
+    assert_eq!(w.pipes_in_use(), 0, "idle sessions hold pipes");
+    // Both ends of each session here, and the worker's ring, eventfd and spare pipes.
+    assert!(fds <= (PLAIN + TLS) * 4 + 32, "{fds} descriptors for {} idle sessions", PLAIN + TLS);
 
     let start = Instant::now();
     for (i, (c, u)) in plain.iter_mut().enumerate() {
@@ -91,6 +100,8 @@ fn idle_sessions_hold_no_threads_or_buffers() {
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(w.buffers_in_use(), 0, "buffers go back to the pool once drained");
+    assert_eq!(w.pipes_in_use(), 0, "pipes go back to the pool once drained");
+    assert!(w.pipes_spare() > 0 && w.pipes_spare() <= 8, "{} spare pipes", w.pipes_spare());
 
     drop(plain);
     drop(tls);

@@ -17,6 +17,7 @@
 //!   and cancel tests;
 //! * [`StoragePg`] and [`TestCa`]: a PostgreSQL for the auth storage, with TLS from a test CA and
 //!   role `sluice` admitted only over TLS with a password file;
+//! * [`MariaDb`] and [`skip_without_mariadb`]: a private MariaDB server for the MySQL tests;
 //! * [`wait_until`] and [`runtime`].
 //!
 //! The binaries (`control`, `sluice`, `rds-proxy-emulator`) must have been built first
@@ -1190,7 +1191,22 @@ pub fn followed_auth_server(metrics: &str) -> Result<Option<String>> {
         .map(|(addr, _)| addr.to_owned()))
 }
 
+pub use sluice_control::demo::{mariadb_available, MariaDb};
 pub use sluice_control::demo::{LocalCa as TestCa, StoragePostgres as StoragePg};
+
+/// Whether a test that needs MariaDB should skip: `true` (with a note) when `mariadbd`,
+/// `mariadb-install-db` or `mariadb` is missing, and a panic under `CI=true`, where a missing
+/// MariaDB is a broken setup, not a reason to pass.
+pub fn skip_without_mariadb() -> bool {
+    if mariadb_available() {
+        return false;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but MariaDB (mariadbd, mariadb-install-db, mariadb) is not installed (run scripts/setup)");
+    }
+    eprintln!("SKIP: MariaDB is not installed (run scripts/setup)");
+    true
+}
 
 /// Runs `select pg_sleep(30)` on `c` and sends its cancel request (over `tls`) 800 ms in, as
 /// psql's Ctrl-C does; the query's error, which the caller checks is 57014. Panics if the query

@@ -33,12 +33,11 @@ fn wrong_aws_credentials_are_reported_to_the_client() {
     assert!(stderr.contains("AWS credentials"), "{stderr}");
 
     // The failure is in the audit log with the upstream's reason.
-    let refused = h
-        .audit()
-        .unwrap()
-        .into_iter()
-        .find(|e| e.event == "db.session.start" && !e.success)
-        .expect("a failed db.session.start");
+    // Audit events are written off the connection path: wait for it.
+    let refused = sluice_tests::wait_until(std::time::Duration::from_secs(10), "a failed db.session.start", || {
+        Ok(h.audit()?.into_iter().find(|e| e.event == "db.session.start" && !e.success))
+    })
+    .unwrap();
     let reason = refused.data["error"].as_str().unwrap_or_default().to_owned();
     assert!(reason.contains("IAM authentication") && reason.contains("28P01"), "{reason}");
 }

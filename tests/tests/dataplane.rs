@@ -17,7 +17,12 @@ fn sessions_survive_a_control_restart_and_are_audited_by_the_new_control() {
     let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
     let v: i32 = rt.block_on(c.client.query_one("select 41 + 1", &[])).unwrap().get(0);
     assert_eq!(v, 42);
-    assert_eq!(count_in(&h.control_log(), "session handed to the dataplane"), 1);
+    // The data plane relays as soon as it has the session; control logs the handoff once the
+    // data plane acknowledged it and the session's record is committed.
+    wait_until(Duration::from_secs(5), "control to see the handoff done", || {
+        Ok((count_in(&h.control_log(), "session handed to the dataplane") == 1).then_some(()))
+    })
+    .unwrap();
     let live = h.state.live_sessions().unwrap();
     assert_eq!(live.len(), 1, "{live:?}");
     let sid = live[0].0.clone();
@@ -97,7 +102,10 @@ fn an_admin_kill_ends_the_session_within_a_second() {
     let c = rt.block_on(h.connect_with(Some(&cert), "alice", "demo")).unwrap();
     let v: i32 = rt.block_on(c.client.query_one("select 5", &[])).unwrap().get(0);
     assert_eq!(v, 5);
-    let sid = h.state.live_sessions().unwrap()[0].0.clone();
+    let sid = wait_until(Duration::from_secs(5), "the session's record", || {
+        Ok(h.state.live_sessions()?.first().map(|s| s.0.clone()))
+    })
+    .unwrap();
 
     let control = sluice_control::demo::find_bin("control").unwrap();
     let config = h.stack.control.config_path.clone();

@@ -1,5 +1,6 @@
 //! `control demo --dir DIR` as a user runs it: it writes DIR/env, `eval "$(cat DIR/env)"; psql`
-//! works, and SIGTERM stops the demo together with its PostgreSQL, emulator and control.
+//! works, and SIGTERM stops the demo together with its PostgreSQL, emulator and control (and,
+//! where MariaDB is installed, the MariaDB and MySQL emulator behind database `demo-mysql`).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sluice_tests::sluice_control::demo::find_bin;
-use sluice_tests::{env_get, parse_env_exports, psql_query, tail, wait_until, TestDir};
+use sluice_tests::{env_get, mariadb_available, parse_env_exports, psql_query, tail, wait_until, TestDir};
 
 /// Whether a process with this pid exists (zombies of other parents count as gone soon enough).
 fn pid_alive(pid: i32) -> bool {
@@ -70,6 +71,16 @@ fn control_demo_serves_psql_and_stops_cleanly_on_sigterm() {
     let pg_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().lines().next().unwrap().trim().parse().unwrap();
     assert!(pid_alive(pg_pid), "PostgreSQL (pid {pg_pid}) is not running while the demo is");
     let control_port: u16 = env_get(&env, "PGPORT").unwrap().parse().unwrap();
+    // With MariaDB installed the demo also serves a MySQL database on control's MySQL listener.
+    let mariadb_pid = mariadb_available().then(|| {
+        let config = std::fs::read_to_string(dir.join("control").join("control.yaml")).unwrap();
+        assert!(config.contains("name: demo-mysql") && config.contains("protocol: mysql"), "{config}");
+        assert!(config.contains("mysql_listen_addr: 127.0.0.1:"), "{config}");
+        let pid: i32 =
+            std::fs::read_to_string(dir.join("mariadb").join("mariadb.pid")).unwrap().trim().parse().unwrap();
+        assert!(pid_alive(pid), "MariaDB (pid {pid}) is not running while the demo is");
+        pid
+    });
 
     kill(Pid::from_raw(demo.0.id() as i32), Signal::SIGTERM).unwrap();
     let signalled = Instant::now();
@@ -79,6 +90,9 @@ fn control_demo_serves_psql_and_stops_cleanly_on_sigterm() {
     let left = Duration::from_secs(10).saturating_sub(signalled.elapsed());
     wait_until(left.max(Duration::from_millis(100)), "PostgreSQL to exit", || Ok((!pid_alive(pg_pid)).then_some(())))
         .unwrap();
+    if let Some(pid) = mariadb_pid {
+        wait_until(Duration::from_secs(5), "MariaDB to exit", || Ok((!pid_alive(pid)).then_some(()))).unwrap();
+    }
     assert!(signalled.elapsed() <= Duration::from_secs(10), "stopping took {:?}", signalled.elapsed());
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", control_port)).is_err(),

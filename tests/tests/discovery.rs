@@ -496,7 +496,12 @@ fn same_named_proxies_in_two_regions_and_accounts_get_unique_names() {
             let grew = after[j] > before[j];
             assert_eq!(grew, i == j, "session to {name}: emulator {j} verified a token ({before:?} -> {after:?})");
         }
-        let audited = h.audit().unwrap();
+        // Audit events are written off the connection path: wait for this session's start.
+        let audited = sluice_tests::wait_until(std::time::Duration::from_secs(10), "the session's audit event", || {
+            let a = h.audit()?;
+            Ok(a.iter().any(|a| a.event == "db.session.start" && a.db.as_deref() == Some(name.as_str())).then_some(a))
+        })
+        .unwrap();
         assert!(
             audited
                 .iter()

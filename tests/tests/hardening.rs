@@ -252,8 +252,13 @@ fn a_pipelined_first_query_is_relayed_by_the_data_plane() {
     s.write_all(&bytes).unwrap();
     let msgs = read_messages(&mut s, 2);
     assert_eq!(data_rows(&msgs), vec!["42"], "{msgs:?}");
-    // The data plane holds it (control relays nothing while one is connected).
-    let live = h.state.live_sessions().unwrap();
+    // The data plane holds it (control relays nothing while one is connected); its record is
+    // committed by control's audit thread as the handoff completes.
+    let live = sluice_tests::wait_until(std::time::Duration::from_secs(5), "the live session's record", || {
+        let live = h.state.live_sessions()?;
+        Ok((live.len() == 1).then_some(live))
+    })
+    .unwrap();
     assert_eq!(live.len(), 1, "{live:?}");
     let log = std::fs::read_to_string(h.control_log()).unwrap();
     assert!(log.contains("forwarded bytes buffered during the startup"), "{log}");

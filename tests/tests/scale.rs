@@ -42,7 +42,8 @@ fn listed_sessions(control: &std::path::Path, config: &std::path::Path) -> HashS
 }
 
 /// Raises the soft descriptor limit for `sessions` (children started from here inherit it): the
-/// data plane holds six descriptors a session, the emulator two, this process one.
+/// data plane holds two descriptors a session (no pipe while idle), the emulator two, this
+/// process one; eight leaves room.
 fn raise_nofile(sessions: usize) {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     let needed = (sessions * 8 + 1024) as u64;
@@ -79,6 +80,11 @@ fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
     raise_nofile(SESSIONS);
     let started = Instant::now();
     let mut h = Harness::start_sized("scale", SESSIONS as u32 + 60).unwrap();
+    let control_fds =
+        |h: &Harness| std::fs::read_dir(format!("/proc/{}/fd", h.stack.control.proc.pid())).unwrap().count();
+    let dp_pid = h.stack.dataplane.as_ref().expect("the stack runs a data plane").proc.pid();
+    let dp_fds = || std::fs::read_dir(format!("/proc/{dp_pid}/fd")).unwrap().count();
+    let (control_before, dp_before) = (control_fds(&h), dp_fds());
     let rt = runtime().unwrap();
     let cert = h.issue_cert("alice", "demo", "alice", "demo").unwrap();
     let tls = h.tls(Some(&cert)).unwrap();
@@ -93,6 +99,12 @@ fn four_hundred_sessions_are_listed_scraped_and_survive_a_control_restart() {
         Ok((live.len() == SESSIONS).then(|| live.into_iter().map(|l| l.0).collect()))
     })
     .unwrap();
+    // Control keeps no descriptor of a session it handed over; the data plane keeps its two
+    // sockets (an idle session holds no pipe).
+    let (control_with, dp_with) = (control_fds(&h), dp_fds());
+    eprintln!("descriptors: control {control_before} -> {control_with}, data plane {dp_before} -> {dp_with}");
+    assert!(control_with < control_before + SESSIONS / 10, "control holds {control_with} descriptors");
+    assert!(dp_with <= dp_before + 2 * SESSIONS + 64, "the data plane holds {dp_with} descriptors");
 
     // One stats answer for 400 sessions is larger than a frame.
     let url = h.stack.control.metrics_url().expect("the test stack serves metrics");

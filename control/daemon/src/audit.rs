@@ -3,29 +3,55 @@
 //! shippers can tail. Every event has a random `event_id`. An agent's events also wait in its
 //! [`Spool`] until the auth server has stored them; the auth server stores each `event_id` once,
 //! so an upload retried after a lost answer adds nothing.
+//!
+//! Events, and the live-session records a restarted control reads, are written by one
+//! background thread in batches (one transaction, one fsync and one file write per batch), never
+//! on a connection's path: a handshake only queues them. [`AuditLog::flush`] waits for what was
+//! queued (shutdown, tests).
 
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::state::{State, StateError};
+use crate::state::{Bookkeeping, State, StateError};
 
 pub const SESSION_START: &str = "db.session.start";
 pub const SESSION_END: &str = "db.session.end";
 pub const CLUSTER_JOIN: &str = "cluster.join";
 
 pub struct AuditLog {
+    sink: Arc<Sink>,
+    /// To the writer thread; `None` only while dropping.
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Where events go: the state, the JSON file and (agents, auth nodes beside PostgreSQL) the spool.
+struct Sink {
     state: Arc<State>,
     file: Mutex<Option<std::fs::File>>,
     path: PathBuf,
     /// On agents: events the auth server has not stored yet.
     spool: Option<Arc<Spool>>,
 }
+
+enum Job {
+    /// An event, with the session id its log lines name.
+    Audit(Value, String),
+    /// A live-session record, and who waits for it to be committed.
+    Live(Bookkeeping, Option<tokio::sync::oneshot::Sender<()>>),
+    /// Answered once everything queued before it is written.
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// Most entries written in one transaction.
+const MAX_BATCH: usize = 512;
 
 /// An agent's audit events not yet stored by the auth server, oldest first: kept in `agent.db`
 /// (they survive a restart) and mirrored here, so that uploading them reads no SQL.
@@ -85,7 +111,7 @@ pub struct SessionFields {
 
 impl AuditLog {
     pub fn new(state: Arc<State>, path: PathBuf) -> Self {
-        AuditLog { state, file: Mutex::new(None), path, spool: None }
+        Self::start(Sink { state, file: Mutex::new(None), path, spool: None })
     }
 
     /// An agent's log: every event is also spooled for the auth server, starting with those an
@@ -93,7 +119,20 @@ impl AuditLog {
     pub fn spooling(state: Arc<State>, path: PathBuf) -> Result<Self, StateError> {
         let spool = Spool::default();
         spool.pending().extend(state.audit_spool(usize::MAX >> 1)?);
-        Ok(AuditLog { state, file: Mutex::new(None), path, spool: Some(Arc::new(spool)) })
+        Ok(Self::start(Sink { state, file: Mutex::new(None), path, spool: Some(Arc::new(spool)) }))
+    }
+
+    fn start(sink: Sink) -> Self {
+        let sink = Arc::new(sink);
+        let (tx, rx) = mpsc::channel();
+        let writer_sink = sink.clone();
+        let writer = std::thread::Builder::new()
+            .name("sluice-audit".into())
+            .spawn(move || writer_sink.run(rx))
+            .map_err(|e| tracing::error!(error = %e, "cannot start the audit writer; writing on the caller's thread"))
+            .ok();
+        let queue = writer.is_some().then_some(tx);
+        AuditLog { sink, queue: Mutex::new(queue), writer: Mutex::new(writer) }
     }
 
     /// An auth node's log beside a shared store ([`State::has_local`]): events wait in its own
@@ -108,32 +147,40 @@ impl AuditLog {
     }
 
     pub fn spool(&self) -> Option<Arc<Spool>> {
-        self.spool.clone()
+        self.sink.spool.clone()
     }
 
     /// The state the events are stored in.
     pub fn state(&self) -> &Arc<State> {
-        &self.state
+        &self.sink.state
     }
 
     /// Stores events an agent uploaded (auth server): each new `event_id` once, in the state and
     /// the JSON file; returns (stored, already there).
     pub fn ingest(&self, records: &[Value]) -> Result<(usize, usize), StateError> {
-        let stored = self.state.insert_audit_batch(records)?;
+        let stored = self.sink.state.insert_audit_batch(records)?;
+        let mut lines = String::new();
         let mut new = 0;
         for (record, row) in records.iter().zip(&stored) {
             if row.is_some() {
                 new += 1;
-                let sid = record.get("sid").and_then(Value::as_str).unwrap_or_default();
-                self.append_file(record, sid);
+                lines.push_str(&record.to_string());
+                lines.push('\n');
             }
         }
+        self.sink.append_file(&lines, "");
         Ok((new, records.len() - new))
     }
 
     /// Records an event. Failures to write are logged, never fatal to the session: losing the
     /// audit file must not take the proxy down (the SQLite copy is tried independently).
     pub fn emit(&self, event: &str, s: &SessionFields, success: bool, extra: Value) {
+        let protocol = if s.db_protocol.is_empty() { crate::config::PROTOCOL_POSTGRES } else { s.db_protocol.as_str() };
+        self.emit_protocol(event, s, protocol, success, extra)
+    }
+
+    /// [`AuditLog::emit`] for a session of the given protocol (`postgres`, `mysql`).
+    pub fn emit_protocol(&self, event: &str, s: &SessionFields, protocol: &str, success: bool, extra: Value) {
         let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
         let mut record = json!({
             "event": event,
@@ -145,13 +192,13 @@ impl AuditLog {
             "db_service": s.db_service,
             "db_user": s.db_user,
             "db_name": s.db_name,
-            "db_protocol": if s.db_protocol.is_empty() { crate::config::PROTOCOL_POSTGRES } else { s.db_protocol.as_str() },
+            "db_protocol": protocol,
             "client_addr": s.client_addr,
         });
         if let (Some(obj), Value::Object(more)) = (record.as_object_mut(), extra) {
             obj.extend(more);
         }
-        self.write(&record, &s.session_id);
+        self.send(Job::Audit(record, s.session_id.clone()));
     }
 
     /// Records an event that is about no session (a node joining the cluster): `fields` are
@@ -162,28 +209,135 @@ impl AuditLog {
         if let (Some(obj), Value::Object(more)) = (record.as_object_mut(), fields) {
             obj.extend(more);
         }
-        self.write(&record, "");
+        self.send(Job::Audit(record, String::new()));
     }
 
-    fn write(&self, record: &Value, session_id: &str) {
-        let stored = match &self.spool {
-            Some(_) => self.state.spool_audit(record),
-            None => self.state.insert_audit(record),
-        };
-        match stored {
-            Ok(Some(row)) => {
-                if let Some(spool) = &self.spool {
-                    spool.pending().push_back((row, record.clone()));
-                    spool.added.notify_one();
+    /// Records (in order with the session's events) a session the data plane now holds, for a
+    /// restarted control; the answer comes once it is committed (or failed to be, logged), so
+    /// that the caller can overlap the write with the handoff yet not report a session a
+    /// restarted control would not know.
+    pub fn record_live_session(&self, id: &str, data: Value) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Live(Bookkeeping::LiveInsert { id: id.to_owned(), data }, Some(tx)));
+        rx
+    }
+
+    /// Forgets a live session's record (after its queued insert).
+    pub fn forget_live_session(&self, id: &str) {
+        self.send(Job::Live(Bookkeeping::LiveDelete(id.to_owned()), None));
+    }
+
+    /// Waits until everything queued so far is written.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Job::Flush(tx));
+        let _ = rx.recv();
+    }
+
+    fn send(&self, job: Job) {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match queue.as_ref().map(|q| q.send(job)) {
+            Some(Ok(())) => {}
+            // No writer thread: write here, as one batch.
+            Some(Err(mpsc::SendError(job))) => self.sink.write(vec![job]),
+            None => {
+                drop(queue);
+                // Cannot be reached with a live queue; kept total for a failed thread start.
+            }
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    /// Writes what is queued: the thread ends once its queue is closed and drained.
+    fn drop(&mut self) {
+        drop(self.queue.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Sink {
+    fn run(&self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
                 }
             }
-            Ok(None) => {}
-            Err(e) => tracing::error!(session_id = %session_id, error = %e, "writing audit event to state"),
+            self.write(batch);
         }
-        self.append_file(record, session_id);
     }
 
-    fn append_file(&self, record: &Value, session_id: &str) {
+    /// Writes a batch: one transaction in the state, one append to the file.
+    fn write(&self, batch: Vec<Job>) {
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut sessions = Vec::with_capacity(batch.len());
+        let mut flushes = Vec::new();
+        let mut live_waiters = Vec::new();
+        for job in batch {
+            match job {
+                Job::Audit(record, sid) => {
+                    entries.push(Bookkeeping::Audit(record));
+                    sessions.push(sid);
+                }
+                Job::Live(entry, done) => {
+                    live_waiters.extend(done);
+                    sessions.push(match &entry {
+                        Bookkeeping::LiveInsert { id, .. } | Bookkeeping::LiveDelete(id) => id.clone(),
+                        Bookkeeping::Audit(_) => String::new(),
+                    });
+                    entries.push(entry);
+                }
+                Job::Flush(done) => flushes.push(done),
+            }
+        }
+        if !entries.is_empty() {
+            match self.state.write_bookkeeping(&entries, self.spool.is_some()) {
+                Ok(rows) => {
+                    if let Some(spool) = &self.spool {
+                        let mut pending = spool.pending();
+                        for (entry, row) in entries.iter().zip(rows) {
+                            if let (Bookkeeping::Audit(record), Some(row)) = (entry, row) {
+                                pending.push_back((row, record.clone()));
+                            }
+                        }
+                        drop(pending);
+                        spool.added.notify_one();
+                    }
+                }
+                Err(e) => {
+                    let ids: Vec<&str> = sessions.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+                    tracing::error!(session_ids = ?ids, entries = entries.len(), error = %e, "writing audit events and live-session records to state");
+                }
+            }
+            let mut lines = String::new();
+            for entry in &entries {
+                if let Bookkeeping::Audit(record) = entry {
+                    lines.push_str(&record.to_string());
+                    lines.push('\n');
+                }
+            }
+            let first = sessions.first().map(String::as_str).unwrap_or_default();
+            self.append_file(&lines, first);
+        }
+        for done in live_waiters {
+            let _ = done.send(());
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+
+    /// Appends whole lines with one write(2): an O_APPEND write never interleaves with another
+    /// writer's.
+    fn append_file(&self, lines: &str, session_id: &str) {
+        if lines.is_empty() {
+            return;
+        }
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if file.is_none() {
             match crate::private_fs::open_private_append(&self.path) {
@@ -195,12 +349,7 @@ impl AuditLog {
             }
         }
         if let Some(f) = file.as_mut() {
-            // One write(2) per line: formatting straight into the file issued one per fragment
-            // (hundreds per event), and an O_APPEND line written whole never interleaves with
-            // another writer's.
-            let mut line = record.to_string();
-            line.push('\n');
-            if let Err(e) = f.write_all(line.as_bytes()) {
+            if let Err(e) = f.write_all(lines.as_bytes()) {
                 tracing::error!(session_id = %session_id, error = %e, "appending audit event");
                 *file = None;
             }
@@ -289,6 +438,7 @@ mod tests {
         let fields = SessionFields { session_id: "s1".into(), ..Default::default() };
         log.emit(SESSION_START, &fields, true, json!({}));
         log.emit(SESSION_END, &fields, true, json!({}));
+        log.flush();
         let spool = log.spool().unwrap();
         assert_eq!(spool.len(), 2);
         let first = spool.peek(1);

@@ -157,6 +157,9 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     for t in tasks {
         t.abort();
     }
+    // Events and live-session records still queued are written before the process exits.
+    let audit = probe.ctx.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     Ok(())
 }
 

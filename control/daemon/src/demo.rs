@@ -74,6 +74,10 @@ pub const DEMO_USER: &str = "alice";
 /// The demo database whose upstream is the emulator without TLS: with a local-socket client,
 /// both legs are spliced.
 pub const DEMO_PLAIN_DB: &str = "demo-plain";
+/// The demo's MySQL database (`protocol: mysql`): MariaDB behind the emulator's MySQL mode.
+pub const DEMO_MYSQL_DB: &str = "demo-mysql";
+/// The MySQL emulator's proxy name: a proxy of its own, as RDS Proxy has one engine per proxy.
+pub const DEMO_MYSQL_PROXY_NAME: &str = "sluice-demo-mysql";
 
 /// A child process that is stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
 pub struct Proc {
@@ -437,6 +441,215 @@ impl Drop for Postgres {
     }
 }
 
+/// Finds a MariaDB program (`mariadbd`, `mariadb`, `mariadb-install-db`): in `$SLUICE_MARIADB_BIN`
+/// when set, else on `$PATH` or in the sbin directories a Debian package puts the server in (often
+/// not on a non-root user's `$PATH`).
+pub fn mariadb_bin(name: &str) -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("SLUICE_MARIADB_BIN") {
+        let p = PathBuf::from(d).join(name);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(DemoError::Missing(format!("{} not found ($SLUICE_MARIADB_BIN)", p.display())))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            DemoError::Missing(format!(
+                "{name} not found (apt-get install mariadb-server mariadb-client, or run scripts/setup)"
+            ))
+        })
+}
+
+/// Whether the MariaDB server, installer and client are all installed (see [`mariadb_bin`]).
+pub fn mariadb_available() -> bool {
+    ["mariadbd", "mariadb-install-db", "mariadb"].iter().all(|n| mariadb_bin(n).is_ok())
+}
+
+/// A throwaway MariaDB server: its own data directory and Unix socket in `dir`, TCP on 127.0.0.1
+/// and a free port, grant tables on (users log in with passwords over TCP, as behind RDS Proxy),
+/// and the OS user running it as the administrator over the socket (`unix_socket` auth).
+pub struct MariaDb {
+    pub port: u16,
+    pub dir: PathBuf,
+    socket: PathBuf,
+    /// The account [`MariaDb::sql`] logs in as over the socket: the OS user's name.
+    admin: String,
+    client: PathBuf,
+    proc: Proc,
+}
+
+impl MariaDb {
+    /// Initialises `dir/mariadb-data` (removing whatever `dir` held) and starts the server.
+    pub fn start(dir: &Path) -> Result<MariaDb> {
+        let server = mariadb_bin("mariadbd")?;
+        let install = mariadb_bin("mariadb-install-db")?;
+        let client = mariadb_bin("mariadb")?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let root = nix::unistd::geteuid().is_root();
+        let admin = match root {
+            true => "root".to_owned(),
+            false => nix::unistd::User::from_uid(nix::unistd::geteuid())?
+                .map(|u| u.name)
+                .ok_or_else(|| DemoError::Missing("the current user has no account name".into()))?,
+        };
+        let data = dir.join("mariadb-data");
+        // Servers name their temporary files after their pid in --tmpdir (/tmp by default); a
+        // private one keeps parallel servers (tests, other checkouts) from removing each other's.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        let mut cmd = Command::new(&install);
+        // --no-defaults first: a system my.cnf must not point the install at its own datadir.
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+            .arg(format!("--auth-root-socket-user={admin}"))
+            // Passed on to the bootstrap server.
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .current_dir(&dir);
+        if root {
+            cmd.arg("--user=root");
+        }
+        let out = cmd.output().map_err(io("running mariadb-install-db"))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(DemoError::Command { what: "mariadb-install-db failed".into(), stderr });
+        }
+        // As with PostgreSQL: a port taken between choosing it and binding it means another try.
+        let mut last_err = None;
+        for _ in 0..3 {
+            match Self::launch(&dir, &data, &server, &client, &admin) {
+                Ok(db) => return Ok(db),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| DemoError::Start("MariaDB did not start".into())))
+    }
+
+    fn launch(dir: &Path, data: &Path, server: &Path, client: &Path, admin: &str) -> Result<MariaDb> {
+        let port = free_port()?;
+        let mut socket = dir.join("mariadb.sock");
+        if socket.as_os_str().len() > 100 {
+            // Unix socket paths are limited to 108 bytes; a deep directory gets one under /tmp.
+            socket = std::env::temp_dir().join(format!("sluice-mariadb-{}.sock", random_secret(4)));
+        }
+        let log_path = dir.join("mariadb.log");
+        let mut cmd = Command::new(server);
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", log_path.display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
+            .arg(format!("--port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                // Users are '%' accounts; no reverse DNS lookups for loopback clients.
+                "--skip-name-resolve",
+                "--max-allowed-packet=1G",
+                "--local-infile=ON",
+                // A test server: durability is not wanted, start-up speed and a small footprint are.
+                "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-buffer-pool-size=16M",
+                "--innodb-log-file-size=16M",
+                "--skip-log-bin",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir(dir);
+        if nix::unistd::geteuid().is_root() {
+            cmd.arg("--user=root");
+        }
+        let log_tail = || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        };
+        let mut proc = Proc::spawn("mariadbd", &mut cmd)?;
+        wait_for_port(port, Duration::from_secs(60), &mut proc)
+            .map_err(|e| DemoError::Start(format!("{e}: {}", log_tail())))?;
+        let mut db =
+            MariaDb { port, dir: dir.to_path_buf(), socket, admin: admin.to_owned(), client: client.to_owned(), proc };
+        // The TCP port can open before the grant tables are loaded.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match db.sql("SELECT 1") {
+                Ok(_) => return Ok(db),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) if !db.proc.alive() => {
+                    return Err(DemoError::Start(format!("mariadbd exited during start-up ({e}): {}", log_tail())))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's Unix socket (administrator access, see [`MariaDb::sql`]): in the directory
+    /// given to [`MariaDb::start`] unless that path is too long for a socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The `mariadb` client program.
+    pub fn client(&self) -> &Path {
+        &self.client
+    }
+
+    /// Runs SQL as the administrator over the Unix socket; returns the rows tab-separated,
+    /// without column names.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        let out = Command::new(&self.client)
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args(["-u", &self.admin, "-N", "-B", "-e", sql])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("running mariadb"))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(DemoError::Command { what: format!("mariadb {sql:?}"), stderr });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Creates `name`@`%` with `password` (mysql_native_password, MariaDB's default) and every
+    /// privilege, so a test or the demo can use any database through the emulator.
+    pub fn create_user(&self, name: &str, password: &str) -> Result<()> {
+        let quote = |s: &str| s.replace('\\', "\\\\").replace('\'', "''");
+        let (name, password) = (quote(name), quote(password));
+        self.sql(&format!(
+            "CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'; GRANT ALL ON *.* TO '{name}'@'%' WITH GRANT OPTION"
+        ))?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        // SIGTERM is mariadbd's normal shutdown.
+        self.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        if !self.socket.starts_with(&self.dir) {
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// AWS credentials as the emulator's secrets file and the AWS_* variables take them.
 #[derive(Debug, Clone)]
 pub struct AwsCreds {
@@ -468,6 +681,8 @@ impl AwsCreds {
 pub struct Emulator {
     /// Serving without TLS (`--plaintext`): a non-TLS upstream whose leg is spliced as is.
     pub plaintext: bool,
+    /// Fronting MySQL/MariaDB (`--engine mysql`, see [`Emulator::start_mysql`]) rather than PostgreSQL.
+    pub mysql: bool,
     pub port: u16,
     pub endpoint: String,
     pub ca_file: PathBuf,
@@ -494,6 +709,40 @@ impl Emulator {
         Self::spawn(dir, port, cmd, plaintext)
     }
 
+    /// An emulator in front of MySQL/MariaDB on `mysql_port` (RDS Proxy for MySQL: TLS and IAM
+    /// tokens through `mysql_clear_password` required, `mysql_native_password` with the stored
+    /// secret to the backend), with the demo's identity; the same [`Emulator`] as
+    /// [`Emulator::start`], with `mysql` set.
+    pub fn start_mysql(
+        dir: &Path,
+        mysql_port: u16,
+        creds: &[AwsCreds],
+        secrets: &[(String, String)],
+    ) -> Result<Emulator> {
+        Self::start_mysql_opts(dir, mysql_port, creds, secrets, false)
+    }
+
+    /// As [`Emulator::start_mysql`]; with `plaintext`, serving clients without TLS (no
+    /// CLIENT_SSL offered), a non-TLS upstream whose leg can be spliced as is.
+    pub fn start_mysql_opts(
+        dir: &Path,
+        mysql_port: u16,
+        creds: &[AwsCreds],
+        secrets: &[(String, String)],
+        plaintext: bool,
+    ) -> Result<Emulator> {
+        let backend =
+            ["--engine".to_owned(), "mysql".to_owned(), "--mysql".to_owned(), format!("127.0.0.1:{mysql_port}")];
+        let (port, mut cmd) = Self::command_for(dir, &backend, secrets, creds)?;
+        cmd.args(["--name", DEMO_MYSQL_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
+        if plaintext {
+            cmd.arg("--plaintext");
+        }
+        let mut emulator = Self::spawn(dir, port, cmd, plaintext)?;
+        emulator.mysql = true;
+        Ok(emulator)
+    }
+
     /// The emulator's command line on a fresh port, serving `secrets` in front of PostgreSQL on
     /// `pg_port` and accepting tokens signed with `creds`, with its TLS files and log in `dir`;
     /// the caller adds its identity, then [`Emulator::spawn`]s it. The secrets go to the
@@ -501,6 +750,16 @@ impl Emulator {
     pub fn command(
         dir: &Path,
         pg_port: u16,
+        secrets: &[(String, String)],
+        creds: &[AwsCreds],
+    ) -> Result<(u16, Command)> {
+        Self::command_for(dir, &["--postgres".to_owned(), format!("127.0.0.1:{pg_port}")], secrets, creds)
+    }
+
+    /// As [`Emulator::command`], with `backend` the arguments naming the engine and its server.
+    fn command_for(
+        dir: &Path,
+        backend: &[String],
         secrets: &[(String, String)],
         creds: &[AwsCreds],
     ) -> Result<(u16, Command)> {
@@ -523,7 +782,7 @@ impl Emulator {
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--tls-dir")
             .arg(dir.join("tls"))
-            .args(["--postgres", &format!("127.0.0.1:{pg_port}")])
+            .args(backend)
             .stdout(Stdio::piped())
             .arg("--secrets-file")
             .arg(&secrets_file)
@@ -556,7 +815,7 @@ impl Emulator {
                 )));
             }
         };
-        Ok(Emulator { plaintext, port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
+        Ok(Emulator { plaintext, mysql: false, port, endpoint, ca_file: dir.join("tls").join("ca.pem"), proc })
     }
 }
 
@@ -758,7 +1017,8 @@ pub fn demo_database(name: &str, emulator: &Emulator, labels: &[(&str, &str)]) -
         description: format!("RDS Proxy in {DEMO_REGION} (local emulator)"),
         static_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         spec: DatabaseSpec {
-            protocol: "postgres".into(),
+            protocol: if emulator.mysql { crate::config::PROTOCOL_MYSQL } else { crate::config::PROTOCOL_POSTGRES }
+                .into(),
             uri: format!("{}:{}", emulator.endpoint, emulator.port),
             aws: AwsSpec { region: Some(DEMO_REGION.into()), ..Default::default() },
             tls: match emulator.plaintext {
@@ -792,6 +1052,34 @@ pub struct Stack {
     pub postgres: Postgres,
     /// The PostgreSQL password of the demo database user (the emulator's "secret").
     pub db_password: String,
+    /// MariaDB behind a MySQL emulator, served as [`DEMO_MYSQL_DB`] (see [`Stack::start_demo`]).
+    pub mysql: Option<MysqlDemo>,
+}
+
+/// The demo's MySQL side: MariaDB with database `demo` and user `alice` (password `db_password`,
+/// the emulator's secret), and the emulator in front of it.
+pub struct MysqlDemo {
+    // Dropped in order: the emulator before its backend.
+    pub emulator: Emulator,
+    pub mariadb: MariaDb,
+    pub db_password: String,
+}
+
+impl MysqlDemo {
+    /// Starts MariaDB in `dir/mariadb` and the MySQL emulator in `dir/emulator-mysql`.
+    pub fn start(dir: &Path) -> Result<MysqlDemo> {
+        let mariadb = MariaDb::start(&dir.join("mariadb"))?;
+        let db_password = random_secret(12);
+        mariadb.create_user(DEMO_USER, &db_password)?;
+        mariadb.sql("CREATE DATABASE demo")?;
+        let emulator = Emulator::start_mysql(
+            &dir.join("emulator-mysql"),
+            mariadb.port(),
+            &[AwsCreds::demo()],
+            &[(DEMO_USER.to_owned(), db_password.clone())],
+        )?;
+        Ok(MysqlDemo { emulator, mariadb, db_password })
+    }
 }
 
 impl Stack {
@@ -821,6 +1109,38 @@ impl Stack {
         dataplane: Option<&[&str]>,
         max_connections: Option<u32>,
     ) -> Result<Stack> {
+        Self::start_full(dir, control_creds, dataplane, max_connections, None)
+    }
+
+    /// As [`Stack::start`], plus the MySQL side when MariaDB is installed: MariaDB and a MySQL
+    /// emulator served as database [`DEMO_MYSQL_DB`] (labels env=dev) on control's MySQL
+    /// listener. Without MariaDB, or when it fails to start, the stack is the PostgreSQL one
+    /// and `mysql` is `None` (the reason is logged on stderr).
+    pub fn start_demo(dir: &Path, control_creds: &AwsCreds) -> Result<Stack> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let mysql = if mariadb_available() {
+            match MysqlDemo::start(&dir) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("MariaDB did not start, so the demo has no MySQL database: {e}");
+                    None
+                }
+            }
+        } else {
+            eprintln!("MariaDB is not installed (scripts/setup installs it), so the demo has no MySQL database");
+            None
+        };
+        Self::start_full(&dir, control_creds, Some(&[]), None, mysql)
+    }
+
+    fn start_full(
+        dir: &Path,
+        control_creds: &AwsCreds,
+        dataplane: Option<&[&str]>,
+        max_connections: Option<u32>,
+        mysql: Option<MysqlDemo>,
+    ) -> Result<Stack> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pg_dir = if nix::unistd::geteuid().is_root() {
@@ -847,15 +1167,27 @@ impl Stack {
             &[(DEMO_USER.to_owned(), db_password.clone())],
             true,
         )?;
-        let dbs = vec![
+        let mut dbs = vec![
             demo_database("demo", &emulator, &[("env", "dev")]),
             demo_database(DEMO_PLAIN_DB, &plain_emulator, &[("env", "dev")]),
         ];
+        let mysql_port = match &mysql {
+            Some(m) => {
+                dbs.push(demo_database(DEMO_MYSQL_DB, &m.emulator, &[("env", "dev")]));
+                Some(free_port()?)
+            }
+            None => None,
+        };
         let dataplane =
             dataplane.map(|args| DataplaneProc::start_with_args(&dir.join("dataplane"), args)).transpose()?;
         let socket = dataplane.as_ref().map(|d| d.socket.clone());
-        let control = ControlProc::start(&dir.join("control"), dbs, control_creds, socket)?;
-        let stack = Stack { dir, control, dataplane, emulator, plain_emulator, postgres, db_password };
+        let control = ControlProc::start_edited(&dir.join("control"), dbs, control_creds, socket, |c| {
+            if let Some(port) = mysql_port {
+                c.proxy_service.mysql_listen_addr = Some(([127, 0, 0, 1], port).into());
+                c.proxy_service.mysql_public_addr = Some(format!("localhost:{port}"));
+            }
+        })?;
+        let stack = Stack { dir, control, dataplane, emulator, plain_emulator, postgres, db_password, mysql };
         if stack.dataplane.is_some() {
             stack.wait_for_dataplane_link()?;
         }
@@ -891,6 +1223,10 @@ impl Drop for Stack {
         }
         self.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
         self.plain_emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
+        if let Some(m) = self.mysql.as_mut() {
+            m.emulator.proc.stop(nix::sys::signal::Signal::SIGTERM);
+            m.mariadb.stop();
+        }
         self.postgres.stop();
         // The private directory made under /tmp for a root run (see `start_sized`) is the
         // stack's alone; every test left one behind (tens of MB each).

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sluice_control::config::{parse_duration, Config, DbResource};
-use sluice_control::demo::{dev_role, find_bin, AwsCreds, Stack, DEMO_PLAIN_DB};
+use sluice_control::demo::{dev_role, find_bin, AwsCreds, Stack, DEMO_MYSQL_DB, DEMO_PLAIN_DB};
 use sluice_control::rbac::Role;
 use sluice_control::state::{random_secret, State};
 use sluice_control::{bootstrap, catalog, daemon};
@@ -1307,7 +1307,7 @@ fn run_demo(dir: &Path) -> Result<()> {
         let _guard = rt.enter();
         (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
     };
-    let stack = Stack::start(dir, &AwsCreds::demo())?;
+    let stack = Stack::start_demo(dir, &AwsCreds::demo())?;
     let state = stack.control.state()?;
     state.upsert_role(&dev_role("dev", &["demo"], &["alice"])?)?;
     // alice also administers the web console (live sessions, locks, audit).
@@ -1352,6 +1352,22 @@ fn run_demo(dir: &Path) -> Result<()> {
     std::fs::write(stack.dir.join("metrics-url"), format!("{metrics_url}\n"))?;
     let d = stack.dir.display();
     let local = stack.control.config.proxy_service.local_socket.clone().context("the demo serves local sockets")?;
+    // MySQL clients go through control's MySQL listener; the same role and user cover it.
+    let mysql = match (&stack.mysql, stack.control.config.proxy_service.mysql_listen_addr) {
+        (Some(m), Some(listen)) => format!(
+            "\n\nMySQL: MariaDB 127.0.0.1:{mport} behind the emulator's MySQL mode \
+             ({mendpoint}:{meport}), served as {mydb} on control's MySQL listener {listen}:\n\n\
+             \x20 {sluice} db login {mydb} --db-user alice --db-name demo\n\
+             \x20 {sluice} db connect {mydb}\n\n\
+             (logs in {d}/emulator-mysql/emulator.log and {d}/mariadb/mariadb.log)",
+            mport = m.mariadb.port(),
+            mendpoint = m.emulator.endpoint,
+            meport = m.emulator.port,
+            mydb = DEMO_MYSQL_DB,
+            sluice = sluice.display(),
+        ),
+        _ => "\n\nNo MySQL database: MariaDB is not installed or did not start (see above).".to_owned(),
+    };
     std::fs::write(stack.dir.join("local-socket-dir"), local.dir.to_string_lossy().as_bytes())?;
     println!(
         "Sluice demo is running.\n\n\
@@ -1370,7 +1386,7 @@ fn run_demo(dir: &Path) -> Result<()> {
          or, from this machine as {os_user} (mapped to alice; no TLS, both legs spliced):\n\n\
          \x20 psql \"host={local}/{plain} user=alice dbname=demo\"\n\n\
          Logs are in {d}/control/control.log, {d}/dataplane/dataplane.log and {d}/emulator/emulator.log.\n\
-         Live sessions: {control} --config {d}/control/control.yaml sessions ls\n\
+         Live sessions: {control} --config {d}/control/control.yaml sessions ls{mysql}\n\n\
          Ctrl-C stops everything.",
         pg = stack.control.pg_port,
         web = stack.control.config.auth_service.web_listen_addr.map(|a| format!("https://{a}/")).unwrap_or_default(),

@@ -49,7 +49,7 @@
 //! BPF counter baseline (optional, eight u64: two cookies, then per leg queued rx, rx at
 //! registration, unsent tx), 80 and 81 the two directions' state (see `DirState`). Its
 //! descriptors: client leg, upstream leg, then each spliced direction's pipe (read end, write
-//! end), then, when any record-path direction holds bytes, one memfd with them (each
+//! end; an empty pipe where the direction held no bytes, which the successor may just close), then, when any record-path direction holds bytes, one memfd with them (each
 //! direction's unprocessed input, then its unsent output, in direction order).
 
 use thiserror::Error;

@@ -25,6 +25,7 @@ use nix::sys::eventfd::EventFd;
 use tracing::{debug, error, info, warn};
 
 use super::ktls_rx::KtlsRx;
+use super::pipes::PipePool;
 use super::pool::Pool;
 use super::record::RecordDir;
 use super::splice::SpliceDir;
@@ -68,9 +69,9 @@ enum Dir {
 }
 
 impl Dir {
-    fn step(&mut self, pool: &mut Pool) -> Step {
+    fn step(&mut self, pool: &mut Pool, pipes: &mut PipePool) -> Step {
         match self {
-            Dir::Splice(d) => d.step(),
+            Dir::Splice(d) => d.step(pipes),
             Dir::Record(d) => d.step(pool),
         }
     }
@@ -80,9 +81,10 @@ impl Dir {
             Dir::Record(d) => d.complete(res),
         }
     }
-    fn release(&mut self, pool: &mut Pool) {
-        if let Dir::Record(d) = self {
-            d.release(pool);
+    fn release(&mut self, pool: &mut Pool, pipes: &mut PipePool) {
+        match self {
+            Dir::Splice(d) => d.release(pipes),
+            Dir::Record(d) => d.release(pool),
         }
     }
     fn bytes(&self) -> u64 {
@@ -219,13 +221,13 @@ fn resumed_direction(
     src: &mut LegIo,
     dst: &mut LegIo,
     state: &DirState,
-    pipes: &mut impl Iterator<Item = [OwnedFd; 2]>,
+    pipes: &mut impl Iterator<Item = Option<[OwnedFd; 2]>>,
     held: &mut &[u8],
 ) -> io::Result<Dir> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
     let (dec, enc, ktls_rx) = (src.dec.take(), dst.enc.take(), src.ktls_rx.take());
     Ok(if dec.is_none() && enc.is_none() {
-        let pipe = pipes.next().ok_or_else(|| bad("a resumed spliced direction came without its pipe"))?;
+        let pipe = pipes.next().ok_or_else(|| bad("a resumed spliced direction came without its pipe slot"))?;
         Dir::Splice(SpliceDir::resume(src_fd, dst_fd, src_leg, dst_leg, pipe, state)?.with_ktls(ktls_rx, dst.ktls_tx))
     } else {
         let n = state.held_in as usize + state.held_out as usize;
@@ -304,7 +306,7 @@ fn direction(
 ) -> io::Result<Dir> {
     let (dec, enc, ktls_rx) = (src.dec.take(), dst.enc.take(), src.ktls_rx.take());
     Ok(if dec.is_none() && enc.is_none() {
-        Dir::Splice(SpliceDir::new(src_fd, dst_fd, src_leg, dst_leg)?.with_ktls(ktls_rx, dst.ktls_tx))
+        Dir::Splice(SpliceDir::new(src_fd, dst_fd, src_leg, dst_leg).with_ktls(ktls_rx, dst.ktls_tx))
     } else {
         Dir::Record(Box::new(
             RecordDir::new(src_fd, dst_fd, src_leg, dst_leg, dec, enc, src.tls13).with_ktls(ktls_rx, dst.ktls_tx),
@@ -380,6 +382,7 @@ struct Sess {
 struct Io {
     ring: IoUring,
     pool: Pool,
+    pipes: PipePool,
     /// Completions reaped but not yet processed (reaping can happen while pushing).
     backlog: VecDeque<(u64, i32)>,
     /// Operations submitted and not completed, the wake read included; cancels excluded.
@@ -480,6 +483,11 @@ pub(crate) struct EventLoop {
     /// Where the exported sessions go once every session is exported or ended.
     export_reply: Option<mpsc::SyncSender<Vec<MovedSession>>>,
     exported: Vec<MovedSession>,
+    /// `(slot, gen, dir)` of directions whose source has bytes but which could get no pipe
+    /// (out of descriptors); retried when the pool has a spare pipe, and at every tick.
+    pipe_waiters: Vec<(u32, u32, usize)>,
+    /// A direction could get no pipe and has not had one since (logged once per shortage).
+    pipes_short: bool,
 }
 
 impl Sess {
@@ -532,7 +540,15 @@ impl EventLoop {
         }
         Ok(EventLoop {
             index,
-            io: Io { ring, pool: Pool::new(stats.clone()), backlog: VecDeque::new(), inflight: 0 },
+            io: Io {
+                ring,
+                pool: Pool::new(stats.clone()),
+                pipes: PipePool::new(stats.clone()),
+                backlog: VecDeque::new(),
+                inflight: 0,
+            },
+            pipe_waiters: Vec::new(),
+            pipes_short: false,
             commands,
             wake,
             wake_buf: Box::new([0; 8]),
@@ -591,6 +607,9 @@ impl EventLoop {
             self.io.reap();
             while let Some((tok, res)) = self.io.backlog.pop_front() {
                 self.on_completion(tok, res);
+            }
+            if !self.pipe_waiters.is_empty() && self.io.pipes.spare() > 0 {
+                self.retry_pipe_waiters();
             }
         }
         info!(worker = self.index, "relay worker stopped");
@@ -716,6 +735,9 @@ impl EventLoop {
         let adopted: usize = p.dirs.iter().map(|d| if let Dir::Record(r) = d { r.buffers() } else { 0 }).sum();
         self.stats.buffers_in_use.fetch_add(adopted, Ordering::Relaxed);
         self.stats.buffers_allocated.fetch_add(adopted, Ordering::Relaxed);
+        // And so are the pipes of resumed directions that hold bytes.
+        let pipes = p.dirs.iter().filter(|d| matches!(d, Dir::Splice(s) if s.has_pipe())).count();
+        self.io.pipes.adopt(pipes);
         let now = Instant::now();
         let (wire, first_close, done, last_activity) = match &p.resumed {
             Some(r) => (r.wire, r.first_close, r.done, now.checked_sub(r.idle).unwrap_or(now)),
@@ -816,7 +838,7 @@ impl EventLoop {
             return;
         }
         loop {
-            let step = s.dirs[dir].step(&mut self.io.pool);
+            let step = s.dirs[dir].step(&mut self.io.pool, &mut self.io.pipes);
             if let Step::Submit(Op::Splice { from, to, len }) = step {
                 if inline_budget > 0 {
                     inline_budget -= 1;
@@ -859,7 +881,34 @@ impl EventLoop {
                     self.begin_end(slot, first);
                 }
             }
+            Step::WaitPipe(e) => {
+                // One warning per shortage: a process out of descriptors would otherwise log
+                // once per direction, and again at every retry.
+                if !self.pipes_short {
+                    self.pipes_short = true;
+                    warn!(worker = self.index, error = %e, "no pipe could be made; directions with bytes to relay wait for one");
+                } else {
+                    debug!(session = %s.id, error = %e, "no pipe could be made");
+                }
+                self.pipe_waiters.push((slot, s.gen, dir));
+            }
             Step::Fail(f) => self.fail(slot, f),
+        }
+    }
+
+    /// Drives again the directions that could get no pipe; those that still get none queue
+    /// themselves again. Entries of sessions that ended or moved on since are dropped.
+    fn retry_pipe_waiters(&mut self) {
+        let waiting = std::mem::take(&mut self.pipe_waiters);
+        for &(slot, gen, dir) in &waiting {
+            let Some(Some(s)) = self.slots.get(slot as usize) else { continue };
+            if s.gen == gen {
+                self.drive(slot, dir);
+            }
+        }
+        if self.pipe_waiters.is_empty() && self.pipes_short {
+            self.pipes_short = false;
+            info!(worker = self.index, "pipes available again; waiting directions resumed");
         }
     }
 
@@ -908,7 +957,7 @@ impl EventLoop {
         }
         let Some(mut s) = cell.take() else { return };
         for d in &mut s.dirs {
-            d.release(&mut self.io.pool);
+            d.release(&mut self.io.pool, &mut self.io.pipes);
         }
         self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1);
         self.free_slots.push(slot);
@@ -968,12 +1017,12 @@ impl EventLoop {
         let mut held = Vec::new();
         // `(read, write)` sequence numbers of each direction's userspace ciphers.
         let mut seqs = [(None, None); 2];
-        let pool = &mut self.io.pool;
+        let (pool, pipe_pool) = (&mut self.io.pool, &mut self.io.pipes);
         let mut i = 0;
         let dirs = dirs.map(|d| {
             let state = match d {
                 Dir::Splice(sd) => {
-                    let (state, pipe) = sd.export(done[i]);
+                    let (state, pipe) = sd.export(done[i], pipe_pool);
                     pipes.push(pipe);
                     state
                 }
@@ -1022,6 +1071,9 @@ impl EventLoop {
     }
 
     fn tick(&mut self, now: Instant) {
+        if !self.pipe_waiters.is_empty() {
+            self.retry_pipe_waiters();
+        }
         let wall = SystemTime::now();
         for slot in 0..self.slots.len() as u32 {
             let Some(Some(s)) = self.slots.get_mut(slot as usize) else { continue };

@@ -13,6 +13,10 @@
 //! userspace record path; and the half-close passed on to a kTLS destination starts with a
 //! close_notify alert. A kTLS source also splices at most one record (16 KiB) per call, so while
 //! full records keep coming the pipe is filled with several before it is drained.
+//!
+//! The pipe comes from the worker's [`PipePool`] when the source is readable and goes back as
+//! soon as it is empty and the direction waits for its source again, so an idle direction holds
+//! none; a direction that stays readable (bulk data) keeps its pipe from one splice to the next.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -21,12 +25,10 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
 
 use super::ktls_rx::{read_error, Control, KtlsRx};
+use super::pipes::{Pipe, PipePool};
 use super::{failure_for, shutdown_write, Failure, Leg, Op, Step};
 use crate::ktls::{send_close_notify, MAX_RECORD_PLAINTEXT};
 use sluice_handoff::handoff::{DirPath, DirState};
-
-/// Larger pipes mean fewer splices (each an io-wq round trip) per megabyte.
-const PIPE_SIZE: i32 = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
@@ -42,9 +44,8 @@ pub(crate) struct SpliceDir {
     dst: RawFd,
     src_leg: Leg,
     dst_leg: Leg,
-    pipe_r: OwnedFd,
-    pipe_w: OwnedFd,
-    pipe_cap: u32,
+    /// Held only while bytes are in it (or about to be spliced in).
+    pipe: Option<Pipe>,
     /// Bytes spliced into the pipe and not yet out of it.
     in_pipe: u32,
     /// The last poll or full-length splice says the source has data: splice without polling.
@@ -62,30 +63,14 @@ pub(crate) struct SpliceDir {
 }
 
 impl SpliceDir {
-    pub(crate) fn new(src: RawFd, dst: RawFd, src_leg: Leg, dst_leg: Leg) -> std::io::Result<Self> {
-        let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        // Refused above /proc/sys/fs/pipe-max-size or the per-user pipe budget: keep the default.
-        let _ = fcntl(&pipe_w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-        Self::with_pipe(src, dst, src_leg, dst_leg, [pipe_r, pipe_w])
-    }
-
-    /// A fresh direction over a non-blocking pipe.
-    fn with_pipe(
-        src: RawFd,
-        dst: RawFd,
-        src_leg: Leg,
-        dst_leg: Leg,
-        [pipe_r, pipe_w]: [OwnedFd; 2],
-    ) -> std::io::Result<Self> {
-        let pipe_cap = fcntl(&pipe_w, FcntlArg::F_GETPIPE_SZ)?.max(4096) as u32;
-        Ok(SpliceDir {
+    /// A fresh direction; it takes a pipe when its source first has bytes.
+    pub(crate) fn new(src: RawFd, dst: RawFd, src_leg: Leg, dst_leg: Leg) -> Self {
+        SpliceDir {
             src,
             dst,
             src_leg,
             dst_leg,
-            pipe_r,
-            pipe_w,
-            pipe_cap,
+            pipe: None,
             in_pipe: 0,
             readable: false,
             blocked_out: false,
@@ -95,7 +80,7 @@ impl SpliceDir {
             notify_sent: false,
             pending: Pending::None,
             bytes: 0,
-        })
+        }
     }
 
     /// Marks the source as a kTLS leg (`rx`) and/or the destination as one (`tx`).
@@ -106,15 +91,41 @@ impl SpliceDir {
     }
 
     /// The direction as a predecessor left it: its pipe (`[read end, write end]`, with
-    /// `state.held_in` bytes in it) and flags. The first step polls, whatever the socket was.
+    /// `state.held_in` bytes in it) and flags. The first step polls, whatever the socket was. An
+    /// empty pipe (older data planes pass one for every spliced direction) is closed: the
+    /// direction takes one from the pool when it needs one.
     pub(crate) fn resume(
         src: RawFd,
         dst: RawFd,
         src_leg: Leg,
         dst_leg: Leg,
-        [pipe_r, pipe_w]: [OwnedFd; 2],
+        pipe: Option<[OwnedFd; 2]>,
         state: &DirState,
     ) -> std::io::Result<Self> {
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+        let mut d = Self::new(src, dst, src_leg, dst_leg);
+        if state.path != DirPath::Splice {
+            return Err(bad("a resumed spliced direction was not spliced"));
+        }
+        match pipe {
+            Some(p) if state.held_in > 0 => d.pipe = Some(Self::check_pipe(p)?),
+            // Checked all the same: a frame that names a pipe must carry one.
+            Some(p) => drop(Self::check_pipe(p)?),
+            None if state.held_in > 0 => return Err(bad("a resumed spliced direction holds bytes but no pipe")),
+            None => {}
+        }
+        if state.held_in > d.pipe.as_ref().map_or(0, |p| p.cap) {
+            return Err(bad("a resumed spliced direction holds more than its pipe"));
+        }
+        d.in_pipe = state.held_in;
+        d.eof = state.eof;
+        d.notify_sent = state.notify_sent;
+        d.bytes = state.bytes;
+        Ok(d)
+    }
+
+    /// A predecessor's pipe: a FIFO, made non-blocking here.
+    fn check_pipe([pipe_r, pipe_w]: [OwnedFd; 2]) -> std::io::Result<Pipe> {
         let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
         for p in [&pipe_r, &pipe_w] {
             let st = nix::sys::stat::fstat(p)?;
@@ -129,21 +140,26 @@ impl SpliceDir {
             let flags = OFlag::from_bits_truncate(fcntl(p, FcntlArg::F_GETFL)?);
             fcntl(p, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         }
-        let mut d = Self::with_pipe(src, dst, src_leg, dst_leg, [pipe_r, pipe_w])?;
-        if state.path != DirPath::Splice || state.held_in > d.pipe_cap {
-            return Err(bad("a resumed spliced direction holds more than its pipe"));
-        }
-        d.in_pipe = state.held_in;
-        d.eof = state.eof;
-        d.notify_sent = state.notify_sent;
-        d.bytes = state.bytes;
-        Ok(d)
+        Pipe::from_fds([pipe_r, pipe_w])
     }
 
-    /// Hands the direction over (no operation in flight): its state and its pipe, whose bytes
-    /// stay in the kernel.
-    pub(crate) fn export(self, done: bool) -> (DirState, [OwnedFd; 2]) {
+    /// Whether the direction holds a pipe (which the pool then counts as in use).
+    pub(crate) fn has_pipe(&self) -> bool {
+        self.pipe.is_some()
+    }
+
+    /// Hands the direction over (no operation in flight): its state and its pipe if it holds
+    /// bytes, which stay in the kernel; an empty pipe goes back to the pool.
+    pub(crate) fn export(mut self, done: bool, pipes: &mut PipePool) -> (DirState, Option<[OwnedFd; 2]>) {
         debug_assert_eq!(self.pending, Pending::None);
+        let pipe = match self.pipe.take() {
+            Some(p) if self.in_pipe > 0 => Some(pipes.hand_over(p)),
+            Some(p) => {
+                pipes.give(p);
+                None
+            }
+            None => None,
+        };
         let state = DirState {
             path: DirPath::Splice,
             eof: self.eof,
@@ -157,7 +173,27 @@ impl SpliceDir {
             ktls_hs_skip: self.ktls_rx.as_ref().map_or(0, |k| k.hs_skip() as u32),
             bytes: self.bytes,
         };
-        (state, [self.pipe_r, self.pipe_w])
+        (state, pipe)
+    }
+
+    /// The session is gone: its pipe goes back to the pool if empty, else is closed.
+    pub(crate) fn release(&mut self, pipes: &mut PipePool) {
+        debug_assert_eq!(self.pending, Pending::None);
+        if let Some(p) = self.pipe.take() {
+            if self.in_pipe == 0 {
+                pipes.give(p);
+            } else {
+                pipes.discard(p);
+            }
+        }
+    }
+
+    /// Gives the pipe back to the pool; only called while it is empty.
+    fn put_back(&mut self, pipes: &mut PipePool) {
+        debug_assert_eq!(self.in_pipe, 0);
+        if let Some(p) = self.pipe.take() {
+            pipes.give(p);
+        }
     }
 
     /// Whether to read another kTLS record into the pipe before draining it.
@@ -165,21 +201,26 @@ impl SpliceDir {
         self.ktls_rx.is_some()
             && self.readable
             && !self.eof
-            && self.in_pipe as usize + MAX_RECORD_PLAINTEXT <= self.pipe_cap as usize
+            && self.pipe.as_ref().is_some_and(|p| self.in_pipe as usize + MAX_RECORD_PLAINTEXT <= p.cap as usize)
     }
 
     /// Next operation; called only while none is in flight.
-    pub(crate) fn step(&mut self) -> Step {
+    pub(crate) fn step(&mut self, pipes: &mut PipePool) -> Step {
         debug_assert_eq!(self.pending, Pending::None);
         if self.in_pipe > 0 && !self.fill_more() {
+            let Some(pipe) = &self.pipe else {
+                return Step::Fail(Failure::Error("bytes in flight without a pipe".into()));
+            };
             if self.blocked_out {
                 self.pending = Pending::PollOut;
                 return Step::Submit(Op::PollOut(self.dst));
             }
             self.pending = Pending::SpliceOut;
-            return Step::Submit(Op::Splice { from: self.pipe_r.as_raw_fd(), to: self.dst, len: self.in_pipe });
+            return Step::Submit(Op::Splice { from: pipe.r.as_raw_fd(), to: self.dst, len: self.in_pipe });
         }
         if self.eof {
+            // Nothing more will go through the pipe.
+            self.put_back(pipes);
             // Pipe drained: pass the half-close on.
             if self.ktls_tx && !self.notify_sent {
                 if self.blocked_out {
@@ -200,10 +241,21 @@ impl SpliceDir {
             return Step::Done;
         }
         if self.readable {
-            let room = self.pipe_cap - self.in_pipe;
+            let pipe = match self.pipe.take() {
+                Some(p) => p,
+                None => match pipes.take() {
+                    Ok(p) => p,
+                    Err(e) => return Step::WaitPipe(e),
+                },
+            };
+            let room = pipe.cap - self.in_pipe;
+            let to = pipe.w.as_raw_fd();
+            self.pipe = Some(pipe);
             self.pending = Pending::SpliceIn(room);
-            return Step::Submit(Op::Splice { from: self.src, to: self.pipe_w.as_raw_fd(), len: room });
+            return Step::Submit(Op::Splice { from: self.src, to, len: room });
         }
+        // Waiting for the source with an empty pipe: an idle direction holds none.
+        self.put_back(pipes);
         self.pending = Pending::PollIn;
         Step::Submit(Op::PollIn(self.src))
     }

@@ -1,11 +1,12 @@
-//! rds-proxy-emulator: a stand-in for AWS RDS Proxy (PostgreSQL, IAM auth and TLS required) for
-//! Sluice's tests and demo. This file parses the CLI, prepares TLS, listens, announces readiness
+//! rds-proxy-emulator: a stand-in for AWS RDS Proxy (PostgreSQL or MySQL, IAM auth and TLS
+//! required) for Sluice's tests and demo. This file parses the CLI, prepares TLS, listens, announces readiness
 //! on stdout with one `READY <endpoint>` line (the contract with the code that spawns it) and
 //! runs until SIGINT or SIGTERM.
 
 #![forbid(unsafe_code)]
 
 mod lookup;
+mod mysql;
 mod proxy;
 mod scram;
 mod sigv4;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, info_span, warn, Instrument};
@@ -31,9 +32,12 @@ use sigv4::{CredentialStore, Credentials};
 #[derive(Parser)]
 #[command(
     name = "rds-proxy-emulator",
-    about = "Emulates AWS RDS Proxy (PostgreSQL, IAM auth, TLS) in front of a real PostgreSQL"
+    about = "Emulates AWS RDS Proxy (IAM auth, TLS) in front of a real PostgreSQL or MySQL/MariaDB"
 )]
 struct Args {
+    /// The database engine the proxy fronts.
+    #[arg(long, value_enum, default_value_t = Engine::Postgres)]
+    engine: Engine,
     /// Address to listen on.
     #[arg(long)]
     listen: SocketAddr,
@@ -54,19 +58,29 @@ struct Args {
     /// A file (mode 0600) of secrets, one per line, never on the command line where any local
     /// user could read them in /proc: `credentials AKID:SECRET[:SESSION_TOKEN]` (access keys whose
     /// signatures are accepted) and `secret USER=PASSWORD` (the stored secret used to log in to
-    /// PostgreSQL as USER). Blank lines and lines starting with `#` are ignored.
+    /// the database as USER). Blank lines and lines starting with `#` are ignored.
     #[arg(long)]
     secrets_file: Option<PathBuf>,
     /// Look up unknown access keys here (`GET URL?access_key_id=AKID`, JSON answer): the test AWS
     /// API emulator, so tokens signed with assumed-role credentials can be verified.
     #[arg(long)]
     credentials_url: Option<String>,
-    /// The real PostgreSQL server, HOST:PORT.
-    #[arg(long)]
-    postgres: String,
-    /// Accept clients without TLS (answer SSLRequest with `N`): a non-TLS test upstream.
+    /// The real PostgreSQL server, HOST:PORT (with `--engine postgres`).
+    #[arg(long, required_if_eq("engine", "postgres"))]
+    postgres: Option<String>,
+    /// The real MySQL or MariaDB server, HOST:PORT (with `--engine mysql`).
+    #[arg(long, required_if_eq("engine", "mysql"))]
+    mysql: Option<String>,
+    /// Accept clients without TLS (PostgreSQL: answer SSLRequest with `N`; MySQL: do not offer
+    /// CLIENT_SSL): a non-TLS test upstream.
     #[arg(long)]
     plaintext: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    Postgres,
+    Mysql,
 }
 
 fn dns_label(s: &str) -> Result<String, String> {
@@ -142,6 +156,11 @@ async fn main() -> anyhow::Result<()> {
     if store.is_empty() && args.credentials_url.is_none() {
         warn!("no credentials in --secrets-file: every IAM token will be refused");
     }
+    let backend = match args.engine {
+        Engine::Postgres => args.postgres,
+        Engine::Mysql => args.mysql,
+    }
+    .context("no backend address (--postgres or --mysql)")?;
     let cfg = Arc::new(ProxyConfig {
         endpoint_port: args.endpoint_port.unwrap_or(local.port()),
         endpoint_host: endpoint_host.clone(),
@@ -149,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
         credentials: store,
         credentials_url: args.credentials_url,
         secrets,
-        backend: args.postgres,
+        backend,
         tls: tls_config.into(),
         plaintext: args.plaintext,
     });
@@ -159,21 +178,34 @@ async fn main() -> anyhow::Result<()> {
         writeln!(stdout, "READY {endpoint_host}").context("writing READY")?;
         stdout.flush().context("flushing READY")?;
     }
-    info!(listen = %local, endpoint = %endpoint_host, endpoint_port = cfg.endpoint_port, backend = %cfg.backend, "ready");
+    info!(listen = %local, endpoint = %endpoint_host, endpoint_port = cfg.endpoint_port, backend = %cfg.backend, engine = ?args.engine, "ready");
 
-    let mut next_id: u64 = 0;
+    // Connection ids double as MySQL connection ids in the greeting (what `KILL QUERY` names).
+    // There they start far above the backend's thread ids, as RDS Proxy's do, so that a KILL
+    // that was not rewritten names no backend thread instead of an unrelated one.
+    let mut next_id: u32 = match args.engine {
+        Engine::Postgres => 0,
+        Engine::Mysql => rand::Rng::gen_range(&mut rand::thread_rng(), 1_000_000..2_000_000),
+    };
+    let kills = mysql::KillMap::default();
     loop {
         tokio::select! {
             _ = sigint.recv() => break info!("SIGINT received, stopping"),
             _ = sigterm.recv() => break info!("SIGTERM received, stopping"),
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    next_id += 1;
+                    // Wrapping past u32::MAX skips 0, which MySQL clients read as "no id".
+                    next_id = next_id.checked_add(1).unwrap_or(1);
                     if let Err(e) = tcp.set_nodelay(true) {
                         warn!(error = %e, %peer, "could not set TCP_NODELAY");
                     }
                     let span = info_span!("conn", id = next_id, %peer, user = tracing::field::Empty);
-                    tokio::spawn(proxy::handle_connection(tcp, cfg.clone()).instrument(span));
+                    match args.engine {
+                        Engine::Postgres => tokio::spawn(proxy::handle_connection(tcp, cfg.clone()).instrument(span)),
+                        Engine::Mysql => tokio::spawn(
+                            mysql::handle_connection(tcp, cfg.clone(), kills.clone(), next_id).instrument(span),
+                        ),
+                    };
                 }
                 Err(e) => {
                     // Typically EMFILE; pausing avoids spinning while descriptors are scarce.

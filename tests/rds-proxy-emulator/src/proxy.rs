@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::scram::{self, ScramClient, ScramError, ServerFinalCheck};
 use crate::sigv4::{verify_token, CredentialStore, Expectation, TokenError};
 
-const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Larger than copy_bidirectional's 8 KiB default so bulk COPY traffic moves in fewer syscalls.
 const RELAY_BUFFER: usize = 64 * 1024;
 
@@ -83,7 +83,10 @@ pub async fn handle_connection(tcp: TcpStream, cfg: Arc<ProxyConfig>) {
     }
 }
 
-async fn relay<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, mut backend: TcpStream) -> Result<(), ConnError> {
+pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: S,
+    mut backend: TcpStream,
+) -> Result<(), ConnError> {
     match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, RELAY_BUFFER, RELAY_BUFFER).await {
         Ok((up, down)) => {
             info!(client_to_backend = up, backend_to_client = down, "connection closed");
@@ -186,23 +189,8 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(ConnError::Protocol("expected a password message"));
     }
     let token = parse_password(msg.body)?;
-    let expect = Expectation { host: &cfg.endpoint_host, port: cfg.endpoint_port, region: &cfg.region, db_user: &user };
-    let mut verified = verify_token(token, &expect, &cfg.credentials, OffsetDateTime::now_utc());
-    if let (Err(TokenError::UnknownAccessKey(akid)), Some(url)) = (&verified, &cfg.credentials_url) {
-        match crate::lookup::fetch(url, akid).await {
-            Ok(Some(creds)) => {
-                let mut store = CredentialStore::default();
-                store.insert(akid.clone(), creds);
-                verified = verify_token(token, &expect, &store, OffsetDateTime::now_utc());
-            }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "looking up an access key"),
-        }
-    }
-    match verified {
-        Ok(v) => {
-            info!(access_key_id = %v.access_key_id, expires_at = %v.expires_at, "IAM token verified")
-        }
+    match check_token(cfg, token, &user).await {
+        Ok(()) => {}
         Err(reason) => {
             let e = ErrorFields::fatal(
                 sqlstate::INVALID_PASSWORD,
@@ -249,6 +237,27 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     client.write_all(&encode::auth_ok()).await?;
     client.flush().await?;
     Ok(Some((client, backend)))
+}
+
+/// Verifies an IAM token for `user` against this proxy's endpoint, region and known access keys,
+/// asking `credentials_url` about an unknown key; the one check both engines share.
+pub async fn check_token(cfg: &ProxyConfig, token: &str, user: &str) -> Result<(), TokenError> {
+    let expect = Expectation { host: &cfg.endpoint_host, port: cfg.endpoint_port, region: &cfg.region, db_user: user };
+    let mut verified = verify_token(token, &expect, &cfg.credentials, OffsetDateTime::now_utc());
+    if let (Err(TokenError::UnknownAccessKey(akid)), Some(url)) = (&verified, &cfg.credentials_url) {
+        match crate::lookup::fetch(url, akid).await {
+            Ok(Some(creds)) => {
+                let mut store = CredentialStore::default();
+                store.insert(akid.clone(), creds);
+                verified = verify_token(token, &expect, &store, OffsetDateTime::now_utc());
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "looking up an access key"),
+        }
+    }
+    let v = verified?;
+    info!(access_key_id = %v.access_key_id, expires_at = %v.expires_at, "IAM token verified");
+    Ok(())
 }
 
 enum BackendLogin {

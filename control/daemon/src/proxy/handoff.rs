@@ -156,10 +156,12 @@ pub(super) async fn hand_off(
     let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
     let mysql_kill = ctx.mysql_kill_record(our_pid);
     let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs, started_at, mysql_kill };
-    let stored = serde_json::to_value(&record).map_err(StateError::from);
-    if let Err(e) = stored.and_then(|json| ctx.state.insert_live_session(&fields.session_id, &json)) {
-        return Outcome::Failed(e.into(), our_pid);
-    }
+    // Written by the audit thread while the data plane takes the session (one ordered queue, so
+    // before the end's delete); waited for before the handoff counts as done.
+    let recorded = match serde_json::to_value(&record) {
+        Ok(json) => ctx.audit.record_live_session(&fields.session_id, json),
+        Err(e) => return Outcome::Failed(StateError::from(e).into(), our_pid),
+    };
     ctx.handed().insert(fields.session_id.clone(), record);
     ctx.sessions_changed();
     let idle = ctx.cfg.idle_timeout();
@@ -176,13 +178,14 @@ pub(super) async fn hand_off(
     };
     match dp.handoff(h, client_fd, upstream_fd).await {
         Ok(()) => {
+            let _ = recorded.await;
             info!("session handed to the dataplane");
             Outcome::Done
         }
         Err(e) => {
             ctx.handed().remove(&fields.session_id);
             ctx.sessions_changed();
-            let _ = ctx.state.delete_live_session(&fields.session_id);
+            ctx.audit.forget_live_session(&fields.session_id);
             Outcome::Failed(e.into(), our_pid)
         }
     }
@@ -204,9 +207,7 @@ impl ProxyContext {
             return;
         };
         self.sessions_changed();
-        if let Err(e) = self.state.delete_live_session(id) {
-            warn!(session_id = %id, error = %e, "forgetting a live session");
-        }
+        self.audit.forget_live_session(id);
         let fields = record.fields;
         self.forget_key(record.our_pid);
         let extra = match ended {
@@ -238,6 +239,8 @@ impl Events for ProxyContext {
     }
 
     fn sync(&self, live: Vec<String>) {
+        // The records this process queued must be in the state before it is read.
+        self.audit.flush();
         let known = match self.state.live_sessions() {
             Ok(k) => k,
             Err(e) => {
@@ -253,7 +256,7 @@ impl Events for ProxyContext {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(session_id = %id, error = %e, "unreadable live-session record; forgetting it");
-                    let _ = self.state.delete_live_session(&id);
+                    self.audit.forget_live_session(&id);
                     continue;
                 }
             };

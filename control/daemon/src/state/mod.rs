@@ -1263,16 +1263,49 @@ impl State {
         self.audit_query(&AuditFilter { limit, ..AuditFilter::default() })
     }
 
+    // ---- bookkeeping written off the connection path ----
+
+    /// Writes a batch of this node's bookkeeping (audit events, live-session records) in as
+    /// few transactions as the stores allow: one where the audit events go to this node's own
+    /// store (`spooled`: an agent or an auth node beside PostgreSQL) or there is one store only.
+    /// Returns, per entry, the audit row id (`None` for a duplicate `event_id` or a live-session
+    /// entry).
+    pub fn write_bookkeeping(&self, batch: &[Bookkeeping], spooled: bool) -> Result<Vec<Option<i64>>, StateError> {
+        let apply = |c: &mut dyn Conn, audit: bool, live: bool| -> Result<Vec<Option<i64>>, StateError> {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let mut rows = Vec::with_capacity(batch.len());
+            for entry in batch {
+                rows.push(match entry {
+                    Bookkeeping::Audit(record) if audit => {
+                        c.query_opt(AUDIT_INSERT, &audit_vals(record))?.map(|r| r.get(0)).transpose()?
+                    }
+                    Bookkeeping::LiveInsert { id, data } if live => {
+                        c.exec(LIVE_INSERT, vals![id.as_str(), now, data.to_string()])?;
+                        None
+                    }
+                    Bookkeeping::LiveDelete(id) if live => {
+                        c.exec("DELETE FROM live_sessions WHERE id = ?1", vals![id.as_str()])?;
+                        None
+                    }
+                    _ => None,
+                });
+            }
+            Ok(rows)
+        };
+        if spooled || self.local.is_none() {
+            return self.local_own(|c| apply(c, true, true));
+        }
+        let rows = self.own(|c| apply(c, true, false))?;
+        self.local_own(|c| apply(c, false, true))?;
+        Ok(rows)
+    }
+
     // ---- sessions held by the data plane (this node's own store) ----
 
     /// Remembers a handed-off session, so its end can be audited even by a restarted control.
     pub fn insert_live_session(&self, id: &str, data: &serde_json::Value) -> Result<(), StateError> {
         self.local_own(|c| {
-            c.exec(
-                "INSERT INTO live_sessions (id, started_at, data) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at, data = excluded.data",
-                vals![id, OffsetDateTime::now_utc().unix_timestamp(), data.to_string()],
-            )
+            c.exec(LIVE_INSERT, vals![id, OffsetDateTime::now_utc().unix_timestamp(), data.to_string()])
         })?;
         Ok(())
     }
@@ -1504,6 +1537,21 @@ pub struct CaRow {
     pub key_pem: String,
     pub key_envelope: Option<Vec<u8>>,
     pub key_wraps: Option<String>,
+}
+
+const LIVE_INSERT: &str = "INSERT INTO live_sessions (id, started_at, data) VALUES (?1, ?2, ?3)
+     ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at, data = excluded.data";
+
+/// One write of a node's bookkeeping, batched by [`State::write_bookkeeping`].
+#[derive(Debug, Clone)]
+pub enum Bookkeeping {
+    Audit(serde_json::Value),
+    /// A session the data plane holds (its record, for a restarted control).
+    LiveInsert {
+        id: String,
+        data: serde_json::Value,
+    },
+    LiveDelete(String),
 }
 
 const AUDIT_INSERT: &str = "INSERT INTO audit (time, event, session_id, \"user\", db, success, data, event_id)
