@@ -2,10 +2,9 @@
 //! front of a MariaDB server, reached with the `mariadb` client (TLS with a client certificate)
 //! and with a Rust client driving the handshake with `sluice-mysqlwire` over rustls.
 //!
-//! Until the RDS Proxy emulator speaks MySQL, the upstream is MariaDB itself on loopback
-//! (`tls.mode: disable`) with a password-less database user: the server answers Sluice's login
-//! with OK at once, so the IAM token path (switch to mysql_clear_password) is covered by the
-//! state machine's unit tests. Tests that need MariaDB fail under CI=true when it is missing.
+//! The upstream is the RDS Proxy emulator's MySQL mode (TLS required, the IAM token through
+//! mysql_clear_password, KILL ids translated) in front of MariaDB, as `demo::MysqlDemo` starts
+//! them. Tests that need MariaDB fail under CI=true when it is missing.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,125 +19,60 @@ use sluice_mysqlwire::{
     CapabilityFlags, ErrPacket, Handshake, HandshakeResponse, PacketDecoder, PacketEncoder, SslRequest,
     NATIVE_PASSWORD_PLUGIN, SERVER_CAPABILITIES,
 };
-use sluice_tests::sluice_control::config::{AwsSpec, DatabaseSpec, StaticDatabase, TlsMode, TlsSpec};
-use sluice_tests::sluice_control::demo::{free_port, AwsCreds, Proc, DEMO_REGION};
-use sluice_tests::{wait_until, ClientCert, Harness};
-
-/// A MariaDB server of the test's own, with database `demo` and the password-less user `alice`.
-struct MariaDb {
-    port: u16,
-    socket: PathBuf,
-    _proc: Proc,
-}
-
-fn have(bin: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
-}
-
-/// `None` (the test is skipped) when MariaDB is not installed, unless CI=true.
-fn mariadb(dir: &Path) -> Result<Option<MariaDb>> {
-    if !have("mariadbd") || !have("mariadb-install-db") || !have("mariadb") {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            bail!("MariaDB (mariadbd, mariadb-install-db, mariadb) is required under CI");
-        }
-        eprintln!("MariaDB is not installed; skipping");
-        return Ok(None);
-    }
-    let data = dir.join("mariadb");
-    std::fs::create_dir_all(&data)?;
-    let out = Command::new("mariadb-install-db")
-        .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
-        .arg(format!("--datadir={}", data.display()))
-        .output()?;
-    ensure!(out.status.success(), "mariadb-install-db: {}", String::from_utf8_lossy(&out.stderr));
-    let port = free_port()?;
-    let socket = dir.join("mariadb.sock");
-    let proc = Proc::spawn(
-        "mariadbd",
-        Command::new("mariadbd")
-            .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1", "--skip-log-bin", "--local-infile=1"])
-            .args(["--max-allowed-packet=1G", "--innodb-buffer-pool-size=64M"])
-            .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--port={port}"))
-            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
-            .arg(format!("--log-error={}", dir.join("mariadb.err").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
-    let db = MariaDb { port, socket, _proc: proc };
-    wait_until(Duration::from_secs(30), "MariaDB accepts connections", || {
-        Ok(db.root(&["-e", "select 1"]).is_ok().then_some(()))
-    })?;
-    db.root(&[
-        "-e",
-        "CREATE DATABASE demo; CREATE DATABASE other; CREATE USER 'alice'@'%'; \
-         GRANT ALL ON demo.* TO 'alice'@'%'; GRANT ALL ON other.* TO 'alice'@'%'; \
-         CREATE USER 'bob'@'%'; GRANT ALL ON demo.* TO 'bob'@'%';",
-    ])?;
-    // The sequence engine is built in on most packages, a plugin on some.
-    if db.root(&["-D", "demo", "-e", "SELECT 1 FROM seq_1_to_1"]).is_err() {
-        db.root(&["-e", "INSTALL SONAME 'ha_sequence'"])?;
-    }
-    Ok(Some(db))
-}
-
-impl MariaDb {
-    /// Runs the `mariadb` client as root on the socket; its stdout.
-    fn root(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("mariadb")
-            .args(["--no-defaults", "-uroot", "-N", "-B"])
-            .arg(format!("--socket={}", self.socket.display()))
-            .args(args)
-            .output()?;
-        ensure!(out.status.success(), "mariadb {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
+use sluice_tests::sluice_control::demo::{demo_database, free_port, AwsCreds, Emulator, MariaDb, MysqlDemo};
+use sluice_tests::sluice_control::state::random_secret;
+use sluice_tests::{skip_without_mariadb, wait_until, ClientCert, Harness};
 
 const MYDB: &str = "mydb";
 
-/// A stack whose control also serves MariaDB as database `mydb` (env=dev) on a MySQL listener,
-/// and a PostgreSQL-only listener check database. `None` when MariaDB is missing.
+/// A stack whose control also serves MariaDB behind the MySQL emulator as database `mydb`
+/// (env=dev) on its MySQL listener. `None` when MariaDB is missing (outside CI).
 struct MyStack {
     h: Harness,
-    _db: MariaDb,
+    _demo: MysqlDemo,
     port: u16,
     certs: PathBuf,
 }
 
 fn start(name: &str) -> Result<Option<MyStack>> {
-    start_with(name, true)
+    start_with(name, true, &AwsCreds::demo())
 }
 
-/// As [`start`]; without a dataplane (control relays) unless `dataplane`.
-fn start_with(name: &str, dataplane: bool) -> Result<Option<MyStack>> {
+/// As [`start`]; without a dataplane (control relays) unless `dataplane`, and an emulator that
+/// accepts IAM tokens signed with `creds` only (control signs with the demo credentials).
+fn start_with(name: &str, dataplane: bool, creds: &AwsCreds) -> Result<Option<MyStack>> {
+    if skip_without_mariadb() {
+        return Ok(None);
+    }
     let mut h = Harness::start_opts(name, &AwsCreds::demo(), dataplane)?;
-    let Some(db) = mariadb(&h.dir.join("my"))? else { return Ok(None) };
+    let dir = h.dir.join("my");
+    let mariadb = MariaDb::start(&dir.join("mariadb"))?;
+    let password = random_secret(12);
+    mariadb.create_user("alice", &password)?;
+    mariadb.sql("CREATE DATABASE demo; CREATE DATABASE other")?;
+    // The sequence engine is built in on most packages, a plugin on some.
+    if mariadb.sql("SELECT 1 FROM demo.seq_1_to_1").is_err() {
+        mariadb.sql("INSTALL SONAME 'ha_sequence'")?;
+    }
+    let emulator = Emulator::start_mysql(
+        &dir.join("emulator"),
+        mariadb.port(),
+        std::slice::from_ref(creds),
+        &[("alice".to_owned(), password.clone())],
+    )?;
+    let demo = MysqlDemo { emulator, mariadb, db_password: password };
     let port = free_port()?;
-    let uri = format!("127.0.0.1:{}", db.port);
+    let db = demo_database(MYDB, &demo.emulator, &[("env", "dev")]);
     h.restart_control(|cfg| {
         cfg.proxy_service.mysql_listen_addr = Some(([127, 0, 0, 1], port).into());
-        cfg.db_service.databases.push(StaticDatabase {
-            name: MYDB.into(),
-            description: "MariaDB on loopback".into(),
-            static_labels: [("env".to_owned(), "dev".to_owned())].into(),
-            spec: DatabaseSpec {
-                protocol: "mysql".into(),
-                uri,
-                aws: AwsSpec { region: Some(DEMO_REGION.into()), ..Default::default() },
-                tls: TlsSpec { mode: TlsMode::Disable, ..Default::default() },
-                connect_addr: None,
-                auth: Default::default(),
-            },
-        });
+        cfg.db_service.databases.push(db);
     })?;
     wait_until(Duration::from_secs(10), "the MySQL listener", || {
         Ok(TcpStream::connect(("127.0.0.1", port)).is_ok().then_some(()))
     })?;
     let certs = h.dir.join("certs");
     std::fs::create_dir_all(&certs)?;
-    Ok(Some(MyStack { h, _db: db, port, certs }))
+    Ok(Some(MyStack { h, _demo: demo, port, certs }))
 }
 
 impl MyStack {
@@ -416,6 +350,19 @@ fn queries_policy_and_refusals() -> Result<()> {
 }
 
 #[test]
+fn wrong_aws_credentials_are_explained() -> Result<()> {
+    // The emulator (RDS Proxy) knows other credentials than those control signs with.
+    let creds = AwsCreds { secret_key: "another-secret".into(), ..AwsCreds::demo() };
+    let Some(s) = start_with("mysql_awscreds", true, &creds)? else { return Ok(()) };
+    let alice = s.cert("alice", "alice", MYDB, "alice", "demo")?;
+    let e = refused(s.client(Some((&alice.0, &alice.1)), "alice", "demo"), 1045)?;
+    assert!(e.contains("RDS Proxy refused Sluice's IAM auth token") && e.contains("rds-db:connect"), "{e}");
+    let failed = s.h.audit()?.into_iter().filter(|e| e.event == "db.session.start" && !e.success).count();
+    assert!(failed >= 1);
+    Ok(())
+}
+
+#[test]
 fn kill_query_from_a_second_connection() -> Result<()> {
     let Some(mut s) = start("mysql_kill")? else { return Ok(()) };
     let alice = s.h.issue_cert("alice", MYDB, "alice", "demo")?;
@@ -541,7 +488,7 @@ fn malformed_handshakes_while_another_client_is_served() -> Result<()> {
 
 #[test]
 fn relayed_by_control_without_a_dataplane() -> Result<()> {
-    let Some(s) = start_with("mysql_relay", false)? else { return Ok(()) };
+    let Some(s) = start_with("mysql_relay", false, &AwsCreds::demo())? else { return Ok(()) };
     let alice = s.h.issue_cert("alice", MYDB, "alice", "demo")?;
     let mut c = RawClient::connect(s.port, s.tls(&alice)?, "alice", "demo")?.map_err(|e| anyhow!("{e:?}"))?;
     let rows = c.query("select repeat('z', 100000)")?.map_err(|e| anyhow!("{e:?}"))?;
