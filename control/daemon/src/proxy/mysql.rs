@@ -246,12 +246,27 @@ pub(super) async fn handshake(
     permit: &mut ConnPermit<IpAddr>,
 ) -> Result<Option<Ready>, HandshakeFailure> {
     fields.db_protocol = PROTOCOL_MYSQL.to_owned();
-    let our_id = ctx.reserve_mysql_id();
-    let r = setup(ctx, tcp, our_id, fields, permit).await;
-    if !matches!(r, Ok(Some(_))) {
-        ctx.mysql_kills().remove(&our_id);
-    }
+    let mut reserved = Reserved { ctx, id: ctx.reserve_mysql_id(), keep: false };
+    let r = setup(ctx, tcp, reserved.id, fields, permit).await;
+    // A session keeps its id until it ends (`ProxyContext::forget_key`).
+    reserved.keep = matches!(r, Ok(Some(_)));
     r
+}
+
+/// A connection id being set up: released unless the session starts, also when the handshake
+/// deadline drops the setup midway.
+struct Reserved<'a> {
+    ctx: &'a ProxyContext,
+    id: u32,
+    keep: bool,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.ctx.mysql_kills().remove(&self.id);
+        }
+    }
 }
 
 async fn setup(
