@@ -3,7 +3,8 @@
 //! fields, the rest is what a peer sent. Whatever decodes must re-encode to bytes that decode
 //! to the same value. The seeds under `fuzz/seeds/mysqlwire_handshake/` are the packets captured
 //! from MariaDB (`control/mysqlwire/src/captures.rs`) as a packet stream (mode 0) under the
-//! capabilities that client and server agreed on.
+//! capabilities that client and server agreed on. Mode 3 runs the connection-phase state
+//! machines (`ServerHandshake`, `UpstreamHandshake`) on the bytes.
 
 #![no_main]
 
@@ -12,18 +13,67 @@ use libfuzzer_sys::fuzz_target;
 use sluice_mysqlwire::{
     decode_clear_password, encode_clear_password, parse_kill, AuthMoreData, AuthReply, AuthSwitchRequest,
     AuthSwitchResponse, CapabilityFlags, ClientHello, Command, EofPacket, ErrPacket, Handshake, HandshakeResponse,
-    KillKind, OkPacket, PacketDecoder, PacketEncoder, SslRequest, HEADER_LEN, PRE_AUTH_MAX_PAYLOAD,
+    KillKind, OkPacket, PacketDecoder, PacketEncoder, ServerEvent, ServerHandshake, SslRequest, UpstreamEvent,
+    UpstreamHandshake, UpstreamLogin, DEFAULT_CHARSET, HEADER_LEN, PRE_AUTH_MAX_PAYLOAD,
 };
+
+/// The connection-phase state machines on untrusted bytes: a client's to the server side
+/// (after a TLS switch when the capabilities' SSL bit says so), a server's to the upstream side.
+fn machines(bytes: &[u8], caps: CapabilityFlags) {
+    let tls = caps.contains(CapabilityFlags::SSL);
+    let mut s = ServerHandshake::new("8.0.36-Sluice", 1, [b'x'; 20], DEFAULT_CHARSET);
+    let mut rest = bytes;
+    for _ in 0..16 {
+        match s.next_event() {
+            Ok(ServerEvent::NeedMore(n)) => {
+                assert!(n > 0);
+                if rest.is_empty() {
+                    break;
+                }
+                let k = n.min(rest.len());
+                s.feed(&rest[..k]);
+                rest = &rest[k..];
+            }
+            Ok(ServerEvent::StartTls) => s.tls_established(),
+            Ok(_) => {}
+            Err(e) => {
+                let _ = s.frame_err(&e.err_packet());
+                break;
+            }
+        }
+    }
+    let login = UpstreamLogin {
+        user: "u".into(),
+        database: Some("d".into()),
+        client_capabilities: caps,
+        charset: DEFAULT_CHARSET,
+        max_packet_size: 1 << 24,
+        connect_attrs: Vec::new(),
+        password: "token".into(),
+        tls,
+    };
+    let mut u = UpstreamHandshake::new(login);
+    u.feed(bytes);
+    for _ in 0..16 {
+        match u.next_event() {
+            Ok(UpstreamEvent::NeedMore(n)) => assert!(n > 0),
+            Ok(UpstreamEvent::StartTls) => u.tls_established(),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let Some((caps, rest)) = rest.split_first_chunk::<4>() else { return };
     let caps = CapabilityFlags::from_bits(u32::from_le_bytes(*caps));
-    match mode % 3 {
+    match mode % 4 {
         0 => packet_stream(rest, caps, PRE_AUTH_MAX_PAYLOAD),
         // A small limit reaches the length checks with short inputs.
         1 => packet_stream(rest, caps, 64),
-        _ => payload(rest, caps),
+        2 => payload(rest, caps),
+        _ => machines(rest, caps),
     }
 });
 

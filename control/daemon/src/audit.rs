@@ -103,6 +103,10 @@ pub struct SessionFields {
     pub db_user: String,
     pub db_name: String,
     pub client_addr: String,
+    /// The wire protocol (`config::PROTOCOL_MYSQL`); empty for PostgreSQL, as in records written
+    /// before MySQL was served.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub db_protocol: String,
 }
 
 impl AuditLog {
@@ -171,7 +175,8 @@ impl AuditLog {
     /// Records an event. Failures to write are logged, never fatal to the session: losing the
     /// audit file must not take the proxy down (the SQLite copy is tried independently).
     pub fn emit(&self, event: &str, s: &SessionFields, success: bool, extra: Value) {
-        self.emit_protocol(event, s, "postgres", success, extra)
+        let protocol = if s.db_protocol.is_empty() { crate::config::PROTOCOL_POSTGRES } else { s.db_protocol.as_str() };
+        self.emit_protocol(event, s, protocol, success, extra)
     }
 
     /// [`AuditLog::emit`] for a session of the given protocol (`postgres`, `mysql`).

@@ -58,6 +58,7 @@ async fn bind_one(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpL
 pub fn server_names(cfg: &Config) -> Vec<String> {
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
     let mut addrs = vec![cfg.proxy_service.postgres_listen_addr];
+    addrs.extend(cfg.proxy_service.mysql_listen_addr);
     if cfg.auth_service.enabled {
         addrs.push(cfg.auth_service.listen_addr);
         addrs.extend(cfg.auth_service.cluster_listen_addr);
@@ -70,6 +71,9 @@ pub fn server_names(cfg: &Config) -> Vec<String> {
     if let Ok((host, _)) = split_host_port(&cfg.proxy_service.public_addr(), 5433) {
         names.push(host);
     }
+    if let Some(Ok((host, _))) = cfg.proxy_service.mysql_public_addr.as_deref().map(|a| split_host_port(a, 3306)) {
+        names.push(host);
+    }
     names.extend(cfg.proxy_service.public_names.iter().cloned());
     names.sort();
     names.dedup();
@@ -79,6 +83,8 @@ pub fn server_names(cfg: &Config) -> Vec<String> {
 /// The bound listeners; split from [`serve`] so tests and the demo know the ports before serving.
 pub struct Bound {
     pub postgres: TcpListener,
+    /// The MySQL listener, when `proxy_service.mysql_listen_addr` is set.
+    pub mysql: Option<TcpListener>,
     /// The client API and the cluster API: only where the auth service runs.
     pub api: Option<TcpListener>,
     pub cluster: Option<TcpListener>,
@@ -89,6 +95,10 @@ pub struct Bound {
 
 pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
     let postgres = bind_one("postgres", cfg.proxy_service.postgres_listen_addr).await?;
+    let mysql = match cfg.proxy_service.mysql_listen_addr {
+        Some(addr) => Some(bind_one("mysql", addr).await?),
+        None => None,
+    };
     let (api, cluster, web) = if cfg.auth_service.enabled {
         (
             Some(bind_one("api", cfg.auth_service.listen_addr).await?),
@@ -108,7 +118,7 @@ pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
         Some(m) => Some(bind_one("metrics", m.listen_addr).await?),
         None => None,
     };
-    Ok(Bound { postgres, api, cluster, web, metrics })
+    Ok(Bound { postgres, mysql, api, cluster, web, metrics })
 }
 
 /// Serves until SIGINT/SIGTERM. With `config_path`, discovery follows changes to the file's
@@ -135,6 +145,10 @@ pub async fn serve(cfg: Config, bound: Bound, config_path: Option<std::path::Pat
     }
     if let Some(local) = cfg.proxy_service.local_socket.clone() {
         tasks.push(tokio::spawn(proxy::serve_local(proxy_ctx.clone(), local)));
+    }
+    if let Some(mysql) = bound.mysql {
+        info!(mysql = %mysql.local_addr()?, "serving MySQL clients");
+        tasks.push(tokio::spawn(proxy::serve_mysql(proxy_ctx.clone(), mysql)));
     }
     tasks.push(tokio::spawn(proxy::serve(proxy_ctx, bound.postgres)));
     probe.serving.store(true, Ordering::Release);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
+use sluice_mysqlwire as my;
 pub use sluice_pgwire::Greeting;
 use sluice_pgwire::{encode, ErrorFields, UpstreamEvent, UpstreamStartup, UpstreamStartupError};
 use thiserror::Error;
@@ -52,6 +53,12 @@ pub enum UpstreamError {
          (auth: cert): pg_hba.conf must use `hostssl … cert` for Sluice's address"
     )]
     CertNotAccepted(String),
+    /// A MySQL upstream answered with an ERR packet.
+    #[error("upstream rejected the session: {} ({})", .0.message, .0.code)]
+    MysqlRejected(sluice_mysqlwire::ErrPacket),
+    /// The MySQL client relies on a capability the upstream lacks.
+    #[error("the database does not support what the client uses ({0:?}); use a client without it")]
+    MysqlCapabilities(sluice_mysqlwire::CapabilityFlags),
     #[error("upstream protocol error: {0}")]
     Protocol(String),
     #[error("upstream I/O: {0}")]
@@ -237,4 +244,102 @@ pub async fn cancel(target: &CancelTarget) -> Result<(), UpstreamError> {
 pub async fn write_all_flush<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     s.write_all(bytes).await?;
     s.flush().await
+}
+
+impl UpstreamError {
+    fn from_mysql(e: my::UpstreamHandshakeError, dial: &(String, u16)) -> Self {
+        match e {
+            my::UpstreamHandshakeError::NoTls => UpstreamError::NoTls { addr: format!("{}:{}", dial.0, dial.1) },
+            my::UpstreamHandshakeError::Rejected(err) => UpstreamError::MysqlRejected(err),
+            my::UpstreamHandshakeError::UnsupportedAuth(what) => UpstreamError::UnsupportedAuth(what),
+            my::UpstreamHandshakeError::Capabilities(c) => UpstreamError::MysqlCapabilities(c),
+            other => UpstreamError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// A MySQL upstream session: the stream after the OK, what it said, and how to reach it again
+/// (to send a `KILL QUERY` for it).
+pub struct MysqlUpstream {
+    pub stream: UpstreamStream,
+    pub session: my::UpstreamSession,
+}
+
+/// What a MySQL login asks of the upstream, from the client's handshake response.
+pub struct MysqlClient {
+    pub capabilities: my::CapabilityFlags,
+    pub charset: u8,
+    pub max_packet_size: u32,
+    pub connect_attrs: Vec<(String, String)>,
+}
+
+/// Opens an authenticated MySQL upstream session for `db_user` (default database `db_name`):
+/// TCP, greeting, SSLRequest, TLS verify-full (unless disabled for loopback), the handshake
+/// response, and the IAM token on the switch to `mysql_clear_password`.
+pub async fn connect_mysql(
+    db: &Database,
+    db_user: &str,
+    db_name: Option<&str>,
+    client: MysqlClient,
+    minter: &TokenMinter,
+    upstream_tls: &UpstreamTls,
+) -> Result<MysqlUpstream, UpstreamError> {
+    let (host, port) = db.spec.host_port().map_err(cfg_err(db))?;
+    let dial = db.spec.dial_target().map_err(cfg_err(db))?;
+    if db.spec.auth == UpstreamAuth::Cert {
+        return Err(UpstreamError::Config {
+            db: db.name.clone(),
+            source: ConfigError::Invalid("auth: cert is not supported for MySQL databases; use IAM".into()),
+        });
+    }
+    let name = db.spec.tls_server_name().map_err(cfg_err(db))?;
+    let server_name = ServerName::try_from(name.clone()).map_err(|_| UpstreamError::Config {
+        db: db.name.clone(),
+        source: ConfigError::Invalid(format!("bad TLS server name {name:?}")),
+    })?;
+    let tls = match db.spec.tls.mode {
+        TlsMode::VerifyFull => Some(upstream_tls.server_config(&db.spec)?),
+        TlsMode::Disable => None,
+    };
+    let region = db.spec.region().ok_or(IamError::NoRegion)?;
+    let source = CredentialSource {
+        region: region.clone(),
+        assume_role_arn: db.spec.aws.assume_role_arn.clone(),
+        external_id: db.spec.aws.external_id.clone(),
+    };
+    let target = TokenTarget { host, port, user: db_user.to_owned(), region };
+    // Mint before dialing so a credentials problem is reported as such, not as a timeout.
+    let token = minter.token(&source, &target).await?;
+    let mut hs = my::UpstreamHandshake::new(my::UpstreamLogin {
+        user: db_user.to_owned(),
+        database: db_name.filter(|d| !d.is_empty()).map(str::to_owned),
+        client_capabilities: client.capabilities,
+        charset: client.charset,
+        max_packet_size: client.max_packet_size,
+        connect_attrs: client.connect_attrs,
+        password: token,
+        tls: tls.is_some(),
+    });
+    let mut s: UpstreamStream = Leg::Plain(dial_tcp(&dial).await?);
+    let mut chunk = Vec::new();
+    let session = loop {
+        match hs.next_event() {
+            Ok(my::UpstreamEvent::Send(bytes)) => write_all_flush(&mut s, &bytes).await?,
+            Ok(my::UpstreamEvent::NeedMore(n)) => {
+                chunk.resize(n, 0);
+                s.read_exact(&mut chunk).await?;
+                hs.feed(&chunk);
+            }
+            Ok(my::UpstreamEvent::StartTls) => {
+                let (Leg::Plain(tcp), Some(config)) = (s, tls.clone()) else {
+                    return Err(UpstreamError::Protocol("TLS asked for twice".into()));
+                };
+                s = Leg::Tls(connect_tls(&dial, tcp, server_name.clone(), config).await?);
+                hs.tls_established();
+            }
+            Ok(my::UpstreamEvent::Done(session)) => break *session,
+            Err(e) => return Err(UpstreamError::from_mysql(e, &dial)),
+        }
+    };
+    Ok(MysqlUpstream { stream: s, session })
 }

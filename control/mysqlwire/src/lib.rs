@@ -23,6 +23,7 @@ mod flags;
 mod handshake;
 mod packet;
 mod response;
+mod session;
 pub mod wire;
 
 pub use command::{parse_kill, Command, Kill, KillKind, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUERY, COM_QUIT};
@@ -36,6 +37,10 @@ pub use packet::{Packet, PacketDecoder, PacketEncoder, HEADER_LEN, MAX_FRAGMENT_
 pub use response::{
     AuthReply, EofPacket, ErrPacket, OkPacket, ER_ACCESS_DENIED_ERROR, ER_BAD_HANDSHAKE, ER_CON_COUNT_ERROR,
     ER_DBACCESS_DENIED_ERROR, ER_SECURE_TRANSPORT_REQUIRED,
+};
+pub use session::{
+    ClientLogin, ServerEvent, ServerHandshake, ServerHandshakeError, UpstreamEvent, UpstreamHandshake,
+    UpstreamHandshakeError, UpstreamLogin, UpstreamSession, DEFAULT_CHARSET, SERVER_CAPABILITIES,
 };
 
 /// Errors for bytes no conforming MySQL or MariaDB peer sends, or that Sluice does not accept.

@@ -154,7 +154,8 @@ pub(super) async fn hand_off(
         upstream_secret: hex::encode(&t.secret),
     });
     let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
-    let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs, started_at };
+    let mysql_kill = ctx.mysql_kill_record(our_pid);
+    let record = LiveRecord { fields: fields.clone(), our_pid, cancel, legs, started_at, mysql_kill };
     // Written by the audit thread while the data plane takes the session (one ordered queue, so
     // before the end's delete); waited for before the handoff counts as done.
     let recorded = match serde_json::to_value(&record) {
@@ -208,7 +209,7 @@ impl ProxyContext {
         self.sessions_changed();
         self.audit.forget_live_session(id);
         let fields = record.fields;
-        self.cancels().remove(&record.our_pid);
+        self.forget_key(record.our_pid);
         let extra = match ended {
             Some(e) => json!({
                 "duration_ms": e.duration_ms,
@@ -265,7 +266,7 @@ impl Events for ProxyContext {
             self.handed().entry(id.clone()).or_insert_with(|| record.clone());
             if !live.contains(&id) {
                 self.finish_handed_off(&id, None);
-            } else if let Err(e) = self.restore_cancel(&record) {
+            } else if let Err(e) = self.restore_cancel(&record).and_then(|()| self.restore_mysql_kill(&record)) {
                 warn!(session_id = %id, error = %e, "cannot route cancel requests for a session from before the restart");
             }
         }
@@ -287,6 +288,9 @@ pub(super) struct LiveRecord {
     /// `live_sessions` row's own time stands in for.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(super) started_at: i64,
+    /// Where a MySQL session's `KILL` goes (MySQL sessions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) mysql_kill: Option<super::mysql::KillRecord>,
 }
 
 fn is_zero(t: &i64) -> bool {

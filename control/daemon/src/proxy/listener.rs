@@ -46,6 +46,70 @@ pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
     }
 }
 
+/// Serves the MySQL listener until the task is dropped: the same limits, handshake deadline and
+/// session handling as PostgreSQL's.
+pub async fn serve_mysql(ctx: Arc<ProxyContext>, listener: TcpListener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut permit = match ctx.limiter.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(hit) => {
+                refuse_busy_mysql(&ctx, tcp, peer, hit);
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let session_id = new_session_id();
+        let span = tracing::info_span!("session", session_id = %session_id, client = %peer, protocol = "mysql");
+        tokio::spawn(
+            async move {
+                let _ = tcp.set_nodelay(true);
+                let deadline = ctx.cfg.proxy_service.handshake_timeout;
+                let started = Instant::now();
+                let mut fields = SessionFields { session_id, client_addr: peer.to_string(), ..Default::default() };
+                let setup =
+                    tokio::time::timeout(deadline, super::mysql::handshake(&ctx, tcp, &mut fields, &mut permit)).await;
+                run_session(ctx, setup, fields, started).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Answers a MySQL connection over the listener's limits with error 1040 in place of the
+/// greeting, as a full server does; the client speaks first in nothing, so nothing is read.
+fn refuse_busy_mysql(ctx: &Arc<ProxyContext>, mut tcp: TcpStream, peer: SocketAddr, hit: LimitHit) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    METRICS.handshake_failed(hit.label());
+    if ctx.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        ctx.refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    info!(client = %peer, reason = hit.label(), "connection refused: over a limit");
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REFUSAL_TIME, async {
+            let err = sluice_mysqlwire::ErrPacket::new(sluice_mysqlwire::ER_CON_COUNT_ERROR, *b"08004", hit.message())
+                .before_greeting();
+            let mut out = bytes::BytesMut::new();
+            sluice_mysqlwire::PacketEncoder::new(0).write_with(&mut out, |o| err.encode(o));
+            let _ = tcp.write_all(&out).await;
+            let _ = tcp.shutdown().await;
+        })
+        .await;
+        ctx.refusing.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
 /// Most connections being refused at once for being over a limit; past it they are closed
 /// without a word, so refusing costs as little as the flood.
 const MAX_REFUSING: usize = 256;

@@ -16,6 +16,7 @@
 mod cancel;
 mod handoff;
 mod listener;
+mod mysql;
 mod relay;
 mod startup;
 
@@ -41,7 +42,7 @@ use crate::upstream::{CancelTarget, UpstreamStream};
 use handoff::LiveRecord;
 use relay::Relayed;
 
-pub use listener::{serve, serve_local};
+pub use listener::{serve, serve_local, serve_mysql};
 pub use relay::enforce_policy;
 
 /// The client leg: mTLS over TCP, or plaintext from a local Unix socket.
@@ -62,6 +63,11 @@ pub struct ProxyContext {
     pub server_tls: Arc<ServerConfig>,
     /// Our cancel keys (given to clients) → where to send the upstream's cancel.
     cancels: Mutex<HashMap<u32, (Vec<u8>, CancelTarget)>>,
+    /// MySQL connection ids of ours (given to clients in our greeting) → the session's upstream
+    /// thread and owner, for `KILL QUERY` from a second connection. `None` while being set up.
+    mysql_kills: Mutex<HashMap<u32, Option<mysql::KillTarget>>>,
+    /// The server version of the last MySQL upstream greeting, shown to the next clients.
+    mysql_version: Mutex<Option<String>>,
     /// This process's node index (0 where the auth service runs): the top bits of its cancel
     /// keys, so that another agent can pass a cancel request on to it.
     node_index: u16,
@@ -102,6 +108,8 @@ impl ProxyContext {
             upstream_tls: Arc::new(UpstreamTls::default()),
             server_tls,
             cancels: Mutex::new(HashMap::new()),
+            mysql_kills: Mutex::new(HashMap::new()),
+            mysql_version: Mutex::new(None),
             node_index: 0,
             dataplane: OnceLock::new(),
             relayed: Mutex::new(HashMap::new()),
@@ -126,6 +134,17 @@ impl ProxyContext {
 
     fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (Vec<u8>, CancelTarget)>> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mysql_kills(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Option<mysql::KillTarget>>> {
+        self.mysql_kills.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets a session's cancel key or MySQL connection id (the two never collide: MySQL ids
+    /// have bit 31 set, cancel pids do not).
+    fn forget_key(&self, key: u32) {
+        self.cancels().remove(&key);
+        self.mysql_kills().remove(&key);
     }
 
     fn handed(&self) -> std::sync::MutexGuard<'_, HashMap<String, LiveRecord>> {

@@ -47,7 +47,7 @@ pub(super) async fn run_session(
             Outcome::Failed(why, our_pid) => {
                 warn!(reason = %why, "handoff to the dataplane failed; session closed");
                 METRICS.handshake_failed(HandshakeFailure::Handoff.label());
-                ctx.cancels().remove(&our_pid);
+                ctx.forget_key(our_pid);
                 ctx.audit.emit(SESSION_END, &fields, false, json!({ "error": format!("handoff failed: {why}") }));
                 return;
             }
@@ -74,7 +74,7 @@ pub(super) async fn run_session(
     ctx.relayed().remove(&fields.session_id);
     ctx.sessions_changed();
     METRICS.local_session(false);
-    ctx.cancels().remove(&our_pid);
+    ctx.forget_key(our_pid);
     let (to_upstream, to_client) = (client.read, upstream.read);
     let (error, reason) = match result {
         Ok(reason) => (None, reason),

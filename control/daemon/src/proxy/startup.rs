@@ -28,20 +28,20 @@ use sqlstate::INVALID_AUTHORIZATION_SPECIFICATION as DENIED;
 
 /// A refusal to send the client before closing.
 #[derive(Debug)]
-struct Refusal {
-    fields: ErrorFields,
+pub(super) struct Refusal {
+    pub(super) fields: ErrorFields,
     /// What goes in the log and the audit event.
-    reason: String,
+    pub(super) reason: String,
     /// Label of the handshake-failure metric.
-    kind: HandshakeFailure,
+    pub(super) kind: HandshakeFailure,
 }
 
 impl Refusal {
-    fn new(code: &str, message: impl Into<String>) -> Self {
+    pub(super) fn new(code: &str, message: impl Into<String>) -> Self {
         let message = message.into();
         Refusal { reason: message.clone(), fields: ErrorFields::fatal(code, message), kind: HandshakeFailure::Denied }
     }
-    fn kind(mut self, kind: HandshakeFailure) -> Self {
+    pub(super) fn kind(mut self, kind: HandshakeFailure) -> Self {
         self.kind = kind;
         self
     }
@@ -207,42 +207,17 @@ pub(super) async fn handshake(
             return Err(HandshakeFailure::Tls);
         }
     };
-    let identity = {
-        let certs = client.get_ref().1.peer_certificates();
-        match certs.and_then(|c| c.first()).map(|c| identity_from_cert(c)) {
-            Some(Ok(id)) => id,
-            Some(Err(e)) => {
-                info!(error = %e, "client certificate has no usable identity");
-                let e = ErrorFields::fatal(
-                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                    format!("bad client certificate: {e}"),
-                );
-                send_error(&mut client, &e).await;
-                return Err(HandshakeFailure::Certificate);
+    let (identity, not_after) = match client_identity(&client, fields) {
+        Ok(x) => x,
+        Err(problem) => {
+            let mut e = ErrorFields::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, problem.message);
+            if let Some(hint) = problem.hint {
+                e = e.with(b'H', hint);
             }
-            None => {
-                let e = ErrorFields::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "no client certificate");
-                send_error(&mut client, &e).await;
-                return Err(HandshakeFailure::Certificate);
-            }
+            send_error(&mut client, &e).await;
+            return Err(problem.kind);
         }
     };
-    fields.user = identity.user.clone();
-    // Every handshake re-checks the certificate's expiry here (TLS lets an expired one through,
-    // so the client learns why; there is no resumption to skip this).
-    let cert = client.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
-    if let Err(expired) = crate::tls::check_not_expired(&cert, time::OffsetDateTime::now_utc()) {
-        let when = expired.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-        info!(user = %identity.user, expired = %when, "client certificate expired");
-        let e = ErrorFields::fatal(
-            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-            format!("client certificate expired at {when}"),
-        )
-        .with(b'H', "run `sluice login` and `sluice db login` for a new certificate");
-        send_error(&mut client, &e).await;
-        return Err(HandshakeFailure::CertificateExpired);
-    }
-    let not_after = crate::ca::not_after(&cert).map(|t| t.unix_timestamp()).unwrap_or(0);
     // A valid client certificate: this connection no longer counts as an unauthenticated one.
     permit.authenticated();
     neg.tls_established();
@@ -270,6 +245,47 @@ pub(super) async fn handshake(
             Err(refusal.kind)
         }
     }
+}
+
+/// Why a client certificate is not accepted.
+pub(super) struct CertProblem {
+    pub(super) kind: HandshakeFailure,
+    pub(super) message: String,
+    pub(super) hint: Option<&'static str>,
+}
+
+/// The identity in a TLS client's certificate and the certificate's expiry (unix seconds),
+/// after re-checking that it has not expired (TLS lets an expired one through, so the client
+/// learns why; there is no resumption to skip this). Logs a refusal; sets `fields.user`.
+pub(super) fn client_identity(
+    client: &tokio_rustls::server::TlsStream<TcpStream>,
+    fields: &mut SessionFields,
+) -> Result<(Identity, i64), CertProblem> {
+    let cert = client.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+    let Some(cert) = cert else {
+        info!("no client certificate");
+        return Err(CertProblem {
+            kind: HandshakeFailure::Certificate,
+            message: "no client certificate".into(),
+            hint: None,
+        });
+    };
+    let identity = identity_from_cert(&cert).map_err(|e| {
+        info!(error = %e, "client certificate has no usable identity");
+        CertProblem { kind: HandshakeFailure::Certificate, message: format!("bad client certificate: {e}"), hint: None }
+    })?;
+    fields.user = identity.user.clone();
+    if let Err(expired) = crate::tls::check_not_expired(&cert, time::OffsetDateTime::now_utc()) {
+        let when = expired.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        info!(user = %identity.user, expired = %when, "client certificate expired");
+        return Err(CertProblem {
+            kind: HandshakeFailure::CertificateExpired,
+            message: format!("client certificate expired at {when}"),
+            hint: Some("run `sluice login` and `sluice db login` for a new certificate"),
+        });
+    }
+    let not_after = crate::ca::not_after(&cert).map(|t| t.unix_timestamp()).unwrap_or(0);
+    Ok((identity, not_after))
 }
 
 /// The startup exchange of a local plaintext client: the OS user behind the socket, mapped to
@@ -346,7 +362,7 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
     if let Ok(asked) = policy::resolve_route(identity, startup) {
         (fields.db_user, fields.db_name) = (asked.db_user, asked.db_name);
     }
-    let authorized = authorize(ctx, identity, startup).await?;
+    let authorized = authorize(ctx, identity, startup, crate::config::PROTOCOL_POSTGRES).await?;
     // Protocol 3.2 is spoken to the client (only cancel keys differ); the upstream gets 3.0.
     let protocol = pg::choose_protocol(startup);
     let session = connect_upstream(ctx, &authorized, protocol.cancel_key_len).await?;
@@ -355,15 +371,22 @@ async fn authorize_and_connect<C: AsyncWrite + Unpin>(
 }
 
 /// What the policy allows a new session.
-struct Authorized {
-    decision: policy::Decision,
+pub(super) struct Authorized {
+    pub(super) decision: policy::Decision,
     /// The StartupMessage parameters passed on to the upstream.
-    params: Vec<(String, String)>,
+    pub(super) params: Vec<(String, String)>,
 }
 
 /// The policy decision for a new session: the one place a connection meets the policy at setup,
 /// decided from the in-memory snapshot (read again first only if the state changed).
-async fn authorize(ctx: &ProxyContext, identity: &Identity, startup: &StartupMessage) -> Result<Authorized, Refusal> {
+///
+/// `protocol` is the listener's: a database of the other protocol is refused.
+pub(super) async fn authorize(
+    ctx: &ProxyContext,
+    identity: &Identity,
+    startup: &StartupMessage,
+    protocol: &str,
+) -> Result<Authorized, Refusal> {
     let (view, _) = ctx.policy.current_async().await.map_err(|e| {
         if e.is_unavailable() {
             info!(error = %e, "session refused: no usable policy");
@@ -395,6 +418,21 @@ async fn authorize(ctx: &ProxyContext, identity: &Identity, startup: &StartupMes
         Denial::UnknownUser => Refusal::new(DENIED, format!("user {:?} does not exist", identity.user)),
         other => Refusal::new(DENIED, other.to_string()),
     })?;
+    if decision.database.spec.protocol != protocol {
+        let (what, listener) = if decision.database.spec.is_mysql() {
+            ("a MySQL", "MySQL listener (proxy_service.mysql_listen_addr)")
+        } else {
+            ("a PostgreSQL", "PostgreSQL listener (proxy_service.postgres_listen_addr)")
+        };
+        return Err(Refusal::new(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!(
+                "database {:?} is {what} database: connect to Sluice's {listener}; `sluice db connect` picks it",
+                decision.database.name
+            ),
+        )
+        .kind(HandshakeFailure::UnknownDatabase));
+    }
     let params =
         crate::startup_params::upstream_params(&startup.params, crate::rbac::allows_replication(&decision.roles))
             .map_err(|r| Refusal::new(r.code, r.message).kind(HandshakeFailure::StartupParameter))?;
