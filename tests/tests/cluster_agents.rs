@@ -4,7 +4,9 @@
 //! of a database and `sluice db env` gives libpq all of them (multi-host), unless the auth
 //! server's PostgreSQL address is configured (a load balancer); a CancelRequest that reaches
 //! the wrong agent (or the auth server) is passed on to the one holding the session; with an agent killed, `db ls`
-//! counts one and psql reaches the other, even with the old two-host environment.
+//! counts one and psql reaches the other, even with the old two-host environment. A `protocol:
+//! mysql` database is handed out at the MySQL address of the agent that reports one (agent A
+//! has a `mysql_listen_addr`; B has none and is not counted for it).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -18,10 +20,14 @@ use sluice_tests::{
 const START: Duration = Duration::from_secs(30);
 const SLEEP: &str = "select pg_sleep(30)";
 
-/// An agent serving env=dev databases through its own data plane, heartbeating every second.
-fn start_agent(h: &Harness, name: &str, token: &str, pin: &str) -> Result<AgentProc> {
+/// An agent serving env=dev databases through its own data plane, heartbeating every second,
+/// with a MySQL listen address on `mysql_port` if given.
+fn start_agent(h: &Harness, name: &str, token: &str, pin: &str, mysql_port: Option<u16>) -> Result<AgentProc> {
     let mut agent = AgentProc::configure(&h.stack.control, &h.dir.join(name), token, pin)?;
-    agent.edit_config(|c| c.db_service.heartbeat_interval = Duration::from_secs(1))?;
+    agent.edit_config(|c| {
+        c.db_service.heartbeat_interval = Duration::from_secs(1);
+        c.proxy_service.mysql_listen_addr = mysql_port.map(|p| ([127, 0, 0, 1], p).into());
+    })?;
     agent.with_dataplane()?;
     agent.start()?;
     agent.wait_serving(START)?;
@@ -47,6 +53,24 @@ fn listed(h: &Harness) -> Result<Option<(u64, BTreeSet<String>)>> {
         .iter()
         .filter_map(|e| e.as_str().map(str::to_owned))
         .collect();
+    Ok(Some((db["agents"].as_u64().context("no agents")?, endpoints)))
+}
+
+/// `shop`, a MySQL database for env=dev (its upstream is never dialled here).
+fn shop(h: &Harness) -> Result<sluice_control::config::DbResource> {
+    let mut db = shared_db(h, "shop", &[("env", "dev")])?;
+    db.spec = serde_json::from_value(serde_json::json!({"protocol": "mysql", "uri": "127.0.0.1:1"}))?;
+    Ok(db)
+}
+
+/// `shop` in `sluice db ls --format json`: (agents, endpoints).
+fn listed_shop(h: &Harness) -> Result<Option<(u64, Vec<String>)>> {
+    let v: serde_json::Value = serde_json::from_str(&h.sluice_ok(&["db", "ls", "--format", "json"])?)?;
+    let Some(db) = v.as_array().context("a JSON array")?.iter().find(|d| d["name"] == "shop") else {
+        return Ok(None);
+    };
+    anyhow::ensure!(db["protocol"] == "mysql", "{db}");
+    let endpoints = serde_json::from_value(db["endpoints"].clone())?;
     Ok(Some((db["agents"].as_u64().context("no agents")?, endpoints)))
 }
 
@@ -79,10 +103,12 @@ fn send_cancel(port: u16, pid: u32, secret: u32) -> Result<()> {
 fn two_agents_serve_one_database() -> Result<()> {
     let mut h = Harness::start("cluster-agents")?;
     h.state.upsert_database(&shared_db(&h, "orders", &[("env", "dev")])?)?;
+    h.state.upsert_database(&shop(&h)?)?;
     let token = join_token(&h.stack.control, "1h")?;
     let pin = ca_pin(&h.stack.control)?;
-    let mut a = start_agent(&h, "agent-a", &token, &pin)?;
-    let b = start_agent(&h, "agent-b", &token, &pin)?;
+    let mysql_port = sluice_control::demo::free_port()?;
+    let mut a = start_agent(&h, "agent-a", &token, &pin, Some(mysql_port))?;
+    let b = start_agent(&h, "agent-b", &token, &pin, None)?;
     let (index_a, index_b) = (node_index(&a)?, node_index(&b)?);
     assert_ne!(index_a, index_b);
     h.login()?;
@@ -96,6 +122,31 @@ fn two_agents_serve_one_database() -> Result<()> {
     h.sluice_ok(&["db", "login", "orders", "--db-user", "alice", "--db-name", "demo"])?;
     let env = db_env(&h)?;
     assert_eq!(format!("{}:{}", env_get(&env, "PGHOST")?, env_get(&env, "PGPORT")?), public);
+
+    // The MySQL database: both agents serve it, only A has a MySQL address, and that (not a
+    // PostgreSQL address, not the PostgreSQL load balancer) is where MySQL clients go.
+    let mysql_addr = format!("127.0.0.1:{mysql_port}");
+    let shop_served = wait_until(START, "shop served over MySQL by agent A", || {
+        Ok(listed_shop(&h)?.filter(|(agents, _)| *agents == 1))
+    })?;
+    assert_eq!(shop_served, (1, vec![mysql_addr.clone()]));
+    let nodes: serde_json::Value = serde_json::from_str(&h.control_ok(&["nodes", "ls", "--format", "json"])?)?;
+    let mut reported: Vec<(String, serde_json::Value)> = nodes
+        .as_array()
+        .context("nodes: a JSON array")?
+        .iter()
+        .map(|n| (n["postgres_addr"].as_str().unwrap_or_default().to_owned(), n["mysql_addr"].clone()))
+        .collect();
+    reported.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut expected = vec![
+        (format!("127.0.0.1:{}", a.pg_port), serde_json::Value::from(mysql_addr.clone())),
+        (format!("127.0.0.1:{}", b.pg_port), serde_json::Value::Null),
+    ];
+    expected.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(reported, expected);
+    h.sluice_ok(&["db", "login", "shop", "--db-user", "alice", "--db-name", "demo"])?;
+    let env = parse_env_exports(&h.sluice_ok(&["db", "env", "shop"])?)?;
+    assert_eq!(format!("{}:{}", env_get(&env, "MYSQL_HOST")?, env_get(&env, "MYSQL_TCP_PORT")?), mysql_addr);
 
     // Without it, the clients get every agent.
     h.restart_control(|c| c.proxy_service.postgres_public_addr = None)?;

@@ -139,6 +139,79 @@ fn policy_changes_reach_every_node_through_the_feed() {
     wait_for("B sees the admin's role", Duration::from_secs(1), || b.change_marker() != settled);
 }
 
+/// A store at the schema before agents reported MySQL addresses (version 3: no column, the
+/// view trigger blind to it) is migrated when a node opens it: heartbeats stored before read as
+/// without an address, a new address is shared with every node and moves the change feed, and
+/// a heartbeat that repeats it is bookkeeping.
+#[test]
+fn node_mysql_addresses_are_migrated_shared_and_fed() {
+    use sluice_control::state::NodeHeartbeat;
+    let dir = TestDir::new("storage-pg-mysql-addr").unwrap();
+    let pg = StoragePg::start(&dir.join("storage")).unwrap();
+    let kek = dir.join("kek");
+    sluice_control::kek::generate_file(&kek).unwrap();
+    let mut hb = NodeHeartbeat {
+        postgres_addr: "10.0.0.1:5433".into(),
+        mysql_addr: None,
+        databases: vec!["shop".into()],
+        sessions: 0,
+        version: "0.1.0".into(),
+        interval_ms: 1000,
+        at_ms: 1_700_000_000_000,
+    };
+    let node = {
+        let admin = State::open_configured(&pg.config(&dir.join("admin"), &kek).unwrap(), OpenMode::Admin).unwrap();
+        admin.add_node("agent", "db", &Default::default(), time::OffsetDateTime::now_utc()).unwrap()
+    };
+    assert_eq!(pg.pg.psql("sluice", "SELECT max(version) FROM sluice_schema").unwrap(), "4");
+    // Back to version 3, with a heartbeat as that build stored it.
+    pg.pg
+        .psql(
+            "sluice",
+            &format!(
+                "DROP TRIGGER nodes_view_bump ON nodes;
+                 ALTER TABLE nodes DROP COLUMN hb_mysql_addr;
+                 CREATE TRIGGER nodes_view_bump AFTER UPDATE ON nodes FOR EACH ROW
+                     WHEN (OLD.hb_postgres_addr IS DISTINCT FROM NEW.hb_postgres_addr
+                           OR OLD.hb_databases IS DISTINCT FROM NEW.hb_databases
+                           OR OLD.name IS DISTINCT FROM NEW.name OR OLD.labels IS DISTINCT FROM NEW.labels)
+                     EXECUTE FUNCTION sluice_bump();
+                 DELETE FROM sluice_schema WHERE version = 4;
+                 UPDATE nodes SET hb_postgres_addr = '10.0.0.1:5433', hb_databases = '[\"shop\"]', hb_sessions = 0,
+                     hb_version = '0.1.0', hb_interval_ms = 1000, hb_at_ms = {} WHERE host_id = '{}';",
+                hb.at_ms, node.host_id
+            ),
+        )
+        .unwrap();
+
+    let a = State::open_configured(&pg.config(&dir.join("a"), &kek).unwrap(), OpenMode::Serve).unwrap();
+    let b = State::open_configured(&pg.config(&dir.join("b"), &kek).unwrap(), OpenMode::Serve).unwrap();
+    assert_eq!(
+        pg.pg.psql("sluice", "SELECT version || ' ' || name FROM sluice_schema ORDER BY version DESC LIMIT 1").unwrap(),
+        "4 node MySQL address"
+    );
+    assert_eq!(b.node(&node.host_id).unwrap().and_then(|n| n.heartbeat), Some(hb.clone()));
+
+    // Let the opening's revisions settle on B, then a new MySQL address through A.
+    std::thread::sleep(Duration::from_millis(1200));
+    let settled = b.change_marker();
+    hb.mysql_addr = Some("10.0.0.1:3306".into());
+    hb.at_ms += 1000;
+    assert!(a.record_heartbeat(&node.host_id, &hb).unwrap());
+    wait_for("B sees the MySQL address", Duration::from_secs(2), || b.change_marker() != settled);
+    assert_eq!(b.node(&node.host_id).unwrap().and_then(|n| n.heartbeat), Some(hb.clone()));
+
+    // The same address again, with only the time and the sessions changed: no revision.
+    std::thread::sleep(Duration::from_millis(1200));
+    let settled = b.change_marker();
+    hb.sessions = 3;
+    hb.at_ms += 1000;
+    assert!(a.record_heartbeat(&node.host_id, &hb).unwrap());
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(b.change_marker(), settled, "a repeated MySQL address moved the policy revision");
+    assert_eq!(b.node(&node.host_id).unwrap().and_then(|n| n.heartbeat), Some(hb));
+}
+
 /// Both nodes starting on an empty database end up with one CA; its key is stored only sealed
 /// (no PEM, no base64 of the DER, no DER bytes anywhere in a dump), and a node without the KEK
 /// cannot open it.

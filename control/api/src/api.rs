@@ -57,7 +57,8 @@ pub struct DbInfo {
     /// `proxy_service.postgres_public_addr` (a load balancer) where there is one. Empty from
     /// servers before clusters (use the login's `postgres_public_addr`). For a `mysql` database
     /// these are MySQL addresses: `proxy_service.mysql_public_addr`, else the auth server's own
-    /// MySQL listener; empty when there is none (agents do not report a MySQL address yet).
+    /// MySQL listener and the MySQL addresses of the healthy agents serving it (and `agents`
+    /// counts only agents with one); empty when there is none.
     #[serde(default)]
     pub endpoints: Vec<String>,
 }

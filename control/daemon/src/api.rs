@@ -24,7 +24,7 @@ use crate::cluster::heartbeat::{now_ms, status_of, NodeStatus};
 use crate::config::Config;
 use crate::limits::{ConnLimiter, LoginThrottle};
 use crate::rbac::{can_see, check_access, AccessRequest, Denied};
-use crate::state::{Node, State, StateError};
+use crate::state::{Node, NodeHeartbeat, State, StateError};
 
 /// Longest request line accepted (a public key PEM is well under this).
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -229,7 +229,7 @@ fn handle(ctx: &ApiContext, req: Request, peer: SocketAddr) -> Result<Value, Req
                 expires: rfc3339(expires),
                 cluster: ctx.cfg.auth_service.cluster_name.clone(),
                 postgres_public_addr: ctx.cfg.proxy_service.public_addr(),
-                mysql_public_addr: mysql_addr(&ctx.cfg),
+                mysql_public_addr: ctx.cfg.proxy_service.mysql_addr(),
                 ca_pem: ctx.ca.cert_pem.clone(),
             })
         }
@@ -346,22 +346,47 @@ pub(crate) fn cluster_databases(
         .collect())
 }
 
-/// Who serves `name`: the healthy agents that say so (by node index) and this process if
+/// Who serves `name` over PostgreSQL: the healthy agents that say so and this process if
 /// `served_here`; a configured public address (a load balancer in front of them) replaces the
 /// list.
 fn served_at(cfg: &Config, nodes: &[Node], name: &str, served_here: bool, now_ms: i64) -> Served {
+    let ps = &cfg.proxy_service;
+    let here = (served_here && ps.enabled).then(|| ps.public_addr());
+    served_by(nodes, name, now_ms, |hb| Some(hb.postgres_addr.as_str()), ps.postgres_public_addr.as_ref(), here)
+}
+
+/// [`served_at`] for a MySQL database: the agents' MySQL addresses (those without a MySQL
+/// listener, or from before agents reported one, are not counted: a MySQL client cannot reach
+/// the database through them), this process's own MySQL listener, or
+/// `proxy_service.mysql_public_addr` in place of them all. Never a PostgreSQL address: with
+/// none of these the list is empty and the client says there is no MySQL listener.
+fn mysql_served_at(cfg: &Config, nodes: &[Node], name: &str, served_here: bool, now_ms: i64) -> Served {
+    let ps = &cfg.proxy_service;
+    let here = if served_here && ps.enabled { ps.mysql_listen_addr.map(|a| a.to_string()) } else { None };
+    served_by(nodes, name, now_ms, |hb| hb.mysql_addr.as_deref(), ps.mysql_public_addr.as_ref(), here)
+}
+
+/// The healthy agents serving `name` that have an address for the protocol (`addr`), and where
+/// clients connect: `public` if configured, else `here` (this process) and those agents.
+fn served_by(
+    nodes: &[Node],
+    name: &str,
+    now_ms: i64,
+    addr: impl Fn(&NodeHeartbeat) -> Option<&str>,
+    public: Option<&String>,
+    here: Option<String>,
+) -> Served {
     let agents: Vec<&str> = nodes
         .iter()
         .filter(|n| status_of(n, now_ms) == NodeStatus::Healthy)
         .filter_map(|n| n.heartbeat.as_ref())
         .filter(|hb| hb.databases.iter().any(|d| d == name))
-        .map(|hb| hb.postgres_addr.as_str())
+        .filter_map(addr)
         .collect();
     let count = u32::try_from(agents.len()).unwrap_or(u32::MAX);
-    let endpoints = match &cfg.proxy_service.postgres_public_addr {
+    let endpoints = match public {
         Some(public) => vec![public.clone()],
         None => {
-            let here = (served_here && cfg.proxy_service.enabled).then(|| cfg.proxy_service.public_addr());
             let mut all: Vec<String> = here.into_iter().chain(agents.iter().map(|a| a.to_string())).collect();
             let mut seen = BTreeSet::new();
             all.retain(|a| seen.insert(a.clone()));
@@ -369,27 +394,6 @@ fn served_at(cfg: &Config, nodes: &[Node], name: &str, served_here: bool, now_ms
         }
     };
     Served { agents: count, endpoints }
-}
-
-/// Where MySQL clients are told to connect: `proxy_service.mysql_public_addr`, else the MySQL
-/// listen address; none without either.
-fn mysql_addr(cfg: &Config) -> Option<String> {
-    let ps = &cfg.proxy_service;
-    ps.mysql_public_addr.clone().or_else(|| ps.mysql_listen_addr.map(|a| a.to_string()))
-}
-
-/// [`served_at`] for a MySQL database. Heartbeats carry only an agent's PostgreSQL address, so
-/// the agents are counted but only `proxy_service.mysql_public_addr` (a load balancer in front
-/// of them) or this process's own MySQL listener can be handed out; with neither the list is
-/// empty and the client says there is no MySQL listener.
-fn mysql_served_at(cfg: &Config, nodes: &[Node], name: &str, served_here: bool, now_ms: i64) -> Served {
-    let agents = served_at(cfg, nodes, name, false, now_ms).agents;
-    let endpoints = match (&cfg.proxy_service.mysql_public_addr, cfg.proxy_service.mysql_listen_addr) {
-        (Some(public), _) => vec![public.clone()],
-        (None, Some(listen)) if served_here && cfg.proxy_service.enabled => vec![listen.to_string()],
-        _ => Vec::new(),
-    };
-    Served { agents, endpoints }
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Value, RequestError> {
@@ -412,6 +416,7 @@ mod tests {
             last_seen: 0,
             heartbeat: at_ms.map(|at_ms| crate::state::NodeHeartbeat {
                 postgres_addr: addr.into(),
+                mysql_addr: None,
                 databases: dbs.iter().map(|d| d.to_string()).collect(),
                 sessions: 0,
                 version: String::new(),
@@ -444,21 +449,42 @@ mod tests {
     }
 
     #[test]
-    fn a_mysql_database_is_reached_through_the_mysql_listener_only() {
+    fn a_mysql_database_is_reached_through_mysql_listeners_only() {
         let now = 1_700_000_000_000;
-        let nodes = vec![node(1, "10.0.0.1:5433", &["shop"], Some(now))];
+        let mysql = |mut n: Node, addr: &str| {
+            if let Some(hb) = n.heartbeat.as_mut() {
+                hb.mysql_addr = Some(addr.into());
+            }
+            n
+        };
+        let mut nodes = vec![node(1, "10.0.0.1:5433", &["shop"], Some(now))];
         let mut cfg: Config = crate::config::from_yaml("data_dir: /nonexistent").unwrap();
-        // No MySQL listener: nowhere to connect, never the PostgreSQL address.
-        assert_eq!(mysql_served_at(&cfg, &nodes, "shop", true, now), Served { agents: 1, endpoints: vec![] });
-        assert_eq!(mysql_addr(&cfg), None);
+        // No MySQL listener anywhere: nowhere to connect, never the PostgreSQL address.
+        assert_eq!(mysql_served_at(&cfg, &nodes, "shop", true, now), Served::default());
+        assert_eq!(cfg.proxy_service.mysql_addr(), None);
         cfg.proxy_service.mysql_listen_addr = Some(([127, 0, 0, 1], 3307).into());
-        assert_eq!(mysql_addr(&cfg).as_deref(), Some("127.0.0.1:3307"));
+        assert_eq!(cfg.proxy_service.mysql_addr().as_deref(), Some("127.0.0.1:3307"));
         let served = mysql_served_at(&cfg, &nodes, "shop", true, now);
-        assert_eq!(served, Served { agents: 1, endpoints: vec!["127.0.0.1:3307".into()] });
-        // Served by agents only: their MySQL addresses are not known.
-        assert_eq!(mysql_served_at(&cfg, &nodes, "shop", false, now).endpoints, Vec::<String>::new());
+        assert_eq!(served, Served { agents: 0, endpoints: vec!["127.0.0.1:3307".into()] });
+        assert_eq!(mysql_served_at(&cfg, &nodes, "shop", false, now), Served::default());
+
+        // Agents that report a MySQL address are reached there, healthy ones only, next to
+        // this process's own listener when it serves the database too.
+        nodes = vec![
+            mysql(node(1, "10.0.0.1:5433", &["shop"], Some(now)), "10.0.0.1:3306"),
+            node(2, "10.0.0.2:5433", &["shop"], Some(now)),
+            mysql(node(3, "10.0.0.3:5433", &["shop"], Some(now - 10_000)), "10.0.0.3:3306"),
+            mysql(node(4, "10.0.0.4:5433", &["orders"], Some(now)), "10.0.0.4:3306"),
+        ];
+        let served = mysql_served_at(&cfg, &nodes, "shop", false, now);
+        assert_eq!(served, Served { agents: 1, endpoints: vec!["10.0.0.1:3306".into()] });
+        let served = mysql_served_at(&cfg, &nodes, "shop", true, now);
+        assert_eq!(served, Served { agents: 1, endpoints: vec!["127.0.0.1:3307".into(), "10.0.0.1:3306".into()] });
+        // PostgreSQL databases keep the PostgreSQL addresses of every agent.
+        assert_eq!(served_at(&cfg, &nodes, "shop", false, now).agents, 2);
+
         cfg.proxy_service.mysql_public_addr = Some("lb.example:3306".into());
-        assert_eq!(mysql_addr(&cfg).as_deref(), Some("lb.example:3306"));
+        assert_eq!(cfg.proxy_service.mysql_addr().as_deref(), Some("lb.example:3306"));
         let served = mysql_served_at(&cfg, &nodes, "shop", false, now);
         assert_eq!(served, Served { agents: 1, endpoints: vec!["lb.example:3306".into()] });
     }

@@ -348,6 +348,12 @@ impl ProxyService {
     pub fn public_addr(&self) -> String {
         self.postgres_public_addr.clone().unwrap_or_else(|| self.postgres_listen_addr.to_string())
     }
+
+    /// Where MySQL clients are told to connect: `mysql_public_addr`, else the MySQL listen
+    /// address; none without either.
+    pub fn mysql_addr(&self) -> Option<String> {
+        self.mysql_public_addr.clone().or_else(|| self.mysql_listen_addr.map(|a| a.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -343,8 +343,10 @@ async fn start_agent(
     });
     tasks.push(tokio::spawn(crate::cluster::watch::follow(client.clone(), cfg.clone(), policy, kill)));
     let (public_addr, report_ctx) = (cfg.proxy_service.public_addr(), ctx.clone());
+    let mysql_addr = cfg.proxy_service.mysql_addr();
     let report = move || crate::cluster::HeartbeatReport {
         postgres_addr: public_addr.clone(),
+        mysql_addr: mysql_addr.clone(),
         databases: report_ctx.policy.last().0.databases.keys().cloned().collect(),
         sessions: u32::try_from(report_ctx.session_count()).unwrap_or(u32::MAX),
         live: report_ctx.live_sessions(crate::cluster::MAX_REPORTED_SESSIONS),

@@ -1237,6 +1237,7 @@ fn print_nodes(nodes: &[sluice_control::state::Node], format: &str) -> Result<()
                         "role": n.role,
                         "labels": n.labels,
                         "postgres_addr": hb.map(|h| h.postgres_addr.as_str()),
+                        "mysql_addr": hb.and_then(|h| h.mysql_addr.as_deref()),
                         "databases": hb.map(|h| h.databases.clone()).unwrap_or_default(),
                         "sessions": hb.map(|h| h.sessions).unwrap_or_default(),
                         "version": hb.map(|h| h.version.as_str()),
@@ -1253,8 +1254,8 @@ fn print_nodes(nodes: &[sluice_control::state::Node], format: &str) -> Result<()
         }
         "text" => {
             println!(
-                "{:<32} {:<20} {:>5} {:<22} {:<24} {:>8} {:<10} {:<14} Status",
-                "Host ID", "Name", "Index", "Address", "Databases", "Sessions", "Last seen", "Cert expires"
+                "{:<32} {:<20} {:>5} {:<22} {:<22} {:<24} {:>8} {:<10} {:<14} Status",
+                "Host ID", "Name", "Index", "Address", "MySQL", "Databases", "Sessions", "Last seen", "Cert expires"
             );
             let now_s = now.div_euclid(1000);
             for n in nodes {
@@ -1264,11 +1265,12 @@ fn print_nodes(nodes: &[sluice_control::state::Node], format: &str) -> Result<()
                 let seen = hb.map(|h| h.at_ms.div_euclid(1000)).unwrap_or(n.last_seen);
                 let expires = n.cert_not_after - now_s;
                 println!(
-                    "{:<32} {:<20} {:>5} {:<22} {:<24} {:>8} {:<10} {:<14} {}",
+                    "{:<32} {:<20} {:>5} {:<22} {:<22} {:<24} {:>8} {:<10} {:<14} {}",
                     n.host_id,
                     n.name,
                     n.node_index,
                     hb.map(|h| h.postgres_addr.as_str()).unwrap_or("-"),
+                    hb.and_then(|h| h.mysql_addr.as_deref()).unwrap_or("-"),
                     databases,
                     hb.map(|h| h.sessions.to_string()).unwrap_or_else(|| "-".into()),
                     format!("{} ago", short_duration(now_s - seen)),

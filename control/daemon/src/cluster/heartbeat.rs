@@ -1,6 +1,6 @@
 //! Heartbeats: every `db_service.heartbeat_interval`, and at once when a session starts or
-//! ends, an agent tells the auth server where it serves PostgreSQL, which databases and which
-//! live sessions ([`run`]); the auth server keeps the last one per node (`POST /v1/heartbeat`,
+//! ends, an agent tells the auth server where it serves PostgreSQL (and MySQL, if it does), which
+//! databases and which live sessions ([`run`]); the auth server keeps the last one per node (`POST /v1/heartbeat`,
 //! [`handle`]) as bookkeeping that leaves the policy snapshot alone, and judges a node's health
 //! from its age ([`node_status`]).
 
@@ -15,6 +15,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
+use super::agent::AgentError;
 use super::client::AuthClient;
 use super::server::{json_response, AgentIdentity, ClusterContext};
 use super::{ErrorBody, ErrorDetail, HeartbeatReport, HeartbeatRequest, HeartbeatResponse, MAX_REPORTED_SESSIONS};
@@ -32,6 +33,10 @@ const SLACK_MS: u64 = 1000;
 
 /// How long one heartbeat call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an agent leaves its MySQL address out after an auth server from before MySQL
+/// addresses refused it, before trying again (the auth server may have been upgraded).
+const MYSQL_ADDR_RETRY: Duration = Duration::from_secs(600);
 
 /// Shortest gap between two heartbeats sent because sessions started or ended: a burst of
 /// connections costs the auth server a few writes a second, not one per session.
@@ -105,8 +110,11 @@ fn check(req: &HeartbeatRequest) -> Result<(), String> {
         let f = &s.fields;
         [&f.session_id, &f.user, &f.db_service, &f.db_user, &f.db_name, &f.client_addr]
     });
-    let mut fields =
-        std::iter::once(&req.postgres_addr).chain([&req.version]).chain(&req.databases).chain(session_fields);
+    let mut fields = std::iter::once(&req.postgres_addr)
+        .chain(req.mysql_addr.as_ref())
+        .chain([&req.version])
+        .chain(&req.databases)
+        .chain(session_fields);
     if let Some(field) = fields.find(|f| f.len() > MAX_FIELD) {
         let head: String = field.chars().take(32).collect();
         return Err(format!("a field is longer than {MAX_FIELD} bytes: {head:?}..."));
@@ -135,6 +143,7 @@ pub async fn handle(
     databases.dedup();
     let hb = NodeHeartbeat {
         postgres_addr: req.postgres_addr,
+        mysql_addr: req.mysql_addr,
         databases,
         sessions: req.sessions,
         version: req.version,
@@ -185,6 +194,8 @@ where
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: Option<(String, tokio::time::Instant)> = None;
     let mut last_sent: Option<tokio::time::Instant> = None;
+    // Since when the auth server refuses `mysql_addr` (it predates it).
+    let mut no_mysql_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -197,9 +208,11 @@ where
             }
         }
         last_sent = Some(tokio::time::Instant::now());
-        let HeartbeatReport { postgres_addr, databases, sessions, live } = report();
+        let HeartbeatReport { postgres_addr, mysql_addr, databases, sessions, live } = report();
+        let skip_mysql = no_mysql_since.is_some_and(|at| at.elapsed() < MYSQL_ADDR_RETRY);
         let req = HeartbeatRequest {
             postgres_addr,
+            mysql_addr: mysql_addr.filter(|_| !skip_mysql),
             databases,
             sessions,
             live,
@@ -207,7 +220,24 @@ where
             interval_ms,
         };
         let timeout = CALL_TIMEOUT.min(interval.max(Duration::from_secs(2)));
-        match client.post_json::<_, HeartbeatResponse>("/v1/heartbeat", &req, timeout).await {
+        let mut sent = client.post_json::<_, HeartbeatResponse>("/v1/heartbeat", &req, timeout).await;
+        if req.mysql_addr.is_some() {
+            if sent.as_ref().err().is_some_and(refuses_mysql_addr) {
+                if no_mysql_since.is_none() {
+                    warn!(
+                        auth_server = %client.addr(),
+                        "the auth server does not take MySQL addresses in heartbeats (upgrade it): this agent's \
+                         MySQL address is left out, so MySQL clients reach it only through a mysql_public_addr"
+                    );
+                }
+                no_mysql_since = Some(tokio::time::Instant::now());
+                let req = HeartbeatRequest { mysql_addr: None, ..req };
+                sent = client.post_json::<_, HeartbeatResponse>("/v1/heartbeat", &req, timeout).await;
+            } else if sent.is_ok() && no_mysql_since.take().is_some() {
+                info!(auth_server = %client.addr(), "the auth server takes this agent's MySQL address again");
+            }
+        }
+        match sent {
             Ok(_) => {
                 if failing.take().is_some() {
                     info!(auth_server = %client.addr(), "heartbeats are accepted again");
@@ -230,6 +260,12 @@ where
             }
         }
     }
+}
+
+/// Whether `e` is an auth server from before MySQL addresses refusing the field.
+fn refuses_mysql_addr(e: &AgentError) -> bool {
+    matches!(e, AgentError::Refused { code, message, .. }
+        if code == "bad_request" && message.contains("unknown field `mysql_addr`"))
 }
 
 #[cfg(test)]
@@ -255,6 +291,7 @@ mod tests {
     fn heartbeats_are_checked() {
         let ok = HeartbeatRequest {
             postgres_addr: "10.0.0.1:5433".into(),
+            mysql_addr: Some("10.0.0.1:3306".into()),
             databases: vec!["orders".into()],
             sessions: 0,
             live: Vec::new(),
@@ -273,7 +310,74 @@ mod tests {
         assert!(check(&HeartbeatRequest { interval_ms: 0, ..ok.clone() }).is_err());
         assert!(check(&HeartbeatRequest { interval_ms: 3_600_001, ..ok.clone() }).is_err());
         assert!(check(&HeartbeatRequest { databases: vec!["x".repeat(513)], ..ok.clone() }).is_err());
+        assert!(check(&HeartbeatRequest { mysql_addr: Some("é".repeat(300)), ..ok.clone() }).is_err());
         assert!(check(&HeartbeatRequest { postgres_addr: "é".repeat(300), ..ok }).is_err());
+    }
+
+    /// The heartbeat before agents reported a MySQL address, field for field, refusing unknown
+    /// fields as auth servers from then do.
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct OldHeartbeat {
+        postgres_addr: String,
+        #[serde(default)]
+        databases: Vec<String>,
+        #[serde(default)]
+        sessions: u32,
+        #[serde(default)]
+        live: Vec<super::super::ReportedSession>,
+        #[serde(default)]
+        version: String,
+        interval_ms: u64,
+    }
+
+    /// Old agents and old auth servers keep working with new ones: an agent without a MySQL
+    /// address sends no `mysql_addr` (an old auth server would refuse the field), and a
+    /// heartbeat without one reads as none.
+    #[test]
+    fn the_mysql_address_is_optional_both_ways() {
+        let without = HeartbeatRequest {
+            postgres_addr: "10.0.0.1:5433".into(),
+            mysql_addr: None,
+            databases: vec!["orders".into()],
+            sessions: 2,
+            live: Vec::new(),
+            version: "0.1.0".into(),
+            interval_ms: 10_000,
+        };
+        let json = serde_json::to_value(&without).unwrap();
+        assert!(json.get("mysql_addr").is_none(), "{json}");
+        let old: OldHeartbeat = serde_json::from_value(json).unwrap();
+        assert_eq!((old.postgres_addr.as_str(), old.sessions), ("10.0.0.1:5433", 2));
+
+        // From an old agent: no field, no address.
+        let from_old = serde_json::json!({"postgres_addr": "10.0.0.1:5433", "databases": ["orders"], "sessions": 2,
+            "version": "0.1.0", "interval_ms": 10_000});
+        assert_eq!(serde_json::from_value::<HeartbeatRequest>(from_old).unwrap(), without);
+
+        // With one: sent and read back; an old auth server refuses it, and the agent then
+        // sends its beats without it.
+        let with = HeartbeatRequest { mysql_addr: Some("10.0.0.1:3306".into()), ..without };
+        let json = serde_json::to_value(&with).unwrap();
+        assert_eq!(json["mysql_addr"], "10.0.0.1:3306");
+        assert_eq!(serde_json::from_value::<HeartbeatRequest>(json.clone()).unwrap(), with);
+        let old_error = serde_json::from_value::<OldHeartbeat>(json).unwrap_err();
+        // What such an auth server answers, which makes the agent send its beats without it.
+        let refused = |code: &str, message: String| AgentError::Refused {
+            call: "/v1/heartbeat".into(),
+            status: 400,
+            code: code.into(),
+            message,
+        };
+        assert!(refuses_mysql_addr(&refused("bad_request", format!("bad heartbeat: {old_error}"))));
+        // A current auth server's other refusals (whose list of fields names it) are not that.
+        let other = serde_json::from_value::<HeartbeatRequest>(serde_json::json!({"postgres_addr": "x",
+            "interval_ms": 1, "extra": 1}))
+        .unwrap_err();
+        assert!(other.to_string().contains("mysql_addr"), "{other}");
+        assert!(!refuses_mysql_addr(&refused("bad_request", format!("bad heartbeat: {other}"))));
+        assert!(!refuses_mysql_addr(&refused("node_removed", format!("bad heartbeat: {old_error}"))));
     }
 
     /// Heartbeats and renewals, written through the daemon's own handle, leave its policy
@@ -293,6 +397,7 @@ mod tests {
         assert!(ClusterView::load(&cfg, &daemon).unwrap().nodes.is_empty(), "a node that never heartbeated");
         let mut hb = NodeHeartbeat {
             postgres_addr: "127.0.0.1:5433".into(),
+            mysql_addr: None,
             databases: vec!["orders".into()],
             sessions: 0,
             version: String::new(),
@@ -326,6 +431,13 @@ mod tests {
         assert!(store.fresh().is_none(), "a new address went unseen");
         let (view, _) = store.current().unwrap();
         assert_eq!(view.nodes.get(&node.node_index).map(String::as_str), Some("127.0.0.1:6433"));
+        hb.mysql_addr = Some("127.0.0.1:3306".into());
+        assert!(daemon.record_heartbeat(&node.host_id, &hb).unwrap());
+        assert!(store.fresh().is_none(), "a new MySQL address went unseen");
+        store.current().unwrap();
+        hb.sessions += 1;
+        assert!(daemon.record_heartbeat(&node.host_id, &hb).unwrap());
+        assert!(store.fresh().is_some(), "the same MySQL address made the snapshot stale");
         assert!(!daemon.record_heartbeat("gone", &hb).unwrap(), "an unknown node was updated");
         let _ = std::fs::remove_dir_all(&dir);
     }

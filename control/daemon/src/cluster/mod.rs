@@ -107,6 +107,11 @@ pub struct RenewRequest {
 pub struct HeartbeatRequest {
     /// Where PostgreSQL clients reach this agent (`proxy_service.public_addr()`).
     pub postgres_addr: String,
+    /// Where MySQL clients reach it (`proxy_service.mysql_addr()`), if it has a MySQL listener.
+    /// Left out when unset: an auth server from before it refuses unknown fields (an agent with
+    /// one leaves it out while such a server refuses it, see `heartbeat::run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_addr: Option<String>,
     /// The databases it serves.
     #[serde(default)]
     pub databases: Vec<String>,
@@ -143,6 +148,7 @@ pub struct HeartbeatResponse {}
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeartbeatReport {
     pub postgres_addr: String,
+    pub mysql_addr: Option<String>,
     pub databases: Vec<String>,
     pub sessions: u32,
     /// At most [`MAX_REPORTED_SESSIONS`].

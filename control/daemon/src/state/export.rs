@@ -45,6 +45,7 @@ const TABLES: &[(&str, &[&str])] = &[
             "hb_version",
             "hb_interval_ms",
             "hb_at_ms",
+            "hb_mysql_addr",
         ],
     ),
     ("node_sessions", &["host_id", "session_id", "started_at", "data"]),
@@ -55,6 +56,16 @@ const AUDIT: (&str, &[&str]) =
     ("audit", &["time", "event", "session_id", "\"user\"", "db", "success", "data", "event_id"]);
 
 const FORMAT_VERSION: u64 = 1;
+
+/// Nullable columns added at the end of a table's list after [`FORMAT_VERSION`] 1 was first
+/// written: a row from an older export may lack them (they are left null), so its files still
+/// import.
+fn added_later(table: &str) -> usize {
+    match table {
+        "nodes" => 1, // hb_mysql_addr
+        _ => 0,
+    }
+}
 
 /// Rows per table, as written or read.
 pub type Counts = std::collections::BTreeMap<String, u64>;
@@ -193,9 +204,10 @@ impl State {
                     .find(|(t, _)| *t == table)
                     .ok_or_else(|| bad(&format!("unknown table {table:?}")))?;
                 let row = line.get("row").and_then(|r| r.as_array()).ok_or_else(|| bad("a row that is not a list"))?;
-                if row.len() != cols.len() {
+                if row.len() > cols.len() || row.len() < cols.len() - added_later(table) {
                     return Err(bad(&format!("a {table} row has {} values, not {}", row.len(), cols.len())));
                 }
+                let cols = &cols[..row.len()];
                 let vals = row.iter().map(json_val).collect::<Result<Vec<_>, _>>()?;
                 let params = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
                 c.exec(&format!("INSERT INTO {table} ({}) VALUES ({params})", cols.join(", ")), &vals)?;
@@ -228,6 +240,16 @@ mod tests {
         a.add_user("alice", "pw", &["dev".into()]).unwrap();
         a.add_lock(Some("bob"), None, "x", None).unwrap();
         let node = a.add_node("agent", "db", &Default::default(), time::OffsetDateTime::now_utc()).unwrap();
+        let hb = super::super::NodeHeartbeat {
+            postgres_addr: "10.0.0.1:5433".into(),
+            mysql_addr: Some("10.0.0.1:3306".into()),
+            databases: vec!["orders".into()],
+            sessions: 0,
+            version: "0.1.0".into(),
+            interval_ms: 1000,
+            at_ms: 1_700_000_000_000,
+        };
+        assert!(a.record_heartbeat(&node.host_id, &hb).unwrap());
         a.insert_audit(&serde_json::json!({"event": "e", "event_id": "1"})).unwrap();
         let mut file = Vec::new();
         let counts = a.export(&mut file, true).unwrap();
@@ -245,6 +267,7 @@ mod tests {
         b.import(&mut &file[..]).unwrap();
         assert!(b.verify_password("alice", "pw").unwrap());
         assert_eq!(b.node(&node.host_id).unwrap().map(|n| n.node_index), Some(node.node_index));
+        assert_eq!(b.node(&node.host_id).unwrap().and_then(|n| n.heartbeat), Some(hb.clone()));
         assert_eq!(b.ensure_ca("sluice").unwrap().cert_pem, a.ensure_ca("sluice").unwrap().cert_pem);
         assert_eq!(b.active_locks().unwrap(), a.active_locks().unwrap());
         let e = b.import(&mut &file[..]).unwrap_err().to_string();
@@ -255,6 +278,44 @@ mod tests {
         let body =
             |f: &[u8]| String::from_utf8(f.to_vec()).unwrap().lines().skip(1).map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(body(&again)[..body(&again).len() - 1], body(&file)[..body(&file).len() - 1]);
+        std::fs::remove_dir_all(dir_a).unwrap();
+        std::fs::remove_dir_all(dir_b).unwrap();
+    }
+
+    /// An export written before node rows carried a MySQL address (one value fewer) still
+    /// imports, with none; a row missing more than that is refused.
+    #[test]
+    fn an_export_from_before_mysql_addresses_imports() {
+        let (a, dir_a) = temp_state();
+        let node = a.add_node("agent", "db", &Default::default(), time::OffsetDateTime::now_utc()).unwrap();
+        let mut file = Vec::new();
+        a.export(&mut file, false).unwrap();
+        // Rewrite the node row as the previous build wrote it, with its checksum.
+        let shorten = |drop: usize| {
+            let text = String::from_utf8(file.clone()).unwrap();
+            let mut lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            let trailer = lines.pop().unwrap();
+            let mut hash = Sha256::new();
+            let mut out = String::new();
+            for mut line in lines {
+                if line["t"] == "nodes" {
+                    let row = line["row"].as_array_mut().unwrap();
+                    row.truncate(row.len() - drop);
+                }
+                let text = serde_json::to_string(&line).unwrap() + "\n";
+                hash.update(text.as_bytes());
+                out.push_str(&text);
+            }
+            let end =
+                serde_json::json!({"kind": "end", "rows": trailer["rows"], "sha256": hex::encode(hash.finalize())});
+            out + &serde_json::to_string(&end).unwrap() + "\n"
+        };
+        let (b, dir_b) = temp_state();
+        let e = b.import(&mut shorten(2).as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("nodes row has 13 values, not 15"), "{e}");
+        b.import(&mut shorten(1).as_bytes()).unwrap();
+        let imported = b.node(&node.host_id).unwrap().unwrap();
+        assert_eq!((imported.node_index, imported.heartbeat), (node.node_index, None));
         std::fs::remove_dir_all(dir_a).unwrap();
         std::fs::remove_dir_all(dir_b).unwrap();
     }

@@ -219,6 +219,8 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeHeartbeat {
     pub postgres_addr: String,
+    /// `None` from an agent without a MySQL listener, or from before agents reported one.
+    pub mysql_addr: Option<String>,
     pub databases: Vec<String>,
     pub sessions: u32,
     pub version: String,
@@ -743,7 +745,7 @@ impl State {
         let update = |c: &mut dyn Conn| {
             c.exec(
                 "UPDATE nodes SET hb_postgres_addr = ?2, hb_databases = ?3, hb_sessions = ?4, hb_version = ?5,
-                     hb_interval_ms = ?6, hb_at_ms = ?7, last_seen = ?8
+                     hb_interval_ms = ?6, hb_at_ms = ?7, last_seen = ?8, hb_mysql_addr = ?9
                  WHERE host_id = ?1",
                 vals![
                     host_id,
@@ -753,16 +755,23 @@ impl State {
                     hb.version.as_str(),
                     interval,
                     hb.at_ms,
-                    hb.at_ms.div_euclid(1000)
+                    hb.at_ms.div_euclid(1000),
+                    &hb.mysql_addr
                 ],
             )
         };
         let stored = self.run(|c| {
-            c.query_opt("SELECT hb_postgres_addr, hb_databases FROM nodes WHERE host_id = ?1", vals![host_id])
+            c.query_opt(
+                "SELECT hb_postgres_addr, hb_databases, hb_mysql_addr FROM nodes WHERE host_id = ?1",
+                vals![host_id],
+            )
         })?;
         let Some(stored) = stored else { return Ok(false) };
-        let (addr, dbs): (Option<String>, Option<String>) = (stored.get(0)?, stored.get(1)?);
-        let same = addr.as_deref() == Some(hb.postgres_addr.as_str()) && dbs.as_deref() == Some(databases.as_str());
+        let (addr, dbs, mysql): (Option<String>, Option<String>, Option<String>) =
+            (stored.get(0)?, stored.get(1)?, stored.get(2)?);
+        let same = addr.as_deref() == Some(hb.postgres_addr.as_str())
+            && dbs.as_deref() == Some(databases.as_str())
+            && mysql == hb.mysql_addr;
         // An agent heartbeats one call at a time, so the row does not change in between.
         let changed = if same { self.own(update)? } else { self.run(update)? };
         Ok(changed > 0)
@@ -1493,6 +1502,11 @@ impl From<crate::kek::KekError> for StateError {
 
 /// Auth servers that serve from this state, each upserting its row while it runs (bookkeeping:
 /// no policy reads it). Portable DDL, the same on both backends.
+/// Where an agent serves MySQL, as its last heartbeat said (nullable: agents without a MySQL
+/// listener, and those from before it was reported, say nothing). The PostgreSQL backend also
+/// widens its view trigger (see `pg::NODE_MYSQL_ADDR`).
+const NODE_MYSQL_ADDR: &str = "ALTER TABLE nodes ADD COLUMN hb_mysql_addr TEXT;";
+
 const AUTH_NODES_TABLE: &str = "CREATE TABLE auth_nodes (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -1577,13 +1591,14 @@ fn audit_vals(record: &serde_json::Value) -> Vec<sql::Val> {
 pub const CA_NAME: &str = "db";
 
 const NODE_SELECT: &str = "SELECT host_id, node_index, name, role, labels, joined_at, cert_not_after, last_seen,
-        hb_postgres_addr, hb_databases, hb_sessions, hb_version, hb_interval_ms, hb_at_ms FROM nodes";
+        hb_postgres_addr, hb_databases, hb_sessions, hb_version, hb_interval_ms, hb_at_ms, hb_mysql_addr FROM nodes";
 
 fn node_from_row(r: &sql::Row) -> Result<Node, StateError> {
     let corrupt = |e: std::num::TryFromIntError| StateError::Corrupt(e.to_string());
     let heartbeat = match (r.get::<Option<i64>>(12)?, r.get::<Option<i64>>(13)?) {
         (Some(interval), Some(at_ms)) => Some(NodeHeartbeat {
             postgres_addr: r.get::<Option<String>>(8)?.unwrap_or_default(),
+            mysql_addr: r.get::<Option<String>>(14)?,
             databases: serde_json::from_str(&r.get::<Option<String>>(9)?.unwrap_or_else(|| "[]".into()))?,
             sessions: u32::try_from(r.get::<Option<i64>>(10)?.unwrap_or_default()).map_err(corrupt)?,
             version: r.get::<Option<String>>(11)?.unwrap_or_default(),
@@ -1918,6 +1933,7 @@ mod tests {
         assert_eq!((nodes.len(), nodes[0].host_id.as_str(), nodes[0].heartbeat.clone()), (1, "h1", None));
         let hb = NodeHeartbeat {
             postgres_addr: "10.0.0.1:5433".into(),
+            mysql_addr: Some("10.0.0.1:3306".into()),
             databases: vec!["orders".into()],
             sessions: 3,
             version: "0.1.0".into(),
@@ -1934,6 +1950,57 @@ mod tests {
         let node = State::open(&dir).unwrap().node("h1").unwrap().unwrap();
         assert_eq!(node.heartbeat, Some(hb));
         assert_eq!((node.last_seen >= 1_700_000_000, node.cert_not_after), (true, 1_800_000_000));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A file at the schema before agents reported MySQL addresses (the column absent, the
+    /// version not stamped) gains the column on open; the heartbeats stored before read as
+    /// without one, and new ones keep theirs.
+    #[test]
+    fn node_mysql_addresses_are_added_to_an_older_schema() {
+        let dir = std::env::temp_dir().join(format!("sluice-state-{}", random_secret(6)));
+        let hb = NodeHeartbeat {
+            postgres_addr: "10.0.0.1:5433".into(),
+            mysql_addr: None,
+            databases: vec!["orders".into()],
+            sessions: 1,
+            version: "0.1.0".into(),
+            interval_ms: 10_000,
+            at_ms: 1_700_000_000_123,
+        };
+        {
+            let s = State::open(&dir).unwrap();
+            s.add_node("a", "db", &Default::default(), OffsetDateTime::now_utc()).unwrap();
+        }
+        let host_id: String = {
+            let conn = Connection::open(dir.join("sluice.db")).unwrap();
+            conn.execute_batch(&format!(
+                "ALTER TABLE nodes DROP COLUMN hb_mysql_addr;
+                 DELETE FROM sluice_schema WHERE version = {};",
+                super::sqlite::SCHEMA_VERSION
+            ))
+            .unwrap();
+            let host_id = conn.query_row("SELECT host_id FROM nodes", [], |r| r.get(0)).unwrap();
+            // The previous build's heartbeat write.
+            conn.execute(
+                "UPDATE nodes SET hb_postgres_addr = ?2, hb_databases = '[\"orders\"]', hb_sessions = 1,
+                     hb_version = '0.1.0', hb_interval_ms = 10000, hb_at_ms = ?3 WHERE host_id = ?1",
+                rusqlite::params![host_id, hb.postgres_addr, hb.at_ms],
+            )
+            .unwrap();
+            host_id
+        };
+        let s = State::open(&dir).unwrap();
+        assert_eq!(s.node(&host_id).unwrap().unwrap().heartbeat, Some(hb.clone()));
+        let hb = NodeHeartbeat { mysql_addr: Some("10.0.0.1:3306".into()), ..hb };
+        assert!(s.record_heartbeat(&host_id, &hb).unwrap());
+        assert_eq!(s.node(&host_id).unwrap().unwrap().heartbeat, Some(hb.clone()));
+        let stamped = s.run(|c| c.query_one("SELECT max(version) FROM sluice_schema", vals![])?.get::<i64>(0)).unwrap();
+        assert_eq!(stamped, super::sqlite::SCHEMA_VERSION);
+        // Back to none when the agent loses its MySQL listener.
+        let hb = NodeHeartbeat { mysql_addr: None, ..hb };
+        assert!(s.record_heartbeat(&host_id, &hb).unwrap());
+        assert_eq!(s.node(&host_id).unwrap().unwrap().heartbeat, Some(hb));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -41,8 +41,24 @@ const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
 /// Schema versions, applied in order, each once, in one transaction under [`MIGRATION_LOCK`].
 /// Columns mean what they mean in SQLite (unix seconds as BIGINT, JSON as TEXT, booleans as
 /// 0/1), so rows move between the backends unchanged.
-const MIGRATIONS: &[(&str, &str)] =
-    &[("baseline", BASELINE), ("leases", LEASES), ("auth nodes", super::AUTH_NODES_TABLE)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("baseline", BASELINE),
+    ("leases", LEASES),
+    ("auth nodes", super::AUTH_NODES_TABLE),
+    ("node MySQL address", NODE_MYSQL_ADDR),
+];
+
+/// [`super::NODE_MYSQL_ADDR`], and the view trigger made to see it: an agent's new MySQL
+/// address is a change to the cluster view (`sluice db ls`), as a new PostgreSQL one is.
+const NODE_MYSQL_ADDR: &str = r#"
+ALTER TABLE nodes ADD COLUMN hb_mysql_addr TEXT;
+DROP TRIGGER nodes_view_bump ON nodes;
+CREATE TRIGGER nodes_view_bump AFTER UPDATE ON nodes FOR EACH ROW
+    WHEN (OLD.hb_postgres_addr IS DISTINCT FROM NEW.hb_postgres_addr OR OLD.hb_databases IS DISTINCT FROM NEW.hb_databases
+          OR OLD.hb_mysql_addr IS DISTINCT FROM NEW.hb_mysql_addr
+          OR OLD.name IS DISTINCT FROM NEW.name OR OLD.labels IS DISTINCT FROM NEW.labels)
+    EXECUTE FUNCTION sluice_bump();
+"#;
 
 /// Named leases (one discovery poller per source across auth nodes): `token` is the fencing
 /// token, raised whenever the holder changes; `expires_at_ms` is unix milliseconds on the

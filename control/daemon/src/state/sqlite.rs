@@ -27,6 +27,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
          expires_at_ms INTEGER NOT NULL);",
     ),
     ("auth nodes", super::AUTH_NODES_TABLE),
+    ("node MySQL address", super::NODE_MYSQL_ADDR),
 ];
 
 /// The newest schema version this build knows.
