@@ -1905,10 +1905,6 @@ fn run_in(
                 _ => {}
             }
         }
-        // PostgreSQL's certificate from `auth sign` is signed with Ed25519, for which SCRAM's
-        // channel binding (tls-server-end-point) defines no hash: libpq's default
-        // (`channel_binding=prefer`) then fails with "could not find digest for NID UNDEF".
-        env.push(("PGCHANNELBINDING".into(), "disable".into()));
         env
     };
     if wanted("direct-tls") {

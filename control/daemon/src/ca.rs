@@ -147,7 +147,7 @@ impl CertAuthority {
     /// The database CA: signs the certificates with which Sluice logs in to self-hosted
     /// PostgreSQL and those servers' certificates, and is all that their `ssl_ca_file` trusts.
     /// It is not this CA because a user's own Sluice certificate (its Common Name the Sluice
-    /// user name) must not log in to such a server directly, past Sluice. Its Ed25519 key is
+    /// user name) must not log in to such a server directly, past Sluice. Its P-256 key is
     /// derived from this CA's key (HKDF-SHA256), so every auth node, and every start, has the
     /// same one without storing a second key: any certificate of it with the same subject and
     /// key is the same trust anchor.
@@ -155,14 +155,27 @@ impl CertAuthority {
         let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"sluice database CA");
         let prk = salt.extract(&self.key.serialize_der());
         let mut seed = [0u8; 32];
-        prk.expand(&[b"ed25519 key v1"], ring::hkdf::HKDF_SHA256)
-            .and_then(|okm| okm.fill(&mut seed))
-            .map_err(|_| CaError::Parse("deriving the database CA key".into()))?;
-        // PKCS#8 v1 of an Ed25519 private key (RFC 8410): a fixed header, then the seed.
-        let mut pkcs8 =
-            vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
-        pkcs8.extend_from_slice(&seed);
-        let key = KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(pkcs8), &rcgen::PKCS_ED25519)?;
+        // ECDSA P-256, not Ed25519: PostgreSQL's SCRAM channel binding hashes the server
+        // certificate with its signature's hash, and Ed25519 has none (libpq's default
+        // `channel_binding=prefer` then fails against a server this CA signed).
+        let mut counter = 0u8;
+        let secret = loop {
+            prk.expand(&[b"p256 key v2", &[counter]], ring::hkdf::HKDF_SHA256)
+                .and_then(|okm| okm.fill(&mut seed))
+                .map_err(|_| CaError::Parse("deriving the database CA key".into()))?;
+            // A seed of zero or past the group order (probability ~2^-32) takes the next one.
+            match p256::SecretKey::from_bytes(&seed.into()) {
+                Ok(k) => break k,
+                Err(_) if counter < 16 => counter += 1,
+                Err(_) => return Err(CaError::Parse("deriving the database CA key".into())),
+            }
+        };
+        use p256::pkcs8::EncodePrivateKey;
+        let pkcs8 = secret.to_pkcs8_der().map_err(|e| CaError::Parse(format!("encoding the database CA key: {e}")))?;
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()),
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        )?;
         let (_, root) =
             x509_parser::parse_x509_certificate(&self.cert_der).map_err(|e| CaError::Parse(e.to_string()))?;
         let org =
@@ -395,7 +408,9 @@ mod tests {
         let db = root.derive_db_ca().unwrap();
         let again = CertAuthority::from_pem(&root.cert_pem, &root.key_pem()).unwrap().derive_db_ca().unwrap();
         assert_eq!(db.pin().unwrap(), again.pin().unwrap());
-        assert_eq!(db.cert_der, again.cert_der, "Ed25519 signatures are deterministic");
+        // P-256, so that PostgreSQL's SCRAM channel binding can hash the servers it signs.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&db.cert_der).unwrap();
+        assert_eq!(parsed.signature_algorithm.algorithm, x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256);
         assert_ne!(db.pin().unwrap(), root.pin().unwrap());
         assert_ne!(db.pin().unwrap(), CertAuthority::generate("test").unwrap().derive_db_ca().unwrap().pin().unwrap());
         let (leaf, _) = again.issue_db_client("app", Duration::from_secs(60)).unwrap();
