@@ -21,9 +21,11 @@ fn sessions_are_audited_in_state_and_json_lines() {
         assert!(err.as_db_error().is_some(), "{err:?}");
     });
 
-    let events = wait_until(Duration::from_secs(10), "db.session.end", || {
+    // Events are written by control's audit thread, in batches: wait for both sessions' own.
+    let events = wait_until(Duration::from_secs(10), "db.session.end and the refusal", || {
         let ev = h.audit()?;
-        Ok(ev.iter().any(|e| e.event == "db.session.end").then_some(ev))
+        let refused = ev.iter().any(|e| e.event == "db.session.start" && !e.success);
+        Ok((refused && ev.iter().any(|e| e.event == "db.session.end")).then_some(ev))
     })
     .unwrap();
 
