@@ -53,6 +53,19 @@ enum Job {
 /// Most entries written in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// How long the writer gathers events nobody waits for before writing them. A connection costs
+/// two entries (start, end); written one per batch, their transactions and fsyncs were a quarter
+/// of control's CPU per connection at ~100 connections/s (bench/RESULTS.md, "control CPU per
+/// connection"). Events reach the state and the JSON file at most this much later.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Job {
+    /// Whether somebody blocks until this job is written.
+    fn waited_for(&self) -> bool {
+        matches!(self, Job::Live(_, Some(_)) | Job::Flush(_))
+    }
+}
+
 /// An agent's audit events not yet stored by the auth server, oldest first: kept in `agent.db`
 /// (they survive a restart) and mirrored here, so that uploading them reads no SQL.
 #[derive(Default)]
@@ -261,12 +274,22 @@ impl Drop for AuditLog {
 impl Sink {
     fn run(&self, rx: mpsc::Receiver<Job>) {
         while let Ok(first) = rx.recv() {
+            // Nobody waits for events: gather for a while, so that a batch (a transaction, an
+            // fsync, a file write) serves several connections even at low rates. A record a
+            // handoff waits for, or a flush, ends the wait at once.
+            let mut deadline = (!first.waited_for()).then(|| std::time::Instant::now() + LINGER);
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
+                let next = match deadline {
+                    // Timed out, or every sender is gone (shutdown): write what there is.
+                    Some(d) => rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())).ok(),
+                    None => rx.try_recv().ok(),
+                };
+                let Some(job) = next else { break };
+                if job.waited_for() {
+                    deadline = None;
                 }
+                batch.push(job);
             }
             self.write(batch);
         }
