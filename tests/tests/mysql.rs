@@ -481,7 +481,11 @@ fn malformed_handshakes_while_another_client_is_served() -> Result<()> {
     // greeting, as a full server says it.
     s.h.restart_control(|cfg| cfg.proxy_service.limits.max_unauthenticated_per_source = 2)?;
     let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", s.port))).collect::<Result<_, _>>()?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Each greeted: control has accepted both and counts them (a fixed sleep raced a busy host).
+    for mut h in &held {
+        h.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Handshake::decode(&read_packet(&mut h, &mut BytesMut::new())?.payload)?;
+    }
     let mut third = TcpStream::connect(("127.0.0.1", s.port))?;
     third.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut buf = BytesMut::new();

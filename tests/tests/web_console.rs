@@ -98,7 +98,11 @@ fn the_console_serves_users_and_admins() -> Result<()> {
     let gone = rt.block_on(c.client.simple_query("select 1"));
     assert!(gone.is_err(), "the session survived the end button");
     assert!(ended_at.elapsed() < Duration::from_secs(2));
-    let kills: Vec<_> = h.audit()?.into_iter().filter(|e| e.event == "web.session.kill").collect();
+    // Audit events are written by control's audit thread, in batches.
+    let kills = wait_until(Duration::from_secs(5), "the kill audited", || {
+        let kills: Vec<_> = h.audit()?.into_iter().filter(|e| e.event == "web.session.kill").collect();
+        Ok((!kills.is_empty()).then_some(kills))
+    })?;
     assert_eq!(kills.len(), 1);
     assert_eq!(kills[0].data["user"], "alice");
     wait_until(Duration::from_secs(5), "the end audited as an admin kill", || {
