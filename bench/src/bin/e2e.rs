@@ -405,31 +405,47 @@ fn sluice_client_envs(
     dir: &Path,
     logins: &[(&str, &str)],
 ) -> Result<Vec<Vec<(String, String)>>> {
-    let state = control.state()?;
-    state.upsert_role(&demo::dev_role("dev", &["demo"], &["alice", CERT_DB_USER, PLAIN_DB_USER])?)?;
-    let password = format!("pw-{}", random_secret(8));
-    state.add_user("alice", &password, &["dev".to_owned()])?;
-    let ca_file = dir.join("control-ca.pem");
-    std::fs::write(&ca_file, state.ensure_ca("sluice")?.cert_pem)?;
-    let home = dir.join("sluice-home");
-    let sluice = demo::find_bin("sluice")?;
-    let run = |args: &[&str]| -> Result<String> {
-        let mut cmd = Command::new(&sluice);
-        cmd.args(args).env("SLUICE_HOME", &home).env("SLUICE_PASSWORD", &password);
-        run_ok(&mut cmd, Duration::from_secs(60))
-    };
-    let api = format!("127.0.0.1:{}", control.api_port);
-    run(&["login", "--proxy", &api, "--user", "alice", "--ca-file", &ca_file.to_string_lossy()])?;
+    let cli = SluiceCli::login(control, dir, &["alice", CERT_DB_USER, PLAIN_DB_USER])?;
     let mut envs = Vec::new();
     for (service, db_user) in logins {
-        run(&["db", "login", service, "--db-user", db_user, "--db-name", "demo"])?;
-        let mut env = parse_env_exports(&run(&["db", "env", service])?)?;
+        cli.run(&["db", "login", service, "--db-user", db_user, "--db-name", "demo"])?;
+        let mut env = parse_env_exports(&cli.run(&["db", "env", service])?)?;
         // The certificate names `localhost`; dial 127.0.0.1 directly so libpq does not try ::1
         // first (control listens on IPv4 only) on every connection of `pgbench -C`.
         env.push(("PGHOSTADDR".into(), "127.0.0.1".into()));
         envs.push(env);
     }
     Ok(envs)
+}
+
+/// The `sluice` CLI with alice logged in (`sluice login`), in a home of its own.
+struct SluiceCli {
+    bin: PathBuf,
+    home: PathBuf,
+    password: String,
+}
+
+impl SluiceCli {
+    /// Creates role `dev` (database `demo` as `db_users`, every env=dev database) and Sluice user
+    /// `alice` in control's state, and logs her in.
+    fn login(control: &ControlProc, dir: &Path, db_users: &[&str]) -> Result<SluiceCli> {
+        let state = control.state()?;
+        state.upsert_role(&demo::dev_role("dev", &["demo"], db_users)?)?;
+        let password = format!("pw-{}", random_secret(8));
+        state.add_user("alice", &password, &["dev".to_owned()])?;
+        let ca_file = dir.join("control-ca.pem");
+        std::fs::write(&ca_file, state.ensure_ca("sluice")?.cert_pem)?;
+        let cli = SluiceCli { bin: demo::find_bin("sluice")?, home: dir.join("sluice-home"), password };
+        let api = format!("127.0.0.1:{}", control.api_port);
+        cli.run(&["login", "--proxy", &api, "--user", "alice", "--ca-file", &ca_file.to_string_lossy()])?;
+        Ok(cli)
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).env("SLUICE_HOME", &self.home).env("SLUICE_PASSWORD", &self.password);
+        run_ok(&mut cmd, Duration::from_secs(60))
+    }
 }
 
 /// PostgreSQL's TLS files from `control auth sign --format=db` (server certificate and key

@@ -158,6 +158,39 @@ async fn connect_tls(
     })
 }
 
+/// Where to dial, the host and port tokens are signed for, and the TLS name to check.
+struct Endpoint {
+    host: String,
+    port: u16,
+    dial: (String, u16),
+    server_name: ServerName<'static>,
+}
+
+fn endpoint(db: &Database) -> Result<Endpoint, UpstreamError> {
+    let (host, port) = db.spec.host_port().map_err(cfg_err(db))?;
+    let dial = db.spec.dial_target().map_err(cfg_err(db))?;
+    let name = db.spec.tls_server_name().map_err(cfg_err(db))?;
+    let server_name = ServerName::try_from(name.clone()).map_err(|_| UpstreamError::Config {
+        db: db.name.clone(),
+        source: ConfigError::Invalid(format!("bad TLS server name {name:?}")),
+    })?;
+    Ok(Endpoint { host, port, dial, server_name })
+}
+
+/// An RDS IAM auth token for `db_user` at the endpoint, minted (or taken from the cache) before
+/// dialing, so that a credentials problem is reported as such, not as a timeout. Failures are
+/// counted where they are matched (the proxy's refusal), not here or in the minter.
+async fn iam_token(db: &Database, at: &Endpoint, db_user: &str, minter: &TokenMinter) -> Result<String, UpstreamError> {
+    let region = db.spec.region().ok_or(IamError::NoRegion)?;
+    let source = CredentialSource {
+        region: region.clone(),
+        assume_role_arn: db.spec.aws.assume_role_arn.clone(),
+        external_id: db.spec.aws.external_id.clone(),
+    };
+    let target = TokenTarget { host: at.host.clone(), port: at.port, user: db_user.to_owned(), region };
+    Ok(minter.token(&source, &target).await?)
+}
+
 /// Opens an authenticated upstream session for `db_user`/`db_name`.
 #[allow(clippy::too_many_arguments)]
 pub async fn connect(
@@ -168,13 +201,7 @@ pub async fn connect(
     minter: &TokenMinter,
     upstream_tls: &UpstreamTls,
 ) -> Result<(UpstreamStream, Greeting, CancelTarget), UpstreamError> {
-    let (host, port) = db.spec.host_port().map_err(cfg_err(db))?;
-    let dial = db.spec.dial_target().map_err(cfg_err(db))?;
-    let name = db.spec.tls_server_name().map_err(cfg_err(db))?;
-    let server_name = ServerName::try_from(name.clone()).map_err(|_| UpstreamError::Config {
-        db: db.name.clone(),
-        source: ConfigError::Invalid(format!("bad TLS server name {name:?}")),
-    })?;
+    let at = endpoint(db)?;
     // The session's config may present a client certificate; cancel requests need none.
     let (tls, cancel_tls) = match db.spec.tls.mode {
         TlsMode::VerifyFull => {
@@ -188,18 +215,9 @@ pub async fn connect(
     let mut startup = if cert_auth {
         UpstreamStartup::without_password(params)
     } else {
-        let region = db.spec.region().ok_or(IamError::NoRegion)?;
-        // Mint before dialing so a credentials problem is reported as such, not as a timeout.
-        let source = CredentialSource {
-            region: region.clone(),
-            assume_role_arn: db.spec.aws.assume_role_arn.clone(),
-            external_id: db.spec.aws.external_id.clone(),
-        };
-        let target = TokenTarget { host, port, user: db_user.to_owned(), region };
-        // Failures are counted where they are matched (the proxy's refusal), not here or in the minter.
-        let token = minter.token(&source, &target).await?;
-        UpstreamStartup::new(tls.is_some(), params, token)
+        UpstreamStartup::new(tls.is_some(), params, iam_token(db, &at, db_user, minter).await?)
     };
+    let Endpoint { dial, server_name, .. } = at;
     let mut s: UpstreamStream = Leg::Plain(dial_tcp(&dial).await?);
     let mut chunk = Vec::new();
     let greeting = loop {
@@ -284,32 +302,19 @@ pub async fn connect_mysql(
     minter: &TokenMinter,
     upstream_tls: &UpstreamTls,
 ) -> Result<MysqlUpstream, UpstreamError> {
-    let (host, port) = db.spec.host_port().map_err(cfg_err(db))?;
-    let dial = db.spec.dial_target().map_err(cfg_err(db))?;
+    let at = endpoint(db)?;
     if db.spec.auth == UpstreamAuth::Cert {
         return Err(UpstreamError::Config {
             db: db.name.clone(),
             source: ConfigError::Invalid("auth: cert is not supported for MySQL databases; use IAM".into()),
         });
     }
-    let name = db.spec.tls_server_name().map_err(cfg_err(db))?;
-    let server_name = ServerName::try_from(name.clone()).map_err(|_| UpstreamError::Config {
-        db: db.name.clone(),
-        source: ConfigError::Invalid(format!("bad TLS server name {name:?}")),
-    })?;
     let tls = match db.spec.tls.mode {
         TlsMode::VerifyFull => Some(upstream_tls.server_config(&db.spec)?),
         TlsMode::Disable => None,
     };
-    let region = db.spec.region().ok_or(IamError::NoRegion)?;
-    let source = CredentialSource {
-        region: region.clone(),
-        assume_role_arn: db.spec.aws.assume_role_arn.clone(),
-        external_id: db.spec.aws.external_id.clone(),
-    };
-    let target = TokenTarget { host, port, user: db_user.to_owned(), region };
-    // Mint before dialing so a credentials problem is reported as such, not as a timeout.
-    let token = minter.token(&source, &target).await?;
+    let token = iam_token(db, &at, db_user, minter).await?;
+    let Endpoint { dial, server_name, .. } = at;
     let mut hs = my::UpstreamHandshake::new(my::UpstreamLogin {
         user: db_user.to_owned(),
         database: db_name.filter(|d| !d.is_empty()).map(str::to_owned),

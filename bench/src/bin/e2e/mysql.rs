@@ -25,9 +25,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use aws_credential_types::Credentials;
 use sluice_control::demo::{self, AwsCreds, Stack};
 use sluice_control::iam::{generate_auth_token, TokenTarget};
-use sluice_control::state::random_secret;
 
-use super::{check_interrupted, clock_ticks, loadavg, machine_info, median, proc_ticks, run_ok, run_output, thousands};
+use super::{
+    check_interrupted, clock_ticks, loadavg, machine_info, median, proc_ticks, run_output, thousands, SluiceCli,
+};
 
 /// What `--mysql` runs with.
 #[derive(Debug, Clone)]
@@ -201,24 +202,10 @@ pub(crate) fn run(settings: &MysqlSettings, dir: &Path, out: Option<&Path>, comm
 
 /// Logs alice in with the `sluice` CLI and has it write the MySQL option file.
 fn sluice_option_file(stack: &Stack, dir: &Path) -> Result<PathBuf> {
-    let state = stack.control.state()?;
-    state.upsert_role(&demo::dev_role("dev", &["demo"], &[demo::DEMO_USER])?)?;
-    let password = format!("pw-{}", random_secret(8));
-    state.add_user(demo::DEMO_USER, &password, &["dev".to_owned()])?;
-    let ca_file = dir.join("control-ca.pem");
-    std::fs::write(&ca_file, state.ensure_ca("sluice")?.cert_pem)?;
-    let home = dir.join("sluice-home");
-    let sluice = demo::find_bin("sluice")?;
-    let run = |args: &[&str]| -> Result<String> {
-        let mut cmd = Command::new(&sluice);
-        cmd.args(args).env("SLUICE_HOME", &home).env("SLUICE_PASSWORD", &password);
-        run_ok(&mut cmd, Duration::from_secs(60))
-    };
-    let api = format!("127.0.0.1:{}", stack.control.api_port);
-    run(&["login", "--proxy", &api, "--user", demo::DEMO_USER, "--ca-file", &ca_file.to_string_lossy()])?;
-    run(&["db", "login", demo::DEMO_MYSQL_DB, "--db-user", demo::DEMO_USER, "--db-name", "demo"])?;
-    run(&["db", "config", demo::DEMO_MYSQL_DB])?;
-    let cnf = home.join("db").join(format!("{}.cnf", demo::DEMO_MYSQL_DB));
+    let cli = SluiceCli::login(&stack.control, dir, &[demo::DEMO_USER])?;
+    cli.run(&["db", "login", demo::DEMO_MYSQL_DB, "--db-user", demo::DEMO_USER, "--db-name", "demo"])?;
+    cli.run(&["db", "config", demo::DEMO_MYSQL_DB])?;
+    let cnf = cli.home.join("db").join(format!("{}.cnf", demo::DEMO_MYSQL_DB));
     if !cnf.exists() {
         bail!("`sluice db config` wrote no option file at {}", cnf.display());
     }

@@ -87,26 +87,15 @@ pub async fn serve_mysql(ctx: Arc<ProxyContext>, listener: TcpListener) {
 /// Answers a MySQL connection over the listener's limits with error 1040 in place of the
 /// greeting, as a full server does; the client speaks first in nothing, so nothing is read.
 fn refuse_busy_mysql(ctx: &Arc<ProxyContext>, mut tcp: TcpStream, peer: SocketAddr, hit: LimitHit) {
-    use std::sync::atomic::Ordering;
     use tokio::io::AsyncWriteExt;
-    METRICS.handshake_failed(hit.label());
-    if ctx.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
-        ctx.refusing.fetch_sub(1, Ordering::Relaxed);
-        return;
-    }
-    info!(client = %peer, reason = hit.label(), "connection refused: over a limit");
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(REFUSAL_TIME, async {
-            let err = sluice_mysqlwire::ErrPacket::new(sluice_mysqlwire::ER_CON_COUNT_ERROR, *b"08004", hit.message())
-                .before_greeting();
-            let mut out = bytes::BytesMut::new();
-            sluice_mysqlwire::PacketEncoder::new(0).write_with(&mut out, |o| err.encode(o));
-            let _ = tcp.write_all(&out).await;
-            let _ = tcp.shutdown().await;
-        })
-        .await;
-        ctx.refusing.fetch_sub(1, Ordering::Relaxed);
+    let message = hit.message();
+    refuse_over_limit(ctx, peer, hit, async move {
+        let err = sluice_mysqlwire::ErrPacket::new(sluice_mysqlwire::ER_CON_COUNT_ERROR, *b"08004", message)
+            .before_greeting();
+        let mut out = bytes::BytesMut::new();
+        sluice_mysqlwire::PacketEncoder::new(0).write_with(&mut out, |o| err.encode(o));
+        let _ = tcp.write_all(&out).await;
+        let _ = tcp.shutdown().await;
     });
 }
 
@@ -118,6 +107,26 @@ const MAX_REFUSING: usize = 256;
 /// packet (SSLRequest or StartupMessage) is read first, so that closing does not reset the
 /// connection before the client reads the error; no TLS is done for it.
 fn refuse_busy(ctx: &Arc<ProxyContext>, mut tcp: TcpStream, peer: SocketAddr, hit: LimitHit) {
+    let message = hit.message();
+    refuse_over_limit(ctx, peer, hit, async move {
+        let mut first = [0u8; 1];
+        // A direct-TLS client cannot read a plaintext error: it is just closed.
+        if matches!(tcp.peek(&mut first).await, Ok(1) if first[0] != TLS_HANDSHAKE_RECORD)
+            && next_negotiation_event(&mut tcp, &mut ServerNegotiation::new(TlsOffer::Required)).await.is_ok()
+        {
+            send_error(&mut tcp, &ErrorFields::fatal(sqlstate::TOO_MANY_CONNECTIONS, message)).await;
+        }
+    });
+}
+
+/// Counts and logs a refusal, and runs `answer` (the protocol's way of saying so) within
+/// [`REFUSAL_TIME`], unless [`MAX_REFUSING`] refusals are under way already.
+fn refuse_over_limit(
+    ctx: &Arc<ProxyContext>,
+    peer: SocketAddr,
+    hit: LimitHit,
+    answer: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     use std::sync::atomic::Ordering;
     METRICS.handshake_failed(hit.label());
     if ctx.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
@@ -127,16 +136,7 @@ fn refuse_busy(ctx: &Arc<ProxyContext>, mut tcp: TcpStream, peer: SocketAddr, hi
     info!(client = %peer, reason = hit.label(), "connection refused: over a limit");
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let _ = tokio::time::timeout(REFUSAL_TIME, async {
-            let mut first = [0u8; 1];
-            // A direct-TLS client cannot read a plaintext error: it is just closed.
-            if matches!(tcp.peek(&mut first).await, Ok(1) if first[0] != TLS_HANDSHAKE_RECORD)
-                && next_negotiation_event(&mut tcp, &mut ServerNegotiation::new(TlsOffer::Required)).await.is_ok()
-            {
-                send_error(&mut tcp, &ErrorFields::fatal(sqlstate::TOO_MANY_CONNECTIONS, hit.message())).await;
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(REFUSAL_TIME, answer).await;
         ctx.refusing.fetch_sub(1, Ordering::Relaxed);
     });
 }
