@@ -251,14 +251,41 @@ pub fn start_emulator_for(
     moto: &Moto,
     secrets: &[(String, String)],
 ) -> Result<Emulator> {
+    let (port, cmd) = Emulator::command(dir, pg_port, secrets, &[])?;
+    spawn_emulator_for(dir, host, endpoint_port, moto, port, cmd, false)
+}
+
+/// As [`start_emulator_for`], in MySQL mode in front of MariaDB on `mysql_port`.
+pub fn start_mysql_emulator_for(
+    dir: &Path,
+    host: &str,
+    endpoint_port: u16,
+    mysql_port: u16,
+    moto: &Moto,
+    secrets: &[(String, String)],
+) -> Result<Emulator> {
+    let (port, cmd) = Emulator::command_mysql(dir, mysql_port, secrets, &[])?;
+    spawn_emulator_for(dir, host, endpoint_port, moto, port, cmd, true)
+}
+
+fn spawn_emulator_for(
+    dir: &Path,
+    host: &str,
+    endpoint_port: u16,
+    moto: &Moto,
+    port: u16,
+    mut cmd: std::process::Command,
+    mysql: bool,
+) -> Result<Emulator> {
     let labels: Vec<&str> = host.split('.').collect();
     let [name, proxy_id, region, "rds", "amazonaws", "com"] = labels[..] else {
         bail!("{host} is not an RDS Proxy host");
     };
     let proxy_id = proxy_id.strip_prefix("proxy-").context("no proxy- label")?;
-    let (port, mut cmd) = Emulator::command(dir, pg_port, secrets, &[])?;
     cmd.args(["--name", name, "--region", region, "--proxy-id", proxy_id])
         .args(["--endpoint-port", &endpoint_port.to_string()])
         .args(["--credentials-url", &format!("{}/_sluice/credentials", moto.url())]);
-    Ok(Emulator::spawn(dir, port, cmd, false)?)
+    let mut emulator = Emulator::spawn(dir, port, cmd, false)?;
+    emulator.mysql = mysql;
+    Ok(emulator)
 }

@@ -12,10 +12,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use sluice_tests::moto::{aws_env, skip_without_moto, spawn_control, start_emulator_for, Moto};
+use sluice_tests::moto::{
+    aws_env, skip_without_moto, spawn_control, start_emulator_for, start_mysql_emulator_for, Moto,
+};
 use sluice_tests::sluice_control::config::Config;
 use sluice_tests::sluice_control::demo::{find_bin, AwsCreds};
-use sluice_tests::{check_output, parse_env_exports, psql, role, tail, wait_until, Harness, TestDir};
+use sluice_tests::{
+    check_output, parse_env_exports, psql, role, skip_without_mariadb, tail, wait_until, Harness, MariaDb, TestDir,
+};
 
 const ACCOUNT: &str = "123456789012";
 
@@ -529,4 +533,82 @@ fn same_named_proxies_in_two_regions_and_accounts_get_unique_names() {
     let out = psql(&env, &["-c", "select 1"]).unwrap();
     assert!(!out.status.success(), "a certificate for \"orders\" connected");
     assert_eq!((0..emulators.len()).map(verified).collect::<Vec<_>>(), before);
+}
+
+/// A discovered MYSQL-family proxy is usable: listed as `protocol: mysql`, reached through
+/// control's MySQL listener with the `mariadb` client and the option file of `sluice db config`,
+/// control signing the token with the matcher's assumed role and the proxy's emulator (MySQL
+/// mode) logging in to MariaDB.
+#[test]
+fn a_discovered_mysql_proxy_is_usable() {
+    if skip_without_moto() || skip_without_mariadb() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let moto_dir = TestDir::new("discovery-mysql-moto").unwrap();
+    let moto = Moto::start(moto_dir.path(), 10).unwrap();
+    let mut h = Harness::start("discovery-mysql").unwrap();
+    let role_arn = moto.admin("/_sluice/role", json!({"name": "sluice-mysql", "external_id": "ext-my"})).unwrap();
+    let role_arn = role_arn["arn"].as_str().unwrap().to_owned();
+    let shop = moto
+        .admin(
+            "/_sluice/proxy",
+            json!({"region": "ap-south-1", "name": "shop", "engine": "MYSQL", "tags": {"env": "prod"}}),
+        )
+        .unwrap();
+    let shop_host = shop["endpoint"].as_str().unwrap().to_owned();
+
+    let db = MariaDb::start(&h.dir.join("mariadb")).unwrap();
+    let secret = "shop-secret-1";
+    db.create_user("alice", secret).unwrap();
+    db.sql("CREATE DATABASE demo").unwrap();
+    let emu = start_mysql_emulator_for(
+        &h.dir.join("shop-emulator"),
+        &shop_host,
+        3306,
+        db.port(),
+        &moto,
+        &[("alice".to_owned(), secret.to_owned())],
+    )
+    .unwrap();
+
+    let mut cfg: Config = h.stack.control.config.clone();
+    let mysql_port = sluice_tests::sluice_control::demo::free_port().unwrap();
+    cfg.proxy_service.mysql_listen_addr = Some(([127, 0, 0, 1], mysql_port).into());
+    cfg.discovery_service = serde_json::from_value(json!({
+        "poll_interval": "1s",
+        "aws": [{"types": ["rdsproxy"], "regions": ["ap-south-1"], "assume_role_arn": role_arn,
+                 "external_id": "ext-my", "connect_addr_override": format!("127.0.0.1:{}", emu.port),
+                 "tls": {"ca_cert_file": emu.ca_file}}]
+    }))
+    .unwrap();
+    cfg.db_service.resources = serde_json::from_value(json!([{"labels": {"sluice.dev/origin": "cloud"}}])).unwrap();
+    restart_with_discovery(&mut h, cfg, &moto);
+
+    let listed = wait_until(Duration::from_secs(30), "the MYSQL proxy listed", || {
+        let v: serde_json::Value = serde_json::from_str(&h.sluice_ok(&["db", "ls", "--format", "json"])?)?;
+        Ok(v.as_array().and_then(|a| a.iter().find(|d| d["name"] == "shop").cloned()))
+    })
+    .unwrap();
+    assert_eq!(listed["protocol"], "mysql", "{listed}");
+
+    h.sluice_ok(&["db", "login", "shop", "--db-user", "alice", "--db-name", "demo"]).unwrap();
+    h.sluice_ok(&["db", "config", "shop"]).unwrap();
+    let cnf = h.home.join("db/shop.cnf");
+    let out = Command::new(db.client())
+        .arg(format!("--defaults-extra-file={}", cnf.display()))
+        .args(["-N", "-B", "-e", "SELECT CURRENT_USER(), DATABASE(), @@port"])
+        .output()
+        .unwrap();
+    let text = check_output("mariadb to the discovered MySQL proxy", &out).unwrap_or_else(|e| {
+        panic!(
+            "{e}\ncontrol:\n{}\nemulator:\n{}",
+            tail(&h.control_log(), 20),
+            tail(&h.dir.join("shop-emulator").join("emulator.log"), 20)
+        )
+    });
+    assert_eq!(text.trim(), format!("alice@%\tdemo\t{}", db.port()));
+    let emu_log = std::fs::read_to_string(h.dir.join("shop-emulator").join("emulator.log")).unwrap();
+    assert!(emu_log.contains("IAM token verified"), "{emu_log}");
+    assert!(!emu_log.contains("AKIDSLUICEDEMO"), "the token was signed with the base keys, not the assumed role's");
 }

@@ -731,9 +731,7 @@ impl Emulator {
         secrets: &[(String, String)],
         plaintext: bool,
     ) -> Result<Emulator> {
-        let backend =
-            ["--engine".to_owned(), "mysql".to_owned(), "--mysql".to_owned(), format!("127.0.0.1:{mysql_port}")];
-        let (port, mut cmd) = Self::command_for(dir, &backend, secrets, creds)?;
+        let (port, mut cmd) = Self::command_mysql(dir, mysql_port, secrets, creds)?;
         cmd.args(["--name", DEMO_MYSQL_PROXY_NAME, "--region", DEMO_REGION, "--proxy-id", DEMO_PROXY_ID]);
         if plaintext {
             cmd.arg("--plaintext");
@@ -754,6 +752,18 @@ impl Emulator {
         creds: &[AwsCreds],
     ) -> Result<(u16, Command)> {
         Self::command_for(dir, &["--postgres".to_owned(), format!("127.0.0.1:{pg_port}")], secrets, creds)
+    }
+
+    /// As [`Emulator::command`], in MySQL mode in front of MariaDB on `mysql_port`.
+    pub fn command_mysql(
+        dir: &Path,
+        mysql_port: u16,
+        secrets: &[(String, String)],
+        creds: &[AwsCreds],
+    ) -> Result<(u16, Command)> {
+        let backend =
+            ["--engine".to_owned(), "mysql".to_owned(), "--mysql".to_owned(), format!("127.0.0.1:{mysql_port}")];
+        Self::command_for(dir, &backend, secrets, creds)
     }
 
     /// As [`Emulator::command`], with `backend` the arguments naming the engine and its server.
