@@ -35,7 +35,7 @@ fn mariadb_harness_runs_sql_and_creates_users() {
     let login = |pw: &str| {
         Command::new(db.client())
             .args(["--no-defaults", "-h", "127.0.0.1", "-P", &db.port().to_string(), "-u", "bob"])
-            .arg(format!("-p{pw}"))
+            .env("MYSQL_PWD", pw)
             .args(["-N", "-B", "-e", "SELECT CURRENT_USER()"])
             .output()
             .unwrap()
@@ -103,7 +103,7 @@ impl Setup {
     fn mariadb_to(&self, emu: &Emulator, user: &str, password: &str, tls: bool, sql: &str) -> Output {
         let mut cmd = Command::new(self.db.client());
         cmd.args(["--no-defaults", "-h", "127.0.0.1", "-P", &emu.port.to_string(), "-u", user])
-            .arg(format!("-p{password}"))
+            .env("MYSQL_PWD", password)
             .args(["--connect-timeout=20", "-D", "demo", "-N", "-B", "-e", sql]);
         if tls {
             cmd.args(["--ssl", "--ssl-verify-server-cert", "--ssl-ca"]).arg(&emu.ca_file);
@@ -313,7 +313,7 @@ fn kill_query_through_a_second_connection_ends_a_sleep() {
 fn kill_query(client: &Path, port: u16, ca: &Path, token: &str, id: u32) -> Output {
     Command::new(client)
         .args(["--no-defaults", "-h", "127.0.0.1", "-P", &port.to_string(), "-u", "alice"])
-        .arg(format!("-p{token}"))
+        .env("MYSQL_PWD", token)
         .args(["--ssl", "--ssl-verify-server-cert", "--ssl-ca"])
         .arg(ca)
         .args(["-N", "-B", "-e", &format!("KILL QUERY {id}")])

@@ -188,12 +188,8 @@ impl AuditLog {
     /// Records an event. Failures to write are logged, never fatal to the session: losing the
     /// audit file must not take the proxy down (the SQLite copy is tried independently).
     pub fn emit(&self, event: &str, s: &SessionFields, success: bool, extra: Value) {
+        // Sessions of earlier versions' live records have no protocol: they were PostgreSQL's.
         let protocol = if s.db_protocol.is_empty() { crate::config::PROTOCOL_POSTGRES } else { s.db_protocol.as_str() };
-        self.emit_protocol(event, s, protocol, success, extra)
-    }
-
-    /// [`AuditLog::emit`] for a session of the given protocol (`postgres`, `mysql`).
-    pub fn emit_protocol(&self, event: &str, s: &SessionFields, protocol: &str, success: bool, extra: Value) {
         let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
         let mut record = json!({
             "event": event,

@@ -47,6 +47,8 @@ struct Target {
     /// Connection options for `mariadb`/`mariadb-slap` (after `--no-defaults` or
     /// `--defaults-extra-file`, which must come first).
     args: Vec<String>,
+    /// A fixed password (MariaDB's own login).
+    password: Option<String>,
     /// Mint a fresh IAM token as the password.
     token: Option<TokenTarget>,
     /// Processes whose CPU is the proxy's.
@@ -114,9 +116,9 @@ pub(crate) fn run(settings: &MysqlSettings, dir: &Path, out: Option<&Path>, comm
                 "-h127.0.0.1".into(),
                 format!("-P{}", db.port()),
                 format!("-u{}", demo::DEMO_USER),
-                format!("-p{}", mysql.db_password),
                 "--skip-ssl".into(),
             ],
+            password: Some(mysql.db_password.clone()),
             token: None,
             cpu: Vec::new(),
         },
@@ -136,6 +138,7 @@ pub(crate) fn run(settings: &MysqlSettings, dir: &Path, out: Option<&Path>, comm
                 "--ssl-verify-server-cert".into(),
                 format!("--ssl-ca={}", emu.ca_file.display()),
             ],
+            password: None,
             token: Some(TokenTarget {
                 host: emu.endpoint.clone(),
                 port: emu.port,
@@ -150,6 +153,7 @@ pub(crate) fn run(settings: &MysqlSettings, dir: &Path, out: Option<&Path>, comm
                           emulator → MariaDB"
                 .into(),
             args: vec![format!("--defaults-extra-file={}", cnf.display())],
+            password: None,
             token: None,
             cpu: control_pids,
         },
@@ -212,9 +216,13 @@ fn sluice_option_file(stack: &Stack, dir: &Path) -> Result<PathBuf> {
     Ok(cnf)
 }
 
+/// The target's password or a fresh token, in the environment: never on a command line, where
+/// every local user could read it in /proc.
 fn with_token(cmd: &mut Command, t: &Target, creds: &Credentials) -> Result<()> {
     if let Some(token) = &t.token {
-        cmd.arg(format!("-p{}", generate_auth_token(creds, token, SystemTime::now())?));
+        cmd.env("MYSQL_PWD", generate_auth_token(creds, token, SystemTime::now())?);
+    } else if let Some(password) = &t.password {
+        cmd.env("MYSQL_PWD", password);
     }
     Ok(())
 }

@@ -20,8 +20,25 @@ use crate::config::{LocalSocket, LOCAL_SOCKET_PORT};
 use crate::limits::{ConnPermit, LimitHit};
 use crate::metrics::METRICS;
 
+/// The wire protocol a TCP listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Postgres,
+    Mysql,
+}
+
 /// Serves the PostgreSQL listener until the task is dropped.
 pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
+    accept_loop(ctx, listener, Wire::Postgres).await
+}
+
+/// Serves the MySQL listener until the task is dropped: the same limits, handshake deadline and
+/// session handling as PostgreSQL's.
+pub async fn serve_mysql(ctx: Arc<ProxyContext>, listener: TcpListener) {
+    accept_loop(ctx, listener, Wire::Mysql).await
+}
+
+async fn accept_loop(ctx: Arc<ProxyContext>, listener: TcpListener, wire: Wire) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -35,52 +52,22 @@ pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
         let permit = match ctx.limiter.admit(peer.ip()) {
             Ok(p) => p,
             Err(hit) => {
-                refuse_busy(&ctx, tcp, peer, hit);
+                match wire {
+                    Wire::Postgres => refuse_busy(&ctx, tcp, peer, hit),
+                    Wire::Mysql => refuse_busy_mysql(&ctx, tcp, peer, hit),
+                }
                 continue;
             }
         };
         let ctx = ctx.clone();
         let session_id = new_session_id();
-        let span = tracing::info_span!("session", session_id = %session_id, client = %peer);
-        tokio::spawn(async move { handle(ctx, tcp, peer, session_id, permit).await }.instrument(span));
-    }
-}
-
-/// Serves the MySQL listener until the task is dropped: the same limits, handshake deadline and
-/// session handling as PostgreSQL's.
-pub async fn serve_mysql(ctx: Arc<ProxyContext>, listener: TcpListener) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
+        let span = match wire {
+            Wire::Postgres => tracing::info_span!("session", session_id = %session_id, client = %peer),
+            Wire::Mysql => {
+                tracing::info_span!("session", session_id = %session_id, client = %peer, protocol = "mysql")
             }
         };
-        let mut permit = match ctx.limiter.admit(peer.ip()) {
-            Ok(p) => p,
-            Err(hit) => {
-                refuse_busy_mysql(&ctx, tcp, peer, hit);
-                continue;
-            }
-        };
-        let ctx = ctx.clone();
-        let session_id = new_session_id();
-        let span = tracing::info_span!("session", session_id = %session_id, client = %peer, protocol = "mysql");
-        tokio::spawn(
-            async move {
-                let _ = tcp.set_nodelay(true);
-                let deadline = ctx.cfg.proxy_service.handshake_timeout;
-                let started = Instant::now();
-                let mut fields = SessionFields { session_id, client_addr: peer.to_string(), ..Default::default() };
-                let setup =
-                    tokio::time::timeout(deadline, super::mysql::handshake(&ctx, tcp, &mut fields, &mut permit)).await;
-                run_session(ctx, setup, fields, started).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        tokio::spawn(async move { handle(ctx, tcp, peer, session_id, permit, wire).await }.instrument(span));
     }
 }
 
@@ -251,12 +238,18 @@ async fn handle(
     peer: SocketAddr,
     session_id: String,
     mut permit: ConnPermit<IpAddr>,
+    wire: Wire,
 ) {
     let _ = tcp.set_nodelay(true);
     let deadline = ctx.cfg.proxy_service.handshake_timeout;
     let started = Instant::now();
     let mut fields = SessionFields { session_id, client_addr: peer.to_string(), ..Default::default() };
-    let setup = tokio::time::timeout(deadline, handshake(&ctx, tcp, &mut fields, &mut permit)).await;
+    let setup = match wire {
+        Wire::Postgres => tokio::time::timeout(deadline, handshake(&ctx, tcp, &mut fields, &mut permit)).await,
+        Wire::Mysql => {
+            tokio::time::timeout(deadline, super::mysql::handshake(&ctx, tcp, &mut fields, &mut permit)).await
+        }
+    };
     run_session(ctx, setup, fields, started).await;
     // Held until here: a session control relays itself still costs control its sockets.
     drop(permit);
